@@ -1,0 +1,1 @@
+"""scanside: converters."""

@@ -1,0 +1,29 @@
+"""How a model wants its input prepared: carried in the model's manifest, executed by
+engines.preprocess, so that training, calibration, evaluation and the agent prepare alike."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, Field
+
+
+class WindowSpec(BaseModel):
+    """Sliding-window inference over a volume larger than the model's input."""
+
+    roi: tuple[int, int, int]  # in the model's axis order
+    overlap: float = 0.5
+    blend: Literal["gaussian", "constant"] = "gaussian"
+    sigma_scale: float = 0.125  # gaussian importance map sigma, as a fraction of the roi
+
+
+class PreprocessSpec(BaseModel):
+    """Reorient -> resample -> crop/pad -> normalise, per channel, then stack channels."""
+
+    channels: list[str] = Field(description="series labels stacked as input channels, e.g. T2WI_nan, ADC, DWI_High")
+    axcodes: str = Field("SPL", description="orientation codes of the model's array axes (nibabel style, LPS world)")
+    spacing_mm: tuple[float, float, float] = Field(description="voxel size along the model's axes, in that order")
+    shape: Optional[tuple[int, int, int]] = Field(None, description="crop/pad target; None keeps the resampled extent (sliding window)")
+    crop: Literal["center", "gland", "none"] = "center"
+    normalize: Literal["zscore_percentile", "zscore_nonzero", "none"] = "zscore_percentile"
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    window: Optional[WindowSpec] = None
