@@ -1,0 +1,128 @@
+"""`scanside models ...`: list, show, verify, import-taps, schema.
+
+Wiring (agent/cli.py):  ``from engines import cli as models_cli; models_cli.add_parser(subparsers)``
+then dispatch with ``args.func(args)`` (or ``models_cli.run(args)``); both return an exit code.
+Standalone: ``python -m engines.cli models list``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+from engines.store import ModelNotFound, ModelStore
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("models", help="list, inspect, verify and import models",
+                              description="Model store: engines/models/<name>/<version>/manifest.json")
+    p.add_argument("--store", action="append", metavar="DIR",
+                   help="store root (repeatable; default $SCANSIDE_MODELS_DIR or engines/models)")
+    p.add_argument("--user-dir", metavar="DIR", help="bring-your-own model directory (default $SCANSIDE_USER_MODELS_DIR)")
+    p.add_argument("--prefer", metavar="B1,B2", default=None,
+                   help="back-end preference order, e.g. tensorrt,onnxruntime")
+    sub = p.add_subparsers(dest="models_cmd", metavar="{list,show,verify,import-taps,schema}")
+    sub.required = True
+    ls = sub.add_parser("list", help="models and versions in the store")
+    ls.add_argument("--json", action="store_true")
+    show = sub.add_parser("show", help="a model's manifest and the back end it would run on")
+    show.add_argument("name", help="NAME, NAME@VERSION or NAME/VERSION (default: latest version)")
+    show.add_argument("--json", action="store_true")
+    ver = sub.add_parser("verify", help="check every file of a model against its manifest's sha256")
+    ver.add_argument("name")
+    ver.add_argument("--json", action="store_true")
+    imp = sub.add_parser("import-taps", help="fetch lavlab-taps 1.1.2 and register prostate-gland-taps/1.1.2")
+    imp.add_argument("--wheel", type=Path, help="use this wheel instead of `pip download`")
+    imp.add_argument("--cache-dir", type=Path, help="where the downloaded wheel is kept (default ~/.cache/scanside/wheels)")
+    imp.add_argument("--overwrite", action="store_true")
+    sub.add_parser("schema", help="print the manifest JSON schema")
+    p.set_defaults(func=run)
+    return p
+
+
+def _store(args: argparse.Namespace) -> ModelStore:
+    kw: dict = {}
+    if getattr(args, "prefer", None):
+        kw["preference"] = [b.strip() for b in args.prefer.split(",") if b.strip()]
+    return ModelStore(args.store or None, user_dir=args.user_dir, **kw)
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def run(args: argparse.Namespace) -> int:
+    cmd = args.models_cmd
+    try:
+        if cmd == "schema":
+            from engines.manifest import manifest_json_schema
+            _print(manifest_json_schema())
+            return 0
+        if cmd == "import-taps":
+            from engines.taps import import_taps
+            root = Path(args.store[0]) if args.store else _store(args).roots[0]
+            m = import_taps(root, args.wheel, cache_dir=args.cache_dir, overwrite=args.overwrite)
+            print(f"imported {m.ref} into {m.root} (sha256 {m.files['fp32'].sha256} verified)")
+            return 0
+        store = _store(args)
+        if cmd == "list":
+            ms = store.list()
+            if args.json:
+                _print([{"name": m.name, "version": m.version, "task": m.task, "variants": sorted(m.files),
+                         "plans": len(m.plans), "path": str(m.root)} for m in ms])
+            elif not ms:
+                print(f"no models in {[str(d) for d in store.search_dirs]}")
+            else:
+                print(f"{'NAME':32} {'VERSION':10} {'TASK':24} {'VARIANTS':24} PLANS")
+                for m in ms:
+                    print(f"{m.name:32} {m.version:10} {m.task:24} {','.join(sorted(m.files)):24} {len(m.plans)}")
+            for p in store.problems:
+                print(f"warning: {p}", file=sys.stderr)
+            return 0
+        if cmd == "show":
+            m = store.resolve(args.name)
+            sel = store.explain(m)
+            if args.json:
+                _print({"manifest": json.loads(m.to_json()), "path": str(m.root), "selection": sel.to_dict()})
+            else:
+                print(m.to_json(), end="")
+                print(f"# path: {m.root}")
+                print("# back end: " + sel.summary().replace("\n", "\n# "))
+            return 0
+        if cmd == "verify":
+            m = store.resolve(args.name)
+            checks = store.verify(m)
+            bad = [c for c in checks if not c.ok]
+            if args.json:
+                _print([dict(kind=c.kind, key=c.key, path=c.path, expected=c.expected, actual=c.actual, status=c.status)
+                        for c in checks])
+            else:
+                for c in checks:
+                    print(f"{c.status:9} {c.kind:10} {c.key:16} {c.path}")
+                    if c.status == "MISMATCH":
+                        print(f"          manifest sha256 {c.expected}\n          file sha256     {c.actual}")
+                print(f"{m.ref}: {'OK' if not bad else f'{len(bad)} problem(s)'}")
+            return 0 if not bad else 1
+    except ModelNotFound as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    except Exception as e:  # an operator-facing command: one clear line, not a traceback
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(f"unknown models command {cmd!r}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="scanside")
+    sub = parser.add_subparsers(dest="command")
+    sub.required = True
+    add_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""Model store: find a model's manifest, check its files, choose a back end, load it.
+
+Layout (one or more roots, plus an optional user directory for bring-your-own ONNX):
+
+    <root>/<name>/<version>/manifest.json
+    <root>/<name>/<version>/<files named in the manifest>   (model.onnx, model.int8.onnx, *.plan, card.md)
+
+`ModelStore.open("name")` resolves the latest version (semantic versioning), walks the back-end
+preference order (default tensorrt -> onnxruntime), and returns the loaded engine with a
+`Selection` that says which back end was chosen and why each other one was skipped.  Every
+model file is hashed and compared with the manifest before it is loaded; a mismatch raises
+`IntegrityError` (naming the file and both hashes) and nothing is loaded -- a tampered file
+is never silently replaced by another back end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from engines.base import Engine, EngineError, EngineUnavailable
+from engines.manifest import MANIFEST_FILENAME, IntegrityError, ModelFile, ModelManifest, semver_key, sha256_file, \
+    tensor_specs_from_onnx, verify_sha256
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("tensorrt", "openvino", "onnxruntime", "triton")
+DEFAULT_PREFERENCE = ("tensorrt", "onnxruntime")
+PACKAGE_MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+#: () -> (tensorrt version or None, CudaDevice or None, why) -- replaceable with plain data in tests
+TensorRTProbe = Callable[[], Tuple[Optional[str], Any, str]]
+
+
+def default_roots() -> List[Path]:
+    env = os.environ.get("SCANSIDE_MODELS_DIR")
+    if env:
+        return [Path(p) for p in env.split(os.pathsep) if p]
+    return [PACKAGE_MODELS_DIR]
+
+
+def default_user_dir() -> Optional[Path]:
+    env = os.environ.get("SCANSIDE_USER_MODELS_DIR")
+    return Path(env) if env else None
+
+
+def _probe_tensorrt_machine() -> Tuple[Optional[str], Any, str]:
+    from engines.tensorrt_engine import probe_cuda_device, probe_tensorrt
+    version, why = probe_tensorrt()
+    if version is None:
+        return None, None, why
+    dev, dwhy = probe_cuda_device(0)
+    return version, dev, f"{why}; {dwhy}"
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+@dataclasses.dataclass
+class Selection:
+    model: str
+    backend: Optional[str]
+    variant: Optional[str]
+    precision: Optional[str]
+    reason: str = ""
+    skipped: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def summary(self) -> str:
+        head = f"{self.model}: {self.backend or 'no back end'}"
+        if self.variant:
+            head += f" [{self.variant}, {self.precision}]"
+        if self.reason:
+            head += f" -- {self.reason}"
+        tail = "".join(f"\n  skipped {b}: {r}" for b, r in self.skipped.items())
+        return head + tail
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class FileCheck:
+    kind: str  # "file" | "plan" | "model_card"
+    key: str
+    path: str
+    expected: Optional[str]
+    actual: Optional[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.actual is not None and (self.expected is None or self.actual == self.expected)
+
+    @property
+    def status(self) -> str:
+        if self.actual is None:
+            return "MISSING"
+        return "ok" if self.ok else "MISMATCH"
+
+
+def parse_ref(ref: str, version: Optional[str] = None) -> Tuple[str, Optional[str]]:
+    """'name', 'name@1.2.3' or 'name/1.2.3' -> (name, version)."""
+    for sep in ("@", "/"):
+        if sep in ref:
+            name, v = ref.split(sep, 1)
+            if version is not None and version != v:
+                raise ValueError(f"conflicting versions {v!r} and {version!r} for {name}")
+            return name, v
+    return ref, version
+
+
+class ModelStore:
+    def __init__(self, roots: Union[None, str, Path, Sequence[Union[str, Path]]] = None, *,
+                 user_dir: Union[None, str, Path] = None, preference: Sequence[str] = DEFAULT_PREFERENCE,
+                 engine_options: Optional[Dict[str, Dict[str, Any]]] = None,
+                 tensorrt_probe: Optional[TensorRTProbe] = None) -> None:
+        """roots: store directories searched in order (first wins on a duplicate name/version).
+        user_dir: bring-your-own models (searched after roots; `add_onnx` writes there).
+        engine_options: per back end constructor keywords, e.g. {"onnxruntime": {"intra_op_threads": 2},
+        "triton": {"url": "triton:8001"}} (triton is only tried when it has a url).
+        tensorrt_probe: how to describe this machine for plan compatibility (default: import tensorrt,
+        ask cuda-python); tests pass plain data."""
+        if roots is None:
+            roots = default_roots()
+        elif isinstance(roots, (str, Path)):
+            roots = [roots]
+        self.roots = [Path(r) for r in roots]
+        self.user_dir = Path(user_dir) if user_dir is not None else default_user_dir()
+        unknown = [b for b in preference if b not in BACKENDS]
+        if unknown:
+            raise ValueError(f"unknown back end(s) {unknown}; known: {list(BACKENDS)}")
+        self.preference = list(preference)
+        self.engine_options = {k: dict(v) for k, v in (engine_options or {}).items()}
+        self._tensorrt_probe = tensorrt_probe or _probe_tensorrt_machine
+        self.problems: List[str] = []  # manifests that could not be read, duplicates
+
+    # ---- discovery -------------------------------------------------------------------------------
+    @property
+    def search_dirs(self) -> List[Path]:
+        dirs = list(self.roots)
+        if self.user_dir is not None and self.user_dir not in dirs:
+            dirs.append(self.user_dir)
+        return dirs
+
+    def scan(self) -> Dict[Tuple[str, str], ModelManifest]:
+        found: Dict[Tuple[str, str], ModelManifest] = {}
+        self.problems = []
+        for root in self.search_dirs:
+            if not root.is_dir():
+                continue
+            for mpath in sorted(root.glob(f"*/*/{MANIFEST_FILENAME}")):
+                try:
+                    m = ModelManifest.load(mpath)
+                except Exception as e:
+                    self.problems.append(f"{mpath}: unreadable manifest: {e}")
+                    continue
+                name_dir, version_dir = mpath.parent.parent.name, mpath.parent.name
+                if (m.name, m.version) != (name_dir, version_dir):
+                    self.problems.append(f"{mpath}: manifest says {m.ref} but lies in {name_dir}/{version_dir}; skipped")
+                    continue
+                key = (m.name, m.version)
+                if key in found:
+                    self.problems.append(f"{mpath}: duplicate of {found[key].root}; ignored")
+                    continue
+                found[key] = m
+        for p in self.problems:
+            log.warning("model store: %s", p)
+        return found
+
+    def list(self, name: Optional[str] = None) -> List[ModelManifest]:
+        ms = [m for m in self.scan().values() if name is None or m.name == name]
+        return sorted(ms, key=lambda m: (m.name, semver_key(m.version)))
+
+    def versions(self, name: str) -> List[str]:
+        return [m.version for m in self.list(name)]
+
+    def resolve(self, ref: str, version: Optional[str] = None) -> ModelManifest:
+        name, version = parse_ref(ref, version)
+        ms = self.list(name)
+        if not ms:
+            names = sorted({m.name for m in self.list()})
+            raise ModelNotFound(f"no model {name!r} in {[str(d) for d in self.search_dirs]}; available: {names}")
+        if version is None:
+            return ms[-1]
+        for m in ms:
+            if m.version == version:
+                return m
+        raise ModelNotFound(f"model {name!r} has no version {version!r}; available: {[m.version for m in ms]}")
+
+    # ---- integrity ---------------------------------------------------------------------------------
+    def verify(self, manifest: ModelManifest, *, variants: Optional[Iterable[str]] = None,
+               plans: bool = True) -> List[FileCheck]:
+        """Hash every file (or the given variants) and report; does not raise."""
+        checks: List[FileCheck] = []
+        keys = list(manifest.files) if variants is None else list(variants)
+        entries: List[Tuple[str, str, str, Optional[str]]] = [("file", k, manifest.files[k].path, manifest.files[k].sha256)
+                                                              for k in keys]
+        if plans:
+            entries += [("plan", f"plan[{i}]", p.path, p.sha256) for i, p in enumerate(manifest.plans)]
+        for kind, key, rel, expected in entries:
+            path = manifest.resolve(rel)
+            actual = sha256_file(path) if path.is_file() else None
+            checks.append(FileCheck(kind, key, str(path), expected, actual))
+        if manifest.model_card:
+            card = manifest.resolve(manifest.model_card)
+            checks.append(FileCheck("model_card", "model_card", str(card), None, "present" if card.is_file() else None))
+        return checks
+
+    # ---- back-end choice ----------------------------------------------------------------------------
+    def open(self, ref: Union[str, ModelManifest], version: Optional[str] = None, *, variant: Optional[str] = None,
+             preference: Optional[Sequence[str]] = None, warmup: bool = False) -> Tuple[Engine, Selection]:
+        """Load the model on the first back end in the preference order that can run it."""
+        return self._choose(ref, version, variant, preference, load=True, warmup=warmup)  # type: ignore[return-value]
+
+    def explain(self, ref: Union[str, ModelManifest], version: Optional[str] = None, *, variant: Optional[str] = None,
+                preference: Optional[Sequence[str]] = None) -> Selection:
+        """Which back end `open` would choose and why, without loading (files are still hashed)."""
+        return self._choose(ref, version, variant, preference, load=False, warmup=False)[1]
+
+    def _choose(self, ref: Union[str, ModelManifest], version: Optional[str], variant: Optional[str],
+                preference: Optional[Sequence[str]], *, load: bool, warmup: bool) -> Tuple[Optional[Engine], Selection]:
+        m = ref if isinstance(ref, ModelManifest) else self.resolve(ref, version)
+        order = list(preference) if preference is not None else self.preference
+        skipped: Dict[str, str] = {}
+        for backend in order:
+            try:
+                result = getattr(self, f"_try_{backend}")(m, variant, load)
+            except IntegrityError:
+                raise
+            except (EngineUnavailable, EngineError, FileNotFoundError, KeyError, ImportError, OSError) as e:
+                reason = e.reason if isinstance(e, EngineUnavailable) else f"{type(e).__name__}: {e}"
+                skipped[backend] = reason
+                continue
+            if isinstance(result, str):
+                skipped[backend] = result
+                continue
+            engine, used_variant, precision, reason = result
+            sel = Selection(m.ref, backend, used_variant, precision, reason, skipped)
+            if skipped:
+                log.info("model store: %s", sel.summary())
+            if engine is not None and warmup:
+                engine.warmup()
+            return engine, sel
+        sel = Selection(m.ref, None, None, None, "no back end can run this model", skipped)
+        if load:
+            raise EngineUnavailable("store", sel.summary())
+        return None, sel
+
+    def _opts(self, backend: str) -> Dict[str, Any]:
+        return dict(self.engine_options.get(backend, {}))
+
+    def _try_tensorrt(self, m: ModelManifest, variant: Optional[str], load: bool) -> Any:
+        if not m.plans:
+            return "no TensorRT plan in the manifest"
+        from engines.tensorrt_engine import TensorRTEngine, check_plan_compatibility, select_plan
+        trt_version, device, why = self._tensorrt_probe()
+        if trt_version is None or device is None:
+            return why or "tensorrt/CUDA unavailable"
+        opts = self._opts("tensorrt")
+        cands = m.model_copy(update={"plans": [p for p in m.plans
+                                               if variant is None or p.source_variant in (None, variant)]})
+        plan, reasons = select_plan(cands, device, trt_version, opts.get("precision"))
+        if plan is None:
+            return "; ".join(f"{p}: {r}" for p, r in reasons) or f"no plan for variant {variant!r}"
+        verify_sha256(m.resolve(plan.path), plan.sha256)
+        compat = check_plan_compatibility(plan, device, trt_version)
+        if not load:
+            return None, plan.source_variant, plan.precision, f"plan {plan.path}: {compat.reason}"
+        opts["plan_path"] = plan.path
+        engine = TensorRTEngine(**opts).load(m, variant, verify=False)
+        return engine, plan.source_variant, plan.precision, f"plan {plan.path}: {compat.reason}"
+
+    def _try_openvino(self, m: ModelManifest, variant: Optional[str], load: bool) -> Any:
+        return "OpenVINO back end not implemented yet (engines/openvino_engine.py)"
+
+    def _try_onnxruntime(self, m: ModelManifest, variant: Optional[str], load: bool) -> Any:
+        from engines.onnxruntime_engine import OnnxRuntimeEngine
+        ok, why = OnnxRuntimeEngine.availability()
+        if not ok:
+            return why
+        v = m.pick_variant(variant)
+        mf: ModelFile = m.files[v]
+        verify_sha256(m.resolve(mf.path), mf.sha256)
+        if not load:
+            return None, v, mf.precision, why
+        engine = OnnxRuntimeEngine(**self._opts("onnxruntime")).load(m, v, verify=False)
+        return engine, v, mf.precision, f"providers {engine.providers_used}"
+
+    def _try_triton(self, m: ModelManifest, variant: Optional[str], load: bool) -> Any:
+        opts = self._opts("triton")
+        if not opts.get("url"):
+            return "no Triton/KServe URL configured (engine_options['triton']['url'])"
+        from engines.triton_engine import TritonEngine
+        ok, why = TritonEngine.availability()
+        if not ok:
+            return why
+        if not load:
+            return None, variant, None, f"remote {opts['url']} (not contacted)"
+        engine = TritonEngine(**opts).load(m, variant)
+        return engine, variant, None, f"remote {opts['url']}"
+
+    # ---- adding models ------------------------------------------------------------------------------
+    def install(self, manifest: ModelManifest, sources: Dict[str, Union[str, Path]], *,
+                root: Union[None, str, Path] = None, overwrite: bool = False) -> ModelManifest:
+        """Copy *sources* (manifest-relative path -> file on disk) into <root>/<name>/<version>/, check each
+        against the manifest's sha256, write the manifest, and return it loaded from its new home."""
+        root = Path(root) if root is not None else self.roots[0]
+        dest = root / manifest.name / manifest.version
+        if (dest / MANIFEST_FILENAME).exists() and not overwrite:
+            raise FileExistsError(f"{manifest.ref} already in {root}; pass overwrite=True to replace it")
+        expected = {f.path: f.sha256 for f in manifest.files.values()}
+        expected.update({p.path: p.sha256 for p in manifest.plans})
+        dest.mkdir(parents=True, exist_ok=True)
+        for rel, src in sources.items():
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if Path(src).resolve() != target.resolve():
+                tmp = target.with_name(target.name + ".tmp")
+                shutil.copyfile(src, tmp)
+                tmp.replace(target)
+            if rel in expected:
+                verify_sha256(target, expected[rel])
+        for rel, sha in expected.items():
+            verify_sha256(dest / rel, sha)
+        manifest.save(dest / MANIFEST_FILENAME)
+        return ModelManifest.load(dest / MANIFEST_FILENAME)
+
+    def add_onnx(self, onnx_path: Union[str, Path], name: str, version: str, *, task: str = "other",
+                 root: Union[None, str, Path] = None, overwrite: bool = False, **fields: Any) -> ModelManifest:
+        """Bring your own ONNX: read its I/O from the file, write a manifest beside a copy of it in the user
+        directory (or *root*).  Extra manifest fields (preprocessing, labels, postprocessing, license,
+        source, ...) pass through **fields; explicit inputs/outputs override the ones read from the file."""
+        onnx_path = Path(onnx_path)
+        target_root = Path(root) if root is not None else (self.user_dir or self.roots[0])
+        ins, outs, opset = tensor_specs_from_onnx(onnx_path)
+        precision = fields.pop("precision", "fp32")
+        data: Dict[str, Any] = {
+            "name": name, "version": version, "task": task,
+            "inputs": fields.pop("inputs", ins), "outputs": fields.pop("outputs", outs),
+            "files": {"fp32" if precision == "fp32" else precision: ModelFile(
+                path="model.onnx", sha256=sha256_file(onnx_path), precision=precision,
+                size_bytes=onnx_path.stat().st_size, opset=opset)},
+        }
+        data.update(fields)
+        manifest = ModelManifest.model_validate(data)
+        return self.install(manifest, {"model.onnx": onnx_path}, root=target_root, overwrite=overwrite)
