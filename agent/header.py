@@ -18,6 +18,7 @@ class FrameInfo(BaseModel):
 
     frame_index: int = 0
     b_value: Optional[float] = None  # s/mm^2, vendor-decoded and rounded to 10; None when not diffusion
+    b_source: str = ""  # which tag gave the b-value
     direction: Optional[tuple[float, float, float]] = None
     isotropic: bool = False  # derived trace image (b>0 with no direction, or DiffusionDirectionality ISOTROPIC)
     derived: Optional[str] = None  # "ADC", "TRACE", "CALC_BVALUE", "FA" from ImageType / frame type
@@ -72,6 +73,7 @@ class InstanceHeader(BaseModel):
     images_in_acquisition: Optional[int] = None  # (0020,1002)
     number_of_temporal_positions: Optional[int] = None  # (0020,0105)
     acquisition_duration_s: Optional[float] = None
+    acquisition_contrast: str = ""  # enhanced MR (0008,9209): T1, T2, DIFFUSION, ...
     is_enhanced: bool = False
     is_mosaic: bool = False
     frames: tuple[FrameInfo, ...] = Field(default_factory=tuple)
@@ -80,3 +82,368 @@ class InstanceHeader(BaseModel):
     def n_images(self) -> int:
         """2D images this file contributes to its series (mosaic slices counted)."""
         return sum(f.n_slices for f in self.frames) or 1
+
+
+# ---------------------------------------------------------------------------- reading
+import os  # noqa: E402
+import struct  # noqa: E402
+import zlib  # noqa: E402
+from typing import Any, BinaryIO  # noqa: E402
+
+import pydicom  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
+from pydicom.errors import InvalidDicomError  # noqa: E402
+
+from agent import vendor as vd  # noqa: E402
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+ENHANCED_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.3"}  # Enhanced MR, Enhanced MR Color
+REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+
+
+class HeaderError(Exception):
+    """A file the agent cannot take as an image.
+
+    reason: a short stable code (not_dicom, truncated, missing_uid, unreadable, dicomdir, no_pixel_data);
+    retryable: the file may still be being written, so try again before quarantining it.
+    """
+
+    def __init__(self, reason: str, detail: str, retryable: bool = False):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.retryable = retryable
+
+
+def read_header(path: str | os.PathLike[str]) -> InstanceHeader:
+    """Parse one file's header (pixels not decoded) and check that its pixel data is all there."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fp:
+            preamble = fp.read(132)
+            fp.seek(0)
+            has_preamble = len(preamble) == 132 and preamble[128:132] == b"DICM"
+            if not has_preamble and size < 132:
+                # maybe still being written; if it stays this short it is not DICOM
+                raise HeaderError("not_dicom", f"only {size} bytes, too short for a DICOM file", retryable=True)
+            try:
+                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not has_preamble)
+            except InvalidDicomError as exc:
+                raise HeaderError("not_dicom", str(exc)) from exc
+            except (EOFError, struct.error, OSError, zlib.error) as exc:
+                raise HeaderError("truncated", f"header ends early ({exc.__class__.__name__}: {exc})", retryable=True) from exc
+            except Exception as exc:  # pydicom raises many types on garbage
+                raise HeaderError("unreadable", f"{exc.__class__.__name__}: {exc}", retryable=True) from exc
+            if not has_preamble and not _looks_like_dicom(ds):
+                raise HeaderError("not_dicom", "no DICM preamble and no DICOM data elements")
+            sop_class = _text(ds.get("SOPClassUID")) or _text(getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID"))
+            if sop_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
+                raise HeaderError("dicomdir", "a DICOMDIR index, not an image")
+            missing = [k for k in REQUIRED_UIDS if not _text(ds.get(k))]
+            if missing:
+                raise HeaderError("missing_uid", "missing " + ", ".join(missing))
+            _check_pixel_data(ds, fp, size)
+    except HeaderError:
+        raise
+    except FileNotFoundError as exc:
+        raise HeaderError("vanished", "file disappeared before it could be read", retryable=True) from exc
+    except OSError as exc:
+        raise HeaderError("unreadable", f"{exc.__class__.__name__}: {exc}", retryable=True) from exc
+    try:
+        return header_from_dataset(ds, path)
+    except HeaderError:
+        raise
+    except Exception as exc:
+        raise HeaderError("unreadable", f"malformed header values ({exc.__class__.__name__}: {exc})") from exc
+
+
+def _text(value: Any) -> str:
+    return vd._as_text(value) if value is not None else ""
+
+
+def _looks_like_dicom(ds: Dataset) -> bool:
+    try:
+        return any(k in ds for k in ("SOPInstanceUID", "StudyInstanceUID", "Modality", "SOPClassUID"))
+    except Exception:
+        return False
+
+
+def _check_pixel_data(ds: Dataset, fp: BinaryIO, size: int) -> None:
+    """pydicom stopped with the file at the Pixel Data tag: check its declared length against the
+    bytes on disk (native) or the closing sequence delimiter (encapsulated)."""
+    ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+    if ts is not None and ts.is_deflated:
+        _check_deflated(fp.name if hasattr(fp, "name") else "", ds)
+        return
+    start = fp.tell()
+    head = fp.read(12)
+    if len(head) < 4 or head[:4] not in (PIXEL_DATA_TAG, b"\x7f\xe0\x00\x10"):
+        if "Rows" in ds:
+            if size - start <= 0:
+                raise HeaderError("truncated", "image header present but pixel data missing", retryable=True)
+        raise HeaderError("no_pixel_data", "no image pixels (not an image instance)")
+    implicit = bool(ts is not None and ts.is_implicit_VR)
+    little = not (ts is not None and not ts.is_little_endian)
+    order = "<" if little else ">"
+    if implicit:
+        if len(head) < 8:
+            raise HeaderError("truncated", "pixel data element cut short", retryable=True)
+        length = struct.unpack(order + "I", head[4:8])[0]
+        value_start = start + 8
+    else:
+        if len(head) < 12:
+            raise HeaderError("truncated", "pixel data element cut short", retryable=True)
+        length = struct.unpack(order + "I", head[8:12])[0]
+        value_start = start + 12
+    if length == 0xFFFFFFFF:
+        _check_encapsulated(fp, value_start, size, order)
+        return
+    if value_start + length > size:
+        raise HeaderError(
+            "truncated", f"pixel data declares {length} bytes, {max(size - value_start, 0)} on disk", retryable=True
+        )
+    expected = _native_pixel_bytes(ds)
+    if expected and length < expected:
+        raise HeaderError("truncated", f"pixel data holds {length} bytes, image needs {expected}")
+
+
+MAX_INFLATED_BYTES = 2 * 1024**3  # a deflated file that inflates past this is a deflate bomb
+
+
+def _check_deflated(path: str, ds: Dataset) -> None:
+    """Deflated Explicit VR: the only honest check is to inflate it, with a cap."""
+    expected = _native_pixel_bytes(ds)
+    with open(path, "rb") as fp:
+        raw = fp.read()
+    body_start = _meta_group_end(raw)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(raw[body_start:], MAX_INFLATED_BYTES)
+    except zlib.error as exc:
+        raise HeaderError("truncated", f"deflated data set is corrupt ({exc})", retryable=True) from exc
+    if inflater.unconsumed_tail:
+        raise HeaderError("oversized", f"deflated data set inflates past {MAX_INFLATED_BYTES} bytes")
+    if not inflater.eof:
+        raise HeaderError("truncated", "deflated data set ends early", retryable=True)
+    if expected and len(out) < expected:
+        raise HeaderError("truncated", f"inflated data set holds {len(out)} bytes, image needs {expected}")
+
+
+def _meta_group_end(raw: bytes) -> int:
+    """Offset just past the file meta group (group 0002 is always explicit VR little endian)."""
+    pos = 132
+    while pos + 8 <= len(raw):
+        group, _element = struct.unpack("<HH", raw[pos:pos + 4])
+        if group != 0x0002:
+            return pos
+        vr = raw[pos + 4:pos + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"):
+            length = struct.unpack("<I", raw[pos + 8:pos + 12])[0]
+            pos += 12 + length
+        else:
+            length = struct.unpack("<H", raw[pos + 6:pos + 8])[0]
+            pos += 8 + length
+    return pos
+
+
+def _check_encapsulated(fp: BinaryIO, offset: int, size: int, order: str) -> None:
+    """Walk the fragment items: each must fit in the file; the sequence delimiter, or the last item
+    ending exactly at the end of the file, closes it. A file cut mid-fragment is truncated."""
+    fragments = 0
+    fp.seek(offset)
+    while True:
+        item = fp.read(8)
+        if len(item) == 0 and fragments > 1:
+            return  # no delimiter, but every fragment is whole (pydicom tolerates this too)
+        if len(item) < 8:
+            raise HeaderError("truncated", "encapsulated pixel data ends inside an item header", retryable=True)
+        group, element, item_len = struct.unpack(order + "HHI", item)
+        if (group, element) == (0xFFFE, 0xE0DD):
+            if fragments < 2:
+                raise HeaderError("truncated", "encapsulated pixel data has no image fragment")
+            return
+        if (group, element) != (0xFFFE, 0xE000):
+            raise HeaderError("unreadable", f"unexpected tag ({group:04X},{element:04X}) in encapsulated pixel data")
+        if fp.tell() + item_len > size:
+            raise HeaderError("truncated", "encapsulated pixel data fragment runs past the end of the file", retryable=True)
+        fp.seek(item_len, os.SEEK_CUR)
+        fragments += 1  # the first item is the basic offset table
+
+
+def _native_pixel_bytes(ds: Dataset) -> int:
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        spp = int(ds.get("SamplesPerPixel") or 1)
+        bits = int(ds.get("BitsAllocated") or 16)
+    except (AttributeError, TypeError, ValueError):
+        return 0
+    return rows * cols * frames * spp * bits // 8
+
+
+def _first_item(ds: Dataset, keyword: str) -> Dataset:
+    seq = ds.get(keyword)
+    return seq[0] if seq else Dataset()
+
+
+def _floats(value: Any) -> list[float]:
+    return vd._as_floats(value)
+
+
+def _opt_float(value: Any) -> Optional[float]:
+    return vd.first_float(value)
+
+
+def _opt_int(value: Any) -> Optional[int]:
+    f = vd.first_float(value)
+    return int(f) if f is not None else None
+
+
+def _vec(value: Any, n: int) -> Optional[tuple[float, ...]]:
+    vals = _floats(value)
+    return tuple(vals) if len(vals) == n else None
+
+
+def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
+    manufacturer = _text(ds.get("Manufacturer"))
+    vendor = vd.vendor_of(manufacturer)
+    sop_class = _text(ds.get("SOPClassUID"))
+    enhanced = sop_class in ENHANCED_SOP_CLASSES or "PerFrameFunctionalGroupsSequence" in ds
+    image_type = vd._tokens(ds.get("ImageType"))
+    csa = vd.csa_image_header(ds) if vendor == "siemens" else {}
+    mosaic = "MOSAIC" in image_type
+    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+    seq_name = vd.sequence_name(ds, vendor)
+
+    if enhanced:
+        frames = tuple(_enhanced_frames(ds, shared, vendor))
+        measures = _first_item(shared, "PixelMeasuresSequence")
+        echo = _first_item(shared, "MREchoSequence")
+        timing = _first_item(shared, "MRTimingAndRelatedParametersSequence")
+        first_pf = ds.PerFrameFunctionalGroupsSequence[0] if ds.get("PerFrameFunctionalGroupsSequence") else Dataset()
+        measures = measures or _first_item(first_pf, "PixelMeasuresSequence")
+        echo = echo or _first_item(first_pf, "MREchoSequence")
+        timing = timing or _first_item(first_pf, "MRTimingAndRelatedParametersSequence")
+        frame_type = _first_item(shared, "MRImageFrameTypeSequence") or _first_item(first_pf, "MRImageFrameTypeSequence")
+        pixel_spacing = _vec(measures.get("PixelSpacing"), 2)
+        slice_thickness = _opt_float(measures.get("SliceThickness"))
+        spacing_between = _opt_float(measures.get("SpacingBetweenSlices")) or _opt_float(ds.get("SpacingBetweenSlices"))
+        echo_time = _opt_float(echo.get("EffectiveEchoTime"))
+        repetition_time = _opt_float(timing.get("RepetitionTime"))
+        flip_angle = _opt_float(timing.get("FlipAngle"))
+        scanning = tuple(
+            t for t, on in (
+                ("SE", _text(ds.get("EchoPulseSequence")).upper() in {"SPIN", "BOTH"}),
+                ("GR", _text(ds.get("EchoPulseSequence")).upper() in {"GRADIENT", "BOTH"}),
+                ("EP", _text(ds.get("EchoPlanarPulseSequence")).upper() == "YES"),
+            ) if on
+        )
+        acquisition_contrast = _text(frame_type.get("AcquisitionContrast") or ds.get("AcquisitionContrast")).upper()
+    else:
+        frames = (_classic_frame(ds, vendor, csa, image_type, seq_name, mosaic),)
+        pixel_spacing = _vec(ds.get("PixelSpacing"), 2)
+        slice_thickness = _opt_float(ds.get("SliceThickness"))
+        spacing_between = _opt_float(ds.get("SpacingBetweenSlices"))
+        echo_time = _opt_float(ds.get("EchoTime"))
+        repetition_time = _opt_float(ds.get("RepetitionTime"))
+        flip_angle = _opt_float(ds.get("FlipAngle"))
+        scanning = vd._tokens(ds.get("ScanningSequence"))
+        acquisition_contrast = _text(ds.get("AcquisitionContrast")).upper()
+
+    return InstanceHeader(
+        path=path,
+        sop_instance_uid=_text(ds.SOPInstanceUID),
+        sop_class_uid=sop_class,
+        study_uid=_text(ds.StudyInstanceUID),
+        series_uid=_text(ds.SeriesInstanceUID),
+        transfer_syntax_uid=_text(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")),
+        modality=_text(ds.get("Modality")).upper(),
+        manufacturer=manufacturer,
+        vendor=vendor,
+        software_versions="\\".join(vd._tokens(ds.get("SoftwareVersions"))),
+        series_number=_opt_int(ds.get("SeriesNumber")),
+        instance_number=_opt_int(ds.get("InstanceNumber")),
+        series_description=_text(ds.get("SeriesDescription")),
+        protocol_name=_text(ds.get("ProtocolName")),
+        image_type=image_type,
+        scan_options=vd._tokens(ds.get("ScanOptions")),
+        scanning_sequence=scanning,
+        sequence_name=seq_name,
+        spectral_fat_suppression=_text(ds.get("SpectrallySelectedSuppression")).upper() or None,
+        rows=int(_opt_int(ds.get("Rows")) or 0),
+        columns=int(_opt_int(ds.get("Columns")) or 0),
+        pixel_spacing=pixel_spacing,  # type: ignore[arg-type]
+        slice_thickness=slice_thickness,
+        spacing_between_slices=spacing_between,
+        echo_time=echo_time,
+        repetition_time=repetition_time,
+        flip_angle=flip_angle,
+        magnetic_field_strength=_opt_float(ds.get("MagneticFieldStrength")),
+        images_in_acquisition=_opt_int(ds.get("ImagesInAcquisition")),
+        number_of_temporal_positions=_opt_int(ds.get("NumberOfTemporalPositions")),
+        acquisition_duration_s=_opt_float(ds.get("AcquisitionDuration")),
+        acquisition_contrast=acquisition_contrast,
+        is_enhanced=enhanced,
+        is_mosaic=mosaic,
+        frames=frames,
+    )
+
+
+def _classic_frame(ds: Dataset, vendor: str, csa: dict[str, Any], image_type: tuple[str, ...], seq_name: str,
+                   mosaic: bool) -> FrameInfo:
+    b, b_source = vd.b_value(ds, vendor, csa)
+    direction = vd.diffusion_direction(ds, vendor, csa)
+    derived = vd.derived_type(image_type)
+    n_slices = 1
+    if mosaic:
+        n = _opt_int(csa.get("NumberOfImagesInMosaic")) or _opt_int(vd.private_value(ds, 0x0019, 0x0A, vd.SIEMENS_MR))
+        n_slices = max(int(n or 1), 1)
+    return FrameInfo(
+        frame_index=0,
+        b_value=b,
+        b_source=b_source,
+        direction=direction,
+        isotropic=vd.is_isotropic(b, direction, vd.directionality(ds, vendor), derived, seq_name),
+        derived=derived,
+        position=_vec(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+        orientation=_vec(ds.get("ImageOrientationPatient"), 6),  # type: ignore[arg-type]
+        temporal_index=_opt_int(ds.get("TemporalPositionIdentifier")),
+        n_slices=n_slices,
+    )
+
+
+def _enhanced_frames(ds: Dataset, shared: Dataset, vendor: str) -> list[FrameInfo]:
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    n_frames = int(_opt_int(ds.get("NumberOfFrames")) or len(per_frame) or 1)
+    top_type = vd._tokens(ds.get("ImageType"))
+    shared_orient = _first_item(shared, "PlaneOrientationSequence").get("ImageOrientationPatient")
+    shared_diff = _first_item(shared, "MRDiffusionSequence")
+    shared_ftype = _first_item(shared, "MRImageFrameTypeSequence").get("FrameType")
+    frames = []
+    for i in range(n_frames):
+        item = per_frame[i] if i < len(per_frame) else Dataset()
+        diff = _first_item(item, "MRDiffusionSequence") or shared_diff
+        ftype = vd._tokens(_first_item(item, "MRImageFrameTypeSequence").get("FrameType") or shared_ftype) or top_type
+        b = direction = None
+        directionality = None
+        b_source = ""
+        if diff:
+            b, b_source = vd.b_value(diff, vendor)
+            direction = vd.diffusion_direction(diff, vendor)
+            directionality = vd.directionality(diff, vendor)
+        derived = vd.derived_type(ftype)
+        content = _first_item(item, "FrameContentSequence")
+        frames.append(FrameInfo(
+            frame_index=i,
+            b_value=b,
+            b_source=b_source,
+            direction=direction,
+            isotropic=vd.is_isotropic(b, direction, directionality, derived, ""),
+            derived=derived,
+            position=_vec(_first_item(item, "PlanePositionSequence").get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+            orientation=_vec(_first_item(item, "PlaneOrientationSequence").get("ImageOrientationPatient") or shared_orient, 6),  # type: ignore[arg-type]
+            temporal_index=_opt_int(content.get("TemporalPositionIndex")),
+        ))
+    return frames

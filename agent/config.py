@@ -1,0 +1,117 @@
+"""Agent configuration: one TOML file validated by pydantic, overridden by SCANSIDE_* environment
+variables (nested with a double underscore: SCANSIDE_SERIES__QUIET_PERIOD_S=5).
+
+An invalid configuration stops the agent with a message naming the field.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WatchConfig(_Section):
+    folder: Optional[Path] = Field(None, description="the scanner's DICOM export folder (read only)")
+    recursive: bool = True
+    polling: bool = Field(False, description="poll instead of inotify: for SMB/NFS mounts, where inotify sees nothing")
+    poll_interval_s: float = Field(1.0, gt=0)
+    settle_s: float = Field(0.5, ge=0, description="a file whose size and mtime stay unchanged this long is taken as written (used when no close/rename event arrives)")
+    ignore_suffixes: list[str] = Field(default_factory=lambda: [".tmp", ".part", ".partial", ".swp", "~", ".lock", ".json", ".txt"])
+
+
+class IngestConfig(_Section):
+    retry_delays_s: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0], description="waits between attempts at a file that is not readable yet")
+    quarantine_after_s: float = Field(10.0, ge=0, description="a file still unreadable after this long unchanged is quarantined")
+    quarantine_dir: Optional[Path] = Field(None, description="default: <state dir>/quarantine")
+    quarantine_mode: Literal["copy", "move"] = Field("copy", description="copy leaves the export folder untouched (it may be read-only)")
+
+
+class SeriesConfig(_Section):
+    quiet_period_s: float = Field(10.0, gt=0, description="a series with no expected count completes this long after its last image")
+    incomplete_grace_s: float = Field(60.0, gt=0, description="a series short of its expected count is closed as incomplete after this long")
+
+
+class StateConfig(_Section):
+    dir: Path = Field(Path("var/scanside"), description="SQLite database, quarantine and outputs (systemd: StateDirectory)")
+
+
+class OutputConfig(_Section):
+    stdout: bool = Field(True, description="one JSON line per event on standard output")
+    jsonl: Optional[Path] = Field(None, description="append-only event log; default <state dir>/events.jsonl")
+
+
+class PrivacyConfig(_Section):
+    include_file_paths: bool = Field(False, description="put file paths in events and logs (export folder names can hold patient names)")
+
+
+class AgentConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SCANSIDE_", env_nested_delimiter="__", extra="forbid")
+
+    watch: WatchConfig = Field(default_factory=WatchConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    series: SeriesConfig = Field(default_factory=SeriesConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        # environment beats the file, which beats defaults
+        return (env_settings, init_settings)
+
+    @property
+    def db_path(self) -> Path:
+        return self.state.dir / "state.sqlite"
+
+    @property
+    def quarantine_path(self) -> Path:
+        return self.ingest.quarantine_dir or self.state.dir / "quarantine"
+
+    @property
+    def jsonl_path(self) -> Path:
+        return self.output.jsonl or self.state.dir / "events.jsonl"
+
+
+class ConfigError(Exception):
+    pass
+
+
+def load_config(path: Optional[os.PathLike[str] | str] = None, **overrides: Any) -> AgentConfig:
+    """Load TOML (if given), apply SCANSIDE_* env, then explicit overrides (e.g. from the command line)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fp:
+                data = tomllib.load(fp)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        data.setdefault(section, {})[key] = value
+    try:
+        return AgentConfig(**data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {field}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from exc

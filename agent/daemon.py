@@ -1,0 +1,72 @@
+"""The agent: watcher + ingest worker + event sinks around one state database.
+
+Also the in-process embedding API: `Agent(config).start()`, `agent.subscribe(fn)`, `agent.stop()`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Callable, Optional
+
+from agent.config import AgentConfig
+from agent.events import Event
+from agent.ingest import Ingestor
+from agent.pipeline import Pipeline
+from agent.sinks import CallbackSink, JsonlSink, SinkRunner, StdoutSink
+from agent.state import StateStore
+from agent.watch import FolderWatcher
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig):
+        if config.watch.folder is None:
+            raise ValueError("watch.folder is not set")
+        self.config = config
+        config.state.dir.mkdir(parents=True, exist_ok=True)
+        self.store = StateStore(config.db_path)
+        self.pipeline = Pipeline(config, self.store)
+        self.ingestor = Ingestor(config, self.pipeline)
+        sinks = [JsonlSink(config.jsonl_path)]
+        if config.output.stdout:
+            sinks.append(StdoutSink())
+        self.sinks = SinkRunner(self.store, sinks, self.pipeline.new_events)
+        self.watcher: Optional[FolderWatcher] = None
+        self._subscribers = 0
+        self.started = threading.Event()
+
+    def start(self) -> "Agent":
+        folder = Path(self.config.watch.folder)  # type: ignore[arg-type]
+        folder.mkdir(parents=True, exist_ok=True)
+        self.sinks.start()
+        self.ingestor.start()
+        # watch first, then catch up: a file landing in between is seen twice, which is harmless
+        self.watcher = FolderWatcher(folder, self.ingestor, self.config.watch.recursive,
+                                     self.config.watch.polling, self.config.watch.poll_interval_s)
+        self.watcher.start()
+        self.ingestor.catch_up(folder)
+        self.started.set()
+        return self
+
+    def subscribe(self, fn: Callable[[Event], None], from_now: bool = True) -> None:
+        """Call fn for each event (in the sink thread). from_now=False replays the whole log first."""
+        self._subscribers += 1
+        self.sinks.add(CallbackSink(f"callback-{self._subscribers}", fn), from_now=from_now)
+
+    def stop(self) -> None:
+        if self.watcher:
+            self.watcher.stop()
+        self.ingestor.stop()
+        self.sinks.stop()
+        self.store.close()
+
+    def healthy(self) -> bool:
+        return self.ingestor.alive() and bool(self.watcher and self.watcher.alive())
+
+    def __enter__(self) -> "Agent":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

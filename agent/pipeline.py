@@ -1,0 +1,125 @@
+"""One file in, events out: parse the header, record the instance, advance series completion and
+record the events it causes, all in one transaction. Everything downstream reads the event log."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from agent.config import AgentConfig
+from agent.events import EventBase, FileQuarantined
+from agent.header import HeaderError, read_header
+from agent.quarantine import Quarantine
+from agent.series import SeriesAssembler
+from agent.state import StateStore
+
+log = logging.getLogger(__name__)
+
+DONE_STATUSES = {"ingested", "duplicate", "quarantined", "ignored", "index"}
+IGNORED_REASONS = {"no_pixel_data"}  # valid DICOM that is not an image (SR, presentation state): not an error
+
+
+def file_ref(path: str) -> str:
+    return hashlib.sha1(os.fsencode(os.path.abspath(path))).hexdigest()[:12]
+
+
+@dataclass
+class Outcome:
+    status: str  # ingested | duplicate | skipped | ignored | index | error
+    error: Optional[HeaderError] = None
+    events: int = 0
+
+
+class Pipeline:
+    def __init__(self, config: AgentConfig, store: StateStore, clock: Callable[[], float] = time.time):
+        self.config = config
+        self.store = store
+        self.assembler = SeriesAssembler(store, config.series, clock)
+        self.quarantine_box = Quarantine(config.quarantine_path, config.ingest.quarantine_mode)
+        self.new_events = threading.Condition()
+        self.listeners: list[Callable[[str, Outcome], None]] = []  # metrics hook: (path, outcome)
+
+    # ------------------------------------------------------------------ files
+    def already_done(self, path: str, size: int, mtime: float) -> bool:
+        row = self.store.file_status(path)
+        return bool(row and row["status"] in DONE_STATUSES and row["size"] == size and abs((row["mtime"] or 0) - mtime) < 1e-6)
+
+    def process_file(self, path: str) -> Outcome:
+        """Ingest one complete-looking file. HeaderErrors come back in the outcome, never raised."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return Outcome("error", HeaderError("vanished", "file disappeared", retryable=False))
+        if self.already_done(path, st.st_size, st.st_mtime):
+            return Outcome("skipped")
+        try:
+            header = read_header(path)
+        except HeaderError as err:
+            if err.reason in IGNORED_REASONS or err.reason == "dicomdir":
+                status = "index" if err.reason == "dicomdir" else "ignored"
+                with self.store.transaction():
+                    self.store.record_file(path, st.st_size, st.st_mtime, status, reason=err.reason)
+                return self._notify(path, Outcome(status, err))
+            return self._notify(path, Outcome("error", err))
+        with self.store.transaction():
+            if self.store.has_instance(header.sop_instance_uid):
+                self.store.record_file(path, st.st_size, st.st_mtime, "duplicate", header.sop_instance_uid)
+                return self._notify(path, Outcome("duplicate"))
+            self.store.touch_exam(header.study_uid, time.time())
+            events = self.assembler.add(header)
+            self.store.record_file(path, st.st_size, st.st_mtime, "ingested", header.sop_instance_uid)
+            n = self._append(events)
+        return self._notify(path, Outcome("ingested", events=n))
+
+    def quarantine(self, path: str, err: HeaderError) -> None:
+        ref = file_ref(path)
+        try:
+            st = os.stat(path)
+            size, mtime = st.st_size, st.st_mtime
+        except FileNotFoundError:
+            size, mtime = None, None
+        try:
+            self.quarantine_box.put(path, ref, err.reason, err.detail)
+        except OSError as exc:  # quarantine disk full or unwritable: keep the record, say so
+            log.error("could not quarantine file %s: %s", ref, exc)
+        event = FileQuarantined(
+            key=f"file_quarantined:{ref}:{mtime}", file_ref=ref, reason=err.reason, detail=err.detail,
+            path=path if self.config.privacy.include_file_paths else None,
+        )
+        with self.store.transaction():
+            self.store.record_file(path, size, mtime, "quarantined", reason=f"{err.reason}: {err.detail}")
+            self._append([event])
+        log.warning("quarantined file %s: %s (%s)", ref, err.reason, err.detail)
+        self._notify(path, Outcome("quarantined", err))
+
+    # ------------------------------------------------------------------ time
+    def tick(self) -> int:
+        with self.store.transaction():
+            return self._append(self.assembler.due())
+
+    def complete_all(self) -> int:
+        with self.store.transaction():
+            return self._append(self.assembler.complete_all())
+
+    def next_due_in(self) -> Optional[float]:
+        return self.assembler.next_due_in()
+
+    # ------------------------------------------------------------------ events
+    def _append(self, events: list[EventBase]) -> int:
+        stored = sum(1 for e in events if self.store.append_event(e) is not None)  # type: ignore[arg-type]
+        if stored:
+            with self.new_events:
+                self.new_events.notify_all()
+        return stored
+
+    def _notify(self, path: str, outcome: Outcome) -> Outcome:
+        for listener in self.listeners:
+            try:
+                listener(path, outcome)
+            except Exception:  # a metrics hook must never stop ingestion
+                log.exception("outcome listener failed")
+        return outcome

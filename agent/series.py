@@ -1,0 +1,217 @@
+"""Series assembly: group instances into acquisitions, decide when an acquisition is complete,
+split multi-b diffusion series into one logical series per b-value (and pull out appended ADC /
+isotropic images), and label each part from its header.
+
+Completion: when the images received reach the expected count ((0020,1002) images in acquisition,
+times temporal positions for dynamic series; the frames of an enhanced file; mosaic slices counted),
+or, with no count, after a quiet period. A series short of its count closes as incomplete after a
+grace period. An image arriving after completion reopens the series; it completes again as the next
+revision, so nothing is lost and the late arrival is reported.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from agent import vendor as vd
+from agent.classify import classify_header, is_diffusion
+from agent.config import SeriesConfig
+from agent.events import EventBase, SeriesCompleted, SeriesReopened, SeriesSummary
+from agent.header import FrameInfo, FrameRef, InstanceHeader
+from agent.state import StateStore
+
+
+def expected_images(h: InstanceHeader) -> Optional[int]:
+    """The images the whole acquisition will have, as far as this header says."""
+    if h.images_in_acquisition:
+        n = h.images_in_acquisition
+        if (h.number_of_temporal_positions or 0) > 1:
+            n *= h.number_of_temporal_positions  # type: ignore[operator]
+        return n
+    if h.is_enhanced:
+        return h.n_images
+    return None
+
+
+def part_key(h: InstanceHeader, f: FrameInfo, diffusion: bool) -> str:
+    if f.derived == "ADC":
+        return "adc"
+    if f.derived == "FA":
+        return "fa"
+    if diffusion and f.b_value is not None:
+        return f"b{int(f.b_value)}"
+    return ""
+
+
+@dataclass
+class SeriesPart:
+    """One logical series and where its frames are."""
+
+    series_uid: str
+    key: str
+    headers: list[InstanceHeader] = field(default_factory=list)
+    frames: list[FrameInfo] = field(default_factory=list)
+    refs: list[FrameRef] = field(default_factory=list)
+
+    @property
+    def series_id(self) -> str:
+        return f"{self.series_uid}#{self.key}" if self.key else self.series_uid
+
+
+def split_parts(headers: Sequence[InstanceHeader]) -> list[SeriesPart]:
+    diffusion = any(is_diffusion(h) for h in headers)
+    parts: dict[str, SeriesPart] = {}
+    for h in headers:
+        seen_in_part: set[str] = set()
+        for f in h.frames:
+            key = part_key(h, f, diffusion)
+            part = parts.setdefault(key, SeriesPart(series_uid=h.series_uid, key=key))
+            if key not in seen_in_part:
+                part.headers.append(h)
+                seen_in_part.add(key)
+            part.frames.append(f)
+            part.refs.append(FrameRef(path=h.path, frame_index=f.frame_index))
+    return sorted(parts.values(), key=lambda p: _part_order(p.key))
+
+
+def _part_order(key: str) -> tuple[int, float]:
+    if key.startswith("b"):
+        return (1, float(key[1:]))
+    return (0 if key == "" else 2, 0.0)
+
+
+def slice_spacing(frames: Sequence[FrameInfo]) -> Optional[float]:
+    """Median distance between neighbouring slice positions along the slice normal."""
+    pts = [f for f in frames if f.position and f.orientation]
+    if len(pts) < 2:
+        return None
+    o = np.asarray(pts[0].orientation, dtype=float)
+    normal = np.cross(o[:3], o[3:])
+    d = np.unique(np.round([float(np.dot(normal, f.position)) for f in pts], 3))  # type: ignore[arg-type]
+    if len(d) < 2:
+        return None
+    return float(np.median(np.diff(d)))
+
+
+def summarise(part: SeriesPart, revision: int, complete: bool, expected: Optional[int]) -> SeriesSummary:
+    h = part.headers[0]
+    label = classify_header(part.headers, part.frames)
+    orientation = next((f.orientation for f in part.frames if f.orientation), None)
+    mosaic = any(x.is_mosaic for x in part.headers)
+    spacing = h.spacing_between_slices if mosaic else (slice_spacing(part.frames) or h.spacing_between_slices)
+    return SeriesSummary(
+        series_id=part.series_id,
+        study_uid=h.study_uid,
+        series_uid=h.series_uid,
+        part=part.key,
+        series_number=h.series_number,
+        series_description=h.series_description,
+        vendor=h.vendor,
+        label=label.label,
+        other_kind=label.other_kind,
+        label_confidence=label.confidence,
+        reason=label.reason,
+        b_values=sorted({f.b_value for f in part.frames if f.b_value is not None}),
+        plane=vd.plane_of(orientation),  # type: ignore[arg-type]
+        fat_suppressed=label.fat_suppressed,
+        n_instances=len({x.sop_instance_uid for x in part.headers}),
+        n_images=sum(f.n_slices for f in part.frames),
+        expected_images=expected,
+        complete=complete,
+        revision=revision,
+        slice_thickness_mm=h.slice_thickness,
+        slice_spacing_mm=spacing,
+        pixel_spacing_mm=h.pixel_spacing,
+        rows=h.rows,
+        columns=h.columns,
+        echo_time_ms=h.echo_time,
+        repetition_time_ms=h.repetition_time,
+        field_strength_t=h.magnetic_field_strength,
+    )
+
+
+class SeriesAssembler:
+    """Completion bookkeeping on top of the state store. Call within a store transaction."""
+
+    def __init__(self, store: StateStore, config: SeriesConfig, clock: Callable[[], float] = time.time):
+        self.store = store
+        self.config = config
+        self.clock = clock
+
+    def add(self, header: InstanceHeader) -> list[EventBase]:
+        """Record one instance (the caller has checked it is not a duplicate); events it causes."""
+        now = self.clock()
+        events: list[EventBase] = []
+        self.store.add_instance(header, now)
+        row = self.store.get_series(header.series_uid)
+        exp = expected_images(header)
+        if row is None:
+            state, revision, n, expected, first_seen = "open", 1, 0, exp, now
+        else:
+            state, revision, n = row["state"], row["revision"], row["n_images"]
+            expected = max(x for x in (row["expected"], exp, 0) if x is not None) or None
+            first_seen = row["first_seen"]
+            if state == "complete":
+                state, revision = "open", revision + 1
+                events.append(SeriesReopened(
+                    key=f"series_reopened:{header.series_uid}:r{revision}", study_uid=header.study_uid,
+                    series_uid=header.series_uid, revision=revision, late_images=header.n_images,
+                ))
+        n += header.n_images
+        self.store.put_series(header.series_uid, header.study_uid, state, revision, n, expected, first_seen, now, None)
+        if expected and n >= expected:
+            events += self._complete(header.series_uid, complete=True)
+        return events
+
+    def due(self) -> list[EventBase]:
+        """Complete the open series whose quiet period (or incomplete grace) has passed."""
+        now = self.clock()
+        events: list[EventBase] = []
+        for row in self.store.all_series("open"):
+            idle = now - row["last_seen"]
+            expected, n = row["expected"], row["n_images"]
+            if expected and n >= expected:
+                events += self._complete(row["series_uid"], complete=True)
+            elif not expected and idle >= self.config.quiet_period_s:
+                events += self._complete(row["series_uid"], complete=True)
+            elif expected and idle >= self.config.incomplete_grace_s:
+                events += self._complete(row["series_uid"], complete=False)
+        return events
+
+    def next_due_in(self) -> Optional[float]:
+        """Seconds until the next open series could complete by time (for the worker's sleep)."""
+        now = self.clock()
+        waits = []
+        for row in self.store.all_series("open"):
+            limit = self.config.incomplete_grace_s if row["expected"] else self.config.quiet_period_s
+            waits.append(max(0.0, row["last_seen"] + limit - now))
+        return min(waits) if waits else None
+
+    def complete_all(self) -> list[EventBase]:
+        """Close every open series now (one-shot scans, `exam done`)."""
+        events: list[EventBase] = []
+        for row in self.store.all_series("open"):
+            reached = bool(row["expected"] and row["n_images"] >= row["expected"]) or not row["expected"]
+            events += self._complete(row["series_uid"], complete=reached)
+        return events
+
+    def _complete(self, series_uid: str, complete: bool) -> list[EventBase]:
+        row = self.store.get_series(series_uid)
+        assert row is not None
+        now = self.clock()
+        self.store.put_series(series_uid, row["study_uid"], "complete", row["revision"], row["n_images"],
+                              row["expected"], row["first_seen"], row["last_seen"], now)
+        headers = self.store.series_headers(series_uid)
+        events: list[EventBase] = []
+        for part in split_parts(headers):
+            summary = summarise(part, row["revision"], complete, row["expected"])
+            events.append(SeriesCompleted(
+                key=f"series_completed:{part.series_id}:r{row['revision']}", study_uid=row["study_uid"], series=summary,
+            ))
+        return events
+
+    def parts(self, series_uid: str) -> list[SeriesPart]:
+        return split_parts(self.store.series_headers(series_uid))

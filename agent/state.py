@@ -1,0 +1,212 @@
+"""SQLite (WAL) state: every file, instance, series and event, so that a restart resumes where it stopped.
+
+Events are written in the same transaction as the state change that caused them (a transactional
+outbox), and each sink keeps a cursor: an event is never lost between the decision and the output,
+and a key uniqueness constraint means the same fact is never recorded twice.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from agent.events import Event, parse_event
+from agent.header import InstanceHeader
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY, size INTEGER, mtime REAL, status TEXT NOT NULL,
+    sop_uid TEXT, reason TEXT, updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL, study_uid TEXT NOT NULL, path TEXT NOT NULL,
+    n_images INTEGER NOT NULL, header TEXT NOT NULL, received REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, state TEXT NOT NULL, revision INTEGER NOT NULL,
+    n_images INTEGER NOT NULL, expected INTEGER, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
+    completed_at REAL
+);
+CREATE INDEX IF NOT EXISTS series_state ON series(state);
+CREATE TABLE IF NOT EXISTS exams (
+    study_uid TEXT PRIMARY KEY, state TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE, type TEXT NOT NULL,
+    study_uid TEXT, payload TEXT NOT NULL, created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+SCHEMA_VERSION = "1"
+
+
+class StateStore:
+    """One connection guarded by a lock: the ingest worker writes, the API and sinks read."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._conn.row_factory = sqlite3.Row
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.executescript(SCHEMA)
+            self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        self._in_tx = 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Nested calls join the outer transaction."""
+        with self._lock:
+            if self._in_tx:
+                self._in_tx += 1
+                try:
+                    yield
+                finally:
+                    self._in_tx -= 1
+                return
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._in_tx = 1
+            try:
+                yield
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._conn.execute("COMMIT")
+            finally:
+                self._in_tx = 0
+
+    def _q(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    def _x(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._conn.execute(sql, args)
+
+    def writable(self) -> bool:
+        try:
+            with self.transaction():
+                self._x("INSERT OR REPLACE INTO meta VALUES ('heartbeat', ?)", (str(time.time()),))
+            return True
+        except sqlite3.Error:
+            return False
+
+    # ------------------------------------------------------------------ files
+    def file_status(self, path: str) -> Optional[sqlite3.Row]:
+        rows = self._q("SELECT * FROM files WHERE path = ?", (path,))
+        return rows[0] if rows else None
+
+    def record_file(self, path: str, size: Optional[int], mtime: Optional[float], status: str,
+                    sop_uid: Optional[str] = None, reason: Optional[str] = None) -> None:
+        self._x(
+            "INSERT INTO files(path, size, mtime, status, sop_uid, reason, updated) VALUES (?,?,?,?,?,?,?) "
+            "ON CONFLICT(path) DO UPDATE SET size=excluded.size, mtime=excluded.mtime, status=excluded.status, "
+            "sop_uid=excluded.sop_uid, reason=excluded.reason, updated=excluded.updated",
+            (path, size, mtime, status, sop_uid, reason, time.time()),
+        )
+
+    def file_counts(self) -> dict[str, int]:
+        return {r["status"]: r["n"] for r in self._q("SELECT status, COUNT(*) AS n FROM files GROUP BY status")}
+
+    def quarantined(self) -> list[sqlite3.Row]:
+        return self._q("SELECT path, reason FROM files WHERE status = 'quarantined' ORDER BY updated")
+
+    # ------------------------------------------------------------------ instances
+    def has_instance(self, sop_uid: str) -> bool:
+        return bool(self._q("SELECT 1 FROM instances WHERE sop_uid = ?", (sop_uid,)))
+
+    def add_instance(self, header: InstanceHeader, received: float) -> None:
+        self._x(
+            "INSERT INTO instances(sop_uid, series_uid, study_uid, path, n_images, header, received) VALUES (?,?,?,?,?,?,?)",
+            (header.sop_instance_uid, header.series_uid, header.study_uid, header.path, header.n_images,
+             header.model_dump_json(), received),
+        )
+
+    def series_headers(self, series_uid: str) -> list[InstanceHeader]:
+        rows = self._q("SELECT header FROM instances WHERE series_uid = ? ORDER BY received, sop_uid", (series_uid,))
+        return [InstanceHeader.model_validate_json(r["header"]) for r in rows]
+
+    # ------------------------------------------------------------------ series and exams
+    def get_series(self, series_uid: str) -> Optional[sqlite3.Row]:
+        rows = self._q("SELECT * FROM series WHERE series_uid = ?", (series_uid,))
+        return rows[0] if rows else None
+
+    def put_series(self, series_uid: str, study_uid: str, state: str, revision: int, n_images: int,
+                   expected: Optional[int], first_seen: float, last_seen: float, completed_at: Optional[float]) -> None:
+        self._x(
+            "INSERT INTO series VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(series_uid) DO UPDATE SET state=excluded.state, "
+            "revision=excluded.revision, n_images=excluded.n_images, expected=excluded.expected, "
+            "last_seen=excluded.last_seen, completed_at=excluded.completed_at",
+            (series_uid, study_uid, state, revision, n_images, expected, first_seen, last_seen, completed_at),
+        )
+
+    def all_series(self, state: Optional[str] = None) -> list[sqlite3.Row]:
+        if state:
+            return self._q("SELECT * FROM series WHERE state = ? ORDER BY first_seen", (state,))
+        return self._q("SELECT * FROM series ORDER BY first_seen")
+
+    def touch_exam(self, study_uid: str, now: float) -> bool:
+        """Record activity on an exam; True when the exam is new."""
+        cur = self._x("INSERT OR IGNORE INTO exams VALUES (?, 'open', ?, ?)", (study_uid, now, now))
+        if cur.rowcount:
+            return True
+        self._x("UPDATE exams SET last_seen = ? WHERE study_uid = ?", (now, study_uid))
+        return False
+
+    def exams(self) -> list[sqlite3.Row]:
+        return self._q("SELECT * FROM exams ORDER BY first_seen")
+
+    # ------------------------------------------------------------------ events
+    def append_event(self, event: Event) -> Optional[int]:
+        """Store an event; None when an event with the same key exists (the fact is already recorded)."""
+        cur = self._x(
+            "INSERT OR IGNORE INTO events(key, type, study_uid, payload, created) VALUES (?,?,?,?,?)",
+            (event.key, event.type, event.study_uid, event.model_dump_json(exclude={"seq"}), time.time()),
+        )
+        return cur.lastrowid if cur.rowcount else None
+
+    def events_after(self, seq: int, limit: int = 500, study_uid: Optional[str] = None) -> list[Event]:
+        if study_uid:
+            rows = self._q("SELECT seq, payload FROM events WHERE seq > ? AND study_uid = ? ORDER BY seq LIMIT ?", (seq, study_uid, limit))
+        else:
+            rows = self._q("SELECT seq, payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
+        out = []
+        for r in rows:
+            ev = parse_event(r["payload"])
+            ev.seq = r["seq"]
+            out.append(ev)
+        return out
+
+    def cursor(self, sink: str) -> int:
+        rows = self._q("SELECT seq FROM cursors WHERE sink = ?", (sink,))
+        return int(rows[0]["seq"]) if rows else 0
+
+    def set_cursor(self, sink: str, seq: int) -> None:
+        self._x("INSERT INTO cursors VALUES (?, ?) ON CONFLICT(sink) DO UPDATE SET seq = excluded.seq", (sink, seq))
+
+    def last_event_seq(self) -> int:
+        rows = self._q("SELECT MAX(seq) AS s FROM events")
+        return int(rows[0]["s"] or 0)
+
+    def event_counts(self) -> dict[str, int]:
+        return {r["type"]: r["n"] for r in self._q("SELECT type, COUNT(*) AS n FROM events GROUP BY type")}
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True)

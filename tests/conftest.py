@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import nibabel
+import pytest
+
+NIBABEL_DATA = Path(nibabel.__file__).parent / "nicom" / "tests" / "data"
+
+
+@pytest.fixture(scope="session")
+def nibabel_dicom(tmp_path_factory) -> dict[str, Path]:
+    """nibabel's real Siemens/Philips test DICOM, decompressed."""
+    out = tmp_path_factory.mktemp("nibabel")
+    files = {}
+    for name in ("siemens_dwi_1000.dcm.gz", "siemens_dwi_0.dcm.gz", "philips_mprage.dcm.gz"):
+        target = out / name[:-3]
+        with gzip.open(NIBABEL_DATA / name) as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        files[name[:-7]] = target
+    return files
