@@ -348,8 +348,12 @@ def _add_enhanced(ds, arr: np.ndarray, frame_index: int, path: str, out: _Slices
     out.between.append(_float(pm.get("SpacingBetweenSlices")) or _float(ds.get("SpacingBetweenSlices")))
 
 
-def load_volume(frames: Sequence[FrameRef]) -> Volume:
+def load_volume(frames: Sequence[FrameRef], cache: Optional[dict] = None) -> Volume:
     """Decode the frames (each file once), sort them along the slice normal, build the affine.
+
+    ``cache`` (optional, path -> (dataset, decoded array)) lets a caller share decoded files
+    across calls, e.g. the b-values of one enhanced multi-frame DWI file; by default files
+    are cached for this call only.
 
     Raises VolumeError (``reason`` in: no_frames, unreadable_file, no_pixel_data,
     unreadable_pixel_data, unsupported_pixels, missing_geometry, mixed_orientation,
@@ -357,7 +361,8 @@ def load_volume(frames: Sequence[FrameRef]) -> Volume:
     frames = list(frames)
     if not frames:
         raise VolumeError("no_frames", "no frames given")
-    cache: dict[str, tuple[Any, np.ndarray]] = {}
+    if cache is None:
+        cache = {}
     out = _Slices([], [], [], [], [], [], [], [])
     for fr in frames:
         path = str(fr.path)

@@ -248,6 +248,14 @@ def test_enhanced_per_frame_geometry_and_rescale(tmp_path, rng):
         load_volume([FrameRef(path=p, frame_index=n)])
     assert e.value.reason == "bad_frame_index"
 
+    # a decode cache shared across calls (the b-values of one file): decoded once
+    cache: dict = {}
+    a = load_volume([FrameRef(path=p, frame_index=i) for i in (0, 1, 2)], cache=cache)
+    ds_a = cache[p][0]
+    b = load_volume([FrameRef(path=p, frame_index=i) for i in (3, 4, 5)], cache=cache)
+    assert len(cache) == 1 and cache[p][0] is ds_a
+    assert a.shape[0] == b.shape[0] == 3
+
 
 # ---------------------------------------------------------------------------------------
 # synthetic mosaic
