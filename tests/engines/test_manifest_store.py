@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from _tiny import build_tiny_onnx, install_tiny, sample_input, tiny_manifest_dict
+from tests.engines._tiny import build_tiny_onnx, install_tiny, sample_input, tiny_manifest_dict
 from engines import cli
 from engines.base import EngineUnavailable, InputValidationError, validate_inputs
 from engines.manifest import IntegrityError, ModelManifest, TensorSpec, manifest_json_schema, semver_key, sha256_file

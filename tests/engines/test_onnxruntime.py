@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _tiny import install_tiny, sample_input
+from tests.engines._tiny import install_tiny, sample_input
 from engines.base import EngineError, InputValidationError, ManifestMismatch
 from engines.manifest import ModelFile, ModelManifest, sha256_file
 from engines.onnxruntime_engine import OnnxRuntimeEngine
