@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import platform
+import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -70,10 +71,12 @@ class Compatibility:
 def parse_version(v: str) -> Tuple[int, ...]:
     parts = []
     for p in str(v).split("."):
-        digits = "".join(ch for ch in p if ch.isdigit())
-        if not digits:
+        m = re.match(r"\d+", p)
+        if not m:
             break
-        parts.append(int(digits))
+        parts.append(int(m.group()))
+        if m.end() != len(p):  # "0rc1", "1+cuda12": stop at the first non-numeric suffix
+            break
     if not parts:
         raise ValueError(f"not a version: {v!r}")
     return tuple(parts)
