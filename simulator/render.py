@@ -1,0 +1,484 @@
+"""Render a SeriesSpec from a Phantom: slab geometry, slice profile, MR signal equations, artifacts.
+
+Pipeline (vectorised; no loops over voxels):
+
+1. Geometry. The slab is centred on the prostate (+ ``spec.center_offset_mm``, + the partial
+   coverage shift). Orientation (DICOM ImageOrientationPatient, row then column cosines):
+   axial (1,0,0, 0,1,0); sagittal (0,1,0, 0,0,-1); coronal (1,0,0, 0,0,-1); oblique = axial
+   tilted 15 deg about the LR axis. Slice k (0-based) has its centre at
+   ``centre + (k - (n-1)/2) (thickness + gap) normal`` with ``normal = row x col``, so
+   ImagePositionPatient (the centre of the top-left voxel) steps by thickness + gap along the
+   normal. Pixel (i, j) (row i, column j) sits at ``position + j * spacing_col * row_dir +
+   i * spacing_row * col_dir``; PixelSpacing = (fov_rows / rows, fov_cols / cols).
+2. Partial volume / slice profile. Per render class (tissue code, or one class per lesion) a
+   table of signal values is looked up on the phantom grid cropped to the slab, filtered with a
+   box the slice thickness wide along the slice normal (and a pixel wide in-plane when pixels
+   are coarser than the phantom voxels), then sampled at the pixel centres with
+   ``scipy.ndimage.map_coordinates`` (order 1). With many contrasts (DCE phases) per-class
+   partial-volume fractions are sampled once and combined linearly.
+3. Physics: see :mod:`simulator.physics` (spin echo, SPGR, mono-exponential diffusion, Tofts
+   with the Parker AIF). Fat saturation keeps ``artifacts.fat_sat_residual`` of fat/marrow.
+4. Artifacts: smooth multiplicative bias field (world-coordinate polynomial, one per series),
+   motion blur along the phase-encoding direction (+ optional N/2 ghost), Rician noise
+   (magnitude of complex Gaussian; sigma scales with 1/B0 and 1/sqrt(voxel volume)),
+   global intensity scale, partial coverage (slab shifted along its normal).
+
+Pixel values: float32, non-negative, arbitrary units (~0-1000 for spin echo/DWI, ~0-1500 for
+gradient echo, scaled x8000); ADC maps in 1e-6 mm^2/s.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from pydantic import BaseModel, Field
+from scipy import ndimage
+
+from simulator import physics
+from simulator.model import RenderedImage, RenderedSeries, SeriesSpec
+from simulator.phantom import Phantom
+from simulator.physics import N_TISSUES, Tissue
+
+# Acquired b-values assumed for derived maps when the spec does not list them.
+DEFAULT_ADC_B_VALUES: tuple[float, ...] = (50.0, 800.0)
+DEFAULT_CALC_ACQUIRED_B_VALUES: tuple[float, ...] = (50.0, 800.0)
+OBLIQUE_TILT_DEG = 15.0
+
+# Noise sigma at 3 T in signal units (PD = 1) for a reference voxel volume (mm^3) and 1 average.
+_NOISE_REF: dict[str, tuple[float, float]] = {
+    "t2w": (0.010, 0.7 * 0.7 * 3.0),
+    "t2w_fs": (0.009, 0.7 * 0.7 * 3.0),
+    "dwi": (0.012, 1.6 * 1.6 * 3.5),
+    "adc": (0.012, 1.6 * 1.6 * 3.5),
+    "calc_bvalue": (0.012, 1.6 * 1.6 * 3.5),
+    "dce": (0.0012, 1.5 * 1.5 * 3.0),
+    "t1": (0.006, 0.8 * 0.8 * 3.0),
+    "localizer": (0.002, 1.2 * 1.2 * 6.0),
+}
+# Output scaling of signal units to pixel values.
+_OUT_SCALE = {"se": 1000.0, "gre": 8000.0}
+
+
+class Artifacts(BaseModel):
+    """Image degradations; the defaults are a realistic mild exam. Training varies them."""
+
+    noise_scale: float = Field(1.0, ge=0.0)  # multiplies the sequence's noise sigma
+    bias_field: float = Field(0.15, ge=0.0)  # log-amplitude of the smooth multiplicative field
+    motion_blur: float = Field(0.3, ge=0.0)  # mm, FWHM of the blur along the phase direction
+    intensity_scale: float = Field(1.0, gt=0.0)  # global gain
+    partial_coverage: float = Field(0.0, ge=0.0, le=1.0)  # fraction of the slab shifted off the gland
+    fat_sat_residual: float = Field(0.07, ge=0.0, le=1.0)  # fat signal kept by fat saturation
+    ghosting: float = Field(0.0, ge=0.0, le=1.0)  # amplitude of an N/2 ghost along phase
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator, severity: float = 1.0) -> "Artifacts":
+        """Random artifacts for training; severity 0 = clean, 1 = typical spread, >1 = harsh."""
+        s = float(severity)
+        return cls(
+            noise_scale=float(np.exp(rng.normal(0.0, 0.35 * s))),
+            bias_field=float(abs(rng.normal(0.15, 0.1 * s))),
+            motion_blur=float(abs(rng.normal(0.0, 1.0 * s))),
+            intensity_scale=float(np.exp(rng.normal(0.0, 0.5 * s))),
+            partial_coverage=float(min(1.0, rng.uniform(0.0, 0.3 * s)) if rng.random() < 0.1 * s else 0.0),
+            fat_sat_residual=float(np.clip(rng.normal(0.07, 0.03 * s), 0.01, 0.4)),
+            ghosting=float(abs(rng.normal(0.0, 0.03 * s)) if rng.random() < 0.2 * s else 0.0),
+        )
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+@dataclass
+class SlabGeometry:
+    row_dir: np.ndarray  # direction along a row (increasing column index)
+    col_dir: np.ndarray  # direction down a column (increasing row index)
+    normal: np.ndarray
+    spacing: tuple[float, float]  # (between rows, between columns)
+    rows: int
+    cols: int
+    centres: np.ndarray  # (n_slices, 3) slice centres LPS
+    positions: np.ndarray  # (n_slices, 3) ImagePositionPatient
+
+    @property
+    def orientation(self) -> tuple[float, float, float, float, float, float]:
+        return tuple(float(round(v, 6)) + 0.0 for v in (*self.row_dir, *self.col_dir))  # type: ignore[return-value]
+
+    def pixel_lps(self) -> np.ndarray:
+        """World coordinates of all pixel centres, float32 (3, n_slices, rows, cols)."""
+        i = np.arange(self.rows, dtype=np.float32) * np.float32(self.spacing[0])
+        j = np.arange(self.cols, dtype=np.float32) * np.float32(self.spacing[1])
+        out = np.empty((3, len(self.positions), self.rows, self.cols), dtype=np.float32)
+        for a in range(3):
+            out[a] = (self.positions[:, a].astype(np.float32)[:, None, None]
+                      + np.float32(self.col_dir[a]) * i[None, :, None]
+                      + np.float32(self.row_dir[a]) * j[None, None, :])
+        return out
+
+
+def plane_axes(plane: str) -> tuple[np.ndarray, np.ndarray]:
+    if plane == "axial":
+        return np.array([1.0, 0, 0]), np.array([0, 1.0, 0])
+    if plane == "sagittal":
+        return np.array([0, 1.0, 0]), np.array([0, 0, -1.0])
+    if plane == "coronal":
+        return np.array([1.0, 0, 0]), np.array([0, 0, -1.0])
+    if plane == "oblique":
+        t = np.deg2rad(OBLIQUE_TILT_DEG)
+        return np.array([1.0, 0, 0]), np.array([0, np.cos(t), -np.sin(t)])
+    raise ValueError(f"unknown plane {plane!r}")
+
+
+def slab_geometry(spec: SeriesSpec, centre_lps) -> SlabGeometry:
+    r, c = plane_axes(spec.plane)
+    nrm = np.cross(r, c)
+    rows, cols = int(spec.matrix[0]), int(spec.matrix[1])
+    sr, sc = float(spec.fov_mm[0]) / rows, float(spec.fov_mm[1]) / cols
+    step = float(spec.slice_thickness_mm) + float(spec.slice_gap_mm)
+    k = np.arange(spec.n_slices, dtype=np.float64) - (spec.n_slices - 1) / 2.0
+    centres = np.asarray(centre_lps, dtype=np.float64)[None, :] + k[:, None] * step * nrm[None, :]
+    pos = centres - (cols - 1) / 2.0 * sc * r[None, :] - (rows - 1) / 2.0 * sr * c[None, :]
+    return SlabGeometry(r, c, nrm, (sr, sc), rows, cols, centres, pos)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _box_kernel(width_vox: float) -> Optional[np.ndarray]:
+    """Normalised box of `width_vox` voxels with fractional end taps; None for width <= 1."""
+    if width_vox <= 1.05:
+        return None
+    half = width_vox / 2.0
+    K = int(np.ceil(half - 0.5))
+    k = np.arange(-K, K + 1, dtype=np.float64)
+    w = np.clip(np.minimum(k + 0.5, half) - np.maximum(k - 0.5, -half), 0.0, 1.0)
+    return (w / w.sum()).astype(np.float32)
+
+
+def _grid_axis(direction: np.ndarray) -> int:
+    """Array axis (0=z, 1=y, 2=x) of the grid direction closest to `direction`."""
+    return 2 - int(np.argmax(np.abs(direction)))
+
+
+class _Sampler:
+    """Partial-volume sampling of per-class tables at the pixel centres of one slab."""
+
+    def __init__(self, phantom: Phantom, geom: SlabGeometry, thickness_mm: float):
+        self.ph = phantom
+        self.geom = geom
+        v = phantom.voxel_mm
+        self.lps = geom.pixel_lps()  # (3, n, r, c)
+        idx = (self.lps - phantom.affine[:3, 3].astype(np.float32)[:, None, None, None]) / np.float32(v)
+        nz, ny, nx = phantom.labels.shape
+        xi, yi, zi = idx[0], idx[1], np.clip(idx[2], 0, nz - 1)  # extend the grid along z
+        self.oog = (xi < 0) | (xi > nx - 1) | (yi < 0) | (yi > ny - 1)
+        # kernels per array axis (slice profile along the normal; pixel-wide box in plane if coarse)
+        widths = [0.0, 0.0, 0.0]
+        widths[_grid_axis(geom.normal)] = thickness_mm / v
+        ax_r, ax_c = _grid_axis(geom.row_dir), _grid_axis(geom.col_dir)
+        widths[ax_r] = max(widths[ax_r], geom.spacing[1] / v if geom.spacing[1] / v > 1.2 else 0.0)
+        widths[ax_c] = max(widths[ax_c], geom.spacing[0] / v if geom.spacing[0] / v > 1.2 else 0.0)
+        self.kernels = [_box_kernel(w) for w in widths]
+        margin = [(len(k) // 2 if k is not None else 0) + 2 for k in self.kernels]
+        ins = ~self.oog
+        self.empty = not ins.any()
+        if self.empty:
+            self.coords = None
+            self.classes = None
+            return
+        lo, hi = [], []
+        for ax, arr in ((0, zi), (1, yi), (2, xi)):
+            a = arr[ins]
+            n_ax = phantom.labels.shape[ax]
+            lo.append(max(int(np.floor(a.min())) - margin[ax], 0))
+            hi.append(min(int(np.ceil(a.max())) + margin[ax] + 1, n_ax))
+        self.crop = tuple(slice(l, h) for l, h in zip(lo, hi))
+        self.classes = phantom.classes[self.crop]
+        coords = np.empty((3,) + xi.shape, dtype=np.float32)
+        coords[0] = zi - lo[0]
+        coords[1] = yi - lo[1]
+        coords[2] = xi - lo[2]
+        self.coords = coords
+        self._body_cls: Optional[np.ndarray] = None
+
+    @property
+    def body_classes(self) -> np.ndarray:
+        if self._body_cls is None:
+            p = self.lps[:, self.oog]
+            self._body_cls = self.ph.body_labels_at(p[0], p[1], p[2]).astype(np.intp)
+        return self._body_cls
+
+    def _filter_sample(self, vol: np.ndarray) -> np.ndarray:
+        for ax, k in enumerate(self.kernels):
+            if k is not None:
+                vol = ndimage.correlate1d(vol, k, axis=ax, mode="nearest")
+        return ndimage.map_coordinates(vol, self.coords, order=1, mode="nearest", prefilter=False,
+                                       output=np.float32)
+
+    def sample(self, tables: np.ndarray) -> np.ndarray:
+        """tables (n_contrasts, n_classes) -> images (n_contrasts, n_slices, rows, cols) float32."""
+        tables = np.atleast_2d(np.asarray(tables, dtype=np.float32))
+        shape = (tables.shape[0],) + self.lps.shape[1:]
+        out = np.zeros(shape, dtype=np.float32)
+        if not self.empty:
+            present = np.flatnonzero(np.bincount(self.classes.ravel(), minlength=tables.shape[1]))
+            if tables.shape[0] <= len(present):
+                for q in range(tables.shape[0]):
+                    out[q] = self._filter_sample(tables[q][self.classes])
+            else:
+                fr = np.empty((len(present),) + shape[1:], dtype=np.float32)
+                for n_, cl in enumerate(present):
+                    fr[n_] = self._filter_sample((self.classes == cl).astype(np.float32))
+                out[:] = np.tensordot(tables[:, present], fr, axes=(1, 0))
+        if self.oog.any():
+            out[:, self.oog] = tables[:, self.body_classes]
+        return out
+
+
+# --------------------------------------------------------------------------- tissue tables
+
+
+@dataclass
+class _ClassParams:
+    pd: np.ndarray
+    t1: np.ndarray
+    t2: np.ndarray
+    t2s: np.ndarray
+    adc: np.ndarray
+    ktrans: np.ndarray
+    ve: np.ndarray
+    vp: np.ndarray
+    flow: np.ndarray
+    fat: np.ndarray  # bool
+
+
+def _class_params(ph: Phantom, field_strength_t: float) -> _ClassParams:
+    tp = physics.tissue_params(field_strength_t)
+    plist = [tp[Tissue(q)] for q in range(N_TISSUES)]
+    for d in ph.lesion_props:
+        plist.append(physics.lesion_params(field_strength_t, **d))
+    f = lambda name: np.array([getattr(p, name) for p in plist], dtype=np.float64)  # noqa: E731
+    fat = np.zeros(len(plist), dtype=bool)
+    fat[[int(t) for t in physics.FAT_SUPPRESSED]] = True
+    return _ClassParams(f("pd"), f("t1_ms"), f("t2_ms"), np.array([p.t2s for p in plist]), f("adc"),
+                        f("ktrans"), f("ve"), f("vp"), f("flow_void"), fat)
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+def _bias(lps: np.ndarray, centre: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    if strength <= 0:
+        return np.ones(lps.shape[1:], dtype=np.float32)
+    u = (lps - centre.astype(np.float32)[:, None, None, None]) / np.float32(150.0)
+    coef = rng.normal(0.0, 1.0, size=9).astype(np.float32)
+    coef[3:] *= 0.5
+    poly = (coef[0] * u[0] + coef[1] * u[1] + coef[2] * u[2] + coef[3] * u[0] * u[0] + coef[4] * u[1] * u[1]
+            + coef[5] * u[2] * u[2] + coef[6] * u[0] * u[1] + coef[7] * u[1] * u[2] + coef[8] * u[0] * u[2])
+    return np.exp(np.float32(strength) * poly).astype(np.float32)
+
+
+def _phase_axis(plane: str) -> int:
+    """Axis of an (n_slices, rows, cols) stack along which phase is encoded."""
+    return 1 if plane in ("axial", "oblique") else 2  # axial: AP (rows); sag: AP (cols); cor: LR (cols)
+
+
+def _blur_ghost(stack: np.ndarray, geom: SlabGeometry, plane: str, art: Artifacts) -> np.ndarray:
+    ax = _phase_axis(plane)
+    spacing = geom.spacing[0] if ax == 1 else geom.spacing[1]
+    if art.motion_blur > 0:
+        sigma = art.motion_blur / 2.355 / spacing
+        if sigma > 0.2:
+            stack = ndimage.gaussian_filter1d(stack, sigma, axis=ax + (stack.ndim - 3), mode="nearest")
+    if art.ghosting > 0:
+        n = stack.shape[ax + (stack.ndim - 3)]
+        stack = stack + np.float32(art.ghosting) * np.roll(stack, n // 2, axis=ax + (stack.ndim - 3))
+    return stack
+
+
+def _rician(signal: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    if sigma <= 0:
+        return np.abs(signal).astype(np.float32)
+    n1 = rng.standard_normal(signal.shape, dtype=np.float32)
+    n2 = rng.standard_normal(signal.shape, dtype=np.float32)
+    s = np.float32(sigma)
+    return np.hypot(signal + s * n1, s * n2)
+
+
+def noise_sigma(spec: SeriesSpec, field_strength_t: float, art: Artifacts, n_avg: float = 1.0) -> float:
+    """Noise sigma in signal units: SNR ~ B0 * sqrt(voxel volume * averages)."""
+    s_ref, v_ref = _NOISE_REF.get(spec.kind, (0.01, 2.0))
+    vox = spec.fov_mm[0] / spec.matrix[0] * spec.fov_mm[1] / spec.matrix[1] * spec.slice_thickness_mm
+    return float(s_ref * (3.0 / max(field_strength_t, 0.1)) * np.sqrt(v_ref / max(vox, 1e-6) / n_avg)
+                 * art.noise_scale)
+
+
+def _directions(n: int) -> list[tuple[float, float, float]]:
+    if n == 3:
+        return [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)]
+    k = np.arange(n) + 0.5
+    z = 1.0 - k / n  # hemisphere
+    phi = np.pi * (1 + 5**0.5) * k
+    rxy = np.sqrt(1 - z**2)
+    return [tuple(float(round(t, 6)) for t in (rxy[i] * np.cos(phi[i]), rxy[i] * np.sin(phi[i]), z[i]))
+            for i in range(n)]
+
+
+def _dwi_nex(b: float) -> float:
+    """Averages per b-value (scanners average high b more)."""
+    return float(1 + int(round(b / 500.0)))
+
+
+# --------------------------------------------------------------------------- renderer
+
+
+def render_series(
+    phantom: Phantom,
+    spec: SeriesSpec,
+    field_strength_t: float,
+    rng: np.random.Generator,
+    artifacts: Artifacts | None = None,
+    *,
+    emit_directions: bool = False,
+) -> RenderedSeries:
+    """Render one series. Deterministic for a given phantom, spec and rng state.
+
+    dwi: for each b in spec.b_values (in order) one image per slice: b = 0 -> direction None;
+    b > 0 -> the isotropic trace image (direction None, derived None) when spec.include_trace
+    (or when no directional images are emitted), followed, when ``emit_directions`` and
+    spec.n_directions > 0, by the directional images (unit direction vectors) slice-major per
+    direction. The trace is the geometric mean of the directional acquisitions.
+    adc: log-linear fit over spec.b_values if it holds >= 2 values, else DEFAULT_ADC_B_VALUES.
+    calc_bvalue: extrapolated to spec.b_values[0] (default 1400) from DEFAULT_CALC_ACQUIRED_B_VALUES.
+    dce: temporal_index 0..n_phases-1, trigger_time_ms = index * temporal_resolution; contrast
+    arrives at 2 * temporal resolution.
+    """
+    art = artifacts or Artifacts()
+    kind = spec.kind
+    centre = np.asarray(phantom.prostate_center_lps_mm, dtype=np.float64) + np.asarray(spec.center_offset_mm)
+    r, c = plane_axes(spec.plane)
+    nrm = np.cross(r, c)
+    if art.partial_coverage > 0:
+        extent = spec.n_slices * (spec.slice_thickness_mm + spec.slice_gap_mm)
+        sign = 1.0 if rng.random() < 0.5 else -1.0
+        centre = centre + sign * art.partial_coverage * extent * nrm
+    geom = slab_geometry(spec, centre)
+    sampler = _Sampler(phantom, geom, spec.slice_thickness_mm)
+    cp = _class_params(phantom, field_strength_t)
+    bias = _bias(sampler.lps, centre, art.bias_field, rng)
+
+    def finish(stack: np.ndarray, sigma: float, scale: float) -> np.ndarray:
+        stack = _blur_ghost(stack * bias, geom, spec.plane, art)
+        return (_rician(stack, sigma, rng) * np.float32(scale * art.intensity_scale)).astype(np.float32)
+
+    def make(stack: np.ndarray, **kw) -> list[RenderedImage]:
+        return [
+            RenderedImage(pixels=stack[k], position=tuple(float(t) for t in geom.positions[k]),
+                          orientation=geom.orientation, pixel_spacing=geom.spacing, slice_index=k, **kw)
+            for k in range(stack.shape[0])
+        ]
+
+    images: list[RenderedImage] = []
+    se_scale = _OUT_SCALE["se"]
+
+    if kind in ("t2w", "t2w_fs"):
+        fs = spec.fat_sat or kind == "t2w_fs"
+        pd = cp.pd * cp.flow * np.where(cp.fat & fs, art.fat_sat_residual, 1.0)
+        table = physics.spin_echo(pd, cp.t1, cp.t2, spec.tr_ms, spec.te_ms)
+        stack = finish(sampler.sample(table)[0], noise_sigma(spec, field_strength_t, art), se_scale)
+        images = make(stack)
+
+    elif kind in ("dwi", "adc", "calc_bvalue"):
+        if kind == "dwi":
+            bvals = [float(b) for b in spec.b_values] or [0.0]
+        elif kind == "adc":
+            bvals = [float(b) for b in spec.b_values] if len(spec.b_values) >= 2 else list(DEFAULT_ADC_B_VALUES)
+        else:
+            bvals = list(DEFAULT_CALC_ACQUIRED_B_VALUES)
+        pd = cp.pd * cp.flow * np.where(cp.fat, art.fat_sat_residual, 1.0)  # SE-EPI is always fat-saturated
+        s0 = physics.spin_echo(pd, cp.t1, cp.t2, spec.tr_ms, spec.te_ms)
+        tables = np.stack([physics.diffusion(s0, cp.adc, b) for b in bvals])
+        clean = sampler.sample(tables) * bias[None]
+        clean = _blur_ghost(clean, geom, spec.plane, art)
+        ndir = max(int(spec.n_directions), 1)
+        dirs = _directions(ndir)
+        traces, directional = [], []
+        for q, b in enumerate(bvals):
+            sig = noise_sigma(spec, field_strength_t, art, n_avg=_dwi_nex(b))
+            if b <= 0:
+                traces.append(_rician(clean[q], sig, rng))
+                directional.append(None)
+                continue
+            d_imgs = np.stack([_rician(clean[q], sig, rng) for _ in range(ndir)])
+            traces.append(np.exp(np.mean(np.log(np.maximum(d_imgs, 1e-6)), axis=0)).astype(np.float32))
+            directional.append(d_imgs)
+        g = np.float32(se_scale * art.intensity_scale)
+        if kind == "dwi":
+            for q, b in enumerate(bvals):
+                with_dirs = emit_directions and spec.n_directions > 0 and b > 0
+                if b <= 0 or spec.include_trace or not with_dirs:
+                    images += make(traces[q] * g, b_value=b)
+                if with_dirs:
+                    for di, dvec in enumerate(dirs):
+                        images += make(directional[q][di] * g, b_value=b, direction=dvec)
+        else:
+            S = np.stack(traces)  # (n_b, n, r, c)
+            adc, ln_s0, fg = fit_adc(S, bvals, noise_floor=3 * noise_sigma(spec, field_strength_t, art))
+            if kind == "adc":
+                images = make(adc, derived="ADC")
+            else:
+                target = float(spec.b_values[0]) if spec.b_values else 1400.0
+                calc = np.where(fg, np.exp(ln_s0 - target * adc * 1e-6), 0.0).astype(np.float32)
+                images = make(calc * g, b_value=target, derived="CALC_BVALUE")
+
+    elif kind == "dce":
+        dt = float(spec.temporal_resolution_s) if spec.temporal_resolution_s > 0 else 10.0
+        n_ph = max(int(spec.n_phases), 1)
+        times = (np.arange(n_ph) + 0.5) * dt  # centre of k-space of each phase
+        conc = physics.tofts_concentration(cp.ktrans, cp.ve, cp.vp, times, arrival_s=2.0 * dt)  # (ncls, nph)
+        r1 = physics.relaxivity(field_strength_t)
+        R1 = 1000.0 / cp.t1[:, None] + r1 * conc  # 1/s
+        pd = cp.pd * np.where(cp.fat & spec.fat_sat, art.fat_sat_residual, 1.0)
+        tables = physics.spoiled_gre(pd[:, None], 1000.0 / R1, cp.t2s[:, None], spec.tr_ms, spec.te_ms,
+                                     spec.flip_angle_deg).T  # (nph, ncls)
+        clean = sampler.sample(tables) * bias[None]
+        sig = noise_sigma(spec, field_strength_t, art)
+        for p in range(n_ph):
+            st = _blur_ghost(clean[p], geom, spec.plane, art)
+            st = (_rician(st, sig, rng) * np.float32(_OUT_SCALE["gre"] * art.intensity_scale)).astype(np.float32)
+            images += make(st, temporal_index=p, trigger_time_ms=float(p * dt * 1000.0))
+
+    elif kind in ("t1", "localizer"):
+        pd = cp.pd * np.where(cp.fat & spec.fat_sat, art.fat_sat_residual, 1.0)
+        if kind == "t1" and spec.flip_angle_deg >= 60:
+            table = physics.spin_echo(pd * cp.flow, cp.t1, cp.t2, spec.tr_ms, spec.te_ms)
+            scale = se_scale
+        else:
+            table = physics.spoiled_gre(pd, cp.t1, cp.t2s, spec.tr_ms, spec.te_ms, spec.flip_angle_deg)
+            scale = _OUT_SCALE["gre"]
+        stack = finish(sampler.sample(table)[0], noise_sigma(spec, field_strength_t, art), scale)
+        images = make(stack)
+    else:  # pragma: no cover - SeriesKind is a closed Literal
+        raise ValueError(f"unknown series kind {kind!r}")
+
+    return RenderedSeries(spec=spec, images=images)
+
+
+def fit_adc(S: np.ndarray, bvals, noise_floor: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mono-exponential log-linear least-squares fit over b.
+
+    S: (n_b, ...) signal; returns (ADC in 1e-6 mm^2/s clipped to [0, 4000] and 0 in background,
+    ln S0, foreground mask). Background = lowest-b signal below max(6% of its 99th percentile, noise_floor).
+    """
+    b = np.asarray(bvals, dtype=np.float64)
+    lnS = np.log(np.maximum(S, 1e-6)).astype(np.float32)
+    bc = (b - b.mean()).astype(np.float32)
+    mean_ln = lnS.mean(axis=0)
+    slope = np.tensordot(bc, lnS - mean_ln[None], axes=(0, 0)) / np.float32((bc**2).sum())
+    ln_s0 = mean_ln - slope * np.float32(b.mean())
+    adc = np.clip(-slope * 1e6, 0.0, 4000.0).astype(np.float32)
+    low = S[int(np.argmin(b))]
+    thr = max(0.06 * float(np.percentile(low, 99)), noise_floor)
+    fg = low >= thr
+    adc[~fg] = 0.0
+    return adc, ln_s0.astype(np.float32), fg
