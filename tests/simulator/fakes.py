@@ -12,7 +12,7 @@ _ORIENT = {
 }
 
 
-def fake_series(spec: SeriesSpec, *, adc: bool = False, seed: int = 0) -> RenderedSeries:
+def fake_series(spec: SeriesSpec, *, adc: bool = False, seed: int = 0, directions: bool = False) -> RenderedSeries:
     rng = np.random.default_rng(seed)
     rows, cols = spec.matrix
     ps = (spec.fov_mm[0] / rows, spec.fov_mm[1] / cols)
@@ -25,17 +25,20 @@ def fake_series(spec: SeriesSpec, *, adc: bool = False, seed: int = 0) -> Render
     adc_map = 1500.0 + 500.0 * (xx / cols)
     images = []
     if spec.kind == "dwi":
-        groups = [(b, "TRACE" if b > 0 else None) for b in spec.b_values]
+        groups = [(b, None, None) for b in spec.b_values]
+        if directions:
+            dirs = [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)]
+            groups = [(b, None, d) for b in spec.b_values for d in ([None] if b == 0 else dirs)]
     elif spec.kind == "calc_bvalue":
-        groups = [(b, "CALC_BVALUE") for b in spec.b_values]
+        groups = [(b, "CALC_BVALUE", None) for b in spec.b_values]
     elif spec.kind == "adc" or adc:
-        groups = [(None, "ADC")]
+        groups = [(None, "ADC", None)]
     else:
-        groups = [(None, None)]
+        groups = [(None, None, None)]
     if adc and spec.kind == "dwi":
-        groups.append((None, "ADC"))
+        groups.append((None, "ADC", None))
     for t in range(max(spec.n_phases, 1) if spec.kind == "dce" else 1):
-        for b, derived in groups:
+        for b, derived, direction in groups:
             for k in range(spec.n_slices):
                 off = (k - (spec.n_slices - 1) / 2) * step
                 pos = -r * spec.fov_mm[1] / 2 - c * spec.fov_mm[0] / 2 + n * off + np.asarray(spec.center_offset_mm)
@@ -48,6 +51,6 @@ def fake_series(spec: SeriesSpec, *, adc: bool = False, seed: int = 0) -> Render
                 px = (px + rng.normal(0, 2, px.shape)).clip(0).astype(np.float32)
                 images.append(RenderedImage(
                     pixels=px, position=tuple(float(v) for v in pos), orientation=o, pixel_spacing=ps,
-                    slice_index=k, b_value=b, direction=None, derived=derived, temporal_index=t,
+                    slice_index=k, b_value=b, direction=direction, derived=derived, temporal_index=t,
                     trigger_time_ms=t * spec.temporal_resolution_s * 1000.0))
     return RenderedSeries(spec=spec, images=images)
