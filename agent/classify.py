@@ -30,17 +30,22 @@ class HeaderLabel(BaseModel):
     fat_suppressed: Optional[bool] = None
 
 
+DIFFUSION_MACRO = {"DIRECTIONAL", "ISOTROPIC", "BMATRIX"}
+
+
 def is_diffusion(h: InstanceHeader) -> bool:
-    """Diffusion needs EPI or an explicit DIFFUSION marker: GE sets (0043,1039) on other series too."""
-    epi = "EP" in h.scanning_sequence or _epi_name(h.sequence_name)
-    return "DIFFUSION" in h.image_type or h.acquisition_contrast == "DIFFUSION" or (
-        epi and any(f.b_value is not None for f in h.frames)
+    """Diffusion needs an explicit marker (ImageType DIFFUSION, the standard diffusion macro's
+    directionality) or EPI with a b-value: GE sets (0043,1039) on non-diffusion series too."""
+    return (
+        "DIFFUSION" in h.image_type
+        or h.acquisition_contrast == "DIFFUSION"
+        or any(f.directionality in DIFFUSION_MACRO for f in h.frames)
+        or (h.epi and any(f.b_value is not None for f in h.frames))
     )
 
 
-def _epi_name(name: str) -> bool:
-    n = name.lower().lstrip("*")
-    return n.startswith("ep") or "epi" in n
+def t2_like_timing(te: Optional[float], tr: Optional[float]) -> bool:
+    return te is not None and tr is not None and te >= 60 and tr >= 1500
 
 
 def classify_header(headers: Sequence[InstanceHeader], frames: Sequence[FrameInfo]) -> HeaderLabel:
@@ -67,6 +72,8 @@ def classify_header(headers: Sequence[InstanceHeader], frames: Sequence[FrameInf
     te, tr = h.echo_time, h.repetition_time
     temporal = {f.temporal_index for f in frames if f.temporal_index is not None}
     gradient = "GR" in h.scanning_sequence and "SE" not in h.scanning_sequence
+    if h.epi and not t2_like_timing(te, tr):
+        gradient = True  # EPI without diffusion (BOLD, perfusion) is not a T2W series
     if (h.number_of_temporal_positions or 0) > 1 or len(temporal) > 1:
         n = max(h.number_of_temporal_positions or 0, len(temporal))
         return HeaderLabel(label="other", other_kind="DCE", confidence=0.95, reason=f"{n} temporal positions (dynamic series)")
@@ -74,7 +81,7 @@ def classify_header(headers: Sequence[InstanceHeader], frames: Sequence[FrameInf
         return HeaderLabel(label="other", other_kind="localizer", confidence=0.7, reason=f"description '{h.series_description}' names a localizer")
 
     t2_contrast = h.acquisition_contrast == "T2"
-    long_te_tr = te is not None and tr is not None and te >= 60 and tr >= 1500
+    long_te_tr = t2_like_timing(te, tr)
     if (t2_contrast or long_te_tr) and not gradient:
         fat, evidence = vd.fat_suppressed(h.spectral_fat_suppression, h.scan_options)
         basis = f"TE {te:g} ms, TR {tr:g} ms" if te is not None and tr is not None else "AcquisitionContrast T2"

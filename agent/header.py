@@ -20,6 +20,7 @@ class FrameInfo(BaseModel):
     b_value: Optional[float] = None  # s/mm^2, vendor-decoded and rounded to 10; None when not diffusion
     b_source: str = ""  # which tag gave the b-value
     direction: Optional[tuple[float, float, float]] = None
+    directionality: Optional[str] = None  # (0018,9075) or its vendor equivalent: DIRECTIONAL, ISOTROPIC, NONE
     isotropic: bool = False  # derived trace image (b>0 with no direction, or DiffusionDirectionality ISOTROPIC)
     derived: Optional[str] = None  # "ADC", "TRACE", "CALC_BVALUE", "FA" from ImageType / frame type
     position: Optional[tuple[float, float, float]] = None  # ImagePositionPatient
@@ -59,6 +60,7 @@ class InstanceHeader(BaseModel):
     image_type: tuple[str, ...] = ()
     scan_options: tuple[str, ...] = ()
     scanning_sequence: tuple[str, ...] = ()
+    epi: bool = False  # echo-planar, by any vendor's marker (see agent.vendor.is_epi)
     sequence_name: str = ""
     spectral_fat_suppression: Optional[str] = None  # (0018,9025) in enhanced MR
     rows: int = 0
@@ -370,6 +372,7 @@ def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
         image_type=image_type,
         scan_options=vd._tokens(ds.get("ScanOptions")),
         scanning_sequence=scanning,
+        epi="EP" in scanning or vd.is_epi(ds, vendor),
         sequence_name=seq_name,
         spectral_fat_suppression=_text(ds.get("SpectrallySelectedSuppression")).upper() or None,
         rows=int(_opt_int(ds.get("Rows")) or 0),
@@ -396,6 +399,7 @@ def _classic_frame(ds: Dataset, vendor: str, csa: dict[str, Any], image_type: tu
     b, b_source = vd.b_value(ds, vendor, csa)
     direction = vd.diffusion_direction(ds, vendor, csa)
     derived = vd.derived_type(image_type)
+    directionality = vd.directionality(ds, vendor)
     n_slices = 1
     if mosaic:
         n = _opt_int(csa.get("NumberOfImagesInMosaic")) or _opt_int(vd.private_value(ds, 0x0019, 0x0A, vd.SIEMENS_MR))
@@ -405,7 +409,8 @@ def _classic_frame(ds: Dataset, vendor: str, csa: dict[str, Any], image_type: tu
         b_value=b,
         b_source=b_source,
         direction=direction,
-        isotropic=vd.is_isotropic(b, direction, vd.directionality(ds, vendor), derived, seq_name),
+        directionality=directionality,
+        isotropic=vd.is_isotropic(b, direction, directionality, derived, seq_name),
         derived=derived,
         position=_vec(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
         orientation=_vec(ds.get("ImageOrientationPatient"), 6),  # type: ignore[arg-type]

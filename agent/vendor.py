@@ -151,6 +151,10 @@ def is_epi(ds: Dataset, vendor: str) -> bool:
         return True
     if _as_text(ds.get("EchoPlanarPulseSequence", "")).upper() == "YES":
         return True
+    if vendor == "philips":  # classic Philips DWI says ScanningSequence SE; (2001,1020) says DwiSE / EPI
+        technique = _as_text(private_value(ds, 0x2001, 0x20, PHILIPS_IMAGING) or "").upper()
+        if "DWI" in technique or "EPI" in technique:
+            return True
     name = sequence_name(ds, vendor).lower().lstrip("*")
     return name.startswith("ep") or "epi" in name or "ep2d" in name or "ep_b" in name
 
