@@ -55,12 +55,12 @@ def is_cspca(diameters_mm, adc: float) -> bool:
     return bool(max(diameters_mm) >= CSPCA_MIN_DIAMETER_MM and adc <= CSPCA_MAX_ADC)
 
 
-@dataclass
+@dataclass(eq=False)
 class Phantom:
-    labels: np.ndarray  # uint8 (z, y, x)
+    labels: np.ndarray = field(repr=False)  # uint8 (z, y, x)
     affine: np.ndarray  # 4x4 (x_index, y_index, z_index, 1) -> LPS mm
     lesions: list[GroundTruthLesion]
-    lesion_masks: np.ndarray  # int16 (z, y, x); 0 none, k = lesion k (1-based)
+    lesion_masks: np.ndarray = field(repr=False)  # int16 (z, y, x); 0 none, k = lesion k (1-based)
     prostate_center_lps_mm: tuple[float, float, float]
     prostate_volume_ml: float
     cspca: bool

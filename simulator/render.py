@@ -19,6 +19,7 @@ Pipeline (vectorised; no loops over voxels):
 3. Physics: see :mod:`simulator.physics` (spin echo, SPGR, mono-exponential diffusion, Tofts
    with the Parker AIF). Fat saturation keeps ``artifacts.fat_sat_residual`` of fat/marrow.
 4. Artifacts: smooth multiplicative bias field (world-coordinate polynomial, one per series),
+   a fine tissue texture fixed to the phantom (plane waves, same in every series),
    motion blur along the phase-encoding direction (+ optional N/2 ghost), Rician noise
    (magnitude of complex Gaussian; sigma scales with 1/B0 and 1/sqrt(voxel volume)),
    global intensity scale, partial coverage (slab shifted along its normal).
@@ -70,6 +71,7 @@ class Artifacts(BaseModel):
     partial_coverage: float = Field(0.0, ge=0.0, le=1.0)  # fraction of the slab shifted off the gland
     fat_sat_residual: float = Field(0.07, ge=0.0, le=1.0)  # fat signal kept by fat saturation
     ghosting: float = Field(0.0, ge=0.0, le=1.0)  # amplitude of an N/2 ghost along phase
+    texture: float = Field(0.04, ge=0.0, le=0.5)  # amplitude of the phantom's fine tissue texture
 
     @classmethod
     def sample(cls, rng: np.random.Generator, severity: float = 1.0) -> "Artifacts":
@@ -83,6 +85,7 @@ class Artifacts(BaseModel):
             partial_coverage=float(min(1.0, rng.uniform(0.0, 0.3 * s)) if rng.random() < 0.1 * s else 0.0),
             fat_sat_residual=float(np.clip(rng.normal(0.07, 0.03 * s), 0.01, 0.4)),
             ghosting=float(abs(rng.normal(0.0, 0.03 * s)) if rng.random() < 0.2 * s else 0.0),
+            texture=float(np.clip(rng.normal(0.04, 0.015 * s), 0.0, 0.15)),
         )
 
 
@@ -161,45 +164,84 @@ def _grid_axis(direction: np.ndarray) -> int:
 
 
 class _Sampler:
-    """Partial-volume sampling of per-class tables at the pixel centres of one slab."""
+    """Partial-volume sampling of per-class tables at the pixel centres of one slab.
 
-    def __init__(self, phantom: Phantom, geom: SlabGeometry, thickness_mm: float):
+    Axis-aligned planes (axial/sagittal/coronal): each slice is first reduced to one plane of the
+    grid by integrating the slice profile (box of the slice thickness, sub-sampled, linear
+    between grid planes), then filtered in-plane and sampled in 2D. Oblique planes: the cropped
+    volume is filtered along the (nearest) normal axis and sampled in 3D.
+    """
+
+    def __init__(self, phantom: Phantom, geom: SlabGeometry, thickness_mm: float, plane: str):
         self.ph = phantom
         self.geom = geom
         v = phantom.voxel_mm
         self.lps = geom.pixel_lps()  # (3, n, r, c)
         idx = (self.lps - phantom.affine[:3, 3].astype(np.float32)[:, None, None, None]) / np.float32(v)
-        nz, ny, nx = phantom.labels.shape
-        xi, yi, zi = idx[0], idx[1], np.clip(idx[2], 0, nz - 1)  # extend the grid along z
+        shp = phantom.labels.shape  # (nz, ny, nx)
+        nz, ny, nx = shp
+        idx[2] = np.clip(idx[2], 0, nz - 1)  # extend the grid along z
+        xi, yi = idx[0], idx[1]
         self.oog = (xi < 0) | (xi > nx - 1) | (yi < 0) | (yi > ny - 1)
-        # kernels per array axis (slice profile along the normal; pixel-wide box in plane if coarse)
-        widths = [0.0, 0.0, 0.0]
-        widths[_grid_axis(geom.normal)] = thickness_mm / v
-        ax_r, ax_c = _grid_axis(geom.row_dir), _grid_axis(geom.col_dir)
-        widths[ax_r] = max(widths[ax_r], geom.spacing[1] / v if geom.spacing[1] / v > 1.2 else 0.0)
-        widths[ax_c] = max(widths[ax_c], geom.spacing[0] / v if geom.spacing[0] / v > 1.2 else 0.0)
-        self.kernels = [_box_kernel(w) for w in widths]
-        margin = [(len(k) // 2 if k is not None else 0) + 2 for k in self.kernels]
+        self._body_cls: Optional[np.ndarray] = None
         ins = ~self.oog
         self.empty = not ins.any()
         if self.empty:
-            self.coords = None
-            self.classes = None
             return
-        lo, hi = [], []
-        for ax, arr in ((0, zi), (1, yi), (2, xi)):
-            a = arr[ins]
-            n_ax = phantom.labels.shape[ax]
-            lo.append(max(int(np.floor(a.min())) - margin[ax], 0))
-            hi.append(min(int(np.ceil(a.max())) + margin[ax] + 1, n_ax))
-        self.crop = tuple(slice(l, h) for l, h in zip(lo, hi))
-        self.classes = phantom.classes[self.crop]
-        coords = np.empty((3,) + xi.shape, dtype=np.float32)
-        coords[0] = zi - lo[0]
-        coords[1] = yi - lo[1]
-        coords[2] = xi - lo[2]
+        self.aligned = plane in ("axial", "sagittal", "coronal")
+        ax_n = _grid_axis(geom.normal)
+        # kernel widths (voxels) per array axis: pixel-wide box in plane when pixels are coarse
+        widths = [0.0, 0.0, 0.0]
+        for d, sp in ((geom.row_dir, geom.spacing[1]), (geom.col_dir, geom.spacing[0])):
+            widths[_grid_axis(d)] = sp / v if sp / v > 1.2 else 0.0
+        if not self.aligned:
+            widths[ax_n] = thickness_mm / v
+        self.kernels = [_box_kernel(w) for w in widths]
+        margin = [(len(k) // 2 if k is not None else 0) + 2 for k in self.kernels]
+        lo, hi = [0, 0, 0], [0, 0, 0]
+        for ax in range(3):
+            a = idx[2 - ax][ins]
+            lo[ax] = max(int(np.floor(a.min())) - margin[ax], 0)
+            hi[ax] = min(int(np.ceil(a.max())) + margin[ax] + 1, shp[ax])
+        if self.aligned:
+            # slice profile -> per slice a few (plane, weight) pairs along the normal axis
+            half_w = thickness_mm / v / 2.0
+            n_sub = max(2, int(np.ceil(4 * half_w)))
+            offs = ((np.arange(n_sub) + 0.5) / n_sub - 0.5) * 2 * half_w
+            cen = (geom.centres - phantom.affine[:3, 3]) / v
+            cen = cen[:, 2 - ax_n]
+            t = np.clip(cen[:, None] + offs[None, :], 0, shp[ax_n] - 1)
+            j0 = np.floor(t).astype(int)
+            f = t - j0
+            j1 = np.minimum(j0 + 1, shp[ax_n] - 1)
+            self.plane_w: list[dict[int, float]] = []
+            for k in range(len(cen)):
+                d: dict[int, float] = {}
+                for jj, ww in zip(np.concatenate([j0[k], j1[k]]), np.concatenate([1 - f[k], f[k]]) / n_sub):
+                    if ww > 1e-6:
+                        d[int(jj)] = d.get(int(jj), 0.0) + float(ww)
+                self.plane_w.append(d)
+            lo[ax_n], hi[ax_n] = 0, shp[ax_n]
+            crop = tuple(slice(lo[a], hi[a]) for a in range(3))
+            cls = phantom.classes[crop]
+            needed = sorted({j for d in self.plane_w for j in d})
+            self.planes = {j: cls[(slice(None),) * ax_n + (j,)] for j in needed}
+            self.inplane_axes = [a for a in range(3) if a != ax_n]
+            self.kernels = [None] + [self.kernels[a] for a in self.inplane_axes]
+            coords = np.empty((3,) + xi.shape, dtype=np.float32)
+            coords[0] = np.arange(xi.shape[0], dtype=np.float32)[:, None, None]
+            for n_, a in enumerate(self.inplane_axes, 1):
+                coords[n_] = idx[2 - a] - lo[a]
+            sel = (slice(None),) * ax_n + (slice(needed[0], needed[-1] + 1),)
+            self.present = np.flatnonzero(np.bincount(cls[sel].ravel()))
+        else:
+            crop = tuple(slice(lo[a], hi[a]) for a in range(3))
+            self.classes = phantom.classes[crop]
+            coords = np.empty((3,) + xi.shape, dtype=np.float32)
+            for a in range(3):
+                coords[a] = idx[2 - a] - lo[a]
+            self.present = np.flatnonzero(np.bincount(self.classes.ravel()))
         self.coords = coords
-        self._body_cls: Optional[np.ndarray] = None
 
     @property
     def body_classes(self) -> np.ndarray:
@@ -207,6 +249,17 @@ class _Sampler:
             p = self.lps[:, self.oog]
             self._body_cls = self.ph.body_labels_at(p[0], p[1], p[2]).astype(np.intp)
         return self._body_cls
+
+    def _volume(self, lut: np.ndarray) -> np.ndarray:
+        """Per-class values `lut` -> the (reduced) volume to be filtered and sampled."""
+        if not self.aligned:
+            return lut[self.classes]
+        first = next(iter(self.planes.values()))
+        out = np.zeros((len(self.plane_w),) + first.shape, dtype=np.float32)
+        for k, d in enumerate(self.plane_w):
+            for j, w in d.items():
+                out[k] += np.float32(w) * lut[self.planes[j]]
+        return out
 
     def _filter_sample(self, vol: np.ndarray) -> np.ndarray:
         for ax, k in enumerate(self.kernels):
@@ -221,14 +274,16 @@ class _Sampler:
         shape = (tables.shape[0],) + self.lps.shape[1:]
         out = np.zeros(shape, dtype=np.float32)
         if not self.empty:
-            present = np.flatnonzero(np.bincount(self.classes.ravel(), minlength=tables.shape[1]))
+            present = self.present
             if tables.shape[0] <= len(present):
                 for q in range(tables.shape[0]):
-                    out[q] = self._filter_sample(tables[q][self.classes])
+                    out[q] = self._filter_sample(self._volume(tables[q]))
             else:
                 fr = np.empty((len(present),) + shape[1:], dtype=np.float32)
                 for n_, cl in enumerate(present):
-                    fr[n_] = self._filter_sample((self.classes == cl).astype(np.float32))
+                    lut = np.zeros(tables.shape[1], dtype=np.float32)
+                    lut[cl] = 1.0
+                    fr[n_] = self._filter_sample(self._volume(lut))
                 out[:] = np.tensordot(tables[:, present], fr, axes=(1, 0))
         if self.oog.any():
             out[:, self.oog] = tables[:, self.body_classes]
@@ -276,6 +331,30 @@ def _bias(lps: np.ndarray, centre: np.ndarray, strength: float, rng: np.random.G
     poly = (coef[0] * u[0] + coef[1] * u[1] + coef[2] * u[2] + coef[3] * u[0] * u[0] + coef[4] * u[1] * u[1]
             + coef[5] * u[2] * u[2] + coef[6] * u[0] * u[1] + coef[7] * u[1] * u[2] + coef[8] * u[0] * u[2])
     return np.exp(np.float32(strength) * poly).astype(np.float32)
+
+
+def _texture(geom: SlabGeometry, seed: int, amplitude: float) -> np.ndarray:
+    """Fine multiplicative texture fixed to the anatomy (same in every series of a phantom):
+    a sum of 8 random plane waves, wavelengths 6-25 mm, evaluated at the pixel positions
+    (separably: the phase is linear in slice, row and column)."""
+    shape = (len(geom.positions), geom.rows, geom.cols)
+    if amplitude <= 0:
+        return np.ones(shape, dtype=np.float32)
+    g = np.random.default_rng(np.random.SeedSequence([int(seed), 0x7E47]))
+    n_w = 8
+    d = g.normal(size=(n_w, 3))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    k = (2 * np.pi / g.uniform(6.0, 25.0, size=n_w))[:, None] * d
+    ph = g.uniform(0, 2 * np.pi, size=n_w)
+    acc = np.zeros(shape, dtype=np.float32)
+    i = np.arange(geom.rows) * geom.spacing[0]
+    j = np.arange(geom.cols) * geom.spacing[1]
+    for m in range(n_w):
+        e_k = np.exp(1j * (geom.positions @ k[m] + ph[m])).astype(np.complex64)
+        e_i = np.exp(1j * i * (geom.col_dir @ k[m])).astype(np.complex64)
+        e_j = np.exp(1j * j * (geom.row_dir @ k[m])).astype(np.complex64)
+        acc += (e_k[:, None, None] * e_i[None, :, None] * e_j[None, None, :]).real
+    return (1.0 + np.float32(amplitude / np.sqrt(n_w / 2.0)) * acc).astype(np.float32)
 
 
 def _phase_axis(plane: str) -> int:
@@ -363,9 +442,10 @@ def render_series(
         sign = 1.0 if rng.random() < 0.5 else -1.0
         centre = centre + sign * art.partial_coverage * extent * nrm
     geom = slab_geometry(spec, centre)
-    sampler = _Sampler(phantom, geom, spec.slice_thickness_mm)
+    sampler = _Sampler(phantom, geom, spec.slice_thickness_mm, spec.plane)
     cp = _class_params(phantom, field_strength_t)
     bias = _bias(sampler.lps, centre, art.bias_field, rng)
+    bias *= _texture(geom, phantom.seed, art.texture)
 
     def finish(stack: np.ndarray, sigma: float, scale: float) -> np.ndarray:
         stack = _blur_ghost(stack * bias, geom, spec.plane, art)
@@ -423,12 +503,18 @@ def render_series(
                         images += make(directional[q][di] * g, b_value=b, direction=dvec)
         else:
             S = np.stack(traces)  # (n_b, n, r, c)
-            adc, ln_s0, fg = fit_adc(S, bvals, noise_floor=3 * noise_sigma(spec, field_strength_t, art))
+            floor = 3 * noise_sigma(spec, field_strength_t, art, n_avg=_dwi_nex(min(bvals)))
+            adc, ln_s0, fg = fit_adc(S, bvals, noise_floor=floor)
             if kind == "adc":
                 images = make(adc, derived="ADC")
             else:
                 target = float(spec.b_values[0]) if spec.b_values else 1400.0
-                calc = np.where(fg, np.exp(ln_s0 - target * adc * 1e-6), 0.0).astype(np.float32)
+                # like the scanner: extrapolate wherever there is signal (only air is blanked)
+                slope = np.clip(-np.tensordot(np.asarray(bvals) - np.mean(bvals), np.log(np.maximum(S, 1e-6)),
+                                              axes=(0, 0)) / np.sum((np.asarray(bvals) - np.mean(bvals)) ** 2),
+                                0.0, None)
+                body = S[int(np.argmin(bvals))] >= floor
+                calc = np.where(body, np.exp(ln_s0 - target * slope), 0.0).astype(np.float32)
                 images = make(calc * g, b_value=target, derived="CALC_BVALUE")
 
     elif kind == "dce":
