@@ -73,6 +73,7 @@ class InstanceHeader(BaseModel):
     flip_angle: Optional[float] = None
     magnetic_field_strength: Optional[float] = None
     images_in_acquisition: Optional[int] = None  # (0020,1002)
+    images_in_series: Optional[int] = None  # GE (0025,1007): the series total, where (0020,1002) counts one volume
     number_of_temporal_positions: Optional[int] = None  # (0020,0105)
     acquisition_duration_s: Optional[float] = None
     acquisition_contrast: str = ""  # enhanced MR (0008,9209): T1, T2, DIFFUSION, ...
@@ -385,6 +386,7 @@ def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
         flip_angle=flip_angle,
         magnetic_field_strength=_opt_float(ds.get("MagneticFieldStrength")),
         images_in_acquisition=_opt_int(ds.get("ImagesInAcquisition")),
+        images_in_series=_opt_int(vd.private_value(ds, 0x0025, 0x07, vd.GE_SERS)) if vendor == "ge" else None,
         number_of_temporal_positions=_opt_int(ds.get("NumberOfTemporalPositions")),
         acquisition_duration_s=_opt_float(ds.get("AcquisitionDuration")),
         acquisition_contrast=acquisition_contrast,

@@ -25,14 +25,22 @@ from agent.state import StateStore
 
 
 def expected_images(h: InstanceHeader) -> Optional[int]:
-    """The images the whole acquisition will have, as far as this header says."""
+    """The images the whole acquisition will have, as far as this header says.
+
+    Enhanced: the file's frames (one file is the series). GE: (0025,1007) images in series, because
+    GE's (0020,1002) counts one volume (slice locations), not the series. Others: (0020,1002), times
+    the temporal positions of a dynamic series (which count one phase there). A count that proves
+    too small is caught by the late-image reopen; one too large by the incomplete grace period.
+    """
+    if h.is_enhanced:
+        return max(h.n_images, h.images_in_acquisition or 0)
+    if h.images_in_series:
+        return h.images_in_series
     if h.images_in_acquisition:
         n = h.images_in_acquisition
         if (h.number_of_temporal_positions or 0) > 1:
             n *= h.number_of_temporal_positions  # type: ignore[operator]
         return n
-    if h.is_enhanced:
-        return h.n_images
     return None
 
 

@@ -11,8 +11,10 @@ Conventions written (design.md section 3):
 * ScanningSequence "EP" for DWI, "SE" for FSE, "GR" for gradient echo; ScanOptions tokens,
   with "FS" when fat suppressed ("FAST_GEMS\\EDR_GEMS\\FS", "EPI_GEMS\\ACC_GEMS\\FS").
 * ADC: ImageType "DERIVED\\PRIMARY\\ADC\\ADC" in its own series.
-* Counting: (0020,1002) = all 2D images in the series (all b-values);
-  DCE: (0020,1002) = slices per phase, (0020,0105) phases, (0020,0100) per image.
+* Counting as real GE software does: (0020,1002) = slice locations per volume (not the series
+  total), (0021,104F) "GEMS_RELA_01" locations in acquisition, and (0025,1007) "GEMS_SERS_01"
+  images in series = all 2D images (all b-values / phases). DCE also has (0020,0105) phases
+  and (0020,0100) per image.
 Transfer syntax: implicit VR little endian.
 """
 from __future__ import annotations
@@ -104,6 +106,9 @@ class GEWriter(VendorWriter):
         parm.add_new(0x39, "IS", self._slop(info, img))
         parm.add_new(0x6F, "DS", ["0", "0", "0", "0"])
         ds.private_block(0x0027, "GEMS_IMAG_01", create=True).add_new(0x35, "SS", 16)
+        ds.ImagesInAcquisition = spec.n_slices
+        ds.private_block(0x0021, "GEMS_RELA_01", create=True).add_new(0x4F, "SS", spec.n_slices)
+        ds.private_block(0x0025, "GEMS_SERS_01", create=True).add_new(0x07, "SL", info.n_images)
 
 
 def write_series(rendered: RenderedSeries, ctx: StudyContext, out_dir: Path, *, series_number: int, series_uid: str,

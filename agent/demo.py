@@ -1,0 +1,99 @@
+"""`scanside demo` (what `make run` runs): the agent on its embedded default, watching a folder into
+which the virtual scanner streams a prostate exam in real time. Events print as they happen; the
+JSON event log and the state database stay under the work folder."""
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from agent.config import load_config
+from agent.events import Event
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+    p = subparsers.add_parser("demo", help="stream a simulated exam into a watched folder and run the agent on it")
+    p.add_argument("--vendor", default="siemens", choices=["siemens", "siemens-xa", "ge", "philips"])
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--fault", action="append", default=[], help="inject a protocol fault (see scanside simulate --help)")
+    p.add_argument("--rate", type=float, default=60.0, help="files per second written by the virtual scanner")
+    p.add_argument("--workdir", type=Path, default=Path("var/demo"), help="export folder, state and event log go here (emptied first)")
+    p.add_argument("--exit-when-done", action="store_true", help="stop once every series of the exam has completed")
+    p.set_defaults(func=run)
+    return p
+
+
+def describe(event: Event) -> str:
+    if event.type == "series_completed":
+        s = event.series
+        b = f" b={','.join(f'{x:g}' for x in s.b_values)}" if s.b_values else ""
+        done = "complete" if s.complete else f"INCOMPLETE {s.n_images}/{s.expected_images}"
+        return (f"series {s.series_number or '-':>4} {s.label:<9}{b:<16}{s.plane or '':<9}{s.n_images:>4} images {done:<9} "
+                f"'{s.series_description}': {s.reason}")
+    if event.type == "series_reopened":
+        return f"series reopened: {event.late_images} late image(s), revision {event.revision} will follow"
+    if event.type == "file_quarantined":
+        return f"QUARANTINED file {event.file_ref}: {event.reason} ({event.detail})"
+    return event.model_dump_json()
+
+
+def run(args: argparse.Namespace) -> int:
+    from agent.daemon import Agent
+    from simulator.scanner import simulate_exam, stream_exam
+
+    work = args.workdir
+    shutil.rmtree(work, ignore_errors=True)
+    export, state = work / "export", work / "state"
+    config = load_config(**{"watch.folder": str(export), "state.dir": str(state), "output.stdout": False,
+                            "series.quiet_period_s": 3.0, "watch.settle_s": 0.3, "ingest.quarantine_after_s": 3.0})
+    print(f"scanside demo: rendering a {args.vendor} prostate exam (seed {args.seed}"
+          f"{', faults ' + ', '.join(args.fault) if args.fault else ''}) ...", flush=True)
+    staging = Path(tempfile.mkdtemp(prefix="scanside-demo-"))
+    try:
+        truth = simulate_exam(args.vendor, staging, args.seed, faults=args.fault)
+        expected_parts = sum(len(s.parts) for s in truth.series)
+        completed: set[str] = set()
+        done = threading.Event()
+
+        def on_event(event: Event) -> None:
+            print(describe(event), flush=True)
+            if event.type == "series_completed":
+                completed.add(event.series.series_id)
+                if len(completed) >= expected_parts:
+                    done.set()
+
+        agent = Agent(config)
+        agent.subscribe(on_event)
+        agent.start()
+        n_files = sum(s.n_files for s in truth.series)
+        print(f"agent watching {export}; the virtual scanner streams {n_files} files at {args.rate:g}/s", flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: (stop.set(), done.set()))
+        streamer = threading.Thread(target=stream_exam, args=(staging, export),
+                                    kwargs={"rate": args.rate, "stop_event": stop, "ground_truth": truth}, daemon=True)
+        started = time.monotonic()
+        streamer.start()
+        done.wait(timeout=n_files / max(args.rate, 1) + 120)
+        print(f"\n{len(completed)}/{expected_parts} series completed in {time.monotonic() - started:.1f} s; "
+              f"files: {agent.store.file_counts()}; event log {config.jsonl_path}", flush=True)
+        if not args.exit_when_done and not stop.is_set():
+            print("agent still running (Ctrl-C to stop)", flush=True)
+            stop.wait()
+        stop.set()
+        streamer.join(timeout=5)
+        agent.stop()
+        return 0 if len(completed) >= expected_parts else 1
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    from agent.cli import main
+
+    sys.exit(main(["demo", *sys.argv[1:]]))
