@@ -80,7 +80,101 @@ class FileQuarantined(EventBase):
     path: Optional[str] = Field(None, description="only when privacy.include_file_paths is on: export folder names can hold patient names")
 
 
-Event = Annotated[Union[SeriesCompleted, SeriesReopened, FileQuarantined], Field(discriminator="type")]
+Severity = Literal["info", "warning", "critical"]
+
+
+class ProtocolDeviation(EventBase):
+    """A check against the protocol profile failed: the technologist can act on it now."""
+
+    type: Literal["protocol_deviation"] = "protocol_deviation"
+    alert_id: str = Field(description="stable id for acknowledging this alert (POST /v1/alerts/{alert_id}/ack)")
+    code: str = Field(description="stable machine code, e.g. DWI_HIGH_B_TOO_LOW, SERIES_MISSING, SLICE_TOO_THICK")
+    severity: Severity
+    series_id: Optional[str] = None
+    series_number: Optional[int] = None
+    label: Optional[SequenceLabel] = None
+    measured: Optional[str] = Field(None, description="what was found, with units")
+    required: Optional[str] = Field(None, description="what the profile requires, with units")
+    message: str = Field(description="one sentence a technologist can act on")
+    profile: str
+
+
+class LabelMismatch(EventBase):
+    """The image model and the header disagree, each with confidence."""
+
+    type: Literal["label_mismatch"] = "label_mismatch"
+    alert_id: str
+    code: Literal["LABEL_MISMATCH"] = "LABEL_MISMATCH"
+    severity: Severity = "warning"
+    series_id: str
+    series_number: Optional[int] = None
+    header_label: SequenceLabel
+    header_confidence: float
+    image_label: SequenceLabel
+    image_confidence: float
+    message: str
+
+
+class SeriesClassified(EventBase):
+    """The image model's label for a series, kept beside the header's."""
+
+    type: Literal["series_classified"] = "series_classified"
+    series_id: str
+    header_label: SequenceLabel
+    image_label: SequenceLabel
+    image_confidence: float
+    probabilities: dict[str, float]
+    model: str = Field(description="name/version of the model that ran")
+    backend: str
+    agree: bool
+
+
+class LesionFinding(BaseModel):
+    center_lps_mm: tuple[float, float, float]
+    long_axis_mm: float
+    short_axis_mm: float
+    volume_ml: Optional[float] = None
+    likelihood: float = Field(description="peak voxel lesion likelihood, 0..1")
+    zone: Optional[Literal["PZ", "TZ"]] = Field(None, description="when the gland model is present")
+
+
+class TriageResult(EventBase):
+    """csPCa decision support once axial T2W, ADC and high-b DWI are in. Not a diagnosis."""
+
+    type: Literal["triage_result"] = "triage_result"
+    alert_id: str
+    probability: float = Field(description="exam-level csPCa probability from the reference model")
+    findings: list[LesionFinding] = Field(default_factory=list)
+    recommendation: Literal["DCE_ADVISED", "BPMRI_SUFFICIENT"]
+    thresholds: dict[str, float]
+    inputs: dict[str, str] = Field(description="channel -> series_id used")
+    model: str
+    backend: str
+    gland_volume_ml: Optional[float] = None
+    decision_support: Literal[True] = True
+    disclaimer: str = "Decision support from a reference model trained on simulated phantoms; not validated on patients."
+
+
+class ExamCompleted(EventBase):
+    """The exam is over (quiet period after its last series, or an explicit 'exam done')."""
+
+    type: Literal["exam_completed"] = "exam_completed"
+    reason: Literal["quiet_period", "operator"]
+    n_series: int
+    n_deviations: int
+
+
+class AlertAcknowledged(EventBase):
+    type: Literal["alert_acknowledged"] = "alert_acknowledged"
+    alert_id: str
+    by: Optional[str] = Field(None, description="who acknowledged (console user name, if given)")
+
+
+Event = Annotated[
+    Union[SeriesCompleted, SeriesReopened, FileQuarantined, ProtocolDeviation, LabelMismatch, SeriesClassified,
+          TriageResult, ExamCompleted, AlertAcknowledged],
+    Field(discriminator="type"),
+]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
 
