@@ -1,0 +1,68 @@
+"""Task registry: which evaluator and which trainer serve `scanside models evaluate|train`.
+
+`scanside models evaluate NAME` reads NAME's manifest and dispatches on ``manifest.task`` through
+EVALUATORS; `scanside models train KIND ...` dispatches on KIND through TRAINERS. Entries are
+"module:function" strings, imported only when used (torch stays out of the runtime path).
+
+Evaluator contract::
+
+    def evaluate(store: engines.store.ModelStore, manifest: engines.manifest.ModelManifest,
+                 options: training.registry.EvaluateOptions) -> dict
+
+returns a JSON-able report with at least ``{"model": ref, "metrics": {...}, "floor": {...} | None,
+"passed": bool}``; with ``options.write`` it also records the metrics in the manifest and writes
+the markdown report beside it.
+
+Trainer contract::
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None   # KIND's own options
+    def train(args: argparse.Namespace) -> int                    # exit code
+
+Other helpers add their task here (one line each).
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+from pydantic import BaseModel, Field
+
+#: manifest task -> "module:function" of its evaluator
+EVALUATORS: Dict[str, str] = {
+    "sequence_classification": "training.sequence.evaluate:evaluate_model",
+}
+
+#: `models train KIND` -> "module" providing add_arguments(parser) and train(args)
+TRAINERS: Dict[str, str] = {
+    "sequence": "training.sequence.retrain",
+}
+
+
+class EvaluateOptions(BaseModel):
+    """Options every evaluator accepts (an evaluator may ignore what does not apply)."""
+
+    exams_per_vendor: Optional[int] = Field(None, description="fresh simulated exams per vendor (None: evaluator default)")
+    seed: int = Field(900_000, description="first simulator seed of the held-out set (training never uses it)")
+    workdir: Optional[Path] = Field(None, description="where simulated DICOM is written (default: a temp dir)")
+    write: bool = Field(False, description="record metrics in the manifest and write the markdown report")
+    variant: Optional[str] = None
+    jobs: int = Field(1, ge=1, description="worker processes for simulation")
+
+
+def _load(spec: str) -> Any:
+    mod, _, attr = spec.partition(":")
+    m = importlib.import_module(mod)
+    return getattr(m, attr) if attr else m
+
+
+def evaluator_for(task: str) -> Callable[..., dict]:
+    if task not in EVALUATORS:
+        raise KeyError(f"no evaluator registered for task {task!r}; known: {sorted(EVALUATORS)}")
+    return _load(EVALUATORS[task])
+
+
+def trainer_for(kind: str) -> Any:
+    if kind not in TRAINERS:
+        raise KeyError(f"no trainer registered for {kind!r}; known: {sorted(TRAINERS)}")
+    return _load(TRAINERS[kind])
