@@ -19,7 +19,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/scanside demo
 
-test: $(STAMP)
+# A real KServe v2 server for the Triton engine test: Seldon MLServer pins its own FastAPI, so it
+# lives in a venv of its own.
+MLSERVER := .venv-mlserver/bin/mlserver
+$(MLSERVER):
+	$(PYTHON) -m venv .venv-mlserver
+	.venv-mlserver/bin/pip install --quiet mlserver onnxruntime numpy
+
+test: $(STAMP) $(MLSERVER)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -315,7 +315,7 @@ def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
     sop_class = _text(ds.get("SOPClassUID"))
     enhanced = sop_class in ENHANCED_SOP_CLASSES or "PerFrameFunctionalGroupsSequence" in ds
     image_type = vd._tokens(ds.get("ImageType"))
-    csa = vd.csa_image_header(ds) if vendor == "siemens" else {}
+    csa = vd.LazyCSA(ds) if vendor == "siemens" else None
     mosaic = "MOSAIC" in image_type
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
     seq_name = vd.sequence_name(ds, vendor)
@@ -396,15 +396,17 @@ def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
     )
 
 
-def _classic_frame(ds: Dataset, vendor: str, csa: dict[str, Any], image_type: tuple[str, ...], seq_name: str,
+def _classic_frame(ds: Dataset, vendor: str, csa: Optional[vd.LazyCSA], image_type: tuple[str, ...], seq_name: str,
                    mosaic: bool) -> FrameInfo:
-    b, b_source = vd.b_value(ds, vendor, csa)
-    direction = vd.diffusion_direction(ds, vendor, csa)
+    # the CSA fallback only matters for diffusion: don't parse it for every T2 or DCE image
+    diffusion_csa: Any = csa if ("DIFFUSION" in image_type or vd.is_epi(ds, vendor)) else {}
+    b, b_source = vd.b_value(ds, vendor, diffusion_csa)
+    direction = vd.diffusion_direction(ds, vendor, diffusion_csa)
     derived = vd.derived_type(image_type)
     directionality = vd.directionality(ds, vendor)
     n_slices = 1
     if mosaic:
-        n = _opt_int(csa.get("NumberOfImagesInMosaic")) or _opt_int(vd.private_value(ds, 0x0019, 0x0A, vd.SIEMENS_MR))
+        n = _opt_int(vd.private_value(ds, 0x0019, 0x0A, vd.SIEMENS_MR)) or (_opt_int(csa.get("NumberOfImagesInMosaic")) if csa else None)
         n_slices = max(int(n or 1), 1)
     return FrameInfo(
         frame_index=0,

@@ -145,6 +145,19 @@ def csa_image_header(ds: Dataset) -> dict[str, Any]:
     return out
 
 
+class LazyCSA:
+    """The CSA header parsed on first use: most Siemens files answer from (0019,xxxx) and never need it."""
+
+    def __init__(self, ds: Dataset):
+        self._ds = ds
+        self._tags: Optional[dict[str, Any]] = None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if self._tags is None:
+            self._tags = csa_image_header(self._ds)
+        return self._tags.get(name, default)
+
+
 # ---------------------------------------------------------------- decoders
 def is_epi(ds: Dataset, vendor: str) -> bool:
     """Echo-planar: ScanningSequence EP, enhanced EchoPlanarPulseSequence YES, or an EPI sequence name."""
@@ -171,7 +184,7 @@ def sequence_name(ds: Dataset, vendor: str) -> str:
     return ""
 
 
-def b_value(ds: Dataset, vendor: str, csa: Optional[dict[str, Any]] = None) -> tuple[Optional[float], str]:
+def b_value(ds: Dataset, vendor: str, csa: Optional[Any] = None) -> tuple[Optional[float], str]:
     """(b, source) for a classic image (or an enhanced frame's MRDiffusion item passed as ds)."""
     std = first_float(ds.get("DiffusionBValue"))
     if std is not None:
@@ -188,7 +201,7 @@ def b_value(ds: Dataset, vendor: str, csa: Optional[dict[str, Any]] = None) -> t
         v = first_float(private_value(ds, 0x0019, 0x0C, SIEMENS_MR))
         if v is not None:
             return clean_b(v), "Siemens (0019,100C)"
-        csa = csa if csa is not None else csa_image_header(ds)
+        csa = csa if csa is not None else LazyCSA(ds)
         v = first_float(csa.get("B_value"))
         if v is not None:
             return clean_b(v), "Siemens CSA B_value"
@@ -199,7 +212,7 @@ def b_value(ds: Dataset, vendor: str, csa: Optional[dict[str, Any]] = None) -> t
     return None, ""
 
 
-def diffusion_direction(ds: Dataset, vendor: str, csa: Optional[dict[str, Any]] = None) -> Optional[tuple[float, float, float]]:
+def diffusion_direction(ds: Dataset, vendor: str, csa: Optional[Any] = None) -> Optional[tuple[float, float, float]]:
     seq = ds.get("DiffusionGradientDirectionSequence")
     if seq:
         vec = _as_floats(seq[0].get("DiffusionGradientOrientation"))
@@ -210,8 +223,10 @@ def diffusion_direction(ds: Dataset, vendor: str, csa: Optional[dict[str, Any]] 
         return tuple(vec)  # type: ignore[return-value]
     if vendor == "siemens":
         vec = _as_floats(private_value(ds, 0x0019, 0x0E, SIEMENS_MR))
-        if len(vec) != 3:
-            csa = csa if csa is not None else csa_image_header(ds)
+        # an intact SIEMENS MR HEADER block without (0019,100E) means "no direction" (trace, b0);
+        # only a stripped block sends us to the CSA header
+        if len(vec) != 3 and private_value(ds, 0x0019, 0x0C, SIEMENS_MR) is None:
+            csa = csa if csa is not None else LazyCSA(ds)
             vec = _as_floats(csa.get("DiffusionGradientDirection"))
     elif vendor == "philips":
         vec = [first_float(private_value(ds, 0x2005, e, PHILIPS_MR)) for e in (0xB0, 0xB1, 0xB2)]  # type: ignore[misc]
