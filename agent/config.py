@@ -37,6 +37,7 @@ class IngestConfig(_Section):
     quarantine_after_s: float = Field(10.0, ge=0, description="a file still unreadable after this long unchanged is quarantined")
     quarantine_dir: Optional[Path] = Field(None, description="default: <state dir>/quarantine")
     quarantine_mode: Literal["copy", "move"] = Field("copy", description="copy leaves the export folder untouched (it may be read-only)")
+    stall_after_s: float = Field(60.0, gt=0, description="the ingest loop counts as stalled (unhealthy: no systemd watchdog pings) when it has not come round for this long")
 
 
 class SeriesConfig(_Section):
@@ -57,6 +58,19 @@ class PrivacyConfig(_Section):
     include_file_paths: bool = Field(False, description="put file paths in events and logs (export folder names can hold patient names)")
 
 
+class CStoreConfig(_Section):
+    enabled: bool = Field(False, description="run a DICOM C-STORE receiver (SCP) that feeds the same ingest path as the folder watcher")
+    ae_title: str = Field("SCANSIDE", min_length=1, max_length=16, pattern=r"^[ -~]*[!-~][ -~]*$", description="this receiver's AE title; associations called to another title are rejected")
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(11112, ge=0, le=65535, description="TCP port (ports below 1024 need CAP_NET_BIND_SERVICE, which the systemd unit does not grant)")
+    allowed_calling_aes: list[str] = Field(default_factory=list, description="calling AE titles accepted (the scanner's); empty accepts any caller")
+    folder: Optional[Path] = Field(None, description="where received objects are written (temp file, then rename); default <state dir>/received")
+    max_pdu: int = Field(0, ge=0, description="maximum PDU size received, bytes (0 = unlimited)")
+    max_associations: int = Field(4, ge=1, description="concurrent associations")
+    network_timeout_s: float = Field(60.0, gt=0)
+    fsync: bool = Field(True, description="flush each object to disk before confirming it to the sender")
+
+
 class AgentConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SCANSIDE_", env_nested_delimiter="__", extra="forbid")
 
@@ -66,6 +80,7 @@ class AgentConfig(BaseSettings):
     state: StateConfig = Field(default_factory=StateConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    cstore: CStoreConfig = Field(default_factory=CStoreConfig)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -81,6 +96,10 @@ class AgentConfig(BaseSettings):
     @property
     def quarantine_path(self) -> Path:
         return self.ingest.quarantine_dir or self.state.dir / "quarantine"
+
+    @property
+    def cstore_path(self) -> Path:
+        return self.cstore.folder or self.state.dir / "received"
 
     @property
     def jsonl_path(self) -> Path:

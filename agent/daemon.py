@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -34,6 +35,11 @@ class Agent:
             sinks.append(StdoutSink())
         self.sinks = SinkRunner(self.store, sinks, self.pipeline.new_events)
         self.watcher: Optional[FolderWatcher] = None
+        self.receiver = None  # agent.cstore.StoreSCP when [cstore] enabled
+        if config.cstore.enabled:
+            from agent.cstore import build_receiver
+
+            self.receiver = build_receiver(config, self.ingestor)
         self._subscribers = 0
         self.started = threading.Event()
 
@@ -47,6 +53,9 @@ class Agent:
                                      self.config.watch.polling, self.config.watch.poll_interval_s)
         self.watcher.start()
         self.ingestor.catch_up(folder)
+        if self.receiver is not None:
+            self.receiver.catch_up()
+            self.receiver.start()
         self.started.set()
         return self
 
@@ -56,6 +65,8 @@ class Agent:
         self.sinks.add(CallbackSink(f"callback-{self._subscribers}", fn), from_now=from_now)
 
     def stop(self) -> None:
+        if self.receiver is not None:
+            self.receiver.stop()
         if self.watcher:
             self.watcher.stop()
         self.ingestor.stop()
@@ -63,7 +74,9 @@ class Agent:
         self.store.close()
 
     def healthy(self) -> bool:
-        return self.ingestor.alive() and bool(self.watcher and self.watcher.alive())
+        ingest_recent = time.time() - self.ingestor.last_loop < self.config.ingest.stall_after_s
+        receiver_ok = self.receiver is None or self.receiver.alive()
+        return self.ingestor.alive() and ingest_recent and bool(self.watcher and self.watcher.alive()) and receiver_ok
 
     def __enter__(self) -> "Agent":
         return self.start()

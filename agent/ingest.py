@@ -50,11 +50,14 @@ class Ingestor:
         self._thread: Optional[threading.Thread] = None
         self.last_loop = time.time()  # for the watchdog / readiness
         self._exclude = [str(p.resolve()) for p in (config.state.dir, config.quarantine_path)]
+        self._include: list[str] = []  # folders inside an excluded one that are ingested all the same
 
     # ------------------------------------------------------------------ intake (any thread)
     def notify(self, path: str, closed: bool = False) -> None:
         path = os.path.abspath(path)
-        if is_ignored(path, self.config) or any(path.startswith(x + os.sep) for x in self._exclude):
+        if is_ignored(path, self.config):
+            return
+        if any(path.startswith(x + os.sep) for x in self._exclude) and not any(path.startswith(x + os.sep) for x in self._include):
             return
         now = self.clock()
         due = now if closed else now + self.config.watch.settle_s
@@ -67,6 +70,10 @@ class Ingestor:
                 p.due = min(p.due, due) if closed else max(p.due, due)
             heapq.heappush(self._heap, (p.due, path))
             self._cv.notify()
+
+    def include(self, folder: Path) -> None:
+        """Ingest files under folder even inside the state folder (the C-STORE receive folder lives there)."""
+        self._include.append(str(Path(folder).resolve()))
 
     def catch_up(self, root: Path) -> int:
         """Queue what is already in the folder (after a restart, or files written while down)."""
@@ -138,6 +145,7 @@ class Ingestor:
                     continue  # stale heap entry
             self._handle(p)
             handled += 1
+            self.last_loop = time.time()  # a long catch-up is progress, not a stall
 
     def _handle(self, p: Pending) -> None:
         now = self.clock()

@@ -1,0 +1,221 @@
+"""DICOM C-STORE receiver (pynetdicom SCP): the scanner pushes images to us instead of (or as well as)
+exporting them to a folder.
+
+Each received object is written byte for byte as the sender encoded it (preamble + file meta +
+dataset, no decode/re-encode) to a hidden temp file, flushed, then renamed into the receive folder and
+handed straight to the Ingestor as a closed file: the same settle/retry/quarantine path the folder
+watcher feeds. Why not write into the watched export folder and let the watcher see the rename: the
+export folder belongs to the scanner and is read-only to the agent (systemd ReadOnlyPaths=), and a
+direct hand-over does not depend on inotify (the export folder may be polled over SMB/NFS). The
+receive folder lives in the state folder, so files received but not yet ingested when the agent
+stops are picked up again on the next start (`catch_up`).
+
+The sender gets Success only after the object is on disk; an object we could not store gets
+0xA700 (out of resources) so that the scanner keeps it queued. Associations from a calling AE title
+not on the allow-list are rejected (rejected-permanent, service user, reason 3 "calling AE title not
+recognised"); a wrong called AE title gets reason 7. No patient data is logged: objects are
+named and logged by a hash of their SOP Instance UID.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Optional
+
+from pydicom import uid as tsuid
+from pynetdicom import AE, evt
+from pynetdicom import sop_class as sc
+
+from agent.config import AgentConfig, CStoreConfig
+from agent.ingest import Ingestor
+
+log = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC210
+
+TRANSFER_SYNTAXES = [
+    tsuid.ExplicitVRLittleEndian, tsuid.ImplicitVRLittleEndian, tsuid.DeflatedExplicitVRLittleEndian,
+    tsuid.ExplicitVRBigEndian, tsuid.JPEGLosslessSV1, tsuid.JPEGLossless, tsuid.JPEGBaseline8Bit,
+    tsuid.JPEGExtended12Bit, tsuid.JPEGLSLossless, tsuid.JPEGLSNearLossless, tsuid.JPEG2000Lossless,
+    tsuid.JPEG2000, tsuid.RLELossless,
+]
+
+# what an MR scanner or its post-processing sends for a prostate exam; non-image objects (SR, GSPS)
+# are accepted too so the sender does not fail the whole job, and the ingest path records them as ignored
+STORAGE_CLASSES = [
+    sc.MRImageStorage, sc.EnhancedMRImageStorage, sc.EnhancedMRColorImageStorage,
+    sc.LegacyConvertedEnhancedMRImageStorage, sc.MRSpectroscopyStorage,
+    sc.SecondaryCaptureImageStorage, sc.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    sc.MultiFrameGrayscaleWordSecondaryCaptureImageStorage, sc.MultiFrameTrueColorSecondaryCaptureImageStorage,
+    sc.ParametricMapStorage, sc.SegmentationStorage, sc.RawDataStorage,
+    sc.GrayscaleSoftcopyPresentationStateStorage,
+    sc.BasicTextSRStorage, sc.EnhancedSRStorage, sc.ComprehensiveSRStorage, sc.Comprehensive3DSRStorage,
+    sc.CTImageStorage, sc.EnhancedCTImageStorage,
+]
+
+
+def object_name(sop_instance_uid: str, study_uid: str = "") -> str:
+    """Relative path for a received object: hashed so no identifier shows in file names or logs."""
+    sop = hashlib.sha1(sop_instance_uid.encode()).hexdigest()[:24]
+    study = hashlib.sha1(study_uid.encode()).hexdigest()[:16] if study_uid else "unsorted"
+    return f"{study}/{sop}.dcm"
+
+
+class StoreSCP:
+    """A C-STORE/C-ECHO SCP that writes into `folder` and notifies `ingestor`. Thread-safe; one
+    pynetdicom server thread per association (at most `max_associations`)."""
+
+    def __init__(self, config: CStoreConfig, folder: Path, ingestor: Optional[Ingestor] = None):
+        self.config = config
+        self.folder = Path(folder)
+        self.ingestor = ingestor
+        self.ae = AE(ae_title=config.ae_title)
+        self.ae.require_called_aet = True  # reason 7 for a wrong called AE title
+        self.ae.require_calling_aet = list(config.allowed_calling_aes)  # empty: anyone; else reason 3
+        self.ae.maximum_associations = config.max_associations
+        self.ae.maximum_pdu_size = config.max_pdu
+        self.ae.network_timeout = config.network_timeout_s
+        self.ae.acse_timeout = min(30.0, config.network_timeout_s)
+        self.ae.dimse_timeout = config.network_timeout_s
+        for cls in STORAGE_CLASSES:
+            self.ae.add_supported_context(cls, TRANSFER_SYNTAXES)
+        self.ae.add_supported_context(sc.Verification)
+        self._server = None
+        self._lock = threading.Lock()
+        self.stats = {"received": 0, "failed": 0, "rejected": 0, "echo": 0}
+        self._handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) actually bound: port 0 in the config picks a free one."""
+        if self._server is None:
+            raise RuntimeError("receiver not started")
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> "StoreSCP":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._clean_temp()
+        if not self.config.allowed_calling_aes:
+            log.warning("C-STORE receiver accepts any calling AE title (cstore.allowed_calling_aes is empty)")
+        self._server = self.ae.start_server((self.config.host, self.config.port), block=False,
+                                           evt_handlers=self._handlers)
+        host, port = self.address
+        log.info("C-STORE receiver %s listening on %s:%d", self.config.ae_title, host, port)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def alive(self) -> bool:
+        server = self._server
+        return bool(server is not None and server.socket is not None and server.socket.fileno() >= 0)
+
+    def catch_up(self) -> int:
+        """Queue objects received before a stop but not yet ingested (already ingested ones are skipped)."""
+        if self.ingestor is None or not self.folder.is_dir():
+            return 0
+        n = 0
+        for dirpath, _dirs, files in os.walk(self.folder):
+            for name in sorted(files):
+                if not name.startswith("."):
+                    self.ingestor.notify(os.path.join(dirpath, name), closed=True)
+                    n += 1
+        return n
+
+    def _clean_temp(self) -> None:
+        """Half-received objects from a crash: the sender got no Success for them and will resend."""
+        for dirpath, _dirs, files in os.walk(self.folder):
+            for name in files:
+                if name.startswith(".") and name.endswith(".part"):
+                    try:
+                        os.unlink(os.path.join(dirpath, name))
+                    except OSError:
+                        pass
+
+    # ------------------------------------------------------------------ handlers (pynetdicom threads)
+    def _on_echo(self, event) -> int:  # type: ignore[no-untyped-def]
+        with self._lock:
+            self.stats["echo"] += 1
+        return STATUS_SUCCESS
+
+    def _on_rejected(self, event) -> None:  # type: ignore[no-untyped-def]
+        with self._lock:
+            self.stats["rejected"] += 1
+        req = event.assoc.requestor
+        log.warning("rejected association from %s (calling AE %r, called AE %r)", req.address,
+                    req.ae_title, event.assoc.acceptor.ae_title)
+
+    def _on_store(self, event) -> int:  # type: ignore[no-untyped-def]
+        sop_uid = str(event.request.AffectedSOPInstanceUID or "")
+        ref = hashlib.sha1(sop_uid.encode()).hexdigest()[:12]
+        try:
+            data = event.encoded_dataset(include_meta=True)
+        except Exception as exc:  # a dataset pynetdicom cannot frame: tell the sender, keep going
+            log.warning("C-STORE object %s not understood: %s", ref, exc.__class__.__name__)
+            self._count("failed")
+            return STATUS_CANNOT_UNDERSTAND
+        if not sop_uid:
+            self._count("failed")
+            return STATUS_CANNOT_UNDERSTAND
+        study_uid = self._study_uid(event)
+        dest = self.folder / object_name(sop_uid, study_uid)
+        try:
+            self._write(dest, data)
+        except OSError as exc:  # disk full, folder gone: the sender keeps the object and retries later
+            log.error("C-STORE object %s could not be stored: %s", ref, exc.strerror or exc.__class__.__name__)
+            self._count("failed")
+            return STATUS_OUT_OF_RESOURCES
+        self._count("received")
+        log.debug("C-STORE object %s stored (%d bytes)", ref, len(data))
+        if self.ingestor is not None:
+            self.ingestor.notify(str(dest), closed=True)
+        return STATUS_SUCCESS
+
+    @staticmethod
+    def _study_uid(event) -> str:  # type: ignore[no-untyped-def]
+        """Study Instance UID for the folder layout; decoding the dataset is only a nicety here."""
+        try:
+            return str(event.dataset.get("StudyInstanceUID", "") or "")
+        except Exception:
+            return ""
+
+    def _write(self, dest: Path, data: bytes) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.{threading.get_ident()}.part"
+        try:
+            with open(tmp, "wb") as fp:
+                fp.write(data)
+                if self.config.fsync:
+                    fp.flush()
+                    os.fsync(fp.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.stats[key] += 1
+
+
+def build_receiver(config: AgentConfig, ingestor: Optional[Ingestor]) -> StoreSCP:
+    folder = config.cstore_path
+    if ingestor is not None:
+        ingestor.include(folder)
+    return StoreSCP(config.cstore, folder, ingestor)
