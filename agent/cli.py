@@ -71,10 +71,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     agent.start()
+    # systemd (Type=notify): READY=1 now that everything is loaded; watchdog pings while healthy
+    from agent.systemd import Watchdog, notifier
+
+    sd = notifier()
+    sd.ready(status="running" + (f"; C-STORE port {agent.receiver.address[1]}" if agent.receiver else ""))
+    watchdog = Watchdog(sd, agent.healthy).start()
     try:
         while not stop.wait(1.0):
             pass
     finally:
+        sd.stopping()
+        watchdog.stop()
         agent.stop()
     return 0
 
