@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 if sys.version_info >= (3, 11):
@@ -71,6 +71,39 @@ class CStoreConfig(_Section):
     fsync: bool = Field(True, description="flush each object to disk before confirming it to the sender")
 
 
+class WebhookConfig(_Section):
+    url: Optional[str] = Field(None, pattern=r"^https?://", description="POST each event here as JSON (enabled when set); at least once, Idempotency-Key = event key")
+    secret: Optional[SecretStr] = Field(None, description="HMAC-SHA256 signing secret (Standard Webhooks headers); 'whsec_<base64>' or any string")
+    event_types: list[str] = Field(default_factory=list, description="send only these event types (empty: all)")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(10.0, gt=0, description="also bounds writing the body and waiting for the answer")
+    backoff_initial_s: float = Field(1.0, gt=0, description="first retry delay; doubles per failed attempt")
+    backoff_max_s: float = Field(300.0, gt=0, description="retry delay cap (a receiver's Retry-After is honoured up to this)")
+    backoff_jitter: float = Field(0.5, ge=0, le=1, description="each delay is scaled by a random factor in [1 - jitter, 1]")
+
+
+class DicomSendConfig(_Section):
+    host: str = Field(..., min_length=1, description="PACS / console C-STORE SCP host")
+    port: int = Field(104, ge=1, le=65535)
+    called_ae: str = Field("ANY-SCP", min_length=1, max_length=16, description="the receiver's AE title")
+    calling_ae: str = Field("SCANSIDE", min_length=1, max_length=16, description="our AE title")
+    connect_timeout_s: float = Field(10.0, gt=0, description="TCP connect timeout")
+    acse_timeout_s: float = Field(30.0, gt=0, description="association negotiation timeout")
+    dimse_timeout_s: float = Field(60.0, gt=0, description="wait for each C-STORE response")
+    network_timeout_s: float = Field(60.0, gt=0)
+    backoff_initial_s: float = Field(5.0, gt=0)
+    backoff_max_s: float = Field(600.0, gt=0)
+
+
+class DicomOutputConfig(_Section):
+    folder: Optional[Path] = Field(None, description="write a TID 1500 SR and a lesion-likelihood SEG per exam here (enabled when set)")
+    send: Optional[DicomSendConfig] = Field(None, description="also C-STORE them to a PACS or console")
+    series_number_sr: int = Field(9901, ge=1, description="series number of the SR series")
+    series_number_seg: int = Field(9902, ge=1, description="series number of the SEG series")
+    manufacturer: str = "scanside"
+    institution_name: Optional[str] = None
+
+
 class AgentConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SCANSIDE_", env_nested_delimiter="__", extra="forbid")
 
@@ -80,6 +113,8 @@ class AgentConfig(BaseSettings):
     state: StateConfig = Field(default_factory=StateConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    webhook: WebhookConfig = Field(default_factory=WebhookConfig)
+    dicom_output: DicomOutputConfig = Field(default_factory=DicomOutputConfig)
     cstore: CStoreConfig = Field(default_factory=CStoreConfig)
 
     @classmethod

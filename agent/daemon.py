@@ -34,6 +34,21 @@ class Agent:
         if config.output.stdout:
             sinks.append(StdoutSink())
         self.sinks = SinkRunner(self.store, sinks, self.pipeline.new_events)
+        # network and DICOM outputs each deliver from their own cursor in a thread of their own, so a
+        # receiver that is down holds back neither the event log nor the console
+        self.output_runners: list[SinkRunner] = []
+        self.webhook = None  # agent.webhook.WebhookSink when [webhook] url is set
+        if config.webhook.url:
+            from agent.webhook import WebhookSink
+
+            self.webhook = WebhookSink(config.webhook, self.store)
+            self.output_runners.append(SinkRunner(self.store, [self.webhook], self.pipeline.new_events))
+        self.dicom_output = None  # agent.dicom_out.DicomSink when [dicom_output] folder is set
+        if config.dicom_output.folder is not None:
+            from agent.dicom_out import DicomSink
+
+            self.dicom_output = DicomSink.from_config(config, self.store)
+            self.output_runners.append(SinkRunner(self.store, [self.dicom_output], self.pipeline.new_events))
         self.watcher: Optional[FolderWatcher] = None
         self.receiver = None  # agent.cstore.StoreSCP when [cstore] enabled
         if config.cstore.enabled:
@@ -47,6 +62,8 @@ class Agent:
         folder = Path(self.config.watch.folder)  # type: ignore[arg-type]
         folder.mkdir(parents=True, exist_ok=True)
         self.sinks.start()
+        for runner in self.output_runners:
+            runner.start()
         self.ingestor.start()
         # watch first, then catch up: a file landing in between is seen twice, which is harmless
         self.watcher = FolderWatcher(folder, self.ingestor, self.config.watch.recursive,
@@ -71,6 +88,8 @@ class Agent:
             self.watcher.stop()
         self.ingestor.stop()
         self.sinks.stop()
+        for runner in self.output_runners:
+            runner.stop()
         self.store.close()
 
     def healthy(self) -> bool:

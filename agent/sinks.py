@@ -17,6 +17,14 @@ from agent.state import StateStore
 log = logging.getLogger(__name__)
 
 
+class RetryLater(Exception):
+    """Raised by a sink for a transient failure: the runner retries the same event after retry_after_s."""
+
+    def __init__(self, reason: str, retry_after_s: float):
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
+
+
 class Sink:
     name = "sink"
 
@@ -106,6 +114,7 @@ class SinkRunner:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._backoff: dict[str, float] = {}
+        self.idle_wait_s = 0.5  # also the granularity of a sink's retry delay
 
     def add(self, sink: Sink, from_now: bool = False) -> None:
         if from_now:
@@ -136,6 +145,8 @@ class SinkRunner:
                     self._set_cursor(sink, event.seq or 0)
                     delivered += 1
                 self._backoff.pop(sink.name, None)
+            except RetryLater as exc:  # the sink logged it and chose the delay
+                self._backoff[sink.name] = time.monotonic() + exc.retry_after_s
             except Exception as exc:
                 log.warning("sink %s failed: %s", sink.name, exc)
                 self._backoff[sink.name] = time.monotonic() + 2.0
@@ -149,7 +160,7 @@ class SinkRunner:
         while not self._stop.is_set():
             self.pump()
             with self.wakeup:
-                self.wakeup.wait(timeout=0.5)
+                self.wakeup.wait(timeout=self.idle_wait_s)
 
     def stop(self) -> None:
         self._stop.set()

@@ -42,6 +42,10 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    sink TEXT NOT NULL, seq INTEGER NOT NULL, key TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT,
+    created REAL NOT NULL, PRIMARY KEY (sink, seq)
+);
 """
 SCHEMA_VERSION = "1"
 
@@ -203,6 +207,15 @@ class StateStore:
     def last_event_seq(self) -> int:
         rows = self._q("SELECT MAX(seq) AS s FROM events")
         return int(rows[0]["s"] or 0)
+
+    def record_dead_letter(self, sink: str, seq: int, key: str, reason: str, detail: str = "") -> None:
+        """An event a sink gave up on for good (e.g. a webhook receiver rejected the payload)."""
+        self._x("INSERT OR REPLACE INTO dead_letters VALUES (?,?,?,?,?,?)", (sink, seq, key, reason, detail, time.time()))
+
+    def dead_letters(self, sink: Optional[str] = None) -> list[sqlite3.Row]:
+        if sink:
+            return self._q("SELECT * FROM dead_letters WHERE sink = ? ORDER BY seq", (sink,))
+        return self._q("SELECT * FROM dead_letters ORDER BY sink, seq")
 
     def event_counts(self) -> dict[str, int]:
         return {r["type"]: r["n"] for r in self._q("SELECT type, COUNT(*) AS n FROM events GROUP BY type")}

@@ -1,0 +1,202 @@
+"""Webhook output: each event POSTed as JSON to one URL, from the event log (the outbox).
+
+Delivery is at least once: the sink's cursor in the state database advances only after the receiver
+answered 2xx, so an event in flight when the agent stops is sent again after the restart, with the
+same ``Idempotency-Key`` (the event key) for the receiver to de-duplicate on. Events go one at a time
+in log order, so the order within an exam (and overall) is the order the agent decided them.
+
+Failures:
+- connection errors, timeouts, 5xx, 408, 425, 429 and the configuration errors 401/403/404 are
+  transient: the same event is retried, forever, with exponential backoff and jitter (bounded by
+  ``backoff_max_s``; a ``Retry-After`` from the receiver is honoured within that bound). Holding the
+  line keeps the order and loses nothing while the receiver is down or misconfigured (a wrong secret
+  or path would otherwise turn the whole stream into dead letters);
+- any other 4xx (400, 409, 413, 415, 422, ...) is permanent for that event: the receiver rejected the
+  payload itself and would reject it again, so retrying would block every later event forever. It is
+  recorded in the state database (``dead_letters``), logged, and skipped.
+
+Signing (optional, ``webhook.secret``): the Standard Webhooks scheme (https://www.standardwebhooks.com):
+``webhook-id`` (the event key), ``webhook-timestamp`` (Unix seconds) and
+``webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``; a secret written
+``whsec_<base64>`` is base64-decoded, any other secret is used as its UTF-8 bytes.
+
+Events carry no patient identifiers (agent.events), so neither does the webhook.
+"""
+from __future__ import annotations
+
+import base64
+import email.utils
+import hashlib
+import hmac
+import logging
+import random
+import threading
+import time
+from typing import Mapping, Optional
+
+import httpx
+
+from agent.config import WebhookConfig
+from agent.events import Event
+from agent.sinks import RetryLater, Sink
+from agent.state import StateStore
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "scanside-webhook/1"
+# transient although 4xx: request timeout, too early, rate limited, and configuration errors that
+# would otherwise dead-letter every event until an operator fixed the URL or the secret
+RETRY_4XX = frozenset({401, 403, 404, 408, 425, 429})
+
+
+def secret_bytes(secret: str) -> bytes:
+    if secret.startswith("whsec_"):
+        return base64.b64decode(secret[len("whsec_"):])
+    return secret.encode("utf-8")
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """Standard Webhooks v1 signature header value."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    mac = hmac.new(secret_bytes(secret), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+def verify(secret: str, headers: Mapping[str, str], body: bytes, tolerance_s: float = 300.0,
+           now: Optional[float] = None) -> bool:
+    """Receiver side check (for integrators and tests): signature valid and timestamp recent."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    try:
+        msg_id, ts = lower["webhook-id"], int(lower["webhook-timestamp"])
+        given = lower["webhook-signature"].split()
+    except (KeyError, ValueError):
+        return False
+    if abs((time.time() if now is None else now) - ts) > tolerance_s:
+        return False
+    want = sign(secret, msg_id, ts, body)
+    return any(hmac.compare_digest(want, g) for g in given)
+
+
+class Backoff:
+    """Exponential backoff with jitter: attempt n waits initial * 2**n, capped at maximum, scaled by a
+    random factor in [1 - jitter, 1] so that many agents behind one receiver do not retry in step."""
+
+    def __init__(self, initial_s: float, maximum_s: float, jitter: float = 0.5, rng: Optional[random.Random] = None):
+        self.initial_s = initial_s
+        self.maximum_s = maximum_s
+        self.jitter = jitter
+        self.rng = rng or random.Random()
+        self.attempt = 0
+
+    def next(self) -> float:
+        base = min(self.maximum_s, self.initial_s * (2.0 ** min(self.attempt, 62)))
+        self.attempt += 1
+        return base * (1.0 - self.jitter * self.rng.random())
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def retry_after_s(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+    """Seconds from a Retry-After header (delta-seconds or HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class WebhookSink(Sink):
+    """POST one event per request. Deliver it through a SinkRunner: its cursor is the outbox."""
+
+    def __init__(self, config: WebhookConfig, store: StateStore, *, name: str = "webhook",
+                 transport: Optional[httpx.BaseTransport] = None, rng: Optional[random.Random] = None):
+        if config.url is None:
+            raise ValueError("webhook.url is not set")
+        self.name = name
+        self.config = config
+        self.store = store
+        self.url = str(config.url)
+        self._secret = config.secret.get_secret_value() if config.secret is not None else None
+        self._types = frozenset(config.event_types)
+        self.backoff = Backoff(config.backoff_initial_s, config.backoff_max_s, config.backoff_jitter, rng)
+        timeout = httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s)
+        self._client = httpx.Client(timeout=timeout, transport=transport, follow_redirects=False,
+                                    headers={"User-Agent": USER_AGENT})
+        self._lock = threading.Lock()
+        self.delivered = 0
+        self.failed_attempts = 0
+        self.dead_lettered = 0
+        self.skipped = 0
+        self.last_error: Optional[str] = None
+
+    # ------------------------------------------------------------------ metrics
+    def outbox_depth(self) -> int:
+        """Events decided but not yet acknowledged by the receiver (or skipped by the type filter)."""
+        return max(0, self.store.last_event_seq() - self.store.cursor(self.name))
+
+    def stats(self) -> dict[str, object]:
+        return {"outbox_depth": self.outbox_depth(), "delivered_total": self.delivered,
+                "failed_attempts_total": self.failed_attempts, "dead_letters_total": self.dead_lettered,
+                "filtered_total": self.skipped, "last_error": self.last_error}
+
+    # ------------------------------------------------------------------ delivery
+    def headers_for(self, event: Event, body: bytes, now: Optional[float] = None) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Idempotency-Key": event.key,
+                   "X-Scanside-Event-Type": event.type, "X-Scanside-Event-Seq": str(event.seq or 0)}
+        if self._secret is not None:
+            ts = int(time.time() if now is None else now)
+            headers["webhook-id"] = event.key
+            headers["webhook-timestamp"] = str(ts)
+            headers["webhook-signature"] = sign(self._secret, event.key, ts, body)
+        return headers
+
+    def deliver(self, event: Event) -> None:
+        if self._types and event.type not in self._types:
+            self.skipped += 1
+            return
+        body = event.model_dump_json().encode("utf-8")
+        with self._lock:
+            try:
+                resp = self._client.post(self.url, content=body, headers=self.headers_for(event, body))
+            except httpx.HTTPError as exc:  # connect/read/write timeouts, refused, reset, DNS
+                raise self._transient(event, f"{type(exc).__name__}: {exc}", None) from exc
+            status = resp.status_code
+            if 200 <= status < 300:
+                self.delivered += 1
+                self.backoff.reset()
+                self.last_error = None
+                return
+            if 400 <= status < 500 and status not in RETRY_4XX:
+                self._permanent(event, status, resp.text[:500])
+                return
+            raise self._transient(event, f"HTTP {status}", retry_after_s(resp.headers.get("Retry-After")))
+
+    def _transient(self, event: Event, reason: str, hint_s: Optional[float]) -> RetryLater:
+        self.failed_attempts += 1
+        self.last_error = reason
+        delay = self.backoff.next()
+        if hint_s is not None:
+            delay = min(max(delay, hint_s), self.config.backoff_max_s)
+        log.warning("webhook: event seq %s not delivered (%s); retrying in %.1f s", event.seq, reason, delay)
+        return RetryLater(reason, delay)
+
+    def _permanent(self, event: Event, status: int, detail: str) -> None:
+        self.dead_lettered += 1
+        self.backoff.reset()
+        self.last_error = f"HTTP {status} (permanent)"
+        log.error("webhook: receiver rejected event seq %s (%s) with HTTP %d; recorded as a dead letter and skipped",
+                  event.seq, event.type, status)
+        self.store.record_dead_letter(self.name, event.seq or 0, event.key, f"HTTP {status}", detail)
+
+    def close(self) -> None:
+        self._client.close()
