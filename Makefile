@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench clean setup
+.PHONY: run test bench clean setup system-deps
 
 setup: $(STAMP)
 
@@ -26,7 +26,22 @@ $(MLSERVER):
 	$(PYTHON) -m venv .venv-mlserver
 	.venv-mlserver/bin/pip install --quiet mlserver onnxruntime numpy
 
-test: $(STAMP) $(MLSERVER)
+# Debian tools the tests drive for real: Prometheus and promtool (monitoring kit), dcmtk's storescu and
+# echoscu (C-STORE receiver), systemd-analyze (unit checks), python3-seccomp (the unit's seccomp rules).
+# apt-get installs whatever is missing (as root, as on CI, or through sudo); nothing when all are there.
+DEB_TOOLS := promtool:prometheus storescu:dcmtk systemd-analyze:systemd
+system-deps:
+	@missing=""; for pair in $(DEB_TOOLS); do command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	ls /usr/lib/python3/dist-packages/seccomp*.so >/dev/null 2>&1 || missing="$$missing python3-seccomp"; \
+	if [ -n "$$missing" ]; then \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	  echo "installing Debian packages:$$missing"; \
+	  ( $$SUDO apt-get -o DPkg::Lock::Timeout=300 update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get \
+	    -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends $$missing >/dev/null ) \
+	  || echo "warning: could not install$$missing; the tests that need them are skipped"; \
+	fi
+
+test: $(STAMP) $(MLSERVER) system-deps
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
