@@ -193,6 +193,32 @@ def resample_to_reference(moving: Volume, reference_grid: GridLike, order: int =
 # ----------------------------------------------------------------------------------------
 
 
+def resized_grid(grid: GridLike, shape) -> Grid:
+    """Same directions, centre and physical extent (n * spacing per axis), ``shape`` voxels:
+    spacing becomes n * s / shape along each axis (an image resize in patient space)."""
+    g = _grid(grid)
+    shape_a = np.asarray(shape, dtype=float)
+    if shape_a.shape != (3,) or np.any(shape_a < 1):
+        raise ValueError(f"resize shape must be 3 positive sizes, got {shape}")
+    new = np.asarray(g.shape, dtype=float) * np.asarray(g.spacing) / shape_a
+    out = resampled_grid(g, new)
+    if tuple(out.shape) != tuple(int(v) for v in shape_a):  # rounding guard; cannot differ by more than 1
+        raise AssertionError(f"resized grid {out.shape} != {tuple(shape)}")
+    return out
+
+
+def antialias_for(array: np.ndarray, src_affine: np.ndarray, dst: Grid) -> np.ndarray:
+    """Gaussian prefilter of ``array`` before it is sampled on ``dst``: along each source axis
+    whose step per destination voxel (zoom) exceeds 1, sigma = (zoom - 1) / 2 source voxels
+    (as skimage.transform.resize(anti_aliasing=True)); unchanged where nothing is downsampled."""
+    lin = (np.linalg.inv(src_affine) @ dst.affine)[:3, :3]
+    zoom = np.abs(lin).max(axis=1)  # source-index step along each source axis
+    sigma = np.maximum(0.0, (zoom - 1.0) / 2.0)
+    if not np.any(sigma > 0.05):
+        return array
+    return ndimage.gaussian_filter(np.asarray(array, dtype=np.float32), sigma, mode="nearest")
+
+
 def cropped_grid(grid: GridLike, shape, center_lps=None) -> Grid:
     """A ``shape`` window of ``grid`` (integer voxel offset) centred on the grid centre or on
     the voxel nearest ``center_lps``."""
@@ -251,9 +277,16 @@ def normalize(array: np.ndarray, mode: str = "zscore_percentile", clip_percentil
 
 
 def model_grid(reference: GridLike, spec: PreprocessSpec, center_lps=None) -> Grid:
-    """The model's input grid: reference reoriented to spec.axcodes, resampled to
-    spec.spacing_mm, cropped/padded to spec.shape (centre, or ``center_lps`` for crop="gland")."""
-    g = resampled_grid(reorient_grid(reference, spec.axcodes), spec.spacing_mm)
+    """The model's input grid: reference reoriented to spec.axcodes (or kept in its acquisition
+    axes, orientation="acquisition"), resampled to spec.spacing_mm, cropped/padded to spec.shape
+    (centre, or ``center_lps`` for crop="gland"); with fit="resize" the whole field of view is
+    resampled onto spec.shape instead."""
+    g = _grid(reference) if spec.orientation == "acquisition" else reorient_grid(reference, spec.axcodes)
+    if spec.fit == "resize":
+        if spec.shape is None:
+            raise ValueError("fit='resize' needs spec.shape")
+        return resized_grid(g, spec.shape)
+    g = resampled_grid(g, spec.spacing_mm)
     if spec.shape is not None and spec.crop != "none":
         if spec.crop == "gland" and center_lps is None:
             raise ValueError("crop='gland' needs center_lps (e.g. the gland centroid)")
@@ -276,7 +309,8 @@ def prepare(
     out = np.empty((len(spec.channels),) + tuple(grid.shape), dtype=np.float32)
     for i, name in enumerate(spec.channels):
         v = volumes[name]
-        arr = _sample(v.array, v.array_affine, grid, order, outside="zero")
+        src = antialias_for(v.array, v.array_affine, grid) if spec.antialias else v.array
+        arr = _sample(src, v.array_affine, grid, order, outside="zero")
         out[i] = normalize(arr, spec.normalize, spec.clip_percentiles)
     return out, grid
 

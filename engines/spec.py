@@ -24,6 +24,14 @@ class PreprocessSpec(BaseModel):
     spacing_mm: tuple[float, float, float] = Field(description="voxel size along the model's axes, in that order")
     shape: Optional[tuple[int, int, int]] = Field(None, description="crop/pad target; None keeps the resampled extent (sliding window)")
     crop: Literal["center", "gland", "none"] = "center"
+    orientation: Literal["axcodes", "acquisition"] = Field(
+        "axcodes", description="axcodes: reorient to `axcodes`; acquisition: keep the series' own array axes "
+        "(slice, row, col) whatever its plane (for models that look at contrast, not anatomy)")
+    fit: Literal["crop", "resize"] = Field(
+        "crop", description="crop: resample to spacing_mm, then crop/pad to shape; resize: the whole field of view "
+        "is resampled onto `shape` (spacing = extent / shape per axis; spacing_mm is then only nominal)")
+    antialias: bool = Field(
+        False, description="gaussian prefilter (sigma = (zoom - 1) / 2 source voxels) along axes that are downsampled")
     normalize: Literal["zscore_percentile", "zscore_nonzero", "none"] = "zscore_percentile"
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     window: Optional[WindowSpec] = None
