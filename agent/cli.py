@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("what", choices=["events", "config"])
     schema.set_defaults(func=cmd_schema)
 
-    for module in ("simulator.cli", "engines.cli", "agent.demo"):
+    for module in ("simulator.cli", "engines.cli", "agent.demo", "agent.profiles"):
         try:
             mod = __import__(module, fromlist=["add_parser"])
         except ImportError as exc:  # optional parts still being built must not break the CLI
@@ -107,6 +107,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         ingestor.catch_up(args.folder)
         ingestor.drain(timeout=3600)
         pipeline.complete_all()
+        pipeline.end_exams()  # one shot: the folder is the whole exam
         report = scan_report(store)
         store.close()
     if args.json:
@@ -118,6 +119,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
                   f"{s['series_description']!r}: {s['reason']}")
         for q in report["quarantined"]:
             print(f"quarantined {q['path']}: {q['reason']}")
+        for d in report.get("deviations", []):
+            print(f"{d['severity'].upper():<8} {d['code']}: {d['message']}")
     return 0
 
 
@@ -128,7 +131,9 @@ def scan_report(store) -> dict:  # type: ignore[no-untyped-def]
             latest[ev.series.series_id] = ev.series.model_dump(mode="json")
     series = sorted(latest.values(), key=lambda s: (s["series_number"] or 0, s["part"]))
     quarantined = [{"path": r["path"], "reason": r["reason"]} for r in store.quarantined()]
-    return {"series": series, "quarantined": quarantined}
+    deviations = [ev.model_dump(mode="json", exclude={"seq"}) for ev in store.events_after(0, limit=1_000_000)
+                  if ev.type == "protocol_deviation"]
+    return {"series": series, "quarantined": quarantined, "deviations": deviations}
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 if sys.version_info >= (3, 11):
@@ -104,6 +104,23 @@ class DicomOutputConfig(_Section):
     institution_name: Optional[str] = None
 
 
+class ProtocolConfig(_Section):
+    enabled: bool = Field(True, description="check each series against the protocol profile as it completes, and the exam for missing series when it ends")
+    profile: str = Field("pirads-2.1-mpmri", min_length=1, description="shipped profile name (pirads-2.1-mpmri, pirads-2.1-bpmri) or path to a profile TOML")
+    site_profile: Optional[Path] = Field(None, description="site profile TOML overriding the profile (tables merge key by key)")
+    exam_quiet_period_s: float = Field(600.0, gt=0, description="an exam ends this long after its last image (longer than the longest acquisition, during which nothing arrives); or at an explicit 'exam done'")
+
+    @model_validator(mode="after")
+    def _profile_loads(self) -> "ProtocolConfig":
+        from agent.profiles import ProfileError, load_profile
+
+        try:
+            load_profile(self.profile, self.site_profile)
+        except ProfileError as exc:
+            raise ValueError(str(exc)) from exc
+        return self
+
+
 class AgentConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SCANSIDE_", env_nested_delimiter="__", extra="forbid")
 
@@ -113,6 +130,7 @@ class AgentConfig(BaseSettings):
     state: StateConfig = Field(default_factory=StateConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
     webhook: WebhookConfig = Field(default_factory=WebhookConfig)
     dicom_output: DicomOutputConfig = Field(default_factory=DicomOutputConfig)
     cstore: CStoreConfig = Field(default_factory=CStoreConfig)

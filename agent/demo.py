@@ -39,6 +39,12 @@ def describe(event: Event) -> str:
         return f"series reopened: {event.late_images} late image(s), revision {event.revision} will follow"
     if event.type == "file_quarantined":
         return f"QUARANTINED file {event.file_ref}: {event.reason} ({event.detail})"
+    if event.type == "protocol_deviation":
+        where = f" series {event.series_number}" if event.series_number is not None else ""
+        return f"PROTOCOL {event.severity.upper()} {event.code}{where}: {event.message}"
+    if event.type == "exam_completed":
+        return (f"exam completed ({event.reason.replace('_', ' ')}): {event.n_series} series, "
+                f"{event.n_deviations} protocol deviation(s)")
     return event.model_dump_json()
 
 

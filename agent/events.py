@@ -28,6 +28,15 @@ class EventBase(BaseModel):
     study_uid: Optional[str] = None
 
 
+class SlabGeometry(BaseModel):
+    """Where a series' slices are, in patient coordinates (LPS, mm): for the 'same locations' checks."""
+
+    normal: tuple[float, float, float] = Field(description="unit slice normal (row cosines x column cosines)")
+    center_lps_mm: tuple[float, float, float] = Field(description="centre of the imaged slab")
+    start_mm: float = Field(description="slab start along the normal (first slice centre minus half a slice)")
+    end_mm: float = Field(description="slab end along the normal (last slice centre plus half a slice)")
+
+
 class SeriesSummary(BaseModel):
     """One logical series: an acquisition, or one b-value / derived part of a multi-b diffusion series."""
 
@@ -58,6 +67,12 @@ class SeriesSummary(BaseModel):
     echo_time_ms: Optional[float] = None
     repetition_time_ms: Optional[float] = None
     field_strength_t: Optional[float] = None
+    fov_mm: Optional[tuple[float, float]] = Field(None, description="field of view (rows, columns) of one slice, mm")
+    slab: Optional[SlabGeometry] = None
+    calculated: bool = Field(False, description="computed by the scanner (e.g. a calculated high b-value, CALC_BVALUE)")
+    temporal_positions: Optional[int] = Field(None, description="phases of a dynamic series")
+    temporal_resolution_s: Optional[float] = Field(None, description="time between phases of a dynamic series")
+    observation_s: Optional[float] = Field(None, description="time covered by a dynamic series (first to last phase, plus one phase)")
 
 
 class SeriesCompleted(EventBase):

@@ -27,6 +27,8 @@ class FrameInfo(BaseModel):
     orientation: Optional[tuple[float, float, float, float, float, float]] = None
     temporal_index: Optional[int] = None
     n_slices: int = 1  # slices packed in this image (Siemens mosaic), else 1
+    acquisition_time_s: Optional[float] = None  # AcquisitionTime / FrameAcquisitionDateTime, seconds after midnight
+    trigger_time_ms: Optional[float] = None  # (0018,1060): per-phase time of a dynamic series on some scanners
 
 
 class FrameRef(BaseModel):
@@ -76,6 +78,7 @@ class InstanceHeader(BaseModel):
     images_in_series: Optional[int] = None  # GE (0025,1007): the series total, where (0020,1002) counts one volume
     number_of_temporal_positions: Optional[int] = None  # (0020,0105)
     acquisition_duration_s: Optional[float] = None
+    temporal_resolution_ms: Optional[float] = None  # (0020,0110) of a dynamic series
     acquisition_contrast: str = ""  # enhanced MR (0008,9209): T1, T2, DIFFUSION, ...
     is_enhanced: bool = False
     is_mosaic: bool = False
@@ -304,6 +307,18 @@ def _opt_int(value: Any) -> Optional[int]:
     return int(f) if f is not None else None
 
 
+def _seconds_of_day(tm: str) -> Optional[float]:
+    """DICOM TM (HHMMSS.ffffff, HH:MM:SS in old files) -> seconds after midnight; None when unreadable."""
+    tm = tm.strip().replace(":", "").split("+")[0].split("-")[0]
+    try:
+        hh, mm, ss = int(tm[0:2]), int(tm[2:4] or 0), float(tm[4:] or 0)
+    except ValueError:
+        return None
+    if not (0 <= hh < 24 and 0 <= mm < 60 and 0 <= ss < 61):
+        return None
+    return hh * 3600.0 + mm * 60.0 + ss
+
+
 def _vec(value: Any, n: int) -> Optional[tuple[float, ...]]:
     vals = _floats(value)
     return tuple(vals) if len(vals) == n else None
@@ -389,6 +404,7 @@ def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
         images_in_series=_opt_int(vd.private_value(ds, 0x0025, 0x07, vd.GE_SERS)) if vendor == "ge" else None,
         number_of_temporal_positions=_opt_int(ds.get("NumberOfTemporalPositions")),
         acquisition_duration_s=_opt_float(ds.get("AcquisitionDuration")),
+        temporal_resolution_ms=_opt_float(ds.get("TemporalResolution")),
         acquisition_contrast=acquisition_contrast,
         is_enhanced=enhanced,
         is_mosaic=mosaic,
@@ -419,6 +435,8 @@ def _classic_frame(ds: Dataset, vendor: str, csa: Optional[vd.LazyCSA], image_ty
         position=_vec(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
         orientation=_vec(ds.get("ImageOrientationPatient"), 6),  # type: ignore[arg-type]
         temporal_index=_opt_int(ds.get("TemporalPositionIdentifier")),
+        acquisition_time_s=_seconds_of_day(_text(ds.get("AcquisitionTime"))),
+        trigger_time_ms=_opt_float(ds.get("TriggerTime")),
         n_slices=n_slices,
     )
 
@@ -454,5 +472,6 @@ def _enhanced_frames(ds: Dataset, shared: Dataset, vendor: str) -> list[FrameInf
             position=_vec(_first_item(item, "PlanePositionSequence").get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
             orientation=_vec(_first_item(item, "PlaneOrientationSequence").get("ImageOrientationPatient") or shared_orient, 6),  # type: ignore[arg-type]
             temporal_index=_opt_int(content.get("TemporalPositionIndex")),
+            acquisition_time_s=_seconds_of_day(_text(content.get("FrameAcquisitionDateTime"))[8:]),
         ))
     return frames

@@ -14,6 +14,8 @@ from agent.config import AgentConfig
 from agent.events import EventBase, FileQuarantined
 from agent.header import HeaderError, read_header
 from agent.quarantine import Quarantine
+from agent.exam import ExamTracker
+from agent.protocol import checker_from_config
 from agent.series import SeriesAssembler
 from agent.state import StateStore
 
@@ -39,6 +41,9 @@ class Pipeline:
         self.config = config
         self.store = store
         self.assembler = SeriesAssembler(store, config.series, clock)
+        # protocol checks run on the events each transaction records, inside that transaction
+        self.protocol = checker_from_config(config, store)
+        self.exams = ExamTracker(store, self.protocol, config.protocol.exam_quiet_period_s)
         self.quarantine_box = Quarantine(config.quarantine_path, config.ingest.quarantine_mode)
         self.new_events = threading.Condition()
         self.listeners: list[Callable[[str, Outcome], None]] = []  # metrics hook: (path, outcome)
@@ -99,18 +104,54 @@ class Pipeline:
     # ------------------------------------------------------------------ time
     def tick(self) -> int:
         with self.store.transaction():
-            return self._append(self.assembler.due())
+            n = self._append(self.assembler.due())
+        with self.store.transaction():
+            n += self._append(self._exam_events(self.exams.due))
+        return n
+
+    def exam_done(self, study_uid: str, reason: str = "operator") -> int:
+        """End an exam now (the technologist's 'exam done'; the API calls this): close its open
+        series, check it for missing series, record ExamCompleted. Events recorded, counted."""
+        with self.store.transaction():
+            n = self._append(self.assembler.complete_study(study_uid))
+        with self.store.transaction():
+            return n + self._append(self._exam_events(lambda: self.exams.end(study_uid, reason)))  # type: ignore[arg-type]
+
+    def end_exams(self) -> int:
+        """End every exam not yet ended (one-shot scans, after complete_all)."""
+        n = 0
+        for row in self.store.exams():
+            if not self.exams.is_done(row["study_uid"], row["last_seen"]):
+                n += self.exam_done(row["study_uid"])
+        return n
+
+    def _exam_events(self, produce: Callable[[], list[EventBase]]) -> list[EventBase]:
+        try:
+            return produce()
+        except Exception:  # exam bookkeeping must never stop ingestion
+            log.exception("exam end failed")
+            self.exams._ended.clear()
+            return []
+
 
     def complete_all(self) -> int:
         with self.store.transaction():
             return self._append(self.assembler.complete_all())
 
     def next_due_in(self) -> Optional[float]:
-        return self.assembler.next_due_in()
+        waits = [w for w in (self.assembler.next_due_in(), self.exams.next_due_in()) if w is not None]
+        return min(waits) if waits else None
 
     # ------------------------------------------------------------------ events
     def _append(self, events: list[EventBase]) -> int:
         stored = sum(1 for e in events if self.store.append_event(e) is not None)  # type: ignore[arg-type]
+        if self.protocol is not None and any(e.type == "series_completed" for e in events):  # type: ignore[attr-defined]
+            try:
+                deviations = self.protocol.after(events)
+            except Exception:  # a checker bug must not roll back (and so re-try, then quarantine) good files
+                log.exception("protocol check failed")
+                deviations = []
+            stored += sum(1 for e in deviations if self.store.append_event(e) is not None)
         if stored:
             with self.new_events:
                 self.new_events.notify_all()

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from agent import vendor as vd
+from agent.acquisition import dynamic_timing, field_of_view, slab_geometry
 from agent.classify import classify_header, is_diffusion
 from agent.config import SeriesConfig
 from agent.events import EventBase, SeriesCompleted, SeriesReopened, SeriesSummary
@@ -110,6 +111,7 @@ def summarise(part: SeriesPart, revision: int, complete: bool, expected: Optiona
     orientation = next((f.orientation for f in part.frames if f.orientation), None)
     mosaic = any(x.is_mosaic for x in part.headers)
     spacing = h.spacing_between_slices if mosaic else (slice_spacing(part.frames) or h.spacing_between_slices)
+    phases, temporal_resolution, observation = dynamic_timing(part.headers, part.frames)
     return SeriesSummary(
         series_id=part.series_id,
         study_uid=h.study_uid,
@@ -138,6 +140,12 @@ def summarise(part: SeriesPart, revision: int, complete: bool, expected: Optiona
         echo_time_ms=h.echo_time,
         repetition_time_ms=h.repetition_time,
         field_strength_t=h.magnetic_field_strength,
+        fov_mm=field_of_view(h),
+        slab=slab_geometry(part.headers, part.frames),
+        calculated=any(f.derived == "CALC_BVALUE" for f in part.frames),
+        temporal_positions=phases,
+        temporal_resolution_s=temporal_resolution,
+        observation_s=observation,
     )
 
 
@@ -204,6 +212,15 @@ class SeriesAssembler:
         for row in self.store.all_series("open"):
             reached = bool(row["expected"] and row["n_images"] >= row["expected"]) or not row["expected"]
             events += self._complete(row["series_uid"], complete=reached)
+        return events
+
+    def complete_study(self, study_uid: str) -> list[EventBase]:
+        """Close one exam's open series now (its 'exam done')."""
+        events: list[EventBase] = []
+        for row in self.store.all_series("open"):
+            if row["study_uid"] == study_uid:
+                reached = bool(row["expected"] and row["n_images"] >= row["expected"]) or not row["expected"]
+                events += self._complete(row["series_uid"], complete=reached)
         return events
 
     def _complete(self, series_uid: str, complete: bool) -> list[EventBase]:
