@@ -60,6 +60,34 @@ class ModelNotFound(LookupError):
     pass
 
 
+#: default `[engines] int8_tolerance`: the largest parity loss (converters.parity: 1 - Dice against FP32,
+#: accuracy or AUROC drop, or 1 - agreement) an INT8 variant may show and still be loaded
+DEFAULT_INT8_TOLERANCE = 0.02
+
+
+def parity_refusal(manifest: ModelManifest, key: str, precision: str, sha256: str,
+                   tolerance: Optional[float]) -> Optional[str]:
+    """Why an INT8 file/plan must not be loaded (None: it may).  *key* is the variant name, or
+    ``plan:<path>`` for a TensorRT plan.  The manifest's parity report (converters.parity) must have an
+    entry for *key*, measured on this very file (same sha256), whose loss is within *tolerance*.
+    tolerance None disables the gate; non-INT8 precisions always pass."""
+    if tolerance is None or not str(precision).startswith("int8"):
+        return None
+    entry = ((manifest.parity or {}).get("variants") or {}).get(key)
+    if not isinstance(entry, dict):
+        return (f"INT8 {key} has no parity report in the manifest (run `scanside convert parity "
+                f"{manifest.name}@{manifest.version}`)")
+    if str(entry.get("sha256", "")).lower() != sha256.lower():
+        return f"INT8 {key}: parity report was measured on another file (sha256 differs); re-run parity"
+    loss = entry.get("loss")
+    if not isinstance(loss, (int, float)) or isinstance(loss, bool) or loss != loss:
+        return f"INT8 {key}: parity report has no numeric loss"
+    if loss > tolerance:
+        return (f"INT8 {key}: parity loss {loss:g} ({entry.get('metric', '?')} {entry.get('value', '?')}) "
+                f"exceeds the tolerance {tolerance:g}")
+    return None
+
+
 @dataclasses.dataclass
 class Selection:
     model: str
@@ -116,7 +144,8 @@ class ModelStore:
     def __init__(self, roots: Union[None, str, Path, Sequence[Union[str, Path]]] = None, *,
                  user_dir: Union[None, str, Path] = None, preference: Sequence[str] = DEFAULT_PREFERENCE,
                  engine_options: Optional[Dict[str, Dict[str, Any]]] = None,
-                 tensorrt_probe: Optional[TensorRTProbe] = None) -> None:
+                 tensorrt_probe: Optional[TensorRTProbe] = None,
+                 int8_tolerance: Optional[float] = DEFAULT_INT8_TOLERANCE) -> None:
         """roots: store directories searched in order (first wins on a duplicate name/version).
         user_dir: bring-your-own models (searched after roots; `add_onnx` writes there).
         engine_options: per back end constructor keywords, e.g. {"onnxruntime": {"intra_op_threads": 2},
@@ -136,6 +165,8 @@ class ModelStore:
         self.engine_options = {k: dict(v) for k, v in (engine_options or {}).items()}
         self._tensorrt_probe = tensorrt_probe or _probe_tensorrt_machine
         self.problems: List[str] = []  # manifests that could not be read, duplicates
+        # parity gate: INT8 files/plans without an in-tolerance parity report are refused (None: off)
+        self.int8_tolerance = int8_tolerance
 
     # ---- discovery -------------------------------------------------------------------------------
     @property
@@ -260,9 +291,11 @@ class ModelStore:
         if trt_version is None or device is None:
             return why or "tensorrt/CUDA unavailable"
         opts = self._opts("tensorrt")
-        cands = m.model_copy(update={"plans": [p for p in m.plans
-                                               if variant is None or p.source_variant in (None, variant)]})
+        gated = [(p, parity_refusal(m, f"plan:{p.path}", p.precision, p.sha256, self.int8_tolerance))
+                 for p in m.plans if variant is None or p.source_variant in (None, variant)]
+        cands = m.model_copy(update={"plans": [p for p, why in gated if why is None]})
         plan, reasons = select_plan(cands, device, trt_version, opts.get("precision"))
+        reasons = [(p.path, why) for p, why in gated if why is not None] + reasons
         if plan is None:
             return "; ".join(f"{p}: {r}" for p, r in reasons) or f"no plan for variant {variant!r}"
         verify_sha256(m.resolve(plan.path), plan.sha256)
@@ -283,11 +316,19 @@ class ModelStore:
             return why
         v = m.pick_variant(variant)
         mf: ModelFile = m.files[v]
+        note = ""
+        refused = parity_refusal(m, v, mf.precision, mf.sha256, self.int8_tolerance)
+        if refused:
+            if variant is not None or "fp32" not in m.files:
+                return refused
+            log.warning("model store: %s: %s; using fp32", m.ref, refused)
+            note = f"; default variant {v} refused ({refused}), fp32 used"
+            v, mf = "fp32", m.files["fp32"]
         verify_sha256(m.resolve(mf.path), mf.sha256)
         if not load:
-            return None, v, mf.precision, why
+            return None, v, mf.precision, why + note
         engine = OnnxRuntimeEngine(**self._opts("onnxruntime")).load(m, v, verify=False)
-        return engine, v, mf.precision, f"providers {engine.providers_used}"
+        return engine, v, mf.precision, f"providers {engine.providers_used}{note}"
 
     def _try_triton(self, m: ModelManifest, variant: Optional[str], load: bool) -> Any:
         opts = self._opts("triton")

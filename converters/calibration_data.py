@@ -1,0 +1,307 @@
+"""Calibration and parity data from real DICOM folders, prepared exactly as the agent prepares them.
+
+DICOM folder -> agent.header.read_header -> group by series -> agent.series.split_parts ->
+agent.classify (series label) -> agent.volume.load_volume -> engines.preprocess.prepare(spec) ->
+model inputs.  For a sliding-window model (``spec.window``, e.g. TAPS) each prepared series gives
+ROI-sized windows at the same positions engines.preprocess.sliding_window visits; the windows
+holding the most foreground are kept.
+
+What is stored (``CalibrationSet.save``): an ``.npz`` with the input tensor (N, C, *spatial), the
+header label of each sample's series (for task metrics) and an opaque per-sample source id (a
+hash of the series UID: no patient identifiers).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from engines.manifest import ModelManifest
+from engines.spec import PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+#: channel names a manifest may use for "any axial T2W" (TAPS says "T2W")
+CHANNEL_ALIASES: Dict[str, Tuple[str, ...]] = {
+    "T2W": ("T2WI_nan", "T2WI_fs"),
+    "T2WI": ("T2WI_nan", "T2WI_fs"),
+    "DWI": ("DWI_High",),
+    "HBV": ("DWI_High",),
+}
+_SKIP_SUFFIXES = (".json", ".txt", ".npz", ".onnx", ".md", ".tmp")
+
+
+class CalibrationDataError(ValueError):
+    """No usable series / the prepared data does not fit the model."""
+
+
+@dataclass
+class SeriesVolume:
+    """One labelled, loaded series of an exam."""
+
+    study_key: str  # hash of the StudyInstanceUID (no PHI)
+    series_key: str  # hash of series id
+    label: str
+    plane: Optional[str]
+    volume: object  # agent.volume.Volume
+
+
+@dataclass
+class CalibrationSet:
+    """Model-ready samples (N, C, *spatial) with their series labels and opaque sources."""
+
+    inputs: np.ndarray
+    labels: List[str] = field(default_factory=list)
+    sources: List[str] = field(default_factory=list)
+    input_name: str = "input"
+    windows: List[Tuple[int, int, int]] = field(default_factory=list)
+    #: exam-level csPCa truth (1/0) per sample where a simulator ground_truth.json says so, else NaN
+    targets: List[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def split(self, n_first: int) -> Tuple["CalibrationSet", "CalibrationSet"]:
+        """Split by *series*, not sample, so that calibration and held-out data never share a series."""
+        order: List[str] = []
+        for s in self.sources:
+            if s not in order:
+                order.append(s)
+        first = set(order[:n_first])
+        a = [i for i, s in enumerate(self.sources) if s in first]
+        b = [i for i, s in enumerate(self.sources) if s not in first]
+        return self.subset(a), self.subset(b)
+
+    def subset(self, idx: Sequence[int]) -> "CalibrationSet":
+        idx = list(idx)
+        return CalibrationSet(self.inputs[idx] if idx else self.inputs[:0], [self.labels[i] for i in idx],
+                              [self.sources[i] for i in idx], self.input_name,
+                              [self.windows[i] for i in idx] if self.windows else [],
+                              [self.targets[i] for i in idx] if self.targets else [])
+
+    def save(self, path: Union[str, Path]) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez_compressed(tmp, inputs=self.inputs.astype(np.float32), labels=np.asarray(self.labels, dtype=str),
+                            sources=np.asarray(self.sources, dtype=str), input_name=np.asarray(self.input_name),
+                            windows=np.asarray(self.windows, dtype=np.int64).reshape(-1, 3),
+                            targets=np.asarray(self.targets, dtype=np.float64))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "CalibrationSet":
+        with np.load(path, allow_pickle=False) as z:
+            win = [tuple(int(v) for v in w) for w in z["windows"]] if "windows" in z else []
+            tg = [float(v) for v in z["targets"]] if "targets" in z else []
+            return cls(inputs=z["inputs"].astype(np.float32), labels=[str(x) for x in z["labels"]],
+                       sources=[str(x) for x in z["sources"]], input_name=str(z["input_name"]),
+                       windows=win, targets=tg)  # type: ignore[arg-type]
+
+    def feeds(self, batch: int = 1) -> Iterator[Dict[str, np.ndarray]]:
+        for i in range(0, len(self), batch):
+            yield {self.input_name: np.ascontiguousarray(self.inputs[i:i + batch])}
+
+
+def _opaque(uid: str) -> str:
+    return hashlib.sha256(uid.encode()).hexdigest()[:12]
+
+
+def dicom_files(root: Union[str, Path]) -> List[Path]:
+    root = Path(root)
+    out = []
+    for dirpath, _dirs, files in os.walk(root):
+        for f in sorted(files):
+            if f.startswith(".") or f.lower().endswith(_SKIP_SUFFIXES) or f == "DICOMDIR":
+                continue
+            out.append(Path(dirpath) / f)
+    return sorted(out)
+
+
+def read_series(roots: Union[str, Path, Sequence[Union[str, Path]]], *, labels: Optional[Iterable[str]] = None,
+                planes: Optional[Iterable[str]] = ("axial",)) -> List[SeriesVolume]:
+    """Every loadable series under *roots*, labelled by the agent's header rules.  Files that are not
+    DICOM, unreadable or whose series cannot form a volume are skipped (and logged without PHI)."""
+    from agent.classify import classify_header
+    from agent.header import HeaderError, read_header
+    from agent.series import split_parts
+    from agent.vendor import plane_of
+    from agent.volume import VolumeError, load_volume
+
+    if isinstance(roots, (str, Path)):
+        roots = [roots]
+    want = set(labels) if labels is not None else None
+    want_planes = set(planes) if planes is not None else None
+    by_series: Dict[str, list] = {}
+    for root in roots:
+        for p in dicom_files(root):
+            try:
+                h = read_header(p)
+            except HeaderError as e:
+                log.debug("calibration data: skipped a file (%s)", e.reason)
+                continue
+            except Exception as e:  # bad input never crashes the converter
+                log.debug("calibration data: skipped a file (%s)", type(e).__name__)
+                continue
+            by_series.setdefault(h.series_uid, []).append(h)
+    out: List[SeriesVolume] = []
+    for uid in sorted(by_series):
+        for part in split_parts(by_series[uid]):
+            label = classify_header(part.headers, part.frames).label
+            if want is not None and label not in want:
+                continue
+            orient = next((f.orientation for f in part.frames if f.orientation), None)
+            plane = plane_of(orient) if orient else None
+            if want_planes is not None and plane not in want_planes:
+                continue
+            try:
+                vol = load_volume(part.refs)
+            except (VolumeError, ValueError, OSError) as e:
+                log.info("calibration data: series %s not loadable (%s)", _opaque(part.series_id), type(e).__name__)
+                continue
+            out.append(SeriesVolume(_opaque(part.headers[0].study_uid), _opaque(part.series_id), label, plane, vol))
+    return out
+
+
+def exam_truth(roots: Union[str, Path, Sequence[Union[str, Path]]]) -> Dict[str, float]:
+    """study key -> csPCa (1.0/0.0) from simulator ground_truth.json files under *roots* (if any)."""
+    import json
+
+    if isinstance(roots, (str, Path)):
+        roots = [roots]
+    out: Dict[str, float] = {}
+    for root in roots:
+        for gt in Path(root).rglob("ground_truth.json"):
+            try:
+                d = json.loads(gt.read_text(encoding="utf-8"))
+                out[_opaque(str(d["study_uid"]))] = 1.0 if d.get("cspca") else 0.0
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    return out
+
+
+def channel_labels(channel: str) -> Tuple[str, ...]:
+    return CHANNEL_ALIASES.get(channel, (channel,))
+
+
+def exam_channel_volumes(series: Sequence[SeriesVolume], spec: PreprocessSpec) -> List[Tuple[str, str, Dict[str, object]]]:
+    """Per study: (study key, first channel's series key, {channel: Volume}) for studies that have every channel.
+    A study with several series for the first channel yields one entry per such series."""
+    studies: Dict[str, List[SeriesVolume]] = {}
+    for s in series:
+        studies.setdefault(s.study_key, []).append(s)
+    out = []
+    for study, items in sorted(studies.items()):
+        first = [s for s in items if s.label in channel_labels(spec.channels[0])]
+        for lead in first:
+            vols: Dict[str, object] = {spec.channels[0]: lead.volume}
+            for ch in spec.channels[1:]:
+                match = next((s for s in items if s.label in channel_labels(ch)), None)
+                if match is None:
+                    break
+                vols[ch] = match.volume
+            else:
+                out.append((study, lead.series_key, vols))
+    return out
+
+
+def window_starts(shape: Sequence[int], spec: PreprocessSpec) -> List[Tuple[int, int, int]]:
+    """Window origins engines.preprocess.sliding_window visits on a (padded) array of *shape*."""
+    from engines.preprocess import _starts
+
+    assert spec.window is not None
+    roi = spec.window.roi
+    psize = [max(s, r) for s, r in zip(shape, roi)]
+    return [(i, j, k) for i in _starts(psize[0], roi[0], spec.window.overlap)
+            for j in _starts(psize[1], roi[1], spec.window.overlap)
+            for k in _starts(psize[2], roi[2], spec.window.overlap)]
+
+
+def extract_windows(array: np.ndarray, spec: PreprocessSpec, max_windows: Optional[int] = None
+                    ) -> List[Tuple[Tuple[int, int, int], np.ndarray]]:
+    """ROI windows of a prepared (C, d0, d1, d2) array, padded like sliding_window: most foreground first,
+    then nearest the centre."""
+    assert spec.window is not None
+    roi = tuple(int(r) for r in spec.window.roi)
+    size = array.shape[1:]
+    pad = [(max(0, r - s) // 2, max(0, r - s) - max(0, r - s) // 2) for r, s in zip(roi, size)]
+    a = np.pad(array, [(0, 0)] + pad) if any(p != (0, 0) for p in pad) else array
+    centre = (np.asarray(a.shape[1:], dtype=float) - 1) / 2
+    wins = []
+    for (i, j, k) in window_starts(size, spec):
+        w = a[:, i:i + roi[0], j:j + roi[1], k:k + roi[2]]
+        fg = round(float(np.count_nonzero(w)) / w.size, 2)
+        dist = float(np.linalg.norm(np.asarray((i, j, k)) + (np.asarray(roi) - 1) / 2 - centre))
+        wins.append(((i, j, k), (-fg, dist), np.ascontiguousarray(w, dtype=np.float32)))
+    # most foreground first, then nearest the field-of-view centre (where the technologist puts the prostate)
+    wins.sort(key=lambda t: t[1])
+    if max_windows is not None:
+        wins = wins[:max_windows]
+    return [(s, w) for s, _, w in wins]
+
+
+def _check_fits(manifest: ModelManifest, sample: np.ndarray) -> None:
+    spec = manifest.inputs[0]
+    want = spec.shape[1:]
+    if len(want) != sample.ndim:
+        raise CalibrationDataError(f"{manifest.ref}: prepared sample has shape {list(sample.shape)}, the model takes "
+                                   f"{spec.shape} (rank differs): check the manifest's preprocessing")
+    for a, (w, g) in enumerate(zip(want, sample.shape)):
+        if isinstance(w, int) and w != g:
+            raise CalibrationDataError(f"{manifest.ref}: prepared sample axis {a + 1} is {g}, the model's input "
+                                       f"{spec.name!r} takes {w} ({spec.shape}): check the preprocessing shape/window")
+
+
+def build_set(manifest: ModelManifest, roots: Union[str, Path, Sequence[Union[str, Path]]], *,
+              max_samples: Optional[int] = None, windows_per_series: int = 2,
+              series: Optional[Sequence[SeriesVolume]] = None) -> CalibrationSet:
+    """Model inputs from the DICOM folders *roots* (or already read *series*), prepared with the
+    manifest's PreprocessSpec.  Sliding-window models: up to *windows_per_series* windows each."""
+    if manifest.preprocessing is None:
+        raise CalibrationDataError(f"{manifest.ref}: the manifest has no preprocessing spec; "
+                                   "calibration data must be prepared as the agent prepares it")
+    if len(manifest.inputs) != 1:
+        raise CalibrationDataError(f"{manifest.ref}: {len(manifest.inputs)} inputs; calibration supports one")
+    from engines.preprocess import prepare
+
+    spec = manifest.preprocessing
+    wanted = {lab for ch in spec.channels for lab in channel_labels(ch)}
+    if series is None:
+        series = read_series(roots, labels=wanted)
+    studies = exam_channel_volumes(series, spec)
+    if not studies:
+        found = sorted({s.label for s in series})
+        raise CalibrationDataError(f"{manifest.ref}: no exam with all channels {spec.channels} "
+                                   f"(axial series found: {found or 'none'})")
+    samples: List[np.ndarray] = []
+    labels: List[str] = []
+    sources: List[str] = []
+    starts: List[Tuple[int, int, int]] = []
+    label_of = {s.series_key: s.label for s in series}
+    truth = exam_truth(roots) if roots is not None else {}
+    targets: List[float] = []
+    for study, key, vols in studies:
+        arr, _grid = prepare(vols, spec)  # type: ignore[arg-type]
+        if spec.window is not None:
+            items = extract_windows(arr, spec, windows_per_series)
+        else:
+            items = [((0, 0, 0), arr)]
+        for st, w in items:
+            _check_fits(manifest, w)
+            samples.append(w)
+            labels.append(label_of.get(key, ""))
+            sources.append(key)
+            starts.append(st)
+            targets.append(truth.get(study, float("nan")))
+            if max_samples is not None and len(samples) >= max_samples:
+                break
+        if max_samples is not None and len(samples) >= max_samples:
+            break
+    return CalibrationSet(np.stack(samples).astype(np.float32), labels, sources, manifest.inputs[0].name, starts,
+                          targets)

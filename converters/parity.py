@@ -1,0 +1,224 @@
+"""Parity report: FP32 ONNX Runtime against each INT8 variant (and TensorRT plans where they can run) on
+held-out data prepared like the agent prepares it.
+
+Per variant: max / mean absolute output difference, relative L2 error, the task metric of the variant and
+of FP32, and a single ``loss`` in [0, 1] that the agent's parity gate compares with
+``[engines] int8_tolerance`` (engines.store.parity_refusal):
+
+* dense outputs (segmentation, lesion maps; >= 3 spatial axes): Dice of the variant's mask against the
+  FP32 mask (manifest postprocessing: gaussian sigma on logits, sigmoid, threshold); loss = 1 - Dice.
+* class scores ([N, K], K >= 2): accuracy against the series' header labels where the manifest's labels
+  name them, else top-1 agreement with FP32; loss = accuracy drop (or 1 - agreement).
+* one score per sample ([N] or [N, 1]): AUROC against exam-level truth where it is known (both classes
+  present), loss = AUROC drop; otherwise agreement of the thresholded score with FP32.
+
+The report is written into the manifest's ``parity`` field, keyed by variant (``plan:<path>`` for plans),
+with the sha256 of the file it was measured on: re-quantizing a file invalidates its report.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from converters.calibration_data import CalibrationSet
+from engines.manifest import ModelManifest
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics (plain numpy)
+# ------------------------------------------------------------------------------------------------
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    s = int(a.sum()) + int(b.sum())
+    return 1.0 if s == 0 else 2.0 * int(np.logical_and(a, b).sum()) / s
+
+
+def auroc(scores: Sequence[float], truth: Sequence[float]) -> Optional[float]:
+    """Mann-Whitney AUROC with ties counted half; None unless both classes are present."""
+    s = np.asarray(scores, dtype=np.float64)
+    t = np.asarray(truth, dtype=np.float64)
+    keep = np.isfinite(t)
+    s, t = s[keep], t[keep]
+    pos, neg = s[t > 0.5], s[t <= 0.5]
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
+
+
+def dense_mask(output: np.ndarray, post: Dict[str, Any]) -> np.ndarray:
+    """(N, C, *spatial) logits/probabilities -> boolean mask, following the manifest's postprocessing."""
+    from scipy import ndimage
+
+    x = np.asarray(output, dtype=np.float32)
+    sigma = float(post.get("gaussian_sigma") or 0.0)
+    if sigma > 0:
+        spatial = x.ndim - 2
+        x = ndimage.gaussian_filter(x, sigma=(0.0, 0.0) + (sigma,) * spatial, mode="nearest")
+    act = post.get("activation", "sigmoid")
+    if act == "sigmoid":
+        x = _sigmoid(x)
+    elif act == "softmax":
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        x = e / e.sum(axis=1, keepdims=True)
+        x = x[:, 1:] if x.shape[1] > 1 else x
+    return x > float(post.get("threshold", 0.5))
+
+
+def output_kind(manifest: ModelManifest) -> str:
+    rank = manifest.outputs[0].rank
+    if rank >= 4:
+        return "dense"
+    shape = manifest.outputs[0].shape
+    if rank == 2 and isinstance(shape[1], int) and shape[1] >= 2:
+        return "classes"
+    return "score"
+
+
+def task_metrics(manifest: ModelManifest, ref: np.ndarray, got: np.ndarray, cset: CalibrationSet) -> Dict[str, Any]:
+    """Task metric of *got* (and of the FP32 *ref*) and the gate's loss."""
+    kind = output_kind(manifest)
+    post = dict(manifest.postprocessing or {})
+    if kind == "dense":
+        mr, mg = dense_mask(ref, post), dense_mask(got, post)
+        per = [dice(a, b) for a, b in zip(mr, mg)]
+        d = dice(mr, mg)
+        return {"metric": "dice_vs_fp32", "value": round(d, 6), "reference": 1.0, "loss": round(1.0 - d, 6),
+                "per_sample_min": round(min(per), 6) if per else None,
+                "fp32_foreground_voxels": int(mr.sum()), "foreground_voxels": int(mg.sum())}
+    if kind == "classes":
+        pr, pg = ref.argmax(axis=1), got.argmax(axis=1)
+        agreement = float((pr == pg).mean())
+        names = list(manifest.labels or [])
+        idx = [(i, names.index(lab)) for i, lab in enumerate(cset.labels) if lab in names]
+        if idx:
+            rows, want = np.array([i for i, _ in idx]), np.array([j for _, j in idx])
+            acc_r = float((pr[rows] == want).mean())
+            acc_g = float((pg[rows] == want).mean())
+            return {"metric": "accuracy", "value": round(acc_g, 6), "reference": round(acc_r, 6),
+                    "loss": round(max(0.0, acc_r - acc_g), 6), "agreement": round(agreement, 6), "labelled": len(idx)}
+        return {"metric": "top1_agreement", "value": round(agreement, 6), "reference": 1.0,
+                "loss": round(1.0 - agreement, 6), "labelled": 0}
+    sr, sg = ref.reshape(len(ref), -1)[:, 0], got.reshape(len(got), -1)[:, 0]
+    if post.get("activation") == "sigmoid":
+        sr, sg = _sigmoid(sr), _sigmoid(sg)
+    targets = cset.targets if cset.targets else [float("nan")] * len(sr)
+    ar, ag = auroc(sr, targets), auroc(sg, targets)
+    if ar is not None and ag is not None:
+        return {"metric": "auroc", "value": round(ag, 6), "reference": round(ar, 6), "loss": round(max(0.0, ar - ag), 6)}
+    thr = float(post.get("threshold", 0.5))
+    agreement = float(((sr > thr) == (sg > thr)).mean())
+    return {"metric": "decision_agreement", "value": round(agreement, 6), "reference": 1.0,
+            "loss": round(1.0 - agreement, 6)}
+
+
+# ------------------------------------------------------------------------------------------------
+# running the variants
+# ------------------------------------------------------------------------------------------------
+def _run(engine: Any, manifest: ModelManifest, cset: CalibrationSet) -> Tuple[np.ndarray, List[float]]:
+    out_name = manifest.outputs[0].name
+    outs, times = [], []
+    for feed in cset.feeds(1):
+        t0 = time.perf_counter()
+        outs.append(np.asarray(engine.run(feed)[out_name], dtype=np.float32))
+        times.append(time.perf_counter() - t0)
+    return np.concatenate(outs, axis=0), times
+
+
+def _ort_engine(manifest: ModelManifest, variant: str, threads: Optional[int]) -> Any:
+    from engines.onnxruntime_engine import OnnxRuntimeEngine
+
+    return OnnxRuntimeEngine(["CPUExecutionProvider"], intra_op_threads=threads).load(manifest, variant)
+
+
+def _compare(manifest: ModelManifest, ref: np.ndarray, got: np.ndarray, cset: CalibrationSet) -> Dict[str, Any]:
+    diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+    den = float(np.sqrt(np.sum(ref.astype(np.float64) ** 2)))
+    out = {"max_abs_diff": round(float(diff.max()), 6), "mean_abs_diff": round(float(diff.mean()), 6),
+           "rel_l2": round(float(np.sqrt(np.sum(diff ** 2)) / den) if den > 0 else float("nan"), 6)}
+    out.update(task_metrics(manifest, ref, got, cset))
+    return out
+
+
+def tensorrt_plans_runnable(manifest: ModelManifest) -> Tuple[List[Any], str]:
+    """Plans of *manifest* this machine can run, or why none."""
+    from engines.tensorrt_engine import check_plan_compatibility, probe_cuda_device, probe_tensorrt
+
+    if not manifest.plans:
+        return [], "no TensorRT plan in the manifest"
+    version, why = probe_tensorrt()
+    if version is None:
+        return [], why
+    dev, dwhy = probe_cuda_device(0)
+    if dev is None:
+        return [], dwhy
+    ok = [p for p in manifest.plans if check_plan_compatibility(p, dev, version).ok]
+    return ok, "" if ok else "no plan compatible with this GPU/TensorRT"
+
+
+def parity_report(manifest: ModelManifest, held_out: CalibrationSet, *, variants: Optional[Sequence[str]] = None,
+                  reference: str = "fp32", tensorrt: bool = True, threads: Optional[int] = None,
+                  data_description: str = "") -> Dict[str, Any]:
+    """Run FP32 and every other variant (default: all non-reference files) on *held_out* and compare."""
+    if len(held_out) == 0:
+        raise ValueError("parity needs held-out samples")
+    variants = [v for v in (variants or list(manifest.files)) if v != reference]
+    eng = _ort_engine(manifest, reference, threads)
+    with eng:
+        ref, ref_t = _run(eng, manifest, held_out)
+    now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    report: Dict[str, Any] = {
+        "created_at": now, "reference": reference, "reference_sha256": manifest.files[reference].sha256,
+        "data": {"samples": len(held_out), "series": len(set(held_out.sources)),
+                 "description": data_description or "held-out DICOM series, agent preprocessing"},
+        "reference_median_latency_s": round(float(np.median(ref_t)), 4),
+        "variants": {},
+    }
+    for v in variants:
+        mf = manifest.files[v]
+        eng = _ort_engine(manifest, v, threads)
+        with eng:
+            got, t = _run(eng, manifest, held_out)
+        entry = {"backend": "onnxruntime", "precision": mf.precision, "sha256": mf.sha256,
+                 "median_latency_s": round(float(np.median(t)), 4)}
+        entry.update(_compare(manifest, ref, got, held_out))
+        report["variants"][v] = entry
+    if tensorrt:
+        plans, why = tensorrt_plans_runnable(manifest)
+        if not plans:
+            report["tensorrt"] = f"skipped: {why}"
+        for plan in plans:
+            from engines.tensorrt_engine import TensorRTEngine
+
+            eng = TensorRTEngine(plan_path=plan.path).load(manifest, plan.source_variant)
+            with eng:
+                got, t = _run(eng, manifest, held_out)
+            entry = {"backend": "tensorrt", "precision": plan.precision, "sha256": plan.sha256,
+                     "trt_version": plan.trt_version, "compute_capability": plan.compute_capability,
+                     "median_latency_s": round(float(np.median(t)), 4)}
+            entry.update(_compare(manifest, ref, got, held_out))
+            report["variants"][f"plan:{plan.path}"] = entry
+    return report
+
+
+def record(manifest: ModelManifest, report: Dict[str, Any], *, save: bool = True) -> ModelManifest:
+    """Merge *report* into manifest.parity (entries of other variants are kept) and save."""
+    old = dict(manifest.parity or {})
+    merged = dict(report)
+    variants = dict(old.get("variants") or {})
+    variants.update(report.get("variants") or {})
+    merged["variants"] = variants
+    root = manifest.root
+    updated = manifest.model_copy(update={"parity": merged})
+    if save and root is not None:
+        updated.save(Path(root))
+    return updated.set_root(root)

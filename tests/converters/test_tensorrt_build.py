@@ -1,0 +1,145 @@
+"""TensorRT plan building: the decisions that need no GPU (version branches, profiles, calibration
+cache format, plan records, the parity gate on plans) run everywhere; the build itself is skipped
+with the reason when tensorrt or a CUDA device is missing."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from converters.tensorrt_build import BuildOptions, BuildRefused, add_plan, build_mode, cache_matches, float_to_hex, \
+    hex_to_float, layer_precisions, parse_trt_version, plan_record, profile_shapes, ranges_to_scales, \
+    read_calibration_cache, skip_reason, trt_version_number, write_calibration_cache
+from engines.manifest import ModelFile, ModelManifest
+from engines.store import ModelStore
+from engines.taps import taps_manifest
+from engines.tensorrt_engine import CudaDevice
+
+
+def _with_sym(m: ModelManifest) -> ModelManifest:
+    files = dict(m.files)
+    files["int8_sym"] = ModelFile(path="model_v1.int8_sym.onnx", sha256="0" * 64, precision="int8_qdq_sym")
+    return m.model_copy(update={"files": files})
+
+
+def test_version_branches() -> None:
+    m = _with_sym(taps_manifest())
+    t11 = build_mode("11.4.1", "int8_qdq", m)
+    assert t11.strongly_typed and t11.builder_flags == () and not t11.use_calibrator
+    assert t11.source_variant == "int8_sym" and t11.manifest_precision == "int8_qdq_sym"
+    assert build_mode("11.4.1", "fp32", m).strongly_typed
+    for p in ("fp16", "int8_implicit"):
+        with pytest.raises(BuildRefused, match="removed"):
+            build_mode("11.0.0", p, m)
+    t10 = build_mode("10.3.0", "int8_implicit", m)  # JetPack 6
+    assert t10.use_calibrator and set(t10.builder_flags) == {"INT8", "FP16"} and not t10.strongly_typed
+    assert t10.source_variant == "fp32" and any("deprecated" in n for n in t10.notes)
+    assert build_mode("10.3.0", "fp16", m).builder_flags == ("FP16",)
+    assert build_mode("10.3.0", "int8_qdq", m).strongly_typed
+    assert "2-D" in " ".join(build_mode("10.3.0", "int8_qdq", m, dla=True).notes)
+    with pytest.raises(BuildRefused, match="TensorRT 10 or 11"):
+        build_mode("8.6.1", "fp32", m)
+    with pytest.raises(BuildRefused, match="no symmetric Q/DQ"):
+        build_mode("10.3.0", "int8_qdq", taps_manifest())
+    with pytest.raises(BuildRefused, match="precision must be"):
+        build_mode("10.3.0", "int4", m)
+
+
+def test_profiles_from_the_manifest() -> None:
+    m = taps_manifest()  # input [batch_size, 1, 128, 128, 32]
+    p = profile_shapes(m, opt={"batch_size": 2}, max_={"batch_size": 4})
+    assert p["input"].min == [1, 1, 128, 128, 32] and p["input"].opt == [2, 1, 128, 128, 32]
+    assert p["input"].max == [4, 1, 128, 128, 32]
+    s = profile_shapes(m, opt={"batch_size": 2}, max_={"batch_size": 4}, static=True)  # DLA: static only
+    assert s["input"].min == s["input"].opt == s["input"].max == [2, 1, 128, 128, 32]
+    with pytest.raises(BuildRefused, match="opt <= max"):
+        profile_shapes(m, opt={"batch_size": 4}, max_={"batch_size": 2})
+    free = m.model_copy(update={"inputs": [m.inputs[0].model_copy(update={"shape": ["n", 1, None, None, None]})]})
+    assert profile_shapes(free)["input"].opt == [1, 1, 128, 128, 32]  # free spatial dims: the window roi
+
+
+def test_calibration_cache_format(tmp_path) -> None:
+    assert trt_version_number("10.3.0") == 100300 and trt_version_number("8.6.1") == 8601
+    assert trt_version_number("10.14.1.48") == 101401 and parse_trt_version("11.4") == (11, 4, 0)
+    assert float_to_hex(1.0) == "3f800000" and hex_to_float("3c010a14") == pytest.approx(0.00787, rel=1e-3)
+    scales = {"input": 0.0208, "conv1_out": 1.5e-3, "z": 0.0}
+    data = write_calibration_cache(scales, "10.3.0")
+    assert data.splitlines()[0] == b"TRT-100300-EntropyCalibration2"
+    ver, alg, back = read_calibration_cache(data)
+    assert ver == 100300 and alg == "EntropyCalibration2"
+    for k, v in scales.items():  # float32 exact
+        assert back[k] == struct.unpack(">f", struct.pack(">f", v))[0]
+    assert cache_matches(data, "10.3.0") and not cache_matches(data, "10.3.1") and not cache_matches(b"junk", "10.3.0")
+    # a cache written by TensorRT itself (names with spaces and brackets) parses
+    _, _, s = read_calibration_cache("TRT-8401-EntropyCalibration2\ninput: 3caa54fc\n(Unnamed Layer* 64) [Shuffle]_output: 0\n")
+    assert s["input"] == pytest.approx(0.0208, rel=1e-3) and s["(Unnamed Layer* 64) [Shuffle]_output"] == 0.0
+    for bad in ("", "TRT-x-Entropy\n", "TRT-100300-EntropyCalibration2\ninput 3caa54fc\n",
+                "TRT-100300-EntropyCalibration2\ninput: xyz\n"):
+        with pytest.raises(ValueError):
+            read_calibration_cache(bad)
+    with pytest.raises(ValueError):
+        write_calibration_cache({"a": float("nan")}, "10.3.0")
+
+
+def test_scales_from_the_onnxruntime_ranges(calibrated_tiny) -> None:
+    r, _cal, _held = calibrated_tiny
+    raw = json.loads(r.ranges_path.read_text())
+    scales = ranges_to_scales(r.ranges_path)
+    assert "x" in scales and len(scales) >= 3
+    data = raw.get("data", raw)
+    lo, hi = data["x"]["lowest"]["data"][0], data["x"]["highest"]["data"][0]
+    assert scales["x"] == pytest.approx(max(abs(lo), abs(hi)) / 127.0, rel=1e-6)
+    _, _, back = read_calibration_cache(write_calibration_cache(scales, "10.3.0"))
+    assert set(back) == set(scales)
+
+
+def test_layer_precision_report() -> None:
+    info = json.dumps({"Layers": [
+        {"Name": "conv1", "LayerType": "CaskConvolution", "Outputs": [{"Format/Datatype": "Thirty-two wide channel vectorized row major Int8 format"}]},
+        {"Name": "conv3d_2", "LayerType": "CaskConvolution", "Outputs": [{"Format/Datatype": "Row major linear FP32"}]},
+        {"Name": "norm", "LayerType": "Normalization", "Outputs": [{"Format/Datatype": "Row major linear Half format"}]},
+    ], "Bindings": ["input", "output"]})
+    rep = layer_precisions(info)
+    assert rep["layers"] == 3 and rep["conv_not_int8"] == ["conv3d_2"]
+    assert rep["by_output_precision"]["Int8"] == 1 and rep["by_output_precision"]["Half"] == 1
+
+
+def test_plan_record_in_the_manifest_and_gated(calibrated_tiny, tmp_path) -> None:
+    r, _cal, _held = calibrated_tiny
+    m = r.manifest
+    plan_file = m.root / "model.trt103.sm87.int8_qdq.plan"
+    plan_file.write_bytes(b"not a real plan, only hashed here")
+    mode = build_mode("10.3.0", "int8_qdq", m)
+    rec = plan_record(m, plan_file, mode, "10.3.0", "Orin", "8.7", profile_shapes(m, opt={"N": 2}, max_={"N": 8}),
+                      BuildOptions(), layer_report={"by_output_precision": {"Int8": 2}, "conv_not_int8": ["c"]})
+    assert rec.path == plan_file.name and rec.trt_version == "10.3.0" and rec.precision == "int8_qdq_sym"
+    assert rec.source_variant == "int8_sym" and rec.profiles[0]["x"].max == [8, 1, 8, 8, 4]
+    assert "not in INT8" in rec.notes
+    m2 = add_plan(m, rec)
+    assert len(add_plan(m2, rec).plans) == 1  # rebuilding replaces
+    m2.save(m.root)
+    try:
+        orin = CudaDevice(0, "Orin", (8, 7), integrated=True)
+        store = ModelStore(m.root.parent.parent, tensorrt_probe=lambda: ("10.3.0", orin, "test"))
+        sel = store.explain("tiny3d")  # the INT8 plan has no parity report: TensorRT is skipped, ORT used
+        assert sel.backend == "onnxruntime" and "no parity report" in sel.skipped["tensorrt"]
+        p = {"variants": {f"plan:{rec.path}": {"sha256": rec.sha256, "loss": 0.001}}}
+        m2.model_copy(update={"parity": p}).save(m.root)
+        sel = store.explain("tiny3d")
+        assert sel.backend == "tensorrt" and sel.precision == "int8_qdq_sym"
+    finally:
+        m.save(m.root)
+        plan_file.unlink()
+
+
+def test_build_on_a_gpu(calibrated_tiny) -> None:
+    why = skip_reason()
+    if why:
+        pytest.skip(f"TensorRT plan build needs tensorrt and a CUDA GPU: {why}")
+    from converters.tensorrt_build import build_plan
+
+    r, _cal, _held = calibrated_tiny
+    updated, report = build_plan(r.manifest, BuildOptions(precision="int8_qdq", opt={"N": 1}, max={"N": 4}),
+                                 save_manifest=False)
+    assert updated.plans[-1].source_variant == "int8_sym" and report["layers"] > 0
