@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench clean setup system-deps
+.PHONY: run test bench clean setup system-deps browser-deps
 
 setup: $(STAMP)
 
@@ -41,7 +41,17 @@ system-deps:
 	  || echo "warning: could not install$$missing; the tests that need them are skipped"; \
 	fi
 
-test: $(STAMP) $(MLSERVER) system-deps
+# Debian's chromium for the console browser test, driven by Playwright with executable_path (never
+# `playwright install`, which downloads a browser build): installed only when missing and we are root.
+browser-deps:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian chromium"; \
+	  ( apt-get -o DPkg::Lock::Timeout=300 update -qq && DEBIAN_FRONTEND=noninteractive apt-get \
+	    -o DPkg::Lock::Timeout=300 install -y -qq chromium fonts-dejavu-core >/dev/null ) \
+	  || echo "warning: could not install chromium; the console browser test is skipped"; \
+	fi
+
+test: $(STAMP) $(MLSERVER) system-deps browser-deps
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

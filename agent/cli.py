@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--watch", type=Path, help="the scanner's DICOM export folder")
     run.add_argument("--config", type=Path, help="TOML configuration file")
     run.add_argument("--state-dir", type=Path, help="state folder (database, quarantine, event log)")
+    run.add_argument("--api-host", help="HTTP API / console / metrics address (default 127.0.0.1; others need [api] token)")
+    run.add_argument("--api-port", type=int, help="HTTP API port (default 8686; 0: any free port)")
+    run.add_argument("--no-api", action="store_true", help="do not serve the HTTP API, console and /metrics")
     run.set_defaults(func=cmd_run)
 
     scan = sub.add_parser("scan", help="ingest a folder once and report its series")
@@ -47,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.set_defaults(func=cmd_scan)
 
     schema = sub.add_parser("schema", help="print a published JSON Schema")
-    schema.add_argument("what", choices=["events", "config"])
+    schema.add_argument("what", choices=["events", "config", "openapi"])
     schema.set_defaults(func=cmd_schema)
 
     for module in ("simulator.cli", "engines.cli", "agent.demo", "agent.profiles"):
@@ -63,14 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.daemon import Agent
 
-    config = load_config(args.config, **{"watch.folder": args.watch, "state.dir": args.state_dir})
+    config = load_config(args.config, **{"watch.folder": args.watch, "state.dir": args.state_dir,
+                                         "api.host": args.api_host, "api.port": args.api_port,
+                                         "api.enabled": False if args.no_api else None})
     if config.watch.folder is None:
         raise ConfigError("invalid configuration:\n  watch.folder: required (use --watch DIR or [watch] folder)")
+    if config.api.enabled is None:
+        config.api.enabled = True  # `scanside run` serves the API unless told not to
     agent = Agent(config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     agent.start()
+    if agent.api_url:
+        print(f"scanside: console {agent.api_url}/console  metrics {agent.api_url}/metrics", file=sys.stderr, flush=True)
     # systemd (Type=notify): READY=1 now that everything is loaded; watchdog pings while healthy
     from agent.systemd import Watchdog, notifier
 
@@ -139,6 +148,11 @@ def scan_report(store) -> dict:  # type: ignore[no-untyped-def]
 def cmd_schema(args: argparse.Namespace) -> int:
     from agent.events import event_json_schema
 
+    if args.what == "openapi":
+        from agent.api import openapi_schema
+
+        print(json.dumps(openapi_schema(), indent=2))
+        return 0
     schema = event_json_schema() if args.what == "events" else AgentConfig.model_json_schema()
     print(json.dumps(schema, indent=2))
     return 0

@@ -71,6 +71,34 @@ class CStoreConfig(_Section):
     fsync: bool = Field(True, description="flush each object to disk before confirming it to the sender")
 
 
+class ApiConfig(_Section):
+    enabled: Optional[bool] = Field(None, description="serve the HTTP API, /metrics and the technologist console; unset: on for `scanside run` and `scanside demo`, off for an Agent embedded in another program")
+    host: str = Field("127.0.0.1", description="address to listen on; any address that is not loopback requires a token")
+    port: int = Field(8686, ge=0, le=65535, description="TCP port (0: any free port)")
+    token: Optional[SecretStr] = Field(None, description="bearer token (Authorization: Bearer ...); required when host is not a loopback address")
+    token_file: Optional[Path] = Field(None, description="read the token from this file instead (systemd LoadCredential=)")
+    sse_heartbeat_s: float = Field(15.0, gt=0, description="comment line sent on an idle /v1/events stream so proxies keep it open")
+
+    def token_value(self) -> Optional[str]:
+        if self.token is not None:
+            return self.token.get_secret_value() or None
+        if self.token_file is not None:
+            return self.token_file.read_text(encoding="utf-8").strip() or None
+        return None
+
+    @model_validator(mode="after")
+    def _token_when_exposed(self) -> "ApiConfig":
+        from agent.auth import check_exposure
+
+        if self.enabled is not False and self.token_file is None:
+            check_exposure(self.host, self.token.get_secret_value() if self.token else None)
+        return self
+
+
+class ReadinessConfig(_Section):
+    min_free_disk_bytes: int = Field(512 * 1024 * 1024, ge=0, description="/readyz fails when the state folder's file system has less free space than this")
+
+
 class WebhookConfig(_Section):
     url: Optional[str] = Field(None, pattern=r"^https?://", description="POST each event here as JSON (enabled when set); at least once, Idempotency-Key = event key")
     secret: Optional[SecretStr] = Field(None, description="HMAC-SHA256 signing secret (Standard Webhooks headers); 'whsec_<base64>' or any string")
@@ -131,6 +159,8 @@ class AgentConfig(BaseSettings):
     output: OutputConfig = Field(default_factory=OutputConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    readiness: ReadinessConfig = Field(default_factory=ReadinessConfig)
     webhook: WebhookConfig = Field(default_factory=WebhookConfig)
     dicom_output: DicomOutputConfig = Field(default_factory=DicomOutputConfig)
     cstore: CStoreConfig = Field(default_factory=CStoreConfig)

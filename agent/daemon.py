@@ -57,6 +57,11 @@ class Agent:
             self.receiver = build_receiver(config, self.ingestor)
         self._subscribers = 0
         self.started = threading.Event()
+        from agent.metrics import AgentMetrics
+
+        self.metrics = AgentMetrics()  # Prometheus registry: pipeline hook + event subscriber + live gauges
+        self.metrics.attach(self)
+        self.api = None  # agent.api.ApiServer when [api] enabled
 
     def start(self) -> "Agent":
         folder = Path(self.config.watch.folder)  # type: ignore[arg-type]
@@ -73,8 +78,26 @@ class Agent:
         if self.receiver is not None:
             self.receiver.catch_up()
             self.receiver.start()
+        if self.config.api.enabled:
+            try:
+                self.start_api()
+            except Exception:
+                self.stop()
+                raise
         self.started.set()
         return self
+
+    def start_api(self) -> str:
+        """Serve the HTTP API, /metrics and the console ([api] host/port); returns its URL."""
+        from agent.api import ApiServer
+
+        if self.api is None:
+            self.api = ApiServer(self).start()
+        return self.api.url
+
+    @property
+    def api_url(self) -> Optional[str]:
+        return self.api.url if self.api is not None else None
 
     def subscribe(self, fn: Callable[[Event], None], from_now: bool = True) -> None:
         """Call fn for each event (in the sink thread). from_now=False replays the whole log first."""
@@ -82,6 +105,9 @@ class Agent:
         self.sinks.add(CallbackSink(f"callback-{self._subscribers}", fn), from_now=from_now)
 
     def stop(self) -> None:
+        if self.api is not None:
+            api, self.api = self.api, None
+            api.stop()
         if self.receiver is not None:
             self.receiver.stop()
         if self.watcher:

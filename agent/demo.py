@@ -24,6 +24,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untype
     p.add_argument("--rate", type=float, default=60.0, help="files per second written by the virtual scanner")
     p.add_argument("--workdir", type=Path, default=Path("var/demo"), help="export folder, state and event log go here (emptied first)")
     p.add_argument("--exit-when-done", action="store_true", help="stop once every series of the exam has completed")
+    p.add_argument("--api-port", type=int, default=8686, help="console, HTTP API and /metrics port on 127.0.0.1 (taken: any free port)")
+    p.add_argument("--no-api", action="store_true", help="do not serve the console, HTTP API and /metrics")
     p.set_defaults(func=run)
     return p
 
@@ -48,6 +50,35 @@ def describe(event: Event) -> str:
     return event.model_dump_json()
 
 
+def start_api(agent) -> None:  # type: ignore[no-untyped-def]
+    try:
+        agent.start_api()
+    except RuntimeError as exc:  # the port is taken (another agent?): any free port will do for a demo
+        print(f"scanside demo: {exc}; using any free port", flush=True)
+        agent.config.api.port = 0
+        agent.start_api()
+    print(f"console  {agent.api_url}/console\nmetrics  {agent.api_url}/metrics\nAPI      {agent.api_url}/v1/exams",
+          flush=True)
+
+
+def print_metrics(agent) -> None:  # type: ignore[no-untyped-def]
+    """A few lines of what Prometheus would scrape from /metrics now."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = agent.metrics.exposition().decode()
+    wanted = ("scanside_files", "scanside_files_quarantined", "scanside_series_completed", "scanside_alerts",
+              "scanside_queue_depth", "scanside_outbox_depth")
+    print(f"metrics ({agent.api_url}/metrics):", flush=True)
+    for family in text_string_to_metric_families(text):
+        if family.name not in wanted:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            print(f"  {sample.name}{'{' + labels + '}' if labels else ''} {sample.value:g}", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from agent.daemon import Agent
     from simulator.scanner import simulate_exam, stream_exam
@@ -56,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     shutil.rmtree(work, ignore_errors=True)
     export, state = work / "export", work / "state"
     config = load_config(**{"watch.folder": str(export), "state.dir": str(state), "output.stdout": False,
-                            "series.quiet_period_s": 3.0, "watch.settle_s": 0.3, "ingest.quarantine_after_s": 3.0})
+                            "series.quiet_period_s": 3.0, "watch.settle_s": 0.3, "ingest.quarantine_after_s": 3.0,
+                            "api.enabled": False, "api.port": args.api_port})
     print(f"scanside demo: rendering a {args.vendor} prostate exam (seed {args.seed}"
           f"{', faults ' + ', '.join(args.fault) if args.fault else ''}) ...", flush=True)
     staging = Path(tempfile.mkdtemp(prefix="scanside-demo-"))
@@ -76,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         agent = Agent(config)
         agent.subscribe(on_event)
         agent.start()
+        if not args.no_api:
+            start_api(agent)
         n_files = sum(s.n_files for s in truth.series)
         print(f"agent watching {export}; the virtual scanner streams {n_files} files at {args.rate:g}/s", flush=True)
         stop = threading.Event()
@@ -88,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
         done.wait(timeout=n_files / max(args.rate, 1) + 120)
         print(f"\n{len(completed)}/{expected_parts} series completed in {time.monotonic() - started:.1f} s; "
               f"files: {agent.store.file_counts()}; event log {config.jsonl_path}", flush=True)
+        if agent.api_url:
+            print_metrics(agent)
         if not args.exit_when_done and not stop.is_set():
             print("agent still running (Ctrl-C to stop)", flush=True)
             stop.wait()

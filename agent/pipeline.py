@@ -133,10 +133,19 @@ class Pipeline:
             self.exams._ended.clear()
             return []
 
-
     def complete_all(self) -> int:
         with self.store.transaction():
             return self._append(self.assembler.complete_all())
+
+    def complete_exam(self, study_uid: str) -> int:
+        """Close one exam's open series now (the technologist's 'exam done'); events recorded."""
+        with self.store.transaction():
+            events: list[EventBase] = []
+            for row in self.store.all_series("open"):
+                if row["study_uid"] == study_uid:
+                    reached = bool(row["expected"] and row["n_images"] >= row["expected"]) or not row["expected"]
+                    events += self.assembler._complete(row["series_uid"], complete=reached)
+            return self._append(events)
 
     def next_due_in(self) -> Optional[float]:
         waits = [w for w in (self.assembler.next_due_in(), self.exams.next_due_in()) if w is not None]

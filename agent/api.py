@@ -1,0 +1,471 @@
+"""The agent's HTTP API and technologist console (FastAPI, served by uvicorn in a thread of the agent).
+
+    GET  /healthz                   the process answers (liveness; never needs the token)
+    GET  /readyz                    engines loaded, database writable, watcher alive, disk above threshold
+    GET  /metrics                   Prometheus text exposition
+    GET  /v1/exams                  exams, latest activity first
+    GET  /v1/exams/current          the exam with the latest activity
+    GET  /v1/exams/{study_uid}      series, labels, checklist, deviations, alerts, triage
+    POST /v1/exams/{study_uid}/done the technologist says the exam is over
+    GET  /v1/alerts                 alerts (?open=true: not yet acknowledged; ?unassigned=true: no exam, e.g. quarantine)
+    POST /v1/alerts/{alert_id}/ack  acknowledge an alert (idempotent)
+    GET  /v1/events                 server-sent events from the event log; resume with Last-Event-ID (the event seq)
+    GET  /console                   the technologist's page
+
+Bound to a loopback address the API is open to local processes (unless a token is set); bound to any
+other address a bearer token is required (agent.auth). Browsers cannot send a header on an
+EventSource, so /console?token=... sets an HttpOnly, SameSite=Strict cookie that carries it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shutil
+import threading
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from agent.alerts import Alert
+from agent.auth import bearer, token_matches, token_required
+from agent.events import AlertAcknowledged, ExamCompleted
+from agent.examview import ExamBrief, ExamIndex, ExamView, Requirement, exam_view
+
+if TYPE_CHECKING:  # pragma: no cover
+    from agent.daemon import Agent
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).parent / "web"
+STATIC = {"console.js": "text/javascript; charset=utf-8", "console.css": "text/css; charset=utf-8"}
+COOKIE = "scanside_token"
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+ALERT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:#-]{0,127}$")
+BY_RE = re.compile(r"^[\w .'-]{1,64}$")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("scanside")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a plain checkout
+        return "0"
+
+
+# ------------------------------------------------------------------------------------------ models
+class Health(BaseModel):
+    status: str = "alive"
+    version: str
+
+
+class Check(BaseModel):
+    ok: bool
+    detail: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    checks: dict[str, Check]
+
+
+class AckRequest(BaseModel):
+    by: Optional[str] = Field(None, max_length=64, description="who acknowledges (a console user name, not a patient's)")
+
+
+class AckResult(BaseModel):
+    alert_id: str
+    acknowledged: bool
+    already: bool = Field(description="the alert had been acknowledged before this call")
+    seq: Optional[int] = Field(None, description="seq of the alert_acknowledged event")
+
+
+class DoneResult(BaseModel):
+    study_uid: str
+    events_recorded: int = Field(description="events this call recorded: closed series, deviations found at exam end, exam_completed")
+    exam_completed: bool = Field(description="an exam_completed event is in the log")
+    already: bool
+
+
+# ------------------------------------------------------------------------------------------ events fan-out
+class EventNotifier:
+    """Wakes the asyncio SSE streams when the sink thread sees new events (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def register(self) -> tuple[asyncio.AbstractEventLoop, asyncio.Event]:
+        w = (asyncio.get_running_loop(), asyncio.Event())
+        with self._lock:
+            self._waiters.add(w)
+        return w
+
+    def unregister(self, w: tuple[asyncio.AbstractEventLoop, asyncio.Event]) -> None:
+        with self._lock:
+            self._waiters.discard(w)
+
+    def notify(self, *_: Any) -> None:
+        with self._lock:
+            waiters = list(self._waiters)
+        for loop, ev in waiters:
+            try:
+                loop.call_soon_threadsafe(ev.set)
+            except RuntimeError:  # loop closed: the stream is gone
+                pass
+
+    def close(self) -> None:
+        self.closed = True
+        self.notify()
+
+
+# ------------------------------------------------------------------------------------------ readiness
+def readiness(agent: "Agent") -> Readiness:
+    checks: dict[str, Check] = {}
+    engines_ready = getattr(agent, "engines_ready", None)
+    if callable(engines_ready):
+        ok = bool(engines_ready())
+        checks["engines"] = Check(ok=ok, detail="models loaded" if ok else "models not loaded")
+    else:
+        loaded = agent.metrics.engine_labels()
+        checks["engines"] = Check(ok=True, detail=f"{len(loaded)} model(s) loaded" if loaded else "no models configured")
+    db_ok = agent.store.writable()
+    checks["database"] = Check(ok=db_ok, detail="writable" if db_ok else "not writable")
+    watcher_ok = bool(agent.watcher and agent.watcher.alive())
+    ingest_ok = agent.healthy()
+    checks["watcher"] = Check(ok=watcher_ok and ingest_ok,
+                              detail="watching" if watcher_ok and ingest_ok else
+                              ("watcher stopped" if not watcher_ok else "ingest worker stopped or stalled"))
+    try:
+        free = shutil.disk_usage(agent.config.state.dir).free
+        need = agent.config.readiness.min_free_disk_bytes
+        checks["disk"] = Check(ok=free >= need, detail=f"{free} bytes free, {need} required")
+    except OSError as exc:
+        checks["disk"] = Check(ok=False, detail=f"state folder unavailable: {exc.strerror}")
+    return Readiness(ready=all(c.ok for c in checks.values()), checks=checks)
+
+
+# ------------------------------------------------------------------------------------------ exam done
+def exam_done(agent: "Agent", study_uid: str, index: ExamIndex) -> DoneResult:
+    """Close the exam's open series now and record that the exam is over (reason 'operator').
+
+    The pipeline's `exam_done` runs the exam-end protocol checks (missing series) and records
+    ExamCompleted; an exam already ended (and not reopened by new images) is left as it is."""
+    brief = next((b for b in index.list_exams() if b.study_uid == study_uid), None)
+    already = brief is not None and brief.state == "completed"
+    n = 0
+    if not already:
+        hook = getattr(agent.pipeline, "exam_done", None)
+        if callable(hook):
+            n = int(hook(study_uid) or 0)
+        else:  # a pipeline without exam tracking: close the series and record the end here
+            n = agent.pipeline.complete_exam(study_uid)
+            deviations = len([a for a in index.list_alerts(study_uid=study_uid)
+                              if a.code != "FILE_QUARANTINED" and not a.code.startswith("TRIAGE_")])
+            event = ExamCompleted(key=f"exam_completed:{study_uid}:1", study_uid=study_uid, reason="operator",
+                                  n_series=brief.n_series if brief else 0, n_deviations=deviations)
+            with agent.store.transaction():
+                n += int(agent.store.append_event(event) is not None)
+        if n:
+            _wake(agent)
+    state = next((b.state for b in index.list_exams() if b.study_uid == study_uid), "open")
+    return DoneResult(study_uid=study_uid, events_recorded=n, exam_completed=state == "completed", already=already)
+
+
+def _wake(agent: "Agent") -> None:
+    with agent.pipeline.new_events:
+        agent.pipeline.new_events.notify_all()
+
+
+# ------------------------------------------------------------------------------------------ the app
+def create_app(agent: Optional["Agent"] = None, *, requirements: Optional[Callable[[Optional[str]], Any]] = None) -> FastAPI:
+    """The API for one agent. `create_app(None)` builds the same routes for publishing the schema."""
+    app = FastAPI(title="scanside agent API", version=_version(),
+                  description="Scanner-side MRI inference agent: health, metrics, exams, alerts, live events. "
+                              "No patient name, ID, birth date or accession number is ever returned.")
+    notifier = EventNotifier()
+    app.state.notifier = notifier
+    app.state.agent = agent
+    token: Optional[str] = None
+    required = False
+    index: Optional[ExamIndex] = None
+    if agent is not None:
+        token = agent.config.api.token_value()
+        required = token_required(agent.config.api.host, token)
+        if required and not token:
+            raise RuntimeError("api.token is required when api.host is not a loopback address")
+        index = ExamIndex(agent.store)
+        from agent.sinks import CallbackSink
+
+        app.state.sink = CallbackSink("api", notifier.notify)
+        agent.sinks.add(app.state.sink, from_now=True)
+    app.state.index = index
+    heartbeat = agent.config.api.sse_heartbeat_s if agent is not None else 15.0
+    requirements = requirements or profile_requirements(agent)
+    security = HTTPBearer(auto_error=False, description="required when the agent listens beyond loopback, or a token is set")
+
+    def authorised(request: Request, creds: Optional[HTTPAuthorizationCredentials]) -> bool:
+        if not required:
+            return True
+        presented = creds.credentials if creds else bearer(request.headers.get("authorization"))
+        return token_matches(presented, token) or token_matches(request.cookies.get(COOKIE), token)
+
+    def auth(request: Request, creds: Optional[HTTPAuthorizationCredentials] = Depends(security)) -> None:
+        if not authorised(request, creds):
+            raise HTTPException(401, "bearer token required", headers={"WWW-Authenticate": "Bearer"})
+
+    def need_agent() -> "Agent":
+        if agent is None:  # pragma: no cover - schema-only app
+            raise HTTPException(503, "no agent")
+        return agent
+
+    def need_index() -> ExamIndex:
+        if index is None:  # pragma: no cover
+            raise HTTPException(503, "no agent")
+        return index
+
+    def valid_uid(study_uid: str) -> str:
+        if len(study_uid) > 64 or not UID_RE.match(study_uid):
+            raise HTTPException(404, "no such exam")  # also every '..', '/', '%2F' trick
+        return study_uid
+
+    # -------------------------------------------------------------- health, metrics
+    @app.get("/healthz", response_model=Health, tags=["operations"])
+    def healthz() -> Health:
+        return Health(version=_version())
+
+    @app.get("/readyz", response_model=Readiness, tags=["operations"], responses={503: {"model": Readiness}},
+             dependencies=[Depends(auth)])
+    def readyz(response: Response) -> Readiness:
+        r = readiness(need_agent())
+        if not r.ready:
+            response.status_code = 503
+        return r
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["operations"], dependencies=[Depends(auth)])
+    def metrics() -> Response:
+        from agent.metrics import CONTENT_TYPE
+
+        return Response(need_agent().metrics.exposition(), media_type=CONTENT_TYPE)
+
+    # -------------------------------------------------------------- exams and alerts
+    @app.get("/v1/exams", response_model=list[ExamBrief], tags=["exams"], dependencies=[Depends(auth)])
+    def list_exams(limit: int = Query(50, ge=1, le=1000)) -> list[ExamBrief]:
+        return need_index().list_exams()[:limit]
+
+    @app.get("/v1/exams/current", response_model=Optional[ExamView], tags=["exams"], dependencies=[Depends(auth)])
+    def current_exam() -> Optional[ExamView]:
+        idx = need_index()
+        uid = idx.current()
+        return exam_view(need_agent().store, uid, idx, requirements) if uid else None
+
+    @app.get("/v1/exams/{study_uid}", response_model=ExamView, tags=["exams"], dependencies=[Depends(auth)])
+    def get_exam(study_uid: str) -> ExamView:
+        view = exam_view(need_agent().store, valid_uid(study_uid), need_index(), requirements)
+        if view is None:
+            raise HTTPException(404, "no such exam")
+        return view
+
+    @app.post("/v1/exams/{study_uid}/done", response_model=DoneResult, tags=["exams"], dependencies=[Depends(auth)])
+    def post_exam_done(study_uid: str) -> DoneResult:
+        idx = need_index()
+        uid = valid_uid(study_uid)
+        if uid not in {b.study_uid for b in idx.list_exams()}:
+            raise HTTPException(404, "no such exam")
+        return exam_done(need_agent(), uid, idx)
+
+    @app.get("/v1/alerts", response_model=list[Alert], tags=["alerts"], dependencies=[Depends(auth)])
+    def list_alerts(open: bool = False, unassigned: bool = False, study_uid: Optional[str] = None) -> list[Alert]:
+        return need_index().list_alerts(open_only=open, unassigned=unassigned,
+                                        study_uid=valid_uid(study_uid) if study_uid else None)
+
+    @app.post("/v1/alerts/{alert_id}/ack", response_model=AckResult, tags=["alerts"], dependencies=[Depends(auth)])
+    def ack_alert(alert_id: str, body: Optional[AckRequest] = None) -> AckResult:
+        ag, idx = need_agent(), need_index()
+        if not ALERT_ID_RE.match(alert_id):
+            raise HTTPException(404, "no such alert")
+        alert = idx.alert(alert_id)
+        if alert is None:
+            raise HTTPException(404, "no such alert")
+        by = (body.by or "").strip() if body else ""
+        if by and not BY_RE.match(by):
+            raise HTTPException(422, "'by' takes a short user name (letters, digits, space, . ' -)")
+        event = AlertAcknowledged(key=f"alert_acknowledged:{alert_id}", alert_id=alert_id, study_uid=alert.study_uid,
+                                  by=by or None)
+        with ag.store.transaction():
+            seq = ag.store.append_event(event)
+        if seq is not None:
+            _wake(ag)
+        idx.refresh()
+        return AckResult(alert_id=alert_id, acknowledged=True, already=seq is None, seq=seq)
+
+    # -------------------------------------------------------------- live events
+    @app.get("/v1/events", tags=["events"], dependencies=[Depends(auth)],
+             response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "server-sent events: `id` is the event seq, `event` its type, `data` its JSON"}})
+    async def events(request: Request, after: Optional[int] = Query(None, ge=0, description="start after this seq (else Last-Event-ID, else now)"),
+                     study_uid: Optional[str] = None) -> StreamingResponse:
+        ag = need_agent()
+        study = valid_uid(study_uid) if study_uid else None
+        last_id = request.headers.get("last-event-id")
+        if after is None and last_id is not None:
+            if not last_id.strip().isdigit():
+                raise HTTPException(400, "Last-Event-ID must be an event seq")
+            after = int(last_id)
+        if after is None:
+            after = await run_in_threadpool(ag.store.last_event_seq)
+        return StreamingResponse(_sse(request, ag, notifier, after, study, heartbeat), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # -------------------------------------------------------------- console
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/console", status_code=307)
+
+    @app.get("/console", include_in_schema=False)
+    def console(request: Request, token_param: Optional[str] = Query(None, alias="token")) -> Response:
+        if required and token_param is not None:
+            if not token_matches(token_param, token):
+                return HTMLResponse(_LOGIN.format(msg="That token is not right."), status_code=401)
+            resp = RedirectResponse("/console", status_code=303)
+            resp.set_cookie(COOKIE, token_param, httponly=True, samesite="strict", path="/")
+            return resp
+        if not authorised(request, None):
+            return HTMLResponse(_LOGIN.format(msg="This console needs the agent's access token."), status_code=401)
+        return HTMLResponse((WEB_DIR / "console.html").read_text(encoding="utf-8"),
+                            headers={"Cache-Control": "no-cache"})
+
+    def static(name: str) -> Callable[[Request], Response]:
+        def serve(request: Request) -> Response:
+            if not authorised(request, None):
+                raise HTTPException(401, "token required")
+            return Response((WEB_DIR / name).read_bytes(), media_type=STATIC[name], headers={"Cache-Control": "no-cache"})
+        return serve
+
+    for name in STATIC:  # a fixed list: no path from the request ever reaches the file system
+        app.add_api_route(f"/console/{name}", static(name), methods=["GET"], include_in_schema=False)
+
+    return app
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The published schema (openapi.json at the repository root; `scanside schema openapi`)."""
+    return create_app(None).openapi()
+
+
+_LOGIN = """<!doctype html><meta charset="utf-8"><title>scanside console</title>
+<body style="font:28px system-ui;background:#111;color:#fff;padding:2em">
+<p>{msg}</p><form method="get" action="/console"><input name="token" type="password" autofocus
+style="font-size:28px" aria-label="access token"> <button style="font-size:28px">Open</button></form></body>"""
+
+
+async def _sse(request: Request, agent: "Agent", notifier: EventNotifier, after: int, study: Optional[str],
+               heartbeat: float) -> AsyncIterator[str]:
+    cursor = after
+    yield "retry: 2000\n\n"
+    while not notifier.closed:
+        waiter = notifier.register()  # before reading, so an event landing in between still wakes us
+        try:
+            batch = await run_in_threadpool(agent.store.events_after, cursor, 200, study)
+            if batch:
+                for ev in batch:
+                    cursor = ev.seq or cursor
+                    yield f"id: {cursor}\nevent: {ev.type}\ndata: {ev.model_dump_json()}\n\n"
+                continue
+            try:
+                await asyncio.wait_for(waiter[1].wait(), timeout=heartbeat)
+            except asyncio.TimeoutError:
+                yield ": keepalive\n\n"
+        finally:
+            notifier.unregister(waiter)
+        if await request.is_disconnected():
+            return
+
+
+def profile_requirements(agent: Optional["Agent"]) -> Callable[[Optional[str]], Optional[list[Requirement]]]:
+    """The checklist lines of the active protocol profile (its required series), when checks are on."""
+
+    def requirements(_profile: Optional[str]) -> Optional[list[Requirement]]:
+        checker = getattr(getattr(agent, "pipeline", None), "protocol", None)
+        profile = getattr(checker, "profile", None)
+        if profile is None:
+            return None
+        try:
+            return [Requirement(key=name, title=req.what, labels=list(req.labels), other_kinds=list(req.other_kinds),
+                                planes=list(req.planes), b_min=req.b_min)
+                    for name, req in profile.required.items() if req.enabled]
+        except Exception as exc:  # the console must still show what was seen
+            log.warning("protocol checklist unavailable: %s", exc)
+            return None
+
+    return requirements
+
+
+# ------------------------------------------------------------------------------------------ server
+class ApiServer:
+    """uvicorn in a daemon thread; `start()` returns once it listens (or raises saying why not)."""
+
+    def __init__(self, agent: "Agent", host: Optional[str] = None, port: Optional[int] = None):
+        import uvicorn
+
+        self.agent = agent
+        self.app = create_app(agent)
+        cfg = agent.config.api
+        self.host = host or cfg.host
+        self.config = uvicorn.Config(self.app, host=self.host, port=cfg.port if port is None else port,
+                                     log_level="warning", access_log=False, log_config=None, lifespan="off",
+                                     timeout_graceful_shutdown=2, timeout_keep_alive=5, server_header=False)
+        self.server = uvicorn.Server(self.config)
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def start(self, timeout: float = 15.0) -> "ApiServer":
+        self._thread = threading.Thread(target=self._serve, name="scanside-api", daemon=True)
+        self._thread.start()
+        end = threading.Event()
+        waited = 0.0
+        while not self.server.started and self._thread.is_alive() and waited < timeout:
+            end.wait(0.02)
+            waited += 0.02
+        if not self.server.started:
+            self.stop()
+            raise RuntimeError(f"the API could not listen on {self.host}:{self.config.port}"
+                               f"{f' ({self._error!r})' if self._error else ' (address in use?)'}")
+        return self
+
+    def _serve(self) -> None:
+        try:
+            self.server.run()
+        except BaseException as exc:  # uvicorn exits the thread with SystemExit when it cannot bind
+            self._error = exc
+
+    @property
+    def port(self) -> int:
+        for server in getattr(self.server, "servers", []) or []:
+            for sock in server.sockets:
+                return int(sock.getsockname()[1])
+        return int(self.config.port)
+
+    @property
+    def url(self) -> str:
+        host = self.host if ":" not in self.host else f"[{self.host}]"
+        if host in ("0.0.0.0", "[::]"):
+            host = "127.0.0.1"
+        return f"http://{host}:{self.port}"
+
+    def stop(self) -> None:
+        self.app.state.notifier.close()
+        self.server.should_exit = True
+        if self._thread:
+            self._thread.join(timeout=10)
+        try:
+            self.agent.sinks.sinks.remove(self.app.state.sink)
+        except ValueError:
+            pass

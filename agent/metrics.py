@@ -1,0 +1,255 @@
+"""Prometheus metrics for the agent (design section 7: `scanside_` prefix, base units, counters end in
+`_total`, bounded label values, never a patient identifier or a UID).
+
+Three sources feed one registry per agent:
+- the pipeline's outcome hook (`Pipeline.listeners`): files by outcome, quarantines and read errors by reason;
+- the event log, through an in-process sink: series completed by label and vendor, completion latency,
+  alerts by code and severity, exams, triage, acknowledgements, events by type;
+- collectors that read the live state when scraped: ingest queue depth, open series, outbox depth and
+  delivery failures per sink, free disk, engine info; plus build info and the process metrics.
+Inference latency is observed by whoever runs an engine: `metrics.observe_inference(engine, seconds)`
+or `with metrics.time_inference(engine): ...`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import platform
+import shutil
+import threading
+import time
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.gc_collector import GCCollector
+
+from agent.alerts import alert_from_event, bounded_reason
+from agent.events import SCHEMA_VERSION, Event
+
+if TYPE_CHECKING:  # pragma: no cover
+    from agent.daemon import Agent
+    from agent.pipeline import Outcome
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 300)
+INFERENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+VENDORS = {"siemens", "ge", "philips", "canon", "toshiba", "hitachi", "fujifilm", "uih", "other"}
+OUTCOMES = {"ingested", "duplicate", "ignored", "index", "skipped"}
+
+
+def _sink_label(name: str) -> str:
+    # in-process subscribers are numbered; one label for all of them keeps the set bounded
+    return "callback" if name.startswith("callback-") else name[:32]
+
+
+def _label(value: Any, allowed: Optional[set[str]] = None, default: str = "other") -> str:
+    v = str(value or "").strip()
+    if allowed is not None:
+        return v if v in allowed else default
+    return v[:48] if v else "none"
+
+
+class AgentMetrics:
+    def __init__(self, agent: Optional["Agent"] = None, registry: Optional[CollectorRegistry] = None,
+                 process: bool = True):
+        disable_created_metrics()  # no *_created series: they double the exposition and nothing here reads them
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.agent = agent
+        self._engines: dict[tuple[str, str, str, str], None] = {}
+        self._lock = threading.Lock()
+        r = self.registry
+        self.files = Counter("scanside_files", "Files handled by the ingest pipeline, by outcome (quarantined counted apart)",
+                             ["outcome"], registry=r)
+        self.quarantined = Counter("scanside_files_quarantined", "Files quarantined, by reason", ["reason"], registry=r)
+        self.read_errors = Counter("scanside_file_read_errors",
+                                   "Failed reads of files not yet readable (retried before any quarantine), by reason",
+                                   ["reason"], registry=r)
+        self.series_completed = Counter("scanside_series_completed", "Logical series completed, by label and vendor",
+                                        ["label", "vendor", "complete"], registry=r)
+        self.series_reopened = Counter("scanside_series_reopened", "Series reopened by late images", registry=r)
+        self.completion_latency = Histogram(
+            "scanside_series_completion_latency_seconds",
+            "Time from a series' last image being ingested to the agent announcing it complete, by how completion was decided",
+            ["basis"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_latency = Histogram(
+            "scanside_inference_latency_seconds", "Model inference time per call, by model, back end and precision",
+            ["model", "backend", "precision"], buckets=INFERENCE_BUCKETS, registry=r)
+        self.alerts = Counter("scanside_alerts", "Alerts raised to the technologist, by code and severity",
+                              ["code", "severity"], registry=r)
+        self.acks = Counter("scanside_alerts_acknowledged", "Alerts acknowledged", registry=r)
+        self.exams = Counter("scanside_exams_completed", "Exams completed, by how the end was decided", ["reason"], registry=r)
+        self.triage = Counter("scanside_triage_results", "csPCa triage results, by recommendation", ["recommendation"], registry=r)
+        self.events = Counter("scanside_events", "Events recorded, by type", ["type"], registry=r)
+        r.register(_StateCollector(self))
+        if process:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self, agent: "Agent") -> None:
+        """Wire into a (not yet started) agent: the pipeline hook and an event subscriber."""
+        from agent.sinks import CallbackSink
+
+        self.agent = agent
+        agent.pipeline.listeners.append(self.on_outcome)
+        agent.sinks.add(CallbackSink("metrics", self.on_event), from_now=True)
+
+    def on_outcome(self, path: str, outcome: "Outcome") -> None:
+        if outcome.status == "quarantined":
+            self.files.labels("quarantined").inc()
+            self.quarantined.labels(bounded_reason(outcome.error.reason if outcome.error else "")).inc()
+        elif outcome.status == "error":
+            self.read_errors.labels(bounded_reason(outcome.error.reason if outcome.error else "")).inc()
+        else:
+            self.files.labels(_label(outcome.status, OUTCOMES)).inc()
+
+    def on_event(self, ev: Event) -> None:
+        self.events.labels(_label(ev.type)).inc()
+        if ev.type == "series_completed":
+            s = ev.series
+            self.series_completed.labels(s.label, _label(s.vendor, VENDORS), "true" if s.complete else "false").inc()
+            self._observe_completion(ev)
+        elif ev.type == "series_reopened":
+            self.series_reopened.inc()
+        elif ev.type == "exam_completed":
+            self.exams.labels(_label(ev.reason, {"quiet_period", "operator"})).inc()
+        elif ev.type == "triage_result":
+            self.triage.labels(_label(ev.recommendation, {"DCE_ADVISED", "BPMRI_SUFFICIENT"})).inc()
+        elif ev.type == "alert_acknowledged":
+            self.acks.inc()
+        alert = alert_from_event(ev)
+        if alert is not None:
+            self.alerts.labels(alert.code, alert.severity).inc()
+
+    def _observe_completion(self, ev: Any) -> None:
+        agent = self.agent
+        if agent is None:
+            return
+        row = agent.store.get_series(ev.series.series_uid)
+        if row is None:
+            return
+        try:
+            decided = _dt.datetime.fromisoformat(ev.time).timestamp()
+        except ValueError:
+            return
+        s = ev.series
+        basis = "expected_count" if (s.complete and s.expected_images) else ("quiet_period" if s.complete else "incomplete_grace")
+        self.completion_latency.labels(basis).observe(max(0.0, decided - float(row["last_seen"])))
+
+    # ------------------------------------------------------------------ engines
+    def engine_loaded(self, engine: Any) -> None:
+        """Record an engine for scanside_engine_info (call when a model is opened)."""
+        info = engine.describe()
+        key = (_label(info.model), _label(info.backend), _label(info.precision), _label(info.device))
+        with self._lock:
+            self._engines[key] = None
+
+    def observe_inference(self, engine: Any, seconds: float) -> None:
+        info = engine.describe()
+        self.inference_latency.labels(_label(info.model), _label(info.backend), _label(info.precision)).observe(seconds)
+
+    @contextmanager
+    def time_inference(self, engine: Any) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.observe_inference(engine, time.perf_counter() - t0)
+
+    def engine_labels(self) -> list[tuple[str, str, str, str]]:
+        with self._lock:
+            return list(self._engines)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector:
+    """Gauges read from the live agent at scrape time."""
+
+    def __init__(self, metrics: AgentMetrics):
+        self.m = metrics
+
+    def describe(self) -> list:
+        return []  # values come from the agent at scrape time; nothing to pre-declare
+
+    def collect(self) -> Iterator[Any]:
+        build = InfoMetricFamily("scanside_build", "Agent build information")
+        build.add_metric([], _build_info())
+        yield build
+        engines = GaugeMetricFamily("scanside_engine_info", "Loaded inference engines (value 1)",
+                                    labels=["model", "backend", "precision", "device"])
+        for key in self.m.engine_labels():
+            engines.add_metric(list(key), 1)
+        yield engines
+        agent = self.m.agent
+        if agent is None:
+            return
+        yield from self._safe(lambda: _agent_gauges(agent))
+
+    @staticmethod
+    def _safe(fn: Any) -> Iterator[Any]:
+        try:
+            yield from fn()
+        except Exception as exc:  # a scrape must never take the agent down; the gap shows in the graphs
+            log.warning("metrics collection failed: %s", exc)
+
+
+def _agent_gauges(agent: "Agent") -> Iterator[Any]:
+    queue = GaugeMetricFamily("scanside_queue_depth", "Files waiting in the ingest queue (settling or retrying)")
+    queue.add_metric([], agent.ingestor.backlog)
+    yield queue
+    open_series = GaugeMetricFamily("scanside_series_open", "Series receiving images, not yet complete")
+    open_series.add_metric([], len(agent.store.all_series("open")))
+    yield open_series
+    last = agent.store.last_event_seq()
+    depth = GaugeMetricFamily("scanside_outbox_depth", "Events recorded but not yet delivered, per output", labels=["sink"])
+    failures = CounterMetricFamily("scanside_delivery_failures", "Failed delivery attempts to an output (each retried)", labels=["sink"])
+    dead = CounterMetricFamily("scanside_delivery_dead_letters", "Events an output rejected for good (recorded, skipped)", labels=["sink"])
+    runners = [agent.sinks, *getattr(agent, "output_runners", [])]
+    totals: dict[str, list[float]] = {}
+    for runner in runners:
+        runner_failures = dict(getattr(runner, "failures", {}) or {})
+        for sink in list(runner.sinks):
+            name = _sink_label(sink.name)
+            own_depth = getattr(sink, "outbox_depth", None)
+            value = own_depth() if callable(own_depth) else max(0, last - runner.cursor(sink))
+            t = totals.setdefault(name, [0, 0, 0])
+            t[0] = max(t[0], value)
+            t[1] += int(getattr(sink, "failed_attempts", 0) or 0) + int(runner_failures.get(sink.name, 0))
+            t[2] += int(getattr(sink, "dead_lettered", 0) or 0)
+    for name, (d, f, x) in sorted(totals.items()):
+        depth.add_metric([name], d)
+        failures.add_metric([name], f)
+        dead.add_metric([name], x)
+    yield depth
+    yield failures
+    yield dead
+    disk = GaugeMetricFamily("scanside_state_disk_free_bytes", "Free space on the state folder's file system")
+    disk.add_metric([], shutil.disk_usage(agent.config.state.dir).free)
+    yield disk
+
+
+_BUILD: dict[str, str] = {}
+
+
+def _build_info() -> dict[str, str]:
+    if not _BUILD:
+        from importlib import metadata
+
+        def version(dist: str) -> str:
+            try:
+                return metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                return "none"
+
+        _BUILD.update(version=version("scanside"), python=platform.python_version(),
+                      onnxruntime=version("onnxruntime"), pydicom=version("pydicom"), event_schema=SCHEMA_VERSION)
+    return dict(_BUILD)

@@ -1,0 +1,69 @@
+"""A running agent with its HTTP API on a free loopback port, fed by the virtual scanner (API, metrics
+and console tests). Simulated exams are rendered once per test session and reused."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from agent.config import load_config
+from agent.daemon import Agent
+from simulator.model import GroundTruth
+from simulator.scanner import simulate_exam, stream_exam
+
+_EXAMS: dict[tuple, tuple[Path, GroundTruth]] = {}
+
+
+def exam(tmp_path_factory: Any, vendor: str = "siemens", seed: int = 5, faults: tuple[str, ...] = ("truncated_file",),
+         **kw: Any) -> tuple[Path, GroundTruth]:
+    key = (vendor, seed, faults, tuple(sorted(kw.items())))
+    if key not in _EXAMS:
+        out = tmp_path_factory.mktemp(f"exam-{vendor}-{seed}")
+        _EXAMS[key] = (out, simulate_exam(vendor, out, seed, faults=list(faults), **kw))
+    return _EXAMS[key]
+
+
+def config(root: Path, **kw: Any):
+    return load_config(**{
+        "watch.folder": str(root / "export"), "state.dir": str(root / "state"), "output.stdout": False,
+        "watch.settle_s": 0.2, "series.quiet_period_s": 1.5, "series.incomplete_grace_s": 3.0,
+        "ingest.quarantine_after_s": 0.5, "ingest.retry_delays_s": [0.2, 0.3],
+        "api.enabled": True, "api.port": 0, "api.sse_heartbeat_s": 1.0, **kw})
+
+
+def start(root: Path, **kw: Any) -> Agent:
+    return Agent(config(root, **kw)).start()
+
+
+def expected_parts(truth: GroundTruth) -> int:
+    return sum(len(s.parts) for s in truth.series)
+
+
+def completed_parts(agent: Agent) -> int:
+    return len({e.series.series_id for e in agent.store.events_after(0, limit=100_000) if e.type == "series_completed"})
+
+
+def wait(predicate: Callable[[], bool], timeout: float = 90.0, step: float = 0.1) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+def stream_in_background(src: Path, agent: Agent, truth: GroundTruth, rate: float = 0,
+                         stop: Optional[threading.Event] = None, **kw: Any) -> threading.Thread:
+    t = threading.Thread(target=stream_exam, args=(src, Path(agent.config.watch.folder)),  # type: ignore[arg-type]
+                         kwargs={"rate": rate, "ground_truth": truth, "stop_event": stop, **kw}, daemon=True)
+    t.start()
+    return t
+
+
+def identifiers(truth: GroundTruth) -> list[str]:
+    """Every identifier that must never appear in metrics, logs or alerts."""
+    ids = [truth.study_uid, truth.patient_name, truth.patient_id, truth.patient_birth_date, truth.accession_number]
+    ids += [s.series_uid for s in truth.series]
+    ids += [p for p in truth.patient_name.replace("^", " ").split() if len(p) > 3]
+    return [i for i in ids if i]
