@@ -21,6 +21,7 @@ def _config(tmp_path, **kw):
         "watch.folder": str(tmp_path / "export"), "state.dir": str(tmp_path / "state"),
         "watch.settle_s": 0.2, "ingest.retry_delays_s": [0.1, 0.2], "ingest.quarantine_after_s": 0.6,
         "series.quiet_period_s": 1.0, "output.stdout": False,
+        "protocol.enabled": False,  # ingest alone: the factory's minimal series are not PI-RADS series
     }
     base.update(kw)
     return load_config(**base)
