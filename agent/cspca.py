@@ -1,0 +1,170 @@
+"""Runtime csPCa model: volumes -> exam probability, voxel likelihood map and lesion findings.
+
+``CspcaModel(store).predict({"T2W": v, "ADC": v, "HBV": v}, center_lps=None)`` prepares the three
+volumes with the manifest's PreprocessSpec (engines.preprocess.prepare: the same code the model was
+trained and evaluated with), runs the ONNX model on whatever back end the store picks (no torch),
+and extracts findings from the likelihood map.
+
+Finding extraction (``extract_findings``), parameters from ``manifest.postprocessing``:
+
+1. Threshold the likelihood map at ``lesion_threshold``; 3D connected components (scipy.ndimage,
+   26-connectivity). A component is kept when its peak likelihood >= ``min_peak`` and its volume
+   >= ``min_volume_mm3``.
+2. Centre: the likelihood-weighted centroid of the component's voxels, mapped to LPS mm by the
+   grid's affine (``Grid.index_to_lps``).
+3. Long / short axis (mm), measured as a radiologist does, in the axial plane: on the slice where
+   the component's area is largest, the in-plane covariance of the voxel centres (in mm, along the
+   grid's in-plane axis vectors) plus the variance of one voxel (s^2/12 per axis); for a filled
+   ellipse with semi-axes a >= b the eigenvalues are a^2/4 and b^2/4, so axis = 4 * sqrt(eigenvalue).
+4. Volume (ml) = voxels x voxel volume; likelihood = the component's peak.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from agent.events import LesionFinding
+from agent.volume import Volume
+from engines.preprocess import Grid, prepare
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "cspca-reference"
+CHANNELS = ("T2W", "ADC", "HBV")
+DEFAULT_POSTPROCESSING: Dict[str, float] = {
+    "lesion_threshold": 0.5, "min_peak": 0.5, "min_volume_mm3": 30.0, "decision_threshold": 0.5,
+}
+
+
+class CspcaInputError(ValueError):
+    """The inputs cannot be used (missing channel, empty or non-finite volume); ``reason`` is a short code."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class CspcaPrediction:
+    probability: float
+    findings: List[LesionFinding]
+    likelihood: np.ndarray  # float32 (d0, d1, d2) on `grid`
+    grid: Grid
+    model: str = ""
+    backend: str = ""
+
+    def likelihood_volume(self) -> Volume:
+        return self.grid.volume(self.likelihood)
+
+
+def _in_plane_axes(coords_mm: np.ndarray, pixel_var: float) -> tuple[float, float]:
+    """Long and short axis (mm) of a 2D point set (n, 2) in mm."""
+    if len(coords_mm) == 1:
+        s = float(np.sqrt(12.0 * pixel_var))
+        return s, s
+    cov = np.cov(coords_mm, rowvar=False, bias=True) + np.eye(2) * pixel_var
+    ev = np.clip(np.linalg.eigvalsh(cov), 0.0, None)
+    return float(4.0 * np.sqrt(ev[1])), float(4.0 * np.sqrt(ev[0]))
+
+
+def extract_findings(likelihood: np.ndarray, grid: Grid, *, lesion_threshold: float = 0.5, min_peak: float = 0.5,
+                     min_volume_mm3: float = 30.0, max_findings: int = 10, **_: Any) -> List[LesionFinding]:
+    """Lesion findings from a likelihood map on ``grid`` (see the module docstring); sorted by likelihood."""
+    lk = np.nan_to_num(np.asarray(likelihood, dtype=np.float32), nan=0.0)
+    if lk.shape != tuple(grid.shape):
+        raise ValueError(f"likelihood shape {lk.shape} != grid shape {grid.shape}")
+    mask = lk >= float(lesion_threshold)
+    if not mask.any():
+        return []
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    a = grid.affine[:3, :3]
+    spacing = np.linalg.norm(a, axis=0)
+    vox_mm3 = float(abs(np.linalg.det(a)))
+    u1, u2 = a[:, 1] / spacing[1], a[:, 2] / spacing[2]  # in-plane unit vectors (LPS)
+    pixel_var = float((spacing[1] ** 2 + spacing[2] ** 2) / 2.0 / 12.0)
+    out: List[LesionFinding] = []
+    for k, sl in enumerate(ndimage.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        comp = lab[sl] == k
+        vals = lk[sl][comp]
+        peak = float(vals.max())
+        vol = float(comp.sum()) * vox_mm3
+        if peak < min_peak or vol < min_volume_mm3:
+            continue
+        idx = np.argwhere(comp) + np.array([s.start for s in sl])
+        w = vals.astype(np.float64)
+        centre_idx = (idx * w[:, None]).sum(0) / w.sum()
+        centre = grid.index_to_lps(centre_idx)
+        areas = np.bincount(idx[:, 0] - idx[:, 0].min())
+        z_best = int(np.argmax(areas)) + int(idx[:, 0].min())
+        plane = idx[idx[:, 0] == z_best]
+        pts = grid.index_to_lps(plane.astype(np.float64))
+        coords = np.stack([pts @ u1, pts @ u2], axis=1)
+        long_ax, short_ax = _in_plane_axes(coords, pixel_var)
+        out.append(LesionFinding(center_lps_mm=tuple(float(v) for v in centre), long_axis_mm=round(long_ax, 2),
+                                 short_axis_mm=round(short_ax, 2), volume_ml=round(vol / 1000.0, 4),
+                                 likelihood=round(min(max(peak, 0.0), 1.0), 4)))
+    out.sort(key=lambda f: -f.likelihood)
+    return out[:max_findings]
+
+
+class CspcaModel:
+    """The csPCa model of the store, ready to predict (loaded once, reused)."""
+
+    def __init__(self, store: Any = None, name: str = DEFAULT_MODEL, *, variant: Optional[str] = None,
+                 preference: Optional[Sequence[str]] = None):
+        if store is None:
+            from engines.store import ModelStore
+            store = ModelStore()
+        self.manifest = store.resolve(name)
+        if self.manifest.preprocessing is None:
+            raise ValueError(f"{self.manifest.ref}: manifest has no preprocessing spec")
+        self.spec = self.manifest.preprocessing
+        self.engine, self.selection = store.open(self.manifest, variant=variant, preference=preference)
+        self.post: Dict[str, Any] = {**DEFAULT_POSTPROCESSING, **(self.manifest.postprocessing or {})}
+
+    @property
+    def ref(self) -> str:
+        return self.manifest.ref
+
+    @property
+    def decision_threshold(self) -> float:
+        return float(self.post.get("decision_threshold", 0.5))
+
+    def _check(self, volumes: Mapping[str, Volume]) -> Dict[str, Volume]:
+        out: Dict[str, Volume] = {}
+        for ch in self.spec.channels:
+            v = volumes.get(ch)
+            if v is None:
+                raise CspcaInputError("missing_channel", f"no {ch} volume (have {sorted(volumes)})")
+            arr = np.asarray(v.array)
+            if arr.ndim != 3 or arr.size == 0 or min(arr.shape) < 1:
+                raise CspcaInputError("empty_volume", f"{ch} volume has shape {arr.shape}")
+            if not np.isfinite(np.asarray(v.affine)).all() or abs(np.linalg.det(v.array_affine[:3, :3])) < 1e-9:
+                raise CspcaInputError("bad_geometry", f"{ch} volume has a singular or non-finite affine")
+            if not np.isfinite(arr).all():
+                v = Volume.from_array_affine(np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0),
+                                             v.array_affine)
+            out[ch] = v
+        return out
+
+    def predict(self, volumes: Mapping[str, Volume], center_lps=None) -> CspcaPrediction:
+        vols = self._check(volumes)
+        x, grid = prepare(vols, self.spec, center_lps=center_lps)
+        res = self.engine.run({"input": x[None].astype(np.float32)})
+        lk = np.asarray(res["likelihood"], dtype=np.float32)[0, 0]
+        prob = float(np.asarray(res["probability"], dtype=np.float32).reshape(-1)[0])
+        findings = extract_findings(lk, grid, **self.post)
+        return CspcaPrediction(probability=prob, findings=findings, likelihood=lk, grid=grid, model=self.ref,
+                               backend=str(self.selection.backend))
+
+    def close(self) -> None:
+        try:
+            self.engine.close()
+        except Exception:  # pragma: no cover - best effort
+            pass

@@ -1,0 +1,207 @@
+"""Held-out evaluation of the csPCa model through the runtime path.
+
+    scanside models evaluate cspca-reference [--exams-per-vendor N] [--seed S] [--json] [--write]
+
+For each fresh exam (simulator seeds from ``options.seed``, never used in training; balanced
+csPCa / not, 0-3 lesions, 4 vendor styles, bpMRI profile): simulate_exam writes DICOM ->
+agent.header.read_header -> agent.series.split_parts -> agent.classify.classify_header picks the
+axial T2W, the ADC and the highest-b DWI -> agent.volume.load_volume -> agent.cspca.CspcaModel
+(engines.preprocess.prepare -> ONNX Runtime -> findings). Ground truth: the simulator's lesions
+(rebuilt with make_phantom from the same seed) put on the model grid.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+VENDORS = ("siemens", "siemens-xa", "ge", "philips")
+DEFAULT_EXAMS_PER_VENDOR = 2
+REPORT_FILE = "EVALUATION.md"
+#: what the shipped model must reach on the small CI set (2 exams per vendor = 8 exams)
+FLOOR = {"auroc": 0.75, "centre_within_5mm": 0.5}
+#: the issue's targets (checked on the large evaluation)
+TARGET = {"auroc": 0.95, "centre_within_5mm": 1.0}
+
+
+def exam_plan(seed: int) -> Dict[str, Any]:
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xE7C5]))
+    cspca = bool(seed % 2 == 0)
+    n = int(rng.integers(1, 4)) if cspca else int(rng.choice([0, 1, 2]))
+    return {"cspca": cspca, "n_lesions": n}
+
+
+def _simulate(job: tuple) -> str:
+    vendor, seed, out = job
+    from simulator.scanner import simulate_exam
+
+    p = exam_plan(seed)
+    simulate_exam(vendor, out, seed, profile="prostate-bpmri", n_lesions=p["n_lesions"], cspca=p["cspca"])
+    return out
+
+
+def exam_volumes(exam_dir: Path) -> Dict[str, Any]:
+    """{"T2W", "ADC", "HBV"} Volumes of a written exam, chosen by the agent's header rules."""
+    from agent.classify import classify_header
+    from agent.header import HeaderError, read_header
+    from agent.series import split_parts
+    from agent.volume import load_volume
+
+    by_series: Dict[str, list] = defaultdict(list)
+    for f in sorted(Path(exam_dir).rglob("*.dcm")):
+        try:
+            h = read_header(f)
+        except HeaderError:
+            continue
+        by_series[h.series_uid].append(h)
+    cands: Dict[str, list] = defaultdict(list)
+    for hs in by_series.values():
+        for part in split_parts(hs):
+            lab = classify_header(part.headers, part.frames)
+            cands[lab.label].append((lab, part))
+    out: Dict[str, Any] = {}
+    for lab, part in cands.get("T2WI_nan", []):
+        v = load_volume(part.refs)
+        if v.plane == "axial":
+            out["T2W"] = v
+            break
+    if cands.get("ADC"):
+        out["ADC"] = load_volume(cands["ADC"][0][1].refs)
+    highs = sorted(cands.get("DWI_High", []), key=lambda lp: -(lp[0].b_value or 0.0))
+    if highs:
+        out["HBV"] = load_volume(highs[0][1].refs)
+    return out
+
+
+def lesion_truth(seed: int) -> tuple:
+    """(phantom, [{"centre", "max_diameter", "cspca"}]) with centres = centroid of each lesion's voxels."""
+    from simulator.phantom import make_phantom
+
+    p = exam_plan(seed)
+    ph = make_phantom(seed, n_lesions=p["n_lesions"], cspca=p["cspca"])
+    out = []
+    for k, les in enumerate(ph.lesions, start=1):
+        zyx = np.argwhere(ph.lesion_masks == k)
+        centre = ph.index_to_world(zyx[:, ::-1].mean(0)) if len(zyx) else np.asarray(les.center_lps_mm)
+        out.append({"centre": [float(v) for v in centre], "max_diameter": float(max(les.diameters_mm)),
+                    "cspca": bool(les.cspca), "zone": les.zone})
+    return ph, out
+
+
+def run_eval(model, exams_per_vendor: int, seed0: int, workdir: Optional[Path] = None, jobs: int = 1) -> Dict[str, Any]:
+    from training.cspca.data import lesion_target
+    from training.cspca.metrics import ece, lesion_detection, operating_point, picai_metrics
+
+    tmp = None
+    root = Path(workdir) if workdir else Path(tmp := tempfile.mkdtemp(prefix="scanside-cspca-eval-"))
+    jobs_l = [(v, seed0 + k * len(VENDORS) + i, str(root / f"{v}-{seed0 + k * len(VENDORS) + i}"))
+              for k in range(exams_per_vendor) for i, v in enumerate(VENDORS)]
+    try:
+        t0 = time.time()
+        if jobs > 1:
+            with ProcessPoolExecutor(max_workers=jobs) as ex:
+                list(ex.map(_simulate, jobs_l))
+        else:
+            for j in jobs_l:
+                _simulate(j)
+        t_sim = time.time() - t0
+        rows, lks, tgts, errors, t_inf = [], [], [], [], 0.0
+        for vendor, seed, d in jobs_l:
+            try:
+                vols = exam_volumes(Path(d))
+                t1 = time.time()
+                pred = model.predict(vols)
+                t_inf += time.time() - t1
+            except Exception as e:  # an exam the runtime cannot read counts as an error, reported
+                errors.append({"vendor": vendor, "seed": seed, "error": f"{type(e).__name__}: {e}"})
+                continue
+            ph, lesions = lesion_truth(seed)
+            lks.append(pred.likelihood)
+            tgts.append(lesion_target(ph, pred.grid))
+            rows.append({"vendor": vendor, "seed": seed, "label": int(ph.cspca), "probability": pred.probability,
+                         "lesions": lesions, "findings": [list(f.center_lps_mm) for f in pred.findings],
+                         "n_findings": len(pred.findings)})
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    probs = [r["probability"] for r in rows]
+    labels = [r["label"] for r in rows]
+    metrics: Dict[str, Any] = {"n": len(rows), "positives": int(sum(labels))}
+    if len(set(labels)) == 2:
+        metrics.update(picai_metrics(lks, tgts, probs, labels))
+    metrics["ece"] = ece(probs, labels)
+    op = operating_point(probs, labels, model.decision_threshold)
+    metrics.update(sensitivity=op["sensitivity"], specificity=op["specificity"], confusion=op)
+    metrics.update(lesion_detection(rows))
+    per_vendor = {}
+    for v in VENDORS:
+        rs = [r for r in rows if r["vendor"] == v]
+        if rs:
+            per_vendor[v] = {"n": len(rs), "accuracy": float(np.mean([(r["probability"] >= model.decision_threshold) == bool(r["label"])
+                                                                       for r in rs]))}
+    return {"metrics": metrics, "per_vendor": per_vendor, "rows": rows, "errors": errors,
+            "seconds_simulation": round(t_sim, 1), "seconds_inference": round(t_inf, 2),
+            "seconds_inference_per_exam": round(t_inf / max(len(rows), 1), 3)}
+
+
+def _passed(metrics: Dict[str, Any], floor: Dict[str, float]) -> bool:
+    return all(metrics.get(k) is not None and metrics[k] >= v for k, v in floor.items())
+
+
+def evaluate_model(store, manifest, options) -> dict:
+    """training.registry evaluator for task cspca_detection."""
+    from agent.cspca import CspcaModel
+
+    n = options.exams_per_vendor or DEFAULT_EXAMS_PER_VENDOR
+    model = CspcaModel(store, manifest.ref, variant=options.variant)
+    res = run_eval(model, n, options.seed, options.workdir, options.jobs)
+    report = {"model": manifest.ref, "backend": model.selection.backend, "exams_per_vendor": n, "seed": options.seed,
+              "exams": res["metrics"]["n"], "floor": FLOOR, "target": TARGET,
+              "passed": _passed(res["metrics"], FLOOR) and not res["errors"], **res}
+    report["metrics"] = {k: v for k, v in res["metrics"].items()}
+    if options.write:
+        write_results(manifest, report)
+        report["written"] = str(manifest.root)
+    return report
+
+
+def write_results(manifest, report: dict) -> None:
+    """Metrics -> manifest.metrics['evaluation'], EVALUATION.md and the refreshed model card."""
+    from training.cspca.export import CARD_FILE, render_card
+
+    m = report["metrics"]
+    ev = {"measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+          "command": f"scanside models evaluate {manifest.name} --exams-per-vendor {report['exams_per_vendor']} "
+                     f"--seed {report['seed']} --write",
+          "exams": m["n"], "positives": m["positives"], "backend": report["backend"],
+          "metrics": {k: v for k, v in m.items() if k != "confusion"}, "confusion": m.get("confusion"),
+          "per_vendor": report["per_vendor"], "seconds_inference_per_exam": report["seconds_inference_per_exam"],
+          "errors": report["errors"][:20]}
+    metrics = dict(manifest.metrics)
+    metrics["evaluation"] = ev
+    m2 = manifest.model_copy(update={"metrics": metrics})
+    m2.set_root(manifest.root)
+    m2.save(Path(manifest.root))
+    f = lambda v: "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = [f"# Evaluation: {manifest.ref}", "",
+             f"Measured {ev['measured_at']} with `{ev['command']}` on {m['n']} freshly simulated bpMRI exams "
+             f"({m['positives']} csPCa; 4 vendor styles), back end {report['backend']}, runtime path "
+             "(simulated DICOM -> agent.header/series/classify -> agent.volume -> engines.preprocess -> ONNX -> agent.cspca).", "",
+             "| metric | value |", "|---|---:|"]
+    for k in ("auroc", "ap", "ranking_score", "map_auroc", "ece", "sensitivity", "specificity", "lesions", "detected",
+              "lesion_sensitivity", "centre_error_median_mm", "centre_error_p90_mm", "centre_within_5mm",
+              "fp_findings_per_negative_exam"):
+        lines.append(f"| {k} | {f(m.get(k))} |")
+    lines += ["", f"Inference (prepare + ONNX + findings): {report['seconds_inference_per_exam']} s per exam.", "",
+              "Per vendor style (accuracy at the decision threshold): "
+              + ", ".join(f"{v} {f(r['accuracy'])} (n={r['n']})" for v, r in report["per_vendor"].items()), "",
+              f"Errors: {len(report['errors'])}"]
+    (Path(manifest.root) / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (Path(manifest.root) / CARD_FILE).write_text(render_card(m2), encoding="utf-8")

@@ -1,0 +1,189 @@
+"""Train the reference csPCa model from scratch on simulated cases (CPU, 2 threads).
+
+    python -m training.cspca.train --cases 320 --minutes 15 --out var/cspca-run
+
+1. Cases: ``training.cspca.data.build_cache`` renders seeds 0..N-1 once (npz, var/cspca-cache/).
+2. Voxel head: patches of 20 x 32 x 32 voxels (the full depth, a quarter of the plane; half of
+   them centred on a csPCa lesion when the case has one), random left-right flips and channel
+   intensity jitter; loss = BCE + soft Dice on the csPCa lesion mask (indolent lesions are
+   background) + BCE of the patch's max-voxel (multiple-instance) exam head on "the patch holds a
+   csPCa lesion". Training runs for a wall-clock budget with a cosine learning-rate schedule over it.
+3. Exam head: the scale/offset of sigmoid(a * max voxel logit + b) are refitted on the full
+   training volumes by logistic regression (Newton, 2 parameters), so the exam probability is
+   calibrated on whole exams rather than patches.
+
+Writes <out>/model.pt (state dict + config) and <out>/train.json (timings, losses).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+PATCH = (20, 32, 32)
+
+
+def _patches(x: np.ndarray, y: np.ndarray, idx: np.ndarray, rng: np.random.Generator):
+    """Crop PATCH from each selected case: centred on a lesion voxel half the time if there is one."""
+    D, H, W = x.shape[2:]
+    ph, pw = PATCH[1], PATCH[2]
+    xs, ys = [], []
+    for i in idx:
+        yi = y[i]
+        if yi.any() and rng.random() < 0.5:
+            pts = np.argwhere(yi)
+            c = pts[rng.integers(len(pts))]
+            h0 = int(np.clip(c[1] - ph // 2 + rng.integers(-8, 9), 0, H - ph))
+            w0 = int(np.clip(c[2] - pw // 2 + rng.integers(-8, 9), 0, W - pw))
+        else:
+            h0 = int(rng.integers(0, H - ph + 1))
+            w0 = int(rng.integers(0, W - pw + 1))
+        xp = x[i, :, :, h0:h0 + ph, w0:w0 + pw].astype(np.float32)
+        yp = yi[:, h0:h0 + ph, w0:w0 + pw].astype(np.float32)
+        if rng.random() < 0.5:  # left-right flip (axis W runs to patient left)
+            xp, yp = xp[..., ::-1], yp[..., ::-1]
+        xp = xp * rng.uniform(0.9, 1.1, size=(3, 1, 1, 1)) + rng.normal(0, 0.1, size=(3, 1, 1, 1))
+        xs.append(np.ascontiguousarray(xp))
+        ys.append(np.ascontiguousarray(yp))
+    return np.stack(xs).astype(np.float32), np.stack(ys)[:, None]
+
+
+def fit_exam_head(peaks: np.ndarray, labels: np.ndarray, iters: int = 50, l2: float = 1.0) -> tuple[float, float]:
+    """Logistic regression p = sigmoid(a * peak + b) by Newton's method (tiny ridge for separable data)."""
+    X = np.stack([peaks, np.ones_like(peaks)], axis=1).astype(np.float64)
+    t = labels.astype(np.float64)
+    w = np.array([1.0, 0.0])
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(X @ w)))
+        g = X.T @ (p - t) + l2 * w
+        Hm = (X * (p * (1 - p))[:, None]).T @ X + l2 * np.eye(2)
+        step = np.linalg.solve(Hm, g)
+        w = w - step
+        if np.abs(step).max() < 1e-8:
+            break
+    return float(w[0]), float(w[1])
+
+
+def train(cases: int = 320, minutes: float = 15.0, out: str = "var/cspca-run", batch: int = 8, lr: float = 3e-3,
+          seed: int = 0, threads: int = 2, cache_dir: Optional[str] = None, max_steps: Optional[int] = None,
+          widths=(12, 24, 48), calib_cases: Optional[int] = None, init: Optional[str] = None, log=print) -> dict:
+    import torch
+
+    from training.cspca.data import DEFAULT_CACHE, build_cache, load_cache
+    from training.cspca.model import CspcaNet, n_parameters
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    paths = build_cache(range(cases), cache_dir or DEFAULT_CACHE, workers=threads)
+    t_data = time.perf_counter() - t0
+    x, y, labels = load_cache(paths)
+    log(f"{len(paths)} cases ({int(labels.sum())} csPCa), data {t_data:.0f} s")
+
+    model = CspcaNet(widths=tuple(widths))
+    if init:  # continue from a checkpoint (its widths win)
+        model = load_model(init)
+        model.train()
+        widths = model.widths
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    rng = np.random.default_rng(seed)
+    budget = minutes * 60.0
+    t1 = time.perf_counter()
+    step, hist = 0, []
+    model.train()
+    while True:
+        frac = (time.perf_counter() - t1) / budget
+        if frac >= 1.0 or (max_steps is not None and step >= max_steps):
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr * (0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * min(frac, 1.0))))
+        idx = rng.integers(0, len(x), size=batch)
+        xb, yb = _patches(x, y, idx, rng)
+        xt, yt = torch.from_numpy(xb), torch.from_numpy(yb)
+        vox, exam = model.logits(xt)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(vox, yt, pos_weight=torch.tensor(5.0))
+        p = torch.sigmoid(vox)
+        inter = (p * yt).sum()
+        dice = 1 - (2 * inter + 1) / (p.sum() + yt.sum() + 1)
+        patch_label = (yt.flatten(1).amax(1, keepdim=True) > 0).float()
+        exam_bce = torch.nn.functional.binary_cross_entropy_with_logits(exam, patch_label)
+        loss = bce + dice + 0.5 * exam_bce
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        hist.append(float(loss.detach()))
+        if step % 25 == 0:
+            log(f"step {step} t={time.perf_counter() - t1:.0f}s loss {np.mean(hist[-25:]):.3f} "
+                f"(bce {float(bce):.3f} dice {float(dice):.3f} exam {float(exam_bce):.3f})")
+    t_train = time.perf_counter() - t1
+
+    # exam head on full volumes
+    t2 = time.perf_counter()
+    model.eval()
+    n_cal = len(x) if calib_cases is None else min(calib_cases, len(x))
+    peaks = []
+    with torch.no_grad():
+        for i0 in range(0, n_cal, 8):
+            vox, _ = model.logits(torch.from_numpy(x[i0:min(i0 + 8, n_cal)].astype(np.float32)))
+            peaks.append(vox.amax(dim=(1, 2, 3, 4)).numpy())
+    peaks_a = np.concatenate(peaks)
+    a, b = fit_exam_head(peaks_a, labels[:n_cal])
+    with torch.no_grad():
+        model.exam_scale.fill_(a)
+        model.exam_bias.fill_(b)
+    t_cal = time.perf_counter() - t2
+
+    outp = Path(out)
+    outp.mkdir(parents=True, exist_ok=True)
+    config = {"widths": list(widths), "patch": list(PATCH)}
+    torch.save({"state_dict": model.state_dict(), "config": config}, outp / "model.pt")
+    summary = {
+        "cases": len(paths), "csPCa_cases": int(labels.sum()), "steps": step, "batch": batch, "lr": lr,
+        "threads": threads, "widths": list(widths), "parameters": n_parameters(model),
+        "seconds": {"data": round(t_data, 1), "train": round(t_train, 1), "exam_head": round(t_cal, 1),
+                    "total": round(time.perf_counter() - t0, 1)},
+        "final_loss": float(np.mean(hist[-50:])) if hist else None,
+        "exam_head": {"scale": a, "bias": b, "fit_cases": n_cal},
+    }
+    (outp / "train.json").write_text(json.dumps(summary, indent=2))
+    log(json.dumps(summary))
+    return summary
+
+
+def load_model(path):
+    import torch
+
+    from training.cspca.model import CspcaNet
+
+    ck = torch.load(str(path), map_location="cpu", weights_only=True)
+    m = CspcaNet(widths=tuple(ck["config"]["widths"]))
+    m.load_state_dict(ck["state_dict"])
+    m.eval()
+    return m
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", type=int, default=320)
+    ap.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget of the patch training")
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--out", default="var/cspca-run")
+    ap.add_argument("--init", default=None, help="continue training from this model.pt")
+    a = ap.parse_args(argv)
+    train(a.cases, a.minutes, a.out, a.batch, a.lr, threads=a.threads, cache_dir=a.cache_dir, max_steps=a.max_steps,
+          init=a.init, log=lambda s: print(s, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
