@@ -23,7 +23,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--user-dir", metavar="DIR", help="bring-your-own model directory (default $SCANSIDE_USER_MODELS_DIR)")
     p.add_argument("--prefer", metavar="B1,B2", default=None,
                    help="back-end preference order, e.g. tensorrt,onnxruntime")
-    sub = p.add_subparsers(dest="models_cmd", metavar="{list,show,verify,import-taps,schema}")
+    sub = p.add_subparsers(dest="models_cmd", metavar="{list,show,verify,import-taps,schema,evaluate,train}")
     sub.required = True
     ls = sub.add_parser("list", help="models and versions in the store")
     ls.add_argument("--json", action="store_true")
@@ -38,6 +38,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     imp.add_argument("--cache-dir", type=Path, help="where the downloaded wheel is kept (default ~/.cache/scanside/wheels)")
     imp.add_argument("--overwrite", action="store_true")
     sub.add_parser("schema", help="print the manifest JSON schema")
+    _add_training_parsers(sub)
     p.set_defaults(func=run)
     return p
 
@@ -67,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"imported {m.ref} into {m.root} (sha256 {m.files['fp32'].sha256} verified)")
             return 0
         store = _store(args)
+        if cmd in ("evaluate", "train"):
+            return _run_training_cmd(cmd, args, store)
         if cmd == "list":
             ms = store.list()
             if args.json:
@@ -113,6 +116,51 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"unknown models command {cmd!r}", file=sys.stderr)
     return 2
+
+
+def _add_training_parsers(sub: Any) -> None:
+    """`models evaluate NAME` (dispatch on the manifest's task) and `models train KIND` (training.registry)."""
+    ev = sub.add_parser("evaluate", help="evaluate a model on freshly simulated held-out data (by its task)")
+    ev.add_argument("name", help="NAME, NAME@VERSION or NAME/VERSION")
+    ev.add_argument("--exams-per-vendor", type=int, default=None, help="fresh simulated exams per vendor style and subset")
+    ev.add_argument("--seed", type=int, default=900_000, help="first simulator seed (training never uses >= 700000)")
+    ev.add_argument("--workdir", type=Path, default=None, help="keep the simulated DICOM here (default: temp dir)")
+    ev.add_argument("--jobs", type=int, default=1, help="simulation worker processes")
+    ev.add_argument("--variant", default=None, help="model file variant (default: the manifest's)")
+    ev.add_argument("--write", action="store_true", help="record the metrics in the manifest and write the markdown report")
+    ev.add_argument("--json", action="store_true")
+    tr = sub.add_parser("train", help="train or fine-tune a model on a site's labelled DICOM (training.registry)")
+    tsub = tr.add_subparsers(dest="train_kind", metavar="KIND")
+    tsub.required = True
+    try:
+        from training.registry import TRAINERS, trainer_for
+    except ImportError:  # training package not installed: no trainers
+        return
+    for kind in TRAINERS:
+        kp = tsub.add_parser(kind, help=f"train the {kind} model")
+        try:
+            trainer_for(kind).add_arguments(kp)
+        except ImportError as e:
+            kp.description = f"unavailable here: {e}"
+
+
+def _run_training_cmd(cmd: str, args: argparse.Namespace, store: ModelStore) -> int:
+    from training.registry import EvaluateOptions, evaluator_for, trainer_for
+
+    if cmd == "train":
+        return int(trainer_for(args.train_kind).train(args))
+    m = store.resolve(args.name)
+    opts = EvaluateOptions(exams_per_vendor=args.exams_per_vendor, seed=args.seed, workdir=args.workdir,
+                           write=args.write, variant=args.variant, jobs=args.jobs)
+    report = evaluator_for(m.task)(store, m, opts)
+    if args.json:
+        _print(report)
+    else:
+        for subset, r in report.get("metrics", {}).items():
+            print(f"{subset:18} n={r['n']:5d} accuracy={r['accuracy']:.4f} kappa={r['kappa']:.4f}")
+        floor = report.get("floor")
+        print(f"{report['model']}: {'PASS' if report.get('passed') else 'FAIL'} (floor {floor})")
+    return 0 if report.get("passed") else 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:

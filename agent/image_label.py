@@ -1,0 +1,187 @@
+"""Image-based sequence label: one series' pixels -> the sequence classifier (ONNX, via the model
+store) -> ImageLabel. No header field enters the model, so it can catch a mislabelled series; the
+agent compares this label with agent.classify's header label.
+
+One volume per logical series (agent.series.SeriesPart): ``select_frames`` keeps
+* one orientation (the largest group; a 3-plane localizer -> one plane),
+* one temporal phase of a dynamic series (the middle one of those present),
+* one frame per slice position (the isotropic/trace image where directional ones share it).
+Then agent.volume.load_volume -> engines.preprocess.prepare (the manifest's PreprocessSpec) ->
+engine. Runtime dependencies only (numpy, onnxruntime through engines); no torch.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Dict, Optional, Sequence, Union
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from agent.header import FrameInfo, FrameRef, HeaderError, read_header
+from agent.volume import Volume, VolumeError, load_volume
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "sequence-classifier"
+
+
+class ImageLabel(BaseModel):
+    label: str
+    confidence: float = Field(description="probability of `label`")
+    probabilities: Dict[str, float]
+    model: str = Field(description="name/version of the model")
+    backend: str
+    frames_used: Optional[int] = None
+
+
+class ImageLabelError(ValueError):
+    """The series could not be classified from its images; ``reason`` is a short code."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _frame_infos(refs: Sequence[FrameRef]) -> list[FrameInfo]:
+    """Header-only read of each file once; the FrameInfo of every ref."""
+    by_path: dict[str, dict[int, FrameInfo]] = {}
+    out = []
+    for r in refs:
+        if r.path not in by_path:
+            try:
+                h = read_header(r.path)
+            except HeaderError as e:
+                raise ImageLabelError("unreadable_header", f"{e}") from e
+            by_path[r.path] = {f.frame_index: f for f in h.frames}
+        f = by_path[r.path].get(r.frame_index)
+        if f is None:
+            raise ImageLabelError("bad_frame_index", f"frame {r.frame_index} not in its file")
+        out.append(f)
+    return out
+
+
+def select_frames(refs: Sequence[FrameRef], frames: Optional[Sequence[FrameInfo]] = None) -> list[FrameRef]:
+    """The frames that make one volume (see module doc). ``frames`` (aligned with ``refs``) saves
+    re-reading headers when the caller has them (a SeriesPart does)."""
+    refs = list(refs)
+    if not refs:
+        raise ImageLabelError("no_frames", "no frames given")
+    infos = list(frames) if frames is not None else _frame_infos(refs)
+    if len(infos) != len(refs):
+        raise ImageLabelError("bad_frames", f"{len(refs)} refs but {len(infos)} frame infos")
+    idx = list(range(len(refs)))
+    # one orientation: the largest group (first seen wins a tie)
+    groups: dict[tuple, list[int]] = {}
+    for i in idx:
+        o = infos[i].orientation
+        key = tuple(np.round(o, 3)) if o else ()
+        groups.setdefault(key, []).append(i)
+    idx = max(groups.values(), key=len)
+    # one temporal phase: the middle one present
+    phases = sorted({infos[i].temporal_index for i in idx if infos[i].temporal_index is not None})
+    if len(phases) > 1:
+        mid = phases[len(phases) // 2]
+        idx = [i for i in idx if infos[i].temporal_index == mid]
+    # one frame per slice position, preferring isotropic/undirected images
+    o = next((infos[i].orientation for i in idx if infos[i].orientation), None)
+    if o is not None:
+        normal = np.cross(np.asarray(o[:3], float), np.asarray(o[3:], float))
+        best: dict[float, int] = {}
+        for i in idx:
+            p = infos[i].position
+            if p is None or infos[i].n_slices > 1:  # mosaics carry their own slice positions
+                best[float(len(best)) + 1e9 + i] = i
+                continue
+            d = round(float(np.dot(normal, p)), 2)
+            j = best.get(d)
+            if j is None or (_directional(infos[j]) and not _directional(infos[i])):
+                best[d] = i
+        idx = sorted(best.values())
+    return [refs[i] for i in idx]
+
+
+def _directional(f: FrameInfo) -> bool:
+    return f.direction is not None and any(abs(c) > 1e-6 for c in f.direction) and not f.isotropic
+
+
+class ImageClassifier:
+    """Loads the sequence model lazily from a ModelStore (sha256-checked) and classifies series."""
+
+    def __init__(self, store: Any = None, model: str = DEFAULT_MODEL, *, variant: Optional[str] = None,
+                 engine: Any = None) -> None:
+        self._store = store
+        self.model_ref = model
+        self.variant = variant
+        self._engine = engine
+        self._lock = threading.Lock()
+        self.manifest = engine.manifest if engine is not None else None
+        self.backend = engine.backend if engine is not None else None
+
+    def _ensure(self):
+        with self._lock:
+            if self._engine is None:
+                if self._store is None:
+                    from engines.store import ModelStore
+                    self._store = ModelStore()
+                engine, sel = self._store.open(self.model_ref, variant=self.variant)
+                self._engine, self.manifest, self.backend = engine, engine.manifest, sel.backend
+                if not self.manifest.labels or not self.manifest.preprocessing:
+                    raise ImageLabelError("bad_model", f"{self.manifest.ref} has no labels or preprocessing")
+        return self._engine
+
+    # -- inputs ------------------------------------------------------------------------------
+    def volume_of(self, source: Union[Volume, Any, Sequence[FrameRef]], frames: Optional[Sequence[FrameInfo]] = None,
+                  cache: Optional[dict] = None) -> tuple[Volume, int]:
+        if isinstance(source, Volume):
+            return source, source.shape[0]
+        if hasattr(source, "refs") and hasattr(source, "frames"):  # agent.series.SeriesPart
+            refs, frames = list(source.refs), list(source.frames)
+        else:
+            refs = list(source)
+        chosen = select_frames(refs, frames)
+        try:
+            return load_volume(chosen, cache=cache), len(chosen)
+        except VolumeError as e:
+            raise ImageLabelError(f"volume_{e.reason}", str(e)) from e
+        except (OSError, ValueError) as e:
+            raise ImageLabelError("unreadable_pixels", f"{type(e).__name__}: {e}") from e
+
+    def prepare(self, volume: Volume) -> np.ndarray:
+        """(C, d0, d1, d2) float32 model input for one volume."""
+        from engines.preprocess import prepare
+
+        self._ensure()
+        spec = self.manifest.preprocessing
+        if not np.isfinite(volume.array).all():
+            volume = Volume.from_array_affine(np.nan_to_num(volume.array, nan=0.0, posinf=0.0, neginf=0.0),
+                                              volume.array_affine)
+        arr, _ = prepare({spec.channels[0]: volume}, spec)
+        return arr
+
+    # -- inference -----------------------------------------------------------------------------
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """(N, C, ...) prepared inputs -> (N, n_labels) probabilities."""
+        engine = self._ensure()
+        m = self.manifest
+        out = engine.run({m.inputs[0].name: np.ascontiguousarray(batch, dtype=np.float32)})
+        return np.asarray(out[m.outputs[0].name], dtype=np.float64)
+
+    def label_of(self, probs: np.ndarray, frames_used: Optional[int] = None) -> ImageLabel:
+        labels = list(self.manifest.labels)
+        k = int(np.argmax(probs))
+        return ImageLabel(label=labels[k], confidence=float(probs[k]),
+                          probabilities={lab: round(float(p), 6) for lab, p in zip(labels, probs)},
+                          model=self.manifest.ref, backend=str(self.backend), frames_used=frames_used)
+
+    def classify(self, source: Union[Volume, Any, Sequence[FrameRef]], frames: Optional[Sequence[FrameInfo]] = None,
+                 cache: Optional[dict] = None) -> ImageLabel:
+        """A Volume, a SeriesPart or FrameRefs (with their FrameInfos, else headers are read) -> ImageLabel.
+        Raises ImageLabelError for series that cannot be turned into one volume."""
+        self._ensure()
+        vol, n = self.volume_of(source, frames, cache)
+        if min(vol.shape) < 1 or vol.array.size < 4:
+            raise ImageLabelError("too_small", f"volume shape {vol.shape}")
+        x = self.prepare(vol)[None]
+        return self.label_of(self.probabilities(x)[0], n)

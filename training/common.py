@@ -1,0 +1,64 @@
+"""Shared by the training packages: classification metrics (sklearn-free, numpy only)."""
+from __future__ import annotations
+
+from typing import Any, Dict, Sequence
+
+import numpy as np
+
+
+def confusion(y_true: Sequence[int], y_pred: Sequence[int], n: int) -> np.ndarray:
+    """Rows: true class, columns: predicted class."""
+    cm = np.zeros((n, n), dtype=np.int64)
+    for t, p in zip(y_true, y_pred):
+        cm[int(t), int(p)] += 1
+    return cm
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return float(a / b) if b > 0 else None
+
+
+def cohen_kappa(cm: np.ndarray) -> float:
+    n = cm.sum()
+    if n == 0:
+        return float("nan")
+    po = np.trace(cm) / n
+    pe = float((cm.sum(0) * cm.sum(1)).sum()) / (n * n)
+    return 1.0 if pe == 1.0 else float((po - pe) / (1.0 - pe))
+
+
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> Dict[str, Any]:
+    """Accuracy, Cohen's kappa, confusion matrix and one-vs-rest sensitivity, specificity, PPV,
+    NPV and F1 per class (None where undefined, e.g. a class with no true cases)."""
+    k = len(labels)
+    cm = confusion(y_true, y_pred, k)
+    n = int(cm.sum())
+    per: Dict[str, Dict[str, Any]] = {}
+    for i, lab in enumerate(labels):
+        tp = cm[i, i]
+        fn = cm[i].sum() - tp
+        fp = cm[:, i].sum() - tp
+        tn = n - tp - fn - fp
+        sens, ppv = _ratio(tp, tp + fn), _ratio(tp, tp + fp)
+        f1 = _ratio(2 * tp, 2 * tp + fp + fn)
+        per[lab] = {"support": int(tp + fn), "sensitivity": sens, "specificity": _ratio(tn, tn + fp), "ppv": ppv,
+                    "npv": _ratio(tn, tn + fn), "f1": f1}
+    return {"n": n, "accuracy": float(np.trace(cm) / n) if n else float("nan"), "kappa": cohen_kappa(cm),
+            "per_class": per, "labels": list(labels), "confusion": cm.tolist()}
+
+
+def metrics_markdown(m: Dict[str, Any], title: str = "") -> str:
+    labels = m["labels"]
+    out = [f"### {title}" if title else "", "",
+           f"n = {m['n']}, accuracy = {m['accuracy']:.4f}, Cohen's kappa = {m['kappa']:.4f}", "",
+           "| class | support | sensitivity | specificity | PPV | NPV | F1 |", "|---|---:|---:|---:|---:|---:|---:|"]
+    f = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    for lab in labels:
+        r = m["per_class"][lab]
+        out.append(f"| {lab} | {r['support']} | {f(r['sensitivity'])} | {f(r['specificity'])} | {f(r['ppv'])} | "
+                   f"{f(r['npv'])} | {f(r['f1'])} |")
+    out += ["", "Confusion matrix (rows: truth, columns: prediction)", "",
+            "| truth \\ pred | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for lab, row in zip(labels, m["confusion"]):
+        out.append(f"| {lab} | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,178 @@
+"""Training data by the render path: simulator.render -> a Volume with the geometry and the
+12-bit quantisation the DICOM writers give -> engines.preprocess.prepare (the runtime's one
+preprocessing) -> cached float16 arrays (npz shards).
+
+What one exam contributes (labels from the simulator's own ground-truth rule):
+localizer (one of its three planes) -> other; every T2W -> T2WI_nan / T2WI_fs; DWI -> one
+sample per b-value (b < 500 DWI_Low, else DWI_High); calculated high b -> DWI_High; ADC -> ADC;
+T1 -> other; DCE -> one random temporal phase -> other (the agent passes one phase of a dynamic
+series: the middle one, see agent.image_label.select_frames).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from agent.taxonomy import DWI_HIGH_MIN_B, LABELS
+from agent.volume import Volume
+from engines.preprocess import prepare
+from engines.spec import PreprocessSpec
+from simulator.model import RenderedImage, SeriesSpec
+from training.sequence.protocols import VENDORS, Variant, random_exam
+
+log = logging.getLogger(__name__)
+
+INPUT_SHAPE = (16, 64, 64)
+CHANNEL = "series"
+#: the preprocessing the model is trained with and that the agent runs (goes into the manifest)
+PREPROCESS = PreprocessSpec(channels=[CHANNEL], orientation="acquisition", fit="resize", shape=INPUT_SHAPE,
+                            spacing_mm=(3.0, 3.0, 3.0), antialias=True, normalize="zscore_percentile",
+                            clip_percentiles=(0.5, 99.5), crop="none")
+MAX_STORED = 4095
+DEFAULT_CACHE = Path(os.environ.get("SCANSIDE_TRAIN_CACHE", Path(__file__).resolve().parents[2] / "var" / "train-cache"))
+LABEL_INDEX = {name: i for i, name in enumerate(LABELS)}
+
+
+def stack_volume(images: Sequence[RenderedImage]) -> Volume:
+    """Rendered 2D images of one position set -> Volume sorted along the slice normal, as
+    agent.volume.load_volume builds it from the written files."""
+    o = np.asarray(images[0].orientation, dtype=float)
+    row_dir, col_dir = o[:3], o[3:]
+    normal = np.cross(row_dir, col_dir)
+    d = np.array([float(np.dot(normal, im.position)) for im in images])
+    order = np.argsort(d, kind="stable")
+    ims = [images[i] for i in order]
+    arr = np.stack([im.pixels for im in ims]).astype(np.float32)
+    sr, sc = ims[0].pixel_spacing
+    step = float(np.median(np.diff(d[order]))) if len(ims) > 1 else 1.0
+    aff = np.eye(4)
+    aff[:3, 0] = normal * step
+    aff[:3, 1] = col_dir * sr
+    aff[:3, 2] = row_dir * sc
+    aff[:3, 3] = ims[0].position
+    return Volume.from_array_affine(arr, aff)
+
+
+def quantise(images: Sequence[RenderedImage]) -> list[np.ndarray]:
+    """The writers' 12-bit storage: one scale per series from its magnitude peak, ADC in its own units."""
+    peak = max((float(np.max(im.pixels)) for im in images if im.derived != "ADC" and im.pixels.size), default=0.0)
+    scale = 0.95 * MAX_STORED / peak if math.isfinite(peak) and peak > 0 else 1.0
+    out = []
+    for im in images:
+        s = 1.0 if im.derived == "ADC" else scale
+        q = np.clip(np.rint(np.nan_to_num(im.pixels.astype(np.float64) * s)), 0, MAX_STORED)
+        out.append((q / s).astype(np.float32))
+    return out
+
+
+def label_of(spec: SeriesSpec, im: RenderedImage) -> str:
+    if spec.kind in ("localizer", "t1", "dce"):
+        return "other"
+    if spec.kind == "t2w":
+        return "T2WI_fs" if spec.fat_sat else "T2WI_nan"
+    if spec.kind == "t2w_fs":
+        return "T2WI_fs"
+    if im.derived == "ADC":
+        return "ADC"
+    return "DWI_High" if float(im.b_value or 0.0) >= DWI_HIGH_MIN_B else "DWI_Low"
+
+
+def exam_samples(seed: int, vendor: str, variant: Variant = "train", severity: Optional[float] = None
+                 ) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """(label, prepared array (1, *INPUT_SHAPE) float32, info) for every logical series of one
+    randomised exam rendered straight from the phantom."""
+    from simulator.phantom import make_phantom
+    from simulator.render import Artifacts, render_series
+
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5E9]))
+    exam = random_exam(rng, vendor, variant, dce_phases=int(rng.integers(1, 4)))
+    phantom = make_phantom(seed)
+    for spec in exam.series:
+        sev = float(rng.uniform(0.3, 1.6)) if severity is None else severity
+        art = Artifacts.sample(rng, sev)
+        if spec.kind == "localizer":
+            spec = spec.model_copy(update=dict(plane=str(rng.choice(["sagittal", "coronal", "axial"]))))
+        rendered = render_series(phantom, spec, exam.field_strength_t, rng, art)
+        pix = quantise(rendered.images)
+        groups: dict[tuple, list[RenderedImage]] = {}
+        for im, p in zip(rendered.images, pix):
+            key = ("ADC",) if im.derived == "ADC" else (im.b_value, im.derived, im.temporal_index)
+            groups.setdefault(key, []).append(im.model_copy(update=dict(pixels=p)))
+        keys = list(groups)
+        if spec.kind == "dce":  # one phase, as the agent passes one
+            keys = [keys[int(rng.integers(len(keys)))]]
+        for key in keys:
+            ims = groups[key]
+            vol = stack_volume(ims)
+            arr, _ = prepare({CHANNEL: vol}, PREPROCESS)
+            info = dict(seed=seed, vendor=vendor, variant=variant, kind=spec.kind, plane=spec.plane,
+                        b_value=ims[0].b_value, field=exam.field_strength_t, matrix=list(spec.matrix))
+            yield label_of(spec, ims[0]), arr, info
+
+
+def _shard(args: tuple[list[int], str, str]) -> str:
+    seeds, variant, path = args
+    xs, ys, infos = [], [], []
+    for s in seeds:
+        vendor = VENDORS[s % len(VENDORS)]
+        for label, arr, info in exam_samples(s, vendor, variant):  # type: ignore[arg-type]
+            xs.append(arr.astype(np.float16))
+            ys.append(LABEL_INDEX[label])
+            infos.append(info)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, x=np.stack(xs), y=np.asarray(ys, dtype=np.int64), info=np.asarray(json.dumps(infos)))
+    os.replace(tmp, path)
+    return path
+
+
+def spec_key() -> str:
+    """Cache key: the preprocessing and this module's generator (changes invalidate the cache)."""
+    from training.sequence import protocols
+
+    h = hashlib.sha256(PREPROCESS.model_dump_json().encode())
+    for mod in (protocols,):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def build_dataset(seeds: Sequence[int], variant: Variant = "train", cache_dir: Path | None = None,
+                  jobs: int = 1, shard_size: int = 8) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Render (or load from the cache) the samples of the given exam seeds.
+    Returns x float16 (N, 1, *INPUT_SHAPE), y int64 (N,), info per sample."""
+    cache = Path(cache_dir or DEFAULT_CACHE) / spec_key()
+    cache.mkdir(parents=True, exist_ok=True)
+    seeds = list(seeds)
+    chunks = [seeds[i:i + shard_size] for i in range(0, len(seeds), shard_size)]
+    todo, paths = [], []
+    for ch in chunks:
+        name = f"{variant}-{ch[0]}-{ch[-1]}-{len(ch)}.npz"
+        p = str(cache / name)
+        paths.append(p)
+        if not Path(p).is_file():
+            todo.append((ch, variant, p))
+    t0 = time.time()
+    if todo:
+        if jobs > 1:
+            with ProcessPoolExecutor(max_workers=jobs) as ex:
+                for i, p in enumerate(ex.map(_shard, todo), 1):
+                    log.info("rendered shard %d/%d (%.0f s)", i, len(todo), time.time() - t0)
+        else:
+            for i, t in enumerate(todo, 1):
+                _shard(t)
+                log.info("rendered shard %d/%d (%.0f s)", i, len(todo), time.time() - t0)
+    xs, ys, infos = [], [], []
+    for p in paths:
+        with np.load(p) as z:
+            xs.append(z["x"])
+            ys.append(z["y"])
+            infos += json.loads(str(z["info"]))
+    return np.concatenate(xs), np.concatenate(ys), infos

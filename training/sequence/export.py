@@ -1,0 +1,207 @@
+"""Export: torch -> ONNX (dynamic batch axis, softmax probabilities out), ONNX Runtime parity,
+ModelManifest and model card, installed as <store>/sequence-classifier/<version>/.
+
+Also the way back (``load_from_onnx``): a shipped ONNX file restores the torch model for
+fine-tuning (batch norm is folded into the convolutions by the exporter, so the restored model
+carries identity batch norms and is fine-tuned with frozen statistics).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from agent.taxonomy import LABELS
+from engines.manifest import ModelFile, ModelManifest, TensorSpec, sha256_file
+from training.sequence.data import INPUT_SHAPE, PREPROCESS
+from training.sequence.model import SeqResNet3d
+
+NAME = "sequence-classifier"
+INPUT_NAME = "input"
+OUTPUT_NAME = "probabilities"
+OPSET = 17
+MODEL_FILE = "model.onnx"
+CARD_FILE = "MODEL_CARD.md"
+DEFAULT_STORE = Path(__file__).resolve().parents[2] / "engines" / "models"
+
+TRAINING_DATA = (
+    "Simulated phantoms only (scanside simulator): randomised prostate mpMRI exams of four vendor styles "
+    "(Siemens VE, Siemens XA, GE, Philips), 1.5 and 3 T, varied planes, TE/TR/FOV/matrix/slice counts, "
+    "b-values, noise, bias field, motion blur, ghosting, partial coverage and intensity scaling "
+    "(simulator.render.Artifacts.sample per series), rendered directly with the DICOM writers' 12-bit quantisation. "
+    "Not validated on patient data.")
+
+
+class _WithSoftmax(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(x), dim=1)
+
+
+def export_onnx(model: nn.Module, path: Path) -> Path:
+    model = model.eval()
+    x = torch.zeros((2, 1) + INPUT_SHAPE)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(_WithSoftmax(model), (x,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                      dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=OPSET,
+                      do_constant_folding=True, dynamo=False)
+    return path
+
+
+def onnx_parity(model: nn.Module, path: Path, n: int = 4, seed: int = 0) -> Dict[str, Any]:
+    """Max absolute difference of torch and ONNX Runtime probabilities on random inputs (batch n)."""
+    import onnxruntime as ort
+
+    x = np.random.default_rng(seed).standard_normal((n, 1) + INPUT_SHAPE).astype(np.float32)
+    with torch.no_grad():
+        ref = torch.softmax(model.eval()(torch.from_numpy(x)), 1).numpy()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    got = sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    return {"max_abs_diff": float(np.abs(ref - got).max()), "batch": n, "argmax_equal": bool((ref.argmax(1) == got.argmax(1)).all()),
+            "onnxruntime": ort.__version__, "torch": torch.__version__}
+
+
+def build_manifest(version: str, onnx_path: Path, *, training: Optional[dict] = None,
+                   parity: Optional[dict] = None, metrics: Optional[dict] = None) -> ModelManifest:
+    import onnx
+
+    opset = next((o.version for o in onnx.load(str(onnx_path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")), OPSET)
+    return ModelManifest(
+        name=NAME, version=version, task="sequence_classification",
+        description="3D ResNet that identifies a prostate MR series from its images alone (no header input): "
+                    "T2WI_nan, T2WI_fs, DWI_Low (b<500), DWI_High (b>=500), ADC, other (DCE phase, T1, localizer). "
+                    "Protocol QA and decision support: flags series whose header label disagrees with the images.",
+        inputs=[TensorSpec(name=INPUT_NAME, dtype="float32", shape=["batch", 1, *INPUT_SHAPE],
+                           description="one series volume, engines.preprocess.prepare with `preprocessing`")],
+        outputs=[TensorSpec(name=OUTPUT_NAME, dtype="float32", shape=["batch", len(LABELS)],
+                            description="softmax class probabilities in `labels` order")],
+        preprocessing=PREPROCESS, labels=list(LABELS),
+        files={"fp32": ModelFile(path=MODEL_FILE, sha256=sha256_file(onnx_path), precision="fp32",
+                                 size_bytes=onnx_path.stat().st_size, opset=opset)},
+        default_variant="fp32",
+        postprocessing={"type": "softmax_argmax", "dynamic_series": "middle temporal phase (agent.image_label.select_frames)"},
+        training_data=TRAINING_DATA + (f" Training run: {_training_summary(training)}" if training else ""),
+        metrics=metrics or {}, license="Apache-2.0", source="scanside training/sequence (trained in-repo)",
+        parity=parity, model_card=CARD_FILE)
+
+
+def _training_summary(t: dict) -> str:
+    keys = ("exams", "samples", "epochs", "steps", "params", "seconds_data", "seconds_fit", "seconds_total", "threads")
+    return ", ".join(f"{k}={t[k]}" for k in keys if k in t)
+
+
+def export_model(model: nn.Module, version: str, *, store_root: Optional[Path] = None, training: Optional[dict] = None,
+                 metrics: Optional[dict] = None, overwrite: bool = True) -> ModelManifest:
+    """ONNX + parity + manifest + model card -> <store_root>/sequence-classifier/<version>/."""
+    from engines.store import ModelStore
+
+    root = Path(store_root) if store_root is not None else DEFAULT_STORE
+    with tempfile.TemporaryDirectory() as td:
+        onnx_path = export_onnx(model, Path(td) / MODEL_FILE)
+        parity = onnx_parity(model, onnx_path)
+        if parity["max_abs_diff"] > 1e-4:
+            raise RuntimeError(f"ONNX parity failed: {parity}")
+        m = build_manifest(version, onnx_path, training=training, parity=parity, metrics=metrics)
+        card = Path(td) / CARD_FILE
+        card.write_text(render_card(m, training), encoding="utf-8")
+        store = ModelStore([root], user_dir=None)
+        return store.install(m, {MODEL_FILE: onnx_path, CARD_FILE: card}, root=root, overwrite=overwrite)
+
+
+def render_card(m: ModelManifest, training: Optional[dict] = None) -> str:
+    """The model card (markdown). Evaluation figures are filled in by `scanside models evaluate --write`."""
+    ev = m.metrics.get("evaluation") if m.metrics else None
+    lines = [
+        f"# Model card: {m.name} {m.version}", "",
+        "## Intended use",
+        "Protocol QA and decision support beside the scanner: identify the sequence of each completed series "
+        "from its pixels alone, so that a series whose header (description, tags) disagrees with its images is "
+        "flagged to the technologist. Not a diagnostic device; never used to make clinical decisions on its own.", "",
+        "## Model",
+        f"- 3D ResNet (stem + 3 residual stages, ~{training.get('params', 'n/a') if training else 'n/a'} parameters), "
+        f"input `{m.inputs[0].name}` {m.inputs[0].shape}, output `{m.outputs[0].name}` {m.outputs[0].shape}.",
+        f"- Labels: {', '.join(m.labels or [])}. `other` = DCE (one temporal phase: the agent passes the middle one), "
+        "T1, localizer (the largest single-orientation group of a multi-plane localizer).",
+        "- Preprocessing (engines.preprocess.prepare, shared by training, evaluation and the agent): the series kept "
+        "in its own acquisition axes (slice, row, col), its whole field of view resized to 16x64x64 with "
+        "anti-aliasing, z-scored after 0.5-99.5 percentile clipping.",
+        f"- File: {m.files['fp32'].path} ({m.files['fp32'].size_bytes} bytes, sha256 {m.files['fp32'].sha256}).", "",
+        "## Training data",
+        m.training_data or "", "",
+        "## Evaluation",
+    ]
+    if ev:
+        lines += [f"Measured by `scanside models evaluate {m.name}` ({ev.get('measured_at', '')}) on freshly simulated "
+                  "DICOM exams through the runtime path (DICOM -> agent.header/series -> agent.volume -> "
+                  "engines.preprocess -> ONNX Runtime):", ""]
+        for subset, r in ev.get("subsets", {}).items():
+            lines.append(f"- {subset}: n={r['n']}, accuracy {r['accuracy']:.4f}, Cohen's kappa {r['kappa']:.4f}")
+        lines += ["", "See EVALUATION.md for per-class figures and the confusion matrix."]
+    else:
+        lines.append("Not yet evaluated (run `scanside models evaluate sequence-classifier --write`).")
+    lines += ["", "## Limitations",
+              "- Trained and evaluated on simulated phantoms only; not validated on patients. Real scanners, coils, "
+              "implants, other anatomy and unusual protocols may fail silently: retrain on a site's labelled series "
+              "(`scanside models train sequence`) and re-evaluate before relying on it.",
+              "- DWI_Low/DWI_High is decided at b = 500 s/mm^2 from the images; b-values near 500 are ambiguous by nature.",
+              "- One volume per series: a dynamic series is judged on one phase, a multi-plane localizer on one plane.",
+              "- Classes outside the taxonomy (e.g. spectroscopy, perfusion maps) are forced into one of the six labels.",
+              ""]
+    return "\n".join(lines)
+
+
+def load_from_onnx(path: Path) -> SeqResNet3d:
+    """Rebuild the torch model from an exported ONNX file (conv weights with batch norm folded in;
+    batch norms set to identity with the folded bias). Verified by the caller's parity check."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in g.graph.initializer}
+    model = SeqResNet3d().eval()
+    pairs = model.conv_bn_pairs()
+    convs = [n for n in g.graph.node if n.op_type == "Conv"]
+    if len(convs) != len(pairs):
+        raise ValueError(f"{path}: {len(convs)} Conv nodes, model has {len(pairs)}")
+    # match by execution order; shapes must agree
+    with torch.no_grad():
+        for node, (conv, bn) in zip(convs, pairs):
+            w = inits[node.input[1]]
+            if tuple(w.shape) != tuple(conv.weight.shape):
+                raise ValueError(f"{path}: Conv {node.name} weight {w.shape} != {tuple(conv.weight.shape)}")
+            conv.weight.copy_(torch.from_numpy(w))
+            b = inits[node.input[2]] if len(node.input) > 2 else np.zeros(w.shape[0], np.float32)
+            bn.weight.fill_(1.0)
+            bn.bias.copy_(torch.from_numpy(b))
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1.0 - bn.eps)
+        gemm = next(n for n in g.graph.node if n.op_type in ("Gemm", "MatMul"))
+        w = inits[gemm.input[1]]
+        trans_b = next((a.i for a in gemm.attribute if a.name == "transB"), 0)
+        if gemm.op_type == "MatMul" or not trans_b:
+            w = w.T
+        model.fc.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))
+        model.fc.bias.copy_(torch.from_numpy(inits[gemm.input[2]]))
+    return model
+
+
+def copy_version(src: ModelManifest, dest_root: Path) -> Path:
+    """Copy a model version directory (tests, retraining stores)."""
+    dest = Path(dest_root) / src.name / src.version
+    shutil.copytree(src.root, dest, dirs_exist_ok=True)
+    return dest
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()

@@ -1,0 +1,170 @@
+"""Train the sequence classifier on the render-path dataset (CPU, torch.set_num_threads(2)).
+
+    python -m training.sequence.train --exams 96 --epochs 12 --version 1.0.0
+
+renders (or loads from the cache) the training exams, trains, exports ONNX + manifest + model card
+into engines/models/sequence-classifier/VERSION (see training.sequence.export) and prints the
+wall-clock times of data generation and training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from agent.taxonomy import LABELS
+from training.sequence.model import SeqResNet3d, n_params
+
+log = logging.getLogger(__name__)
+
+TRAIN_SEED0 = 1000  # training exams: seeds TRAIN_SEED0 .. ; evaluation uses >= 900000, tests >= 700000
+
+
+@dataclass
+class FitResult:
+    epochs: int
+    steps: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def augment(xb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random flips along each axis (sequence identity does not depend on them), in-plane
+    transposition, a random sub-field-of-view zoom (emulates other FOVs and slice coverage) and a
+    small gain jitter on the z-scored values."""
+    if torch.rand((), generator=g) < 0.5:
+        d, h, w = xb.shape[2:]
+        fd, fh, fw = (0.6 + 0.4 * torch.rand(3, generator=g)).tolist()
+        cd, ch, cw = max(3, int(round(d * fd))), max(8, int(round(h * fh))), max(8, int(round(w * fw)))
+        od = int(torch.randint(0, d - cd + 1, (), generator=g))
+        oh = int(torch.randint(0, h - ch + 1, (), generator=g))
+        ow = int(torch.randint(0, w - cw + 1, (), generator=g))
+        sub = xb[:, :, od:od + cd, oh:oh + ch, ow:ow + cw]
+        xb = torch.nn.functional.interpolate(sub, size=(d, h, w), mode="trilinear", align_corners=False)
+        xb = (xb - xb.mean(dim=(1, 2, 3, 4), keepdim=True)) / xb.std(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-3)
+    for ax in (2, 3, 4):
+        if torch.rand((), generator=g) < 0.5:
+            xb = torch.flip(xb, (ax,))
+    if torch.rand((), generator=g) < 0.5:
+        xb = xb.transpose(3, 4)  # in-plane rows <-> columns (phase/frequency swapped)
+    scale = 1.0 + 0.1 * torch.randn((xb.shape[0], 1, 1, 1, 1), generator=g)
+    return xb * scale
+
+
+def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int = 32, lr: float = 2e-3,
+        weight_decay: float = 1e-4, seed: int = 0, freeze_bn: bool = False, max_steps: Optional[int] = None,
+        x_val: Optional[np.ndarray] = None, y_val: Optional[np.ndarray] = None) -> FitResult:
+    """Class-balanced cross-entropy, AdamW, one-cycle LR. ``freeze_bn`` keeps batch-norm statistics
+    fixed (fine-tuning a model restored from ONNX, whose batch norm is folded into the convolutions)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    n = len(y)
+    counts = np.bincount(y, minlength=len(LABELS)).astype(np.float64)
+    w = np.where(counts > 0, n / (len(LABELS) * np.maximum(counts, 1)), 0.0)
+    crit = nn.CrossEntropyLoss(weight=torch.tensor(w, dtype=torch.float32), label_smoothing=0.05)
+    steps_per_epoch = max(1, int(np.ceil(n / batch_size)))
+    total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total, 1), pct_start=0.2)
+    t0 = time.time()
+    step = 0
+    hist: list[dict] = []
+    ep = 0
+    for ep in range(epochs):
+        model.train()
+        if freeze_bn:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        perm = torch.randperm(n, generator=g).numpy()
+        losses = []
+        for i in range(0, n, batch_size):
+            if step >= total:
+                break
+            idx = perm[i:i + batch_size]
+            if len(idx) < 2 and not freeze_bn:
+                continue
+            xb = augment(torch.from_numpy(x[idx].astype(np.float32)), g)
+            yb = torch.from_numpy(y[idx])
+            loss = crit(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            losses.append(float(loss))
+        rec = {"epoch": ep + 1, "loss": float(np.mean(losses)) if losses else None, "seconds": round(time.time() - t0, 1)}
+        if x_val is not None and y_val is not None and len(y_val):
+            pred = predict(model, x_val).argmax(1)
+            rec["val_accuracy"] = float((pred == y_val).mean())
+        hist.append(rec)
+        log.info("epoch %s", json.dumps(rec))
+        if step >= total:
+            break
+    return FitResult(epochs=ep + 1, steps=step, seconds=time.time() - t0, history=hist)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch_size):
+        out.append(torch.softmax(model(torch.from_numpy(x[i:i + batch_size].astype(np.float32))), 1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(LABELS)), np.float32)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from training.sequence.data import build_dataset
+    from training.sequence.export import export_model
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--exams", type=int, default=96, help="training exams (seeds %d..)" % TRAIN_SEED0)
+    ap.add_argument("--val-exams", type=int, default=8, help="validation exams taken after the training seeds")
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--version", default="1.0.0")
+    ap.add_argument("--store", type=Path, default=None, help="model store root (default engines/models)")
+    ap.add_argument("--cache-dir", type=Path, default=None)
+    ap.add_argument("--checkpoint", type=Path, default=Path("var/train-logs/sequence.pt"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    seeds = list(range(TRAIN_SEED0, TRAIN_SEED0 + args.exams + args.val_exams))
+    x, y, info = build_dataset(seeds, "train", args.cache_dir, jobs=args.jobs)
+    t_data = time.time() - t0
+    is_val = np.array([i["seed"] >= TRAIN_SEED0 + args.exams for i in info])
+    log.info("data: %d train / %d val samples in %.0f s; classes %s", int((~is_val).sum()), int(is_val.sum()), t_data,
+             np.bincount(y[~is_val], minlength=len(LABELS)).tolist())
+    model = SeqResNet3d()
+    res = fit(model, x[~is_val], y[~is_val], epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+              x_val=x[is_val], y_val=y[is_val])
+    t_total = time.time() - t0
+    args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), args.checkpoint)
+    training = {
+        "exams": args.exams, "samples": int((~is_val).sum()), "val_samples": int(is_val.sum()),
+        "epochs": res.epochs, "steps": res.steps, "batch_size": args.batch_size, "lr": args.lr,
+        "params": n_params(model), "seconds_data": round(t_data, 1), "seconds_fit": round(res.seconds, 1),
+        "seconds_total": round(t_total, 1), "threads": args.threads, "history": res.history,
+        "class_counts": dict(zip(LABELS, np.bincount(y[~is_val], minlength=len(LABELS)).tolist())),
+    }
+    m = export_model(model, args.version, store_root=args.store, training=training)
+    print(json.dumps({"model": m.ref, "path": str(m.root), **{k: v for k, v in training.items() if k != "history"},
+                      "final": res.history[-1] if res.history else None}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
