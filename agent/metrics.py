@@ -7,8 +7,8 @@ Three sources feed one registry per agent:
   alerts by code and severity, exams, triage, acknowledgements, events by type;
 - collectors that read the live state when scraped: ingest queue depth, open series, outbox depth and
   delivery failures per sink, free disk, engine info; plus build info and the process metrics.
-Inference latency is observed by whoever runs an engine: `metrics.observe_inference(engine, seconds)`
-or `with metrics.time_inference(engine): ...`.
+Inference latency: `metrics.instrument(engine)` once after opening a model (engine info + every
+`engine.run` timed), or `metrics.observe_inference(engine, seconds)` / `with metrics.time_inference(engine):`.
 """
 from __future__ import annotations
 
@@ -162,6 +162,24 @@ class AgentMetrics:
             yield
         finally:
             self.observe_inference(engine, time.perf_counter() - t0)
+
+    def instrument(self, engine: Any) -> Any:
+        """Record the engine (engine info) and time every `engine.run` from now on; returns the engine."""
+        self.engine_loaded(engine)
+        run = engine.run
+        if getattr(run, "_scanside_timed", False):
+            return engine
+
+        def timed_run(inputs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return run(inputs)
+            finally:
+                self.observe_inference(engine, time.perf_counter() - t0)
+
+        timed_run._scanside_timed = True  # type: ignore[attr-defined]
+        engine.run = timed_run
+        return engine
 
     def engine_labels(self) -> list[tuple[str, str, str, str]]:
         with self._lock:

@@ -377,3 +377,50 @@ def test_checklist_pending_done_deviating():
     # no profile: one line per kind seen
     seen = build_checklist(series, [], None)
     assert [i.key for i in seen] == ["T2WI_nan", "DWI_High"] and not any(i.required for i in seen)
+
+
+def test_documented_console_client_example(live):
+    """examples/console_integration.py (docs/embedding.md) against the live agent."""
+    import importlib.util
+    import itertools
+
+    spec = importlib.util.spec_from_file_location("console_integration", REPO / "examples" / "console_integration.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)  # type: ignore[union-attr]
+    agent, truth = live
+    client = example.AgentClient(agent.api_url)
+    stop = threading.Event()
+    got = list(itertools.islice(client.events(last_event_id=2, stop=stop), 3))
+    stop.set()
+    want = agent.store.events_after(2, limit=3)
+    assert [(e["seq"], e["type"], e["key"]) for e in got] == [(e.seq, e.type, e.key) for e in want]
+    assert client.current_exam()["study_uid"] == truth.study_uid
+
+
+def test_scanside_run_serves_the_api_by_default(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--watch", str(tmp_path / "export"),
+                             "--state-dir", str(tmp_path / "state"), "--api-port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert _live.wait(lambda: _get_ok(f"http://127.0.0.1:{port}/healthz"), timeout=60), "no API from scanside run"
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz").json()["ready"] is True
+        assert "scanside_build_info" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert f"http://127.0.0.1:{port}/console" in err
+
+
+def _get_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
