@@ -105,6 +105,13 @@ def test_console_live_checklist_alerts_and_ack(browser, tmp_path_factory):
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "console.png"), full_page=True)
         assert (ARTIFACTS / "console.png").stat().st_size > 10_000
+
+        # the technologist ends the exam from the page
+        page.locator("#done").click()
+        page.wait_for_function("document.getElementById('exam').textContent.includes('ENDED')", timeout=15_000)
+        ends = [e for e in agent.store.events_after(0, limit=100_000) if e.type == "exam_completed"]
+        assert [(e.reason, e.study_uid) for e in ends] == [("operator", truth.study_uid)]
+        assert page.locator("#done").is_hidden()
         assert not errors, errors
     finally:
         page.close()
