@@ -27,9 +27,9 @@ $(MLSERVER):
 	.venv-mlserver/bin/pip install --quiet mlserver onnxruntime numpy
 
 # Debian tools the tests drive for real: Prometheus and promtool (monitoring kit), dcmtk's storescu and
-# echoscu (C-STORE receiver), systemd-analyze (unit checks), python3-seccomp (the unit's seccomp rules).
+# echoscu (C-STORE receiver), dicom3tools' dciodvfy (validates the SR/SEG output), systemd-analyze (unit checks), python3-seccomp (the unit's seccomp rules).
 # apt-get installs whatever is missing (as root, as on CI, or through sudo); nothing when all are there.
-DEB_TOOLS := promtool:prometheus storescu:dcmtk systemd-analyze:systemd
+DEB_TOOLS := promtool:prometheus storescu:dcmtk systemd-analyze:systemd dciodvfy:dicom3tools
 system-deps:
 	@missing=""; for pair in $(DEB_TOOLS); do command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
 	ls /usr/lib/python3/dist-packages/seccomp*.so >/dev/null 2>&1 || missing="$$missing python3-seccomp"; \

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("what", choices=["events", "config", "openapi"])
     schema.set_defaults(func=cmd_schema)
 
-    for module in ("simulator.cli", "engines.cli", "agent.demo", "agent.profiles"):
+    for module in ("simulator.cli", "engines.cli", "agent.demo", "agent.profiles", "converters.cli"):
         try:
             mod = __import__(module, fromlist=["add_parser"])
         except ImportError as exc:  # optional parts still being built must not break the CLI

@@ -149,6 +149,18 @@ class ProtocolConfig(_Section):
         return self
 
 
+class EnginesConfig(_Section):
+    int8_tolerance: Optional[float] = Field(0.02, ge=0, le=1, description="parity gate: an INT8 model variant or plan is refused unless its manifest's parity report (scanside convert parity) was measured on that file and its loss (1 - Dice against FP32, accuracy or AUROC drop) is at most this; unset disables the gate")
+
+
+class GlandConfig(_Section):
+    enabled: bool = Field(False, description="segment the prostate gland (prostate-gland-taps) on each completed axial T2W series: volume, centroid for the csPCa crop, slab coverage of the other series; CPU cost is seconds per window")
+    model: str = Field("prostate-gland-taps", description="model store name[@version]")
+    variant: Optional[str] = Field(None, description="model file variant (fp32, int8_u8s8, ...); default: the manifest's default")
+    windows: Literal["center", "full"] = Field("center", description="center: one window at the centre of the field of view (~102 x 102 x 96 mm); full: sliding window over the whole series")
+    coverage_min: float = Field(0.95, ge=0, le=1, description="a series whose slab holds less than this fraction of the gland is reported as not covering it")
+
+
 class AgentConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SCANSIDE_", env_nested_delimiter="__", extra="forbid")
 
@@ -161,9 +173,11 @@ class AgentConfig(BaseSettings):
     protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     readiness: ReadinessConfig = Field(default_factory=ReadinessConfig)
+    cstore: CStoreConfig = Field(default_factory=CStoreConfig)
     webhook: WebhookConfig = Field(default_factory=WebhookConfig)
     dicom_output: DicomOutputConfig = Field(default_factory=DicomOutputConfig)
-    cstore: CStoreConfig = Field(default_factory=CStoreConfig)
+    engines: EnginesConfig = Field(default_factory=EnginesConfig)
+    gland: GlandConfig = Field(default_factory=GlandConfig)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
