@@ -161,6 +161,18 @@ class GlandConfig(_Section):
     coverage_min: float = Field(0.95, ge=0, le=1, description="a series whose slab holds less than this fraction of the gland is reported as not covering it")
 
 
+class AnalysisConfig(_Section):
+    """The image models, run after ingestion in their own thread; each is used only when it is in the model store."""
+
+    image_label: bool = Field(True, description="label every completed series from its pixels with the sequence classifier")
+    sequence_model: str = Field("sequence-classifier", description="model store name[@version]")
+    mismatch_image_confidence: float = Field(0.8, ge=0, le=1, description="LABEL_MISMATCH needs the image model at least this sure")
+    mismatch_header_confidence: float = Field(0.9, ge=0, le=1, description="... and the header rule at least this sure (Philips fat suppression, for one, is not)")
+    triage: bool = Field(True, description="run the csPCa model once axial T2W, ADC and high-b DWI are complete")
+    cspca_model: str = Field("cspca-reference", description="model store name[@version]")
+    dce_advised_threshold: Optional[float] = Field(None, ge=0, le=1, description="csPCa probability at or above which DCE is advised; default: the model's decision threshold")
+
+
 class AgentConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SCANSIDE_", env_nested_delimiter="__", extra="forbid")
 
@@ -178,6 +190,7 @@ class AgentConfig(BaseSettings):
     dicom_output: DicomOutputConfig = Field(default_factory=DicomOutputConfig)
     engines: EnginesConfig = Field(default_factory=EnginesConfig)
     gland: GlandConfig = Field(default_factory=GlandConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

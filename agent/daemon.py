@@ -49,6 +49,11 @@ class Agent:
 
             self.dicom_output = DicomSink.from_config(config, self.store)
             self.output_runners.append(SinkRunner(self.store, [self.dicom_output], self.pipeline.new_events))
+        # the image models run from their own cursor in their own thread: ingestion never waits for them
+        from agent.analysis import Analyzer
+
+        self.analyzer = Analyzer(config, self.store, self.pipeline.new_events)
+        self.output_runners.append(SinkRunner(self.store, [self.analyzer], self.pipeline.new_events))
         self.watcher: Optional[FolderWatcher] = None
         self.receiver = None  # agent.cstore.StoreSCP when [cstore] enabled
         if config.cstore.enabled:
@@ -61,11 +66,13 @@ class Agent:
 
         self.metrics = AgentMetrics()  # Prometheus registry: pipeline hook + event subscriber + live gauges
         self.metrics.attach(self)
+        self.analyzer.metrics = self.metrics
         self.api = None  # agent.api.ApiServer when [api] enabled
 
     def start(self) -> "Agent":
         folder = Path(self.config.watch.folder)  # type: ignore[arg-type]
         folder.mkdir(parents=True, exist_ok=True)
+        self.analyzer.ready()  # load the models now: READY=1 (systemd) means engines are loaded
         self.sinks.start()
         for runner in self.output_runners:
             runner.start()
@@ -117,6 +124,10 @@ class Agent:
         for runner in self.output_runners:
             runner.stop()
         self.store.close()
+
+    def engines_ready(self) -> bool:
+        """Readiness: every enabled model that is in the store has loaded (loads them on first call)."""
+        return self.analyzer.ready()
 
     def healthy(self) -> bool:
         ingest_recent = time.time() - self.ingestor.last_loop < self.config.ingest.stall_after_s

@@ -186,6 +186,9 @@ class StateStore:
         )
         return cur.lastrowid if cur.rowcount else None
 
+    def has_event(self, key: str) -> bool:
+        return bool(self._q("SELECT 1 FROM events WHERE key = ?", (key,)))
+
     def events_after(self, seq: int, limit: int = 500, study_uid: Optional[str] = None) -> list[Event]:
         if study_uid:
             rows = self._q("SELECT seq, payload FROM events WHERE seq > ? AND study_uid = ? ORDER BY seq LIMIT ?", (seq, study_uid, limit))
