@@ -110,16 +110,16 @@ class Analyzer(Sink):
 
     # ------------------------------------------------------------------ events
     def deliver(self, event: Event) -> None:
-        if event.type != "series_completed":
-            return
-        try:
-            self._classify(event.series)
-        except Exception as exc:  # a series that cannot be classified must not block the ones after it
-            log.warning("image label for series %s failed: %s", event.series.series_number, exc)
-        try:
-            self._triage(event.series.study_uid)
-        except Exception as exc:
-            log.warning("triage failed: %s", exc)
+        if event.type == "series_completed":
+            try:
+                self._classify(event.series)
+            except Exception as exc:  # a series that cannot be classified must not block the ones after it
+                log.warning("image label for series %s failed: %s", event.series.series_number, exc)
+        if event.type in ("series_completed", "exam_completed") and event.study_uid:
+            try:
+                self._triage(event.study_uid, exam_over=event.type == "exam_completed")
+            except Exception as exc:
+                log.warning("triage failed: %s", exc)
 
     def _record(self, *events: Any) -> None:
         with self.store.transaction():
@@ -169,19 +169,23 @@ class Analyzer(Sink):
                 latest[ev.series.series_id] = ev.series
         return latest
 
-    def triage_inputs(self, study_uid: str) -> Optional[dict[str, SeriesSummary]]:
-        """Axial T2W (non-fat-suppressed preferred), axial ADC and the highest axial high-b DWI, all complete."""
+    def triage_inputs(self, study_uid: str, exam_over: bool = False) -> Optional[dict[str, SeriesSummary]]:
+        """Axial T2W (non-fat-suppressed preferred), axial ADC and the highest axial high-b DWI, all complete.
+        The high b must reach `triage_min_b` (PI-RADS' >= 1400, acquired or calculated) while the exam goes
+        on, so that a b800 series does not trigger a run that the calculated b1400 then repeats; when the
+        exam ends without one, the highest b there is will do."""
         axial = [s for s in self._latest_series(study_uid).values() if s.plane == "axial" and s.complete]
         t2 = [s for s in axial if s.label == "T2WI_nan"] or [s for s in axial if s.label == "T2WI_fs"]
         adc = [s for s in axial if s.label == "ADC"]
-        hbv = [s for s in axial if s.label == "DWI_High" and s.b_values]
+        hbv = [s for s in axial if s.label == "DWI_High" and s.b_values
+               and (exam_over or max(s.b_values) >= self.settings.triage_min_b)]
         if not (t2 and adc and hbv):
             return None
         newest = lambda xs: max(xs, key=lambda s: (s.series_number or 0, s.revision))  # noqa: E731
         return {"T2W": newest(t2), "ADC": newest(adc), "HBV": max(hbv, key=lambda s: (max(s.b_values), s.series_number or 0))}
 
-    def _triage(self, study_uid: str) -> None:
-        inputs = self.triage_inputs(study_uid)
+    def _triage(self, study_uid: str, exam_over: bool = False) -> None:
+        inputs = self.triage_inputs(study_uid, exam_over)
         if inputs is None:
             return
         model = self.cspca()

@@ -170,6 +170,7 @@ class AnalysisConfig(_Section):
     mismatch_header_confidence: float = Field(0.9, ge=0, le=1, description="... and the header rule at least this sure (Philips fat suppression, for one, is not)")
     triage: bool = Field(True, description="run the csPCa model once axial T2W, ADC and high-b DWI are complete")
     cspca_model: str = Field("cspca-reference", description="model store name[@version]")
+    triage_min_b: float = Field(1400.0, ge=0, description="high-b DWI needed to start triage during the exam; at exam end the highest b available is used")
     dce_advised_threshold: Optional[float] = Field(None, ge=0, le=1, description="csPCa probability at or above which DCE is advised; default: the model's decision threshold")
 
 

@@ -1,0 +1,87 @@
+"""The image side end to end, with the shipped reference models on ONNX Runtime: every completed
+series is labelled from its pixels; a series whose header lies is caught (LABEL_MISMATCH); once
+axial T2W, ADC and high-b DWI are in, a TriageResult follows with a valid recommendation."""
+from __future__ import annotations
+
+import time
+
+import pydicom
+import pytest
+
+from agent.config import load_config
+from agent.daemon import Agent
+from engines.store import ModelStore
+from simulator.scanner import simulate_exam
+
+pytestmark = pytest.mark.skipif(
+    not all(any(m.name == n for m in ModelStore().list()) for n in ("sequence-classifier", "cspca-reference")),
+    reason="reference models not in engines/models",
+)
+
+
+def _run(folder, tmp_path):
+    config = load_config(**{"watch.folder": str(folder), "state.dir": str(tmp_path / "state"), "output.stdout": False,
+                            "watch.settle_s": 0.1, "series.quiet_period_s": 1.0})
+    agent = Agent(config).start()
+    return agent
+
+
+def _wait(predicate, timeout=180.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture(scope="module")
+def lesion_exam(tmp_path_factory):
+    out = tmp_path_factory.mktemp("exam")
+    return out, simulate_exam("siemens", out, seed=21, profile="prostate-bpmri", cspca=True)
+
+
+def test_series_are_labelled_from_pixels_and_triage_runs(tmp_path, lesion_exam):
+    folder, truth = lesion_exam
+    agent = _run(folder, tmp_path)
+    try:
+        n_parts = sum(len(s.parts) for s in truth.series)
+        assert _wait(lambda: agent.store.event_counts().get("series_classified", 0) >= n_parts
+                     and agent.store.event_counts().get("triage_result", 0) >= 1)
+        events = agent.store.events_after(0, limit=10_000)
+    finally:
+        agent.stop()
+    classified = [e for e in events if e.type == "series_classified"]
+    assert len(classified) == n_parts == len({e.key for e in classified})
+    agreement = sum(e.agree for e in classified) / len(classified)
+    assert agreement >= 0.8, [(e.header_label, e.image_label) for e in classified]
+    (triage,) = [e for e in events if e.type == "triage_result"]
+    assert set(triage.inputs) == {"T2W", "ADC", "HBV"}
+    assert 0.0 <= triage.probability <= 1.0
+    expected = "DCE_ADVISED" if triage.probability >= triage.thresholds["dce_advised_at_probability"] else "BPMRI_SUFFICIENT"
+    assert triage.recommendation == expected and triage.decision_support
+
+
+def test_a_header_that_lies_is_caught(tmp_path, lesion_exam):
+    """The ADC series re-labelled in its header as a b1400 trace: the header now says DWI_High, the pixels say ADC."""
+    folder, truth = lesion_exam
+    adc = next(s for s in truth.series if any(p.label == "ADC" for p in s.parts))
+    forged = tmp_path / "forged"
+    for rel in adc.files:
+        ds = pydicom.dcmread(folder / rel)
+        ds.ImageType = ["DERIVED", "PRIMARY", "DIFFUSION", "TRACEW", "ND"]
+        ds.SequenceName = "*ep_b1400t"
+        ds.private_block(0x0019, "SIEMENS MR HEADER", create=True).add_new(0x0C, "IS", "1400")
+        target = forged / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(target)
+    agent = _run(forged, tmp_path)
+    try:
+        assert _wait(lambda: agent.store.event_counts().get("series_classified", 0) >= 1, timeout=120)
+        events = agent.store.events_after(0, limit=1000)
+    finally:
+        agent.stop()
+    (classified,) = [e for e in events if e.type == "series_classified"]
+    assert classified.header_label == "DWI_High" and classified.image_label == "ADC"
+    (mismatch,) = [e for e in events if e.type == "label_mismatch"]
+    assert mismatch.header_label == "DWI_High" and mismatch.image_label == "ADC" and mismatch.alert_id
