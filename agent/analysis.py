@@ -145,7 +145,8 @@ class Analyzer(Sink):
         agree = image.label == s.label
         key = f"series_classified:{s.series_id}:r{s.revision}"
         events: list[Any] = [SeriesClassified(
-            key=key, study_uid=s.study_uid, series_id=s.series_id, header_label=s.label, image_label=image.label,  # type: ignore[arg-type]
+            key=key, study_uid=s.study_uid, series_id=s.series_id, series_number=s.series_number,
+            header_label=s.label, image_label=image.label,  # type: ignore[arg-type]
             image_confidence=image.confidence, probabilities=image.probabilities, model=image.model,
             backend=image.backend, agree=agree,
         )]

@@ -44,6 +44,18 @@ def describe(event: Event) -> str:
     if event.type == "protocol_deviation":
         where = f" series {event.series_number}" if event.series_number is not None else ""
         return f"PROTOCOL {event.severity.upper()} {event.code}{where}: {event.message}"
+    if event.type == "series_classified":
+        verdict = "agrees" if event.agree else f"DISAGREES (header {event.header_label})"
+        return f"series {event.series_number or '-':>4} image model says {event.image_label} ({event.image_confidence:.0%}): {verdict}"
+    if event.type == "label_mismatch":
+        return f"LABEL MISMATCH series {event.series_number}: {event.message}"
+    if event.type == "triage_result":
+        lesions = "; ".join(f"lesion at ({', '.join(f'{c:.0f}' for c in f.center_lps_mm)}) mm LPS, "
+                            f"{f.long_axis_mm:.0f} x {f.short_axis_mm:.0f} mm" for f in event.findings) or "no lesion found"
+        return (f"TRIAGE csPCa probability {event.probability:.2f} -> {event.recommendation} ({lesions}); "
+                f"decision support, reference model trained on phantoms")
+    if event.type == "alert_acknowledged":
+        return f"alert {event.alert_id} acknowledged"
     if event.type == "exam_completed":
         return (f"exam completed ({event.reason.replace('_', ' ')}): {event.n_series} series, "
                 f"{event.n_deviations} protocol deviation(s)")
@@ -88,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     export, state = work / "export", work / "state"
     config = load_config(**{"watch.folder": str(export), "state.dir": str(state), "output.stdout": False,
                             "series.quiet_period_s": 3.0, "watch.settle_s": 0.3, "ingest.quarantine_after_s": 3.0,
+                            # a demo exam has no pauses between series: end it 5 s after the last one
+                            "protocol.exam_quiet_period_s": 5.0,
                             "api.enabled": False, "api.port": args.api_port})
     print(f"scanside demo: rendering a {args.vendor} prostate exam (seed {args.seed}"
           f"{', faults ' + ', '.join(args.fault) if args.fault else ''}) ...", flush=True)
@@ -102,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
             print(describe(event), flush=True)
             if event.type == "series_completed":
                 completed.add(event.series.series_id)
-                if len(completed) >= expected_parts:
-                    done.set()
+            if event.type == "exam_completed":
+                done.set()
 
         agent = Agent(config)
         agent.subscribe(on_event)
@@ -120,6 +134,11 @@ def run(args: argparse.Namespace) -> int:
         started = time.monotonic()
         streamer.start()
         done.wait(timeout=n_files / max(args.rate, 1) + 120)
+        # the image models run behind ingestion: let them finish the exam before the summary
+        deadline = time.monotonic() + 120
+        while agent.store.cursor("analysis") < agent.store.last_event_seq() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.3)
         print(f"\n{len(completed)}/{expected_parts} series completed in {time.monotonic() - started:.1f} s; "
               f"files: {agent.store.file_counts()}; event log {config.jsonl_path}", flush=True)
         if agent.api_url:

@@ -135,6 +135,7 @@ class SeriesClassified(EventBase):
 
     type: Literal["series_classified"] = "series_classified"
     series_id: str
+    series_number: Optional[int] = None
     header_label: SequenceLabel
     image_label: SequenceLabel
     image_confidence: float
