@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import platform
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("tensorrt", "openvino", "onnxruntime", "triton")
 DEFAULT_PREFERENCE = ("tensorrt", "onnxruntime")
+#: the order for x86 CPU sites with the `openvino` extra installed (OpenVINO before ONNX Runtime)
+CPU_PREFERENCE = ("tensorrt", "openvino", "onnxruntime")
 PACKAGE_MODELS_DIR = Path(__file__).resolve().parent / "models"
 
 #: () -> (tensorrt version or None, CudaDevice or None, why) -- replaceable with plain data in tests
@@ -307,7 +310,33 @@ class ModelStore:
         return engine, plan.source_variant, plan.precision, f"plan {plan.path}: {compat.reason}"
 
     def _try_openvino(self, m: ModelManifest, variant: Optional[str], load: bool) -> Any:
-        return "OpenVINO back end not implemented yet (engines/openvino_engine.py)"
+        """OpenVINO on x86 CPUs.  An INT8 variant needs a passing parity report: the OpenVINO-measured
+        entry ``openvino:<variant>`` when the manifest has one, else the variant's own (same file)."""
+        from engines.openvino_engine import OpenVinoEngine, is_x86
+        if not is_x86():
+            return f"not an x86 CPU ({platform.machine()}); OpenVINO is only preferred on x86"
+        ok, why = OpenVinoEngine.availability()
+        if not ok:
+            return why
+        v = m.pick_variant(variant)
+        mf: ModelFile = m.files[v]
+        note = ""
+        own = ((m.parity or {}).get("variants") or {}).get(f"openvino:{v}")
+        key = f"openvino:{v}" if isinstance(own, dict) else v
+        refused = parity_refusal(m, key, mf.precision, mf.sha256, self.int8_tolerance)
+        if refused:
+            if variant is not None or "fp32" not in m.files:
+                return refused
+            note = f"; default variant {v} refused ({refused}), fp32 used"
+            v, mf = "fp32", m.files["fp32"]
+        elif str(mf.precision).startswith("int8") and self.int8_tolerance is not None:
+            note = f"; parity report {key}"
+        verify_sha256(m.resolve(mf.path), mf.sha256)
+        if not load:
+            return None, v, mf.precision, why + note
+        engine = OpenVinoEngine(**self._opts("openvino")).load(m, v, verify=False)
+        info = engine.describe()
+        return engine, v, mf.precision, f"{info.device}, {info.threads.get('inference')} threads{note}"
 
     def _try_onnxruntime(self, m: ModelManifest, variant: Optional[str], load: bool) -> Any:
         from engines.onnxruntime_engine import OnnxRuntimeEngine

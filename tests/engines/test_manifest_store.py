@@ -117,13 +117,12 @@ def test_store_skips_misplaced_and_broken_manifests(tmp_path: Path) -> None:
 def test_open_runs_on_onnxruntime_and_reports_skips(tmp_path: Path) -> None:
     root = tmp_path / "models"
     install_tiny(root)
-    store = ModelStore(root, preference=["tensorrt", "openvino", "triton", "onnxruntime"],
+    store = ModelStore(root, preference=["tensorrt", "triton", "onnxruntime"],  # openvino: tests/engines/test_openvino.py
                        engine_options={"onnxruntime": {"intra_op_threads": 1}})
     engine, sel = store.open("tiny3d", warmup=True)
     with engine:
         assert sel.backend == "onnxruntime" and sel.variant == "fp32" and sel.precision == "fp32"
         assert sel.skipped["tensorrt"] == "no TensorRT plan in the manifest"
-        assert "not implemented" in sel.skipped["openvino"]
         assert "no Triton/KServe URL configured" in sel.skipped["triton"]
         out = engine.run({"x": sample_input(3)})
         assert out["logits"].shape == (3, 2) and out["logits"].dtype == np.float32
@@ -230,8 +229,8 @@ def test_no_backend_raises_with_all_reasons(tmp_path: Path) -> None:
     root = tmp_path / "models"
     install_tiny(root)
     with pytest.raises(EngineUnavailable) as ei:
-        ModelStore(root, preference=["tensorrt", "openvino"]).open("tiny3d")
-    assert "skipped tensorrt: no TensorRT plan" in str(ei.value) and "skipped openvino" in str(ei.value)
+        ModelStore(root, preference=["tensorrt", "triton"]).open("tiny3d")
+    assert "skipped tensorrt: no TensorRT plan" in str(ei.value) and "skipped triton" in str(ei.value)
     with pytest.raises(ValueError, match="unknown back end"):
         ModelStore(root, preference=["cuda"])
 
