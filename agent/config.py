@@ -38,6 +38,8 @@ class IngestConfig(_Section):
     quarantine_dir: Optional[Path] = Field(None, description="default: <state dir>/quarantine")
     quarantine_mode: Literal["copy", "move"] = Field("copy", description="copy leaves the export folder untouched (it may be read-only)")
     stall_after_s: float = Field(60.0, gt=0, description="the ingest loop counts as stalled (unhealthy: no systemd watchdog pings) when it has not come round for this long")
+    max_image_bytes: int = Field(512 * 1024**2, gt=0, description="a file whose declared pixels (Rows x Columns x Frames x bytes per sample), or whose inflated deflate stream, exceed this is quarantined as oversized")
+    max_series_bytes: int = Field(2 * 1024**3, gt=0, description="declared pixel bytes one series may hold; files past it are quarantined as series_oversized (the series keeps what it has)")
 
 
 class SeriesConfig(_Section):

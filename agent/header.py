@@ -82,6 +82,7 @@ class InstanceHeader(BaseModel):
     acquisition_contrast: str = ""  # enhanced MR (0008,9209): T1, T2, DIFFUSION, ...
     is_enhanced: bool = False
     is_mosaic: bool = False
+    pixel_bytes: int = 0  # declared Rows x Columns x Frames x SamplesPerPixel x BitsAllocated/8 (memory accounting)
     frames: tuple[FrameInfo, ...] = Field(default_factory=tuple)
 
     @property
@@ -106,6 +107,9 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 ENHANCED_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.3"}  # Enhanced MR, Enhanced MR Color
 REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+DEFAULT_MAX_IMAGE_BYTES = 512 * 1024**2  # declared decoded pixel bytes of one file ([ingest] max_image_bytes)
+MAX_FRAMES = 65536  # frames in one file: more is a lying header (a real enhanced MR file holds a few thousand)
+HEADER_SLACK_BYTES = 64 * 1024**2  # non-pixel bytes a deflated data set may add to its pixels before it is a bomb
 
 
 class HeaderError(Exception):
@@ -122,9 +126,15 @@ class HeaderError(Exception):
         self.retryable = retryable
 
 
-def read_header(path: str | os.PathLike[str]) -> InstanceHeader:
-    """Parse one file's header (pixels not decoded) and check that its pixel data is all there."""
+def read_header(path: str | os.PathLike[str], max_image_bytes: Optional[int] = None) -> InstanceHeader:
+    """Parse one file's header (pixels not decoded) and check that its pixel data is all there.
+
+    A file whose declared pixels (Rows x Columns x Frames x samples x bytes) exceed
+    ``max_image_bytes``, or whose deflated data set inflates past that plus HEADER_SLACK_BYTES,
+    is rejected with reason ``oversized`` before anything that size is allocated."""
     path = os.fspath(path)
+    cap = DEFAULT_MAX_IMAGE_BYTES if max_image_bytes is None else int(max_image_bytes)
+    inflated: Optional[int] = None
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as fp:
@@ -134,8 +144,12 @@ def read_header(path: str | os.PathLike[str]) -> InstanceHeader:
             if not has_preamble and size < 132:
                 # maybe still being written; if it stays this short it is not DICOM
                 raise HeaderError("not_dicom", f"only {size} bytes, too short for a DICOM file", retryable=True)
+            if has_preamble and _meta_is_deflated(fp):
+                # pydicom inflates the whole data set in memory: measure it, streaming, with a cap first
+                inflated = _inflated_size(path, cap + HEADER_SLACK_BYTES)
+                fp.seek(0)
             try:
-                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not has_preamble)
+                ds = pydicom.dcmread(BoundedFile(fp, size), stop_before_pixels=True, force=not has_preamble)
             except InvalidDicomError as exc:
                 raise HeaderError("not_dicom", str(exc)) from exc
             except (EOFError, struct.error, OSError, zlib.error) as exc:
@@ -150,7 +164,10 @@ def read_header(path: str | os.PathLike[str]) -> InstanceHeader:
             missing = [k for k in REQUIRED_UIDS if not _text(ds.get(k))]
             if missing:
                 raise HeaderError("missing_uid", "missing " + ", ".join(missing))
-            _check_pixel_data(ds, fp, size)
+            declared = _native_pixel_bytes(ds)
+            if declared > cap:
+                raise HeaderError("oversized", f"declared pixel data {declared} bytes exceeds the {cap}-byte cap per file")
+            _check_pixel_data(ds, fp, size, inflated)
     except HeaderError:
         raise
     except FileNotFoundError as exc:
@@ -158,11 +175,28 @@ def read_header(path: str | os.PathLike[str]) -> InstanceHeader:
     except OSError as exc:
         raise HeaderError("unreadable", f"{exc.__class__.__name__}: {exc}", retryable=True) from exc
     try:
-        return header_from_dataset(ds, path)
+        return header_from_dataset(ds, path).model_copy(update={"pixel_bytes": declared})
     except HeaderError:
         raise
     except Exception as exc:
         raise HeaderError("unreadable", f"malformed header values ({exc.__class__.__name__}: {exc})") from exc
+
+
+class BoundedFile:
+    """A binary file whose read(n) never asks for more than the bytes left: a lying element length
+    (0xFFFFFFF0 on a short element) would otherwise make the buffered read allocate n bytes up front."""
+
+    def __init__(self, fp: BinaryIO, size: int):
+        self._fp = fp
+        self._size = size
+
+    def read(self, n: Optional[int] = -1) -> bytes:
+        if n is None or n < 0:
+            return self._fp.read()
+        return self._fp.read(min(n, max(self._size - self._fp.tell(), 0)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fp, name)
 
 
 def _text(value: Any) -> str:
@@ -176,12 +210,20 @@ def _looks_like_dicom(ds: Dataset) -> bool:
         return False
 
 
-def _check_pixel_data(ds: Dataset, fp: BinaryIO, size: int) -> None:
+def _check_pixel_data(ds: Dataset, fp: BinaryIO, size: int, inflated: Optional[int] = None) -> None:
     """pydicom stopped with the file at the Pixel Data tag: check its declared length against the
     bytes on disk (native) or the closing sequence delimiter (encapsulated)."""
     ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+    if ts is not None and not isinstance(ts, pydicom.uid.UID):
+        ts = pydicom.uid.UID(_text(ts))
+    if ts is not None and not ts.is_transfer_syntax:  # pydicom's is_deflated etc. raise on it; nothing could decode it
+        raise HeaderError("bad_transfer_syntax", f"file meta names {str(ts)[:64]!r}, not a transfer syntax")
     if ts is not None and ts.is_deflated:
-        _check_deflated(fp.name if hasattr(fp, "name") else "", ds)
+        if inflated is None:  # the meta said otherwise on the first look: measure it now
+            inflated = _inflated_size(fp.name if hasattr(fp, "name") else "", MAX_INFLATED_BYTES)
+        expected = _native_pixel_bytes(ds)
+        if expected and inflated < expected:
+            raise HeaderError("truncated", f"inflated data set holds {inflated} bytes, image needs {expected}")
         return
     start = fp.tell()
     head = fp.read(12)
@@ -218,23 +260,35 @@ def _check_pixel_data(ds: Dataset, fp: BinaryIO, size: int) -> None:
 MAX_INFLATED_BYTES = 2 * 1024**3  # a deflated file that inflates past this is a deflate bomb
 
 
-def _check_deflated(path: str, ds: Dataset) -> None:
-    """Deflated Explicit VR: the only honest check is to inflate it, with a cap."""
-    expected = _native_pixel_bytes(ds)
+def _meta_is_deflated(fp: BinaryIO) -> bool:
+    """Whether the file meta group (read raw, bounded) names a deflated transfer syntax."""
+    fp.seek(0)
+    head = fp.read(132 + 64 * 1024)
+    fp.seek(0)
+    meta = head[132:_meta_group_end(head)]
+    return b"1.2.840.10008.1.2.1.99" in meta
+
+
+def _inflated_size(path: str, cap: int) -> int:
+    """Inflate the data set after the meta group in bounded chunks, counting bytes, never holding
+    more than one chunk: past ``cap`` it is a deflate bomb (``oversized``)."""
+    chunk = 1024 * 1024
     with open(path, "rb") as fp:
-        raw = fp.read()
-    body_start = _meta_group_end(raw)
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(raw[body_start:], MAX_INFLATED_BYTES)
-    except zlib.error as exc:
-        raise HeaderError("truncated", f"deflated data set is corrupt ({exc})", retryable=True) from exc
-    if inflater.unconsumed_tail:
-        raise HeaderError("oversized", f"deflated data set inflates past {MAX_INFLATED_BYTES} bytes")
-    if not inflater.eof:
-        raise HeaderError("truncated", "deflated data set ends early", retryable=True)
-    if expected and len(out) < expected:
-        raise HeaderError("truncated", f"inflated data set holds {len(out)} bytes, image needs {expected}")
+        head = fp.read(132 + 64 * 1024)
+        fp.seek(_meta_group_end(head))
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        try:
+            while not inflater.eof:
+                data = inflater.unconsumed_tail or fp.read(chunk)
+                if not data:
+                    raise HeaderError("truncated", "deflated data set ends early", retryable=True)
+                total += len(inflater.decompress(data, chunk))
+                if total > cap:
+                    raise HeaderError("oversized", f"deflated data set inflates past {cap} bytes (deflate bomb)")
+        except zlib.error as exc:
+            raise HeaderError("truncated", f"deflated data set is corrupt ({exc})", retryable=True) from exc
+    return total
 
 
 def _meta_group_end(raw: bytes) -> int:
@@ -246,6 +300,8 @@ def _meta_group_end(raw: bytes) -> int:
             return pos
         vr = raw[pos + 4:pos + 6]
         if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"):
+            if pos + 12 > len(raw):
+                return len(raw)
             length = struct.unpack("<I", raw[pos + 8:pos + 12])[0]
             pos += 12 + length
         else:
@@ -279,14 +335,22 @@ def _check_encapsulated(fp: BinaryIO, offset: int, size: int, order: str) -> Non
 
 
 def _native_pixel_bytes(ds: Dataset) -> int:
+    """Declared decoded pixel bytes (0 when the file declares no image size). Values are read the
+    way header_from_dataset reads them, so a count it would act on is the count checked here."""
     try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        frames = int(ds.get("NumberOfFrames") or 1)
-        spp = int(ds.get("SamplesPerPixel") or 1)
-        bits = int(ds.get("BitsAllocated") or 16)
-    except (AttributeError, TypeError, ValueError):
+        if "Rows" not in ds or "Columns" not in ds:
+            return 0
+        rows, cols = _opt_int(ds.get("Rows")) or 0, _opt_int(ds.get("Columns")) or 0
+        frames = _opt_int(ds.get("NumberOfFrames")) or 1
+        spp = _opt_int(ds.get("SamplesPerPixel")) or 1
+        bits = _opt_int(ds.get("BitsAllocated")) or 16
+    except Exception:
         return 0
-    return rows * cols * frames * spp * bits // 8
+    if min(rows, cols, frames, spp, bits) < 0:
+        raise HeaderError("unreadable", f"negative image dimension ({rows}x{cols}x{frames}, {spp} samples, {bits} bits)")
+    if frames > MAX_FRAMES:
+        raise HeaderError("oversized", f"{frames} frames declared (more than {MAX_FRAMES})")
+    return rows * cols * frames * spp * max(bits, 8) // 8
 
 
 def _first_item(ds: Dataset, keyword: str) -> Dataset:

@@ -47,6 +47,7 @@ class Pipeline:
         self.quarantine_box = Quarantine(config.quarantine_path, config.ingest.quarantine_mode)
         self.new_events = threading.Condition()
         self.listeners: list[Callable[[str, Outcome], None]] = []  # metrics hook: (path, outcome)
+        self._series_bytes: dict[str, int] = {}  # series_uid -> declared pixel bytes recorded (per-series cap)
 
     # ------------------------------------------------------------------ files
     def already_done(self, path: str, size: int, mtime: float) -> bool:
@@ -62,7 +63,8 @@ class Pipeline:
         if self.already_done(path, st.st_size, st.st_mtime):
             return Outcome("skipped")
         try:
-            header = read_header(path)
+            header = read_header(path, self.config.ingest.max_image_bytes)
+            self._check_series_bytes(header)
         except HeaderError as err:
             if err.reason in IGNORED_REASONS or err.reason == "dicomdir":
                 status = "index" if err.reason == "dicomdir" else "ignored"
@@ -78,7 +80,19 @@ class Pipeline:
             events = self.assembler.add(header)
             self.store.record_file(path, st.st_size, st.st_mtime, "ingested", header.sop_instance_uid)
             n = self._append(events)
+        self._series_bytes[header.series_uid] = self._series_bytes.get(header.series_uid, 0) + header.pixel_bytes
         return self._notify(path, Outcome("ingested", events=n))
+
+    def _check_series_bytes(self, header) -> None:
+        """Per-series memory cap: the declared pixel bytes of a series' recorded files plus this one.
+        A file that would take the series past the cap is refused (quarantined as series_oversized);
+        the series keeps the files it has and completes as usual, so what it holds stays loadable."""
+        cap = self.config.ingest.max_series_bytes
+        if header.series_uid not in self._series_bytes:
+            self._series_bytes[header.series_uid] = sum(h.pixel_bytes for h in self.store.series_headers(header.series_uid))
+        total = self._series_bytes[header.series_uid] + header.pixel_bytes
+        if total > cap and not self.store.has_instance(header.sop_instance_uid):
+            raise HeaderError("series_oversized", f"series would hold {total} declared pixel bytes, cap {cap}")
 
     def quarantine(self, path: str, err: HeaderError) -> None:
         ref = file_ref(path)

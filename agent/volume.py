@@ -177,11 +177,38 @@ def _float(v: Any, default: Optional[float] = None) -> Optional[float]:
         return default
 
 
-def _read(path: str):
+DEFAULT_MAX_VOLUME_BYTES = 2 * 1024**3  # declared pixel bytes one load_volume call may decode ([ingest] max_series_bytes)
+
+
+def _declared_bytes(ds, path: str) -> int:
+    """Rows x Columns x Frames x samples x bytes per sample, as the header declares them."""
+    try:
+        dims = [int(float(str(ds.get(k) if ds.get(k) not in (None, "") else d)))
+                for k, d in (("Rows", 0), ("Columns", 0), ("NumberOfFrames", 1), ("SamplesPerPixel", 1), ("BitsAllocated", 16))]
+    except (TypeError, ValueError, OverflowError) as e:
+        raise VolumeError("unreadable_pixel_data", f"{path}: image size unreadable ({e})") from e
+    if min(dims) < 0:
+        raise VolumeError("unreadable_pixel_data", f"{path}: negative image size {dims}")
+    rows, cols, frames, spp, bits = dims
+    return rows * cols * frames * spp * max(bits, 8) // 8
+
+
+def _read(path: str, cap: int):
+    import os
+
     import pydicom
 
     try:
-        return pydicom.dcmread(path)
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise VolumeError("unreadable_file", f"{path}: {e}") from e
+    if size > cap + 64 * 1024**2:  # dcmread holds the whole file
+        raise VolumeError("oversized", f"{path}: {size} bytes on disk, cap {cap}")
+    from agent.header import BoundedFile
+
+    try:
+        with open(path, "rb") as fp:
+            return pydicom.dcmread(BoundedFile(fp, size))  # type: ignore[arg-type]
     except Exception as e:  # pragma: no cover - message path
         raise VolumeError("unreadable_file", f"{path}: {e}") from e
 
@@ -348,7 +375,7 @@ def _add_enhanced(ds, arr: np.ndarray, frame_index: int, path: str, out: _Slices
     out.between.append(_float(pm.get("SpacingBetweenSlices")) or _float(ds.get("SpacingBetweenSlices")))
 
 
-def load_volume(frames: Sequence[FrameRef], cache: Optional[dict] = None) -> Volume:
+def load_volume(frames: Sequence[FrameRef], cache: Optional[dict] = None, max_bytes: Optional[int] = None) -> Volume:
     """Decode the frames (each file once), sort them along the slice normal, build the affine.
 
     ``cache`` (optional, path -> (dataset, decoded array)) lets a caller share decoded files
@@ -357,17 +384,26 @@ def load_volume(frames: Sequence[FrameRef], cache: Optional[dict] = None) -> Vol
 
     Raises VolumeError (``reason`` in: no_frames, unreadable_file, no_pixel_data,
     unreadable_pixel_data, unsupported_pixels, missing_geometry, mixed_orientation,
-    mixed_size, mixed_spacing, duplicate_position, bad_frame_index, bad_mosaic)."""
+    mixed_size, mixed_spacing, duplicate_position, bad_frame_index, bad_mosaic, oversized).
+
+    ``max_bytes`` caps the declared pixel bytes (Rows x Columns x Frames x bytes per sample) of
+    the files this call decodes (default DEFAULT_MAX_VOLUME_BYTES): it is checked from the header
+    before any pixels are decoded, so a lying header cannot make it allocate more."""
     frames = list(frames)
     if not frames:
         raise VolumeError("no_frames", "no frames given")
     if cache is None:
         cache = {}
+    cap = DEFAULT_MAX_VOLUME_BYTES if max_bytes is None else int(max_bytes)
+    budget = 0  # declared pixel bytes decoded by this call: checked before each decode
     out = _Slices([], [], [], [], [], [], [], [])
     for fr in frames:
         path = str(fr.path)
         if path not in cache:
-            ds = _read(path)
+            ds = _read(path, cap)
+            budget += _declared_bytes(ds, path)
+            if budget > cap:
+                raise VolumeError("oversized", f"declared pixel data reaches {budget} bytes, cap {cap}")
             cache[path] = (ds, _decode(ds, path))
         ds, arr = cache[path]
         if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
