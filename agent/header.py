@@ -174,6 +174,8 @@ def read_header(path: str | os.PathLike[str], max_image_bytes: Optional[int] = N
         raise HeaderError("vanished", "file disappeared before it could be read", retryable=True) from exc
     except OSError as exc:
         raise HeaderError("unreadable", f"{exc.__class__.__name__}: {exc}", retryable=True) from exc
+    except Exception as exc:  # pydicom converts values lazily: a garbage VR or value raises on first access
+        raise HeaderError("unreadable", f"malformed header values ({exc.__class__.__name__}: {exc})") from exc
     try:
         return header_from_dataset(ds, path).model_copy(update={"pixel_bytes": declared})
     except HeaderError:

@@ -113,7 +113,7 @@ TRANSFER_SYNTAXES = [b"1.2.840.10008.1.2", b"1.2.840.10008.1.2.1", b"1.2.840.100
                      b"1.2.840.10008.1.2.4.50", b"1.2.840.10008.1.2.5", b"1.2.840.10008.1.2.4.90",
                      b"1.2.840.10008.5.1.4.1.1.4", b"1.2.3.4", b"", b"\xff\xfe garbage"]
 VRS = [b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB", b"OD", b"OF", b"OW",
-       b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"TM", b"UI", b"UL", b"UN", b"US", b"UT", b"zz", b"\0\0"]
+       b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"TM", b"UI", b"UL", b"UN", b"US", b"UT", b"zz", b"\0\0", b"I\x1a"]
 KNOWN_TAGS = [(0x0028, 0x0010), (0x0028, 0x0011), (0x0028, 0x0100), (0x0028, 0x0002), (0x0028, 0x0008),
               (0x0020, 0x0032), (0x0020, 0x0037), (0x0028, 0x0030), (0x0008, 0x0008), (0x0020, 0x000E),
               (0x0020, 0x000D), (0x0008, 0x0018), (0x7FE0, 0x0010), (0x0008, 0x0016), (0x0018, 0x0050)]
@@ -133,6 +133,11 @@ def _set_meta_ts(raw: bytes, uid: bytes) -> bytes:
         glen = struct.unpack("<I", out[g + 8:g + 12])[0] + len(value) - old_len
         out = out[:g + 8] + struct.pack("<I", glen & 0xFFFFFFFF) + out[g + 12:]
     return out
+
+
+def _with_vr(raw: bytes, tag: tuple[int, int], vr: bytes) -> bytes:
+    i = raw.find(struct.pack("<HH", *tag), 132)
+    return raw[:i + 4] + vr + raw[i + 6:] if i >= 0 else raw
 
 
 def _structured(raw: bytes, field: str, value) -> bytes:
@@ -166,10 +171,7 @@ def mutated(draw) -> bytes:
             n = draw(st.integers(1, 64))
             raw = raw[:132] + draw(st.binary(min_size=n, max_size=n)) + raw[132 + n:]
         else:  # wrong VR on a known tag (explicit VR files)
-            g, e = draw(st.sampled_from(KNOWN_TAGS))
-            i = raw.find(struct.pack("<HH", g, e), 132)
-            if i >= 0:
-                raw = raw[:i + 4] + draw(st.sampled_from(VRS)) + raw[i + 6:]
+            raw = _with_vr(raw, draw(st.sampled_from(KNOWN_TAGS)), draw(st.sampled_from(VRS)))
     for _ in range(draw(st.integers(0, 4))):  # then byte-level damage anywhere
         n = len(raw)
         if n == 0:
@@ -249,6 +251,7 @@ def _write(workdir: Path, raw: bytes) -> Path:
 @given(raw=mutated())
 @example(raw=_set_meta_ts(SEEDS[0], b"1.2.840.10008.5.1.4.1.1.4"))  # regression: a SOP class UID as transfer syntax
 @example(raw=_set_meta_ts(SEEDS[0], b"1.2.3.4"))  # a private UID as transfer syntax
+@example(raw=_with_vr(SEEDS[0], (0x0008, 0x0016), b"I\x1a"))  # regression: unknown VR raised NotImplementedError
 @example(raw=_deflated_bytes(64 * 1024**2))  # deflate bomb: 64 MiB of zeros in a few KiB
 @example(raw=_structured(SEEDS[0], "NumberOfFrames", 10**9))  # a billion frames declared
 @example(raw=_structured(SEEDS[0], "Rows", 65535))
@@ -287,6 +290,7 @@ def pipeline(workdir: Path):
 
 @FUZZ
 @given(raw=mutated())
+@example(raw=_with_vr(SEEDS[0], (0x0008, 0x0016), b"I\x1a"))
 def test_pipeline_quarantines_every_bad_file_with_its_reason(raw: bytes, workdir: Path, pipeline: Pipeline) -> None:
     path = _write(workdir, raw)
     outcome, _ = guarded(pipeline.process_file, str(path))
