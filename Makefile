@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench clean setup system-deps browser-deps
+.PHONY: run test bench soak clean setup system-deps browser-deps
 
 setup: $(STAMP)
 
@@ -53,6 +53,13 @@ browser-deps:
 
 test: $(STAMP) $(MLSERVER) system-deps browser-deps
 	$(PY) -m pytest -q
+
+# Long runs: every test marked `soak` (deselected from make test), then the ingest fuzzer under its long
+# hypothesis profile, which records inputs tried and outcomes in bench/results/fuzz.json.
+# pytest exits 5 when no test carries the marker: not a failure here.
+soak: $(STAMP)
+	$(PY) -m pytest -q -m soak -o timeout=0 || [ $$? -eq 5 ]
+	$(PY) bench/fuzz_report.py soak
 
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
