@@ -114,8 +114,12 @@ def render_card(m: ModelManifest) -> str:
         f"{tr.get('parameters', '?')} parameters); exam probability = sigmoid(a * max voxel logit + b),",
         "a and b refitted on whole training exams. Findings: threshold the likelihood map, 3D connected components,",
         "centre = likelihood-weighted centroid (LPS), long/short axis from the in-plane principal axes.",
-        f"Training time (2 CPU threads, shared machine): data {sec.get('data', '?')} s, training {sec.get('train', '?')} s,"
-        f" exam head {sec.get('exam_head', '?')} s.", "",
+        f"Training time (2 CPU threads on a 2-core machine shared with other jobs): training {sec.get('train', '?')} s,"
+        f" exam-head fit {sec.get('exam_head', '?')} s, total {sec.get('total', '?')} s over {len(tr.get('stages', [])) or 1}"
+        f" stage(s), {tr.get('steps', '?')} steps; rendering the training cases (cached as npz in var/cspca-cache, about"
+        " 1.7 s per case per core) is not included.",
+        f"Recipe: `{tr.get('recipe', 'python -m training.cspca.train')}`, then `python -m training.cspca.export var/cspca-run/model.pt`.",
+        "",
         "## Measured figures (fresh held-out simulated exams, runtime DICOM path)",
         f"- exams: {ev.get('exams', 'n/a')} ({ev.get('positives', 'n/a')} csPCa), command: `{ev.get('command', 'n/a')}`",
         f"- AUROC {f('auroc')}, AP {f('ap')}, ranking score {f('ranking_score')} (picai-eval)",

@@ -31,9 +31,13 @@ def ece(probs: Sequence[float], labels: Sequence[int], n_bins: int = 10) -> floa
 def picai_metrics(likelihoods: List[np.ndarray], targets: List[np.ndarray], case_probs: Sequence[float],
                   case_labels: Sequence[int]) -> Dict[str, Any]:
     """AUROC (case), AP (lesion) and ranking score via picai-eval."""
-    from picai_eval import evaluate
-    from picai_eval.metrics import Metrics
-    from report_guided_annotation import extract_lesion_candidates
+    import contextlib
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr):  # both packages print a citation banner on import
+        from picai_eval import evaluate
+        from picai_eval.metrics import Metrics
+        from report_guided_annotation import extract_lesion_candidates
 
     ids = [f"case{i:05d}" for i in range(len(likelihoods))]
     det = evaluate(y_det=[np.asarray(lk, dtype=np.float32) for lk in likelihoods],

@@ -1,0 +1,104 @@
+"""training.cspca: smoke training -> ONNX export with torch parity and a valid manifest; metrics;
+the shipped model's held-out evaluation through `scanside models evaluate` against a stated floor."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from engines.manifest import ModelManifest  # noqa: E402
+from training.cspca.metrics import ece, lesion_detection, operating_point, picai_metrics  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_smoke_training_exports_onnx_with_parity(tmp_path):
+    import onnxruntime as ort
+
+    from engines.store import ModelStore
+    from training.cspca.export import export
+    from training.cspca.spec import CSPCA_SPEC
+    from training.cspca.train import train
+
+    s = train(cases=3, minutes=5.0, out=str(tmp_path / "run"), batch=2, cache_dir=str(tmp_path / "cache"),
+              max_steps=2, widths=(4, 8, 16), log=lambda *_: None)
+    assert s["steps"] == 2 and s["cases"] == 3
+    assert np.isfinite(s["final_loss"])
+    m = export(tmp_path / "run" / "model.pt", tmp_path / "store", version="0.0.1")
+    # manifest validates and is found by the store; model card beside it
+    m2 = ModelManifest.load(m.root)
+    assert m2.task == "cspca_detection" and m2.preprocessing == CSPCA_SPEC
+    assert (m.root / "MODEL_CARD.md").read_text().count("not validated on patients") == 1
+    assert ModelStore(tmp_path / "store").resolve("cspca-reference").version == "0.0.1"
+    assert m.files["fp32"].size_bytes < 10 * 1024 * 1024
+    # parity torch vs ONNX Runtime (batch 2: dynamic batch axis)
+    assert m.parity["batch"] == 2
+    assert m.parity["likelihood_max_abs_diff"] < 1e-4 and m.parity["probability_max_abs_diff"] < 1e-4
+    sess = ort.InferenceSession(str(m.file_path()), providers=["CPUExecutionProvider"])
+    x = np.zeros((3, 3) + tuple(CSPCA_SPEC.shape), np.float32)
+    lk, p = sess.run(None, {"input": x})
+    assert lk.shape == (3, 1) + tuple(CSPCA_SPEC.shape) and p.shape == (3, 1)
+
+
+def test_ece_known_values():
+    assert ece([0.9, 0.9, 0.1, 0.1], [1, 1, 0, 0]) == pytest.approx(0.1)
+    assert ece([0.75] * 4, [1, 1, 1, 0]) == pytest.approx(0.0)
+    assert ece([0.95] * 2, [0, 0]) == pytest.approx(0.95)
+
+
+def test_picai_metrics_separate_perfect_and_random():
+    rng = np.random.default_rng(0)
+    lks, tgts, labels = [], [], []
+    for i in range(8):
+        t = np.zeros((8, 16, 16), np.int32)
+        lk = rng.uniform(0, 0.05, t.shape).astype(np.float32)
+        if i % 2 == 0:
+            t[3:6, 5:10, 5:10] = 1
+            lk[3:6, 5:10, 5:10] = 0.9
+        lks.append(lk)
+        tgts.append(t)
+        labels.append(int(i % 2 == 0))
+    good = picai_metrics(lks, tgts, [0.9 if y else 0.1 for y in labels], labels)
+    assert good["auroc"] == pytest.approx(1.0) and good["ap"] == pytest.approx(1.0)
+    assert good["ranking_score"] == pytest.approx(1.0)
+    bad = picai_metrics(lks, tgts, [0.1 if y else 0.9 for y in labels], labels)
+    assert bad["auroc"] == pytest.approx(0.0)
+
+
+def test_lesion_detection_and_operating_point():
+    cases = [
+        {"label": 1, "lesions": [{"centre": [0, 0, 0], "max_diameter": 12.0, "cspca": True}], "findings": [[3, 0, 0]]},
+        {"label": 1, "lesions": [{"centre": [0, 0, 0], "max_diameter": 10.0, "cspca": True}], "findings": [[30, 0, 0]]},
+        {"label": 0, "lesions": [{"centre": [5, 5, 5], "max_diameter": 12.0, "cspca": False}], "findings": [[5, 5, 5]]},
+    ]
+    r = lesion_detection(cases)
+    assert r["lesions"] == 2 and r["detected"] == 1 and r["lesion_sensitivity"] == 0.5
+    assert r["centre_error_median_mm"] == pytest.approx(3.0) and r["centre_within_5mm"] == 1.0
+    assert r["fp_findings"] == 2 and r["fp_findings_per_negative_exam"] == 1.0
+    op = operating_point([0.9, 0.2, 0.6], [1, 1, 0], 0.5)
+    assert (op["sensitivity"], op["specificity"]) == (0.5, 0.0)
+
+
+@pytest.mark.slow
+def test_shipped_model_heldout_floor(tmp_path):
+    """`scanside models evaluate cspca-reference --json` on 8 fresh exams (2 per vendor style, seeds never
+    used in training) through the runtime DICOM path. Floor (training/cspca/evaluate.py FLOOR): AUROC >= 0.85,
+    >= 75 % of detected csPCa lesion centres within 5 mm."""
+    from training.cspca.evaluate import FLOOR
+
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "models", "evaluate", "cspca-reference", "--json",
+                          "--exams-per-vendor", "2", "--seed", "910000", "--workdir", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.stdout, out.stderr[-2000:]
+    rep = json.loads(out.stdout)
+    m = rep["metrics"]
+    assert rep["exams"] == 8 and not rep["errors"]
+    for k, v in FLOOR.items():
+        assert m[k] is not None and m[k] >= v, (k, m[k], v)
+    assert rep["passed"] is True and out.returncode == 0
