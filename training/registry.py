@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 #: manifest task -> "module:function" of its evaluator
 EVALUATORS: Dict[str, str] = {
     "sequence_classification": "training.sequence.evaluate:evaluate_model",
+    "cspca_detection": "training.cspca.evaluate:evaluate_model",
 }
 
 #: `models train KIND` -> "module" providing add_arguments(parser) and train(args)
