@@ -93,7 +93,9 @@ class InstanceHeader(BaseModel):
 
 # ---------------------------------------------------------------------------- reading
 import os  # noqa: E402
+import io  # noqa: E402
 import struct  # noqa: E402
+import time  # noqa: E402
 import zlib  # noqa: E402
 from typing import Any, BinaryIO  # noqa: E402
 
@@ -109,6 +111,7 @@ REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 DEFAULT_MAX_IMAGE_BYTES = 512 * 1024**2  # declared decoded pixel bytes of one file ([ingest] max_image_bytes)
 MAX_FRAMES = 65536  # frames in one file: more is a lying header (a real enhanced MR file holds a few thousand)
+PARSE_DEADLINE_S = 10.0  # a header still being parsed after this is refused (millions of empty elements): no hangs
 HEADER_SLACK_BYTES = 64 * 1024**2  # non-pixel bytes a deflated data set may add to its pixels before it is a bomb
 
 
@@ -144,12 +147,15 @@ def read_header(path: str | os.PathLike[str], max_image_bytes: Optional[int] = N
             if not has_preamble and size < 132:
                 # maybe still being written; if it stays this short it is not DICOM
                 raise HeaderError("not_dicom", f"only {size} bytes, too short for a DICOM file", retryable=True)
+            source = BoundedFile(fp, size, time.monotonic() + PARSE_DEADLINE_S)
             if has_preamble and _meta_is_deflated(fp):
-                # pydicom inflates the whole data set in memory: measure it, streaming, with a cap first
-                inflated = _inflated_size(path, cap + HEADER_SLACK_BYTES)
-                fp.seek(0)
+                # inflate here, streaming, with a cap (a bomb stops at the cap), then let pydicom parse the
+                # inflated bytes through the same bounded, time-limited reader
+                inflated, source = _inflated_source(fp, path, cap + HEADER_SLACK_BYTES)
             try:
-                ds = pydicom.dcmread(BoundedFile(fp, size), stop_before_pixels=True, force=not has_preamble)
+                ds = pydicom.dcmread(source, stop_before_pixels=True, force=not has_preamble)
+            except HeaderError:
+                raise
             except InvalidDicomError as exc:
                 raise HeaderError("not_dicom", str(exc)) from exc
             except (EOFError, struct.error, OSError, zlib.error) as exc:
@@ -164,6 +170,8 @@ def read_header(path: str | os.PathLike[str], max_image_bytes: Optional[int] = N
             missing = [k for k in REQUIRED_UIDS if not _text(ds.get(k))]
             if missing:
                 raise HeaderError("missing_uid", "missing " + ", ".join(missing))
+            if inflated is not None:  # parsed as explicit VR little endian: record what the file says
+                ds.file_meta.TransferSyntaxUID = DEFLATED_TS
             declared = _native_pixel_bytes(ds)
             if declared > cap:
                 raise HeaderError("oversized", f"declared pixel data {declared} bytes exceeds the {cap}-byte cap per file")
@@ -188,11 +196,14 @@ class BoundedFile:
     """A binary file whose read(n) never asks for more than the bytes left: a lying element length
     (0xFFFFFFF0 on a short element) would otherwise make the buffered read allocate n bytes up front."""
 
-    def __init__(self, fp: BinaryIO, size: int):
+    def __init__(self, fp: BinaryIO, size: int, deadline: Optional[float] = None):
         self._fp = fp
         self._size = size
+        self._deadline = deadline
 
     def read(self, n: Optional[int] = -1) -> bytes:
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise HeaderError("too_complex", f"header not parsed after {PARSE_DEADLINE_S} s (a flood of data elements)")
         if n is None or n < 0:
             return self._fp.read()
         return self._fp.read(min(n, max(self._size - self._fp.tell(), 0)))
@@ -271,7 +282,25 @@ def _meta_is_deflated(fp: BinaryIO) -> bool:
     return b"1.2.840.10008.1.2.1.99" in meta
 
 
-def _inflated_size(path: str, cap: int) -> int:
+DEFLATED_TS = "1.2.840.10008.1.2.1.99"
+
+
+def _inflated_source(fp: BinaryIO, path: str, cap: int) -> tuple[int, BoundedFile]:
+    """The file with its data set inflated (at most ``cap`` bytes held) and the meta group naming
+    explicit VR little endian (same length: UI values drop trailing nulls), as a bounded reader
+    under the parse deadline."""
+    fp.seek(0)
+    head = fp.read(132 + 64 * 1024)
+    end = _meta_group_end(head)
+    meta = head[:end].replace(DEFLATED_TS.encode(), b"1.2.840.10008.1.2.1\0\0\0")
+    chunks: list[bytes] = [meta]
+    total = _inflated_size(path, cap, chunks)
+    data = b"".join(chunks)
+    del chunks
+    return total, BoundedFile(io.BytesIO(data), len(data), time.monotonic() + PARSE_DEADLINE_S)  # type: ignore[arg-type]
+
+
+def _inflated_size(path: str, cap: int, keep: Optional[list[bytes]] = None) -> int:
     """Inflate the data set after the meta group in bounded chunks, counting bytes, never holding
     more than one chunk: past ``cap`` it is a deflate bomb (``oversized``)."""
     chunk = 1024 * 1024
@@ -285,7 +314,10 @@ def _inflated_size(path: str, cap: int) -> int:
                 data = inflater.unconsumed_tail or fp.read(chunk)
                 if not data:
                     raise HeaderError("truncated", "deflated data set ends early", retryable=True)
-                total += len(inflater.decompress(data, chunk))
+                out = inflater.decompress(data, chunk)
+                total += len(out)
+                if keep is not None and total <= cap:
+                    keep.append(out)
                 if total > cap:
                     raise HeaderError("oversized", f"deflated data set inflates past {cap} bytes (deflate bomb)")
         except zlib.error as exc:
@@ -346,8 +378,8 @@ def _native_pixel_bytes(ds: Dataset) -> int:
         frames = _opt_int(ds.get("NumberOfFrames")) or 1
         spp = _opt_int(ds.get("SamplesPerPixel")) or 1
         bits = _opt_int(ds.get("BitsAllocated")) or 16
-    except Exception:
-        return 0
+    except Exception as exc:  # a wrong VR or garbage value: the image size is unknown, so it cannot be capped
+        raise HeaderError("unreadable", f"image size unreadable ({exc.__class__.__name__})") from exc
     if min(rows, cols, frames, spp, bits) < 0:
         raise HeaderError("unreadable", f"negative image dimension ({rows}x{cols}x{frames}, {spp} samples, {bits} bits)")
     if frames > MAX_FRAMES:

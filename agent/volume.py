@@ -399,22 +399,32 @@ def load_volume(frames: Sequence[FrameRef], cache: Optional[dict] = None, max_by
     out = _Slices([], [], [], [], [], [], [], [])
     for fr in frames:
         path = str(fr.path)
-        if path not in cache:
-            ds = _read(path, cap)
-            budget += _declared_bytes(ds, path)
-            if budget > cap:
-                raise VolumeError("oversized", f"declared pixel data reaches {budget} bytes, cap {cap}")
-            cache[path] = (ds, _decode(ds, path))
-        ds, arr = cache[path]
-        if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
-            _add_enhanced(ds, arr, int(fr.frame_index), path, out)
-        elif _is_mosaic(ds):
-            if fr.frame_index != 0:
-                raise VolumeError("bad_frame_index", f"{path} is a mosaic; frame_index {fr.frame_index}")
-            _add_mosaic(ds, arr, path, out)
-        else:
-            _add_classic(ds, arr, int(fr.frame_index), path, out)
-    return _assemble(out)
+        try:
+            if path not in cache:
+                ds = _read(path, cap)
+                budget += _declared_bytes(ds, path)
+                if budget > cap:
+                    raise VolumeError("oversized", f"declared pixel data reaches {budget} bytes, cap {cap}")
+                cache[path] = (ds, _decode(ds, path))
+            ds, arr = cache[path]
+            if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+                _add_enhanced(ds, arr, int(fr.frame_index), path, out)
+            elif _is_mosaic(ds):
+                if fr.frame_index != 0:
+                    raise VolumeError("bad_frame_index", f"{path} is a mosaic; frame_index {fr.frame_index}")
+                _add_mosaic(ds, arr, path, out)
+            else:
+                _add_classic(ds, arr, int(fr.frame_index), path, out)
+        except VolumeError:
+            raise
+        except Exception as e:  # pydicom converts values lazily: a malformed value raises on first access
+            raise VolumeError("unreadable_file", f"{path}: malformed header value ({type(e).__name__}: {e})") from e
+    try:
+        return _assemble(out)
+    except VolumeError:
+        raise
+    except Exception as e:  # non-finite or degenerate geometry values
+        raise VolumeError("missing_geometry", f"geometry unusable ({type(e).__name__}: {e})") from e
 
 
 def _assemble(s: _Slices) -> Volume:

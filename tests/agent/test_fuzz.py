@@ -46,10 +46,11 @@ CAP = 4 * 1024**2  # per-file pixel cap used here (the default is 512 MiB): bomb
 SLACK = 1024**2  # HEADER_SLACK_BYTES while these tests run
 MEMORY_BOUND = 64 * 1024**2  # traced peak per input: a few times (CAP + SLACK), nowhere near a huge header's claim
 WATCHDOG_S = 10.0  # one input, parse + decode: a hang is a failure
+PARSE_DEADLINE_S = 3.0  # read_header's own parse deadline while these tests run (default 10 s)
 
 settings.register_profile("ci", derandomize=True, max_examples=300, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("soak", derandomize=False, max_examples=4000, deadline=None, database=None,
+settings.register_profile("soak", derandomize=False, max_examples=5000, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 PROFILE = os.environ.get("SCANSIDE_FUZZ_PROFILE", "ci")
 FUZZ = settings(settings.get_profile(PROFILE))
@@ -93,11 +94,49 @@ def _deflated_bytes(extra_zeros: int = 0) -> bytes:
     return raw[:body_start] + comp.compress(body + pad) + comp.flush()
 
 
+def _element_flood(raw: bytes, n: int, deflate: bool = False) -> bytes:
+    """n zero bytes before Pixel Data: n/8 empty (0000,0000) elements for the parser to walk."""
+    body_start = header_mod._meta_group_end(raw)
+    body = zlib.decompress(raw[body_start:], -zlib.MAX_WBITS) if deflate else raw[body_start:]
+    i = body.find(header_mod.PIXEL_DATA_TAG)
+    body = body[:i] + b"\0" * n + body[i:]
+    if deflate:
+        comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        body = comp.compress(body) + comp.flush()
+    return raw[:body_start] + body
+
+
 def _testdata(name: str) -> bytes | None:
     try:
         return Path(get_testdata_file(name)).read_bytes()
     except Exception:  # not shipped with this pydicom
         return None
+
+
+def _simulated_seeds() -> list[bytes]:
+    """Small vendor files from the exam simulator (16x16, 4 slices, 2 b-values): a Siemens mosaic with
+    its CSA header, GE classic with private b-value tags, Philips and Siemens XA enhanced multi-frame."""
+    import numpy as np
+
+    from simulator.phantom import make_phantom
+    from simulator.protocols import build_exam
+    from simulator.render import render_series
+    from simulator.vendors import get_writer
+    from simulator.vendors.common import make_study_context
+
+    phantom = make_phantom(1, n_lesions=0)
+    seeds = []
+    with tempfile.TemporaryDirectory() as d:
+        for k, (vendor, enhanced, mosaic) in enumerate([("siemens", False, True), ("ge", False, False),
+                                                        ("philips", True, False), ("siemens-xa", True, False)]):
+            spec = next(s for s in build_exam("prostate-bpmri", vendor, 3.0, ()).series if s.kind == "dwi")
+            spec = spec.model_copy(update={"matrix": (16, 16), "n_slices": 4, "b_values": spec.b_values[:2]})
+            rendered = render_series(phantom, spec, 3.0, np.random.default_rng(k))
+            files = get_writer(vendor).write_series(rendered, make_study_context(vendor, 1), Path(d) / vendor,
+                                                    series_number=5, series_uid=f"1.2.826.0.1.3680043.8.498.77.{k}",
+                                                    enhanced=enhanced, mosaic=mosaic)
+            seeds.append(Path(files[0].path).read_bytes())
+    return seeds
 
 
 SEEDS: list[bytes] = [s for s in (
@@ -107,6 +146,7 @@ SEEDS: list[bytes] = [s for s in (
     *(_testdata(n) for n in ("MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm",
                              "image_dfl.dcm", "no_meta.dcm", "CT_small.dcm", "MR_small_jpeg_ls_lossless.dcm",
                              "emri_small.dcm", "badVR.dcm")),
+    *_simulated_seeds(),
 ) if s]
 
 TRANSFER_SYNTAXES = [b"1.2.840.10008.1.2", b"1.2.840.10008.1.2.1", b"1.2.840.10008.1.2.2", b"1.2.840.10008.1.2.1.99",
@@ -227,10 +267,10 @@ _names = itertools.count()
 
 @pytest.fixture(scope="module", autouse=True)
 def _small_slack():
-    saved = header_mod.HEADER_SLACK_BYTES
-    header_mod.HEADER_SLACK_BYTES = SLACK
+    saved = header_mod.HEADER_SLACK_BYTES, header_mod.PARSE_DEADLINE_S
+    header_mod.HEADER_SLACK_BYTES, header_mod.PARSE_DEADLINE_S = SLACK, PARSE_DEADLINE_S
     yield
-    header_mod.HEADER_SLACK_BYTES = saved
+    header_mod.HEADER_SLACK_BYTES, header_mod.PARSE_DEADLINE_S = saved
     out = os.environ.get("SCANSIDE_FUZZ_OUT")
     if out:
         Path(out).write_text(json.dumps({k: dict(sorted(v.items())) for k, v in OUTCOMES.items()}, indent=2))
@@ -255,6 +295,8 @@ def _write(workdir: Path, raw: bytes) -> Path:
 @example(raw=_set_meta_ts(SEEDS[0], b"1.2.840.10008.5.1.4.1.1.4"))  # regression: a SOP class UID as transfer syntax
 @example(raw=_set_meta_ts(SEEDS[0], b"1.2.3.4"))  # a private UID as transfer syntax
 @example(raw=_with_vr(SEEDS[0], (0x0008, 0x0016), b"I\x1a"))  # regression: unknown VR raised NotImplementedError
+@example(raw=_element_flood(_deflated_bytes(), 2 * 1024**2, deflate=True))  # regression: parsed for > 10 s
+@example(raw=_with_vr(SEEDS[0], (0x0028, 0x0100), b"SL"))  # regression: BitsAllocated as SL escaped load_volume
 @example(raw=_deflated_bytes(64 * 1024**2))  # deflate bomb: 64 MiB of zeros in a few KiB
 @example(raw=_structured(SEEDS[0], "NumberOfFrames", 10**9))  # a billion frames declared
 @example(raw=_structured(SEEDS[0], "Rows", 65535))
@@ -364,3 +406,26 @@ def test_series_past_its_cap_quarantines_its_further_files(tmp_path: Path) -> No
         assert len(store.series_headers(series)) == 3
     finally:
         store.close()
+
+
+def test_a_flood_of_empty_elements_is_refused_within_the_parse_deadline(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(header_mod, "PARSE_DEADLINE_S", 0.2)
+    for name, raw in (("plain", _element_flood(SEEDS[0], 8 * 1024**2)),
+                      ("deflated", _element_flood(_deflated_bytes(), 8 * 1024**2, deflate=True))):
+        p = tmp_path / f"{name}.dcm"
+        p.write_bytes(raw)
+        t0 = time.perf_counter()
+        with pytest.raises(HeaderError) as err:
+            read_header(p)
+        assert err.value.reason == "too_complex", (name, err.value)
+        assert time.perf_counter() - t0 < 5.0
+
+
+def test_load_volume_turns_a_malformed_value_into_a_volume_error(tmp_path: Path) -> None:
+    p = tmp_path / "sl.dcm"
+    p.write_bytes(_with_vr(SEEDS[0], (0x0028, 0x0100), b"SL"))  # BitsAllocated as SL: 2 bytes cannot be an SL
+    with pytest.raises(HeaderError):
+        read_header(p)
+    with pytest.raises(VolumeError) as err:  # what load_volume does when handed it anyway
+        load_volume([FrameRef(path=str(p))])
+    assert err.value.reason == "unreadable_file"
