@@ -6,6 +6,7 @@ from __future__ import annotations
 import heapq
 import logging
 import os
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from agent.header import HeaderError
 from agent.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
+
+STATE_RETRY_S = 1.0  # wait before retrying a file the state database could not record
 
 
 @dataclass
@@ -143,7 +146,14 @@ class Ingestor:
                 p = self._pending.get(path)
                 if p is None or p.due > due + 1e-9:
                     continue  # stale heap entry
-            self._handle(p)
+            try:
+                self._handle(p)
+            except sqlite3.Error as exc:
+                # the state database (or its disk) refuses writes, e.g. disk full: the file is not
+                # bad, so it keeps its place and is tried again; nothing is marked or quarantined
+                log.error("state not writable (%s: %s); file kept for retry", exc.__class__.__name__, exc)
+                self._reschedule(p, self.clock() + STATE_RETRY_S)
+                return handled
             handled += 1
             self.last_loop = time.time()  # a long catch-up is progress, not a stall
 

@@ -1,0 +1,164 @@
+"""Disk full on a small tmpfs the test mounts (root, as on CI; skipped with the reason otherwise):
+the state folder fills up mid-exam, /readyz goes false, the agent logs a clear error and marks no file
+bad; the database passes PRAGMA integrity_check; when space returns the files that arrived meanwhile
+are ingested and their series complete. A full quarantine folder: the bad file's event is still
+recorded, the failure is logged, no partial copy is left behind, and quarantining works again once
+there is space."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import subprocess
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from agent.config import load_config
+from agent.daemon import Agent
+from tests.agent.factory import series_files
+
+
+@contextmanager
+def small_fs(where: Path, size: str = "16m") -> Iterator[Path]:
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write a filler file until the file system is full."""
+    filler = folder / f"filler-{uuid.uuid4().hex}"
+    chunk = b"\0" * 65536
+    with open(filler, "wb") as fp:
+        try:
+            while True:
+                fp.write(chunk)
+                fp.flush()
+        except OSError:
+            pass
+    try:  # the last bytes too
+        with open(folder / f"filler-{uuid.uuid4().hex}", "wb") as fp:
+            while True:
+                fp.write(b"\0" * 512)
+                fp.flush()
+    except OSError:
+        pass
+    assert shutil.disk_usage(folder).free < 65536
+    return filler
+
+
+def _wait(predicate, timeout: float = 60.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _config(tmp_path: Path, state: Path, **kw):
+    return load_config(**{
+        "watch.folder": str(tmp_path / "export"), "state.dir": str(state), "output.stdout": False,
+        "watch.settle_s": 0.1, "series.quiet_period_s": 1.0, "series.incomplete_grace_s": 2.0,
+        "ingest.quarantine_after_s": 0.3, "ingest.retry_delays_s": [0.1, 0.2],
+        "analysis.image_label": False, "analysis.triage": False,
+        "api.enabled": True, "api.port": 0, "readiness.min_free_disk_bytes": 1024 * 1024, **kw})
+
+
+def _arrive(staged: list[Path], export: Path) -> None:
+    for f in staged:
+        dest = export / f.parent.name / f.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dest)
+
+
+def test_state_disk_full_then_space_returns(tmp_path, caplog):
+    caplog.set_level(logging.ERROR)
+    (tmp_path / "export").mkdir()
+    first = series_files(tmp_path / "stage" / "s1", 20, images_in_acquisition=20, rows=64, cols=64)
+    study = first and __import__("pydicom").dcmread(first[0]).StudyInstanceUID
+    second = series_files(tmp_path / "stage" / "s2", 4, images_in_acquisition=4, rows=64, cols=64,
+                          study_uid=study, description="ep2d_diff_b50", te=60.0)
+    with small_fs(tmp_path / "statefs") as state:
+        agent = Agent(_config(tmp_path, state / "scanside")).start()
+        try:
+            api = httpx.Client(base_url=agent.api_url, timeout=30)
+            assert api.get("/readyz").status_code == 200
+            _arrive(first, tmp_path / "export")
+            assert _wait(lambda: agent.store.file_counts().get("ingested") == len(first))
+            filler = fill(state)
+            r = api.get("/readyz")
+            assert r.status_code == 503 and r.json()["ready"] is False
+            assert r.json()["checks"]["disk"]["ok"] is False
+            # the exam goes on while the disk is full
+            _arrive(second, tmp_path / "export")
+            assert _wait(lambda: "state not writable" in caplog.text or "disk is full" in caplog.text, 30), caplog.text[-2000:]
+            time.sleep(8.0)  # full for a while: every file event for the new files has been tried and failed
+            counts = agent.store.file_counts()
+            assert counts.get("ingested", 0) < len(first) + len(second)
+            assert not counts.get("quarantined"), "a full disk must not make good files 'bad'"
+            # space returns
+            filler.unlink()
+            for f in state.glob("filler-*"):
+                f.unlink()
+            assert _wait(lambda: api.get("/readyz").status_code == 200, 30)
+            assert _wait(lambda: agent.store.file_counts().get("ingested") == len(first) + len(second), 60), \
+                agent.store.file_counts()
+            assert _wait(lambda: sum(e.type == "series_completed" for e in agent.store.events_after(0, limit=1000)) == 2, 30)
+            jsonl = agent.config.jsonl_path
+            assert _wait(lambda: jsonl.read_text().count("\"type\":\"series_completed\"") == 2, 30), jsonl.read_text()[-3000:]
+            events = agent.store.events_after(0, limit=1000)
+        finally:
+            agent.stop()
+        db = sqlite3.connect(str(agent.config.db_path))
+        try:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        finally:
+            db.close()
+        lines = [json.loads(x) for x in agent.config.jsonl_path.read_text().splitlines()]  # every line whole JSON
+        assert [x["key"] for x in lines] == [e.key for e in events]
+        assert {e.series.n_instances for e in events if e.type == "series_completed"} == {len(first), len(second)}
+
+
+def test_quarantine_disk_full_then_space_returns(tmp_path, caplog):
+    caplog.set_level(logging.ERROR)
+    export = tmp_path / "export"
+    (export / "a").mkdir(parents=True)
+    with small_fs(tmp_path / "qfs", size="2m") as qdir:
+        agent = Agent(_config(tmp_path, tmp_path / "state", **{"ingest.quarantine_dir": str(qdir)})).start()
+        try:
+            filler = fill(qdir)
+            bad = export / "a" / "IM_BAD1.dcm"
+            bad.write_bytes(b"\0" * 128 + b"DICM" + os.urandom(300_000))  # a header that never parses
+            quarantined = lambda: [e for e in agent.store.events_after(0, limit=100) if e.type == "file_quarantined"]  # noqa: E731
+            assert _wait(lambda: len(quarantined()) == 1, 30)
+            assert _wait(lambda: "could not quarantine" in caplog.text, 10)
+            # no partial copy or reason file is left behind
+            assert sorted(p.name for p in qdir.iterdir() if not p.name.startswith("filler-")) == []
+            assert bad.exists()  # copy mode: the export folder is untouched
+            filler.unlink()
+            for f in qdir.glob("filler-*"):
+                f.unlink()
+            bad2 = export / "a" / "IM_BAD2.dcm"
+            bad2.write_bytes(b"\0" * 128 + b"DICM" + os.urandom(300_000))
+            assert _wait(lambda: len(quarantined()) == 2, 30)
+            assert _wait(lambda: len(list(qdir.glob("*.reason.json"))) == 1, 10)
+        finally:
+            agent.stop()
+        (copy,) = qdir.glob("*.dcm")
+        assert copy.read_bytes() == bad2.read_bytes()
