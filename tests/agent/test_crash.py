@@ -225,9 +225,9 @@ def test_kill9_while_exam_streams_in(tmp_path, tmp_path_factory):
 
 @pytest.mark.soak
 def test_kill9_soak_many_kills_many_exams(tmp_path, tmp_path_factory):
-    seed = int(os.environ.get("SCANSIDE_SOAK_SEED", "11"))
+    seed = int(os.environ.get("SOAK_SEED", "11"))
     exams = [exam(tmp_path_factory, v, seed + i) for i, v in enumerate(["siemens", "philips", "ge", "siemens-xa"])]
-    crash_run(tmp_path, exams, kills=int(os.environ.get("SCANSIDE_SOAK_KILLS", "12")), seed=seed)
+    crash_run(tmp_path, exams, kills=int(os.environ.get("SOAK_KILLS", "12")), seed=seed)
 
 
 # ---------------------------------------------------------------------- out of order, duplicated, late
