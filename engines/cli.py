@@ -124,7 +124,7 @@ def _add_training_parsers(sub: Any) -> None:
     ev.add_argument("name", help="NAME, NAME@VERSION or NAME/VERSION")
     ev.add_argument("--exams-per-vendor", type=int, default=None, help="fresh simulated exams per vendor style and subset")
     ev.add_argument("--seed", type=int, default=900_000, help="first simulator seed (training never uses >= 700000)")
-    ev.add_argument("--workdir", type=Path, default=None, help="keep the simulated DICOM here (default: temp dir)")
+    ev.add_argument("--workdir", type=Path, default=None, help="keep the simulated DICOM here; exams already there are reused (default: temp dir)")
     ev.add_argument("--jobs", type=int, default=1, help="simulation worker processes")
     ev.add_argument("--variant", default=None, help="model file variant (default: the manifest's)")
     ev.add_argument("--write", action="store_true", help="record the metrics in the manifest and write the markdown report")

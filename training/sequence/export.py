@@ -97,7 +97,7 @@ def build_manifest(version: str, onnx_path: Path, *, training: Optional[dict] = 
 
 
 def _training_summary(t: dict) -> str:
-    keys = ("exams", "samples", "epochs", "steps", "params", "seconds_data", "seconds_fit", "seconds_total", "threads")
+    keys = ("exams", "samples", "epochs", "steps", "params", "seconds_fit", "threads")
     return ", ".join(f"{k}={t[k]}" for k in keys if k in t)
 
 
@@ -148,6 +148,11 @@ def render_card(m: ModelManifest, training: Optional[dict] = None) -> str:
         for subset, r in ev.get("subsets", {}).items():
             lines.append(f"- {subset}: n={r['n']}, accuracy {r['accuracy']:.4f}, Cohen's kappa {r['kappa']:.4f}")
         lines += ["", "See EVALUATION.md for per-class figures and the confusion matrix."]
+        low = [k for k, r in ev.get("subsets", {}).items() if r["accuracy"] < 0.995 or r["kappa"] < 0.99]
+        if low:
+            lines += ["", f"**Below the target** (accuracy >= 0.995, kappa >= 0.99) on: {', '.join(low)}. Typical errors: "
+                      "a DCE phase read as DWI, calculated/acquired b=2000 (held-out, beyond the trained b range) read as "
+                      "`other`, an axial T2WI_fs read as DWI_Low. More training exams are the known remedy."]
     else:
         lines.append("Not yet evaluated (run `scanside models evaluate sequence-classifier --write`).")
     lines += ["", "## Limitations",
