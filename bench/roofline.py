@@ -403,7 +403,11 @@ def summary(res: Dict[str, Any]) -> str:
         meas = "; ".join(f"{k} {e['measured_s'][k]} ({e['times_floor'][k]}x)" for k in e["times_floor"]) or "run bench_cpu.py"
         lines.append(f"| {name} | {w['gflops']} | {w['mbytes_moved']} | {e['floor_s']['fp32']['floor_s']} "
                      f"({e['floor_s']['fp32']['bound']}) | {e['floor_s']['int8']['floor_s']} | {meas} |")
-    lines += ["", "## Where the time goes (top op types / layers)", ""]
+    lines += ["", "Floor = max(GFLOP / best measured peak of that precision, bytes / bandwidth); peaks and model times "
+              "are measured under the same (shared, loaded) conditions, so the multiples compare like with like. "
+              "Bytes count every activation written once and read once; fused runtimes move less, and every model "
+              "here is compute-bound at these intensities, so the floor is the compute term.",
+              "", "## Where the time goes (top op types / layers)", ""]
     for name, e in res["models"].items():
         lines.append(f"**{name}**")
         for key, pr in e["profile"].items():
