@@ -204,11 +204,24 @@ def _read(path: str, cap: int):
         raise VolumeError("unreadable_file", f"{path}: {e}") from e
     if size > cap + 64 * 1024**2:  # dcmread holds the whole file
         raise VolumeError("oversized", f"{path}: {size} bytes on disk, cap {cap}")
-    from agent.header import BoundedFile
+    import time
+
+    from agent import header as hdr
 
     try:
         with open(path, "rb") as fp:
-            return pydicom.dcmread(BoundedFile(fp, size))  # type: ignore[arg-type]
+            # read_header's guards: bounded reads, its parse deadline (the whole file is parsed here, also
+            # what follows Pixel Data), a deflated data set inflated with a cap and parsed through them
+            src = hdr.BoundedFile(fp, size, time.monotonic() + hdr.PARSE_DEADLINE_S)
+            deflated = hdr._meta_is_deflated(fp)
+            if deflated:
+                _, src = hdr._inflated_source(fp, path, cap + hdr.HEADER_SLACK_BYTES)
+            ds = pydicom.dcmread(src)  # type: ignore[arg-type]
+            if deflated:
+                ds.file_meta.TransferSyntaxUID = hdr.DEFLATED_TS
+            return ds
+    except hdr.HeaderError as e:
+        raise VolumeError("oversized" if e.reason == "oversized" else "unreadable_file", f"{path}: {e}") from e
     except Exception as e:  # pragma: no cover - message path
         raise VolumeError("unreadable_file", f"{path}: {e}") from e
 

@@ -50,7 +50,7 @@ PARSE_DEADLINE_S = 3.0  # read_header's own parse deadline while these tests run
 
 settings.register_profile("ci", derandomize=True, max_examples=300, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("soak", derandomize=False, max_examples=5000, deadline=None, database=None,
+settings.register_profile("soak", derandomize=False, max_examples=4000, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 PROFILE = os.environ.get("SCANSIDE_FUZZ_PROFILE", "ci")
 FUZZ = settings(settings.get_profile(PROFILE))
@@ -297,6 +297,7 @@ def _write(workdir: Path, raw: bytes) -> Path:
 @example(raw=_with_vr(SEEDS[0], (0x0008, 0x0016), b"I\x1a"))  # regression: unknown VR raised NotImplementedError
 @example(raw=_element_flood(_deflated_bytes(), 2 * 1024**2, deflate=True))  # regression: parsed for > 10 s
 @example(raw=_with_vr(SEEDS[0], (0x0028, 0x0100), b"SL"))  # regression: BitsAllocated as SL escaped load_volume
+@example(raw=SEEDS[0] + b"\0" * 2 * 1024**2)  # regression: a flood after Pixel Data hung load_volume
 @example(raw=_deflated_bytes(64 * 1024**2))  # deflate bomb: 64 MiB of zeros in a few KiB
 @example(raw=_structured(SEEDS[0], "NumberOfFrames", 10**9))  # a billion frames declared
 @example(raw=_structured(SEEDS[0], "Rows", 65535))
@@ -371,6 +372,7 @@ def test_deflate_bomb_is_oversized_and_an_honest_deflated_file_reads(tmp_path: P
     ok.write_bytes(_deflated_bytes())
     h = read_header(ok)
     assert h.transfer_syntax_uid == DeflatedExplicitVRLittleEndian and h.rows == 8
+    assert load_volume([FrameRef(path=str(ok))]).shape == (1, 8, 8)
     bomb = tmp_path / "bomb.dcm"
     bomb.write_bytes(_deflated_bytes(64 * 1024**2))
     assert bomb.stat().st_size < 256 * 1024
@@ -419,6 +421,12 @@ def test_a_flood_of_empty_elements_is_refused_within_the_parse_deadline(tmp_path
             read_header(p)
         assert err.value.reason == "too_complex", (name, err.value)
         assert time.perf_counter() - t0 < 5.0
+    trailing = tmp_path / "trailing.dcm"  # the header is fine; the flood follows Pixel Data, which only load_volume parses
+    trailing.write_bytes(SEEDS[0] + b"\0" * 8 * 1024**2)
+    assert read_header(trailing).rows == 8
+    with pytest.raises(VolumeError) as verr:
+        load_volume([FrameRef(path=str(trailing))])
+    assert verr.value.reason == "unreadable_file" and "too_complex" in str(verr.value)
 
 
 def test_load_volume_turns_a_malformed_value_into_a_volume_error(tmp_path: Path) -> None:
