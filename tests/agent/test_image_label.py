@@ -1,0 +1,99 @@
+"""agent.image_label: the shipped sequence classifier on real simulated DICOM (the runtime path:
+header -> split_parts -> select_frames -> load_volume -> preprocess -> ONNX Runtime), frame
+selection for dynamic / multi-plane / directional series, and bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.header import FrameInfo, FrameRef
+from agent.image_label import ImageClassifier, ImageLabelError, select_frames
+from agent.taxonomy import LABELS
+from engines.store import ModelNotFound, ModelStore
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    store = ModelStore()
+    try:
+        store.resolve("sequence-classifier")
+    except ModelNotFound:
+        pytest.skip("sequence-classifier not in the model store")
+    return ImageClassifier(store)
+
+
+def test_each_class_on_simulated_dicom(classifier):
+    from tests.training._exams import exam
+    from training.sequence.evaluate import exam_parts
+
+    seen: dict[str, list[str]] = {}
+    for vendor, seed in (("siemens", 700_101), ("philips", 700_102)):
+        for p in exam_parts(exam(vendor, seed)):
+            lab = classifier.classify(p["part"])
+            assert set(lab.probabilities) == set(LABELS)
+            assert abs(sum(lab.probabilities.values()) - 1.0) < 1e-3
+            assert lab.backend == "onnxruntime" and lab.model.startswith("sequence-classifier/")
+            seen.setdefault(p["label"], []).append(lab.label)
+    assert set(seen) == set(LABELS), f"test exams lack classes: {set(LABELS) - set(seen)}"
+    for truth, preds in seen.items():
+        right = sum(pr == truth for pr in preds)
+        assert right >= max(1, len(preds) - 1), f"{truth}: predicted {preds}"
+    total = sum(len(v) for v in seen.values())
+    wrong = sum(sum(pr != t for pr in v) for t, v in seen.items())
+    assert wrong <= 1, f"{wrong}/{total} wrong: {seen}"
+
+
+def test_volume_input_and_refs_input_agree(classifier):
+    from agent.volume import load_volume
+    from tests.training._exams import exam
+    from training.sequence.evaluate import exam_parts
+
+    p = next(q for q in exam_parts(exam("siemens", 700_101)) if q["label"] == "ADC")
+    part = p["part"]
+    by_part = classifier.classify(part)
+    by_refs = classifier.classify(part.refs)  # headers re-read
+    by_vol = classifier.classify(load_volume(select_frames(part.refs, part.frames)))
+    assert by_part.label == by_refs.label == by_vol.label == "ADC"
+    assert by_part.probabilities == by_vol.probabilities
+
+
+def _f(i, pos, orient=(1, 0, 0, 0, 1, 0), t=None, direction=None, iso=False):
+    return FrameInfo(frame_index=i, position=pos, orientation=orient, temporal_index=t, direction=direction,
+                     isotropic=iso)
+
+
+def test_select_frames_dynamic_takes_middle_phase():
+    refs, infos = [], []
+    for t in (1, 2, 3, 4, 5):
+        for z in range(3):
+            refs.append(FrameRef(path=f"f{t}_{z}", frame_index=0))
+            infos.append(_f(0, (0.0, 0.0, float(z)), t=t))
+    sel = select_frames(refs, infos)
+    assert [r.path for r in sel] == ["f3_0", "f3_1", "f3_2"]
+
+
+def test_select_frames_localizer_one_plane_and_trace_over_directions():
+    sag, ax = (0, 1, 0, 0, 0, -1), (1, 0, 0, 0, 1, 0)
+    refs = [FrameRef(path=f"p{i}") for i in range(5)]
+    infos = [_f(0, (float(i), 0, 0), orient=sag) for i in range(3)] + [_f(0, (0, 0, float(i)), orient=ax) for i in range(2)]
+    assert [r.path for r in select_frames(refs, infos)] == ["p0", "p1", "p2"]
+    # directional + trace images at the same positions: the trace wins
+    refs = [FrameRef(path=f"d{i}") for i in range(4)]
+    infos = [_f(0, (0, 0, 0.0), direction=(1.0, 0, 0)), _f(0, (0, 0, 0.0), iso=True),
+             _f(0, (0, 0, 1.0), direction=(0, 1.0, 0)), _f(0, (0, 0, 1.0), iso=True)]
+    assert [r.path for r in select_frames(refs, infos)] == ["d1", "d3"]
+
+
+def test_bad_input_raises_typed_error(classifier, tmp_path):
+    with pytest.raises(ImageLabelError) as e:
+        classifier.classify([])
+    assert e.value.reason == "no_frames"
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not a dicom file at all" * 10)
+    with pytest.raises(ImageLabelError) as e:
+        classifier.classify([FrameRef(path=str(junk))])
+    assert e.value.reason == "unreadable_header"
+    from agent.volume import Volume
+    v = Volume.from_array_affine(np.full((4, 32, 32), np.nan, np.float32), np.eye(4))
+    lab = classifier.classify(v)  # NaN pixels do not crash; a label comes back
+    assert lab.label in LABELS
