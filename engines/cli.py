@@ -157,7 +157,13 @@ def _run_training_cmd(cmd: str, args: argparse.Namespace, store: ModelStore) -> 
         _print(report)
     else:
         for subset, r in report.get("metrics", {}).items():
-            print(f"{subset:18} n={r['n']:5d} accuracy={r['accuracy']:.4f} kappa={r['kappa']:.4f}")
+            # each task reports its own metrics (accuracy/kappa, AUROC/AP/ECE, ...): print the scalars
+            if isinstance(r, dict):
+                scalars = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+                print(f"{subset:18} {scalars}")
+            elif isinstance(r, (int, float)):
+                print(f"{subset:18} {r:.4f}")
         floor = report.get("floor")
         print(f"{report['model']}: {'PASS' if report.get('passed') else 'FAIL'} (floor {floor})")
     return 0 if report.get("passed") else 1
