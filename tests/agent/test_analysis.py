@@ -19,9 +19,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _run(folder, tmp_path):
+def _run(folder, tmp_path, **extra):
     config = load_config(**{"watch.folder": str(folder), "state.dir": str(tmp_path / "state"), "output.stdout": False,
-                            "watch.settle_s": 0.1, "series.quiet_period_s": 1.0})
+                            "watch.settle_s": 0.1, "series.quiet_period_s": 1.0, **extra})
     agent = Agent(config).start()
     return agent
 
@@ -43,14 +43,20 @@ def lesion_exam(tmp_path_factory):
 
 def test_series_are_labelled_from_pixels_and_triage_runs(tmp_path, lesion_exam):
     folder, truth = lesion_exam
-    agent = _run(folder, tmp_path)
+    out = tmp_path / "dicom-out"
+    agent = _run(folder, tmp_path, **{"dicom_output.folder": str(out), "protocol.exam_quiet_period_s": 3.0})
     try:
         n_parts = sum(len(s.parts) for s in truth.series)
         assert _wait(lambda: agent.store.event_counts().get("series_classified", 0) >= n_parts
-                     and agent.store.event_counts().get("triage_result", 0) >= 1)
+                     and agent.store.event_counts().get("triage_result", 0) >= 1
+                     and agent.store.event_counts().get("exam_completed", 0) >= 1)
+        # the DICOM sink builds the SR (and the SEG of the likelihood map) once the exam is over
+        assert _wait(lambda: len({p.name for p in out.rglob("*.dcm")}) >= 2, timeout=120)
         events = agent.store.events_after(0, limit=10_000)
     finally:
         agent.stop()
+    modalities = sorted(pydicom.dcmread(p, stop_before_pixels=True).Modality for p in out.rglob("*.dcm"))
+    assert modalities == ["SEG", "SR"]
     classified = [e for e in events if e.type == "series_classified"]
     assert len(classified) == n_parts == len({e.key for e in classified})
     agreement = sum(e.agree for e in classified) / len(classified)
@@ -60,6 +66,12 @@ def test_series_are_labelled_from_pixels_and_triage_runs(tmp_path, lesion_exam):
     assert 0.0 <= triage.probability <= 1.0
     expected = "DCE_ADVISED" if triage.probability >= triage.thresholds["dce_advised_at_probability"] else "BPMRI_SUFFICIENT"
     assert triage.recommendation == expected and triage.decision_support
+    # a csPCa lesion of at least 8 mm is found, its centre within 5 mm of the simulator's ground truth
+    significant = [les for les in truth.lesions if les.cspca and max(les.diameters_mm) >= 8]
+    assert significant and triage.findings
+    errors = [min(sum((a - b) ** 2 for a, b in zip(f.center_lps_mm, les.center_lps_mm)) ** 0.5 for f in triage.findings)
+              for les in significant]
+    assert min(errors) <= 5.0, errors
 
 
 def test_a_header_that_lies_is_caught(tmp_path, lesion_exam):
