@@ -54,6 +54,9 @@ class Ingestor:
         self.last_loop = time.time()  # for the watchdog / readiness
         self._exclude = [str(p.resolve()) for p in (config.state.dir, config.quarantine_path)]
         self._include: list[str] = []  # folders inside an excluded one that are ingested all the same
+        # files found by catch_up() not yet handled: quiet periods wait for them (time the agent was
+        # down is not quiet on the scanner's side: an exam must not end before its backlog is read)
+        self._catchup: set[str] = set()
 
     # ------------------------------------------------------------------ intake (any thread)
     def notify(self, path: str, closed: bool = False) -> None:
@@ -83,6 +86,9 @@ class Ingestor:
         n = 0
         for path in walk(root, self.config.watch.recursive):
             self.notify(path, closed=False)
+            with self._cv:
+                if os.path.abspath(path) in self._pending:
+                    self._catchup.add(os.path.abspath(path))
             n += 1
             if os.path.basename(path).upper() == "DICOMDIR":
                 for ref in dicomdir_files(path):
@@ -116,7 +122,8 @@ class Ingestor:
             self.last_loop = time.time()
             try:
                 self.step()
-                self.pipeline.tick()
+                if not self._catchup:
+                    self.pipeline.tick()
             except Exception:  # never let one bad moment kill ingestion; state is transactional
                 log.exception("ingest loop error")
                 time.sleep(0.5)
@@ -202,6 +209,7 @@ class Ingestor:
         with self._cv:
             if self._pending.get(p.path) is p:
                 del self._pending[p.path]
+            self._catchup.discard(p.path)
 
     def drain(self, timeout: float = 30.0) -> bool:
         """Run the worker's job in the caller's thread until nothing is pending (tests, one-shot scans)."""
