@@ -44,6 +44,19 @@ def completed_parts(agent: Agent) -> int:
     return len({e.series.series_id for e in agent.store.events_after(0, limit=100_000) if e.type == "series_completed"})
 
 
+def settled(agent: Agent, quiet_s: float = 0.5) -> bool:
+    """The image models (agent.analysis, their own cursor) have caught up with the event log and it has
+    stayed still for quiet_s: nothing more will arrive unless something new happens."""
+    def caught_up() -> bool:
+        return agent.store.cursor("analysis") >= agent.store.last_event_seq()
+
+    if not caught_up():
+        return False
+    seq = agent.store.last_event_seq()
+    time.sleep(quiet_s)
+    return caught_up() and agent.store.last_event_seq() == seq
+
+
 def wait(predicate: Callable[[], bool], timeout: float = 90.0, step: float = 0.1) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -148,6 +148,7 @@ def live(tmp_path_factory):
         _live.stream_in_background(src, agent, truth).join(timeout=120)
         assert _live.wait(lambda: _live.completed_parts(agent) >= _live.expected_parts(truth)
                           and agent.store.file_counts().get("quarantined") == 1)
+        assert _live.wait(lambda: _live.settled(agent))  # the image models have labelled everything
         yield agent, truth
     finally:
         agent.stop()

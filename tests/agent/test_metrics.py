@@ -40,6 +40,7 @@ def scraped(tmp_path_factory):
         _live.stream_in_background(src, agent, truth).join(timeout=120)
         assert _live.wait(lambda: _live.completed_parts(agent) >= _live.expected_parts(truth)
                           and agent.store.file_counts().get("quarantined") == len(truth.corrupt_files))
+        assert _live.wait(lambda: _live.settled(agent))  # the image models have labelled everything
         assert _live.wait(lambda: agent.sinks.cursor(next(s for s in agent.sinks.sinks if s.name == "metrics"))
                           >= agent.store.last_event_seq())
         resp = httpx.get(f"{agent.api_url}/metrics", timeout=10)
