@@ -29,6 +29,7 @@ from pydicom import uid as tsuid
 from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
 
+from agent.atomic import atomic_path
 from agent.config import AgentConfig, CStoreConfig
 from agent.ingest import Ingestor
 
@@ -193,21 +194,9 @@ class StoreSCP:
             return ""
 
     def _write(self, dest: Path, data: bytes) -> None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.{threading.get_ident()}.part"
-        try:
-            with open(tmp, "wb") as fp:
-                fp.write(data)
-                if self.config.fsync:
-                    fp.flush()
-                    os.fsync(fp.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        # hidden `.part` temp names: catch-up removes what a crash left half-written
+        with atomic_path(dest, fsync=self.config.fsync, suffix=".part") as tmp:
+            tmp.write_bytes(data)
 
     def _count(self, key: str) -> None:
         with self._lock:

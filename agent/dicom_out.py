@@ -24,9 +24,7 @@ land in the right study on the PACS. Nothing here is logged with patient identif
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -39,6 +37,7 @@ from pydicom.uid import generate_uid
 
 import highdicom as hd
 from agent.config import AgentConfig, DicomOutputConfig
+from agent.atomic import atomic_path
 from agent.events import Event, ExamCompleted, LabelMismatch, ProtocolDeviation, TriageResult
 from agent.maps import MapStore
 from agent.sinks import RetryLater, Sink
@@ -372,20 +371,8 @@ def _t2w_series_uid(findings: ExamFindings) -> Optional[str]:
 
 
 def write_atomic(ds: Dataset, dest: Path) -> Path:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(dest) as tmp:
         ds.save_as(tmp, enforce_file_format=True)
-        with open(tmp, "rb") as fp:
-            os.fsync(fp.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     return dest
 
 

@@ -8,13 +8,12 @@ affine ((d0, d1, d2, 1) -> LPS mm, as engines.preprocess.Grid). Written atomical
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from agent.atomic import atomic_path
 from engines.preprocess import Grid
 
 
@@ -29,21 +28,9 @@ class MapStore:
         array = np.asarray(array, dtype=np.float32)
         if tuple(array.shape) != tuple(grid.shape):
             raise ValueError(f"map shape {array.shape} != grid shape {grid.shape}")
-        self.folder.mkdir(parents=True, exist_ok=True)
         dest = self.path_for(event_key)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fp:
-                np.savez_compressed(fp, array=array, affine=np.asarray(grid.affine, dtype=np.float64))
-                fp.flush()
-                os.fsync(fp.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        with atomic_path(dest) as tmp, open(tmp, "wb") as fp:
+            np.savez_compressed(fp, array=array, affine=np.asarray(grid.affine, dtype=np.float64))
         return dest
 
     def get(self, event_key: str) -> Optional[tuple[np.ndarray, Grid]]:
