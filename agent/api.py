@@ -1,7 +1,8 @@
 """The agent's HTTP API and technologist console (FastAPI, served by uvicorn in a thread of the agent).
 
     GET  /healthz                   the process answers (liveness; never needs the token)
-    GET  /readyz                    engines loaded, database writable, watcher alive, disk above threshold
+    GET  /readyz                    engines loaded, database writable, watcher alive, free space on every folder
+                                    the agent writes, the last write to each output worked
     GET  /metrics                   Prometheus text exposition
     GET  /v1/exams                  exams, latest activity first
     GET  /v1/exams/current          the exam with the latest activity
@@ -21,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import shutil
 import threading
 from importlib import metadata
 from pathlib import Path
@@ -37,6 +37,7 @@ from agent.alerts import Alert
 from agent.auth import bearer, token_matches, token_required
 from agent.events import AlertAcknowledged, ExamCompleted
 from agent.examview import ExamBrief, ExamIndex, ExamView, Requirement, exam_view
+from agent.health import disk_check
 
 if TYPE_CHECKING:  # pragma: no cover
     from agent.daemon import Agent
@@ -142,12 +143,14 @@ def readiness(agent: "Agent") -> Readiness:
     checks["watcher"] = Check(ok=watcher_ok and ingest_ok,
                               detail="watching" if watcher_ok and ingest_ok else
                               ("watcher stopped" if not watcher_ok else "ingest worker stopped or stalled"))
-    try:
-        free = shutil.disk_usage(agent.config.state.dir).free
-        need = agent.config.readiness.min_free_disk_bytes
-        checks["disk"] = Check(ok=free >= need, detail=f"{free} bytes free, {need} required")
-    except OSError as exc:
-        checks["disk"] = Check(ok=False, detail=f"state folder unavailable: {exc.strerror}")
+    # every file system the agent writes to (state, quarantine, event log, DICOM output, C-STORE folder)
+    disk_ok, disk_detail = disk_check(agent.config)
+    checks["disk"] = Check(ok=disk_ok, detail=disk_detail)
+    # the last write to each output folder worked (a full, read-only or failing disk shows here first)
+    health = getattr(agent, "write_health", None)
+    failing = health.failing() if health is not None else {}
+    checks["writes"] = Check(ok=not failing, detail="; ".join(
+        f"{f.target} {f.folder}: {f.detail} ({f.attempts} attempt(s))" for f in failing.values()) or "last writes succeeded")
     return Readiness(ready=all(c.ok for c in checks.values()), checks=checks)
 
 

@@ -30,6 +30,7 @@ from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
 
 from agent.atomic import atomic_path
+from agent.health import WriteHealth
 from agent.config import AgentConfig, CStoreConfig
 from agent.ingest import Ingestor
 
@@ -89,6 +90,7 @@ class StoreSCP:
         self._server = None
         self._lock = threading.Lock()
         self.stats = {"received": 0, "failed": 0, "rejected": 0, "echo": 0}
+        self.health: "Optional[WriteHealth]" = None  # set by the agent (agent.health)
         self._handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -176,9 +178,15 @@ class StoreSCP:
         try:
             self._write(dest, data)
         except OSError as exc:  # disk full, folder gone: the sender keeps the object and retries later
-            log.error("C-STORE object %s could not be stored: %s", ref, exc.strerror or exc.__class__.__name__)
+            if self.health is not None:  # one ERROR per failure episode (agent.health), /readyz false meanwhile
+                self.health.failed("received", self.folder, exc, consequence="refused (out of resources): the sender keeps it")
+                log.warning("C-STORE object %s could not be stored: %s", ref, exc.strerror or exc.__class__.__name__)
+            else:
+                log.error("C-STORE object %s could not be stored: %s", ref, exc.strerror or exc.__class__.__name__)
             self._count("failed")
             return STATUS_OUT_OF_RESOURCES
+        if self.health is not None:
+            self.health.ok("received")
         self._count("received")
         log.debug("C-STORE object %s stored (%d bytes)", ref, len(data))
         if self.ingestor is not None:

@@ -30,7 +30,11 @@ class Agent:
         self.store = StateStore(config.db_path)
         self.pipeline = Pipeline(config, self.store)
         self.ingestor = Ingestor(config, self.pipeline)
-        sinks = [JsonlSink(config.jsonl_path)]
+        from agent.health import WriteHealth
+
+        self.write_health = WriteHealth()  # last write outcome per output folder: /readyz "writes", metrics
+        self.pipeline.quarantine_box.health = self.write_health
+        sinks = [JsonlSink(config.jsonl_path, health=self.write_health)]
         if config.output.stdout:
             sinks.append(StdoutSink())
         self.sinks = SinkRunner(self.store, sinks, self.pipeline.new_events)
@@ -48,6 +52,7 @@ class Agent:
             from agent.dicom_out import DicomSink
 
             self.dicom_output = DicomSink.from_config(config, self.store)
+            self.dicom_output.health = self.write_health
             self.output_runners.append(SinkRunner(self.store, [self.dicom_output], self.pipeline.new_events))
         # the image models run from their own cursor in their own thread: ingestion never waits for them
         from agent.analysis import Analyzer
@@ -60,6 +65,7 @@ class Agent:
             from agent.cstore import build_receiver
 
             self.receiver = build_receiver(config, self.ingestor)
+            self.receiver.health = self.write_health
         self._subscribers = 0
         self.started = threading.Event()
         from agent.metrics import AgentMetrics

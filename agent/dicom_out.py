@@ -38,6 +38,7 @@ from pydicom.uid import generate_uid
 import highdicom as hd
 from agent.config import AgentConfig, DicomOutputConfig
 from agent.atomic import atomic_path
+from agent.health import WriteHealth
 from agent.events import Event, ExamCompleted, LabelMismatch, ProtocolDeviation, TriageResult
 from agent.maps import MapStore
 from agent.sinks import RetryLater, Sink
@@ -440,6 +441,9 @@ class DicomSink(Sink):
         self.sent = 0
         self.dead_lettered = 0
         self.last_error: Optional[str] = None
+        self.failed_attempts = 0  # writes to the output folder that failed (each retried)
+        self._write_retry_s = 1.0
+        self.health: "Optional[WriteHealth]" = None  # set by the agent (agent.health): failed writes -> /readyz false
         self._backoff = None
         if config.send is not None:
             from agent.webhook import Backoff
@@ -488,6 +492,20 @@ class DicomSink(Sink):
         except (DicomBuildError, ValueError, AttributeError, KeyError, TypeError) as exc:
             self._dead_letter(event, "build", f"{type(exc).__name__}: {exc}")
             return
+        except OSError as exc:
+            # the output folder is full, read-only or failing: atomic_path left no partial file; the
+            # same event is retried (objects already written are found, not written again)
+            self.failed_attempts += 1
+            self.last_error = f"write: {exc.strerror or exc}"
+            delay, self._write_retry_s = self._write_retry_s, min(30.0, self._write_retry_s * 2)
+            if self.health is not None:
+                self.health.failed("dicom_output", self.folder, exc)
+            else:
+                log.error("dicom: cannot write to %s (%s); retrying in %.1f s", self.folder, exc.strerror or exc, delay)
+            raise RetryLater(f"cannot write the DICOM output: {exc}", delay) from exc
+        self._write_retry_s = 1.0
+        if self.health is not None:
+            self.health.ok("dicom_output")
         self.written.extend(p for p in paths if p not in self.written)
         if self.sender is None:
             return

@@ -253,6 +253,33 @@ def _agent_gauges(agent: "Agent") -> Iterator[Any]:
     disk = GaugeMetricFamily("scanside_state_disk_free_bytes", "Free space on the state folder's file system")
     disk.add_metric([], shutil.disk_usage(agent.config.state.dir).free)
     yield disk
+    yield from _write_gauges(agent)
+
+
+def _write_gauges(agent: "Agent") -> Iterator[Any]:
+    """Free space per written folder, and write failures per output target (agent.health)."""
+    from agent.health import TARGETS, folder_space
+
+    free = GaugeMetricFamily("scanside_disk_free_bytes",
+                             "Free space on the file system of each folder the agent writes (state, quarantine, "
+                             "events, dicom_output, received)", labels=["folder"])
+    for fs in folder_space(agent.config):
+        if fs.free is not None:
+            for label in fs.folders:
+                free.add_metric([label], fs.free)
+    yield free
+    health = getattr(agent, "write_health", None)
+    failing = health.failing() if health is not None else {}
+    totals = dict(health.failures_total) if health is not None else {}
+    failures = CounterMetricFamily("scanside_write_failures", "Writes to an output folder that failed (disk full, "
+                                   "read-only, I/O error), by target; each is retried or refused to the sender",
+                                   labels=["target"])
+    now_failing = GaugeMetricFamily("scanside_write_failing", "1 while the last write to the target failed", labels=["target"])
+    for target in TARGETS:
+        failures.add_metric([target], totals.get(target, 0))
+        now_failing.add_metric([target], 1 if target in failing else 0)
+    yield failures
+    yield now_failing
 
 
 _BUILD: dict[str, str] = {}

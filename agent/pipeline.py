@@ -44,7 +44,8 @@ class Pipeline:
         # protocol checks run on the events each transaction records, inside that transaction
         self.protocol = checker_from_config(config, store)
         self.exams = ExamTracker(store, self.protocol, config.protocol.exam_quiet_period_s)
-        self.quarantine_box = Quarantine(config.quarantine_path, config.ingest.quarantine_mode)
+        self.quarantine_box = Quarantine(config.quarantine_path, config.ingest.quarantine_mode,
+                                         include_paths=config.privacy.include_file_paths)
         self.new_events = threading.Condition()
         self.listeners: list[Callable[[str, Outcome], None]] = []  # metrics hook: (path, outcome)
         self._series_bytes: dict[str, int] = {}  # series_uid -> declared pixel bytes recorded (per-series cap)

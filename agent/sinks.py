@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Optional, TextIO
 
 from agent.events import Event
+from agent.health import WriteHealth
 from agent.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -48,15 +49,27 @@ class StdoutSink(Sink):
 
 
 class JsonlSink(Sink):
-    """Append-only event log, fsynced per batch; exactly once across crashes."""
+    """Append-only event log, fsynced per event; exactly once across crashes and full disks.
+
+    Each line goes out with os-level writes on an O_APPEND descriptor. A write (or fsync) that fails
+    (disk full, read-only, I/O error) is cut back off with ftruncate to the size before it, so no
+    partial line stays, and RetryLater makes the runner deliver the same event again later. A torn
+    last line left by a crash mid-write is cut off when the log is opened (its event is re-delivered:
+    the cursor had not moved)."""
 
     name = "jsonl"
+    retry_initial_s = 0.5
+    retry_max_s = 10.0
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, health: "Optional[WriteHealth]" = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.health = health  # set by the agent: a failed write makes /readyz false until one succeeds
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        _cut_torn_tail(self._fd, self.path)
         self._last_key = _last_key(self.path)
-        self._fp = open(self.path, "a", encoding="utf-8")
+        self._retry_s = self.retry_initial_s
+        self.failed_attempts = 0
 
     def deliver(self, event: Event) -> None:
         if self._last_key is not None:
@@ -65,12 +78,58 @@ class JsonlSink(Sink):
                 self._last_key = None
                 return
             self._last_key = None
-        self._fp.write(event.model_dump_json() + "\n")
-        self._fp.flush()
-        os.fsync(self._fp.fileno())
+        data = (event.model_dump_json() + "\n").encode("utf-8")
+        size = os.fstat(self._fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+        except OSError as exc:
+            try:
+                os.ftruncate(self._fd, size)  # no partial line: the retry writes the whole line again
+            except OSError as cut:  # pragma: no cover - the file system refuses even that
+                log.error("cannot cut the partial line off %s: %s", self.path, cut)
+            self.failed_attempts += 1
+            delay, self._retry_s = self._retry_s, min(self.retry_max_s, self._retry_s * 2)
+            if self.health is not None:
+                self.health.failed("events", self.path.parent, exc, consequence="events are kept in the state database and retried")
+            else:
+                log.warning("event log %s not written (%s); retrying in %.1f s", self.path, exc, delay)
+            raise RetryLater(f"event log not written: {exc}", delay) from exc
+        self._retry_s = self.retry_initial_s
+        if self.health is not None:
+            self.health.ok("events")
 
     def close(self) -> None:
-        self._fp.close()
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+
+
+def _cut_torn_tail(fd: int, path: Path) -> None:
+    """A log that does not end in a newline ends in a line a crash tore: cut it off."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return
+    with open(path, "rb") as fp:
+        pos = size
+        while pos > 0:
+            step = min(65536, pos)
+            fp.seek(pos - step)
+            chunk = fp.read(step)
+            if pos == size and chunk.endswith(b"\n"):
+                return
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                keep = pos - step + nl + 1
+                break
+            pos -= step
+        else:
+            keep = 0
+    log.warning("event log %s ended in a torn line (%d bytes): cut off, its event is delivered again", path, size - keep)
+    os.ftruncate(fd, keep)
 
 
 def _last_key(path: Path) -> Optional[str]:

@@ -103,13 +103,27 @@ def test_readiness_goes_false_for_real(tmp_path):
         url = agent.api_url
         r = httpx.get(f"{url}/readyz")
         assert r.status_code == 200 and r.json()["ready"] is True, r.text
-        assert set(r.json()["checks"]) == {"engines", "database", "watcher", "disk"}
+        assert set(r.json()["checks"]) == {"engines", "database", "watcher", "disk", "writes"}
         # more free disk required than this file system has
         agent.config.readiness.min_free_disk_bytes = 1 << 62
         r = httpx.get(f"{url}/readyz")
         assert r.status_code == 503 and r.json()["checks"]["disk"]["ok"] is False
+        assert str(agent.config.state.dir) in r.json()["checks"]["disk"]["detail"]
         agent.config.readiness.min_free_disk_bytes = 0
         assert httpx.get(f"{url}/readyz").status_code == 200
+        # the quarantine folder cannot be written (a plain file stands in its place): not ready until a
+        # quarantine succeeds again
+        qdir = agent.config.quarantine_path
+        qdir.write_text("in the way")
+        (tmp_path / "export" / "a").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "export" / "a" / "bad1.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 64)
+        assert _live.wait(lambda: httpx.get(f"{url}/readyz").status_code == 503, 30)
+        r = httpx.get(f"{url}/readyz").json()
+        assert r["checks"]["writes"]["ok"] is False and f"quarantine {qdir}" in r["checks"]["writes"]["detail"], r
+        qdir.unlink()
+        (tmp_path / "export" / "a" / "bad2.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xfe" * 64)
+        assert _live.wait(lambda: httpx.get(f"{url}/readyz").status_code == 200, 30), httpx.get(f"{url}/readyz").text
+        assert len(list(qdir.glob("*.reason.json"))) == 1
         # the folder watcher dies
         agent.watcher.stop()
         r = httpx.get(f"{url}/readyz")
