@@ -36,7 +36,7 @@ PROMQL_WORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "max", "m
 def test_promtool_check_rules():
     out = subprocess.run([PROMTOOL, "check", "rules", str(PROM / "alerts.yml")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 9 rules found" in out.stdout
+    assert "SUCCESS: 11 rules found" in out.stdout
 
 
 @needs_promtool
@@ -148,7 +148,7 @@ def test_dashboard_and_rules_query_metrics_the_agent_exposes(running_agent):
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     assert len(exprs) >= len(dash["panels"])
     rule_exprs = re.findall(r"expr: (\|\n(?:\s{10}.*\n)+|.*)", (PROM / "alerts.yml").read_text())
-    assert len(rule_exprs) == 9
+    assert len(rule_exprs) == 11
     missing = {}
     for expr in exprs + rule_exprs:
         names = _metric_names(expr)
@@ -194,7 +194,7 @@ def test_real_prometheus_scrapes_the_agent(running_agent, tmp_path):
         # the rules loaded and evaluate against the live agent: nothing fires for a healthy one
         alerts = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/rules", timeout=5).read())
         rules = [r for g in alerts["data"]["groups"] for r in g["rules"]]
-        assert len(rules) == 9 and all(r["health"] in ("ok", "unknown") for r in rules)
+        assert len(rules) == 11 and all(r["health"] in ("ok", "unknown") for r in rules)
         assert not [r["name"] for r in rules if r["state"] == "firing"]
     finally:
         prom.terminate()
