@@ -105,6 +105,9 @@ def test_state_disk_full_then_space_returns(tmp_path, caplog):
             r = api.get("/readyz")
             assert r.status_code == 503 and r.json()["ready"] is False
             assert r.json()["checks"]["disk"]["ok"] is False
+            # one file system, both folders on it named (the event log lives in the state folder here)
+            detail = r.json()["checks"]["disk"]["detail"]
+            assert detail.count("bytes free") == 1 and f"state {state / 'scanside'}" in detail and "events " in detail, detail
             # the exam goes on while the disk is full
             _arrive(second, tmp_path / "export")
             assert _wait(lambda: "state not writable" in caplog.text or "disk is full" in caplog.text, 30), caplog.text[-2000:]
@@ -142,22 +145,41 @@ def test_quarantine_disk_full_then_space_returns(tmp_path, caplog):
     with small_fs(tmp_path / "qfs", size="2m") as qdir:
         agent = Agent(_config(tmp_path, tmp_path / "state", **{"ingest.quarantine_dir": str(qdir)})).start()
         try:
+            api = httpx.Client(base_url=agent.api_url, timeout=30)
+            assert api.get("/readyz").status_code == 200
             filler = fill(qdir)
             bad = export / "a" / "IM_BAD1.dcm"
             bad.write_bytes(b"\0" * 128 + b"DICM" + os.urandom(300_000))  # a header that never parses
             quarantined = lambda: [e for e in agent.store.events_after(0, limit=100) if e.type == "file_quarantined"]  # noqa: E731
             assert _wait(lambda: len(quarantined()) == 1, 30)
             assert _wait(lambda: "could not quarantine" in caplog.text, 10)
+            assert f"cannot write the quarantine copy to {qdir}: No space left on device" in caplog.text
             # no partial copy or reason file is left behind
             assert sorted(p.name for p in qdir.iterdir() if not p.name.startswith("filler-")) == []
             assert bad.exists()  # copy mode: the export folder is untouched
+            # not ready: the quarantine's file system is below the threshold and its last write failed
+            r = api.get("/readyz")
+            assert r.status_code == 503, r.text
+            checks = r.json()["checks"]
+            assert checks["disk"]["ok"] is False and f"quarantine {qdir}" in checks["disk"]["detail"], checks
+            assert "state " not in checks["disk"]["detail"]  # the state folder's file system has room
+            assert checks["writes"]["ok"] is False and f"quarantine {qdir}: No space left on device" in checks["writes"]["detail"]
+            metrics = api.get("/metrics").text
+            assert 'scanside_write_failing{target="quarantine"} 1.0' in metrics
+            assert 'scanside_write_failures_total{target="quarantine"} 1.0' in metrics
             filler.unlink()
             for f in qdir.glob("filler-*"):
                 f.unlink()
+            # space is back, but the last quarantine failed: still not ready until one succeeds
+            r = api.get("/readyz")
+            assert r.status_code == 503 and r.json()["checks"]["disk"]["ok"] is True, r.text
             bad2 = export / "a" / "IM_BAD2.dcm"
             bad2.write_bytes(b"\0" * 128 + b"DICM" + os.urandom(300_000))
             assert _wait(lambda: len(quarantined()) == 2, 30)
             assert _wait(lambda: len(list(qdir.glob("*.reason.json"))) == 1, 10)
+            r = api.get("/readyz")
+            assert r.status_code == 200, r.text
+            assert 'scanside_write_failing{target="quarantine"} 0.0' in api.get("/metrics").text
         finally:
             agent.stop()
         (copy,) = qdir.glob("*.dcm")

@@ -189,7 +189,8 @@ backoff_initial_s = 0.2
 
 def test_include_file_paths_opt_in_puts_paths_in_events(tmp_path):
     """privacy.include_file_paths is the only switch: off (default) no path, on the quarantine event
-    carries the original path. (There is no switch that puts patient names into events.)"""
+    and the quarantine reason file carry the original path (an export folder name can be a patient's
+    name). (There is no switch that puts patient names into events.)"""
     from agent.config import load_config
     from agent.daemon import Agent
 
@@ -209,8 +210,13 @@ def test_include_file_paths_opt_in_puts_paths_in_events(tmp_path):
             (ev,) = [e for e in agent.store.events_after(0, limit=100) if e.type == "file_quarantined"]
             jsonl = agent.config.jsonl_path
             assert _wait(lambda: jsonl.exists() and "file_quarantined" in jsonl.read_text(), 10)
-            results[on] = (ev.path, jsonl.read_text())
+            (reason,) = agent.config.quarantine_path.glob("*.reason.json")
+            results[on] = (ev.path, jsonl.read_text(), reason.read_text())
         finally:
             agent.stop()
     assert results[False][0] is None and "EXPORT_FOLDER_NAME" not in results[False][1]
     assert results[True][0] == str(export / "IM_0001.dcm") and "EXPORT_FOLDER_NAME" in results[True][1]
+    # the quarantine reason file follows the same switch: by default the file is named by its ref only
+    off, on_ = json.loads(results[False][2]), json.loads(results[True][2])
+    assert "EXPORT_FOLDER_NAME" not in results[False][2] and "original_path" not in off and off["file_ref"]
+    assert on_["original_path"] == str(tmp_path / "True" / "export" / "EXPORT_FOLDER_NAME" / "IM_0001.dcm")
