@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 EVALUATORS: Dict[str, str] = {
     "sequence_classification": "training.sequence.evaluate:evaluate_model",
     "cspca_detection": "training.cspca.evaluate:evaluate_model",
+    "gland_segmentation": "training.zones.evaluate:evaluate_model",
 }
 
 #: `models train KIND` -> "module" providing add_arguments(parser) and train(args)
