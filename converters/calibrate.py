@@ -160,8 +160,8 @@ def compute_ranges(fp32_path: Path, cset: CalibrationSet, cache_path: Path, meth
 
 
 def quantize_variant(fp32_path: Path, out_path: Path, cache_path: Path, recipe: VariantRecipe, method: str,
-                     op_types: Sequence[str], reduce_range: bool) -> Path:
-    """Quantize from the cached ranges (no new calibration pass)."""
+                     op_types: Sequence[str], reduce_range: bool, nodes_to_exclude: Sequence[str] = ()) -> Path:
+    """Quantize from the cached ranges (no new calibration pass); *nodes_to_exclude* stay FP32."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +170,7 @@ def quantize_variant(fp32_path: Path, out_path: Path, cache_path: Path, recipe: 
                     op_types_to_quantize=list(op_types), per_channel=recipe.per_channel, reduce_range=reduce_range,
                     activation_type=getattr(QuantType, recipe.activation), weight_type=getattr(QuantType, recipe.weight),
                     calibrate_method=_method(method), extra_options=_extra_options(recipe),
-                    calibration_cache_path=str(cache_path))
+                    calibration_cache_path=str(cache_path), nodes_to_exclude=list(nodes_to_exclude))
     tmp.replace(out_path)
     return out_path
 
@@ -242,6 +242,133 @@ def select_op_types(fp32_path: Path, cache_path: Path, probe: CalibrationSet, re
     return sel
 
 
+def boundary_nodes(onnx_path: Union[str, Path], op_types: Sequence[str] = ("Conv", "ConvTranspose")) -> Dict[str, str]:
+    """Nodes that often lose accuracy (or gain no speed) when quantized: the first and the last
+    convolution, and convolutions right after a Resize (upsampling).  name -> why it is a candidate."""
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    convs = [n for n in m.graph.node if n.op_type in op_types]
+    out: Dict[str, str] = {}
+    if not convs:
+        return out
+    out[convs[0].name] = "first convolution"
+    out.setdefault(convs[-1].name, "last convolution")
+    producer = {o: n for n in m.graph.node for o in n.output}
+    for n in convs:
+        src = producer.get(n.input[0]) if n.input else None
+        if src is not None and src.op_type == "Resize":
+            out.setdefault(n.name, f"convolution after {src.op_type} {src.name}")
+    return out
+
+
+def _latency(path: Path, probe: CalibrationSet, backend: str, threads: Optional[int], repeats: int = 3) -> float:
+    """Median seconds of one sample on *backend* (openvino or onnxruntime)."""
+    import time
+
+    feed = next(probe.feeds(1))
+    if backend == "openvino":
+        import openvino as ov
+
+        cfg: Dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            cfg["INFERENCE_NUM_THREADS"] = threads
+        compiled = ov.Core().compile_model(str(path), "CPU", cfg)
+        req = compiled.create_infer_request()
+        run = lambda: req.infer(feed)  # noqa: E731
+    else:
+        sess = _session(path, threads)
+        run = lambda: sess.run(None, feed)  # noqa: E731
+    run()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def _speed_backend(recipe: VariantRecipe) -> str:
+    """The CPU back end a variant is timed on: U8/S8 -> OpenVINO (when installed), else ONNX Runtime."""
+    if recipe.symmetric_activations:
+        return "onnxruntime"
+    try:
+        import openvino  # noqa: F401
+        return "openvino"
+    except ImportError:
+        return "onnxruntime"
+
+
+@dataclass
+class NodeSelection:
+    kept_fp32: Dict[str, str] = field(default_factory=dict)  # node -> why (measured)
+    measured: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # "all" and each candidate excluded alone
+    speed_backend: str = ""
+
+
+def quantizable_nodes(onnx_path: Union[str, Path], op_types: Sequence[str]) -> List[str]:
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    return [n.name for n in m.graph.node if n.op_type in op_types and n.name]
+
+
+def select_nodes(fp32_path: Path, cache_path: Path, probe: CalibrationSet, recipe: VariantRecipe, method: str,
+                 reduce_range: bool, op_types: Sequence[str], candidates: Dict[str, str], *,
+                 min_error_gain: float = 0.2, max_slowdown: float = 0.05,
+                 max_rel_error: float = DEFAULT_MAX_REL_ERROR, threads: Optional[int] = None) -> NodeSelection:
+    """Which nodes stay FP32, by measurement on *probe* (relative output error against FP32, latency on
+    the variant's CPU back end):
+
+    1. boundary candidates (first/last convolution, convolution after a Resize): each kept FP32 alone;
+       kept when that removes at least *min_error_gain* of the error at most *max_slowdown* slower;
+    2. if the error is still above *max_rel_error*: every quantizable node is quantized alone
+       (its sensitivity) and the most sensitive are kept FP32, one at a time, until the error is within
+       *max_rel_error* (at most half the nodes).
+    The final combination is measured and recorded ("chosen")."""
+    backend = _speed_backend(recipe)
+    ref = _run_all(_session(fp32_path, threads), probe)
+    sel = NodeSelection(speed_backend=backend)
+    with tempfile.TemporaryDirectory(prefix="scanside-nodesel-") as tmp:
+        def measure(tag: str, exclude: Sequence[str], timed: bool = True) -> Dict[str, Any]:
+            q = quantize_variant(fp32_path, Path(tmp) / f"{len(sel.measured)}.onnx", cache_path, recipe, method,
+                                 op_types, reduce_range, exclude)
+            err = rel_error(ref, _run_all(_session(q, threads), probe))
+            res: Dict[str, Any] = {"rel_error": round(err, 6), "fp32_nodes": list(exclude)}
+            if timed:
+                res["latency_s"] = round(_latency(q, probe, backend, threads), 5)
+            sel.measured[tag] = res
+            return res
+
+        base = measure("all_quantized", [])
+        for node, why in candidates.items():
+            r = measure(f"fp32:{node}", [node])
+            gain = 1.0 - r["rel_error"] / base["rel_error"] if base["rel_error"] > 0 else 0.0
+            slow = r["latency_s"] / base["latency_s"] - 1.0 if base["latency_s"] > 0 else 0.0
+            r.update({"candidate": why, "error_gain": round(gain, 4), "slowdown": round(slow, 4)})
+            if gain >= min_error_gain and slow <= max_slowdown:
+                sel.kept_fp32[node] = (f"{why}: FP32 removes {gain:.0%} of the output error "
+                                       f"({base['rel_error']:.3g} -> {r['rel_error']:.3g}) at {slow:+.0%} latency")
+        current = measure("boundary_chosen", list(sel.kept_fp32), timed=False) if sel.kept_fp32 else base
+        if current["rel_error"] > max_rel_error:
+            nodes = quantizable_nodes(fp32_path, op_types)
+            sens: Dict[str, float] = {}
+            for node in nodes:
+                if node in sel.kept_fp32:
+                    continue
+                r = measure(f"alone:{node}", [n for n in nodes if n != node], timed=False)
+                sens[node] = r["rel_error"]
+            for node in sorted(sens, key=lambda n: -sens[n])[:max(1, len(nodes) // 2)]:
+                sel.kept_fp32[node] = (f"most sensitive remaining node (relative error {sens[node]:.3g} when "
+                                       f"quantized alone; all quantized {base['rel_error']:.3g} > {max_rel_error:g})")
+                current = measure(f"sensitivity_step{len(sel.kept_fp32)}", list(sel.kept_fp32), timed=False)
+                if current["rel_error"] <= max_rel_error:
+                    break
+        if sel.kept_fp32:
+            measure("chosen", list(sel.kept_fp32))
+    return sel
+
+
 @dataclass
 class CalibrationResult:
     manifest: ModelManifest
@@ -250,6 +377,7 @@ class CalibrationResult:
     ranges_path: Path
     selections: Dict[str, OpSelection]
     seconds: Dict[str, float]
+    nodes: Dict[str, NodeSelection] = field(default_factory=dict)
 
 
 def calibrate(manifest: ModelManifest, cset: CalibrationSet, *, method: str = "minmax",
@@ -257,13 +385,17 @@ def calibrate(manifest: ModelManifest, cset: CalibrationSet, *, method: str = "m
               candidates: Sequence[str] = CANDIDATE_OP_TYPES, select_ops: bool = True, probe_samples: int = 2,
               max_rel_error: float = DEFAULT_MAX_REL_ERROR, reduce_range: Optional[bool] = None,
               tool: str = "onnxruntime", data_description: str = "", threads: Optional[int] = None,
-              save: bool = True) -> CalibrationResult:
+              save: bool = True, select_nodes_fp32: bool = False, keep_fp32: Sequence[str] = ()) -> CalibrationResult:
     """Calibrate *manifest*'s FP32 ONNX on *cset*, write the INT8 variants beside it, record them in the
     manifest (files[variant] with precision, sha256 and a `calibration` record) and save the manifest.
 
     The calibration tensors are written to ``calibration/<variant source>.<method>.npz`` (what was used,
     reproducibly), the activation ranges to ``calibration/<method>.ranges.json``.  The model must have been
-    loaded from a store directory (manifest.root)."""
+    loaded from a store directory (manifest.root).
+
+    Nodes kept FP32: *keep_fp32* (by name, as asked) plus, with *select_nodes_fp32*, the boundary nodes
+    (first/last convolution, convolutions after a Resize) that measurement says to keep (select_nodes);
+    the choice and its measurements go into the variant's calibration record."""
     import time
 
     import onnxruntime as ort
@@ -293,6 +425,7 @@ def calibrate(manifest: ModelManifest, cset: CalibrationSet, *, method: str = "m
     vnni = cpu_has_vnni()
     out_paths: Dict[str, Path] = {}
     selections: Dict[str, OpSelection] = {}
+    nodes_sel: Dict[str, NodeSelection] = {}
     files = dict(manifest.files)
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     for key in variants:
@@ -300,12 +433,21 @@ def calibrate(manifest: ModelManifest, cset: CalibrationSet, *, method: str = "m
         rr = recipe.reduce_range if recipe.reduce_range is not None else (reduce_range if reduce_range is not None
                                                                           else not vnni)
         t0 = time.perf_counter()
-        if select_ops:
+        if select_ops and not select_nodes_fp32:
             sel = select_op_types(fp32, ranges_path, probe, recipe, method, rr, candidates, max_rel_error, threads)
         else:
             present = set(op_types_in(fp32))
             sel = OpSelection(kept=[c for c in candidates if c in present])
         selections[key] = sel
+        fp32_nodes: Dict[str, str] = {n: "asked (--keep-fp32)" for n in keep_fp32}
+        if select_nodes_fp32 and sel.kept:
+            # node-level choice replaces the op-type one: every candidate type is quantized except the
+            # nodes that measurement keeps FP32
+            cands = {n: w for n, w in boundary_nodes(fp32).items() if n not in fp32_nodes}
+            nsel = select_nodes(fp32, ranges_path, probe, recipe, method, rr, sel.kept, cands,
+                                max_rel_error=max_rel_error, threads=threads)
+            nodes_sel[key] = nsel
+            fp32_nodes.update(nsel.kept_fp32)
         if not sel.kept:
             log.warning("%s: no op type survives quantization for %s; variant not written", manifest.ref, key)
             continue
@@ -315,7 +457,7 @@ def calibrate(manifest: ModelManifest, cset: CalibrationSet, *, method: str = "m
             quantize_modelopt(fp32, out, cset, method, sel.kept)
             used_tool = "nvidia-modelopt"
         else:
-            quantize_variant(fp32, out, ranges_path, recipe, method, sel.kept, rr)
+            quantize_variant(fp32, out, ranges_path, recipe, method, sel.kept, rr, list(fp32_nodes))
         seconds[key] = round(time.perf_counter() - t0, 3)
         out_paths[key] = out
         files[key] = ModelFile(
@@ -331,6 +473,9 @@ def calibrate(manifest: ModelManifest, cset: CalibrationSet, *, method: str = "m
                 "symmetric_activations": recipe.symmetric_activations, "reduce_range": rr,
                 "op_types_quantized": sel.kept, "op_types_kept_fp32": sel.dropped,
                 "op_type_rel_error": sel.measured, "cpu_vnni": vnni, "machine": platform.machine(),
+                "nodes_kept_fp32": fp32_nodes,
+                **({"node_measurements": nodes_sel[key].measured, "node_speed_backend": nodes_sel[key].speed_backend}
+                   if key in nodes_sel else {}),
                 "created_at": now,
             },
             notes=recipe.purpose)
@@ -342,7 +487,7 @@ def calibrate(manifest: ModelManifest, cset: CalibrationSet, *, method: str = "m
     updated = ModelManifest.model_validate(updated.model_dump()).set_root(root)
     if save:
         updated.save(root)
-    return CalibrationResult(updated, out_paths, tensors_path, ranges_path, selections, seconds)
+    return CalibrationResult(updated, out_paths, tensors_path, ranges_path, selections, seconds, nodes_sel)
 
 
 def env_threads() -> Optional[int]:

@@ -34,6 +34,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     cal.add_argument("--max-rel-error", type=float, default=0.10,
                      help="an op type whose quantization alone changes the output more than this stays FP32")
     cal.add_argument("--no-select-ops", action="store_true", help="quantize every candidate op type unmeasured")
+    cal.add_argument("--op-types", default=None,
+                     help="comma-separated op types to try quantizing (default Conv,ConvTranspose,MatMul,Gemm)")
+    cal.add_argument("--select-nodes", action="store_true",
+                     help="measure keeping the first/last convolution and convolutions after a Resize in FP32; "
+                          "keep those that help (recorded in the manifest)")
+    cal.add_argument("--keep-fp32", default="", help="comma-separated node names kept FP32 as asked")
     cal.add_argument("--tool", choices=["onnxruntime", "modelopt"], default="onnxruntime")
     cal.add_argument("--threads", type=int, default=None)
 
@@ -46,6 +52,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     par.add_argument("--windows-per-series", type=int, default=1)
     par.add_argument("--variants", default=None, help="comma-separated (default: every non-FP32 file)")
     par.add_argument("--no-tensorrt", action="store_true")
+    par.add_argument("--no-openvino", action="store_true",
+                     help="do not measure the openvino:<variant> entries (the gate then refuses OpenVINO INT8)")
     par.add_argument("--threads", type=int, default=None)
     par.add_argument("--dry-run", action="store_true", help="print the report, do not write the manifest")
 
@@ -104,12 +112,18 @@ def _calibrate(args: argparse.Namespace, manifest: Any) -> int:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     r = calibrate(manifest, cset, method=args.method, variants=variants, select_ops=not args.no_select_ops,
                   max_rel_error=args.max_rel_error, tool=args.tool, threads=args.threads,
+                  select_nodes_fp32=args.select_nodes,
+                  keep_fp32=[n.strip() for n in args.keep_fp32.split(",") if n.strip()],
+                  **({"candidates": [t.strip() for t in args.op_types.split(",") if t.strip()]} if args.op_types else {}),
                   data_description=f"{len(cset)} samples from {len(set(cset.sources))} series")
     print(json.dumps({"model": manifest.ref, "samples": len(cset), "series": len(set(cset.sources)),
                       "tensors": str(r.tensors_path), "ranges": str(r.ranges_path), "seconds": r.seconds,
                       "variants": {k: {"path": str(p), "op_types_quantized": r.selections[k].kept,
                                        "op_type_rel_error": r.selections[k].measured,
-                                       "kept_fp32": r.selections[k].dropped} for k, p in r.variants.items()},
+                                       "kept_fp32": r.selections[k].dropped,
+                                       "nodes_kept_fp32": (r.nodes[k].kept_fp32 if k in r.nodes else {}),
+                                       "node_measurements": (r.nodes[k].measured if k in r.nodes else {})}
+                                   for k, p in r.variants.items()},
                       "next": f"scanside convert parity {manifest.name}@{manifest.version} --data HELDOUT_DIR"},
                      indent=2))
     return 0
@@ -124,7 +138,8 @@ def _parity(args: argparse.Namespace, manifest: Any) -> int:
     else:
         held = build_set(manifest, args.data, max_samples=args.samples, windows_per_series=args.windows_per_series)
     variants: Optional[List[str]] = [v.strip() for v in args.variants.split(",")] if args.variants else None
-    rep = parity_report(manifest, held, variants=variants, tensorrt=not args.no_tensorrt, threads=args.threads)
+    rep = parity_report(manifest, held, variants=variants, tensorrt=not args.no_tensorrt, threads=args.threads,
+                        openvino=not args.no_openvino)
     if not args.dry_run:
         record(manifest, rep)
     from engines.store import DEFAULT_INT8_TOLERANCE

@@ -129,17 +129,95 @@ def task_metrics(manifest: ModelManifest, ref: np.ndarray, got: np.ndarray, cset
             "loss": round(1.0 - agreement, 6)}
 
 
+def cspca_metrics(manifest: ModelManifest, ref: Dict[str, np.ndarray], got: Dict[str, np.ndarray],
+                  cset: CalibrationSet) -> Dict[str, Any]:
+    """csPCa detection (likelihood map + exam probability) of *got* against the FP32 *ref*:
+
+    * exam level: AUROC of the probability against exam truth (simulator ground truth) for both, and the
+      agreement of the csPCa decision (``decision_threshold``) with FP32;
+    * lesion level: lesion candidates of the FP32 map (connected components of ``likelihood >
+      lesion_threshold`` whose peak reaches ``min_peak``, as agent.cspca finds them) also found by the
+      variant (overlapping component), and the variant's candidates FP32 does not have; Dice of the maps'
+      lesion masks against FP32.
+
+    loss = max(AUROC drop, 1 - decision agreement, 1 - lesion agreement): any exam decided differently or
+    any lesion found by one and not the other counts."""
+    from scipy import ndimage
+
+    post = dict(manifest.postprocessing or {})
+    names = [o.name for o in manifest.outputs]
+    map_name = next((o.name for o in manifest.outputs if o.rank >= 4), names[0])
+    prob_name = next((o.name for o in manifest.outputs if o.rank <= 2), None)
+    thr_map = float(post.get("lesion_threshold", 0.5))
+    min_peak = float(post.get("min_peak", thr_map))
+    thr_dec = float(post.get("decision_threshold", 0.5))
+    out: Dict[str, Any] = {}
+    losses: List[float] = []
+    if prob_name is not None:
+        pr = ref[prob_name].reshape(len(ref[prob_name]), -1)[:, 0].astype(np.float64)
+        pg = got[prob_name].reshape(len(got[prob_name]), -1)[:, 0].astype(np.float64)
+        targets = cset.targets if cset.targets else [float("nan")] * len(pr)
+        ar, ag = auroc(pr, targets), auroc(pg, targets)
+        agree = float(((pr >= thr_dec) == (pg >= thr_dec)).mean())
+        out.update({"metric": "auroc" if ar is not None else "decision_agreement",
+                    "value": round(ag if ag is not None else agree, 6),
+                    "reference": round(ar if ar is not None else 1.0, 6),
+                    "auroc": None if ag is None else round(ag, 6), "auroc_fp32": None if ar is None else round(ar, 6),
+                    "exams_with_truth": int(np.isfinite(np.asarray(targets, dtype=np.float64)).sum()),
+                    "decision_agreement": round(agree, 6),
+                    "probability_max_abs_diff": round(float(np.abs(pg - pr).max()), 6)})
+        if ar is not None and ag is not None:
+            losses.append(max(0.0, ar - ag))
+        losses.append(1.0 - agree)
+    mr = np.asarray(ref[map_name], dtype=np.float32)
+    mg = np.asarray(got[map_name], dtype=np.float32)
+    ref_mask, got_mask = mr > thr_map, mg > thr_map
+    found = missed = extra = 0
+    for a_map, a_mask, b_mask in zip(mr, ref_mask, got_mask):
+        lab, n = ndimage.label(a_mask[0])
+        for k in range(1, n + 1):
+            comp = lab == k
+            if float(a_map[0][comp].max()) < min_peak:
+                continue
+            if b_mask[0][comp].any():
+                found += 1
+            else:
+                missed += 1
+    for b_map, b_mask, a_mask in zip(mg, got_mask, ref_mask):
+        lab, n = ndimage.label(b_mask[0])
+        for k in range(1, n + 1):
+            comp = lab == k
+            if float(b_map[0][comp].max()) >= min_peak and not a_mask[0][comp].any():
+                extra += 1
+    total = found + missed + extra
+    lesion_agreement = 1.0 if total == 0 else found / total
+    d = dice(ref_mask, got_mask)
+    out.update({"lesions_fp32": found + missed, "lesions_found": found, "lesions_missed": missed,
+                "lesions_extra": extra, "lesion_agreement": round(lesion_agreement, 6),
+                "map_dice_vs_fp32": round(d, 6), "map_max_abs_diff": round(float(np.abs(mg - mr).max()), 6)})
+    if "metric" not in out:
+        out.update({"metric": "lesion_agreement", "value": round(lesion_agreement, 6), "reference": 1.0})
+    losses.append(1.0 - lesion_agreement)
+    out["loss"] = round(max(losses), 6)
+    out["loss_is"] = "max(AUROC drop, 1 - decision agreement, 1 - lesion agreement)"
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # running the variants
 # ------------------------------------------------------------------------------------------------
-def _run(engine: Any, manifest: ModelManifest, cset: CalibrationSet) -> Tuple[np.ndarray, List[float]]:
-    out_name = manifest.outputs[0].name
-    outs, times = [], []
+def _run(engine: Any, manifest: ModelManifest, cset: CalibrationSet) -> Tuple[Dict[str, np.ndarray], List[float]]:
+    """Every output of *engine* over *cset*, one sample per call, and the time of each call."""
+    names = [o.name for o in manifest.outputs]
+    outs: Dict[str, List[np.ndarray]] = {n: [] for n in names}
+    times = []
     for feed in cset.feeds(1):
         t0 = time.perf_counter()
-        outs.append(np.asarray(engine.run(feed)[out_name], dtype=np.float32))
+        res = engine.run(feed)
         times.append(time.perf_counter() - t0)
-    return np.concatenate(outs, axis=0), times
+        for n in names:
+            outs[n].append(np.asarray(res[n], dtype=np.float32))
+    return {n: np.concatenate(v, axis=0) for n, v in outs.items()}, times
 
 
 def _ort_engine(manifest: ModelManifest, variant: str, threads: Optional[int]) -> Any:
@@ -148,12 +226,41 @@ def _ort_engine(manifest: ModelManifest, variant: str, threads: Optional[int]) -
     return OnnxRuntimeEngine(["CPUExecutionProvider"], intra_op_threads=threads).load(manifest, variant)
 
 
-def _compare(manifest: ModelManifest, ref: np.ndarray, got: np.ndarray, cset: CalibrationSet) -> Dict[str, Any]:
+def _openvino_engine(manifest: ModelManifest, variant: str, threads: Optional[int]) -> Any:
+    from engines.openvino_engine import OpenVinoEngine
+
+    return OpenVinoEngine(threads=threads, cache=False).load(manifest, variant)
+
+
+def openvino_unavailable() -> Optional[str]:
+    """Why OpenVINO entries cannot be measured here (None: they can)."""
+    try:
+        from engines.openvino_engine import OpenVinoEngine, is_x86
+    except ImportError as e:  # pragma: no cover - module always importable
+        return f"engines.openvino_engine: {e}"
+    if not is_x86():
+        return "not an x86 CPU"
+    ok, why = OpenVinoEngine.availability()
+    return None if ok else why
+
+
+def _diffs(ref: np.ndarray, got: np.ndarray) -> Dict[str, float]:
     diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
     den = float(np.sqrt(np.sum(ref.astype(np.float64) ** 2)))
-    out = {"max_abs_diff": round(float(diff.max()), 6), "mean_abs_diff": round(float(diff.mean()), 6),
-           "rel_l2": round(float(np.sqrt(np.sum(diff ** 2)) / den) if den > 0 else float("nan"), 6)}
-    out.update(task_metrics(manifest, ref, got, cset))
+    return {"max_abs_diff": round(float(diff.max()), 6), "mean_abs_diff": round(float(diff.mean()), 6),
+            "rel_l2": round(float(np.sqrt(np.sum(diff ** 2)) / den) if den > 0 else float("nan"), 6)}
+
+
+def _compare(manifest: ModelManifest, ref: Dict[str, np.ndarray], got: Dict[str, np.ndarray],
+             cset: CalibrationSet) -> Dict[str, Any]:
+    first = manifest.outputs[0].name
+    out: Dict[str, Any] = dict(_diffs(ref[first], got[first]))
+    if len(manifest.outputs) > 1:
+        out["outputs"] = {o.name: _diffs(ref[o.name], got[o.name]) for o in manifest.outputs}
+    if manifest.task == "cspca_detection":
+        out.update(cspca_metrics(manifest, ref, got, cset))
+    else:
+        out.update(task_metrics(manifest, ref[first], got[first], cset))
     return out
 
 
@@ -175,31 +282,53 @@ def tensorrt_plans_runnable(manifest: ModelManifest) -> Tuple[List[Any], str]:
 
 def parity_report(manifest: ModelManifest, held_out: CalibrationSet, *, variants: Optional[Sequence[str]] = None,
                   reference: str = "fp32", tensorrt: bool = True, threads: Optional[int] = None,
-                  data_description: str = "") -> Dict[str, Any]:
-    """Run FP32 and every other variant (default: all non-reference files) on *held_out* and compare."""
+                  data_description: str = "", openvino: bool = True) -> Dict[str, Any]:
+    """Run FP32 ONNX Runtime (the reference) and every other variant (default: all non-reference files) on
+    *held_out* and compare.  With *openvino* (and OpenVINO importable on x86), every variant -- FP32
+    included -- is also measured through the OpenVINO back end, recorded as ``openvino:<variant>``: the
+    store's gate for an OpenVINO selection reads those entries, not the ONNX Runtime ones."""
     if len(held_out) == 0:
         raise ValueError("parity needs held-out samples")
-    variants = [v for v in (variants or list(manifest.files)) if v != reference]
+    all_variants = list(variants or list(manifest.files))
+    variants = [v for v in all_variants if v != reference]
     eng = _ort_engine(manifest, reference, threads)
     with eng:
         ref, ref_t = _run(eng, manifest, held_out)
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     report: Dict[str, Any] = {
-        "created_at": now, "reference": reference, "reference_sha256": manifest.files[reference].sha256,
+        "created_at": now, "reference": reference, "reference_backend": "onnxruntime",
+        "reference_sha256": manifest.files[reference].sha256,
         "data": {"samples": len(held_out), "series": len(set(held_out.sources)),
                  "description": data_description or "held-out DICOM series, agent preprocessing"},
         "reference_median_latency_s": round(float(np.median(ref_t)), 4),
         "variants": {},
     }
-    for v in variants:
+    if manifest.task == "cspca_detection":  # the reference's own task metric, for context
+        report["reference_metrics"] = {k: v for k, v in cspca_metrics(manifest, ref, ref, held_out).items()
+                                       if k in ("auroc", "exams_with_truth", "lesions_fp32")}
+
+    def measure(backend: str, v: str, make: Any) -> Dict[str, Any]:
         mf = manifest.files[v]
-        eng = _ort_engine(manifest, v, threads)
-        with eng:
-            got, t = _run(eng, manifest, held_out)
-        entry = {"backend": "onnxruntime", "precision": mf.precision, "sha256": mf.sha256,
+        with make(manifest, v, threads) as e:
+            got, t = _run(e, manifest, held_out)
+        entry = {"backend": backend, "precision": mf.precision, "sha256": mf.sha256,
                  "median_latency_s": round(float(np.median(t)), 4)}
         entry.update(_compare(manifest, ref, got, held_out))
-        report["variants"][v] = entry
+        return entry
+
+    for v in variants:
+        report["variants"][v] = measure("onnxruntime", v, _ort_engine)
+    if openvino:
+        why = openvino_unavailable()
+        if why:
+            report["openvino"] = f"skipped: {why}"
+        else:
+            import openvino as _ovpkg
+
+            report["openvino"] = f"measured with openvino {_ovpkg.__version__}"
+            ov_variants = [reference] + variants if reference in manifest.files else variants
+            for v in ov_variants:
+                report["variants"][f"openvino:{v}"] = measure("openvino", v, _openvino_engine)
     if tensorrt:
         plans, why = tensorrt_plans_runnable(manifest)
         if not plans:
@@ -221,7 +350,7 @@ def parity_report(manifest: ModelManifest, held_out: CalibrationSet, *, variants
 def record(manifest: ModelManifest, report: Dict[str, Any], *, save: bool = True) -> ModelManifest:
     """Merge *report* into manifest.parity (entries of other variants are kept) and save."""
     old = dict(manifest.parity or {})
-    merged = dict(report)
+    merged = {**old, **report}  # keeps what the exporter recorded (e.g. torch vs ONNX Runtime)
     variants = dict(old.get("variants") or {})
     variants.update(report.get("variants") or {})
     merged["variants"] = variants

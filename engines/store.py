@@ -6,7 +6,8 @@ Layout (one or more roots, plus an optional user directory for bring-your-own ON
     <root>/<name>/<version>/<files named in the manifest>   (model.onnx, model.int8.onnx, *.plan, card.md)
 
 `ModelStore.open("name")` resolves the latest version (semantic versioning), walks the back-end
-preference order (default tensorrt -> onnxruntime), and returns the loaded engine with a
+preference order (default_preference(): tensorrt -> openvino -> onnxruntime on x86 with openvino
+installed, OpenVINO only where its own parity entries pass; else tensorrt -> onnxruntime), and returns the loaded engine with a
 `Selection` that says which back end was chosen and why each other one was skipped.  Every
 model file is hashed and compared with the manifest before it is loaded; a mismatch raises
 `IntegrityError` (naming the file and both hashes) and nothing is loaded -- a tampered file
@@ -33,6 +34,36 @@ DEFAULT_PREFERENCE = ("tensorrt", "onnxruntime")
 #: the order for x86 CPU sites with the `openvino` extra installed (OpenVINO before ONNX Runtime)
 CPU_PREFERENCE = ("tensorrt", "openvino", "onnxruntime")
 PACKAGE_MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+
+
+def openvino_importable() -> bool:
+    """Whether the `openvino` package can be found (cheap: no import of the runtime)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("openvino") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def default_preference() -> Tuple[Tuple[str, ...], str]:
+    """The back-end order a store uses when none is configured, and why: on x86 with the `openvino`
+    package installed OpenVINO comes before ONNX Runtime (CPU_PREFERENCE) -- it is then still only used
+    for a model whose OpenVINO parity entries pass (ModelStore._try_openvino); otherwise
+    DEFAULT_PREFERENCE.  SCANSIDE_ENGINES (comma-separated back ends) overrides both."""
+    env = os.environ.get("SCANSIDE_ENGINES", "").strip()
+    if env:
+        order = tuple(b.strip() for b in env.split(",") if b.strip())
+        return order, f"SCANSIDE_ENGINES={env}"
+    from engines.openvino_engine import is_x86
+
+    if not is_x86():
+        return DEFAULT_PREFERENCE, f"not an x86 CPU ({platform.machine()}): OpenVINO is not preferred"
+    if not openvino_importable():
+        return DEFAULT_PREFERENCE, "openvino is not installed (pip install 'scanside[openvino]')"
+    return CPU_PREFERENCE, "x86 CPU with openvino installed: OpenVINO before ONNX Runtime where its parity passes"
+
 
 #: () -> (tensorrt version or None, CudaDevice or None, why) -- replaceable with plain data in tests
 TensorRTProbe = Callable[[], Tuple[Optional[str], Any, str]]
@@ -99,6 +130,8 @@ class Selection:
     precision: Optional[str]
     reason: str = ""
     skipped: Dict[str, str] = dataclasses.field(default_factory=dict)
+    #: the preference order walked and why it is that order
+    order: str = ""
 
     def summary(self) -> str:
         head = f"{self.model}: {self.backend or 'no back end'}"
@@ -107,6 +140,8 @@ class Selection:
         if self.reason:
             head += f" -- {self.reason}"
         tail = "".join(f"\n  skipped {b}: {r}" for b, r in self.skipped.items())
+        if self.order:
+            tail += f"\n  order: {self.order}"
         return head + tail
 
     def to_dict(self) -> Dict[str, Any]:
@@ -145,7 +180,7 @@ def parse_ref(ref: str, version: Optional[str] = None) -> Tuple[str, Optional[st
 
 class ModelStore:
     def __init__(self, roots: Union[None, str, Path, Sequence[Union[str, Path]]] = None, *,
-                 user_dir: Union[None, str, Path] = None, preference: Sequence[str] = DEFAULT_PREFERENCE,
+                 user_dir: Union[None, str, Path] = None, preference: Optional[Sequence[str]] = None,
                  engine_options: Optional[Dict[str, Dict[str, Any]]] = None,
                  tensorrt_probe: Optional[TensorRTProbe] = None,
                  int8_tolerance: Optional[float] = DEFAULT_INT8_TOLERANCE) -> None:
@@ -161,6 +196,12 @@ class ModelStore:
             roots = [roots]
         self.roots = [Path(r) for r in roots]
         self.user_dir = Path(user_dir) if user_dir is not None else default_user_dir()
+        #: preference None: the automatic order (default_preference()); OpenVINO is then used only for variants
+        #: whose `openvino:<variant>` parity entry passes, FP32 included
+        self.auto_preference = preference is None
+        self.preference_reason = "configured"
+        if preference is None:
+            preference, self.preference_reason = default_preference()
         unknown = [b for b in preference if b not in BACKENDS]
         if unknown:
             raise ValueError(f"unknown back end(s) {unknown}; known: {list(BACKENDS)}")
@@ -261,7 +302,10 @@ class ModelStore:
         skipped: Dict[str, str] = {}
         for backend in order:
             try:
-                result = getattr(self, f"_try_{backend}")(m, variant, load)
+                if backend == "openvino":
+                    result = self._try_openvino(m, variant, load, auto=preference is None and self.auto_preference)
+                else:
+                    result = getattr(self, f"_try_{backend}")(m, variant, load)
             except IntegrityError:
                 raise
             except (EngineUnavailable, EngineError, FileNotFoundError, KeyError, ImportError, OSError) as e:
@@ -272,13 +316,15 @@ class ModelStore:
                 skipped[backend] = result
                 continue
             engine, used_variant, precision, reason = result
-            sel = Selection(m.ref, backend, used_variant, precision, reason, skipped)
+            sel = Selection(m.ref, backend, used_variant, precision, reason, skipped,
+                            order=f"{' -> '.join(order)} ({self.preference_reason if preference is None else 'asked'})")
             if skipped:
                 log.info("model store: %s", sel.summary())
             if engine is not None and warmup:
                 engine.warmup()
             return engine, sel
-        sel = Selection(m.ref, None, None, None, "no back end can run this model", skipped)
+        sel = Selection(m.ref, None, None, None, "no back end can run this model", skipped,
+                        order=f"{' -> '.join(order)} ({self.preference_reason if preference is None else 'asked'})")
         if load:
             raise EngineUnavailable("store", sel.summary())
         return None, sel
@@ -309,28 +355,70 @@ class ModelStore:
         engine = TensorRTEngine(**opts).load(m, variant, verify=False)
         return engine, plan.source_variant, plan.precision, f"plan {plan.path}: {compat.reason}"
 
-    def _try_openvino(self, m: ModelManifest, variant: Optional[str], load: bool) -> Any:
-        """OpenVINO on x86 CPUs.  An INT8 variant needs a passing parity report: the OpenVINO-measured
-        entry ``openvino:<variant>`` when the manifest has one, else the variant's own (same file)."""
+    def _try_openvino(self, m: ModelManifest, variant: Optional[str], load: bool, auto: bool = False) -> Any:
+        """OpenVINO on x86 CPUs.  An INT8 variant needs a passing parity report measured *through OpenVINO*
+        (the manifest's ``openvino:<variant>`` entry, same file); an ONNX Runtime entry does not count,
+        and a missing entry is refused.  In the automatic default order (``preference=None``) OpenVINO is
+        only used for a variant whose OpenVINO entry passes -- FP32 included -- else ONNX Runtime runs it.
+        Without an explicit variant the fastest passing variant (OpenVINO latency in the same parity run)
+        is taken."""
         from engines.openvino_engine import OpenVinoEngine, is_x86
         if not is_x86():
             return f"not an x86 CPU ({platform.machine()}); OpenVINO is only preferred on x86"
         ok, why = OpenVinoEngine.availability()
         if not ok:
             return why
-        v = m.pick_variant(variant)
-        mf: ModelFile = m.files[v]
+        entries = (m.parity or {}).get("variants") or {}
+
+        def refusal(v: str) -> Optional[str]:
+            mf = m.files[v]
+            key = f"openvino:{v}"
+            if auto and not str(mf.precision).startswith("int8"):
+                # default order: FP32 on OpenVINO too must have been compared with ONNX Runtime FP32
+                tol = self.int8_tolerance if self.int8_tolerance is not None else DEFAULT_INT8_TOLERANCE
+                r = parity_refusal(m, key, "int8", mf.sha256, tol)
+                return None if r is None else r.replace(f"INT8 {key}", f"OpenVINO {v} ({mf.precision})", 1)
+            return parity_refusal(m, key, mf.precision, mf.sha256, self.int8_tolerance)
+
         note = ""
-        own = ((m.parity or {}).get("variants") or {}).get(f"openvino:{v}")
-        key = f"openvino:{v}" if isinstance(own, dict) else v
-        refused = parity_refusal(m, key, mf.precision, mf.sha256, self.int8_tolerance)
-        if refused:
-            if variant is not None or "fp32" not in m.files:
+        if variant is not None:
+            v = m.pick_variant(variant)
+            refused = refusal(v)
+            if refused:
                 return refused
-            note = f"; default variant {v} refused ({refused}), fp32 used"
-            v, mf = "fp32", m.files["fp32"]
-        elif str(mf.precision).startswith("int8") and self.int8_tolerance is not None:
-            note = f"; parity report {key}"
+        else:
+            cands: List[Tuple[float, str]] = []
+            refusals: List[str] = []
+            for v in m.files:
+                r = refusal(v)
+                if r is None:
+                    lat = (entries.get(f"openvino:{v}") or {}).get("median_latency_s")
+                    cands.append((float(lat) if isinstance(lat, (int, float)) else float("inf"), v))
+                else:
+                    refusals.append(r)
+            default_v = m.pick_variant(None)
+            timed = [c for c in cands if c[0] != float("inf")]
+            if timed:
+                lat, v = min(timed)
+                base_v = "fp32" if "fp32" in m.files else default_v
+                ref_lat = (entries.get(f"openvino:{base_v}") or {}).get("median_latency_s")
+                e = entries.get(f"openvino:{v}") or {}
+                note = (f"; fastest OpenVINO variant with a passing parity report openvino:{v} "
+                        f"({e.get('metric', '?')} {e.get('value', '?')}, loss {e.get('loss', '?')}, "
+                        f"{lat:g} s")
+                note += f" vs {ref_lat:g} s for {base_v})" if isinstance(ref_lat, (int, float)) and v != base_v \
+                    else ")"
+            elif any(v == default_v for _, v in cands):
+                v = default_v
+            elif not auto and "fp32" in m.files:
+                v = "fp32"
+                if default_v != "fp32":
+                    note = f"; default variant {default_v} refused ({refusal(default_v)}), fp32 used"
+            else:
+                return "no variant has a passing OpenVINO parity report: " + "; ".join(refusals)
+        if not note and f"openvino:{v}" in entries:
+            note = f"; parity report openvino:{v}"
+        mf: ModelFile = m.files[v]
         verify_sha256(m.resolve(mf.path), mf.sha256)
         if not load:
             return None, v, mf.precision, why + note

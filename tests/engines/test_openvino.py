@@ -159,36 +159,96 @@ def test_store_prefers_openvino_on_x86(tmp_path: Path) -> None:
 
 
 @needs_x86
-def test_store_int8_needs_passing_parity_for_openvino(tmp_path: Path) -> None:
+def test_store_int8_needs_passing_openvino_parity(tmp_path: Path) -> None:
     m = _with_int8(tmp_path)
     sha = m.files["int8_u8s8"].sha256
     store = ModelStore(tmp_path / "models", preference=["openvino", "onnxruntime"],
                        engine_options={"openvino": {"threads": 1, "cache": False}})
-    # no parity report: default INT8 refused on both back ends' terms -> OpenVINO runs fp32 and says why
+    # no parity report: the default INT8 variant is refused -> OpenVINO runs fp32 and says why
     sel = store.explain("tiny3d")
     assert sel.backend == "openvino" and sel.variant == "fp32" and "no parity report" in sel.reason
-    with pytest.raises(EngineUnavailable, match="no parity report"):
+    with pytest.raises(EngineUnavailable, match="openvino:int8_u8s8 has no parity report"):
         store.open("tiny3d", variant="int8_u8s8", preference=["openvino"])
-    # a passing report (measured on this file): OpenVINO loads the INT8 variant, output close to FP32
+    # a passing ONNX Runtime entry does not count for OpenVINO: refused, naming the missing OpenVINO entry
     ok = {"sha256": sha, "loss": 0.0, "metric": "accuracy", "value": 1.0, "backend": "onnxruntime"}
     m = _set_parity(m, {"int8_u8s8": ok})
+    with pytest.raises(EngineUnavailable, match="openvino:int8_u8s8 has no parity report"):
+        store.open("tiny3d", variant="int8_u8s8", preference=["openvino"])
+    assert store.explain("tiny3d", preference=["onnxruntime"]).variant == "int8_u8s8"  # ORT judged on its own
+    # a passing OpenVINO entry (measured on this file): OpenVINO loads the INT8 variant, output close to FP32
+    m = _set_parity(m, {"int8_u8s8": ok, "openvino:int8_u8s8": dict(ok, backend="openvino")})
     eng, sel = store.open("tiny3d")
     with eng, OnnxRuntimeEngine(["CPUExecutionProvider"], intra_op_threads=1).load(m, "fp32") as ref:
-        assert sel.backend == "openvino" and sel.variant == "int8_u8s8" and "parity report int8_u8s8" in sel.reason
+        assert sel.backend == "openvino" and sel.variant == "int8_u8s8" and "openvino:int8_u8s8" in sel.reason
         x = {"x": sample_input(8, seed=11)}
         a, b = eng.run(x)["logits"], ref.run(x)["logits"]
         assert np.abs(a - b).max() < 0.25 * (np.abs(b).max() + 1e-6)
-    # an OpenVINO-specific entry takes precedence over the ONNX Runtime one: failing -> fp32 on OpenVINO
+    # a failing OpenVINO entry: fp32 on OpenVINO (the default variant), refused when asked for, with the reason
     bad = dict(ok, loss=0.5, backend="openvino")
     m = _set_parity(m, {"int8_u8s8": ok, "openvino:int8_u8s8": bad})
     sel = store.explain("tiny3d")
     assert sel.backend == "openvino" and sel.variant == "fp32" and "exceeds the tolerance" in sel.reason
+    with pytest.raises(EngineUnavailable, match="openvino:int8_u8s8: parity loss 0.5"):
+        store.open("tiny3d", variant="int8_u8s8", preference=["openvino"])
     # ... while ONNX Runtime, judged on its own entry, still takes the INT8 variant
     assert store.explain("tiny3d", preference=["onnxruntime"]).variant == "int8_u8s8"
-    # a report measured on another file does not count
-    m = _set_parity(m, {"int8_u8s8": dict(ok, sha256="0" * 64)})
+    # an OpenVINO entry measured on another file does not count
+    m = _set_parity(m, {"openvino:int8_u8s8": dict(ok, sha256="0" * 64)})
     with pytest.raises(EngineUnavailable, match="another file"):
         store.open("tiny3d", variant="int8_u8s8", preference=["openvino"])
+
+
+@needs_x86
+def test_default_preference_openvino_only_where_its_parity_passes(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import engines.store as st
+
+    monkeypatch.delenv("SCANSIDE_ENGINES", raising=False)
+    order, why = st.default_preference()
+    assert order == CPU_PREFERENCE and "openvino installed" in why
+    m = _with_int8(tmp_path)
+    fp_sha, q_sha = m.files["fp32"].sha256, m.files["int8_u8s8"].sha256
+    store = ModelStore(tmp_path / "models", engine_options={"openvino": {"threads": 1, "cache": False}})
+    assert store.auto_preference and store.preference == list(CPU_PREFERENCE)
+    # no OpenVINO parity at all: the automatic order falls back to ONNX Runtime FP32 and says why
+    sel = store.explain("tiny3d")
+    assert sel.backend == "onnxruntime" and sel.variant == "fp32"
+    assert "no variant has a passing OpenVINO parity report" in sel.skipped["openvino"]
+    assert "openvino installed" in sel.order
+    # OpenVINO FP32 measured and passing, INT8 failing: OpenVINO FP32
+    ent = {"loss": 0.0, "metric": "accuracy", "value": 1.0, "backend": "openvino"}
+    m = _set_parity(m, {"openvino:fp32": dict(ent, sha256=fp_sha, median_latency_s=0.2),
+                        "openvino:int8_u8s8": dict(ent, sha256=q_sha, loss=0.3, median_latency_s=0.1)})
+    sel = store.explain("tiny3d")
+    assert (sel.backend, sel.variant) == ("openvino", "fp32") and "openvino:fp32" in sel.reason
+    # both passing: the faster one (OpenVINO latency of the same parity run), and the reason says so
+    m = _set_parity(m, {"openvino:fp32": dict(ent, sha256=fp_sha, median_latency_s=0.2),
+                        "openvino:int8_u8s8": dict(ent, sha256=q_sha, median_latency_s=0.1)})
+    eng, sel = store.open("tiny3d")
+    with eng:
+        assert (sel.backend, sel.variant) == ("openvino", "int8_u8s8") and isinstance(eng, OpenVinoEngine)
+        assert "fastest OpenVINO variant" in sel.reason and "0.1 s vs 0.2 s" in sel.reason
+    # an FP32 entry measured on another file (and no INT8 entry): ONNX Runtime, and the reason names it
+    m = _set_parity(m, {"openvino:fp32": dict(ent, sha256="1" * 64)})
+    sel = store.explain("tiny3d")
+    assert sel.backend == "onnxruntime" and "another file" in sel.skipped["openvino"]
+    # openvino not importable / not x86 / overridden: ONNX Runtime order, with the reason
+    monkeypatch.setattr(st, "openvino_importable", lambda: False)
+    order, why = st.default_preference()
+    assert "openvino" not in order and "not installed" in why
+    assert ModelStore(tmp_path / "models").explain("tiny3d").backend == "onnxruntime"
+    monkeypatch.setenv("SCANSIDE_ENGINES", "onnxruntime")
+    assert st.default_preference() == (("onnxruntime",), "SCANSIDE_ENGINES=onnxruntime")
+
+
+def test_default_preference_not_x86(monkeypatch: pytest.MonkeyPatch) -> None:
+    import engines.openvino_engine as ove
+    import engines.store as st
+
+    monkeypatch.delenv("SCANSIDE_ENGINES", raising=False)
+    monkeypatch.setattr(ove.platform, "machine", lambda: "aarch64")
+    order, why = st.default_preference()
+    assert order == st.DEFAULT_PREFERENCE and "not an x86 CPU (aarch64)" in why
 
 
 def test_store_reports_why_openvino_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
