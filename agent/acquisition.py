@@ -29,6 +29,26 @@ def field_of_view(h: InstanceHeader) -> Optional[tuple[float, float]]:
     return (round(h.rows / tiles * h.pixel_spacing[0], 2), round(h.columns / tiles * h.pixel_spacing[1], 2))
 
 
+def acquired_resolution(h: InstanceHeader) -> Optional[tuple[float, float]]:
+    """(phase, frequency) acquired in-plane resolution in mm: the field of view along each axis over
+    its encoding steps. This is what PI-RADS limits (0.7 x 0.4 mm for T2W); the reconstructed
+    PixelSpacing is usually interpolated and can hide a coarse acquisition. None without the
+    acquisition matrix, or when the phase axis is unknown and the field of view is not square."""
+    fov = field_of_view(h)
+    if fov is None or h.encoding_steps is None:
+        return None
+    freq_steps, phase_steps = h.encoding_steps
+    if h.phase_direction == "COL":  # phase along the columns: across the rows' extent
+        phase_fov, freq_fov = fov
+    elif h.phase_direction == "ROW":
+        freq_fov, phase_fov = fov
+    elif abs(fov[0] - fov[1]) < 1e-3:
+        phase_fov = freq_fov = fov[0]
+    else:
+        return None
+    return round(phase_fov / phase_steps, 3), round(freq_fov / freq_steps, 3)
+
+
 def slab_geometry(headers: Sequence[InstanceHeader], frames: Sequence[FrameInfo]) -> Optional[SlabGeometry]:
     """Slab extent along the slice normal and its centre. None for mosaics (the file's position is the
     mosaic's corner, not a slice's), for mixed orientations (localizers) and when geometry is missing."""

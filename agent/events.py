@@ -68,6 +68,8 @@ class SeriesSummary(BaseModel):
     repetition_time_ms: Optional[float] = None
     field_strength_t: Optional[float] = None
     fov_mm: Optional[tuple[float, float]] = Field(None, description="field of view (rows, columns) of one slice, mm")
+    acquired_resolution_mm: Optional[tuple[float, float]] = Field(
+        None, description="(phase, frequency) acquired in-plane resolution, mm: field of view over the acquisition matrix")
     slab: Optional[SlabGeometry] = None
     calculated: bool = Field(False, description="computed by the scanner (e.g. a calculated high b-value, CALC_BVALUE)")
     temporal_positions: Optional[int] = Field(None, description="phases of a dynamic series")

@@ -68,6 +68,10 @@ class InstanceHeader(BaseModel):
     rows: int = 0
     columns: int = 0
     pixel_spacing: Optional[tuple[float, float]] = None
+    # (frequency, phase) encoding steps acquired: (0018,1310) AcquisitionMatrix or, in enhanced MR,
+    # MRFOVGeometrySequence; and the axis phase was encoded along, "ROW" or "COL" (0018,1312)
+    encoding_steps: Optional[tuple[int, int]] = None
+    phase_direction: Optional[str] = None
     slice_thickness: Optional[float] = None
     spacing_between_slices: Optional[float] = None
     echo_time: Optional[float] = None
@@ -422,6 +426,28 @@ def _vec(value: Any, n: int) -> Optional[tuple[float, ...]]:
     return tuple(vals) if len(vals) == n else None
 
 
+def _steps(freq: Any, phase: Any) -> Optional[tuple[int, int]]:
+    f, p = _opt_int(freq), _opt_int(phase)
+    return (f, p) if f and p and f > 0 and p > 0 else None
+
+
+def _acquisition_matrix(value: Any) -> Optional[tuple[int, int]]:
+    """(0018,1310) is frequency rows \\ frequency columns \\ phase rows \\ phase columns, one of each
+    pair zero: (frequency steps, phase steps), or None when absent or malformed."""
+    try:
+        m = [int(v) for v in value] if value is not None else []
+    except (TypeError, ValueError):
+        return None
+    if len(m) != 4:
+        return None
+    return _steps(max(m[0], m[1]), max(m[2], m[3]))
+
+
+def _phase_direction(value: Any) -> Optional[str]:
+    v = _text(value).upper()
+    return {"ROW": "ROW", "COL": "COL", "COLUMN": "COL"}.get(v)
+
+
 def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
     manufacturer = _text(ds.get("Manufacturer"))
     vendor = vd.vendor_of(manufacturer)
@@ -457,6 +483,10 @@ def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
             ) if on
         )
         acquisition_contrast = _text(frame_type.get("AcquisitionContrast") or ds.get("AcquisitionContrast")).upper()
+        fov_geom = _first_item(shared, "MRFOVGeometrySequence") or _first_item(first_pf, "MRFOVGeometrySequence")
+        encoding_steps = _steps(fov_geom.get("MRAcquisitionFrequencyEncodingSteps"),
+                                fov_geom.get("MRAcquisitionPhaseEncodingStepsInPlane"))
+        phase_direction = _phase_direction(fov_geom.get("InPlanePhaseEncodingDirection"))
     else:
         frames = (_classic_frame(ds, vendor, csa, image_type, seq_name, mosaic),)
         pixel_spacing = _vec(ds.get("PixelSpacing"), 2)
@@ -467,6 +497,8 @@ def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
         flip_angle = _opt_float(ds.get("FlipAngle"))
         scanning = vd._tokens(ds.get("ScanningSequence"))
         acquisition_contrast = _text(ds.get("AcquisitionContrast")).upper()
+        encoding_steps = _acquisition_matrix(ds.get("AcquisitionMatrix"))
+        phase_direction = _phase_direction(ds.get("InPlanePhaseEncodingDirection"))
 
     return InstanceHeader(
         path=path,
@@ -492,6 +524,8 @@ def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
         rows=int(_opt_int(ds.get("Rows")) or 0),
         columns=int(_opt_int(ds.get("Columns")) or 0),
         pixel_spacing=pixel_spacing,  # type: ignore[arg-type]
+        encoding_steps=encoding_steps,
+        phase_direction=phase_direction,
         slice_thickness=slice_thickness,
         spacing_between_slices=spacing_between,
         echo_time=echo_time,

@@ -116,7 +116,9 @@ class ParameterGroup(SeriesMatch):
     slice_gap_mm: Optional[Range] = None
     fov_mm: Optional[Range] = Field(None, description="the larger in-plane extent (PI-RADS gives one FOV figure; rectangular FOVs are common)")
     in_plane_mm: Optional[Range] = Field(None, description="the coarser pixel spacing (the phase-encoding limit)")
-    in_plane_fine_mm: Optional[Range] = Field(None, description="the finer pixel spacing (the frequency-encoding limit); unset in the shipped profiles, see pirads-2.1-mpmri.toml")
+    in_plane_fine_mm: Optional[Range] = Field(None, description="the finer reconstructed pixel spacing; unset in the shipped profiles (see acquired_frequency_mm)")
+    acquired_phase_mm: Optional[Range] = Field(None, description="acquired resolution along the phase-encoding axis (field of view / phase steps); skipped when the header has no acquisition matrix")
+    acquired_frequency_mm: Optional[Range] = Field(None, description="acquired resolution along the frequency-encoding axis (field of view / frequency steps); skipped when the header has no acquisition matrix")
     echo_time_ms: Optional[Range] = None
     repetition_time_ms: Optional[Range] = None
     field_strength_t: Optional[Range] = None

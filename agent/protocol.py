@@ -46,6 +46,8 @@ PARAMETERS: dict[str, tuple[str, str, str]] = {
     "fov_mm": ("mm", "FOV_OUT_OF_RANGE", "FOV_OUT_OF_RANGE"),
     "in_plane_mm": ("mm", "IN_PLANE_RESOLUTION", "IN_PLANE_RESOLUTION"),
     "in_plane_fine_mm": ("mm", "IN_PLANE_RESOLUTION", "IN_PLANE_RESOLUTION"),
+    "acquired_phase_mm": ("mm", "IN_PLANE_RESOLUTION", "IN_PLANE_RESOLUTION"),
+    "acquired_frequency_mm": ("mm", "IN_PLANE_RESOLUTION", "IN_PLANE_RESOLUTION"),
     "echo_time_ms": ("ms", "TE_OUT_OF_RANGE", "TE_OUT_OF_RANGE"),
     "repetition_time_ms": ("ms", "TR_OUT_OF_RANGE", "TR_OUT_OF_RANGE"),
     "field_strength_t": ("T", "FIELD_STRENGTH_OUT_OF_RANGE", "FIELD_STRENGTH_OUT_OF_RANGE"),
@@ -297,7 +299,7 @@ class ProtocolChecker:
             return []
         values = measured_values(s)
         out: list[Optional[ProtocolDeviation]] = []
-        fov_bad = False
+        fov_bad = in_plane_told = False
         for name, (unit, above, below) in PARAMETERS.items():
             rng: Optional[Range] = getattr(group, name)
             x = values.get(name)
@@ -307,8 +309,9 @@ class ProtocolChecker:
             code = above if high else below
             if name == "fov_mm":
                 fov_bad = True
-            if code == "IN_PLANE_RESOLUTION" and fov_bad:
-                continue  # the field of view is the cause: one alert, fixed by fixing the FOV
+            if code == "IN_PLANE_RESOLUTION" and (fov_bad or in_plane_told):
+                continue  # the field of view is the cause, or already said: one alert per series
+            in_plane_told = in_plane_told or code == "IN_PLANE_RESOLUTION"
             req = "no gap" if name == "slice_gap_mm" and rng.le == 0 and rng.ge is None and rng.gt is None else rng.describe(unit)
             what = _who(s, group.what)
             if name == "slice_gap_mm":
@@ -318,6 +321,8 @@ class ProtocolChecker:
             else:
                 label = name.rsplit("_", 1)[0].replace("_", " ").replace("echo time", "TE").replace("repetition time", "TR")
                 label = {"in plane": "in-plane pixel size", "in plane fine": "finer in-plane pixel size",
+                         "acquired phase": "acquired resolution along phase",
+                         "acquired frequency": "acquired resolution along frequency",
                          "observation": "observation time"}.get(label, label)
                 text = f"{_cap(what)} {label} is {_fmt(x)} {unit}; {self.profile.source} needs {req}"
             action = ACTIONS[code]
@@ -502,6 +507,8 @@ def measured_values(s: SeriesSummary) -> dict[str, Optional[float]]:
         "fov_mm": max(s.fov_mm) if s.fov_mm else None,
         "in_plane_mm": max(ps) if ps else None,
         "in_plane_fine_mm": min(ps) if ps else None,
+        "acquired_phase_mm": s.acquired_resolution_mm[0] if s.acquired_resolution_mm else None,
+        "acquired_frequency_mm": s.acquired_resolution_mm[1] if s.acquired_resolution_mm else None,
         "echo_time_ms": s.echo_time_ms,
         "repetition_time_ms": s.repetition_time_ms,
         "field_strength_t": s.field_strength_t,

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from agent import vendor as vd
-from agent.acquisition import dynamic_timing, field_of_view, slab_geometry
+from agent.acquisition import acquired_resolution, dynamic_timing, field_of_view, slab_geometry
 from agent.classify import classify_header, is_diffusion
 from agent.config import SeriesConfig
 from agent.events import EventBase, SeriesCompleted, SeriesReopened, SeriesSummary
@@ -141,6 +141,7 @@ def summarise(part: SeriesPart, revision: int, complete: bool, expected: Optiona
         repetition_time_ms=h.repetition_time,
         field_strength_t=h.magnetic_field_strength,
         fov_mm=field_of_view(h),
+        acquired_resolution_mm=acquired_resolution(h),
         slab=slab_geometry(part.headers, part.frames),
         calculated=any(f.derived == "CALC_BVALUE" for f in part.frames),
         temporal_positions=phases,

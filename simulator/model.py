@@ -28,7 +28,10 @@ class SeriesSpec(BaseModel):
     slice_gap_mm: float = 0.0
     n_slices: int = 20
     fov_mm: tuple[float, float] = (180.0, 180.0)  # (rows, columns) extent
-    matrix: tuple[int, int] = (256, 256)  # (rows, columns)
+    matrix: tuple[int, int] = (256, 256)  # (rows, columns) of the reconstructed image
+    # (frequency, phase) encoding steps acquired; None: the reconstructed matrix (columns, rows).
+    # Phase is encoded along the columns (InPlanePhaseEncodingDirection COL), as the writers declare.
+    acquisition_matrix: Optional[tuple[int, int]] = None
     tr_ms: float = 4000.0
     te_ms: float = 100.0
     flip_angle_deg: float = 90.0
@@ -39,6 +42,13 @@ class SeriesSpec(BaseModel):
     n_phases: int = 1  # dce: temporal positions
     temporal_resolution_s: float = 0.0  # dce
     center_offset_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)  # slab centre shift (LPS)
+
+    @property
+    def encoding_steps(self) -> tuple[int, int]:
+        """(frequency, phase) encoding steps written to the header."""
+        if self.acquisition_matrix is not None:
+            return int(self.acquisition_matrix[0]), int(self.acquisition_matrix[1])
+        return int(self.matrix[1]), int(self.matrix[0])
 
 
 class ExamSpec(BaseModel):

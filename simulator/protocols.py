@@ -26,6 +26,7 @@ FAULTS: dict[str, str] = {
     "truncated_file": "one file of the axial T2W series is cut short on disk",
     "gap": "axial T2W acquired with a 1 mm slice gap (PI-RADS: no gap)",
     "slow_dce": "DCE temporal resolution 30 s (PI-RADS: <= 15 s)",
+    "coarse_matrix": "axial T2W acquired with a 256 x 192 matrix over 160 mm: 0.63 x 0.83 mm (PI-RADS: <= 0.4 x 0.7 mm)",
 }
 
 # (low, intermediate, high) acquired b-values and whether the high b is calculated
@@ -96,7 +97,9 @@ def build_exam(profile: str = "prostate-mpmri", vendor: str = "siemens", field_s
 
     t2ax = SeriesSpec(kind="t2w", description=n["t2ax"], plane="axial", slice_thickness_mm=3.0, n_slices=24,
                       fov_mm=(160.0, 160.0), matrix=(256, 256), tr_ms=4000.0 if low else 5660.0, te_ms=te_t2,
-                      flip_angle_deg=160.0)
+                      flip_angle_deg=160.0, acquisition_matrix=(400, 256))
+    # acquired 0.4 mm (frequency) x 0.63 mm (phase), as PI-RADS asks; the images stay at 256 x 256 (0.63 mm
+    # pixels) to keep the simulated exam small: the header declares what was acquired, as a scanner does
     if "thick_slices" in faults:
         t2ax = t2ax.model_copy(update=dict(slice_thickness_mm=5.0, n_slices=16))
     if "gap" in faults:
@@ -105,6 +108,8 @@ def build_exam(profile: str = "prostate-mpmri", vendor: str = "siemens", field_s
         t2ax = t2ax.model_copy(update=dict(fov_mm=(300.0, 300.0)))
     dwi_geom = dict(plane="axial", slice_thickness_mm=3.0, n_slices=24, fov_mm=(200.0, 200.0), matrix=(128, 128),
                     tr_ms=4500.0 if low else 4100.0, te_ms=te_dwi, flip_angle_deg=90.0, fat_sat=True)
+    if "coarse_matrix" in faults:
+        t2ax = t2ax.model_copy(update=dict(acquisition_matrix=(256, 192)))
     series: list[SeriesSpec] = [
         SeriesSpec(kind="localizer", description=n["loc"], plane="sagittal", slice_thickness_mm=6.0, n_slices=3,
                    fov_mm=(280.0, 280.0), matrix=(192, 192), tr_ms=8.6, te_ms=4.0, flip_angle_deg=20.0),

@@ -330,12 +330,12 @@ class VendorWriter:
         ds.ImagedNucleus = "1H"
         ds.EchoNumbers = "1"
         ds.SpacingBetweenSlices = ds_str(spec.slice_thickness_mm + spec.slice_gap_mm)
-        ds.NumberOfPhaseEncodingSteps = str(int(spec.matrix[0]))
+        ds.NumberOfPhaseEncodingSteps = str(spec.encoding_steps[1])
         ds.EchoTrainLength = str(self.echo_train_length(spec))
         ds.PercentSampling = "100"
         ds.PercentPhaseFieldOfView = ds_str(100.0 * spec.fov_mm[0] / spec.fov_mm[1] if spec.fov_mm[1] else 100.0)
         ds.PixelBandwidth = ds_str(1500.0 if spec.kind in EPI_KINDS else 200.0)
-        ds.AcquisitionMatrix = [0, int(spec.matrix[1]), int(spec.matrix[0]), 0]
+        ds.AcquisitionMatrix = [0, spec.encoding_steps[0], spec.encoding_steps[1], 0]
         ds.InPlanePhaseEncodingDirection = "COL"
         ds.FlipAngle = ds_str(spec.flip_angle_deg)
         ds.VariableFlipAngleFlag = "N"
@@ -492,8 +492,8 @@ class VendorWriter:
         shared.MREchoSequence = DSequence([echo])
         fov = Dataset()
         fov.InPlanePhaseEncodingDirection = "COLUMN"
-        fov.MRAcquisitionFrequencyEncodingSteps = int(spec.matrix[1])
-        fov.MRAcquisitionPhaseEncodingStepsInPlane = int(spec.matrix[0])
+        fov.MRAcquisitionFrequencyEncodingSteps = spec.encoding_steps[0]
+        fov.MRAcquisitionPhaseEncodingStepsInPlane = spec.encoding_steps[1]
         fov.PercentSampling = 100.0
         fov.PercentPhaseFieldOfView = 100.0 * spec.fov_mm[0] / spec.fov_mm[1] if spec.fov_mm[1] else 100.0
         shared.MRFOVGeometrySequence = DSequence([fov])

@@ -25,6 +25,7 @@ FAULTS = {
     "swapped_descriptions": ("prostate-bpmri", {"DESCRIPTION_MISMATCH"}, 2),
     "truncated_file": ("prostate-bpmri", set(), 0),
     "slow_dce": ("prostate-mpmri", {"DCE_TEMPORAL_RESOLUTION"}, 1),
+    "coarse_matrix": ("prostate-bpmri", {"IN_PLANE_RESOLUTION"}, 1),
 }
 CHECKED = {"prostate-bpmri": "pirads-2.1-bpmri", "prostate-mpmri": "pirads-2.1-mpmri"}
 

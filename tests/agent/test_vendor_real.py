@@ -107,3 +107,39 @@ def test_dicomdir_is_an_index_not_a_bad_file(tmp_path):
     with pytest.raises(HeaderError) as exc:
         read_header(tmp_path / "DICOMDIR")
     assert exc.value.reason == "dicomdir"
+
+
+def test_acquired_resolution_from_a_real_siemens_header():
+    """pydicom's Siemens file: AcquisitionMatrix [256, 0, 0, 134], phase along COL, 484 x 484 pixels of
+    0.723 mm. The acquired resolution is the field of view over the encoding steps on each axis, far
+    coarser than the interpolated pixels (which a pixel-spacing check would have passed)."""
+    from agent.acquisition import acquired_resolution, field_of_view
+
+    h = read_header(get_testdata_file("MR-SIEMENS-DICOM-WithOverlays.dcm"))
+    assert h.encoding_steps == (256, 134) and h.phase_direction == "COL"
+    rows_mm, cols_mm = field_of_view(h)
+    phase, freq = acquired_resolution(h)
+    assert phase == pytest.approx(rows_mm / 134, abs=1e-3) and freq == pytest.approx(cols_mm / 256, abs=1e-3)
+    assert phase > 2.5 and max(h.pixel_spacing) < 0.75
+    # no acquisition matrix: nothing is claimed
+    assert acquired_resolution(read_header(get_testdata_file("MR_small.dcm"))) is None
+
+
+@pytest.mark.parametrize("vendor", ["siemens", "siemens-xa", "ge", "philips"])
+def test_acquired_resolution_of_simulated_t2w_per_vendor(vendor, tmp_path):
+    """Classic (0018,1310)/(0018,1312) and enhanced MRFOVGeometrySequence give the same answer."""
+    from agent.acquisition import acquired_resolution
+    from simulator.scanner import simulate_exam
+
+    truth = simulate_exam(vendor, tmp_path, 3, profile="prostate-bpmri")
+    t2 = next(s for s in truth.series if s.kind == "t2w" and s.plane == "axial")
+    h = read_header(next(p for p in sorted(tmp_path.rglob("*")) if p.is_file() and _series_of(p) == t2.series_uid))
+    assert h.encoding_steps == (400, 256)
+    assert acquired_resolution(h) == pytest.approx((160 / 256, 160 / 400), abs=1e-3)
+
+
+def _series_of(path):
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID
+    except Exception:
+        return None
