@@ -1,13 +1,28 @@
-"""Prostate gland segmentation at run time (TAPS, prostate-gland-taps in the model store).
+"""Prostate gland segmentation at run time: one interface over two models in the store.
+
+* ``prostate-zones-reference`` (training/zones): a 2.5D U-Net on the axial T2W -> background /
+  TZ / PZ; the whole gland is TZ u PZ and the result carries the zone map (``GlandResult.zones``).
+  Fast (a fraction of a second per series on CPU).
+* ``prostate-gland-taps`` (TAPS, imported by ``scanside models import-taps``): whole gland only,
+  ``zones`` is None. Seconds per window on CPU.
+
+``[gland] model = "auto"`` (the default) takes the zonal model when it is in the store, else TAPS
+when it has been imported (``resolve_model``); a name[@version] picks one.
 
 What the agent uses it for:
 
 * gland volume (ml) and centroid (LPS mm) from the axial T2W series;
 * the centre of the csPCa model's crop (``crop="gland"`` preprocessing takes ``center_lps``);
 * a coverage check: which fraction of the gland lies inside another series' slab
-  (``coverage(gland, series_summary)``), e.g. a DWI slab that misses the apex.
+  (``coverage(gland, series_summary)``), e.g. a DWI slab that misses the apex;
+* the zone (PZ / TZ) of a lesion finding (``zone_of``), zonal model only.
 
-Pipeline (as upstream TAPS): the manifest's PreprocessSpec (RAS, 0.8 x 0.8 x 3.0 mm, z-score over
+Zonal pipeline: the manifest's PreprocessSpec (SPL, 3 x 1 x 1 mm, 24 x 128 x 128 centred on the
+T2W slab) via engines.preprocess.prepare -> ONNX -> argmax over (background, TZ, PZ) -> the gland's
+largest connected component (TZ u PZ) keeps its zone labels, everything else is background.
+
+TAPS pipeline
+(as upstream TAPS): the manifest's PreprocessSpec (RAS, 0.8 x 0.8 x 3.0 mm, z-score over
 non-zero voxels) via engines.preprocess.prepare -> sliding window (engines.preprocess.sliding_window,
 128 x 128 x 32, overlap 0.5, gaussian blending) -> gaussian (sigma 2.5 voxels) on the logits -> sigmoid ->
 threshold 0.55 -> largest connected component.  On CPU one window costs seconds, so by default only the
@@ -30,6 +45,10 @@ from engines.preprocess import Grid, prepare, sliding_window
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "prostate-gland-taps"
+ZONES_MODEL = "prostate-zones-reference"
+AUTO = "auto"
+#: zone map values (GlandResult.zones)
+ZONE_LABELS = ("background", "TZ", "PZ")
 Windows = Literal["center", "full"]
 
 
@@ -44,10 +63,17 @@ class GlandResult:
     model: str = MODEL_NAME
     variant: Optional[str] = None
     qc: Dict[str, Any] = field(default_factory=dict)
+    zones: Optional[np.ndarray] = None  # uint8 on `grid`: 0 background, 1 TZ, 2 PZ (zonal model only)
 
     @property
     def found(self) -> bool:
         return self.centroid_lps is not None
+
+    def zone_volumes_ml(self) -> Optional[Dict[str, float]]:
+        if self.zones is None:
+            return None
+        voxel_ml = float(np.prod(self.grid.spacing)) / 1000.0
+        return {name: float((self.zones == k).sum()) * voxel_ml for k, name in enumerate(ZONE_LABELS) if k}
 
     def points_lps(self) -> np.ndarray:
         """LPS mm of every gland voxel centre (n, 3)."""
@@ -57,7 +83,8 @@ class GlandResult:
         return {"model": self.model, "variant": self.variant, "found": self.found,
                 "volume_ml": round(self.volume_ml, 2),
                 "centroid_lps_mm": [round(float(v), 2) for v in self.centroid_lps] if self.centroid_lps else None,
-                "windows": self.windows, "seconds": round(self.seconds, 2), "qc": self.qc}
+                "windows": self.windows, "seconds": round(self.seconds, 2), "qc": self.qc,
+                "zone_volumes_ml": {k: round(v, 2) for k, v in (self.zone_volumes_ml() or {}).items()} or None}
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -129,6 +156,118 @@ def segment_gland(engine: Any, t2w: Any, *, windows: Windows = "center", batch_s
                        seconds=time.perf_counter() - t0, model=m.ref, variant=engine.variant, qc=qc)
 
 
+def is_zonal(manifest: Any) -> bool:
+    """A zonal model's manifest names the labels background, TZ and PZ."""
+    labels = [str(v) for v in (getattr(manifest, "labels", None) or [])]
+    return "TZ" in labels and "PZ" in labels
+
+
+def segment_zones(engine: Any, t2w: Any) -> GlandResult:
+    """Zones and gland on an axial T2W ``Volume`` with a loaded zonal *engine* (manifest labels
+    background/TZ/PZ, output: class probabilities (N, 3, d0, d1, d2) on the preprocessing grid)."""
+    m = engine.manifest
+    if m is None or m.preprocessing is None:
+        raise ValueError("segment_zones needs a loaded engine whose manifest has preprocessing")
+    spec = m.preprocessing
+    t0 = time.perf_counter()
+    arr, grid = prepare({spec.channels[0]: t2w}, spec)
+    in_name, out_name = m.inputs[0].name, m.outputs[0].name
+    prob = engine.run({in_name: np.ascontiguousarray(arr[None], dtype=np.float32)})[out_name][0]
+    labels = [str(v) for v in m.labels]
+    cls = np.argmax(prob, axis=0)
+    zones = np.zeros(cls.shape, dtype=np.uint8)
+    for k, name in enumerate(ZONE_LABELS):
+        if k and name in labels:
+            zones[cls == labels.index(name)] = k
+    post = dict(m.postprocessing or {})
+    zones[~inside_slab(grid, t2w)] = 0  # the zero padding beyond the series' slab: nothing was imaged there
+    gland = zones > 0
+    if gland.any() and post.get("largest_component", True):
+        gland = largest_component(gland)
+    min_ml = float(post.get("min_gland_ml", 0.0) or 0.0)
+    voxel_ml = float(np.prod(grid.spacing)) / 1000.0
+    if gland.sum() * voxel_ml < min_ml:
+        gland = np.zeros_like(gland)
+    zones[~gland] = 0
+    volume = float(gland.sum()) * voxel_ml
+    centroid = tuple(float(v) for v in grid.index_to_lps(np.argwhere(gland).mean(axis=0))) if gland.any() else None
+    qc: Dict[str, Any] = {}
+    if gland.any():
+        # the gland on the first or last slice of the grid: the series probably cut it off
+        qc["touches_edge"] = bool(gland[0].any() or gland[-1].any() or gland[:, 0].any() or gland[:, -1].any()
+                                  or gland[:, :, 0].any() or gland[:, :, -1].any())
+    return GlandResult(mask=gland, grid=grid, volume_ml=volume, centroid_lps=centroid, windows=1,
+                       seconds=time.perf_counter() - t0, model=m.ref, variant=engine.variant, qc=qc, zones=zones)
+
+
+def inside_slab(grid: Grid, volume: Any) -> np.ndarray:
+    """Bool mask of ``grid``'s voxels that lie inside *volume*'s slab (along its slice axis, half a slice margin)."""
+    src = Grid.of(volume)
+    d0 = np.arange(grid.shape[0], dtype=np.float64)
+    inside = np.zeros(grid.shape, dtype=bool)
+    # the slab index of each grid voxel is affine in the voxel index: evaluate it at the corners of each plane
+    ijk = np.stack(np.meshgrid(d0, np.arange(grid.shape[1]), np.arange(grid.shape[2]), indexing="ij"), -1)
+    s0 = src.lps_to_index(grid.index_to_lps(ijk.reshape(-1, 3)))[:, 0].reshape(grid.shape)
+    inside[:] = (s0 >= -0.5) & (s0 <= src.shape[0] - 0.5)
+    return inside
+
+
+def segment(engine: Any, t2w: Any, *, windows: Windows = "center") -> GlandResult:
+    """Either model behind one call: zonal manifests -> segment_zones, else the TAPS pipeline."""
+    if is_zonal(engine.manifest):
+        return segment_zones(engine, t2w)
+    return segment_gland(engine, t2w, windows=windows)
+
+
+def zone_of(gland: GlandResult, points_lps: Any = None, centre_lps: Any = None,
+            max_mm: float = 5.0) -> Optional[str]:
+    """The zone (PZ / TZ) of a finding: the majority zone of its voxels (``points_lps`` (n, 3)) that lie
+    in the gland; else the zone at its centre; else the nearest gland voxel's zone within ``max_mm`` of
+    the centre; else None (and None without a zone map)."""
+    if gland.zones is None or not gland.found:
+        return None
+    z = gland.zones
+    shape = np.asarray(z.shape)
+
+    def zones_at(pts: np.ndarray) -> np.ndarray:
+        idx = np.rint(gland.grid.lps_to_index(np.atleast_2d(np.asarray(pts, dtype=np.float64)))).astype(int)
+        ok = np.all((idx >= 0) & (idx < shape), axis=1)
+        out = np.zeros(len(idx), dtype=np.uint8)
+        out[ok] = z[tuple(idx[ok].T)]
+        return out
+
+    if points_lps is not None and len(points_lps):
+        vals = zones_at(points_lps)
+        vals = vals[vals > 0]
+        if len(vals):
+            counts = np.bincount(vals, minlength=len(ZONE_LABELS))
+            return ZONE_LABELS[int(np.argmax(counts[1:])) + 1]
+    if centre_lps is None:
+        return None
+    c = np.asarray(centre_lps, dtype=np.float64)
+    v = int(zones_at(c)[0])
+    if v:
+        return ZONE_LABELS[v]
+    pts = np.argwhere(z > 0)
+    d = np.linalg.norm(gland.grid.index_to_lps(pts) - c, axis=1)
+    k = int(np.argmin(d))
+    if d[k] <= max_mm:
+        return ZONE_LABELS[int(z[tuple(pts[k])])]
+    return None
+
+
+def resolve_model(store: Any, model: str = AUTO) -> Optional[str]:
+    """``auto``: the zonal reference model when it is in the store, else TAPS when imported, else None;
+    a name[@version]: itself when it is in the store, else None."""
+    for name in ((ZONES_MODEL, MODEL_NAME) if model == AUTO else (model,)):
+        try:
+            store.resolve(name)
+            return name
+        except Exception:
+            continue
+    return None
+
+
 def coverage(gland: GlandResult, target: Any) -> Optional[float]:
     """Fraction of the gland's voxels inside *target*'s imaged region.
 
@@ -159,15 +298,21 @@ class GlandService:
     """Lazily opens the gland model from a ModelStore and segments axial T2W series.
     Disabled (returns None) when the model is not in the store; never raises on bad input."""
 
-    def __init__(self, store: Any, *, model: str = MODEL_NAME, variant: Optional[str] = None,
+    def __init__(self, store: Any, *, model: str = AUTO, variant: Optional[str] = None,
                  windows: Windows = "center") -> None:
-        self.store, self.model, self.variant, self.windows = store, model, variant, windows
+        self.store, self.variant, self.windows = store, variant, windows
+        self.requested = model
+        self.model: Optional[str] = resolve_model(store, model)
         self._engine: Any = None
         self.unavailable: Optional[str] = None
         self.selection: Any = None
 
     def engine(self) -> Any:
         if self._engine is None and self.unavailable is None:
+            if self.model is None:
+                self.unavailable = f"no model {self.requested!r} in the store (gland)"
+                log.info("gland model unavailable: %s", self.unavailable)
+                return None
             try:
                 self._engine, self.selection = self.store.open(self.model, variant=self.variant)
             except Exception as e:  # model missing, refused by the parity gate, back end unavailable
@@ -180,7 +325,7 @@ class GlandService:
         if eng is None:
             return None
         try:
-            return segment_gland(eng, t2w, windows=self.windows)
+            return segment(eng, t2w, windows=self.windows)
         except Exception as e:
             log.warning("gland segmentation failed: %s", type(e).__name__)
             return None
