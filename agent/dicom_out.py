@@ -497,7 +497,7 @@ class DicomSink(Sink):
             # same event is retried (objects already written are found, not written again)
             self.failed_attempts += 1
             self.last_error = f"write: {exc.strerror or exc}"
-            delay, self._write_retry_s = self._write_retry_s, min(30.0, self._write_retry_s * 2)
+            delay, self._write_retry_s = self._write_retry_s, min(10.0, self._write_retry_s * 2)
             if self.health is not None:
                 self.health.failed("dicom_output", self.folder, exc)
             else:

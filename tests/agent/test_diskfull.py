@@ -41,21 +41,18 @@ def small_fs(where: Path, size: str = "16m") -> Iterator[Path]:
 
 
 def fill(folder: Path) -> Path:
-    """Write a filler file until the file system is full."""
+    """Write a filler file until the file system is full (unbuffered: nothing left to flush on close)."""
     filler = folder / f"filler-{uuid.uuid4().hex}"
-    chunk = b"\0" * 65536
-    with open(filler, "wb") as fp:
+    with open(filler, "wb", buffering=0) as fp:
         try:
-            while True:
-                fp.write(chunk)
-                fp.flush()
+            while fp.write(b"\0" * 65536):
+                pass
         except OSError:
             pass
     try:  # the last bytes too
-        with open(folder / f"filler-{uuid.uuid4().hex}", "wb") as fp:
-            while True:
-                fp.write(b"\0" * 512)
-                fp.flush()
+        with open(folder / f"filler-{uuid.uuid4().hex}", "wb", buffering=0) as fp:
+            while fp.write(b"\0" * 512):
+                pass
     except OSError:
         pass
     assert shutil.disk_usage(folder).free < 65536
@@ -184,3 +181,102 @@ def test_quarantine_disk_full_then_space_returns(tmp_path, caplog):
             agent.stop()
         (copy,) = qdir.glob("*.dcm")
         assert copy.read_bytes() == bad2.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------ output folder
+needs_models = pytest.mark.skipif(
+    not all(any(m.name == n for m in __import__("engines.store", fromlist=["ModelStore"]).ModelStore().list())
+            for n in ("cspca-reference",)),
+    reason="the shipped csPCa model is not in engines/models")
+
+
+@pytest.fixture(scope="module")
+def bpmri_exam(tmp_path_factory):
+    from simulator.scanner import simulate_exam
+
+    out = tmp_path_factory.mktemp("bpmri")
+    return out, simulate_exam("siemens", out, seed=21, profile="prostate-bpmri", cspca=True)
+
+
+def _whole_lines(path: Path) -> list[dict]:
+    raw = path.read_bytes() if path.exists() else b""
+    assert raw == b"" or raw.endswith(b"\n"), f"partial last line in {path.name}: {raw[-120:]!r}"
+    return [json.loads(x) for x in raw.decode().splitlines()]  # every line parses
+
+
+def _outputs(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(hidden/temp leftovers, finished .dcm files) under the DICOM output folder."""
+    files = [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+    return [p for p in files if p.name.startswith(".") or not p.name.endswith(".dcm")], \
+        [p for p in files if not p.name.startswith(".") and p.name.endswith(".dcm")]
+
+
+@needs_models
+def test_output_disk_full_then_space_returns(tmp_path, caplog, bpmri_exam):
+    """The event log and the DICOM output on a small tmpfs that fills up during the exam: /readyz 503
+    naming the folders, one ERROR per target, no partial line or object; when space returns the SR and
+    the SEG are written once and the log holds every event once."""
+    import pydicom
+
+    from tests.agent import _live
+
+    caplog.set_level(logging.INFO)
+    src, truth = bpmri_exam
+    (tmp_path / "export").mkdir()
+    with small_fs(tmp_path / "outfs", size="16m") as outfs:
+        jsonl, dicom = outfs / "events.jsonl", outfs / "dicom"
+        agent = Agent(_config(tmp_path, tmp_path / "state", **{
+            "output.jsonl": str(jsonl), "dicom_output.folder": str(dicom), "analysis.triage": True,
+            "series.quiet_period_s": 1.0, "protocol.exam_quiet_period_s": 600.0})).start()
+        try:
+            api = httpx.Client(base_url=agent.api_url, timeout=30)
+            assert api.get("/readyz").status_code == 200
+            _live.stream_in_background(src, agent, truth)
+            assert _wait(lambda: len(_whole_lines(jsonl)) >= 1, 60)
+            filler = fill(outfs)  # the exam goes on: more series, classification, triage
+            n_parts = sum(len(s.parts) for s in truth.series)
+            assert _wait(lambda: agent.store.event_counts().get("series_completed", 0) >= n_parts
+                         and agent.store.event_counts().get("triage_result", 0) >= 1, 120), agent.store.event_counts()
+            assert _wait(lambda: _live.settled(agent), 60)
+            # the technologist ends the exam: the SR and SEG are due now, on a full disk
+            assert api.post(f"/v1/exams/{truth.study_uid}/done").status_code == 200
+            assert _wait(lambda: agent.write_health.is_failing("dicom_output") and agent.write_health.is_failing("events"), 30), \
+                agent.write_health.failing()
+            r = api.get("/readyz")
+            assert r.status_code == 503, r.text
+            checks = r.json()["checks"]
+            assert checks["disk"]["ok"] is False and f"events {outfs}" in checks["disk"]["detail"] \
+                and f"dicom_output {dicom}" in checks["disk"]["detail"], checks["disk"]
+            assert f"dicom_output {dicom}: No space left on device" in checks["writes"]["detail"], checks["writes"]
+            time.sleep(4.0)  # several retries while full
+            assert agent.write_health.failing()["dicom_output"].attempts >= 2
+            assert agent.write_health.failing()["events"].attempts >= 2
+            errors = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR]
+            assert sum(m.startswith(f"cannot write the DICOM output to {dicom}: No space left on device") for m in errors) == 1, errors
+            assert sum(m.startswith(f"cannot write the event log to {outfs}: No space left on device") for m in errors) == 1, errors
+            leftovers, written = _outputs(dicom)
+            assert leftovers == [] and written == [], (leftovers, written)  # no partial object
+            logged = _whole_lines(jsonl)  # no partial line
+            assert len(logged) < agent.store.last_event_seq()
+            metrics = api.get("/metrics").text
+            assert 'scanside_write_failing{target="dicom_output"} 1.0' in metrics
+            assert 'scanside_disk_free_bytes{folder="dicom_output"}' in metrics
+            # space returns
+            filler.unlink()
+            for f in outfs.glob("filler-*"):
+                f.unlink()
+            assert _wait(lambda: api.get("/readyz").status_code == 200, 30), api.get("/readyz").text
+            assert _wait(lambda: len(_outputs(dicom)[1]) >= 2, 30), _outputs(dicom)
+            assert _wait(lambda: len(_whole_lines(jsonl)) == agent.store.last_event_seq(), 30)
+            time.sleep(1.0)
+            events = agent.store.events_after(0, limit=100_000)
+        finally:
+            agent.stop()
+        leftovers, written = _outputs(dicom)
+        keys = [x["key"] for x in _whole_lines(jsonl)]
+        modalities = sorted(pydicom.dcmread(p).Modality for p in written)  # whole, readable objects
+    assert keys == [e.key for e in events] and len(set(keys)) == len(keys)
+    assert leftovers == []
+    assert modalities == ["SEG", "SR"], written
+    assert agent.dicom_output.written == sorted(written, key=lambda p: 0 if p.name.startswith("SR_") else 1)
+    assert any(f"the DICOM output is written to {dicom} again" in rec.getMessage() for rec in caplog.records)
