@@ -1,8 +1,11 @@
 """The image side of the agent: after a series completes, the sequence classifier labels it from its
 pixels (LABEL_MISMATCH where image and header disagree, both confident); once an exam has axial T2W,
 ADC and high-b DWI, the csPCa model runs and a TriageResult with lesion findings and a contrast
-recommendation follows; when the gland model is enabled, the axial T2W is segmented first so the
-csPCa crop is centred on the gland.
+recommendation follows; when a gland model is in the store ([gland], agent.gland: the zonal
+reference model, else TAPS), each completed axial T2W is segmented: the csPCa crop is centred on the
+gland, each lesion finding gets its zone (PZ / TZ, zonal model), the TriageResult carries the gland
+volume, and every axial DWI/ADC series is checked for whether its slab holds the gland
+(GLAND_NOT_COVERED, once per (series, T2W) pair; the profile's [coverage] sets the threshold).
 
 It runs as a sink with its own persisted cursor in its own thread, so ingestion never waits for a
 model, a restart resumes where it stopped, and every result has a deterministic key (the store
@@ -13,7 +16,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from typing import Any, Optional
+
+import numpy as np
 
 from agent.config import AgentConfig
 from agent.events import Event, LabelMismatch, SeriesClassified, SeriesSummary, TriageResult
@@ -44,6 +50,8 @@ class Analyzer(Sink):
         self._classifier: Any = None
         self._cspca: Any = None
         self._gland: Any = None
+        self._glands: "OrderedDict[str, Any]" = OrderedDict()  # T2W series_id:revision -> GlandResult | None
+        self._checker: Any = None
         self._unavailable: dict[str, str] = {}  # model -> why it is not used (logged once)
 
     # ------------------------------------------------------------------ models (lazy, optional)
@@ -94,11 +102,23 @@ class Analyzer(Sink):
 
             self._gland = GlandService(self.model_store(), model=self.config.gland.model, variant=self.config.gland.variant,
                                        windows=self.config.gland.windows)
+            if self.metrics is not None and self._gland.engine() is not None:
+                self.metrics.instrument(self._gland.engine())
         return self._gland
+
+    def protocol(self) -> Any:
+        """The protocol checker (profile) the coverage deviations are raised with; None when checks are off."""
+        if self._checker is None:
+            from agent.protocol import checker_from_config
+
+            self._checker = checker_from_config(self.config, self.store) or False
+        return self._checker or None
 
     def ready(self) -> bool:
         """Every enabled model that is in the store has loaded."""
         try:
+            if self.config.gland.enabled and self.gland() is not None:
+                self.gland().engine()
             if self.settings.image_label and self._has(self.settings.sequence_model):
                 self.classifier()
             if self.settings.triage and self._has(self.settings.cspca_model):
@@ -115,6 +135,11 @@ class Analyzer(Sink):
                 self._classify(event.series)
             except Exception as exc:  # a series that cannot be classified must not block the ones after it
                 log.warning("image label for series %s failed: %s", event.series.series_number, exc)
+        if event.type == "series_completed":
+            try:
+                self._coverage(event.series)
+            except Exception as exc:
+                log.warning("gland coverage for series %s failed: %s", event.series.series_number, exc)
         if event.type in ("series_completed", "exam_completed") and event.study_uid:
             try:
                 self._triage(event.study_uid, exam_over=event.type == "exam_completed")
@@ -162,6 +187,107 @@ class Analyzer(Sink):
             ))
         self._record(*events)
 
+    # ------------------------------------------------------------------ gland
+    def _t2_volume(self, summary: SeriesSummary) -> Any:
+        from agent.image_label import select_frames
+        from agent.volume import load_volume
+
+        part = self._part(summary)
+        if part is None:
+            return None
+        return load_volume(select_frames(part.refs, part.frames))
+
+    def gland_for(self, t2: SeriesSummary, volume: Any = None) -> Any:
+        """GlandResult of an axial T2W series (segmented once, kept for the last few), None without a model."""
+        service = self.gland()
+        if service is None:
+            return None
+        key = f"{t2.series_id}:r{t2.revision}"
+        if key not in self._glands:
+            if service.engine() is None:
+                return None
+            if volume is None:
+                try:
+                    volume = self._t2_volume(t2)
+                except Exception as exc:
+                    log.info("gland: series %s not loadable (%s)", t2.series_number, type(exc).__name__)
+                    volume = None
+            result = service.segment(volume) if volume is not None else None
+            self._glands[key] = result
+            while len(self._glands) > 8:
+                self._glands.popitem(last=False)
+        return self._glands[key]
+
+    def _reference_t2(self, study_uid: str) -> Optional[SeriesSummary]:
+        """The axial T2W the gland is taken from: the newest complete T2WI_nan, else T2WI_fs (as triage)."""
+        axial = [s for s in self._latest_series(study_uid).values() if s.plane == "axial" and s.complete]
+        t2 = [s for s in axial if s.label == "T2WI_nan"] or [s for s in axial if s.label == "T2WI_fs"]
+        return max(t2, key=lambda s: (s.series_number or 0, s.revision)) if t2 else None
+
+    def _coverage(self, s: SeriesSummary) -> None:
+        """GLAND_NOT_COVERED for each axial DWI/ADC series whose slab misses part of the gland: checked when
+        the series completes (against the T2W's gland) and, for the series before it, when a T2W completes."""
+        if self.gland() is None or not s.study_uid:
+            return
+        checker = self.protocol()
+        if checker is None or not checker.profile.coverage.enabled:
+            return
+        cov = checker.profile.coverage
+        t2 = self._reference_t2(s.study_uid)
+        if t2 is None:
+            return
+        if s.series_id == t2.series_id:
+            targets = [x for x in self._latest_series(s.study_uid).values()
+                       if x.complete and x.slab is not None and cov.checked.matches(x.label, x.other_kind, x.plane)]
+        elif s.complete and s.slab is not None and cov.checked.matches(s.label, s.other_kind, s.plane):
+            targets = [s]
+        else:
+            return
+        if not targets:
+            return
+        gland = self.gland_for(t2)
+        if gland is None or not gland.found:
+            self._edges_without_gland(checker, s.study_uid, targets, t2)
+            return
+        from agent.gland import coverage
+
+        events = []
+        done: set[tuple[str, int]] = set()  # one check per acquisition (the parts of a DWI series share its slab)
+        for x in targets:
+            if (x.series_uid, x.revision) in done:
+                continue
+            done.add((x.series_uid, x.revision))
+            fraction = coverage(gland, x)
+            if fraction is None:
+                continue
+            dev = checker.coverage_deviation(s.study_uid, x, t2, fraction, missed_end(gland, x))
+            if dev is not None:
+                events.append(dev)
+        if events:
+            self._record(*events)
+
+    def _edges_without_gland(self, checker: Any, study_uid: str, targets: list, t2: SeriesSummary) -> None:
+        """The gland model ran but found no gland: the slab-end check the pipeline left to it
+        (profile geometry.edge_check = "without_gland") is made here, once per acquisition."""
+        from agent.protocol import ProtocolChecker
+
+        g = checker.profile.geometry
+        if not g.enabled or g.edge_check != "without_gland" or t2.slab is None:
+            return
+        plain = ProtocolChecker(checker.profile, self.store)
+        deferring = ProtocolChecker(checker.profile, self.store, gland_coverage=True)
+        events = []
+        for x in {t.series_uid: t for t in reversed(targets)}.values():
+            if not g.checked.matches(x.label, x.other_kind, x.plane):
+                continue
+            dev = plain._misaligned(study_uid, x, t2)
+            if dev is None or deferring._misaligned(study_uid, x, t2) is not None:
+                continue  # aligned, or misaligned otherwise too: the pipeline has said so
+            key = f"deviation:{study_uid}:{dev.code}:{x.series_uid}:r{x.revision}:t2:{t2.series_id}:r{t2.revision}:no-gland"
+            events.append(dev.model_copy(update={"key": key, "alert_id": "pd-" + hashlib.sha1(key.encode()).hexdigest()[:16]}))
+        if events:
+            self._record(*events)
+
     # ------------------------------------------------------------------ triage
     def _latest_series(self, study_uid: str) -> dict[str, SeriesSummary]:
         latest: dict[str, SeriesSummary] = {}
@@ -208,12 +334,12 @@ class Analyzer(Sink):
             volumes[ch] = load_volume(select_frames(part.refs, part.frames))
         center = None
         gland_ml = None
-        service = self.gland()
-        if service is not None:
-            result = service.segment(volumes["T2W"])
-            if result is not None and result.found:
-                center, gland_ml = result.centroid_lps, result.volume_ml
+        gland = self.gland_for(inputs["T2W"], volumes["T2W"])
+        if gland is not None and gland.found:
+            center, gland_ml = gland.centroid_lps, round(gland.volume_ml, 2)
         prediction = model.predict(volumes, center_lps=center)
+        if gland is not None and gland.found and gland.zones is not None:
+            prediction.findings = with_zones(prediction, gland, float(model.post.get("lesion_threshold", 0.5)))
         threshold = self.settings.dce_advised_threshold
         if threshold is None:
             threshold = model.decision_threshold
@@ -230,3 +356,45 @@ class Analyzer(Sink):
 
             MapStore(self.config.state.dir / "maps").put(key, prediction.likelihood, prediction.grid)
         self._record(event)
+
+
+def missed_end(gland: Any, series: SeriesSummary) -> Optional[str]:
+    """Which end of the gland lies outside the series' slab: "apex" (inferior), "base" (superior), both, or None."""
+    slab = series.slab
+    if slab is None or not gland.found:
+        return None
+    pts = gland.points_lps()
+    n = np.asarray(slab.normal, dtype=float)
+    d = pts @ n
+    ends = []
+    for outside in (d < slab.start_mm, d > slab.end_mm):
+        if outside.any():
+            # superior (LPS +z) of the gland's centroid: base; inferior: apex
+            ends.append("base" if float(pts[outside, 2].mean()) > float(gland.centroid_lps[2]) else "apex")
+    ends = sorted(set(ends))
+    return " and ".join(ends) if ends else None
+
+
+def with_zones(prediction: Any, gland: Any, threshold: float) -> list:
+    """The prediction's findings with their zone (agent.gland.zone_of): the majority zone of the voxels of the
+    likelihood component each finding was measured on, else the zone at (or within 5 mm of) its centre."""
+    from scipy import ndimage
+
+    from agent.gland import zone_of
+
+    lk = np.nan_to_num(np.asarray(prediction.likelihood, dtype=np.float32), nan=0.0)
+    lab, _ = ndimage.label(lk >= threshold, structure=np.ones((3, 3, 3), dtype=bool))
+    grid = prediction.grid
+    out = []
+    for f in prediction.findings:
+        pts = None
+        idx = np.rint(grid.lps_to_index(np.asarray(f.center_lps_mm, dtype=float))).astype(int)
+        k = int(lab[tuple(idx)]) if np.all((idx >= 0) & (idx < np.asarray(lab.shape))) else 0
+        if k == 0 and lab.any():  # centre of an odd-shaped component: the nearest labelled voxel's component
+            vox = np.argwhere(lab > 0)
+            near = vox[np.argmin(np.linalg.norm(grid.index_to_lps(vox) - np.asarray(f.center_lps_mm), axis=1))]
+            k = int(lab[tuple(near)])
+        if k:
+            pts = grid.index_to_lps(np.argwhere(lab == k).astype(np.float64))
+        out.append(f.model_copy(update={"zone": zone_of(gland, pts, f.center_lps_mm)}))
+    return out

@@ -59,6 +59,10 @@ class Agent:
 
         self.analyzer = Analyzer(config, self.store, self.pipeline.new_events)
         self.output_runners.append(SinkRunner(self.store, [self.analyzer], self.pipeline.new_events))
+        if self.pipeline.protocol is not None:  # the analyzer checks the gland's coverage: slab ends are its call
+            from agent.protocol import gland_model_active
+
+            self.pipeline.protocol.gland_coverage = gland_model_active(config)
         self.watcher: Optional[FolderWatcher] = None
         self.receiver = None  # agent.cstore.StoreSCP when [cstore] enabled
         if config.cstore.enabled:

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -142,6 +142,20 @@ class Geometry(_Model):
     center_tolerance_mm: float = Field(5.0, ge=0, description="slab centres along the normal")
     in_plane_tolerance_mm: float = Field(10.0, ge=0, description="slab centres across the normal")
     edge_tolerance_mm: float = Field(10.0, ge=0, description="each end of the slab along the normal")
+    edge_check: Literal["always", "without_gland"] = Field(
+        "without_gland", description="always: slab ends beyond edge_tolerance_mm are DWI_T2_MISALIGNED; without_gland: "
+        "only when no gland model runs -- with one, a shorter slab is judged by what it misses of the gland "
+        "([coverage], GLAND_NOT_COVERED)")
+
+
+class Coverage(_Model):
+    """The gland (segmented on the axial T2W by the gland model, when one is in the store) must lie inside
+    the slab of each checked series: GLAND_NOT_COVERED otherwise."""
+
+    enabled: bool = True
+    min_fraction: float = Field(0.95, ge=0, le=1, description="fraction of the gland's volume that must lie inside the slab")
+    checked: SeriesMatch = SeriesMatch(labels=["DWI_Low", "DWI_High", "ADC"], planes=["axial"])
+    severity: Severity = "critical"
 
 
 class DescriptionCheck(_Model):
@@ -159,6 +173,7 @@ class Profile(_Model):
     parameters: dict[str, ParameterGroup] = Field(default_factory=dict)
     b_values: BValues = BValues()
     geometry: Geometry = Geometry()
+    coverage: Coverage = Coverage()
     description_check: DescriptionCheck = DescriptionCheck()
     severity: dict[str, Severity] = Field(default_factory=dict, description="per-code severity overrides")
     disabled_codes: list[str] = Field(default_factory=list, description="codes never raised")

@@ -10,7 +10,8 @@ alert: per series ``deviation:<study>:<code>:<series_id>:r<revision>``, per exam
 Codes: SERIES_MISSING, T2_ORTHOGONAL_MISSING, SERIES_INCOMPLETE, DWI_HIGH_B_TOO_LOW,
 DWI_LOW_B_OUT_OF_RANGE, DWI_INTERMEDIATE_B_OUT_OF_RANGE, SLICE_TOO_THICK, SLICE_TOO_THIN, SLICE_GAP,
 FOV_OUT_OF_RANGE, IN_PLANE_RESOLUTION, TE_OUT_OF_RANGE, TR_OUT_OF_RANGE, FIELD_STRENGTH_OUT_OF_RANGE,
-DCE_TEMPORAL_RESOLUTION, DCE_OBSERVATION_TOO_SHORT, DWI_T2_MISALIGNED, DESCRIPTION_MISMATCH.
+DCE_TEMPORAL_RESOLUTION, DCE_OBSERVATION_TOO_SHORT, DWI_T2_MISALIGNED, DESCRIPTION_MISMATCH, GLAND_NOT_COVERED
+(raised by agent.analysis, where the gland model runs: ``coverage_deviation``).
 
 Transfer problems are not protocol deviations: a file that could not be read is reported once, as
 FileQuarantined. So a series short of its count because of a quarantined file, or a required series
@@ -191,10 +192,14 @@ class ProtocolChecker:
     """Call `after(events)` with the events just recorded (inside the same store transaction);
     `exam_end(study_uid, round)` when the exam ends. Both return the deviations to record."""
 
-    def __init__(self, profile: Profile, store: StateStore, quarantine_dir: Optional[Path] = None):
+    def __init__(self, profile: Profile, store: StateStore, quarantine_dir: Optional[Path] = None,
+                 gland_coverage: bool = False):
         self.profile = profile
         self.store = store
         self.quarantine = QuarantineIndex(store, quarantine_dir)
+        # a gland model runs (agent.analysis): slab ends are judged by GLAND_NOT_COVERED instead
+        # (profile.geometry.edge_check = "without_gland")
+        self.gland_coverage = bool(gland_coverage)
 
     # ------------------------------------------------------------------ exam state
     def exam_series(self, study_uid: str) -> list[SeriesSummary]:
@@ -435,7 +440,8 @@ class ProtocolChecker:
             problems.append((f"slab centre {along:+.1f} mm along the slice normal", f"≤ {g.center_tolerance_mm:g} mm"))
         if across > g.in_plane_tolerance_mm:
             problems.append((f"slab centre {across:.1f} mm off in-plane", f"≤ {g.in_plane_tolerance_mm:g} mm"))
-        if not problems and edge > g.edge_tolerance_mm:
+        edge_by_gland = g.edge_check == "without_gland" and self.gland_coverage and self.profile.coverage.enabled
+        if not problems and edge > g.edge_tolerance_mm and not edge_by_gland:
             problems.append((f"slab ends differ by {edge:.1f} mm", f"≤ {g.edge_tolerance_mm:g} mm"))
         if not problems:
             return None
@@ -446,6 +452,34 @@ class ProtocolChecker:
             f"{_cap(_who(s, s.label))} is not at the axial T2W's locations (series {ref.series_number}: {measured}): "
             "copy the T2W slice positions to the DWI and repeat it before the patient leaves.",
             measured=measured, required=required)
+
+    # ------------------------------------------------------------------ gland coverage
+    def coverage_deviation(self, study_uid: str, s: SeriesSummary, t2: SeriesSummary, fraction: float,
+                           missed: Optional[str] = None) -> Optional[ProtocolDeviation]:
+        """GLAND_NOT_COVERED for series *s* when less than the profile's [coverage] min_fraction of the gland
+        (segmented on the axial T2W *t2*) lies inside its slab; None when covered or the check is off.
+        *missed*: which end of the gland is outside ("apex", "base", "apex and base"). Called by
+        agent.analysis (the gland model runs there); the key names the (series, T2W) pair."""
+        cov = self.profile.coverage
+        if not cov.enabled or not cov.checked.matches(s.label, s.other_kind, s.plane) or fraction >= cov.min_fraction:
+            return None
+        code = "GLAND_NOT_COVERED"
+        what = "ADC map" if s.label == "ADC" else "DWI"
+        miss = 1.0 - fraction
+        where = f" ({missed})" if missed else ""
+        move = {"apex": "move the slab caudally (towards the feet) or add slices",
+                "base": "move the slab cranially (towards the head) or add slices"}.get(missed or "", "add slices")
+        dev = self._deviation(
+            code, cov.severity, s, study_uid,
+            f"The {what} slab (series {s.series_number}) misses {miss:.0%} of the prostate{where} seen on the axial "
+            f"T2W (series {t2.series_number}): {move} so that it covers the whole gland, and repeat it before the "
+            "patient leaves.",
+            measured=f"{fraction:.0%} of the gland inside the slab", required=f"≥ {cov.min_fraction:.0%} of the gland")
+        if dev is None:
+            return None
+        # one per acquisition: the parts of a multi-b DWI series (one slab) share the key
+        key = f"deviation:{study_uid}:{code}:{s.series_uid}:r{s.revision}:t2:{t2.series_id}:r{t2.revision}"
+        return dev.model_copy(update={"key": key, "alert_id": "pd-" + hashlib.sha1(key.encode()).hexdigest()[:16]})
 
     # ------------------------------------------------------------------ exam end
     def exam_end(self, study_uid: str, round_: int) -> list[ProtocolDeviation]:
@@ -517,16 +551,33 @@ def measured_values(s: SeriesSummary) -> dict[str, Optional[float]]:
     }
 
 
-def checker_from_config(config, store: StateStore) -> Optional[ProtocolChecker]:  # type: ignore[no-untyped-def]
-    """The checker the agent's [protocol] section asks for; None when protocol checks are off."""
+def checker_from_config(config, store: StateStore, gland_coverage: bool = False) -> Optional[ProtocolChecker]:  # type: ignore[no-untyped-def]
+    """The checker the agent's [protocol] section asks for; None when protocol checks are off.
+    gland_coverage: the gland model runs beside it (the daemon's Analyzer; see gland_model_active)."""
     from agent.profiles import load_profile
 
     section = getattr(config, "protocol", None)
+    gland = bool(gland_coverage)
     if section is None:
-        return ProtocolChecker(load_profile(), store, config.quarantine_path)
+        return ProtocolChecker(load_profile(), store, config.quarantine_path, gland_coverage=gland)
     if not section.enabled:
         return None
-    return ProtocolChecker(load_profile(section.profile, section.site_profile), store, config.quarantine_path)
+    return ProtocolChecker(load_profile(section.profile, section.site_profile), store, config.quarantine_path,
+                           gland_coverage=gland)
+
+
+def gland_model_active(config) -> bool:  # type: ignore[no-untyped-def]
+    """The agent will segment the gland (agent.analysis): [gland] enabled and a gland model in the store."""
+    section = getattr(config, "gland", None)
+    if section is None or not section.enabled:
+        return False
+    try:
+        from agent.gland import resolve_model
+        from engines.store import ModelStore
+
+        return resolve_model(ModelStore(), section.model) is not None
+    except Exception:  # no store, unreadable manifests: no gland model
+        return False
 
 
 Clock = Callable[[], float]
