@@ -192,8 +192,15 @@ def test_unwritable_receive_folder_answers_out_of_resources_and_agent_survives(a
     assert statuses == [0xA700, 0xA700]
     assert agent.receiver.stats["failed"] == 2
     assert agent.healthy()
+    # alive, but not ready while the receive folder cannot be written (agent.health)
+    from agent.api import readiness
+
+    r = readiness(agent)
+    assert not r.ready and not r.checks["writes"].ok and f"received {folder}" in r.checks["writes"].detail, r
+    assert agent.write_health.failing()["received"].attempts == 2
     # the folder back, the scanner's retry goes through
     assert send_with_pynetdicom(files, port) == [0x0000, 0x0000]
+    assert readiness(agent).checks["writes"].ok and agent.write_health.failures_total["received"] == 2
 
 
 def test_received_but_not_ingested_objects_are_ingested_after_restart(tmp_path, exam):
