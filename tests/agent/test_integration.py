@@ -139,7 +139,11 @@ def test_truncated_file_fault_is_quarantined(tmp_path, exams):
         agent.stop()
     assert event.reason == "truncated"
     (reason_file,) = agent.config.quarantine_path.glob("*.reason.json")
-    assert json.loads(reason_file.read_text())["original_path"].endswith(truth.corrupt_files[0])
+    note = json.loads(reason_file.read_text())
+    # named by its ref; the path (export folder names can hold patient names) only with privacy.include_file_paths
+    assert note["file_ref"] == event.file_ref and note["reason"] == "truncated" and "original_path" not in note
+    copy = agent.config.quarantine_path / f"{event.file_ref}.dcm"
+    assert copy.read_bytes() == (tmp_path / "export" / truth.corrupt_files[0]).read_bytes()
 
 
 def test_scan_json_reports_series_and_quarantine(exams):
