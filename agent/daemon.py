@@ -34,6 +34,7 @@ class Agent:
 
         self.write_health = WriteHealth()  # last write outcome per output folder: /readyz "writes", metrics
         self.pipeline.quarantine_box.health = self.write_health
+        self.ingestor.health = self.write_health
         sinks = [JsonlSink(config.jsonl_path, health=self.write_health)]
         if config.output.stdout:
             sinks.append(StdoutSink())

@@ -1,7 +1,8 @@
 """Where the agent writes, how much room is left there, and whether the last write worked.
 
-- `WriteHealth`: the writers (quarantine, JSONL event log, DICOM output, C-STORE receiver) report each
-  write that failed with an OSError (ENOSPC, EROFS, EIO, ...) and each that succeeded. A target whose
+- `WriteHealth`: the writers (ingest's state database writes, quarantine, JSONL event log, DICOM output,
+  C-STORE receiver) report each write that failed (an OSError: ENOSPC, EROFS, EIO, ...; an sqlite3 error
+  for the state database) and each that succeeded. A target whose
   last write failed is "failing": /readyz is false and `scanside_write_failing{target}` is 1 until its
   next successful write. One ERROR is logged per failure episode (not one per retry), one INFO when
   it ends.
@@ -31,9 +32,9 @@ log = logging.getLogger(__name__)
 
 # write targets (scanside_write_failures_total / scanside_write_failing) and watched folders
 # (scanside_disk_free_bytes): fixed label values
-TARGETS = ("quarantine", "events", "dicom_output", "received")
+TARGETS = ("state", "quarantine", "events", "dicom_output", "received")
 FOLDERS = ("state", "quarantine", "events", "dicom_output", "received")
-WHAT = {"quarantine": "the quarantine copy", "events": "the event log", "dicom_output": "the DICOM output",
+WHAT = {"state": "the state database", "quarantine": "the quarantine copy", "events": "the event log", "dicom_output": "the DICOM output",
         "received": "a received C-STORE object"}
 
 

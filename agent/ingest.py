@@ -52,6 +52,7 @@ class Ingestor:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.last_loop = time.time()  # for the watchdog / readiness
+        self.health = None  # agent.health.WriteHealth, set by the agent: state write failures
         self._exclude = [str(p.resolve()) for p in (config.state.dir, config.quarantine_path)]
         self._include: list[str] = []  # folders inside an excluded one that are ingested all the same
         # files found by catch_up() not yet handled: quiet periods wait for them (time the agent was
@@ -158,7 +159,11 @@ class Ingestor:
             except sqlite3.Error as exc:
                 # the state database (or its disk) refuses writes, e.g. disk full: the file is not
                 # bad, so it keeps its place and is tried again; nothing is marked or quarantined
-                log.error("state not writable (%s: %s); file kept for retry", exc.__class__.__name__, exc)
+                if self.health is not None:  # one ERROR per episode (agent.health), /readyz false meanwhile
+                    self.health.failed("state", self.config.state.dir, f"state not writable ({exc.__class__.__name__}: {exc})",
+                                       consequence="file kept for retry")
+                else:
+                    log.error("state not writable (%s: %s); file kept for retry", exc.__class__.__name__, exc)
                 self._reschedule(p, self.clock() + STATE_RETRY_S)
                 return handled
             handled += 1
@@ -177,6 +182,8 @@ class Ingestor:
                 self._reschedule(p, now + self.config.watch.settle_s)  # still being written?
                 return
         outcome = self.pipeline.process_file(p.path)
+        if self.health is not None and outcome.status != "error":
+            self.health.ok("state")  # the state database recorded it
         if outcome.status != "error":
             self._forget(p)
             return

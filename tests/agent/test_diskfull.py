@@ -111,6 +111,12 @@ def test_state_disk_full_then_space_returns(tmp_path, caplog):
             time.sleep(8.0)  # full for a while: every file event for the new files has been tried and failed
             counts = agent.store.file_counts()
             assert counts.get("ingested", 0) < len(first) + len(second)
+            # retried every second, said once: one ERROR for the episode, and /readyz names the folder
+            said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cannot write the state database")]
+            assert len(said) == 1 and str(state / "scanside") in said[0], said
+            assert agent.write_health.failing()["state"].attempts >= 3
+            writes = api.get("/readyz").json()["checks"]["writes"]
+            assert writes["ok"] is False and f"state {state / 'scanside'}: state not writable" in writes["detail"], writes
             assert not counts.get("quarantined"), "a full disk must not make good files 'bad'"
             # space returns
             filler.unlink()
