@@ -169,6 +169,42 @@ def read_series(roots: Union[str, Path, Sequence[Union[str, Path]]], *, labels: 
     return out
 
 
+def read_series_whole(roots: Union[str, Path, Sequence[Union[str, Path]]]) -> List[SeriesVolume]:
+    """Every series of every plane, one volume each as the sequence classifier sees it
+    (agent.image_label.select_frames: one orientation, the middle temporal phase, one frame per
+    position), labelled by the header rules -- the inputs of a model whose channel is "series"."""
+    from agent.classify import classify_header
+    from agent.header import HeaderError, read_header
+    from agent.image_label import select_frames
+    from agent.series import split_parts
+    from agent.vendor import plane_of
+    from agent.volume import VolumeError, load_volume
+
+    if isinstance(roots, (str, Path)):
+        roots = [roots]
+    by_series: Dict[str, list] = {}
+    for root in roots:
+        for p in dicom_files(root):
+            try:
+                h = read_header(p)
+            except (HeaderError, Exception):  # bad input never crashes the converter
+                continue
+            by_series.setdefault(h.series_uid, []).append(h)
+    out: List[SeriesVolume] = []
+    for uid in sorted(by_series):
+        for part in split_parts(by_series[uid]):
+            label = classify_header(part.headers, part.frames).label
+            orient = next((f.orientation for f in part.frames if f.orientation), None)
+            try:
+                vol = load_volume(select_frames(list(part.refs), list(part.frames)))
+            except (VolumeError, ValueError, OSError) as e:
+                log.info("calibration data: series %s not loadable (%s)", _opaque(part.series_id), type(e).__name__)
+                continue
+            out.append(SeriesVolume(_opaque(part.headers[0].study_uid), _opaque(part.series_id), label,
+                                    plane_of(orient) if orient else None, vol))
+    return out
+
+
 def exam_truth(roots: Union[str, Path, Sequence[Union[str, Path]]]) -> Dict[str, float]:
     """study key -> csPCa (1.0/0.0) from simulator ground_truth.json files under *roots* (if any)."""
     import json
@@ -271,6 +307,8 @@ def build_set(manifest: ModelManifest, roots: Union[str, Path, Sequence[Union[st
     from engines.preprocess import prepare
 
     spec = manifest.preprocessing
+    if list(spec.channels) == ["series"]:  # a series classifier: every series is one sample, labelled by its header
+        return _series_set(manifest, roots, series, max_samples)
     wanted = {lab for ch in spec.channels for lab in channel_labels(ch)}
     if series is None:
         series = read_series(roots, labels=wanted)
@@ -305,3 +343,42 @@ def build_set(manifest: ModelManifest, roots: Union[str, Path, Sequence[Union[st
             break
     return CalibrationSet(np.stack(samples).astype(np.float32), labels, sources, manifest.inputs[0].name, starts,
                           targets)
+
+
+def _series_set(manifest: ModelManifest, roots: Union[None, str, Path, Sequence[Union[str, Path]]],
+                series: Optional[Sequence[SeriesVolume]], max_samples: Optional[int]) -> CalibrationSet:
+    """Classifier inputs, one per series, prepared as agent.image_label prepares them; samples are taken
+    round-robin over the header labels so a capped set still holds every class."""
+    from engines.preprocess import prepare
+
+    spec = manifest.preprocessing
+    assert spec is not None
+    if series is None:
+        series = read_series_whole(roots)  # type: ignore[arg-type]
+    if not series:
+        raise CalibrationDataError(f"{manifest.ref}: no loadable series")
+    by_label: Dict[str, List[SeriesVolume]] = {}
+    for s in series:
+        by_label.setdefault(s.label, []).append(s)
+    order: List[SeriesVolume] = []
+    queues = [list(v) for _, v in sorted(by_label.items())]
+    while any(queues):
+        for q in queues:
+            if q:
+                order.append(q.pop(0))
+    if max_samples is not None:
+        order = order[:max_samples]
+    arrs = []
+    for s in order:
+        vol = s.volume
+        a = np.asarray(vol.array)  # type: ignore[attr-defined]
+        if not np.isfinite(a).all():  # as agent.image_label.ImageClassifier.prepare
+            from agent.volume import Volume
+
+            vol = Volume.from_array_affine(np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0),
+                                           vol.array_affine)  # type: ignore[attr-defined]
+        arr, _ = prepare({spec.channels[0]: vol}, spec)  # type: ignore[dict-item]
+        _check_fits(manifest, arr)
+        arrs.append(arr.astype(np.float32))
+    return CalibrationSet(np.stack(arrs), [s.label for s in order], [s.series_key for s in order],
+                          manifest.inputs[0].name, [(0, 0, 0)] * len(order), [float("nan")] * len(order))
