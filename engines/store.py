@@ -51,11 +51,11 @@ def default_preference() -> Tuple[Tuple[str, ...], str]:
     """The back-end order a store uses when none is configured, and why: on x86 with the `openvino`
     package installed OpenVINO comes before ONNX Runtime (CPU_PREFERENCE) -- it is then still only used
     for a model whose OpenVINO parity entries pass (ModelStore._try_openvino); otherwise
-    DEFAULT_PREFERENCE.  SCANSIDE_ENGINES (comma-separated back ends) overrides both."""
-    env = os.environ.get("SCANSIDE_ENGINES", "").strip()
+    DEFAULT_PREFERENCE.  SCANSIDE_ENGINE_PREFERENCE (comma-separated back ends) overrides both."""
+    env = os.environ.get("SCANSIDE_ENGINE_PREFERENCE", "").strip()
     if env:
         order = tuple(b.strip() for b in env.split(",") if b.strip())
-        return order, f"SCANSIDE_ENGINES={env}"
+        return order, f"SCANSIDE_ENGINE_PREFERENCE={env}"
     from engines.openvino_engine import is_x86
 
     if not is_x86():

@@ -203,7 +203,7 @@ def test_default_preference_openvino_only_where_its_parity_passes(tmp_path: Path
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import engines.store as st
 
-    monkeypatch.delenv("SCANSIDE_ENGINES", raising=False)
+    monkeypatch.delenv("SCANSIDE_ENGINE_PREFERENCE", raising=False)
     order, why = st.default_preference()
     assert order == CPU_PREFERENCE and "openvino installed" in why
     m = _with_int8(tmp_path)
@@ -237,15 +237,15 @@ def test_default_preference_openvino_only_where_its_parity_passes(tmp_path: Path
     order, why = st.default_preference()
     assert "openvino" not in order and "not installed" in why
     assert ModelStore(tmp_path / "models").explain("tiny3d").backend == "onnxruntime"
-    monkeypatch.setenv("SCANSIDE_ENGINES", "onnxruntime")
-    assert st.default_preference() == (("onnxruntime",), "SCANSIDE_ENGINES=onnxruntime")
+    monkeypatch.setenv("SCANSIDE_ENGINE_PREFERENCE", "onnxruntime")
+    assert st.default_preference() == (("onnxruntime",), "SCANSIDE_ENGINE_PREFERENCE=onnxruntime")
 
 
 def test_default_preference_not_x86(monkeypatch: pytest.MonkeyPatch) -> None:
     import engines.openvino_engine as ove
     import engines.store as st
 
-    monkeypatch.delenv("SCANSIDE_ENGINES", raising=False)
+    monkeypatch.delenv("SCANSIDE_ENGINE_PREFERENCE", raising=False)
     monkeypatch.setattr(ove.platform, "machine", lambda: "aarch64")
     order, why = st.default_preference()
     assert order == st.DEFAULT_PREFERENCE and "not an x86 CPU (aarch64)" in why
