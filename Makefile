@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench soak clean setup system-deps browser-deps
+.PHONY: run test bench bench-cpu soak clean setup system-deps browser-deps
 
 setup: $(STAMP)
 
@@ -63,6 +63,13 @@ soak: $(STAMP)
 
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# CPU inference figures on a quiet machine: every model x back end x variant (cpu.json), then the roofline
+# that reads it (roofline.json/md), then decode/prepare before-after (decode.json)
+bench-cpu: $(STAMP)
+	$(PY) bench/bench_cpu.py
+	$(PY) bench/roofline.py
+	$(PY) bench/bench_decode.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

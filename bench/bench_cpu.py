@@ -4,8 +4,8 @@
 
 Models: prostate-gland-taps (one 128x128x32 window; the INT8 variants from bench/bench_int8.py's store
 ~/.cache/scanside/int8-store when present), sequence-classifier, cspca-reference.
-Back ends: ONNX Runtime FP32, ONNX Runtime INT8 U8/S8 (when the manifest has the variant), OpenVINO FP32,
-OpenVINO on the U8/S8 Q/DQ file.  Inputs: simulated series prepared by the agent's preprocessing
+Back ends: ONNX Runtime and OpenVINO, each on FP32 and on the INT8 Q/DQ files the manifest has (U8/S8
+``int8_u8s8``, symmetric ``int8_sym``); ``store_default`` says what the agent's model store picks by default.  Inputs: simulated series prepared by the agent's preprocessing
 (converters.calibration_data.build_set); the task metric (Dice of masks / top-1 agreement / decision
 agreement) and max |diff| of every back end's output against ONNX Runtime FP32 (converters.parity.task_metrics).
 Non-inference work on the critical path, timed on the same simulated series: read+decode (read_series:
@@ -37,7 +37,8 @@ RESULTS = ROOT / "bench" / "results" / "cpu.json"
 CACHE = Path(os.environ.get("SCANSIDE_CACHE_DIR", Path.home() / ".cache" / "scanside"))
 INT8_STORE = CACHE / "int8-store"
 T2W_EXAMS = CACHE / "int8-t2w"  # bench/make_t2w_data.py (simulated axial T2W exams)
-CONFIGS = (("onnxruntime", "fp32"), ("onnxruntime", "int8_u8s8"), ("openvino", "fp32"), ("openvino", "int8_u8s8"))
+CONFIGS = (("onnxruntime", "fp32"), ("onnxruntime", "int8_u8s8"), ("onnxruntime", "int8_sym"), ("openvino", "fp32"),
+           ("openvino", "int8_u8s8"), ("openvino", "int8_sym"))
 
 
 def save(res: Dict[str, Any], path: Path = RESULTS) -> None:
@@ -113,7 +114,15 @@ def bench_model(manifest: Any, cset: Any, threads: int, repeats: int, cache_dir:
             name = manifest.outputs[0].name
             ref = np.concatenate([r[name] for r in ref_outs])
             got = np.concatenate([g[name] for g in outs])
-            entry["task_metric_vs_ort_fp32"] = task_metrics(manifest, ref, got, cset)
+            if manifest.task == "cspca_detection":  # exam decision, AUROC where truth is known, lesions
+                from converters.parity import cspca_metrics
+
+                both = {o.name: (np.concatenate([r[o.name] for r in ref_outs]),
+                                 np.concatenate([g[o.name] for g in outs])) for o in manifest.outputs}
+                entry["task_metric_vs_ort_fp32"] = cspca_metrics(manifest, {k: v[0] for k, v in both.items()},
+                                                                 {k: v[1] for k, v in both.items()}, cset)
+            else:
+                entry["task_metric_vs_ort_fp32"] = task_metrics(manifest, ref, got, cset)
             if ref.ndim > 2 and ref.size > 1000:
                 # dense output: the model's own threshold may segment nothing on simulated images (TAPS finds
                 # no gland on them), which makes that Dice vacuous; also compare the masks of the 5 % of voxels
@@ -127,6 +136,16 @@ def bench_model(manifest: Any, cset: Any, threads: int, repeats: int, cache_dir:
         out["configs"][key] = entry
         print(f"  {manifest.name:22s} {key:24s} median {entry['median_s']:.4f} s  load {load_s:.2f} s  "
               f"loadavg {la[0]}", flush=True)
+    try:  # what the agent's store would pick by default here (engines.store.default_preference + parity)
+        from engines.store import ModelStore
+
+        sel = ModelStore(manifest.root.parent.parent, user_dir=None).explain(manifest)
+        out["store_default"] = {"backend": sel.backend, "variant": sel.variant, "reason": sel.reason,
+                                "skipped": sel.skipped, "order": sel.order}
+        if sel.backend is not None:
+            out["store_default"]["config"] = f"{sel.backend}:{sel.variant}"
+    except Exception as e:
+        out["store_default"] = {"error": f"{type(e).__name__}: {e}"}
     base = out["configs"].get("onnxruntime:fp32", {}).get("median_s")
     if base:
         out["speedup_vs_ort_fp32"] = {k: round(base / v["median_s"], 3) for k, v in out["configs"].items()
@@ -208,7 +227,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=7, help="runs per latency figure (small models)")
     ap.add_argument("--taps-repeats", type=int, default=3)
     ap.add_argument("--taps-windows", type=int, default=3, help="held-out windows for the Dice")
-    ap.add_argument("--exams", type=int, default=2, help="simulated bp-MRI exams for the classifier/csPCa inputs")
+    ap.add_argument("--exams", type=int, default=4, help="simulated bp-MRI exams for the classifier/csPCa inputs (csPCa alternating)")
     ap.add_argument("--skip-taps", action="store_true")
     ap.add_argument("--only", action="append", default=[],
                     help="re-run only this model (repeatable); the other models' entries in cpu.json are kept")
@@ -249,7 +268,8 @@ def main() -> int:
     t0 = time.perf_counter()
     for i in range(args.exams):
         d = tmp / f"exam{i}"
-        simulate_exam(("siemens", "ge", "philips")[i % 3], d, seed=100 + i, profile="prostate-bpmri")
+        simulate_exam(("siemens", "ge", "philips")[i % 3], d, seed=100 + i, profile="prostate-bpmri",
+                      cspca=(i % 2 == 0))
         exam_dirs.append(d)
     res["data"] = {"simulated_exams": len(exam_dirs), "simulate_s": round(time.perf_counter() - t0, 1)}
     save(res)
@@ -278,7 +298,7 @@ def main() -> int:
                 cset = series_set(m, series)  # one sample per series, whatever its label
                 reps = args.repeats
             else:
-                cset = build_set(m, None, series=series)
+                cset = build_set(m, exam_dirs, series=series)  # exam_dirs: ground truth for the AUROC
                 reps = args.repeats
             res["models"][name] = bench_model(m, cset, args.threads, reps, cache_dir)
         except Exception as e:

@@ -303,7 +303,7 @@ def model_files() -> Dict[str, Dict[str, Path]]:
         if m is None and store.versions(name):
             m = store.resolve(name)
         if m is not None:
-            out[name] = {v: m.resolve(f.path) for v, f in m.files.items() if v in ("fp32", "int8_u8s8")}
+            out[name] = {v: m.resolve(f.path) for v, f in m.files.items() if v in ("fp32", "int8_u8s8", "int8_sym")}
             out[name]["_input"] = m.inputs[0]  # type: ignore[assignment]
     return out
 
