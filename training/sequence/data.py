@@ -5,7 +5,7 @@ preprocessing) -> cached float16 arrays (npz shards).
 What one exam contributes (labels from the simulator's own ground-truth rule):
 localizer (one of its three planes) -> other; every T2W -> T2WI_nan / T2WI_fs; DWI -> one
 sample per b-value (b < 500 DWI_Low, else DWI_High); calculated high b -> DWI_High; ADC -> ADC;
-T1 -> other; DCE -> one random temporal phase -> other (the agent passes one phase of a dynamic
+T1 -> other; DCE -> two random temporal phases (of 2-5) -> other (the agent passes one phase of a dynamic
 series: the middle one, see agent.image_label.select_frames).
 """
 from __future__ import annotations
@@ -94,7 +94,7 @@ def exam_samples(seed: int, vendor: str, variant: Variant = "train", severity: O
     from simulator.render import Artifacts, render_series
 
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5E9]))
-    exam = random_exam(rng, vendor, variant, dce_phases=int(rng.integers(1, 4)))
+    exam = random_exam(rng, vendor, variant, dce_phases=int(rng.integers(2, 6)))
     phantom = make_phantom(seed)
     for spec in exam.series:
         sev = float(rng.uniform(0.3, 1.6)) if severity is None else severity
@@ -108,8 +108,8 @@ def exam_samples(seed: int, vendor: str, variant: Variant = "train", severity: O
             key = ("ADC",) if im.derived == "ADC" else (im.b_value, im.derived, im.temporal_index)
             groups.setdefault(key, []).append(im.model_copy(update=dict(pixels=p)))
         keys = list(groups)
-        if spec.kind == "dce":  # one phase, as the agent passes one
-            keys = [keys[int(rng.integers(len(keys)))]]
+        if spec.kind == "dce":  # single phases, as the agent passes one; two per exam for variety
+            keys = [keys[int(i)] for i in rng.choice(len(keys), size=min(2, len(keys)), replace=False)]
         for key in keys:
             ims = groups[key]
             vol = stack_volume(ims)

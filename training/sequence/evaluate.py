@@ -29,7 +29,7 @@ from training.sequence.protocols import VENDORS, random_exam
 log = logging.getLogger(__name__)
 
 #: the floor the CI test holds the shipped model to on its small fresh set
-FLOOR = {"accuracy": 0.85, "kappa": 0.82}
+FLOOR = {"accuracy": 0.90, "kappa": 0.88}
 #: the issue's targets, for the big evaluation
 TARGET = {"accuracy": 0.995, "kappa": 0.99}
 REPORT_FILE = "EVALUATION.md"

@@ -5,8 +5,9 @@ values training never draws.
 
 Held-out protocol variant ``heldout`` (never sampled in training): DWI b-values 100 / 1200 / 2000
 (calculated b2000 on Siemens), DWI matrix 112, T2W matrix 320 with FOV 140 mm, T2W TE 125 ms,
-at 1.5 T. Training draws b in {0, 50} / {800, 1000, 1400, 1500}, DWI matrix {96, 128, 160},
-T2W matrix {256, 384}, T2W TE 85-115 ms.
+at 1.5 T. Training draws b in {0, 50} / {800, 1000} / {1400, 1500, 1600, 1800}, DWI matrix
+{96, 128, 160}, T2W matrix {256, 384}, T2W TE 85-115 ms. (Training reaches b1800 so that the
+unseen b2000 is a small extrapolation, as a site's b2000 would be for a model trained on b1400-1800.)
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def dwi_b_values(rng, vendor: str, variant: Variant) -> tuple[list[float], float
         return [100.0, 1200.0, 2000.0], None
     low = 0.0 if vendor == "ge" else float(_c(rng, (0.0, 50.0, 50.0)))
     mid = float(_c(rng, (800.0, 1000.0)))
-    high = float(_c(rng, (1400.0, 1500.0)))
+    high = float(_c(rng, (1400.0, 1500.0, 1600.0, 1800.0)))
     if vendor.startswith("siemens"):
         return [low, mid], (high if rng.random() < 0.85 else None)
     return ([low, mid, high] if rng.random() < 0.85 else [low, mid]), None
@@ -94,7 +95,7 @@ def random_exam(rng: np.random.Generator, vendor: str, variant: Variant = "train
     dm2 = int(_c(rng, (128, 160, 192)))
     series.append(SeriesSpec(kind="dce", description="dce", plane="axial", slice_thickness_mm=_u(rng, 2.5, 3.5),
                              n_slices=int(rng.integers(16, 31)), fov_mm=(_u(rng, 180, 260, 0),) * 2, matrix=(dm2, dm2),
-                             tr_ms=_u(rng, 3, 6), te_ms=_u(rng, 1.2, 2.5), flip_angle_deg=_u(rng, 10, 15, 0),
+                             tr_ms=_u(rng, 3, 6), te_ms=_u(rng, 1.2, 2.5), flip_angle_deg=_u(rng, 8, 25, 0),
                              fat_sat=bool(rng.random() < 0.7),
                              n_phases=int(dce_phases if dce_phases is not None else rng.integers(4, 9)),
                              temporal_resolution_s=_u(rng, 5, 15)))
