@@ -87,14 +87,18 @@ class Agent:
         self.sinks.start()
         for runner in self.output_runners:
             runner.start()
-        self.ingestor.start()
-        # watch first, then catch up: a file landing in between is seen twice, which is harmless
+        # watch first, then catch up: a file landing in between is seen twice, which is harmless.
+        # The ingest worker starts only after the catch-up is queued: its first tick would otherwise
+        # judge quiet periods before the backlog is known, and close series whose files are waiting
+        # (time the agent was down or loading models is not quiet on the scanner's side)
         self.watcher = FolderWatcher(folder, self.ingestor, self.config.watch.recursive,
                                      self.config.watch.polling, self.config.watch.poll_interval_s)
         self.watcher.start()
         self.ingestor.catch_up(folder)
         if self.receiver is not None:
             self.receiver.catch_up()
+        self.ingestor.start()
+        if self.receiver is not None:
             self.receiver.start()
         if self.config.api.enabled:
             try:

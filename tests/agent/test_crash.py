@@ -304,3 +304,42 @@ def test_shuffled_duplicated_and_late_files(tmp_path, tmp_path_factory):
     assert counts.get("duplicate") == len(dups)
     assert counts.get("ingested") == len(files) - len(truth.corrupt_files)
     assert Counter(fact(e) for e in events).most_common(1)[0][1] == 1
+
+
+# ---------------------------------------------------------------------- restart after a long stop
+def test_restart_long_after_a_series_went_quiet_waits_for_its_backlog(tmp_path):
+    """The agent stops halfway through a series, stays down past the incomplete grace while the
+    scanner writes the rest, and restarts: the series completes whole (not 'incomplete' by the time the
+    agent was down), because the ingest worker judges quiet periods only once the backlog is queued."""
+    from tests.agent.factory import series_files
+
+    export = tmp_path / "export"
+    staged = series_files(tmp_path / "stage", 12, images_in_acquisition=12, rows=32, cols=32)
+    cfg = load_config(**{"watch.folder": str(export), "state.dir": str(tmp_path / "state"), "output.stdout": False,
+                         "watch.settle_s": 0.1, "series.quiet_period_s": 1.0, "series.incomplete_grace_s": 1.5,
+                         "analysis.image_label": False, "analysis.triage": False, "api.enabled": False})
+
+    def arrive(files):
+        for f in files:
+            dest = export / "s1" / f.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dest)
+
+    agent = Agent(cfg).start()
+    try:
+        arrive(staged[:6])
+        assert _wait(lambda: agent.store.file_counts().get("ingested") == 6, 30)
+    finally:
+        agent.stop()
+    time.sleep(2.5)  # down longer than the incomplete grace; the scanner goes on writing
+    arrive(staged[6:])
+    agent = Agent(cfg).start()
+    try:
+        assert _wait(lambda: any(e.type == "series_completed" for e in agent.store.events_after(0)), 30)
+        time.sleep(0.5)
+        events = agent.store.events_after(0)
+    finally:
+        agent.stop()
+    (done,) = [e for e in events if e.type == "series_completed"]
+    assert done.series.complete and done.series.n_images == 12
+    assert not [e for e in events if e.type == "protocol_deviation" and e.code == "SERIES_INCOMPLETE"]
