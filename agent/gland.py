@@ -203,13 +203,9 @@ def segment_zones(engine: Any, t2w: Any) -> GlandResult:
 def inside_slab(grid: Grid, volume: Any) -> np.ndarray:
     """Bool mask of ``grid``'s voxels that lie inside *volume*'s slab (along its slice axis, half a slice margin)."""
     src = Grid.of(volume)
-    d0 = np.arange(grid.shape[0], dtype=np.float64)
-    inside = np.zeros(grid.shape, dtype=bool)
-    # the slab index of each grid voxel is affine in the voxel index: evaluate it at the corners of each plane
-    ijk = np.stack(np.meshgrid(d0, np.arange(grid.shape[1]), np.arange(grid.shape[2]), indexing="ij"), -1)
-    s0 = src.lps_to_index(grid.index_to_lps(ijk.reshape(-1, 3)))[:, 0].reshape(grid.shape)
-    inside[:] = (s0 >= -0.5) & (s0 <= src.shape[0] - 0.5)
-    return inside
+    ijk = np.stack(np.meshgrid(*(np.arange(n) for n in grid.shape), indexing="ij"), -1).reshape(-1, 3)
+    s0 = src.lps_to_index(grid.index_to_lps(ijk))[:, 0].reshape(grid.shape)
+    return (s0 >= -0.5) & (s0 <= src.shape[0] - 0.5)
 
 
 def segment(engine: Any, t2w: Any, *, windows: Windows = "center") -> GlandResult:

@@ -110,10 +110,10 @@ def render_card(m: ModelManifest) -> str:
         "z-score after 0.5-99.5 percentile clipping (`engines.preprocess.prepare`). 2.5D U-Net (each slice with its two",
         f"neighbours, 3 levels, {tr.get('parameters', '?')} parameters), softmax over background / TZ / PZ; at run time",
         "argmax, then the gland's largest connected component.",
-        f"Training time (2 CPU threads on a 2-core machine): loop {sec.get('train', '?')} s, total"
+        f"Training time (2 CPU threads on a 2-core machine shared with other jobs): loop {sec.get('train', '?')} s, total"
         f" {sec.get('total', '?')} s including rendering the cases ({sec.get('data', '?')} s), {tr.get('steps', '?')} steps"
         f" of {tr.get('batch', '?')} slice stacks. Recipe: `{tr.get('recipe', 'python -m training.zones.train')}`, then"
-        " `python -m training.zones.export var/zones-run/model.pt`.", "",
+        f" `python -m training.zones.export {tr.get('checkpoint', 'var/zones-run/model.pt')}`.", "",
         "## Measured figures (fresh held-out simulated exams, runtime DICOM path)",
         f"- exams: {ev.get('exams', 'n/a')} (seeds from {ev.get('seed', 'n/a')}, all four vendor styles), command: `{ev.get('command', 'n/a')}`",
         f"- Dice: whole gland {f('dice_gland_mean')} (min {f('dice_gland_min')}), TZ {f('dice_tz_mean')}, PZ {f('dice_pz_mean')}",
@@ -144,6 +144,7 @@ def export(pt_path, store_root=None, version: str = VERSION) -> ModelManifest:
     tj = pt_path.parent / "train.json"
     if tj.is_file():
         summary = json.loads(tj.read_text())
+        summary["checkpoint"] = pt_path.as_posix()
     m = build_manifest(onnx_path, summary, par, version)
     m.save(dest)
     (dest / CARD_FILE).write_text(render_card(m), encoding="utf-8")

@@ -43,7 +43,7 @@ def _stacks(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator, k: i
 
 def train(cases: int = 240, minutes: float = 10.0, out: str = "var/zones-run", batch: int = 12, lr: float = 3e-3,
           seed: int = 0, threads: int = 2, cache_dir: Optional[str] = None, max_steps: Optional[int] = None,
-          widths=(12, 24, 48), log=print) -> dict:
+          widths=(12, 24, 48), init: Optional[str] = None, log=print) -> dict:
     import torch
 
     from training.zones.data import DEFAULT_CACHE, build_cache, load_cache
@@ -58,6 +58,10 @@ def train(cases: int = 240, minutes: float = 10.0, out: str = "var/zones-run", b
     log(f"{len(paths)} cases, data {t_data:.0f} s")
 
     model = ZoneNet(widths=tuple(widths))
+    if init:  # continue from a checkpoint (its widths win)
+        model = load_model(init)
+        model.train()
+        widths = model.widths
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     rng = np.random.default_rng(seed)
     budget = minutes * 60.0
@@ -86,7 +90,7 @@ def train(cases: int = 240, minutes: float = 10.0, out: str = "var/zones-run", b
         hist.append(float(loss.detach()))
         if step % 50 == 0:
             log(f"step {step} t={time.perf_counter() - t1:.0f}s loss {np.mean(hist[-50:]):.3f} "
-                f"(ce {float(ce):.3f} dice {float(dice):.3f})")
+                f"(ce {float(ce.detach()):.3f} dice {float(dice.detach()):.3f})")
     t_train = time.perf_counter() - t1
 
     outp = Path(out)
@@ -97,11 +101,30 @@ def train(cases: int = 240, minutes: float = 10.0, out: str = "var/zones-run", b
         "widths": list(widths), "parameters": n_parameters(model),
         "seconds": {"data": round(t_data, 1), "train": round(t_train, 1), "total": round(time.perf_counter() - t0, 1)},
         "final_loss": float(np.mean(hist[-50:])) if hist else None,
-        "recipe": f"python -m training.zones.train --cases {cases} --minutes {minutes:g} --batch {batch} --out {out}",
+        "recipe": f"python -m training.zones.train --cases {cases} --minutes {minutes:g} --batch {batch} --lr {lr:g} "
+                  f"--out {out}" + (f" --init {init}" if init else ""),
     }
+    if init:
+        summary = merge_stages(summary, init)
     (outp / "train.json").write_text(json.dumps(summary, indent=2))
     log(json.dumps(summary))
     return summary
+
+
+def merge_stages(summary: dict, init_path) -> dict:
+    """A continued training: the earlier stage(s) from init's train.json, seconds and steps summed over all."""
+    prev_file = Path(init_path).parent / "train.json"
+    prev = json.loads(prev_file.read_text()) if prev_file.is_file() else {}
+    stages = list(prev.get("stages", [prev] if prev else []))
+    stages.append(dict(summary))
+    keep = ("steps", "batch", "lr", "seconds", "recipe")
+    out = dict(summary)
+    out["stages"] = [{k: st.get(k) for k in keep} for st in stages]
+    out["steps"] = sum(int(st.get("steps") or 0) for st in out["stages"])
+    out["seconds"] = {k: round(sum(float((st.get("seconds") or {}).get(k, 0.0)) for st in out["stages"]), 1)
+                      for k in ("data", "train", "total")}
+    out["recipe"] = " && ".join(str(st.get("recipe")) for st in out["stages"])
+    return out
 
 
 def load_model(path):
@@ -126,9 +149,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", default="var/zones-run")
+    ap.add_argument("--init", default=None, help="continue training from this model.pt")
     a = ap.parse_args(argv)
     train(a.cases, a.minutes, a.out, a.batch, a.lr, threads=a.threads, cache_dir=a.cache_dir, max_steps=a.max_steps,
-          log=lambda s: print(s, flush=True))
+          init=a.init, log=lambda s: print(s, flush=True))
     return 0
 
 
