@@ -468,7 +468,8 @@ class ProtocolChecker:
         miss = 1.0 - fraction
         where = f" ({missed})" if missed else ""
         move = {"apex": "move the slab caudally (towards the feet) or add slices",
-                "base": "move the slab cranially (towards the head) or add slices"}.get(missed or "", "add slices")
+                "base": "move the slab cranially (towards the head) or add slices",
+                "apex and base": "add slices at both ends"}.get(missed or "", "add slices")
         dev = self._deviation(
             code, cov.severity, s, study_uid,
             f"The {what} slab (series {s.series_number}) misses {miss:.0%} of the prostate{where} seen on the axial "

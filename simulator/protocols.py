@@ -26,7 +26,7 @@ FAULTS: dict[str, str] = {
     "truncated_file": "one file of the axial T2W series is cut short on disk",
     "gap": "axial T2W acquired with a 1 mm slice gap (PI-RADS: no gap)",
     "slow_dce": "DCE temporal resolution 30 s (PI-RADS: <= 15 s)",
-    "dwi_partial_coverage": "the DWI slab (and its ADC / calculated high b) has 10 slices instead of 24, 4 mm cranial "
+    "dwi_partial_coverage": "the DWI slab (and its ADC / calculated high b) has 8 slices instead of 24, 4 mm cranial "
                             "of the T2W's centre: it misses the apex and the base of the gland",
     "coarse_matrix": "axial T2W acquired with a 256 x 192 matrix over 160 mm: 0.63 x 0.83 mm (PI-RADS: <= 0.4 x 0.7 mm)",
 }
@@ -114,7 +114,7 @@ def build_exam(profile: str = "prostate-mpmri", vendor: str = "siemens", field_s
                     tr_ms=4500.0 if low else 4100.0, te_ms=te_dwi, flip_angle_deg=90.0, fat_sat=True)
     if "dwi_partial_coverage" in faults:
         # centre within the DWI-T2W alignment tolerance (5 mm); only the slab ends differ
-        dwi_geom.update(n_slices=10, center_offset_mm=(0.0, 0.0, 4.0))
+        dwi_geom.update(n_slices=8, center_offset_mm=(0.0, 0.0, 4.0))
     series: list[SeriesSpec] = [
         SeriesSpec(kind="localizer", description=n["loc"], plane="sagittal", slice_thickness_mm=6.0, n_slices=3,
                    fov_mm=(280.0, 280.0), matrix=(192, 192), tr_ms=8.6, te_ms=4.0, flip_angle_deg=20.0),

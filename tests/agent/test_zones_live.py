@@ -2,7 +2,7 @@
 
 * a csPCa lesion's finding carries the zone of the ground-truth lesion (one TZ, one PZ exam), the
   TriageResult the gland volume, and a clean exam raises no deviation at all (GLAND_NOT_COVERED none);
-* an exam whose DWI slab misses part of the gland (simulator fault ``dwi_partial_coverage``: 10 slices
+* an exam whose DWI slab misses part of the gland (simulator fault ``dwi_partial_coverage``: 8 slices
   instead of 24, centre within the DWI-T2W tolerance) yields exactly GLAND_NOT_COVERED, once per
   DWI/ADC acquisition, its measured fraction close to the phantom's, and a restart adds nothing.
 """
