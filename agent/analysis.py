@@ -23,6 +23,7 @@ import numpy as np
 
 from agent.config import AgentConfig
 from agent.events import Event, LabelMismatch, SeriesClassified, SeriesSummary, TriageResult
+from agent.malloc import release_free_memory
 from agent.series import split_parts
 from agent.sinks import Sink
 from agent.state import StateStore
@@ -145,6 +146,8 @@ class Analyzer(Sink):
                 self._triage(event.study_uid, exam_over=event.type == "exam_completed")
             except Exception as exc:
                 log.warning("triage failed: %s", exc)
+        if event.type in ("series_completed", "exam_completed"):
+            release_free_memory()  # the volumes and activations just freed: back to the OS (agent/malloc.py)
 
     def _record(self, *events: Any) -> None:
         with self.store.transaction():

@@ -73,6 +73,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("invalid configuration:\n  watch.folder: required (use --watch DIR or [watch] folder)")
     if config.api.enabled is None:
         config.api.enabled = True  # `scanside run` serves the API unless told not to
+    from agent.malloc import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before the agent's threads exist: see agent/malloc.py
     agent = Agent(config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,16 +1,17 @@
 """Idle cost of the daemon with its models loaded: CPU (% of one core) and resident memory.
 
 A child process runs the agent as `scanside run` would (folder watcher, ingest worker, sinks, HTTP
-API + console + /metrics on 127.0.0.1) and opens every model in the store on ONNX Runtime (one warm-up
-run each, so the runtime's arenas are allocated as they would be after the first exam). The parent
+API + console + /metrics on 127.0.0.1, and the image models on the back ends the model store picks by
+default), then the virtual scanner writes whole bpMRI exams into its folder: every series is labelled,
+the gland segmented, the csPCa model run, so the runtimes hold what a real exam leaves them. The parent
 waits for it to settle, then reads /proc/<pid>/stat (utime + stime) over the measuring window and
 /proc/<pid>/status (VmRSS, VmHWM). Targets (issue 6): <= 1 % of one core idle; RSS <= 300 MB with the
-reference models on ONNX Runtime. Optionally a Prometheus-like scrape of /metrics every 15 s.
+reference models. Optionally a Prometheus-like scrape of /metrics every 15 s.
 
     python bench/bench_idle.py [--seconds 20] [--settle 5] [--scrape-every 0]
 
-Three stages in one process, each measured: the agent alone; every model in the store opened; each
-model run once (ONNX Runtime keeps its memory arena after the first run, as after the first exam).
+Three stages in one process, each measured: the agent with its models loaded (READY); after one exam;
+after a second exam (does memory keep growing?).
 
 Prints a summary and writes bench/results/idle.json.
 """
@@ -34,53 +35,47 @@ RSS_TARGET_MB = 300.0
 
 
 def child(workdir: Path) -> int:
-    """The daemon under test. Answers one JSON line per stage on stdin: 'start' (the agent alone),
-    'load' (open every model in the store), 'warm' (one run of each), then idles until killed."""
+    """The daemon under test. Prints one JSON line when started, then one per command on stdin
+    ('exam1', 'exam2': the scanner writes a bpMRI exam, answered once it is analysed), then idles."""
     sys.path.insert(0, str(ROOT))
-    import numpy as np
-
     from agent.config import load_config
     from agent.daemon import Agent
-    from engines.store import ModelStore
+    from agent.malloc import limit_malloc_arenas
 
+    limit_malloc_arenas()  # as `scanside run` does
     config = load_config(**{"watch.folder": str(workdir / "export"), "state.dir": str(workdir / "state"),
                             "output.stdout": False, "api.enabled": True, "api.port": 0})
     agent = Agent(config).start()
     print(json.dumps({"stage": "agent", "pid": os.getpid(), "api": agent.api_url}), flush=True)
-    store = ModelStore(preference=["onnxruntime"])
-    opened, models = [], []
+    from simulator.scanner import simulate_exam, stream_exam
+
+    def models() -> list:
+        return [dict(zip(("model", "backend", "precision", "device"), e)) for e in agent.metrics.engine_labels()]
+
+    n_exams = 0
     for command in sys.stdin:
         command = command.strip()
-        if command == "load":
-            for manifest in _latest(store.list()):
-                try:
-                    engine, _ = store.open(manifest)
-                except Exception as exc:  # a model that cannot run here is reported, not fatal
-                    models.append({"model": f"{manifest.name}/{manifest.version}", "error": str(exc)[:200]})
-                    continue
-                agent.metrics.instrument(engine)
-                info = engine.describe()
-                models.append({"model": f"{manifest.name}/{manifest.version}", "backend": info.backend,
-                               "precision": info.precision, "device": info.device})
-                opened.append((manifest, engine))
-        elif command == "warm":
-            for (manifest, engine), entry in zip(opened, [m for m in models if "error" not in m]):
-                inputs = {spec.name: np.zeros(spec.concrete_shape(1), dtype=spec.dtype) for spec in manifest.inputs}
-                t0 = time.perf_counter()
-                engine.run(inputs)  # what the first real exam allocates stays allocated
-                entry["first_run_s"] = round(time.perf_counter() - t0, 3)
-        elif command == "quit":
+        if command in ("exam1", "exam2"):
+            n_exams += 1
+            src = workdir / f"src{n_exams}"
+            simulate_exam(("siemens", "ge")[n_exams % 2], src, seed=4200 + n_exams, profile="prostate-bpmri", cspca=True)
+            t0 = time.perf_counter()
+            stream_exam(src, workdir / "export" / src.name, rate=0)
+            done = lambda: agent.store.event_counts().get("triage_result", 0) >= n_exams  # noqa: E731
+            while not done() and time.perf_counter() - t0 < 600:
+                time.sleep(0.5)
+            seq = -1
+            while seq != agent.store.last_event_seq():  # settled: nothing new for 3 s
+                seq = agent.store.last_event_seq()
+                time.sleep(3.0)
+            print(json.dumps({"stage": command, "models": models(), "exam_s": round(time.perf_counter() - t0, 1),
+                              "events": agent.store.event_counts()}), flush=True)
+            continue
+        if command == "quit":
             break
-        print(json.dumps({"stage": command, "models": models}), flush=True)
+        print(json.dumps({"stage": command, "models": models()}), flush=True)
     agent.stop()
     return 0
-
-
-def _latest(manifests):  # type: ignore[no-untyped-def]
-    latest = {}
-    for m in manifests:
-        latest[m.name] = m  # the store lists versions in ascending order
-    return list(latest.values())
 
 
 def cpu_seconds(pid: int) -> float:
@@ -112,7 +107,7 @@ def main() -> int:
         try:
             ready = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
             models: list = []
-            for stage in ("agent", "load", "warm"):
+            for stage in ("agent", "exam1", "exam2"):
                 if stage != "agent":
                     proc.stdin.write(stage + "\n")  # type: ignore[union-attr]
                     proc.stdin.flush()  # type: ignore[union-attr]
@@ -147,7 +142,7 @@ def main() -> int:
     return 0
 
 
-STAGES = {"agent": "agent, no models", "load": "models opened", "warm": "models opened and run once (after an exam)"}
+STAGES = {"agent": "agent, models loaded (READY)", "exam1": "after one bpMRI exam", "exam2": "after a second exam"}
 
 
 def measure(pid: int, api: str, args: argparse.Namespace) -> dict:
