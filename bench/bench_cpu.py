@@ -75,8 +75,22 @@ def timed(fn: Callable[[], Any], repeats: int) -> Tuple[List[float], Any]:
     return ts, out
 
 
-def bench_model(manifest: Any, cset: Any, threads: int, repeats: int, cache_dir: Path) -> Dict[str, Any]:
-    """Latency of one sample and outputs on every sample, per back end x variant; ratios vs ORT FP32."""
+def interleaved(fns: Dict[str, Callable[[], Any]], rounds: int, inner: int) -> Dict[str, List[float]]:
+    """Per config, the median of `inner` back-to-back runs, once per round; configs take turns within a
+    round, so a slow spell of this shared (virtual) machine hits every config alike instead of one."""
+    per: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            per[k].append(med(timed(fn, inner)[0]))
+    return per
+
+
+def bench_model(manifest: Any, cset: Any, threads: int, repeats: int, cache_dir: Path, rounds: int = 5) -> Dict[str, Any]:
+    """Latency of one sample and outputs on every sample, per back end x variant; ratios vs ORT FP32.
+    Every engine stays loaded and the timing runs in interleaved rounds (see `interleaved`); the speed-up
+    is the median over rounds of ORT FP32's time over the config's time in the same round."""
+    import contextlib
+
     from converters.parity import task_metrics
 
     feeds = list(cset.feeds(1))
@@ -84,6 +98,8 @@ def bench_model(manifest: Any, cset: Any, threads: int, repeats: int, cache_dir:
     out: Dict[str, Any] = {"model": manifest.ref, "samples": len(feeds),
                            "input_shape": list(first[manifest.inputs[0].name].shape), "configs": {}}
     ref_outs: Optional[List[Dict[str, np.ndarray]]] = None
+    stack = contextlib.ExitStack()
+    engines: Dict[str, Any] = {}
     for backend, variant in CONFIGS:
         key = f"{backend}:{variant}"
         if variant not in manifest.files:
@@ -96,15 +112,13 @@ def bench_model(manifest: Any, cset: Any, threads: int, repeats: int, cache_dir:
         except Exception as e:  # a back end that cannot run here is reported, not fatal
             out["configs"][key] = {"skipped": f"{type(e).__name__}: {e}"}
             continue
-        with eng:
-            la = load()
-            t0 = time.perf_counter()
-            eng.run(first)
-            first_s = time.perf_counter() - t0
-            ts, _ = timed(lambda: eng.run(first), repeats)
-            outs = [eng.run(f) for f in feeds]
-        entry: Dict[str, Any] = {"load_s": round(load_s, 3), "first_run_s": round(first_s, 4), "median_s": med(ts),
-                                 "min_s": round(min(ts), 4), "runs": repeats, "loadavg": la}
+        stack.enter_context(eng)
+        engines[key] = eng
+        t0 = time.perf_counter()
+        eng.run(first)
+        first_s = time.perf_counter() - t0
+        outs = [eng.run(f) for f in feeds]
+        entry: Dict[str, Any] = {"load_s": round(load_s, 3), "first_run_s": round(first_s, 4)}
         if ref_outs is None:
             ref_outs = outs
         else:
@@ -134,8 +148,19 @@ def bench_model(manifest: Any, cset: Any, threads: int, repeats: int, cache_dir:
                 den = float(np.sqrt(np.sum(ref.astype(np.float64) ** 2)))
                 entry["rel_l2_vs_ort_fp32"] = round(float(np.sqrt(np.sum((got.astype(np.float64) - ref) ** 2))) / den, 6)
         out["configs"][key] = entry
-        print(f"  {manifest.name:22s} {key:24s} median {entry['median_s']:.4f} s  load {load_s:.2f} s  "
-              f"loadavg {la[0]}", flush=True)
+    with stack:  # timing: every engine loaded, configs taking turns
+        la = load()
+        per = interleaved({k: (lambda e=e: e.run(first)) for k, e in engines.items()}, rounds, repeats)
+        la_end = load()
+    ref_rounds = per.get("onnxruntime:fp32")
+    for key, ts in per.items():
+        entry = out["configs"][key]
+        entry.update({"median_s": med(ts), "min_s": round(min(ts), 4), "rounds": rounds, "runs_per_round": repeats,
+                      "loadavg": la, "loadavg_end": la_end})
+        if ref_rounds:
+            entry["speedup_vs_ort_fp32_median_of_rounds"] = round(float(np.median([r / t for r, t in zip(ref_rounds, ts)])), 3)
+        print(f"  {manifest.name:22s} {key:24s} median {entry['median_s']:.4f} s  "
+              f"x{entry.get('speedup_vs_ort_fp32_median_of_rounds', float('nan')):.2f}  loadavg {la[0]}", flush=True)
     try:  # what the agent's store would pick by default here (engines.store.default_preference + parity)
         from engines.store import ModelStore
 
@@ -224,8 +249,9 @@ def non_inference(res: Dict[str, Any], exam_dirs: List[Path], manifests: Dict[st
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=7, help="runs per latency figure (small models)")
-    ap.add_argument("--taps-repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=20, help="runs per round (small models)")
+    ap.add_argument("--taps-repeats", type=int, default=1, help="runs per round for the TAPS window")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per model")
     ap.add_argument("--taps-windows", type=int, default=3, help="held-out windows for the Dice")
     ap.add_argument("--exams", type=int, default=4, help="simulated bp-MRI exams for the classifier/csPCa inputs (csPCa alternating)")
     ap.add_argument("--skip-taps", action="store_true")
@@ -300,7 +326,7 @@ def main() -> int:
             else:
                 cset = build_set(m, exam_dirs, series=series)  # exam_dirs: ground truth for the AUROC
                 reps = args.repeats
-            res["models"][name] = bench_model(m, cset, args.threads, reps, cache_dir)
+            res["models"][name] = bench_model(m, cset, args.threads, reps, cache_dir, args.rounds)
         except Exception as e:
             res["models"][name] = {"error": f"{type(e).__name__}: {e}"}
             print(f"  {name}: {type(e).__name__}: {e}", flush=True)

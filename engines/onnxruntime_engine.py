@@ -39,13 +39,15 @@ class OnnxRuntimeEngine(Engine):
                  inter_op_threads: Optional[int] = None, graph_optimization: str = "all",
                  provider_options: Optional[Dict[str, Dict[str, Any]]] = None,
                  optimized_model_path: Optional[str] = None, log_severity: int = 3,
-                 cpu_memory_arena: bool = False) -> None:
+                 cpu_memory_arena: bool = False, allow_spinning: bool = False) -> None:
         """providers: preference order, filtered by what this onnxruntime build offers (CPU is always
         appended last).  intra/inter_op_threads: None = onnxruntime's default (all cores).
         graph_optimization: disable | basic | extended | all.
         cpu_memory_arena: off by default: the arena keeps every 3D activation buffer after the first
         run (measured on the TAPS model: 1116 MB resident with it, 169 MB without, same run time), and a
-        daemon that runs a model a few times an hour should give that memory back."""
+        daemon that runs a model a few times an hour should give that memory back.
+        allow_spinning: off by default: onnxruntime's pool threads otherwise busy-wait for more work after
+        each run, taking the cores from whatever runs next (ingestion, another engine such as OpenVINO)."""
         super().__init__()
         if graph_optimization not in _OPT_LEVELS:
             raise ValueError(f"graph_optimization must be one of {list(_OPT_LEVELS)}")
@@ -57,6 +59,7 @@ class OnnxRuntimeEngine(Engine):
         self.optimized_model_path = optimized_model_path
         self.log_severity = log_severity
         self.cpu_memory_arena = cpu_memory_arena
+        self.allow_spinning = allow_spinning
         self.session: Any = None
         self.path: Optional[Path] = None
         self.skipped_providers: Dict[str, str] = {}
@@ -98,6 +101,9 @@ class OnnxRuntimeEngine(Engine):
         so = ort.SessionOptions()
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[self.graph_optimization])
         so.enable_cpu_mem_arena = self.cpu_memory_arena
+        spin = "1" if self.allow_spinning else "0"
+        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
         if self.intra_op_threads is not None:
             so.intra_op_num_threads = int(self.intra_op_threads)
         if self.inter_op_threads is not None:

@@ -119,3 +119,13 @@ def test_int8_qdq_variants_run_close_to_fp32(tiny: ModelManifest, variant: str, 
         assert q.describe().precision == variant
     rel = np.abs(a - b).max() / np.abs(a).max()
     assert rel < 0.1, rel  # toy model, 8 calibration samples: a smoke check that Q/DQ runs, not a parity report
+
+
+def test_pool_threads_do_not_spin_unless_asked(tiny: ModelManifest) -> None:
+    """A daemon's engine must not busy-wait after each run (it would take the cores from ingestion and
+    from the next engine); the session carries the setting onnxruntime reads."""
+    key = "session.intra_op.allow_spinning"
+    with OnnxRuntimeEngine(intra_op_threads=2).load(tiny) as eng:
+        assert eng.session.get_session_options().get_session_config_entry(key) == "0"
+    with OnnxRuntimeEngine(intra_op_threads=2, allow_spinning=True).load(tiny) as eng:
+        assert eng.session.get_session_options().get_session_config_entry(key) == "1"
