@@ -57,13 +57,24 @@ def settled(agent: Agent, quiet_s: float = 0.5) -> bool:
     return caught_up() and agent.store.last_event_seq() == seq
 
 
-def wait(predicate: Callable[[], bool], timeout: float = 90.0, step: float = 0.1) -> bool:
+def wait(predicate: Callable[[], Any], timeout: float = 90.0, step: float = 0.1) -> Any:
+    """Poll until the predicate gives something truthy (returned) or the timeout passes (None)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if predicate():
-            return True
+        value = predicate()
+        if value:
+            return value
         time.sleep(step)
-    return False
+    return None
+
+
+def waiter(timeout: float, step: float = 0.1) -> Callable[..., Any]:
+    """`wait` with a test module's own default timeout and polling step."""
+
+    def _wait(predicate: Callable[[], Any], timeout: float = timeout, step: float = step) -> Any:
+        return wait(predicate, timeout, step)
+
+    return _wait
 
 
 def stream_in_background(src: Path, agent: Agent, truth: GroundTruth, rate: float = 0,

@@ -3,7 +3,6 @@ series is labelled from its pixels; a series whose header lies is caught (LABEL_
 axial T2W, ADC and high-b DWI are in, a TriageResult follows with a valid recommendation."""
 from __future__ import annotations
 
-import time
 
 import pydicom
 import pytest
@@ -12,6 +11,7 @@ from agent.config import load_config
 from agent.daemon import Agent
 from engines.store import ModelStore
 from simulator.scanner import simulate_exam
+from tests.agent._live import waiter
 
 pytestmark = pytest.mark.skipif(
     not all(any(m.name == n for m in ModelStore().list()) for n in ("sequence-classifier", "cspca-reference")),
@@ -26,13 +26,7 @@ def _run(folder, tmp_path, **extra):
     return agent
 
 
-def _wait(predicate, timeout=180.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
+_wait = waiter(180.0, step=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from agent.daemon import Agent
 from agent.state import StateStore
 from simulator.scanner import simulate_exam, stream_exam
 from tests.agent.test_webhook import Receiver
+from tests.agent._live import waiter
 
 ROOT = Path(__file__).resolve().parents[2]
 _EXAMS: dict[tuple, tuple[Path, object]] = {}
@@ -44,13 +45,7 @@ def exam(tmp_path_factory, vendor: str, seed: int, faults: tuple[str, ...] = ("b
     return _EXAMS[key]
 
 
-def _wait(predicate, timeout: float, step: float = 0.2) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
+_wait = waiter(60.0, step=0.2)
 
 
 def fact(ev) -> tuple:

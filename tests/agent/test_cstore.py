@@ -21,6 +21,7 @@ from pynetdicom.sop_class import Verification
 from agent.config import load_config
 from agent.daemon import Agent
 from simulator.scanner import simulate_exam
+from tests.agent._live import waiter
 
 SCANNER_AE = "MRSCANNER"
 
@@ -41,13 +42,7 @@ def observed_parts(events):
                    for e in events if e.type == "series_completed")
 
 
-def _wait(predicate, timeout=60.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+_wait = waiter(60.0, step=0.05)
 
 
 @pytest.fixture

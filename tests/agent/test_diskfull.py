@@ -24,6 +24,7 @@ import pytest
 from agent.config import load_config
 from agent.daemon import Agent
 from tests.agent.factory import series_files
+from tests.agent._live import waiter
 
 
 @contextmanager
@@ -59,13 +60,7 @@ def fill(folder: Path) -> Path:
     return filler
 
 
-def _wait(predicate, timeout: float = 60.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
+_wait = waiter(60.0, step=0.1)
 
 
 def _config(tmp_path: Path, state: Path, **kw):

@@ -14,6 +14,7 @@ from agent.config import load_config
 from agent.daemon import Agent
 
 from .factory import mr_dataset, series_files, write
+from tests.agent._live import waiter
 
 
 def _config(tmp_path, **kw):
@@ -27,13 +28,7 @@ def _config(tmp_path, **kw):
     return load_config(**base)
 
 
-def _wait(predicate, timeout=15.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+_wait = waiter(15.0, step=0.05)
 
 
 @pytest.fixture

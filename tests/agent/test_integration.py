@@ -15,6 +15,7 @@ import pytest
 from agent.config import load_config
 from agent.daemon import Agent
 from simulator.scanner import simulate_exam, stream_exam
+from tests.agent._live import waiter
 
 VARIANTS = {
     "siemens": dict(vendor="siemens"),
@@ -58,13 +59,7 @@ def _config(tmp_path, **kw):
         "ingest.retry_delays_s": [0.2, 0.4], **kw})
 
 
-def _wait(predicate, timeout=60.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+_wait = waiter(60.0, step=0.05)
 
 
 @pytest.mark.parametrize("variant,write_mode", [

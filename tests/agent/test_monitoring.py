@@ -10,7 +10,6 @@ import re
 import shutil
 import socket
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 
 from agent.config import AgentConfig, load_config
 from tests.agent.factory import series_files
+from tests.agent._live import waiter
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM = ROOT / "monitoring" / "prometheus"
@@ -72,14 +72,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(predicate, timeout: float):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    return None
+_wait = waiter(60.0, step=0.2)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import pytest
 
 from simulator.scanner import simulate_exam, stream_exam
 from tests.agent.test_webhook import Receiver
+from tests.agent._live import waiter
 
 SIM_PREFIX = "SIMULATED"  # the simulator's fixed first name part, shared by every simulated patient
 
@@ -44,13 +45,7 @@ def find_phi(outputs: dict[str, str], needles: list[str]) -> list[str]:
     return hits
 
 
-def _wait(predicate, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
+_wait = waiter(60.0, step=0.2)
 
 
 def _events(jsonl: Path) -> list[dict]:

@@ -18,6 +18,7 @@ from agent.config import load_config
 from agent.daemon import Agent
 from engines.store import ModelStore
 from simulator.scanner import simulate_exam
+from tests.agent._live import waiter
 
 MODELS = ("cspca-reference", "prostate-zones-reference")
 pytestmark = pytest.mark.skipif(
@@ -33,13 +34,7 @@ def _agent(folder, state, **extra) -> Agent:
     return Agent(config).start()
 
 
-def _wait(predicate, timeout=180.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
+_wait = waiter(180.0, step=0.1)
 
 
 def _settled(agent: Agent) -> bool:
