@@ -29,6 +29,7 @@ from agent.sinks import Sink
 from agent.state import StateStore
 
 log = logging.getLogger(__name__)
+VOLUMES_KEPT = 6  # decoded series kept for reuse (an axial T2W is ~6 MB as float32; DWI/ADC far less)
 
 TRIAGE_CHANNELS = ("T2W", "ADC", "HBV")
 
@@ -52,6 +53,8 @@ class Analyzer(Sink):
         self._cspca: Any = None
         self._gland: Any = None
         self._glands: "OrderedDict[str, Any]" = OrderedDict()  # T2W series_id:revision -> GlandResult | None
+        # series_id:revision -> decoded Volume: labelling, the gland and triage share one decode per series
+        self._volumes: "OrderedDict[str, Any]" = OrderedDict()
         self._checker: Any = None
         self._unavailable: dict[str, str] = {}  # model -> why it is not used (logged once)
 
@@ -146,6 +149,8 @@ class Analyzer(Sink):
                 self._triage(event.study_uid, exam_over=event.type == "exam_completed")
             except Exception as exc:
                 log.warning("triage failed: %s", exc)
+        if event.type == "exam_completed":
+            self._volumes.clear()  # the exam is over: its volumes are not needed again
         if event.type in ("series_completed", "exam_completed"):
             release_free_memory()  # the volumes and activations just freed: back to the OS (agent/malloc.py)
 
@@ -169,7 +174,7 @@ class Analyzer(Sink):
         part = self._part(s)
         if part is None:
             return
-        image = clf.classify(part)
+        image = clf.classify(self._volume(s, part))
         agree = image.label == s.label
         key = f"series_classified:{s.series_id}:r{s.revision}"
         events: list[Any] = [SeriesClassified(
@@ -191,14 +196,27 @@ class Analyzer(Sink):
         self._record(*events)
 
     # ------------------------------------------------------------------ gland
-    def _t2_volume(self, summary: SeriesSummary) -> Any:
+    def _volume(self, summary: SeriesSummary, part: Any = None) -> Any:
+        """The series' volume as the models take it (one temporal phase of a dynamic series), decoded once
+        and kept for the last few series; None when the series has no part to load."""
+        key = f"{summary.series_id}:r{summary.revision}"
+        if key in self._volumes:
+            self._volumes.move_to_end(key)
+            return self._volumes[key]
         from agent.image_label import select_frames
         from agent.volume import load_volume
 
-        part = self._part(summary)
+        part = part if part is not None else self._part(summary)
         if part is None:
             return None
-        return load_volume(select_frames(part.refs, part.frames))
+        volume = load_volume(select_frames(part.refs, part.frames))
+        self._volumes[key] = volume
+        while len(self._volumes) > VOLUMES_KEPT:
+            self._volumes.popitem(last=False)
+        return volume
+
+    def _t2_volume(self, summary: SeriesSummary) -> Any:
+        return self._volume(summary)
 
     def gland_for(self, t2: SeriesSummary, volume: Any = None) -> Any:
         """GlandResult of an axial T2W series (segmented once, kept for the last few), None without a model."""
@@ -325,16 +343,12 @@ class Analyzer(Sink):
         key = f"triage:{study_uid}:{_short(ident)}"
         if self.store.has_event(key):
             return
-        from agent.volume import load_volume
-
         volumes = {}
         for ch, summary in inputs.items():
-            part = self._part(summary)
-            if part is None:
+            volume = self._volume(summary)
+            if volume is None:
                 return
-            from agent.image_label import select_frames
-
-            volumes[ch] = load_volume(select_frames(part.refs, part.frames))
+            volumes[ch] = volume
         center = None
         gland_ml = None
         gland = self.gland_for(inputs["T2W"], volumes["T2W"])

@@ -110,3 +110,35 @@ def test_a_header_that_lies_is_caught(tmp_path, lesion_exam):
     assert classified.header_label == "DWI_High" and classified.image_label == "ADC"
     (mismatch,) = [e for e in events if e.type == "label_mismatch"]
     assert mismatch.header_label == "DWI_High" and mismatch.image_label == "ADC" and mismatch.alert_id
+
+
+def test_each_series_is_decoded_once_and_models_leave_the_shared_volume_alone(tmp_path, lesion_exam, monkeypatch):
+    """Labelling, the gland model and triage share one decoded volume per series (issue 8: decoded once
+    per series); sharing is safe only because no model writes into the array it is given."""
+    import hashlib
+    from collections import Counter
+
+    import agent.volume as volume_module
+
+    calls: Counter = Counter()
+    digests: dict = {}
+    real = volume_module.load_volume
+
+    def counting(frames, *args, **kw):
+        vol = real(frames, *args, **kw)
+        key = tuple(sorted({f.path for f in frames}))
+        calls[key] += 1
+        digests[key] = (vol, hashlib.sha1(vol.array.tobytes()).hexdigest())
+        return vol
+
+    monkeypatch.setattr(volume_module, "load_volume", counting)
+    folder, truth = lesion_exam
+    agent = _run(folder, tmp_path, **{"protocol.exam_quiet_period_s": 3.0})
+    try:
+        assert _wait(lambda: agent.store.event_counts().get("triage_result", 0) >= 1
+                     and agent.store.event_counts().get("exam_completed", 0) >= 1)
+    finally:
+        agent.stop()
+    assert calls and max(calls.values()) == 1, [n for n in calls.values() if n > 1]
+    for vol, digest in digests.values():  # after labelling, gland and csPCa have all run on them
+        assert hashlib.sha1(vol.array.tobytes()).hexdigest() == digest
