@@ -51,8 +51,10 @@ def describe(event: Event) -> str:
         return f"LABEL MISMATCH series {event.series_number}: {event.message}"
     if event.type == "triage_result":
         lesions = "; ".join(f"lesion at ({', '.join(f'{c:.0f}' for c in f.center_lps_mm)}) mm LPS, "
-                            f"{f.long_axis_mm:.0f} x {f.short_axis_mm:.0f} mm" for f in event.findings) or "no lesion found"
-        return (f"TRIAGE csPCa probability {event.probability:.2f} -> {event.recommendation} ({lesions}); "
+                            f"{f.long_axis_mm:.0f} x {f.short_axis_mm:.0f} mm" + (f", {f.zone}" if f.zone else "")
+                            for f in event.findings) or "no lesion found"
+        gland = f"; gland {event.gland_volume_ml:.0f} ml" if event.gland_volume_ml else ""
+        return (f"TRIAGE csPCa probability {event.probability:.2f} -> {event.recommendation} ({lesions}{gland}); "
                 f"decision support, reference model trained on phantoms")
     if event.type == "alert_acknowledged":
         return f"alert {event.alert_id} acknowledged"

@@ -85,3 +85,17 @@ def test_catch_up_reads_a_dicomdir_folder(tmp_path):
     indexed = dicomdir_files(str(tmp_path / "export" / "DICOMDIR"))
     assert len(indexed) == 31 and n_images == len(indexed)
     assert report["quarantined"] == []
+
+
+def test_demo_line_for_a_triage_result_names_zone_and_gland_volume():
+    from agent.demo import describe
+    from agent.events import LesionFinding, TriageResult
+
+    finding = LesionFinding.model_construct(center_lps_mm=(30.2, 11.0, 19.4), long_axis_mm=8.2, short_axis_mm=6.9, zone="PZ")
+    event = TriageResult.model_construct(type="triage_result", probability=0.84, recommendation="DCE_ADVISED",
+                                         findings=[finding], gland_volume_ml=41.6)
+    line = describe(event)
+    assert "lesion at (30, 11, 19) mm LPS, 8 x 7 mm, PZ" in line and "gland 42 ml" in line and "0.84" in line
+    event = TriageResult.model_construct(type="triage_result", probability=0.1, recommendation="BPMRI_SUFFICIENT",
+                                         findings=[], gland_volume_ml=None)
+    assert "no lesion found" in describe(event) and "gland" not in describe(event)
