@@ -37,6 +37,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_int8 import session as ort_session  # noqa: E402  (same folder; one ONNX Runtime session recipe)
+
 RESULTS = ROOT / "bench" / "results" / "roofline.json"
 SUMMARY = ROOT / "bench" / "results" / "roofline.md"
 CPU_RESULTS = ROOT / "bench" / "results" / "cpu.json"
@@ -180,18 +182,6 @@ def _quantize(src: Path, dst: Path, feed: Dict[str, np.ndarray]) -> Path:
     return dst
 
 
-def _ort_session(path: Path, threads: int, profile_prefix: str = "") -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    if profile_prefix:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-
-
 def _ov_compiled(path: Path, threads: int, perf: bool = False) -> Any:
     import openvino as ov
 
@@ -208,7 +198,7 @@ def measure_peaks(threads: int, tmp: Path, repeats: int) -> Dict[str, Any]:
         q = _quantize(fp32, tmp / f"{kind}.u8s8.onnx", feed)
         entry: Dict[str, Any] = {"flops": flops}
         for prec, path in (("fp32", fp32), ("int8_u8s8", q)):
-            s = _ort_session(path, threads)
+            s = ort_session(path, threads)
             t = _median_time(lambda: s.run(None, feed), repeats)
             entry[f"onnxruntime:{prec}"] = {"s": round(t, 5), "gflops_per_s": round(flops / t / 1e9, 1)}
             try:
@@ -239,7 +229,7 @@ def measure_peaks(threads: int, tmp: Path, repeats: int) -> Dict[str, Any]:
 
 # ---- 4. profiles ------------------------------------------------------------------------------------------
 def ort_profile(path: Path, feed: Dict[str, np.ndarray], threads: int, tmp: Path, top: int = 8) -> Dict[str, Any]:
-    s = _ort_session(path, threads, profile_prefix=str(tmp / f"ort_{path.stem}"))
+    s = ort_session(path, threads, profile_prefix=str(tmp / f"ort_{path.stem}"))
     s.run(None, feed)
     s.run(None, feed)
     prof = s.end_profiling()

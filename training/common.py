@@ -1,4 +1,5 @@
-"""Shared by the training packages: classification metrics (sklearn-free, numpy only)."""
+"""Shared by the training packages: classification metrics (sklearn-free, numpy only), the record of a
+training continued in stages, and loading a saved checkpoint."""
 from __future__ import annotations
 
 from typing import Any, Dict, Sequence
@@ -62,3 +63,33 @@ def metrics_markdown(m: Dict[str, Any], title: str = "") -> str:
     for lab, row in zip(labels, m["confusion"]):
         out.append(f"| {lab} | " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(out) + "\n"
+
+
+def merge_stages(summary: Dict[str, Any], init_path: Any, keep: Sequence[str], seconds: Sequence[str]) -> Dict[str, Any]:
+    """A continued training (`--init model.pt`): the earlier stage(s) from init's train.json plus this one,
+    with steps and `seconds` keys summed over all stages; a "recipe" in `keep` is joined with " && "."""
+    import json
+    from pathlib import Path
+
+    prev_file = Path(init_path).parent / "train.json"
+    prev = json.loads(prev_file.read_text()) if prev_file.is_file() else {}
+    stages = list(prev.get("stages", [prev] if prev else [])) + [dict(summary)]
+    out = dict(summary)
+    out["stages"] = [{k: st.get(k) for k in keep} for st in stages]
+    out["steps"] = sum(int(st.get("steps") or 0) for st in out["stages"])
+    out["seconds"] = {k: round(sum(float((st.get("seconds") or {}).get(k, 0.0)) for st in out["stages"]), 1)
+                      for k in seconds}
+    if "recipe" in keep:
+        out["recipe"] = " && ".join(str(st.get("recipe")) for st in out["stages"])
+    return out
+
+
+def load_checkpoint(path: Any, model_class: Any) -> Any:
+    """A model saved by the training scripts ({"config": {"widths": ...}, "state_dict": ...}), in eval mode."""
+    import torch
+
+    ck = torch.load(str(path), map_location="cpu", weights_only=True)
+    model = model_class(widths=tuple(ck["config"]["widths"]))
+    model.load_state_dict(ck["state_dict"])
+    model.eval()
+    return model

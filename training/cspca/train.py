@@ -17,13 +17,14 @@ Writes <out>/model.pt (state dict + config) and <out>/train.json (timings, losse
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from training.common import merge_stages
 
 PATCH = (20, 32, 32)
 
@@ -152,36 +153,17 @@ def train(cases: int = 320, minutes: float = 15.0, out: str = "var/cspca-run", b
         "exam_head": {"scale": a, "bias": b, "fit_cases": n_cal},
     }
     if init:
-        summary = merge_stages(summary, init)
+        summary = merge_stages(summary, init, keep=("steps", "batch", "lr", "seconds"), seconds=("data", "train", "exam_head", "total"))
     (outp / "train.json").write_text(json.dumps(summary, indent=2))
     log(json.dumps(summary))
     return summary
 
 
-def merge_stages(summary: dict, init_path) -> dict:
-    """Record a continued training: the earlier stage(s) from init's train.json, and total seconds over all stages."""
-    prev_file = Path(init_path).parent / "train.json"
-    prev = json.loads(prev_file.read_text()) if prev_file.is_file() else {}
-    stages = list(prev.get("stages", [prev] if prev else []))
-    stages.append({k: summary[k] for k in ("steps", "batch", "lr", "seconds")})
-    out = dict(summary)
-    out["stages"] = [{k: st.get(k) for k in ("steps", "batch", "lr", "seconds")} for st in stages]
-    out["steps"] = sum(int(st.get("steps") or 0) for st in out["stages"])
-    out["seconds"] = {k: round(sum(float((st.get("seconds") or {}).get(k, 0.0)) for st in out["stages"]), 1)
-                      for k in ("data", "train", "exam_head", "total")}
-    return out
-
-
 def load_model(path):
-    import torch
-
+    from training.common import load_checkpoint
     from training.cspca.model import CspcaNet
 
-    ck = torch.load(str(path), map_location="cpu", weights_only=True)
-    m = CspcaNet(widths=tuple(ck["config"]["widths"]))
-    m.load_state_dict(ck["state_dict"])
-    m.eval()
-    return m
+    return load_checkpoint(path, CspcaNet)
 
 
 def main(argv=None) -> int:

@@ -19,6 +19,8 @@ from typing import Optional
 
 import numpy as np
 
+from training.common import merge_stages
+
 
 def _stacks(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator, k: int = 1):
     """n random (2k+1)-slice stacks (n, 2k+1, H, W) and their centre-slice labels (n, H, W)."""
@@ -105,38 +107,17 @@ def train(cases: int = 240, minutes: float = 10.0, out: str = "var/zones-run", b
                   f"--out {out}" + (f" --init {init}" if init else ""),
     }
     if init:
-        summary = merge_stages(summary, init)
+        summary = merge_stages(summary, init, keep=("steps", "batch", "lr", "seconds", "recipe"), seconds=("data", "train", "total"))
     (outp / "train.json").write_text(json.dumps(summary, indent=2))
     log(json.dumps(summary))
     return summary
 
 
-def merge_stages(summary: dict, init_path) -> dict:
-    """A continued training: the earlier stage(s) from init's train.json, seconds and steps summed over all."""
-    prev_file = Path(init_path).parent / "train.json"
-    prev = json.loads(prev_file.read_text()) if prev_file.is_file() else {}
-    stages = list(prev.get("stages", [prev] if prev else []))
-    stages.append(dict(summary))
-    keep = ("steps", "batch", "lr", "seconds", "recipe")
-    out = dict(summary)
-    out["stages"] = [{k: st.get(k) for k in keep} for st in stages]
-    out["steps"] = sum(int(st.get("steps") or 0) for st in out["stages"])
-    out["seconds"] = {k: round(sum(float((st.get("seconds") or {}).get(k, 0.0)) for st in out["stages"]), 1)
-                      for k in ("data", "train", "total")}
-    out["recipe"] = " && ".join(str(st.get("recipe")) for st in out["stages"])
-    return out
-
-
 def load_model(path):
-    import torch
-
+    from training.common import load_checkpoint
     from training.zones.model import ZoneNet
 
-    ck = torch.load(str(path), map_location="cpu", weights_only=True)
-    m = ZoneNet(widths=tuple(ck["config"]["widths"]))
-    m.load_state_dict(ck["state_dict"])
-    m.eval()
-    return m
+    return load_checkpoint(path, ZoneNet)
 
 
 def main(argv=None) -> int:
