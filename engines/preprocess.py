@@ -294,24 +294,39 @@ def model_grid(reference: GridLike, spec: PreprocessSpec, center_lps=None) -> Gr
     return g
 
 
+def detail_grid(reference: GridLike, spec: PreprocessSpec, view) -> Grid:
+    """The grid of one detail view: ``reference`` in the main grid's orientation, resampled to
+    ``view.spacing_mm`` and cropped/padded to ``spec.shape`` around its centre."""
+    if spec.shape is None:
+        raise ValueError("detail views need spec.shape")
+    g = _grid(reference) if spec.orientation == "acquisition" else reorient_grid(reference, spec.axcodes)
+    return cropped_grid(resampled_grid(g, view.spacing_mm), spec.shape)
+
+
+def _channel(v: Volume, grid: Grid, spec: PreprocessSpec, order: int) -> np.ndarray:
+    src = antialias_for(v.array, v.array_affine, grid) if spec.antialias else v.array
+    return normalize(_sample(src, v.array_affine, grid, order, outside="zero"), spec.normalize, spec.clip_percentiles)
+
+
 def prepare(
     volumes: dict[str, Volume], spec: PreprocessSpec, center_lps=None, order: int = 1
 ) -> tuple[np.ndarray, Grid]:
-    """All channels of ``spec.channels`` on one model grid (the first channel's), normalised.
+    """All channels of ``spec.channels`` on one model grid (the first channel's), normalised,
+    followed by the first channel's ``spec.detail_views`` (each on its own fine grid).
 
     Each channel is interpolated once, straight from its native grid, by affine
     (reorient + resample + crop collapse into one sampling). Returns float32 (C, d0, d1, d2)
-    and the Grid, whose ``index_to_lps`` maps model-output voxels back to the patient."""
+    and the main Grid, whose ``index_to_lps`` maps model-output voxels back to the patient."""
     missing = [c for c in spec.channels if c not in volumes]
     if missing:
         raise KeyError(f"prepare: missing channels {missing} (have {sorted(volumes)})")
-    grid = model_grid(volumes[spec.channels[0]], spec, center_lps)
-    out = np.empty((len(spec.channels),) + tuple(grid.shape), dtype=np.float32)
+    first = volumes[spec.channels[0]]
+    grid = model_grid(first, spec, center_lps)
+    out = np.empty((spec.n_input_channels,) + tuple(grid.shape), dtype=np.float32)
     for i, name in enumerate(spec.channels):
-        v = volumes[name]
-        src = antialias_for(v.array, v.array_affine, grid) if spec.antialias else v.array
-        arr = _sample(src, v.array_affine, grid, order, outside="zero")
-        out[i] = normalize(arr, spec.normalize, spec.clip_percentiles)
+        out[i] = _channel(volumes[name], grid, spec, order)
+    for j, view in enumerate(spec.detail_views):
+        out[len(spec.channels) + j] = _channel(first, detail_grid(first, spec, view), spec, order)
     return out, grid
 
 

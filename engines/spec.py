@@ -16,8 +16,18 @@ class WindowSpec(BaseModel):
     sigma_scale: float = 0.125  # gaussian importance map sigma, as a fraction of the roi
 
 
+class DetailView(BaseModel):
+    """One more input channel: the first channel again, resampled to a fixed fine spacing and
+    cropped to the spec's shape around the grid centre. A whole-field-of-view resize hides how
+    finely a series was acquired (a 0.6 mm T2W and a 2 mm EPI look alike at 3 mm); this view
+    keeps it, so that the model sees resolution and noise texture as well as contrast."""
+
+    spacing_mm: tuple[float, float, float] = Field(description="voxel size along the model's axes, in that order")
+
+
 class PreprocessSpec(BaseModel):
-    """Reorient -> resample -> crop/pad -> normalise, per channel, then stack channels."""
+    """Reorient -> resample -> crop/pad -> normalise, per channel, then stack channels
+    (then the detail views of the first channel, each one more channel)."""
 
     channels: list[str] = Field(description="series labels stacked as input channels, e.g. T2WI_nan, ADC, DWI_High")
     axcodes: str = Field("SPL", description="orientation codes of the model's array axes (nibabel style, LPS world)")
@@ -35,3 +45,10 @@ class PreprocessSpec(BaseModel):
     normalize: Literal["zscore_percentile", "zscore_nonzero", "none"] = "zscore_percentile"
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     window: Optional[WindowSpec] = None
+    detail_views: list[DetailView] = Field(
+        default_factory=list, description="extra channels: the first channel at a fixed fine spacing, centre-cropped "
+        "to `shape` (same orientation as the main grid); stacked after `channels`")
+
+    @property
+    def n_input_channels(self) -> int:
+        return len(self.channels) + len(self.detail_views)

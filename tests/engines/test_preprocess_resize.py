@@ -75,3 +75,36 @@ def test_resize_needs_a_shape():
         model_grid(v, _spec(shape=None))
     with pytest.raises(ValueError):
         resized_grid(Grid.of(v), (0, 4, 4))
+
+
+def test_detail_view_keeps_the_acquired_resolution_the_resize_erases():
+    """Channel 1 samples the centre at a fixed fine spacing: a fine and a coarse acquisition of
+    the same object look alike after the whole-FOV resize but not in the detail view."""
+    from engines.spec import DetailView
+
+    rng = np.random.default_rng(3)
+    spec = _spec(shape=(8, 32, 32), antialias=True, normalize="zscore_percentile",
+                 detail_views=[DetailView(spacing_mm=(3.0, 0.8, 0.8))])
+    assert spec.n_input_channels == 2
+
+    def acquired(n, fov=160.0):
+        v = make_volume((16, n, n), (3.0, fov / n, fov / n))
+        return v.__class__.from_array_affine(rng.standard_normal(v.shape).astype(np.float32), v.array_affine)
+
+    fine, coarse = acquired(256), acquired(96)
+    xf, gf = prepare({"x": fine}, spec)
+    xc, _ = prepare({"x": coarse}, spec)
+    assert xf.shape == xc.shape == (2, 8, 32, 32)
+    # the main channel is the plain resize of the first channel, unchanged by the extra view
+    np.testing.assert_array_equal(xf[0], prepare({"x": fine}, _spec(shape=(8, 32, 32), antialias=True,
+                                                                     normalize="zscore_percentile"))[0][0])
+    hf_main = [float(np.abs(np.diff(x[0], axis=2)).mean()) for x in (xf, xc)]
+    hf_detail = [float(np.abs(np.diff(x[1], axis=2)).mean()) for x in (xf, xc)]
+    assert hf_main[0] == pytest.approx(hf_main[1], rel=0.25), "the resize already told them apart"
+    assert hf_detail[0] > 1.5 * hf_detail[1], hf_detail
+    # the detail grid is centred on the series at the requested spacing; the returned grid is the main one
+    from engines.preprocess import detail_grid
+    dg = detail_grid(fine, spec, spec.detail_views[0])
+    np.testing.assert_allclose(dg.spacing, (3.0, 0.8, 0.8), atol=1e-9)
+    np.testing.assert_allclose(dg.center_lps(), fine.center_lps(), atol=0.8)
+    assert gf.shape == (8, 32, 32) and not np.allclose(gf.spacing, dg.spacing)
