@@ -172,8 +172,10 @@ class OpenVinoEngine(Engine):
             model.reshape(new_shapes)
 
     def _run(self, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        # zero-copy in and out (the request is synchronous and held under the lock while the
+        # arrays are alive); the one copy made is the result handed back, which outlives the request
         with self._lock:
-            res = self._request.infer(inputs)
+            res = self._request.infer(inputs, share_inputs=True, share_outputs=True)
             return {name: np.array(res[port], copy=True) for name, port in self._outputs}
 
     def cached_blobs(self) -> List[Path]:

@@ -42,6 +42,22 @@ def test_tiny_matches_onnxruntime_any_batch(tmp_path: Path) -> None:
             ov_eng.run({"x": sample_input(1).astype(np.float64)})
 
 
+def test_zero_copy_run_hands_back_results_of_its_own(tmp_path: Path) -> None:
+    """Inputs and outputs are shared with the request (no copies in): a result must not change when
+    the next call reuses the request, nor when the caller then overwrites its input array."""
+    m = install_tiny(tmp_path / "models")
+    with OpenVinoEngine(threads=1) as eng:
+        eng.load(m)
+        x1, x2 = sample_input(2, seed=1), sample_input(2, seed=2)
+        first = eng.run({"x": x1})["logits"]
+        kept = first.copy()
+        second = eng.run({"x": x2})["logits"]
+        x1[...] = 0.0
+        np.testing.assert_array_equal(first, kept)
+        assert not np.allclose(first, second)
+        np.testing.assert_allclose(eng.run({"x": sample_input(2, seed=1)})["logits"], kept, rtol=1e-6)
+
+
 def test_static_batch_onnx_made_dynamic_by_manifest(tmp_path: Path) -> None:
     """An ONNX file exported with batch 1 still takes any batch when the manifest names the dim."""
     import onnx
