@@ -1,8 +1,9 @@
 """CI gate: `scanside models evaluate sequence-classifier --json` on a small freshly simulated
 held-out set (1 exam per vendor style for the training protocols and 1 for the held-out protocol
-variant: 8 exams, about 90 series) through the runtime path must meet the stated floor (below the issue target of 0.995 / 0.99, which this model does not reach yet: see EVALUATION.md):
-accuracy >= 0.90 and Cohen's kappa >= 0.88 (this exact set measured 0.937 / 0.921 with 1.1.0; 1.0.0 measured
-0.899 / 0.874) (training.sequence.evaluate.FLOOR)."""
+variant: 8 exams, about 80 series) through the runtime path must meet the stated floor (below the issue
+target of 0.995 / 0.99, which this model reaches on one 24-exam set but not on every set: see EVALUATION.md):
+accuracy >= 0.95 and Cohen's kappa >= 0.94 (this exact set measured 0.975 / 0.969 with 1.2.0, 0.937 / 0.921
+with 1.1.0, 0.899 / 0.874 with 1.0.0) (training.sequence.evaluate.FLOOR)."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ def test_shipped_model_meets_floor_on_fresh_heldout(tmp_path):
         ModelStore().resolve("sequence-classifier")
     except ModelNotFound:
         pytest.skip("sequence-classifier not in the model store")
-    assert FLOOR == {"accuracy": 0.90, "kappa": 0.88}
+    assert FLOOR == {"accuracy": 0.95, "kappa": 0.94}
     proc = subprocess.run([sys.executable, "-m", "agent.cli", "models", "evaluate", "sequence-classifier", "--json",
                            "--exams-per-vendor", "1", "--seed", "960000", "--jobs", "2"],
                           capture_output=True, text=True, timeout=600)

@@ -25,7 +25,7 @@ import numpy as np
 from agent.taxonomy import DWI_HIGH_MIN_B, LABELS
 from agent.volume import Volume
 from engines.preprocess import prepare
-from engines.spec import PreprocessSpec
+from engines.spec import DetailView, PreprocessSpec
 from simulator.model import RenderedImage, SeriesSpec
 from training.sequence.protocols import VENDORS, Variant, random_exam
 
@@ -33,10 +33,15 @@ log = logging.getLogger(__name__)
 
 INPUT_SHAPE = (16, 64, 64)
 CHANNEL = "series"
-#: the preprocessing the model is trained with and that the agent runs (goes into the manifest)
+#: the preprocessing the model is trained with and that the agent runs (goes into the manifest):
+#: channel 0 the whole field of view resized onto INPUT_SHAPE (anatomy, contrast), channel 1 the
+#: central 48 x 51 x 51 mm at 3 x 0.8 x 0.8 mm (how finely the series was acquired: a fat-suppressed
+#: TSE T2W and a b50 EPI differ mostly there; the resize alone erased it, 1.1.0's main error)
 PREPROCESS = PreprocessSpec(channels=[CHANNEL], orientation="acquisition", fit="resize", shape=INPUT_SHAPE,
                             spacing_mm=(3.0, 3.0, 3.0), antialias=True, normalize="zscore_percentile",
-                            clip_percentiles=(0.5, 99.5), crop="none")
+                            clip_percentiles=(0.5, 99.5), crop="none",
+                            detail_views=[DetailView(spacing_mm=(3.0, 0.8, 0.8))])
+IN_CHANNELS = PREPROCESS.n_input_channels
 MAX_STORED = 4095
 DEFAULT_CACHE = Path(os.environ.get("SCANSIDE_TRAIN_CACHE", Path(__file__).resolve().parents[2] / "var" / "train-cache"))
 LABEL_INDEX = {name: i for i, name in enumerate(LABELS)}
@@ -88,7 +93,7 @@ def label_of(spec: SeriesSpec, im: RenderedImage) -> str:
 
 def exam_samples(seed: int, vendor: str, variant: Variant = "train", severity: Optional[float] = None
                  ) -> Iterator[tuple[str, np.ndarray, dict]]:
-    """(label, prepared array (1, *INPUT_SHAPE) float32, info) for every logical series of one
+    """(label, prepared array (IN_CHANNELS, *INPUT_SHAPE) float32, info) for every logical series of one
     randomised exam rendered straight from the phantom."""
     from simulator.phantom import make_phantom
     from simulator.render import Artifacts, render_series
@@ -147,7 +152,7 @@ def spec_key() -> str:
 def build_dataset(seeds: Sequence[int], variant: Variant = "train", cache_dir: Path | None = None,
                   jobs: int = 1, shard_size: int = 8) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Render (or load from the cache) the samples of the given exam seeds.
-    Returns x float16 (N, 1, *INPUT_SHAPE), y int64 (N,), info per sample."""
+    Returns x float16 (N, IN_CHANNELS, *INPUT_SHAPE), y int64 (N,), info per sample."""
     cache = Path(cache_dir or DEFAULT_CACHE) / spec_key()
     cache.mkdir(parents=True, exist_ok=True)
     seeds = list(seeds)

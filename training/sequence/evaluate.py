@@ -29,7 +29,7 @@ from training.sequence.protocols import VENDORS, random_exam
 log = logging.getLogger(__name__)
 
 #: the floor the CI test holds the shipped model to on its small fresh set
-FLOOR = {"accuracy": 0.90, "kappa": 0.88}
+FLOOR = {"accuracy": 0.95, "kappa": 0.94}
 #: the issue's targets, for the big evaluation
 TARGET = {"accuracy": 0.995, "kappa": 0.99}
 REPORT_FILE = "EVALUATION.md"
@@ -193,6 +193,13 @@ def write_results(manifest, report: dict) -> None:
           "errors": report["errors"][:50]}
     metrics = dict(manifest.metrics)
     metrics["evaluation"] = ev
+    # every fresh set measured stays on record (by first seed), so one lucky set cannot stand alone
+    history = dict(metrics.get("evaluations") or {})
+    history[str(report["seed"])] = {"measured_at": ev["measured_at"], "command": ev["command"], "exams": ev["exams"],
+                                    "subsets": {k: {kk: v[kk] for kk in ("n", "accuracy", "kappa")}
+                                                for k, v in ev["subsets"].items()},
+                                    "errors": len(report["errors"])}
+    metrics["evaluations"] = history
     m = manifest.model_copy(update={"metrics": metrics})
     m.set_root(manifest.root)
     m.save(Path(manifest.root))

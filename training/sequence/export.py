@@ -19,7 +19,7 @@ from torch import nn
 
 from agent.taxonomy import LABELS
 from engines.manifest import ModelFile, ModelManifest, TensorSpec, sha256_file
-from training.sequence.data import INPUT_SHAPE, PREPROCESS
+from training.sequence.data import IN_CHANNELS, INPUT_SHAPE, PREPROCESS
 from training.sequence.model import SeqResNet3d
 
 NAME = "sequence-classifier"
@@ -49,7 +49,7 @@ class _WithSoftmax(nn.Module):
 
 def export_onnx(model: nn.Module, path: Path) -> Path:
     model = model.eval()
-    x = torch.zeros((2, 1) + INPUT_SHAPE)
+    x = torch.zeros((2, IN_CHANNELS) + INPUT_SHAPE)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(_WithSoftmax(model), (x,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                       dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=OPSET,
@@ -61,7 +61,7 @@ def onnx_parity(model: nn.Module, path: Path, n: int = 4, seed: int = 0) -> Dict
     """Max absolute difference of torch and ONNX Runtime probabilities on random inputs (batch n)."""
     import onnxruntime as ort
 
-    x = np.random.default_rng(seed).standard_normal((n, 1) + INPUT_SHAPE).astype(np.float32)
+    x = np.random.default_rng(seed).standard_normal((n, IN_CHANNELS) + INPUT_SHAPE).astype(np.float32)
     with torch.no_grad():
         ref = torch.softmax(model.eval()(torch.from_numpy(x)), 1).numpy()
     so = ort.SessionOptions()
@@ -82,7 +82,7 @@ def build_manifest(version: str, onnx_path: Path, *, training: Optional[dict] = 
         description="3D ResNet that identifies a prostate MR series from its images alone (no header input): "
                     "T2WI_nan, T2WI_fs, DWI_Low (b<500), DWI_High (b>=500), ADC, other (DCE phase, T1, localizer). "
                     "Protocol QA and decision support: flags series whose header label disagrees with the images.",
-        inputs=[TensorSpec(name=INPUT_NAME, dtype="float32", shape=["batch", 1, *INPUT_SHAPE],
+        inputs=[TensorSpec(name=INPUT_NAME, dtype="float32", shape=["batch", IN_CHANNELS, *INPUT_SHAPE],
                            description="one series volume, engines.preprocess.prepare with `preprocessing`")],
         outputs=[TensorSpec(name=OUTPUT_NAME, dtype="float32", shape=["batch", len(LABELS)],
                             description="softmax class probabilities in `labels` order")],
@@ -97,7 +97,7 @@ def build_manifest(version: str, onnx_path: Path, *, training: Optional[dict] = 
 
 
 def _training_summary(t: dict) -> str:
-    keys = ("exams", "samples", "epochs", "steps", "params", "seconds_fit", "threads")
+    keys = ("exams", "samples", "epochs", "steps", "params", "seconds_data", "seconds_fit", "seconds_total", "threads")
     return ", ".join(f"{k}={t[k]}" for k in keys if k in t)
 
 
@@ -119,6 +119,53 @@ def export_model(model: nn.Module, version: str, *, store_root: Optional[Path] =
         return store.install(m, {MODEL_FILE: onnx_path, CARD_FILE: card}, root=root, overwrite=overwrite)
 
 
+def _describe_preprocessing(m: ModelManifest) -> str:
+    p = m.preprocessing
+    if p is None:
+        return "none recorded."
+    shape = "x".join(str(v) for v in p.shape or ())
+    text = (f"the series kept in its own acquisition axes (slice, row, col); channel 0 its whole field of view resized "
+            f"to {shape}{' with anti-aliasing' if p.antialias else ''}")
+    for i, v in enumerate(p.detail_views, 1):
+        text += (f"; channel {i} its centre at {' x '.join(f'{s:g}' for s in v.spacing_mm)} mm, cropped to {shape} "
+                 "(the acquired resolution and noise texture, which the resize erases)")
+    lo, hi = p.clip_percentiles
+    return text + f"; each channel z-scored after {lo:g}-{hi:g} percentile clipping."
+
+
+def _error_summary(errors: list) -> str:
+    """'3 T2WI_fs read as DWI_Low (axial), 1 ...' from the evaluation's misclassified series."""
+    if not errors:
+        return "none listed"
+    counts: Dict[tuple, int] = {}
+    for e in errors:
+        key = (e.get("label"), e.get("pred") or e.get("error"), e.get("plane"))
+        counts[key] = counts.get(key, 0) + 1
+    parts = [f"{n} {t} read as {p} ({pl})" for (t, p, pl), n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    return ", ".join(parts) + " (see EVALUATION.md)"
+
+
+def _int8_section(m: ModelManifest) -> list:
+    """INT8 variants as the manifest records them: calibration, nodes kept FP32, parity per back end."""
+    int8 = {k: f for k, f in m.files.items() if f.calibration}
+    if not int8:
+        return []
+    lines = ["", "## INT8 variants (CPU and TensorRT)"]
+    for key, f in int8.items():
+        c = f.calibration or {}
+        kept = sorted(c.get("nodes_kept_fp32") or {})
+        lines.append(f"- `{f.path}` ({f.precision}): {c.get('method', '?')} calibration on {c.get('data', '?')}; "
+                     f"nodes kept FP32 (chosen by measurement): {', '.join(f'`{n}`' for n in kept) or 'none'}.")
+    variants = (m.parity or {}).get("variants") or {}
+    if variants:
+        lines.append(f"- Parity against ONNX Runtime FP32 on {((m.parity or {}).get('data') or {}).get('description', 'held-out data')}:")
+        for key, e in variants.items():
+            lines.append(f"  - {key}: {e.get('metric')} {e.get('value')} (FP32 {e.get('reference')}), loss {e.get('loss')}")
+    lines.append("- Reproduce: `python -m converters.int8_release sequence-classifier` with the options in the "
+                 "calibration record (simulates the exams under var/int8/).")
+    return lines
+
+
 def render_card(m: ModelManifest, training: Optional[dict] = None) -> str:
     """The model card (markdown). Evaluation figures are filled in by `scanside models evaluate --write`."""
     ev = m.metrics.get("evaluation") if m.metrics else None
@@ -133,31 +180,36 @@ def render_card(m: ModelManifest, training: Optional[dict] = None) -> str:
         f"input `{m.inputs[0].name}` {m.inputs[0].shape}, output `{m.outputs[0].name}` {m.outputs[0].shape}.",
         f"- Labels: {', '.join(m.labels or [])}. `other` = DCE (one temporal phase: the agent passes the middle one), "
         "T1, localizer (the largest single-orientation group of a multi-plane localizer).",
-        "- Preprocessing (engines.preprocess.prepare, shared by training, evaluation and the agent): the series kept "
-        "in its own acquisition axes (slice, row, col), its whole field of view resized to 16x64x64 with "
-        "anti-aliasing, z-scored after 0.5-99.5 percentile clipping.",
+        "- Preprocessing (engines.preprocess.prepare, shared by training, evaluation and the agent): " + _describe_preprocessing(m),
         f"- File: {m.files['fp32'].path} ({m.files['fp32'].size_bytes} bytes, sha256 {m.files['fp32'].sha256}).", "",
         "## Training data",
         m.training_data or "", "",
         "## Evaluation",
     ]
+    others = {seed: e for seed, e in (m.metrics.get("evaluations") or {}).items()
+              if ev and e.get("command") != ev.get("command")}
     if ev:
         lines += [f"Measured by `scanside models evaluate {m.name}` ({ev.get('measured_at', '')}) on freshly simulated "
                   "DICOM exams through the runtime path (DICOM -> agent.header/series -> agent.volume -> "
-                  "engines.preprocess -> ONNX Runtime):", ""]
+                  f"engines.preprocess -> {ev.get('backend') or 'engine'}):", ""]
         for subset, r in ev.get("subsets", {}).items():
             lines.append(f"- {subset}: n={r['n']}, accuracy {r['accuracy']:.4f}, Cohen's kappa {r['kappa']:.4f}")
         lines += ["", "See EVALUATION.md for per-class figures and the confusion matrix."]
+        if others:
+            lines += ["", "Other fresh sets measured the same way (each set's first seed; none used for training):"]
+            for seed, e in others.items():
+                a = e["subsets"].get("all", {})
+                lines.append(f"- `{e['command']}`: n={a.get('n')}, accuracy {a.get('accuracy', 0):.4f}, Cohen's kappa "
+                             f"{a.get('kappa', 0):.4f} ({e.get('errors')} misclassified)")
         low = [k for k, r in ev.get("subsets", {}).items() if r["accuracy"] < 0.995 or r["kappa"] < 0.99]
+        low += [f"all of set {seed}" for seed, e in others.items()
+                if e["subsets"].get("all", {}).get("accuracy", 0) < 0.995 or e["subsets"].get("all", {}).get("kappa", 0) < 0.99]
         if low:
-            lines += ["", f"**Below the target** (accuracy >= 0.995, kappa >= 0.99) on: {', '.join(low)}. Typical errors: "
-                      "a DCE phase read as DWI, calculated/acquired b=2000 (held-out, beyond the trained b range) read as "
-                      "`other`, an axial T2WI_fs read as DWI_Low. The last is the largest: a fat-suppressed T2W and a b50 "
-                      "DWI differ mostly in resolution and texture, which the 16x64x64 input grid (about 3 mm in-plane) "
-                      "erases; doubling the epochs and exams from 1.0.0 to 1.1.0 moved accuracy from 0.902 to 0.966 on "
-                      "the same set, and a finer input grid is the next step."]
+            lines += ["", f"**Below the target** (accuracy >= 0.995, kappa >= 0.99) on: {', '.join(low)}. "
+                      f"Errors in the set above: {_error_summary(ev.get('errors') or [])}."]
     else:
         lines.append("Not yet evaluated (run `scanside models evaluate sequence-classifier --write`).")
+    lines += _int8_section(m)
     lines += ["", "## Limitations",
               "- Trained and evaluated on simulated phantoms only; not validated on patients. Real scanners, coils, "
               "implants, other anatomy and unusual protocols may fail silently: retrain on a site's labelled series "
@@ -177,9 +229,11 @@ def load_from_onnx(path: Path) -> SeqResNet3d:
 
     g = onnx.load(str(path))
     inits = {i.name: numpy_helper.to_array(i) for i in g.graph.initializer}
-    model = SeqResNet3d().eval()
-    pairs = model.conv_bn_pairs()
     convs = [n for n in g.graph.node if n.op_type == "Conv"]
+    if not convs:
+        raise ValueError(f"{path}: no Conv nodes")
+    model = SeqResNet3d(in_channels=int(inits[convs[0].input[1]].shape[1])).eval()
+    pairs = model.conv_bn_pairs()
     if len(convs) != len(pairs):
         raise ValueError(f"{path}: {len(convs)} Conv nodes, model has {len(pairs)}")
     # match by execution order; shapes must agree

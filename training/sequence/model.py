@@ -1,4 +1,5 @@
-"""A small 3D ResNet (basic blocks, batch norm) for one series volume (1, 16, 64, 64) -> 6 logits."""
+"""A small 3D ResNet (basic blocks, batch norm) for one series, (C, 16, 64, 64) -> 6 logits: channel 0 the
+whole field of view, channel 1 a fine-spacing centre detail of it (training.sequence.data.PREPROCESS)."""
 from __future__ import annotations
 
 import torch
@@ -29,12 +30,14 @@ class SeqResNet3d(nn.Module):
     """stem (kernel 3x5x5, stride 1,4,4: in-plane texture and noise seen at full resolution, then
     pooled away) -> 3 residual stages (stride 2 each) -> global average pool -> dropout -> linear.
 
-    Input (N, 1, 16, 64, 64): stem 16x16x16 -> 8x8x8 -> 4x4x4 -> 2x2x2.  ~0.5 M parameters."""
+    Input (N, C, 16, 64, 64): stem 16x16x16 -> 8x8x8 -> 4x4x4 -> 2x2x2.  ~0.5 M parameters."""
 
-    def __init__(self, n_classes: int = len(LABELS), widths=(16, 24, 48, 96), dropout: float = 0.2):
+    def __init__(self, n_classes: int = len(LABELS), widths=(16, 24, 48, 96), dropout: float = 0.2,
+                 in_channels: int = 2):
         super().__init__()
         w0, w1, w2, w3 = widths
-        self.stem = nn.Sequential(nn.Conv3d(1, w0, (3, 5, 5), stride=(1, 4, 4), padding=(1, 2, 2), bias=False),
+        self.in_channels = in_channels
+        self.stem = nn.Sequential(nn.Conv3d(in_channels, w0, (3, 5, 5), stride=(1, 4, 4), padding=(1, 2, 2), bias=False),
                                   nn.BatchNorm3d(w0), nn.ReLU(inplace=True))
         self.layer1 = BasicBlock3d(w0, w1, stride=2)
         self.layer2 = BasicBlock3d(w1, w2, stride=2)

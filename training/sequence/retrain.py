@@ -125,7 +125,9 @@ def train(args: argparse.Namespace, store: Any = None) -> int:
     from engines.store import ModelNotFound, ModelStore
     from training.sequence.export import NAME as MODEL_NAME, export_model, load_from_onnx, onnx_parity
     from training.sequence.model import SeqResNet3d, n_params
+    from training.sequence.data import CHANNEL, PREPROCESS
     from training.sequence.train import fit
+    from engines.preprocess import prepare as _prep
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -144,9 +146,6 @@ def train(args: argparse.Namespace, store: Any = None) -> int:
     labels = read_labels(args.labels)
     parts, skipped = scan_parts(args.data)
     clf_cur = ImageClassifier(store, base.ref) if base else None
-    if clf_cur is None:
-        from training.sequence.data import CHANNEL, PREPROCESS
-        from engines.preprocess import prepare as _prep
     xs: List[np.ndarray] = []
     ys: List[int] = []
     hold: List[bool] = []
@@ -178,7 +177,8 @@ def train(args: argparse.Namespace, store: Any = None) -> int:
         print(f"error: need both a training and a held-out part (train {int((~h).sum())}, holdout {int(h.sum())})")
         return 2
     t_prep = time.time() - t0
-    model = SeqResNet3d() if args.from_scratch or base is None else load_from_onnx(base.file_path())
+    model = (SeqResNet3d(in_channels=PREPROCESS.n_input_channels) if args.from_scratch or base is None
+             else load_from_onnx(base.file_path()))
     res = fit(model, x[~h], y[~h], epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
               freeze_bn=not (args.from_scratch or base is None))
     version = args.version or _next_version(store, MODEL_NAME, base.version if base else None)

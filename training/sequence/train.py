@@ -38,18 +38,11 @@ class FitResult:
 
 def augment(xb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Random flips along each axis (sequence identity does not depend on them), in-plane
-    transposition, a random sub-field-of-view zoom (emulates other FOVs and slice coverage) and a
-    small gain jitter on the z-scored values."""
+    transposition, a random sub-field-of-view zoom of the whole-FOV channel (emulates other FOVs and
+    slice coverage; never of the detail channels, whose fixed spacing is what tells acquired
+    resolution apart) and a small gain jitter on the z-scored values."""
     if torch.rand((), generator=g) < 0.5:
-        d, h, w = xb.shape[2:]
-        fd, fh, fw = (0.6 + 0.4 * torch.rand(3, generator=g)).tolist()
-        cd, ch, cw = max(3, int(round(d * fd))), max(8, int(round(h * fh))), max(8, int(round(w * fw)))
-        od = int(torch.randint(0, d - cd + 1, (), generator=g))
-        oh = int(torch.randint(0, h - ch + 1, (), generator=g))
-        ow = int(torch.randint(0, w - cw + 1, (), generator=g))
-        sub = xb[:, :, od:od + cd, oh:oh + ch, ow:ow + cw]
-        xb = torch.nn.functional.interpolate(sub, size=(d, h, w), mode="trilinear", align_corners=False)
-        xb = (xb - xb.mean(dim=(1, 2, 3, 4), keepdim=True)) / xb.std(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-3)
+        xb = torch.cat([_zoom(xb[:, :1], g), xb[:, 1:]], dim=1)
     for ax in (2, 3, 4):
         if torch.rand((), generator=g) < 0.5:
             xb = torch.flip(xb, (ax,))
@@ -57,6 +50,19 @@ def augment(xb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         xb = xb.transpose(3, 4)  # in-plane rows <-> columns (phase/frequency swapped)
     scale = 1.0 + 0.1 * torch.randn((xb.shape[0], 1, 1, 1, 1), generator=g)
     return xb * scale
+
+
+def _zoom(xb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A random sub-volume (60-100 % per axis) interpolated back to full size, re-z-scored."""
+    d, h, w = xb.shape[2:]
+    fd, fh, fw = (0.6 + 0.4 * torch.rand(3, generator=g)).tolist()
+    cd, ch, cw = max(3, int(round(d * fd))), max(8, int(round(h * fh))), max(8, int(round(w * fw)))
+    od = int(torch.randint(0, d - cd + 1, (), generator=g))
+    oh = int(torch.randint(0, h - ch + 1, (), generator=g))
+    ow = int(torch.randint(0, w - cw + 1, (), generator=g))
+    sub = xb[:, :, od:od + cd, oh:oh + ch, ow:ow + cw]
+    xb = torch.nn.functional.interpolate(sub, size=(d, h, w), mode="trilinear", align_corners=False)
+    return (xb - xb.mean(dim=(1, 2, 3, 4), keepdim=True)) / xb.std(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-3)
 
 
 def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int = 32, lr: float = 2e-3,
@@ -122,7 +128,7 @@ def predict(model: nn.Module, x: np.ndarray, batch_size: int = 64) -> np.ndarray
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from training.sequence.data import build_dataset
+    from training.sequence.data import IN_CHANNELS, build_dataset
     from training.sequence.export import export_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     is_val = np.array([i["seed"] >= TRAIN_SEED0 + args.exams for i in info])
     log.info("data: %d train / %d val samples in %.0f s; classes %s", int((~is_val).sum()), int(is_val.sum()), t_data,
              np.bincount(y[~is_val], minlength=len(LABELS)).tolist())
-    model = SeqResNet3d()
+    model = SeqResNet3d(in_channels=IN_CHANNELS)
     res = fit(model, x[~is_val], y[~is_val], epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
               x_val=x[is_val], y_val=y[is_val])
     t_total = time.time() - t0
