@@ -262,7 +262,7 @@ def boundary_nodes(onnx_path: Union[str, Path], op_types: Sequence[str] = ("Conv
     return out
 
 
-def _latency(path: Path, probe: CalibrationSet, backend: str, threads: Optional[int], repeats: int = 3) -> float:
+def _latency(path: Path, probe: CalibrationSet, backend: str, threads: Optional[int], repeats: int = 7) -> float:
     """Median seconds of one sample on *backend* (openvino or onnxruntime)."""
     import time
 
@@ -288,10 +288,10 @@ def _latency(path: Path, probe: CalibrationSet, backend: str, threads: Optional[
     return float(np.median(ts))
 
 
-def _speed_backend(recipe: VariantRecipe) -> str:
-    """The CPU back end a variant is timed on: U8/S8 -> OpenVINO (when installed), else ONNX Runtime."""
-    if recipe.symmetric_activations:
-        return "onnxruntime"
+def _speed_backend() -> str:
+    """The CPU back end a variant is timed on: the one the model store runs it on here, OpenVINO when
+    installed (the store prefers it on x86 for either variant where its parity passes; a node kept FP32
+    that costs ONNX Runtime nothing can break OpenVINO's INT8 chain), else ONNX Runtime."""
     try:
         import openvino  # noqa: F401
         return "openvino"
@@ -326,7 +326,7 @@ def select_nodes(fp32_path: Path, cache_path: Path, probe: CalibrationSet, recip
        (its sensitivity) and the most sensitive are kept FP32, one at a time, until the error is within
        *max_rel_error* (at most half the nodes).
     The final combination is measured and recorded ("chosen")."""
-    backend = _speed_backend(recipe)
+    backend = _speed_backend()
     ref = _run_all(_session(fp32_path, threads), probe)
     sel = NodeSelection(speed_backend=backend)
     with tempfile.TemporaryDirectory(prefix="scanside-nodesel-") as tmp:

@@ -2,6 +2,7 @@
 
     python -m converters.int8_release MODEL[@VERSION] [--calib-exams 6] [--heldout-exams 16] [--seed 810000]
                                       [--profile prostate-bpmri|prostate-mpmri] [--store DIR] [--work DIR]
+                                      [--method minmax|entropy|percentile]
 
 1. simulates calibration and held-out exams (different seeds, csPCa alternating, the four vendor styles) into
    --work (default var/int8/<name>-<version>; DICOM is never written into the repository);
@@ -52,7 +53,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--heldout-samples", type=int, default=None, help="held-out samples (default: all)")
     ap.add_argument("--op-types", default="Conv,Resize,MatMul,Gemm")
     ap.add_argument("--max-rel-error", type=float, default=0.05)
+    ap.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"],
+                    help="activation range calibration (percentile: 99.999th of |x|, ignores rare outliers)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reduce-range", default="on", choices=["on", "off", "auto"],
+                    help="7-bit weights in the U8/S8 CPU variant. on (default): a released file runs on CPUs it was "
+                         "not made on, and U8/S8 without VNNI saturates 8-bit weights; auto: decided by this CPU")
     args = ap.parse_args(argv)
 
     from converters.calibrate import calibrate
@@ -72,7 +78,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     cset = build_set(m, calib, max_samples=args.samples)
     ops = [o.strip() for o in args.op_types.split(",") if o.strip()]
-    r = calibrate(m, cset, variants=("int8_sym", "int8_u8s8"), candidates=ops, select_nodes_fp32=True,
+    rr = {"on": True, "off": False, "auto": None}[args.reduce_range]
+    r = calibrate(m, cset, method=args.method, variants=("int8_sym", "int8_u8s8"), candidates=ops, reduce_range=rr, select_nodes_fp32=True,
                   max_rel_error=args.max_rel_error, threads=args.threads,
                   data_description=f"{len(cset)} samples from {len(set(cset.sources))} series of {len(calib)} "
                                    f"simulated {args.profile} exams (seeds {args.seed}..), agent preprocessing")

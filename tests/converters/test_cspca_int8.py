@@ -91,7 +91,8 @@ def test_store_default_runs_cspca_int8_on_openvino_close_to_fp32(monkeypatch: py
     monkeypatch.delenv("SCANSIDE_ENGINE_PREFERENCE", raising=False)
     store = ModelStore(engine_options={"openvino": {"threads": 1, "cache": False}})
     eng, sel = store.open("cspca-reference")
-    x = CalibrationSet.load(CSPCA / "calibration" / "model.minmax.npz")
+    m = store.resolve("cspca-reference")
+    x = CalibrationSet.load(m.resolve(m.files["int8_sym"].calibration["tensors"]))  # the tensors it was calibrated on
     with eng, OnnxRuntimeEngine(["CPUExecutionProvider"], intra_op_threads=1).load(store.resolve("cspca-reference")) as ref:
         assert sel.backend == "openvino" and sel.variant in ("int8_sym", "int8_u8s8", "fp32")
         assert "parity report openvino:" in sel.reason
