@@ -12,7 +12,7 @@ Non-inference work on the critical path, timed on the same simulated series: rea
 headers + load_volume), prepare() per model spec, and the sliding-window stitching cost (sliding_window with a
 run_fn that does no inference).
 
-The machine is shared (other helpers train models on its 2 cores): os.getloadavg() is recorded per
+The machine may be shared with other jobs: os.getloadavg() is recorded per
 stage, and latencies are medians of several runs.  Writes bench/results/cpu.json (saved as stages finish).
 """
 from __future__ import annotations
@@ -269,8 +269,8 @@ def main() -> int:
                                "vnni": cpu_has_vnni(), "onnxruntime": ort.__version__,
                                "python": platform.python_version(), "threads": args.threads,
                                "loadavg_at_start": load(),
-                               "note": "shared 2-core machine: other helpers train models on it while this runs; "
-                                       "latencies are medians, loadavg recorded per stage"}
+                               "note": "2-core machine that other jobs may share: latencies are medians of "
+                                       "interleaved rounds, loadavg recorded per stage"}
     try:
         import openvino as ov
 

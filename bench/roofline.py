@@ -306,11 +306,14 @@ def main() -> int:
     args = ap.parse_args()
     import onnxruntime as ort
 
+    from converters.calibrate import cpu_has_vnni
+
     res: Dict[str, Any] = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                        "threads": args.threads, "onnxruntime": ort.__version__,
                                        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-                                       "note": "shared 2-core machine (other helpers train models on it): peaks and "
-                                               "times are medians under that load"},
+                                       "vnni": cpu_has_vnni(),
+                                       "note": "2-core machine that other jobs may share: peaks and times are medians, "
+                                               "the load average says how quiet it was"},
                            "command": "python bench/roofline.py " + " ".join(sys.argv[1:])}
     try:
         import openvino as ov
@@ -375,7 +378,7 @@ def summary(res: Dict[str, Any]) -> str:
     lines = ["# CPU roofline", "", f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, "
              f"{res['machine']['threads']} threads; onnxruntime {res['machine']['onnxruntime']}, openvino "
              f"{res['machine']['openvino']}; load average at start {res['machine']['loadavg_at_start']} "
-             "(shared machine: other helpers were training models).", "",
+             f"(2 cores; a load near 2 means another job shared them); AVX-512/AVX VNNI: {res['machine'].get('vnni')}.", "",
              f"Reproduce: `.venv/bin/python bench/bench_cpu.py && .venv/bin/python bench/roofline.py`", "",
              "## Measured peaks (GFLOP/s, median)", "", "| kernel | ORT fp32 | ORT int8 u8s8 | OpenVINO fp32 | OpenVINO int8 u8s8 |",
              "|---|---|---|---|---|"]
