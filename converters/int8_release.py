@@ -79,8 +79,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     cset = build_set(m, calib, max_samples=args.samples)
     ops = [o.strip() for o in args.op_types.split(",") if o.strip()]
     rr = {"on": True, "off": False, "auto": None}[args.reduce_range]
-    r = calibrate(m, cset, method=args.method, variants=("int8_sym", "int8_u8s8"), candidates=ops, reduce_range=rr, select_nodes_fp32=True,
-                  max_rel_error=args.max_rel_error, threads=args.threads,
+    r = calibrate(m, cset, method=args.method, variants=("int8_sym", "int8_u8s8"), candidates=ops, reduce_range=rr,
+                  select_nodes_fp32=True, max_rel_error=args.max_rel_error, threads=args.threads,
                   data_description=f"{len(cset)} samples from {len(set(cset.sources))} series of {len(calib)} "
                                    f"simulated {args.profile} exams (seeds {args.seed}..), agent preprocessing")
     m = ModelManifest.load(r.manifest.root)

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from agent.volume import LPS_LABELS, Volume, axcodes_of
-from engines.spec import PreprocessSpec, WindowSpec
+from engines.spec import DetailView, PreprocessSpec, WindowSpec
 
 
 @dataclass(frozen=True)
@@ -276,12 +276,17 @@ def normalize(array: np.ndarray, mode: str = "zscore_percentile", clip_percentil
 # ----------------------------------------------------------------------------------------
 
 
+def _oriented(reference: GridLike, spec: PreprocessSpec) -> Grid:
+    """``reference`` in the model's axes: its own acquisition axes, or reoriented to spec.axcodes."""
+    return _grid(reference) if spec.orientation == "acquisition" else reorient_grid(reference, spec.axcodes)
+
+
 def model_grid(reference: GridLike, spec: PreprocessSpec, center_lps=None) -> Grid:
     """The model's input grid: reference reoriented to spec.axcodes (or kept in its acquisition
     axes, orientation="acquisition"), resampled to spec.spacing_mm, cropped/padded to spec.shape
     (centre, or ``center_lps`` for crop="gland"); with fit="resize" the whole field of view is
     resampled onto spec.shape instead."""
-    g = _grid(reference) if spec.orientation == "acquisition" else reorient_grid(reference, spec.axcodes)
+    g = _oriented(reference, spec)
     if spec.fit == "resize":
         if spec.shape is None:
             raise ValueError("fit='resize' needs spec.shape")
@@ -294,13 +299,12 @@ def model_grid(reference: GridLike, spec: PreprocessSpec, center_lps=None) -> Gr
     return g
 
 
-def detail_grid(reference: GridLike, spec: PreprocessSpec, view) -> Grid:
+def detail_grid(reference: GridLike, spec: PreprocessSpec, view: DetailView) -> Grid:
     """The grid of one detail view: ``reference`` in the main grid's orientation, resampled to
     ``view.spacing_mm`` and cropped/padded to ``spec.shape`` around its centre."""
     if spec.shape is None:
         raise ValueError("detail views need spec.shape")
-    g = _grid(reference) if spec.orientation == "acquisition" else reorient_grid(reference, spec.axcodes)
-    return cropped_grid(resampled_grid(g, view.spacing_mm), spec.shape)
+    return cropped_grid(resampled_grid(_oriented(reference, spec), view.spacing_mm), spec.shape)
 
 
 def _channel(v: Volume, grid: Grid, spec: PreprocessSpec, order: int) -> np.ndarray:
