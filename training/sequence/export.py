@@ -145,13 +145,18 @@ def _error_summary(errors: list) -> str:
     return ", ".join(parts) + " (see EVALUATION.md)"
 
 
+def _below_target(r: dict) -> bool:
+    """An evaluated subset under the issue's target (accuracy >= 0.995, kappa >= 0.99)."""
+    return r.get("accuracy", 0) < 0.995 or r.get("kappa", 0) < 0.99
+
+
 def _int8_section(m: ModelManifest) -> list:
     """INT8 variants as the manifest records them: calibration, nodes kept FP32, parity per back end."""
     int8 = {k: f for k, f in m.files.items() if f.calibration}
     if not int8:
         return []
     lines = ["", "## INT8 variants (CPU and TensorRT)"]
-    for key, f in int8.items():
+    for f in int8.values():
         c = f.calibration or {}
         kept = sorted(c.get("nodes_kept_fp32") or {})
         lines.append(f"- `{f.path}` ({f.precision}): {c.get('method', '?')} calibration on {c.get('data', '?')}; "
@@ -161,7 +166,7 @@ def _int8_section(m: ModelManifest) -> list:
         lines.append(f"- Parity against ONNX Runtime FP32 on {((m.parity or {}).get('data') or {}).get('description', 'held-out data')}:")
         for key, e in variants.items():
             lines.append(f"  - {key}: {e.get('metric')} {e.get('value')} (FP32 {e.get('reference')}), loss {e.get('loss')}")
-    lines.append("- Reproduce: `python -m converters.int8_release sequence-classifier` with the options in the "
+    lines.append(f"- Reproduce: `python -m converters.int8_release {m.name}` with the options in the "
                  "calibration record (simulates the exams under var/int8/).")
     return lines
 
@@ -201,9 +206,8 @@ def render_card(m: ModelManifest, training: Optional[dict] = None) -> str:
                 a = e["subsets"].get("all", {})
                 lines.append(f"- `{e['command']}`: n={a.get('n')}, accuracy {a.get('accuracy', 0):.4f}, Cohen's kappa "
                              f"{a.get('kappa', 0):.4f} ({e.get('errors')} misclassified)")
-        low = [k for k, r in ev.get("subsets", {}).items() if r["accuracy"] < 0.995 or r["kappa"] < 0.99]
-        low += [f"all of set {seed}" for seed, e in others.items()
-                if e["subsets"].get("all", {}).get("accuracy", 0) < 0.995 or e["subsets"].get("all", {}).get("kappa", 0) < 0.99]
+        low = [k for k, r in ev.get("subsets", {}).items() if _below_target(r)]
+        low += [f"all of set {seed}" for seed, e in others.items() if _below_target(e["subsets"].get("all", {}))]
         if low:
             lines += ["", f"**Below the target** (accuracy >= 0.995, kappa >= 0.99) on: {', '.join(low)}. "
                       f"Errors in the set above: {_error_summary(ev.get('errors') or [])}."]
