@@ -1,10 +1,29 @@
 """Shared by the training packages: classification metrics (sklearn-free, numpy only), the record of a
-training continued in stages, and loading a saved checkpoint."""
+training continued in stages, loading a saved checkpoint and the key of a rendered-data cache."""
 from __future__ import annotations
 
+import hashlib
+import importlib
+from pathlib import Path
 from typing import Any, Dict, Sequence
 
 import numpy as np
+
+
+#: the code a rendered training sample depends on, whatever the model: the simulator and the preprocessing
+RENDER_SOURCES = ("simulator.phantom", "simulator.physics", "simulator.render", "simulator.model",
+                  "simulator.protocols", "simulator.vendors.common", "engines.preprocess", "engines.spec")
+
+
+def render_cache_key(*extra_modules: str, salt: str = "") -> str:
+    """12 hex digits of the sha256 of RENDER_SOURCES, the given modules' source files and ``salt``: a
+    cache of rendered samples keyed by it is rebuilt whenever the simulator, the preprocessing or the
+    data generator changes, never silently reused."""
+    h = hashlib.sha256(salt.encode())
+    for name in (*RENDER_SOURCES, *extra_modules):
+        h.update(name.encode())
+        h.update(Path(importlib.import_module(name).__file__).read_bytes())
+    return h.hexdigest()[:12]
 
 
 def confusion(y_true: Sequence[int], y_pred: Sequence[int], n: int) -> np.ndarray:

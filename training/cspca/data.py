@@ -154,9 +154,16 @@ def _write_case(args) -> str:
     return str(path)
 
 
+def cache_key() -> str:
+    """The simulator, the preprocessing, the csPCa spec and this module: the sub-folder of the cache."""
+    from training.common import render_cache_key
+
+    return render_cache_key("training.cspca.spec", __name__, salt=CSPCA_SPEC.model_dump_json())
+
+
 def build_cache(seeds: Sequence[int], out_dir=DEFAULT_CACHE, workers: int = 2) -> list[str]:
-    """Render the cases not yet cached (npz per seed) and return all their paths."""
-    out = Path(out_dir)
+    """Render the cases not yet cached (npz per seed, under ``out_dir/cache_key()``) and return all their paths."""
+    out = Path(out_dir) / cache_key()
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(int(s), str(out)) for s in seeds]
     if workers <= 1:

@@ -2,12 +2,13 @@
 
     python -m training.cspca.train --cases 320 --minutes 15 --out var/cspca-run
 
-1. Cases: ``training.cspca.data.build_cache`` renders seeds 0..N-1 once (npz, var/cspca-cache/).
+1. Cases: ``training.cspca.data.build_cache`` renders seeds 0..N-1 once (npz, var/cspca-cache/KEY/, KEY = data.cache_key(): rebuilt when the simulator or preprocessing changes).
 2. Voxel head: patches of 20 x 32 x 32 voxels (the full depth, a quarter of the plane; half of
    them centred on a csPCa lesion when the case has one), random left-right flips and channel
    intensity jitter; loss = BCE + soft Dice on the csPCa lesion mask (indolent lesions are
    background) + BCE of the patch's max-voxel (multiple-instance) exam head on "the patch holds a
-   csPCa lesion". Training runs for a wall-clock budget with a cosine learning-rate schedule over it.
+   csPCa lesion". Training runs for a wall-clock budget with a cosine learning-rate schedule over it,
+   or over ``--max-steps`` when that is given (reproducible on a busy machine; the budget still caps it).
 3. Exam head: the scale/offset of sigmoid(a * max voxel logit + b) are refitted on the full
    training volumes by logistic regression (Newton, 2 parameters), so the exam probability is
    calibrated on whole exams rather than patches.
@@ -98,8 +99,12 @@ def train(cases: int = 320, minutes: float = 15.0, out: str = "var/cspca-run", b
     step, hist = 0, []
     model.train()
     while True:
+        # the schedule follows the step budget where one is given (the same run on a busy or a quiet
+        # machine), else the wall clock; the wall-clock budget always caps the run
         frac = (time.perf_counter() - t1) / budget
-        if frac >= 1.0 or (max_steps is not None and step >= max_steps):
+        if max_steps:
+            frac = max(frac, step / max_steps)
+        if frac >= 1.0:
             break
         for g in opt.param_groups:
             g["lr"] = lr * (0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * min(frac, 1.0))))

@@ -10,7 +10,6 @@ series: the middle one, see agent.image_label.select_frames).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -140,13 +139,11 @@ def _shard(args: tuple[list[int], str, str]) -> str:
 
 
 def spec_key() -> str:
-    """Cache key: the preprocessing and this module's generator (changes invalidate the cache)."""
-    from training.sequence import protocols
+    """Cache key: the simulator, the preprocessing, this module and its protocol generator (changes
+    invalidate the cache)."""
+    from training.common import render_cache_key
 
-    h = hashlib.sha256(PREPROCESS.model_dump_json().encode())
-    for mod in (protocols,):
-        h.update(Path(mod.__file__).read_bytes())
-    return h.hexdigest()[:12]
+    return render_cache_key("training.sequence.protocols", __name__, salt=PREPROCESS.model_dump_json())
 
 
 def build_dataset(seeds: Sequence[int], variant: Variant = "train", cache_dir: Path | None = None,
