@@ -8,8 +8,12 @@ and extracts findings from the likelihood map.
 Finding extraction (``extract_findings``), parameters from ``manifest.postprocessing``:
 
 1. Threshold the likelihood map at ``lesion_threshold``; 3D connected components (scipy.ndimage,
-   26-connectivity). A component is kept when its peak likelihood >= ``min_peak`` and its volume
-   >= ``min_volume_mm3``.
+   26-connectivity). A component that holds two or more peaks is split between them (``split_peaks``):
+   a peak counts when it rises at least ``split_dynamic`` above the saddle that joins it to the
+   others and is itself ``min_volume_mm3`` big there (so that noise never splits a lesion); every
+   voxel of the component goes to its nearest peak. Two lesions that touch on the map are thus
+   reported as two findings, each with its own centre. A region is kept when its peak likelihood
+   >= ``min_peak`` and its volume >= ``min_volume_mm3``.
 2. Centre: the likelihood-weighted centroid of the component's voxels, mapped to LPS mm by the
    grid's affine (``Grid.index_to_lps``).
 3. Long / short axis (mm), measured as a radiologist does, in the axial plane: on the slice where
@@ -37,7 +41,10 @@ DEFAULT_MODEL = "cspca-reference"
 CHANNELS = ("T2W", "ADC", "HBV")
 DEFAULT_POSTPROCESSING: Dict[str, float] = {
     "lesion_threshold": 0.5, "min_peak": 0.5, "min_volume_mm3": 30.0, "decision_threshold": 0.5,
+    "split_dynamic": 0.1,
 }
+_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+_SPLIT_STEP = 0.02  # likelihood levels swept when looking for the saddle between two peaks
 
 
 class CspcaInputError(ValueError):
@@ -71,8 +78,47 @@ def _in_plane_axes(coords_mm: np.ndarray, pixel_var: float) -> tuple[float, floa
     return float(4.0 * np.sqrt(ev[1])), float(4.0 * np.sqrt(ev[0]))
 
 
+def _peaks_of(lk: np.ndarray, region: np.ndarray, level: float, dynamic: float, min_voxels: int) -> List[np.ndarray]:
+    """The cores (boolean masks) of the separate peaks of ``region``, a connected part of lk >= level:
+    sweeping the level up, the first level at which the region falls apart into two or more parts
+    that each rise ``dynamic`` above it and hold ``min_voxels`` splits it, and each part is split
+    again the same way. A region with one such peak is its own core."""
+    top = float(lk[region].max())
+    t = level
+    while t + _SPLIT_STEP <= top:
+        t += _SPLIT_STEP
+        parts, n = ndimage.label(region & (lk >= t), structure=_CONNECTIVITY)
+        if n < 2:
+            continue
+        ids = np.arange(1, n + 1)
+        peaks = ndimage.maximum(lk, parts, ids)
+        sizes = ndimage.sum_labels(np.ones(parts.shape, dtype=np.int32), parts, ids)
+        keep = [int(i) for i, p, v in zip(ids, peaks, sizes) if p - (t - _SPLIT_STEP) >= dynamic and v >= min_voxels]
+        if len(keep) >= 2:
+            return [core for i in keep for core in _peaks_of(lk, parts == i, t, dynamic, min_voxels)]
+    return [region]
+
+
+def split_peaks(lk: np.ndarray, component: np.ndarray, level: float, dynamic: float, min_voxels: int,
+                spacing: Sequence[float]) -> List[np.ndarray]:
+    """``component`` (boolean, a connected part of lk >= level) as one region per separate peak: the
+    voxels go to the nearest core (in mm). See the module docstring."""
+    if dynamic <= 0:
+        return [component]
+    cores = _peaks_of(lk, component, level, dynamic, min_voxels)
+    if len(cores) == 1:
+        return [component]
+    marks = np.zeros(component.shape, dtype=np.int32)
+    for k, core in enumerate(cores, start=1):
+        marks[core] = k
+    _, nearest = ndimage.distance_transform_edt(marks == 0, sampling=spacing, return_indices=True)
+    owner = marks[tuple(nearest)]
+    return [component & (owner == k) for k in range(1, len(cores) + 1)]
+
+
 def extract_findings(likelihood: np.ndarray, grid: Grid, *, lesion_threshold: float = 0.5, min_peak: float = 0.5,
-                     min_volume_mm3: float = 30.0, max_findings: int = 10, **_: Any) -> List[LesionFinding]:
+                     min_volume_mm3: float = 30.0, split_dynamic: float = DEFAULT_POSTPROCESSING["split_dynamic"],
+                     max_findings: int = 10, **_: Any) -> List[LesionFinding]:
     """Lesion findings from a likelihood map on ``grid`` (see the module docstring); sorted by likelihood."""
     lk = np.nan_to_num(np.asarray(likelihood, dtype=np.float32), nan=0.0)
     if lk.shape != tuple(grid.shape):
@@ -80,35 +126,36 @@ def extract_findings(likelihood: np.ndarray, grid: Grid, *, lesion_threshold: fl
     mask = lk >= float(lesion_threshold)
     if not mask.any():
         return []
-    lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    lab, n = ndimage.label(mask, structure=_CONNECTIVITY)
     a = grid.affine[:3, :3]
     spacing = np.linalg.norm(a, axis=0)
     vox_mm3 = float(abs(np.linalg.det(a)))
+    min_voxels = max(1, int(np.ceil(min_volume_mm3 / vox_mm3)))
     u1, u2 = a[:, 1] / spacing[1], a[:, 2] / spacing[2]  # in-plane unit vectors (LPS)
     pixel_var = float((spacing[1] ** 2 + spacing[2] ** 2) / 2.0 / 12.0)
     out: List[LesionFinding] = []
     for k, sl in enumerate(ndimage.find_objects(lab), start=1):
         if sl is None:
             continue
-        comp = lab[sl] == k
-        vals = lk[sl][comp]
-        peak = float(vals.max())
-        vol = float(comp.sum()) * vox_mm3
-        if peak < min_peak or vol < min_volume_mm3:
-            continue
-        idx = np.argwhere(comp) + np.array([s.start for s in sl])
-        w = vals.astype(np.float64)
-        centre_idx = (idx * w[:, None]).sum(0) / w.sum()
-        centre = grid.index_to_lps(centre_idx)
-        areas = np.bincount(idx[:, 0] - idx[:, 0].min())
-        z_best = int(np.argmax(areas)) + int(idx[:, 0].min())
-        plane = idx[idx[:, 0] == z_best]
-        pts = grid.index_to_lps(plane.astype(np.float64))
-        coords = np.stack([pts @ u1, pts @ u2], axis=1)
-        long_ax, short_ax = _in_plane_axes(coords, pixel_var)
-        out.append(LesionFinding(center_lps_mm=tuple(float(v) for v in centre), long_axis_mm=round(long_ax, 2),
-                                 short_axis_mm=round(short_ax, 2), volume_ml=round(vol / 1000.0, 4),
-                                 likelihood=round(min(max(peak, 0.0), 1.0), 4)))
+        offset = np.array([s.start for s in sl])
+        for comp in split_peaks(lk[sl], lab[sl] == k, float(lesion_threshold), float(split_dynamic), min_voxels,
+                                spacing):
+            vals = lk[sl][comp]
+            peak = float(vals.max())
+            vol = float(comp.sum()) * vox_mm3
+            if peak < min_peak or vol < min_volume_mm3:
+                continue
+            idx = np.argwhere(comp) + offset
+            w = vals.astype(np.float64)
+            centre = grid.index_to_lps((idx * w[:, None]).sum(0) / w.sum())
+            areas = np.bincount(idx[:, 0] - idx[:, 0].min())
+            z_best = int(np.argmax(areas)) + int(idx[:, 0].min())
+            plane = idx[idx[:, 0] == z_best]
+            pts = grid.index_to_lps(plane.astype(np.float64))
+            long_ax, short_ax = _in_plane_axes(np.stack([pts @ u1, pts @ u2], axis=1), pixel_var)
+            out.append(LesionFinding(center_lps_mm=tuple(float(v) for v in centre), long_axis_mm=round(long_ax, 2),
+                                     short_axis_mm=round(short_ax, 2), volume_ml=round(vol / 1000.0, 4),
+                                     likelihood=round(min(max(peak, 0.0), 1.0), 4)))
     out.sort(key=lambda f: -f.likelihood)
     return out[:max_findings]
 

@@ -56,6 +56,28 @@ def test_extract_findings_centres_and_axes():
     assert f1.volume_ml == pytest.approx(4 / 3 * np.pi * 9 * 5 * 6 / 1000, rel=0.35)
 
 
+def test_touching_lesions_are_two_findings_and_noise_splits_none():
+    grid = _grid()
+    c0 = grid.center_lps()
+    a = (c0[0] - 5.0, c0[1], c0[2])
+    b = (c0[0] + 5.0, c0[1] + 1.0, c0[2])
+    lk = np.zeros(grid.shape, np.float32)
+    _paint(lk, grid, a, (6.0, 6.0, 6.0), peak=0.95)
+    _paint(lk, grid, b, (6.0, 6.0, 6.0), peak=0.85)  # overlaps a: the map stays >= 0.65 between them
+    joined = extract_findings(lk, grid, split_dynamic=0.0)
+    assert len(joined) == 1  # without splitting: one finding between the two lesions
+    fs = extract_findings(lk, grid, split_dynamic=0.1)
+    assert len(fs) == 2
+    assert np.linalg.norm(np.subtract(fs[0].center_lps_mm, a)) < 1.5
+    assert np.linalg.norm(np.subtract(fs[1].center_lps_mm, b)) < 1.5
+    assert fs[0].volume_ml + fs[1].volume_ml == pytest.approx(joined[0].volume_ml, rel=1e-6)  # no voxel lost
+    # a single lesion with voxel noise of 0.2 inside it stays one finding
+    one = np.zeros(grid.shape, np.float32)
+    _paint(one, grid, a, (7.0, 6.0, 6.0), peak=0.8)
+    one += np.random.default_rng(1).uniform(0, 0.2, one.shape).astype(np.float32)
+    assert len(extract_findings(one, grid, split_dynamic=0.1)) == 1
+
+
 def test_extract_findings_thresholds_and_empty():
     grid = _grid()
     lk = np.zeros(grid.shape, np.float32)

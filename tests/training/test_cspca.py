@@ -85,6 +85,27 @@ def test_lesion_detection_and_operating_point():
     assert (op["sensitivity"], op["specificity"]) == (0.5, 0.0)
 
 
+def test_touching_simulated_lesions_count_as_one_tumour_region_as_in_picai():
+    """Evaluation exam 930016 holds two csPCa lesions that overlap and a separate non-significant one."""
+    from simulator.phantom import make_phantom
+    from training.cspca.evaluate import exam_plan, truth_lesions
+
+    p = exam_plan(930016)
+    ph = make_phantom(930016, n_lesions=p["n_lesions"], cspca=p["cspca"])
+    truth = truth_lesions(ph)
+    cs = [t for t in truth if t["cspca"]]
+    assert [t["members"] for t in cs] == [[1, 2]]
+    assert [t["members"] for t in truth if not t["cspca"]] == [[3]]
+    both = np.isin(ph.lesion_masks, [1, 2])
+    centroid = ph.index_to_world(np.argwhere(both)[:, ::-1].mean(0))
+    assert np.allclose(cs[0]["centre"], centroid)
+    assert cs[0]["max_diameter"] >= max(max(ph.lesions[0].diameters_mm), max(ph.lesions[1].diameters_mm))
+    # each simulated lesion alone is one region: the same code on a single-lesion phantom keeps it whole
+    single = make_phantom(930016, n_lesions=1, cspca=True)
+    one = [t for t in truth_lesions(single) if t["cspca"]]
+    assert len(one) == 1 and one[0]["max_diameter"] == pytest.approx(max(single.lesions[0].diameters_mm))
+
+
 @pytest.mark.slow
 def test_shipped_model_heldout_floor(tmp_path):
     """`scanside models evaluate cspca-reference --json` on 8 fresh exams (2 per vendor style, seeds never

@@ -7,7 +7,8 @@ csPCa / not, 0-3 lesions, 4 vendor styles, bpMRI profile): simulate_exam writes 
 agent.header.read_header -> agent.series.split_parts -> agent.classify.classify_header picks the
 axial T2W, the ADC and the highest-b DWI -> agent.volume.load_volume -> agent.cspca.CspcaModel
 (engines.preprocess.prepare -> ONNX Runtime -> findings). Ground truth: the simulator's lesions
-(rebuilt with make_phantom from the same seed) put on the model grid.
+(rebuilt with make_phantom from the same seed) put on the model grid; for lesion-level detection the
+csPCa lesions are counted as picai_eval counts them, one per connected tumour region (truth_lesions).
 """
 from __future__ import annotations
 
@@ -80,19 +81,47 @@ def exam_volumes(exam_dir: Path) -> Dict[str, Any]:
     return out
 
 
+def truth_lesions(ph) -> List[Dict[str, Any]]:
+    """The phantom's lesions as an evaluation counts them: [{"centre", "max_diameter", "cspca", "zone", "members"}].
+
+    csPCa lesions are the connected components (26-connectivity) of the csPCa lesion mask, as picai_eval
+    labels its ground truth: simulated lesions that touch or overlap form one tumour region, which no
+    detector (and no reader) can split. Centre: the component's centroid; largest diameter: the
+    largest member's, or the component's own length where members join (the long axis of the
+    ellipsoid with the component's second moments: 2 sqrt(5 lambda_max)). Other lesions: one entry each.
+    """
+    from scipy import ndimage
+
+    cs_ids = [k for k, les in enumerate(ph.lesions, start=1) if les.cspca]
+    out: List[Dict[str, Any]] = []
+    comps, n = ndimage.label(np.isin(ph.lesion_masks, cs_ids), structure=np.ones((3, 3, 3), dtype=bool))
+    for c, sl in enumerate(ndimage.find_objects(comps) if n else [], start=1):
+        zyx = np.argwhere(comps[sl] == c) + np.array([s.start for s in sl])
+        members = sorted(int(k) for k in np.unique(ph.lesion_masks[tuple(zyx.T)]))
+        diam = max(max(ph.lesions[k - 1].diameters_mm) for k in members)
+        if len(members) > 1:
+            xyz_mm = zyx[:, ::-1] * ph.voxel_mm
+            diam = max(diam, float(2.0 * np.sqrt(5.0 * np.linalg.eigvalsh(np.cov(xyz_mm, rowvar=False))[-1])))
+        out.append({"centre": [float(v) for v in ph.index_to_world(zyx[:, ::-1].mean(0))], "max_diameter": float(diam),
+                    "cspca": True, "zone": "+".join(sorted({ph.lesions[k - 1].zone for k in members})),
+                    "members": members})
+    for k, les in enumerate(ph.lesions, start=1):
+        if les.cspca:
+            continue
+        zyx = np.argwhere(ph.lesion_masks == k)
+        centre = ph.index_to_world(zyx[:, ::-1].mean(0)) if len(zyx) else np.asarray(les.center_lps_mm)
+        out.append({"centre": [float(v) for v in centre], "max_diameter": float(max(les.diameters_mm)),
+                    "cspca": False, "zone": les.zone, "members": [k]})
+    return out
+
+
 def lesion_truth(seed: int) -> tuple:
-    """(phantom, [{"centre", "max_diameter", "cspca"}]) with centres = centroid of each lesion's voxels."""
+    """(phantom, truth_lesions(phantom)) for evaluation exam ``seed``."""
     from simulator.phantom import make_phantom
 
     p = exam_plan(seed)
     ph = make_phantom(seed, n_lesions=p["n_lesions"], cspca=p["cspca"])
-    out = []
-    for k, les in enumerate(ph.lesions, start=1):
-        zyx = np.argwhere(ph.lesion_masks == k)
-        centre = ph.index_to_world(zyx[:, ::-1].mean(0)) if len(zyx) else np.asarray(les.center_lps_mm)
-        out.append({"centre": [float(v) for v in centre], "max_diameter": float(max(les.diameters_mm)),
-                    "cspca": bool(les.cspca), "zone": les.zone})
-    return ph, out
+    return ph, truth_lesions(ph)
 
 
 def run_eval(model, exams_per_vendor: int, seed0: int, workdir: Optional[Path] = None, jobs: int = 1) -> Dict[str, Any]:
