@@ -23,12 +23,21 @@ Pipeline (vectorised; no loops over voxels):
    motion blur along the phase-encoding direction (+ optional N/2 ghost), Rician noise
    (magnitude of complex Gaussian; sigma scales with 1/B0 and 1/sqrt(voxel volume)),
    global intensity scale, partial coverage (slab shifted along its normal).
+5. Echo-planar imaging (DWI and the maps derived from it), applied to every b-value alike:
+   B0-inhomogeneity distortion along the phase direction (a smooth displacement field with
+   the Jacobian's signal pile-up and stretch), the chemical shift of the residual fat along
+   phase (3.4 ppm of the Larmor frequency over the bandwidth per pixel: tens of pixels, wrapped
+   around the field of view, which is why SE-EPI suppresses fat twice, spectrally and by
+   slice-select gradient reversal: ``epi_fat_residual``), T2* blurring along
+   phase and the Nyquist N/2 ghost that every EPI readout leaves. Turbo spin echo has none of
+   these; they are what tells a low-b DWI from a fat-saturated T2W at the same contrast.
 
 Pixel values: float32, non-negative, arbitrary units (~0-1000 for spin echo/DWI, ~0-1500 for
 gradient echo, scaled x8000); ADC maps in 1e-6 mm^2/s.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,6 +54,8 @@ from simulator.physics import N_TISSUES, Tissue
 DEFAULT_ADC_B_VALUES: tuple[float, ...] = (50.0, 800.0)
 DEFAULT_CALC_ACQUIRED_B_VALUES: tuple[float, ...] = (50.0, 800.0)
 OBLIQUE_TILT_DEG = 15.0
+FAT_WATER_SHIFT_PPM = 3.4
+GAMMA_MHZ_PER_T = 42.577
 
 # Noise sigma at 3 T in signal units (PD = 1) for a reference voxel volume (mm^3) and 1 average.
 _NOISE_REF: dict[str, tuple[float, float]] = {
@@ -72,6 +83,13 @@ class Artifacts(BaseModel):
     fat_sat_residual: float = Field(0.07, ge=0.0, le=1.0)  # fat signal kept by fat saturation
     ghosting: float = Field(0.0, ge=0.0, le=1.0)  # amplitude of an N/2 ghost along phase
     texture: float = Field(0.04, ge=0.0, le=0.5)  # amplitude of the phantom's fine tissue texture
+    # echo-planar imaging (DWI); 0 turns each off
+    epi_ghost: float = Field(0.02, ge=0.0, le=0.5)  # Nyquist N/2 ghost amplitude
+    # fat kept by SE-EPI's fat suppression: spectral saturation plus slice-select gradient reversal
+    epi_fat_residual: float = Field(0.02, ge=0.0, le=1.0)
+    epi_distortion_mm: float = Field(1.0, ge=0.0)  # typical B0 displacement along phase at the gland
+    epi_bandwidth_hz: float = Field(20.0, ge=0.0)  # bandwidth per pixel along phase (0: no fat shift)
+    epi_blur_px: float = Field(0.8, ge=0.0)  # FWHM in pixels of the T2* point spread along phase
 
     @classmethod
     def sample(cls, rng: np.random.Generator, severity: float = 1.0) -> "Artifacts":
@@ -86,6 +104,11 @@ class Artifacts(BaseModel):
             fat_sat_residual=float(np.clip(rng.normal(0.07, 0.03 * s), 0.01, 0.4)),
             ghosting=float(abs(rng.normal(0.0, 0.03 * s)) if rng.random() < 0.2 * s else 0.0),
             texture=float(np.clip(rng.normal(0.04, 0.015 * s), 0.0, 0.15)),
+            epi_ghost=float(np.clip(0.02 * np.exp(rng.normal(0.0, 0.6 * s)), 0.003, 0.12)),
+            epi_fat_residual=float(np.clip(rng.normal(0.02, 0.012 * s), 0.003, 0.1)),
+            epi_distortion_mm=float(abs(rng.normal(1.0, 1.0 * s))),
+            epi_bandwidth_hz=float(rng.uniform(12.0, 35.0)),
+            epi_blur_px=float(rng.uniform(0.4, 1.4)),
         )
 
 
@@ -375,6 +398,64 @@ def _blur_ghost(stack: np.ndarray, geom: SlabGeometry, plane: str, art: Artifact
     return stack
 
 
+def _b0_displacement_mm(lps: np.ndarray, centre: np.ndarray, typical_mm: float,
+                        rng: np.random.Generator) -> np.ndarray:
+    """A smooth B0-inhomogeneity displacement (mm along phase) at the pixel positions: a random
+    quadratic of the position (100 mm units) around the gland, about ``typical_mm`` at the gland
+    and growing away from it, as a shim leaves it."""
+    u = (lps - centre.astype(np.float32)[:, None, None, None]) / np.float32(100.0)
+    c = rng.normal(0.0, 1.0, size=10).astype(np.float32)
+    poly = (c[0] + c[1] * u[0] + c[2] * u[1] + c[3] * u[2] + 0.5 * (c[4] * u[0] * u[0] + c[5] * u[1] * u[1]
+            + c[6] * u[2] * u[2] + c[7] * u[0] * u[1] + c[8] * u[1] * u[2] + c[9] * u[0] * u[2]))
+    return np.float32(typical_mm) * poly
+
+
+def _shift_along(vol: np.ndarray, disp_px: np.ndarray, ax: int, wrap: bool) -> np.ndarray:
+    """The image of ``vol`` (n, r, c) whose content is displaced by ``disp_px`` pixels along axis
+    ``ax``: I(y) = vol(y - d(y)) * (1 - d'(y)), the Jacobian piling up signal where the field
+    compresses the image and thinning it where it stretches."""
+    coords = np.indices(vol.shape, dtype=np.float32)
+    coords[ax] -= disp_px
+    jac = np.clip(1.0 - np.gradient(disp_px, axis=ax), 0.2, 3.0).astype(np.float32)
+    out = ndimage.map_coordinates(vol, coords, order=1, mode="grid-wrap" if wrap else "nearest",
+                                  prefilter=False, output=np.float32)
+    return out * jac
+
+
+_ACQUISITION_FIELDS = {"plane", "slice_thickness_mm", "slice_gap_mm", "n_slices", "fov_mm", "matrix", "tr_ms", "te_ms",
+                       "center_offset_mm"}
+
+
+def _acquisition_rng(phantom: Phantom, spec: SeriesSpec, stream: int) -> np.random.Generator:
+    """A random state of the acquisition rather than of the series: the DWI series and the ADC /
+    calculated-b maps that the scanner derives from it share its geometry, hence the same slab
+    position, distortion field and fat shift. ``stream`` tells the uses apart."""
+    key = zlib.crc32(spec.model_dump_json(include=_ACQUISITION_FIELDS).encode())
+    return np.random.default_rng(np.random.SeedSequence([int(phantom.seed), key, int(stream)]))
+
+
+def _epi(water: np.ndarray, fat: np.ndarray, geom: SlabGeometry, plane: str, art: Artifacts,
+         field_strength_t: float, centre: np.ndarray, lps: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """EPI encoding of the clean water and fat images (n_b, n, r, c): see the module docstring."""
+    ax = _phase_axis(plane)
+    sp = geom.spacing[0] if ax == 1 else geom.spacing[1]
+    disp = (_b0_displacement_mm(lps, centre, art.epi_distortion_mm, rng) / np.float32(sp)
+            if art.epi_distortion_mm > 0 else np.zeros(water.shape[1:], dtype=np.float32))
+    fat_px = 0.0
+    if art.epi_bandwidth_hz > 0:
+        sign = 1.0 if rng.random() < 0.5 else -1.0  # the phase-encoding polarity
+        fat_px = sign * FAT_WATER_SHIFT_PPM * GAMMA_MHZ_PER_T * field_strength_t / art.epi_bandwidth_hz
+    out = np.empty_like(water)
+    for q in range(water.shape[0]):
+        w = _shift_along(water[q], disp, ax, wrap=False) if art.epi_distortion_mm > 0 else water[q]
+        out[q] = w + _shift_along(fat[q], disp + np.float32(fat_px), ax, wrap=True)
+    if art.epi_blur_px > 0:
+        out = ndimage.gaussian_filter1d(out, art.epi_blur_px / 2.355, axis=ax + 1, mode="nearest")
+    if art.epi_ghost > 0:
+        out = out + np.float32(art.epi_ghost) * np.roll(out, out.shape[ax + 1] // 2, axis=ax + 1)
+    return out
+
+
 def _rician(signal: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     if sigma <= 0:
         return np.abs(signal).astype(np.float32)
@@ -439,7 +520,7 @@ def render_series(
     nrm = np.cross(r, c)
     if art.partial_coverage > 0:
         extent = spec.n_slices * (spec.slice_thickness_mm + spec.slice_gap_mm)
-        sign = 1.0 if rng.random() < 0.5 else -1.0
+        sign = 1.0 if _acquisition_rng(phantom, spec, 0xC0).random() < 0.5 else -1.0
         centre = centre + sign * art.partial_coverage * extent * nrm
     geom = slab_geometry(spec, centre)
     sampler = _Sampler(phantom, geom, spec.slice_thickness_mm, spec.plane)
@@ -475,10 +556,15 @@ def render_series(
             bvals = [float(b) for b in spec.b_values] if len(spec.b_values) >= 2 else list(DEFAULT_ADC_B_VALUES)
         else:
             bvals = list(DEFAULT_CALC_ACQUIRED_B_VALUES)
-        pd = cp.pd * cp.flow * np.where(cp.fat, art.fat_sat_residual, 1.0)  # SE-EPI is always fat-saturated
+        pd = cp.pd * cp.flow * np.where(cp.fat, art.epi_fat_residual, 1.0)  # SE-EPI is always fat-suppressed
         s0 = physics.spin_echo(pd, cp.t1, cp.t2, spec.tr_ms, spec.te_ms)
         tables = np.stack([physics.diffusion(s0, cp.adc, b) for b in bvals])
-        clean = sampler.sample(tables) * bias[None]
+        nb = len(bvals)
+        parts = sampler.sample(np.concatenate([np.where(cp.fat, 0.0, tables), np.where(cp.fat, tables, 0.0)]))
+        parts *= bias[None]
+        gland = np.asarray(phantom.prostate_center_lps_mm, dtype=np.float64)
+        clean = _epi(parts[:nb], parts[nb:], geom, spec.plane, art, field_strength_t, gland, sampler.lps,
+                     _acquisition_rng(phantom, spec, 0xE91))
         clean = _blur_ghost(clean, geom, spec.plane, art)
         ndir = max(int(spec.n_directions), 1)
         dirs = _directions(ndir)

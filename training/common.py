@@ -1,11 +1,12 @@
 """Shared by the training packages: classification metrics (sklearn-free, numpy only), the record of a
-training continued in stages, loading a saved checkpoint and the key of a rendered-data cache."""
+training continued in stages, loading a saved checkpoint, the key of a rendered-data cache and the
+model card's INT8 section."""
 from __future__ import annotations
 
 import hashlib
 import importlib
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
@@ -112,3 +113,29 @@ def load_checkpoint(path: Any, model_class: Any) -> Any:
     model.load_state_dict(ck["state_dict"])
     model.eval()
     return model
+
+
+def int8_card_section(m: Any) -> List[str]:
+    """The model card's INT8 section, from what the manifest records (a ModelManifest): calibration, nodes
+    kept FP32 and parity per back end; empty when the model has no INT8 variant."""
+    int8 = {k: f for k, f in m.files.items() if f.calibration}
+    if not int8:
+        return []
+    lines = ["", "## INT8 variants (CPU and TensorRT)"]
+    for f in int8.values():
+        c = f.calibration or {}
+        kept = sorted(c.get("nodes_kept_fp32") or {})
+        lines.append(f"- `{f.path}` ({f.precision}): {c.get('method', '?')} calibration on {c.get('data', '?')}; "
+                     f"nodes kept FP32 (chosen by measurement): {', '.join(f'`{n}`' for n in kept) or 'none'}.")
+    variants = (m.parity or {}).get("variants") or {}
+    if variants:
+        lines.append(f"- Parity against ONNX Runtime FP32 on {((m.parity or {}).get('data') or {}).get('description', 'held-out data')}:")
+        for key, e in variants.items():
+            extra = "".join(f", {label} {e[k]}" for k, label in (("decision_agreement", "decisions equal"),
+                                                                   ("lesion_agreement", "lesions equal"),
+                                                                   ("map_dice_vs_fp32", "map Dice")) if k in e)
+            lines.append(f"  - {key}: {e.get('metric')} {e.get('value')} (FP32 {e.get('reference')}), loss {e.get('loss')}"
+                         f"{extra}")
+    lines.append(f"- Reproduce: `python -m converters.int8_release {m.name}` with the options in the "
+                 "calibration record (simulates the exams under var/int8/).")
+    return lines

@@ -11,6 +11,8 @@ from simulator.render import Artifacts, fit_adc, render_series
 
 CLEAN = Artifacts(noise_scale=0.0, bias_field=0.0, motion_blur=0.0)
 NO_BIAS = Artifacts(bias_field=0.0, motion_blur=0.0)
+# EPI without its geometric distortion: DWI pixels stay where the phantom's truth masks are
+UNDISTORTED = Artifacts(epi_distortion_mm=0.0)
 
 T2_AX = SeriesSpec(kind="t2w", description="t2_tse_tra", matrix=(192, 192), fov_mm=(180, 180), n_slices=20,
                    tr_ms=4500, te_ms=100)
@@ -194,7 +196,7 @@ def test_dwi_structure_and_directions():
 
 
 def test_dwi_decay_and_lesion_hyperintense(ph_cs):
-    rs = render_series(ph_cs, DWI, 3.0, np.random.default_rng(0))
+    rs = render_series(ph_cs, DWI, 3.0, np.random.default_rng(0), UNDISTORTED)
     n = DWI.n_slices
     stacks = {b: np.stack([im.pixels for im in rs.images[i * n:(i + 1) * n]]) for i, b in enumerate(DWI.b_values)}
     first = type(rs)(spec=rs.spec, images=rs.images[:n])
@@ -212,7 +214,7 @@ def test_dwi_decay_and_lesion_hyperintense(ph_cs):
 
 def test_adc_map_matches_truth(ph_cs):
     spec = DWI.model_copy(update={"kind": "adc", "b_values": [50, 800]})
-    rs = render_series(ph_cs, spec, 3.0, np.random.default_rng(0))
+    rs = render_series(ph_cs, spec, 3.0, np.random.default_rng(0), UNDISTORTED)
     assert all(im.derived == "ADC" and im.b_value is None for im in rs.images)
     adc = np.stack([im.pixels for im in rs.images])
     lab = stack_truth(ph_cs, rs, 3.0)
@@ -239,7 +241,7 @@ def test_fit_adc_recovers_exponential():
 
 def test_calc_bvalue(ph_cs):
     spec = DWI.model_copy(update={"kind": "calc_bvalue", "b_values": [2000]})
-    rs = render_series(ph_cs, spec, 3.0, np.random.default_rng(0))
+    rs = render_series(ph_cs, spec, 3.0, np.random.default_rng(0), UNDISTORTED)
     assert all(im.derived == "CALC_BVALUE" and im.b_value == 2000.0 for im in rs.images)
     px = np.stack([im.pixels for im in rs.images])
     les = stack_truth(ph_cs, rs, 3.0, vol=ph_cs.lesion_masks) == 1
@@ -250,7 +252,7 @@ def test_calc_bvalue(ph_cs):
 def test_dce_lesion_enhances_early(ph_cs):
     spec = SeriesSpec(kind="dce", description="t1_vibe_dyn", matrix=(96, 96), fov_mm=(200, 200), n_slices=16,
                       tr_ms=4.0, te_ms=1.5, flip_angle_deg=15, fat_sat=True, n_phases=24, temporal_resolution_s=8.0)
-    rs = render_series(ph_cs, spec, 3.0, np.random.default_rng(0))
+    rs = render_series(ph_cs, spec, 3.0, np.random.default_rng(0), UNDISTORTED)
     assert len(rs.images) == 16 * 24
     assert [im.temporal_index for im in rs.images[::16]] == list(range(24))
     assert rs.images[16 * 3].trigger_time_ms == pytest.approx(3 * 8000.0)

@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from engines.manifest import ModelFile, ModelManifest, TensorSpec, sha256_file
+from training.common import int8_card_section
 from training.cspca.spec import CSPCA_SPEC
 
 NAME = "cspca-reference"
@@ -27,6 +28,7 @@ POSTPROCESSING: Dict[str, Any] = {
     "lesion_threshold": 0.5,  # voxel likelihood that delimits a finding's component
     "min_peak": 0.5,  # a component is reported when its peak likelihood reaches this
     "min_volume_mm3": 30.0,  # smaller components are noise
+    "split_dynamic": 0.1,  # a component with two peaks this far above their saddle is two findings
     "decision_threshold": 0.5,  # exam probability at or above which DCE is advised
     "axes": "in-plane principal axes of the component's largest-area axial slice, 4*sqrt(eigenvalue) (exact for a filled ellipse)",
 }
@@ -105,7 +107,7 @@ def render_card(m: ModelManifest) -> str:
         "phantom with zonal prostate and ellipsoid lesions; ground truth from the simulator). csPCa rule of the",
         "simulator: largest diameter >= 8 mm and ADC <= 1100 x 1e-6 mm^2/s; indolent lesions (small, or ADC > 1100)",
         "are negatives. Vendor styles siemens / siemens-xa / ge / philips, 3 T and 1.5 T, random artifacts",
-        f"(noise, bias field, motion, ghosting, intensity). Training cases: {tr.get('cases', '?')}"
+        f"(noise, bias field, motion, ghosting, intensity; EPI distortion, fat shift and N/2 ghost in DWI). Training cases: {tr.get('cases', '?')}"
         f" ({tr.get('csPCa_cases', '?')} csPCa), seeds 0..{int(tr.get('cases', 1)) - 1}.", "",
         "## Model",
         f"Input grid {CSPCA_SPEC.shape} voxels at {CSPCA_SPEC.spacing_mm} mm (SPL), centred on the axial T2W slab",
@@ -113,11 +115,12 @@ def render_card(m: ModelManifest) -> str:
         "2.5D U-Net (each slice with its two neighbours, 3 levels, "
         f"{tr.get('parameters', '?')} parameters); exam probability = sigmoid(a * max voxel logit + b),",
         "a and b refitted on whole training exams. Findings: threshold the likelihood map, 3D connected components,",
-        "centre = likelihood-weighted centroid (LPS), long/short axis from the in-plane principal axes.",
-        f"Training time (2 CPU threads on a 2-core machine shared with other jobs): training {sec.get('train', '?')} s,"
+        f"each split between its peaks when two rise {POSTPROCESSING['split_dynamic']} above their saddle; centre =",
+        "likelihood-weighted centroid (LPS), long/short axis from the in-plane principal axes.",
+        f"Training time (2 CPU threads; {tr.get('host_note', 'a 2-core machine shared with other jobs')}): training {sec.get('train', '?')} s,"
         f" exam-head fit {sec.get('exam_head', '?')} s, total {sec.get('total', '?')} s over {len(tr.get('stages', [])) or 1}"
-        f" stage(s), {tr.get('steps', '?')} steps; rendering the training cases (cached as npz in var/cspca-cache, about"
-        " 1.7 s per case per core) is not included.",
+        f" stage(s), {tr.get('steps', '?')} steps, of which rendering the training cases (cached as npz under"
+        f" var/cspca-cache) {sec.get('data', '?')} s.",
         f"Recipe: `{tr.get('recipe', 'python -m training.cspca.train')}`, then `python -m training.cspca.export var/cspca-run/model.pt`.",
         "",
         "## Measured figures (fresh held-out simulated exams, runtime DICOM path)",
@@ -127,7 +130,9 @@ def render_card(m: ModelManifest) -> str:
         f"{f('sensitivity')} / {f('specificity')}",
         f"- lesion-level: csPCa lesions >= 8 mm detected {f('lesion_sensitivity')}, median centre error "
         f"{f('centre_error_median_mm', 1)} mm, within 5 mm {f('centre_within_5mm')}; false-positive findings per "
-        f"negative exam {f('fp_findings_per_negative_exam')}", "",
+        f"negative exam {f('fp_findings_per_negative_exam')} (csPCa lesions counted as picai_eval counts them: one",
+        "  per connected tumour region)",
+        *int8_card_section(m), "",
         "## Limitations",
         "- Simulated anatomy, contrast and artifacts only; the real-world performance is unknown.",
         "- The simulator's csPCa rule is a simplification (size + ADC); Gleason grade, PSA, zone-specific PI-RADS",

@@ -19,6 +19,7 @@ from torch import nn
 
 from agent.taxonomy import LABELS
 from engines.manifest import ModelFile, ModelManifest, TensorSpec, sha256_file
+from training.common import int8_card_section
 from training.sequence.data import IN_CHANNELS, INPUT_SHAPE, PREPROCESS
 from training.sequence.model import SeqResNet3d
 
@@ -33,7 +34,8 @@ DEFAULT_STORE = Path(__file__).resolve().parents[2] / "engines" / "models"
 TRAINING_DATA = (
     "Simulated phantoms only (scanside simulator): randomised prostate mpMRI exams of four vendor styles "
     "(Siemens VE, Siemens XA, GE, Philips), 1.5 and 3 T, varied planes, TE/TR/FOV/matrix/slice counts, "
-    "b-values, noise, bias field, motion blur, ghosting, partial coverage and intensity scaling "
+    "b-values, noise, bias field, motion blur, ghosting, EPI distortion, fat shift and N/2 ghost in DWI, partial "
+    "coverage and intensity scaling "
     "(simulator.render.Artifacts.sample per series), rendered directly with the DICOM writers' 12-bit quantisation. "
     "Not validated on patient data.")
 
@@ -150,27 +152,6 @@ def _below_target(r: dict) -> bool:
     return r.get("accuracy", 0) < 0.995 or r.get("kappa", 0) < 0.99
 
 
-def _int8_section(m: ModelManifest) -> list:
-    """INT8 variants as the manifest records them: calibration, nodes kept FP32, parity per back end."""
-    int8 = {k: f for k, f in m.files.items() if f.calibration}
-    if not int8:
-        return []
-    lines = ["", "## INT8 variants (CPU and TensorRT)"]
-    for f in int8.values():
-        c = f.calibration or {}
-        kept = sorted(c.get("nodes_kept_fp32") or {})
-        lines.append(f"- `{f.path}` ({f.precision}): {c.get('method', '?')} calibration on {c.get('data', '?')}; "
-                     f"nodes kept FP32 (chosen by measurement): {', '.join(f'`{n}`' for n in kept) or 'none'}.")
-    variants = (m.parity or {}).get("variants") or {}
-    if variants:
-        lines.append(f"- Parity against ONNX Runtime FP32 on {((m.parity or {}).get('data') or {}).get('description', 'held-out data')}:")
-        for key, e in variants.items():
-            lines.append(f"  - {key}: {e.get('metric')} {e.get('value')} (FP32 {e.get('reference')}), loss {e.get('loss')}")
-    lines.append(f"- Reproduce: `python -m converters.int8_release {m.name}` with the options in the "
-                 "calibration record (simulates the exams under var/int8/).")
-    return lines
-
-
 def render_card(m: ModelManifest, training: Optional[dict] = None) -> str:
     """The model card (markdown). Evaluation figures are filled in by `scanside models evaluate --write`."""
     ev = m.metrics.get("evaluation") if m.metrics else None
@@ -213,7 +194,7 @@ def render_card(m: ModelManifest, training: Optional[dict] = None) -> str:
                       f"Errors in the set above: {_error_summary(ev.get('errors') or [])}."]
     else:
         lines.append("Not yet evaluated (run `scanside models evaluate sequence-classifier --write`).")
-    lines += _int8_section(m)
+    lines += int8_card_section(m)
     lines += ["", "## Limitations",
               "- Trained and evaluated on simulated phantoms only; not validated on patients. Real scanners, coils, "
               "implants, other anatomy and unusual protocols may fail silently: retrain on a site's labelled series "
