@@ -410,16 +410,27 @@ def _b0_displacement_mm(lps: np.ndarray, centre: np.ndarray, typical_mm: float,
     return np.float32(typical_mm) * poly
 
 
+def _warp_field(shape: tuple, disp_px: np.ndarray, ax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sampling coordinates and Jacobian of a displacement of ``disp_px`` pixels along axis ``ax``
+    (built once per field, applied to every b-value)."""
+    coords = np.indices(shape, dtype=np.float32)
+    coords[ax] -= disp_px
+    jac = np.clip(1.0 - np.gradient(disp_px, axis=ax), 0.2, 3.0).astype(np.float32)
+    return coords, jac
+
+
+def _warp(vol: np.ndarray, field: tuple[np.ndarray, np.ndarray], wrap: bool) -> np.ndarray:
+    coords, jac = field
+    out = ndimage.map_coordinates(vol, coords, order=1, mode="grid-wrap" if wrap else "nearest",
+                                  prefilter=False, output=np.float32)
+    return out * jac
+
+
 def _shift_along(vol: np.ndarray, disp_px: np.ndarray, ax: int, wrap: bool) -> np.ndarray:
     """The image of ``vol`` (n, r, c) whose content is displaced by ``disp_px`` pixels along axis
     ``ax``: I(y) = vol(y - d(y)) * (1 - d'(y)), the Jacobian piling up signal where the field
     compresses the image and thinning it where it stretches."""
-    coords = np.indices(vol.shape, dtype=np.float32)
-    coords[ax] -= disp_px
-    jac = np.clip(1.0 - np.gradient(disp_px, axis=ax), 0.2, 3.0).astype(np.float32)
-    out = ndimage.map_coordinates(vol, coords, order=1, mode="grid-wrap" if wrap else "nearest",
-                                  prefilter=False, output=np.float32)
-    return out * jac
+    return _warp(vol, _warp_field(vol.shape, disp_px, ax), wrap)
 
 
 _ACQUISITION_FIELDS = {"plane", "slice_thickness_mm", "slice_gap_mm", "n_slices", "fov_mm", "matrix", "tr_ms", "te_ms",
@@ -445,10 +456,12 @@ def _epi(water: np.ndarray, fat: np.ndarray, geom: SlabGeometry, plane: str, art
     if art.epi_bandwidth_hz > 0:
         sign = 1.0 if rng.random() < 0.5 else -1.0  # the phase-encoding polarity
         fat_px = sign * FAT_WATER_SHIFT_PPM * GAMMA_MHZ_PER_T * field_strength_t / art.epi_bandwidth_hz
+    water_field = _warp_field(water.shape[1:], disp, ax) if art.epi_distortion_mm > 0 else None
+    fat_field = _warp_field(water.shape[1:], disp + np.float32(fat_px), ax)
     out = np.empty_like(water)
     for q in range(water.shape[0]):
-        w = _shift_along(water[q], disp, ax, wrap=False) if art.epi_distortion_mm > 0 else water[q]
-        out[q] = w + _shift_along(fat[q], disp + np.float32(fat_px), ax, wrap=True)
+        w = _warp(water[q], water_field, wrap=False) if water_field is not None else water[q]
+        out[q] = w + _warp(fat[q], fat_field, wrap=True)
     if art.epi_blur_px > 0:
         out = ndimage.gaussian_filter1d(out, art.epi_blur_px / 2.355, axis=ax + 1, mode="nearest")
     if art.epi_ghost > 0:
