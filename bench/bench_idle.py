@@ -43,11 +43,14 @@ def child(workdir: Path) -> int:
     from agent.malloc import limit_malloc_arenas
 
     limit_malloc_arenas()  # as `scanside run` does
+    # the virtual scanner is imported before the agent starts: importing it inside the READY window
+    # charged this harness's own import (scipy and the renderer, about 0.3 s of CPU) to the idle agent
+    from simulator.scanner import simulate_exam, stream_exam
+
     config = load_config(**{"watch.folder": str(workdir / "export"), "state.dir": str(workdir / "state"),
                             "output.stdout": False, "api.enabled": True, "api.port": 0})
     agent = Agent(config).start()
     print(json.dumps({"stage": "agent", "pid": os.getpid(), "api": agent.api_url}), flush=True)
-    from simulator.scanner import simulate_exam, stream_exam
 
     def models() -> list:
         return [dict(zip(("model", "backend", "precision", "device"), e)) for e in agent.metrics.engine_labels()]

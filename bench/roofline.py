@@ -321,6 +321,7 @@ def main() -> int:
         res["machine"]["openvino"] = str(ov.get_version())
     except Exception:
         res["machine"]["openvino"] = None
+    prev = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     tmp = Path(tempfile.mkdtemp(prefix="roofline_"))
     print("peaks:", flush=True)
     peaks = measure_peaks(args.threads, tmp, args.repeats)
@@ -366,11 +367,26 @@ def main() -> int:
         print(f"  {name}: {work['gflops']} GFLOP, {work['mbytes_moved']} MB, floor fp32 "
               f"{entry['floor_s']['fp32']['floor_s']} s; times floor {entry['times_floor']}", flush=True)
         save(res)
+    keep_unmeasured(res, prev)
     res["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     save(res)
     SUMMARY.write_text(summary(res))
     print(f"wrote {RESULTS} and {SUMMARY}")
     return 0
+
+
+def keep_unmeasured(res: Dict[str, Any], prev: Dict[str, Any]) -> None:
+    """A model this run could not measure (TAPS not imported into this machine's store) keeps its previous
+    entry, marked with the machine and peaks it was measured against, instead of vanishing from the file."""
+    kept = {k: v for k, v in prev.get("models", {}).items() if k not in res["models"]}
+    if kept:
+        res["models"].update(kept)
+        earlier = prev.get("kept_from_previous_run") or {}
+        if set(kept) <= set(earlier.get("models", [])):  # already kept last time: keep where it was measured
+            res["kept_from_previous_run"] = dict(earlier, models=sorted(kept))
+        else:
+            res["kept_from_previous_run"] = {"models": sorted(kept), "machine": prev.get("machine"),
+                                             "peaks_best_gflops_per_s": prev.get("peaks", {}).get("best_gflops_per_s")}
 
 
 def summary(res: Dict[str, Any]) -> str:
@@ -396,6 +412,11 @@ def summary(res: Dict[str, Any]) -> str:
         meas = "; ".join(f"{k} {e['measured_s'][k]} ({e['times_floor'][k]}x)" for k in e["times_floor"]) or "run bench_cpu.py"
         lines.append(f"| {name} | {w['gflops']} | {w['mbytes_moved']} | {e['floor_s']['fp32']['floor_s']} "
                      f"({e['floor_s']['fp32']['bound']}) | {e['floor_s']['int8']['floor_s']} | {meas} |")
+    kept = res.get("kept_from_previous_run")
+    if kept:
+        lines += ["", f"Kept from an earlier run (not measurable in this one): {', '.join(kept['models'])}; its multiples "
+                  f"are against that run's peaks {kept.get('peaks_best_gflops_per_s')} GFLOP/s, load average at start "
+                  f"{(kept.get('machine') or {}).get('loadavg_at_start')}."]
     lines += ["", "Floor = max(GFLOP / best measured peak of that precision, bytes / bandwidth); peaks and model times "
               "are measured under the same (shared, loaded) conditions, so the multiples compare like with like. "
               "Bytes count every activation written once and read once; fused runtimes move less, and every model "
