@@ -22,7 +22,7 @@ def tiny():
         xs.append(arr)
         ys.append(LABELS.index(lab))
     x, y = np.stack(xs), np.asarray(ys)
-    assert x.shape[1:] == (IN_CHANNELS,) + INPUT_SHAPE and IN_CHANNELS == 2 and set(y) == set(range(len(LABELS)))
+    assert x.shape[1:] == (IN_CHANNELS,) + INPUT_SHAPE and IN_CHANNELS == 3 and set(y) == set(range(len(LABELS)))
     return x, y
 
 
@@ -42,7 +42,7 @@ def test_smoke_train_export_parity_manifest(tiny, tmp_path):
 
     torch.set_num_threads(2)
     x, y = tiny
-    model = SeqResNet3d()
+    model = SeqResNet3d(in_channels=x.shape[1])
     before = [p.detach().clone() for p in model.parameters()]
     res = fit(model, x, y, epochs=2, batch_size=4, lr=1e-3)
     assert res.steps >= 2
@@ -73,12 +73,12 @@ def test_restore_from_onnx_matches(tiny, tmp_path):
     from training.sequence.train import fit
 
     x, y = tiny
-    model = SeqResNet3d()
+    model = SeqResNet3d(in_channels=x.shape[1])
     fit(model, x, y, epochs=1, batch_size=4)  # non-trivial batch-norm statistics
     path = export_onnx(model, tmp_path / "m.onnx")
     restored = load_from_onnx(path)
     assert onnx_parity(restored, path)["max_abs_diff"] < 1e-5
     # a file of another architecture is refused, not loaded half-way
-    export_onnx(SeqResNet3d(widths=(8, 16, 32, 64)), tmp_path / "o.onnx")
+    export_onnx(SeqResNet3d(in_channels=x.shape[1], widths=(8, 16, 32, 64)), tmp_path / "o.onnx")
     with pytest.raises(ValueError):
         load_from_onnx(tmp_path / "o.onnx")

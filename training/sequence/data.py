@@ -33,13 +33,15 @@ log = logging.getLogger(__name__)
 INPUT_SHAPE = (16, 64, 64)
 CHANNEL = "series"
 #: the preprocessing the model is trained with and that the agent runs (goes into the manifest):
-#: channel 0 the whole field of view resized onto INPUT_SHAPE (anatomy, contrast), channel 1 the
-#: central 48 x 51 x 51 mm at 3 x 0.8 x 0.8 mm (how finely the series was acquired: a fat-suppressed
-#: TSE T2W and a b50 EPI differ mostly there; the resize alone erased it, 1.1.0's main error)
+#: channel 0 the whole field of view resized onto INPUT_SHAPE (anatomy, contrast); channels 1 and 2
+#: the centre of it at 3 x 0.8 x 0.8 mm (48 x 51 x 51 mm) and 3 x 0.5 x 0.5 mm (48 x 32 x 32 mm).
+#: They tell how finely the series was acquired: TSE T2W has 0.4-0.8 mm pixels, EPI DWI 1-2.7 mm,
+#: and a fat-suppressed T2W and a b0/b50 EPI differ mostly there. The resize alone erased it
+#: (1.1.0's main error); 0.8 mm alone could not tell a 0.78 mm T2W from a 1.0 mm DWI (1.3.0's errors).
 PREPROCESS = PreprocessSpec(channels=[CHANNEL], orientation="acquisition", fit="resize", shape=INPUT_SHAPE,
                             spacing_mm=(3.0, 3.0, 3.0), antialias=True, normalize="zscore_percentile",
                             clip_percentiles=(0.5, 99.5), crop="none",
-                            detail_views=[DetailView(spacing_mm=(3.0, 0.8, 0.8))])
+                            detail_views=[DetailView(spacing_mm=(3.0, 0.8, 0.8)), DetailView(spacing_mm=(3.0, 0.5, 0.5))])
 IN_CHANNELS = PREPROCESS.n_input_channels
 MAX_STORED = 4095
 DEFAULT_CACHE = Path(os.environ.get("SCANSIDE_TRAIN_CACHE", Path(__file__).resolve().parents[2] / "var" / "train-cache"))

@@ -187,6 +187,12 @@ def render_card(m: ModelManifest, training: Optional[dict] = None) -> str:
                 a = e["subsets"].get("all", {})
                 lines.append(f"- `{e['command']}`: n={a.get('n')}, accuracy {a.get('accuracy', 0):.4f}, Cohen's kappa "
                              f"{a.get('kappa', 0):.4f} ({e.get('errors')} misclassified)")
+            history = list((m.metrics.get("evaluations") or {}).values())  # every set, the one above included
+            n_all = sum(e["subsets"].get("all", {}).get("n", 0) for e in history)
+            wrong = sum(int(e.get("errors") or 0) for e in history)
+            if n_all:
+                lines.append(f"- pooled, {len(history)} sets: {n_all - wrong} of {n_all} series right "
+                             f"(accuracy {(n_all - wrong) / n_all:.4f})")
         low = [k for k, r in ev.get("subsets", {}).items() if _below_target(r)]
         low += [f"all of set {seed}" for seed, e in others.items() if _below_target(e["subsets"].get("all", {}))]
         if low:

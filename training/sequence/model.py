@@ -1,5 +1,5 @@
 """A small 3D ResNet (basic blocks, batch norm) for one series, (C, 16, 64, 64) -> 6 logits: channel 0 the
-whole field of view, channel 1 a fine-spacing centre detail of it (training.sequence.data.PREPROCESS)."""
+whole field of view, channels 1 and 2 fine-spacing centre details of it (training.sequence.data.PREPROCESS)."""
 from __future__ import annotations
 
 import torch
@@ -32,8 +32,7 @@ class SeqResNet3d(nn.Module):
 
     Input (N, C, 16, 64, 64): stem 16x16x16 -> 8x8x8 -> 4x4x4 -> 2x2x2.  ~0.5 M parameters."""
 
-    def __init__(self, n_classes: int = len(LABELS), widths=(16, 24, 48, 96), dropout: float = 0.2,
-                 in_channels: int = 2):
+    def __init__(self, in_channels: int, n_classes: int = len(LABELS), widths=(16, 24, 48, 96), dropout: float = 0.2):
         super().__init__()
         w0, w1, w2, w3 = widths
         self.in_channels = in_channels
