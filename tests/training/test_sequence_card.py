@@ -33,3 +33,7 @@ def test_card_pools_every_set_and_flags_the_ones_below_target():
     assert card.count("--seed 1 --write") == 1 and card.count("--seed 2 --write") == 1
     assert "all of set 2" in card and "all of set 1" not in card
     assert "2 DWI_Low read as T2WI_fs" in card
+    # every detail view of the shipped preprocessing is described, the reason for them once
+    for i, v in enumerate(shipped.preprocessing.detail_views, 1):
+        assert f"channel {i} its centre at {' x '.join(f'{s:g}' for s in v.spacing_mm)} mm" in card
+    assert card.count("which the resize erases") == 1

@@ -128,9 +128,10 @@ def _describe_preprocessing(m: ModelManifest) -> str:
     shape = "x".join(str(v) for v in p.shape or ())
     text = (f"the series kept in its own acquisition axes (slice, row, col); channel 0 its whole field of view resized "
             f"to {shape}{' with anti-aliasing' if p.antialias else ''}")
-    for i, v in enumerate(p.detail_views, 1):
-        text += (f"; channel {i} its centre at {' x '.join(f'{s:g}' for s in v.spacing_mm)} mm, cropped to {shape} "
-                 "(the acquired resolution and noise texture, which the resize erases)")
+    views = [f"channel {i} its centre at {' x '.join(f'{s:g}' for s in v.spacing_mm)} mm, cropped to {shape}"
+             for i, v in enumerate(p.detail_views, 1)]
+    if views:
+        text += "; " + "; ".join(views) + (" (the acquired resolution and noise texture, which the resize erases)")
     lo, hi = p.clip_percentiles
     return text + f"; each channel z-scored after {lo:g}-{hi:g} percentile clipping."
 
