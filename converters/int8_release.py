@@ -10,7 +10,8 @@
    the U8/S8 (CPU) variants, nodes kept FP32 chosen by measurement (--select-nodes), written beside the
    model with the calibration tensors and recorded in its manifest;
 3. ``scanside convert parity`` on the held-out exams: ONNX Runtime and OpenVINO entries per variant (task
-   metric, output differences), recorded in the manifest -- the store's parity gate reads them.
+   metric, output differences), recorded in the manifest -- the store's parity gate reads them;
+4. the model card of a reference model re-rendered from the manifest, so its INT8 section is never stale.
 
 The model's inputs are prepared exactly as the agent prepares them (converters.calibration_data.build_set);
 a series classifier (channel "series") gets one sample per series of every exam, labelled by the header
@@ -26,6 +27,20 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 VENDORS = ("siemens", "ge", "philips", "siemens-xa")
+#: where each reference model's card is rendered (its INT8 section is read from the manifest)
+CARD_WRITERS = {"sequence-classifier": "training.sequence.export", "cspca-reference": "training.cspca.export",
+                "prostate-zones-reference": "training.zones.export"}
+
+
+def refresh_card(m: Any) -> Optional[Path]:
+    """Rewrites the model card of a reference model from its updated manifest; None for other models (their
+    cards are not ours to write).  The sequence family needs the ``train`` extra (torch)."""
+    import importlib
+
+    module = CARD_WRITERS.get(m.name)
+    if module is None or m.root is None:
+        return None
+    return importlib.import_module(module).write_card(m, Path(m.root))
 
 
 def simulate(dest: Path, n: int, seed0: int, profile: str) -> List[Path]:
@@ -100,6 +115,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                                     "gate": verdict or "passes"}
     summary["nodes_kept_fp32"] = {k: sorted(n.kept_fp32) for k, n in r.nodes.items()}
     summary["store_default"] = ModelStore(args.store or None, user_dir=None).explain(m).summary()
+    try:
+        card = refresh_card(m)
+        summary["model_card"] = str(card) if card else "not a reference model: card left as it is"
+    except ImportError as exc:  # the sequence family's renderer needs torch
+        summary["model_card"] = f"not refreshed ({exc}); install the train extra and run again"
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -203,7 +203,7 @@ def evaluate_model(store, manifest, options) -> dict:
 
 def write_results(manifest, report: dict) -> None:
     """Metrics -> manifest.metrics['evaluation'], EVALUATION.md and the refreshed model card."""
-    from training.cspca.export import CARD_FILE, render_card
+    from training.cspca.export import write_card
 
     m = report["metrics"]
     ev = {"measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -233,4 +233,4 @@ def write_results(manifest, report: dict) -> None:
               + ", ".join(f"{v} {f(r['accuracy'])} (n={r['n']})" for v, r in report["per_vendor"].items()), "",
               f"Errors: {len(report['errors'])}"]
     (Path(manifest.root) / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (Path(manifest.root) / CARD_FILE).write_text(render_card(m2), encoding="utf-8")
+    write_card(m2, Path(manifest.root))

@@ -183,7 +183,7 @@ def evaluate_model(store, manifest, options) -> dict:
 def write_results(manifest, report: dict) -> None:
     """Measured metrics -> manifest.metrics['evaluation'], EVALUATION.md and the refreshed model card."""
     from engines.manifest import ModelManifest
-    from training.sequence.export import CARD_FILE, now_iso, render_card
+    from training.sequence.export import now_iso, write_card
 
     ev = {"measured_at": now_iso(), "command": f"scanside models evaluate {manifest.name} --exams-per-vendor "
           f"{report['exams_per_vendor']} --seed {report['seed']} --write",
@@ -220,14 +220,5 @@ def write_results(manifest, report: dict) -> None:
                          f"{e['label']} | {e['pred']} | {e['confidence'] if e['confidence'] is None else round(e['confidence'], 3)} |")
     (Path(manifest.root) / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
     m2 = ModelManifest.load(Path(manifest.root))
-    (Path(manifest.root) / CARD_FILE).write_text(render_card(m2, _training_from(m2)), encoding="utf-8")
+    write_card(m2, Path(manifest.root))
 
-
-def _training_from(m) -> dict:
-    t = {}
-    if m.training_data and "params=" in m.training_data:
-        for kv in m.training_data.split("Training run:")[-1].split(","):
-            if "=" in kv:
-                k, v = kv.strip().split("=", 1)
-                t[k] = v
-    return t

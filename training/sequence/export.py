@@ -153,6 +153,24 @@ def _below_target(r: dict) -> bool:
     return r.get("accuracy", 0) < 0.995 or r.get("kappa", 0) < 0.99
 
 
+def write_card(m: ModelManifest, root: Path) -> Path:
+    """(Re)write the model card in *root* from *m*: after training, an evaluation or an INT8 release."""
+    path = Path(root) / CARD_FILE
+    path.write_text(render_card(m, training_record(m)), encoding="utf-8")
+    return path
+
+
+def training_record(m: ModelManifest) -> Dict[str, str]:
+    """The training run's key=value figures, read back from the manifest's training_data text."""
+    t: Dict[str, str] = {}
+    if m.training_data and "params=" in m.training_data:
+        for kv in m.training_data.split("Training run:")[-1].split(","):
+            if "=" in kv:
+                k, v = kv.strip().split("=", 1)
+                t[k] = v
+    return t
+
+
 def render_card(m: ModelManifest, training: Optional[dict] = None) -> str:
     """The model card (markdown). Evaluation figures are filled in by `scanside models evaluate --write`."""
     ev = m.metrics.get("evaluation") if m.metrics else None

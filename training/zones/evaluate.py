@@ -181,7 +181,7 @@ def evaluate_model(store, manifest, options) -> dict:
 
 def write_results(manifest, report: dict) -> None:
     """Metrics -> manifest.metrics['evaluation'], EVALUATION.md and the refreshed model card."""
-    from training.zones.export import CARD_FILE, render_card
+    from training.zones.export import write_card
 
     m = report["metrics"]
     ev = {"measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -210,4 +210,4 @@ def write_results(manifest, report: dict) -> None:
         for v, r in report["per_vendor"].items()), "", f"CI floor (tests/training/test_zones.py): {report['floor']}",
         "", f"Errors: {len(report['errors'])}"]
     (Path(manifest.root) / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (Path(manifest.root) / CARD_FILE).write_text(render_card(m2), encoding="utf-8")
+    write_card(m2, Path(manifest.root))

@@ -81,6 +81,13 @@ def build_manifest(onnx_path: Path, train_summary: Optional[dict] = None, parity
     )
 
 
+def write_card(m: ModelManifest, root: Path) -> Path:
+    """(Re)write the model card in *root* from *m*: after training, an evaluation or an INT8 release."""
+    path = Path(root) / CARD_FILE
+    path.write_text(render_card(m), encoding="utf-8")
+    return path
+
+
 def render_card(m: ModelManifest) -> str:
     ev = m.metrics.get("evaluation") or {}
     tr = m.metrics.get("training") or {}
