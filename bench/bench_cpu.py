@@ -246,6 +246,24 @@ def non_inference(res: Dict[str, Any], exam_dirs: List[Path], manifests: Dict[st
     save(res)
 
 
+def keep_previous(res: Dict[str, Any], prev: Dict[str, Any], only: List[str], skip_taps: bool) -> None:
+    """Carries over the entries of models this run does not measure (not in --only, or TAPS under
+    --skip-taps), with the machine they were measured on, so a partial run never erases a figure."""
+    if only:
+        kept = {k: v for k, v in prev.get("models", {}).items() if k not in only}
+    elif skip_taps:
+        kept = {k: v for k, v in prev.get("models", {}).items() if k == "prostate-gland-taps"}
+    else:
+        return
+    if kept:
+        res["models"] = kept
+        earlier = prev.get("kept_from_previous_run") or {}
+        if set(kept) <= set(earlier.get("models", [])):  # already kept last time: keep where it was measured
+            res["kept_from_previous_run"] = dict(earlier, models=sorted(kept))
+        else:
+            res["kept_from_previous_run"] = {"models": sorted(kept), "machine": prev.get("machine")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -279,10 +297,8 @@ def main() -> int:
         machine["openvino"] = f"not installed ({e})"
     res: Dict[str, Any] = {"machine": machine, "command": "python bench/bench_cpu.py " + " ".join(sys.argv[1:]),
                            "models": {}}
-    if args.only and RESULTS.is_file():
-        prev = json.loads(RESULTS.read_text())
-        res["models"] = {k: v for k, v in prev.get("models", {}).items() if k not in args.only}
-        res["kept_from_previous_run"] = {"models": sorted(res["models"]), "machine": prev.get("machine")}
+    if RESULTS.is_file():
+        keep_previous(res, json.loads(RESULTS.read_text()), args.only, args.skip_taps)
     save(res)
     tmp = Path(tempfile.mkdtemp(prefix="bench_cpu_"))
     cache_dir = tmp / "openvino-cache"

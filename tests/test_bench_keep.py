@@ -1,0 +1,63 @@
+"""A partial benchmark run (--only, --skip-taps, TAPS not imported) keeps the figures it did not re-measure,
+with the machine they were measured on, instead of erasing them from bench/results."""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("bench_cpu"), importlib.import_module("roofline")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _prev(kept_earlier=None):
+    prev = {"machine": {"cpu": "last-run"},
+            "models": {"sequence-classifier": {"v": 1}, "cspca-reference": {"v": 2}, "prostate-gland-taps": {"v": 3}}}
+    if kept_earlier:
+        prev["kept_from_previous_run"] = {"models": kept_earlier, "machine": {"cpu": "first-run"}}
+    return prev
+
+
+def test_skip_taps_keeps_the_taps_figures(bench):
+    bench_cpu, _ = bench
+    res = {"models": {}}
+    bench_cpu.keep_previous(res, _prev(), only=[], skip_taps=True)
+    assert res["models"] == {"prostate-gland-taps": {"v": 3}}
+    assert res["kept_from_previous_run"] == {"models": ["prostate-gland-taps"], "machine": {"cpu": "last-run"}}
+
+
+def test_a_figure_kept_twice_keeps_the_machine_it_was_measured_on(bench):
+    bench_cpu, _ = bench
+    res = {"models": {}}
+    bench_cpu.keep_previous(res, _prev(kept_earlier=["prostate-gland-taps"]), only=[], skip_taps=True)
+    assert res["kept_from_previous_run"]["machine"] == {"cpu": "first-run"}
+
+
+def test_only_keeps_every_other_model_and_a_full_run_keeps_nothing(bench):
+    bench_cpu, _ = bench
+    res = {"models": {}}
+    bench_cpu.keep_previous(res, _prev(), only=["cspca-reference"], skip_taps=False)
+    assert sorted(res["models"]) == ["prostate-gland-taps", "sequence-classifier"]
+    full = {"models": {}}
+    bench_cpu.keep_previous(full, _prev(), only=[], skip_taps=False)
+    assert full == {"models": {}}
+
+
+def test_roofline_keeps_a_model_it_could_not_measure(bench):
+    _, roofline = bench
+    res = {"models": {"sequence-classifier": {"v": 10}, "cspca-reference": {"v": 20}}}
+    prev = dict(_prev(), peaks={"best_gflops_per_s": 99.0})
+    roofline.keep_unmeasured(res, prev)
+    assert res["models"]["prostate-gland-taps"] == {"v": 3}
+    assert res["models"]["sequence-classifier"] == {"v": 10}
+    assert res["kept_from_previous_run"]["peaks_best_gflops_per_s"] == 99.0
