@@ -34,7 +34,10 @@ def test_smoke_training_exports_onnx_with_parity(tmp_path):
     # manifest validates and is found by the store; model card beside it
     m2 = ModelManifest.load(m.root)
     assert m2.task == "cspca_detection" and m2.preprocessing == CSPCA_SPEC
-    assert (m.root / "MODEL_CARD.md").read_text().count("not validated on patients") == 1
+    card = (m.root / "MODEL_CARD.md").read_text()
+    assert card.count("not validated on patients") == 1
+    # the card says how busy the machine was while it trained, from the load average the trainer recorded
+    assert f"1-minute load average {s['loadavg']['start'][0]} at the start" in card
     assert ModelStore(tmp_path / "store").resolve("cspca-reference").version == "0.0.1"
     assert m.files["fp32"].size_bytes < 10 * 1024 * 1024
     # parity torch vs ONNX Runtime (batch 2: dynamic batch axis)
@@ -123,3 +126,33 @@ def test_shipped_model_heldout_floor(tmp_path):
     for k, v in FLOOR.items():
         assert m[k] is not None and m[k] >= v, (k, m[k], v)
     assert rep["passed"] is True and out.returncode == 0
+
+    # a kept workdir is reused: the same exams scored again, none simulated again
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/ground_truth.json")}
+    assert len(stamps) == 8
+    again = subprocess.run([sys.executable, "-m", "agent.cli", "models", "evaluate", "cspca-reference", "--json",
+                            "--exams-per-vendor", "2", "--seed", "910000", "--workdir", str(tmp_path)],
+                           cwd=REPO, capture_output=True, text=True, timeout=600)
+    rep2 = json.loads(again.stdout)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/ground_truth.json")} == stamps
+    assert rep2["metrics"]["auroc"] == m["auroc"] and rep2["rows"] == rep["rows"]
+
+
+def test_lesion_patches_see_every_lesion_equally_often():
+    """A case with a 20-voxel-wide and a 3-voxel-wide lesion: lesion-centred patches hold the small one about
+    as often as the large one (drawing a voxel over the whole mask would pick the large one ~99 % of the time)."""
+    from training.cspca.train import PATCH, _patches, lesion_voxels
+
+    D, H, W = PATCH[0], 96, 96
+    y = np.zeros((1, D, H, W), np.uint8)
+    y[0, 5:15, 5:25, 5:25] = 1  # large lesion, 4000 voxels
+    y[0, 9:12, 80:83, 80:83] = 1  # small lesion, 27 voxels, far from the large one
+    x = np.zeros((1, 3, D, H, W), np.float32)
+    lesions = lesion_voxels(y)
+    assert [len(v) for v in lesions[0]] == [4000, 27]
+    rng = np.random.default_rng(0)
+    _, yb = _patches(x, y, np.zeros(2000, dtype=int), rng, lesions)
+    small = yb[:, 0, 9:12].reshape(len(yb), -1).sum(1) == 27
+    large = yb.reshape(len(yb), -1).sum(1) > 27 * 2
+    # half the patches are lesion-centred, split evenly between the two lesions
+    assert 0.18 < small.mean() < 0.32 and 0.18 < large.mean() < 0.45

@@ -132,13 +132,14 @@ def run_eval(model, exams_per_vendor: int, seed0: int, workdir: Optional[Path] =
     root = Path(workdir) if workdir else Path(tmp := tempfile.mkdtemp(prefix="scanside-cspca-eval-"))
     jobs_l = [(v, seed0 + k * len(VENDORS) + i, str(root / f"{v}-{seed0 + k * len(VENDORS) + i}"))
               for k in range(exams_per_vendor) for i, v in enumerate(VENDORS)]
+    todo = [j for j in jobs_l if not (Path(j[2]) / "ground_truth.json").is_file()]  # a kept workdir is reused
     try:
         t0 = time.time()
         if jobs > 1:
             with ProcessPoolExecutor(max_workers=jobs) as ex:
-                list(ex.map(_simulate, jobs_l))
+                list(ex.map(_simulate, todo))
         else:
-            for j in jobs_l:
+            for j in todo:
                 _simulate(j)
         t_sim = time.time() - t0
         rows, lks, tgts, errors, t_inf = [], [], [], [], 0.0

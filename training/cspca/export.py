@@ -93,6 +93,22 @@ def write_card(m: ModelManifest, root: Path) -> Path:
     return path
 
 
+def _run_dir(tr: dict) -> str:
+    """The training run's --out folder, read from its recipe (default var/cspca-run)."""
+    words = str(tr.get("recipe", "")).split(" && ")[-1].split()
+    return words[words.index("--out") + 1] if "--out" in words[:-1] else "var/cspca-run"
+
+
+def _host_note(tr: dict) -> str:
+    """How busy the machine was while the model trained (the 1-minute load average the trainer recorded)."""
+    if tr.get("host_note"):
+        return tr["host_note"]
+    la = tr.get("loadavg")
+    if la:
+        return f"1-minute load average {la['start'][0]} at the start, {la['end'][0]} at the end"
+    return "a 2-core machine shared with other jobs"
+
+
 def render_card(m: ModelManifest) -> str:
     ev = m.metrics.get("evaluation") or {}
     tr = m.metrics.get("training") or {}
@@ -124,11 +140,11 @@ def render_card(m: ModelManifest) -> str:
         "a and b refitted on whole training exams. Findings: threshold the likelihood map, 3D connected components,",
         f"each split between its peaks when two rise {POSTPROCESSING['split_dynamic']} above their saddle; centre =",
         "likelihood-weighted centroid (LPS), long/short axis from the in-plane principal axes.",
-        f"Training time (2 CPU threads; {tr.get('host_note', 'a 2-core machine shared with other jobs')}): training {sec.get('train', '?')} s,"
+        f"Training time (2 CPU threads; {_host_note(tr)}): training {sec.get('train', '?')} s,"
         f" exam-head fit {sec.get('exam_head', '?')} s, total {sec.get('total', '?')} s over {len(tr.get('stages', [])) or 1}"
         f" stage(s), {tr.get('steps', '?')} steps, of which rendering the training cases (cached as npz under"
         f" var/cspca-cache) {sec.get('data', '?')} s.",
-        f"Recipe: `{tr.get('recipe', 'python -m training.cspca.train')}`, then `python -m training.cspca.export var/cspca-run/model.pt`.",
+        f"Recipe: `{tr.get('recipe', 'python -m training.cspca.train')}`, then `python -m training.cspca.export {_run_dir(tr)}/model.pt`.",
         "",
         "## Measured figures (fresh held-out simulated exams, runtime DICOM path)",
         f"- exams: {ev.get('exams', 'n/a')} ({ev.get('positives', 'n/a')} csPCa), command: `{ev.get('command', 'n/a')}`",

@@ -4,7 +4,7 @@
 
 1. Cases: ``training.cspca.data.build_cache`` renders seeds 0..N-1 once (npz, var/cspca-cache/KEY/, KEY = data.cache_key(): rebuilt when the simulator or preprocessing changes).
 2. Voxel head: patches of 20 x 32 x 32 voxels (the full depth, a quarter of the plane; half of
-   them centred on a csPCa lesion when the case has one), random left-right flips and channel
+   them centred near a csPCa lesion when the case has one, each of its lesions equally often), random left-right flips and channel
    intensity jitter; loss = BCE + soft Dice on the csPCa lesion mask (indolent lesions are
    background) + BCE of the patch's max-voxel (multiple-instance) exam head on "the patch holds a
    csPCa lesion". Training runs for a wall-clock budget with a cosine learning-rate schedule over it,
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -30,15 +31,28 @@ from training.common import merge_stages
 PATCH = (20, 32, 32)
 
 
-def _patches(x: np.ndarray, y: np.ndarray, idx: np.ndarray, rng: np.random.Generator):
-    """Crop PATCH from each selected case: centred on a lesion voxel half the time if there is one."""
+def lesion_voxels(y: np.ndarray) -> list:
+    """Per case, the voxel indices of each csPCa lesion (26-connected component of the mask)."""
+    from scipy import ndimage
+
+    out = []
+    for yi in y:
+        comps, n = ndimage.label(yi, structure=np.ones((3, 3, 3), dtype=bool))
+        out.append([np.argwhere(comps == c) for c in range(1, n + 1)])
+    return out
+
+
+def _patches(x: np.ndarray, y: np.ndarray, idx: np.ndarray, rng: np.random.Generator, lesions: list):
+    """Crop PATCH from each selected case: centred near a csPCa lesion half the time if the case has one.
+    The lesion is drawn uniformly, then a voxel in it, so a 9 mm lesion is seen as often as a 20 mm one
+    (a voxel drawn over the whole mask picks the large lesions of a case almost every time)."""
     D, H, W = x.shape[2:]
     ph, pw = PATCH[1], PATCH[2]
     xs, ys = [], []
     for i in idx:
         yi = y[i]
-        if yi.any() and rng.random() < 0.5:
-            pts = np.argwhere(yi)
+        if lesions[i] and rng.random() < 0.5:
+            pts = lesions[i][rng.integers(len(lesions[i]))]
             c = pts[rng.integers(len(pts))]
             h0 = int(np.clip(c[1] - ph // 2 + rng.integers(-8, 9), 0, H - ph))
             w0 = int(np.clip(c[2] - pw // 2 + rng.integers(-8, 9), 0, W - pw))
@@ -73,7 +87,10 @@ def fit_exam_head(peaks: np.ndarray, labels: np.ndarray, iters: int = 50, l2: fl
 
 def train(cases: int = 320, minutes: float = 15.0, out: str = "var/cspca-run", batch: int = 8, lr: float = 3e-3,
           seed: int = 0, threads: int = 2, cache_dir: Optional[str] = None, max_steps: Optional[int] = None,
-          widths=(12, 24, 48), calib_cases: Optional[int] = None, init: Optional[str] = None, log=print) -> dict:
+          widths=(12, 24, 48), calib_cases: Optional[int] = None, init: Optional[str] = None,
+          recipe: Optional[str] = None, log=print) -> dict:
+    import os
+
     import torch
 
     from training.cspca.data import DEFAULT_CACHE, build_cache, load_cache
@@ -81,11 +98,13 @@ def train(cases: int = 320, minutes: float = 15.0, out: str = "var/cspca-run", b
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
+    load_start = [round(v, 2) for v in os.getloadavg()]  # the card says whether the machine was shared
     t0 = time.perf_counter()
     paths = build_cache(range(cases), cache_dir or DEFAULT_CACHE, workers=threads)
     t_data = time.perf_counter() - t0
     x, y, labels = load_cache(paths)
-    log(f"{len(paths)} cases ({int(labels.sum())} csPCa), data {t_data:.0f} s")
+    lesions = lesion_voxels(y)
+    log(f"{len(paths)} cases ({int(labels.sum())} csPCa, {sum(map(len, lesions))} csPCa lesions), data {t_data:.0f} s")
 
     model = CspcaNet(widths=tuple(widths))
     if init:  # continue from a checkpoint (its widths win)
@@ -109,7 +128,7 @@ def train(cases: int = 320, minutes: float = 15.0, out: str = "var/cspca-run", b
         for g in opt.param_groups:
             g["lr"] = lr * (0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * min(frac, 1.0))))
         idx = rng.integers(0, len(x), size=batch)
-        xb, yb = _patches(x, y, idx, rng)
+        xb, yb = _patches(x, y, idx, rng, lesions)
         xt, yt = torch.from_numpy(xb), torch.from_numpy(yb)
         vox, exam = model.logits(xt)
         bce = torch.nn.functional.binary_cross_entropy_with_logits(vox, yt, pos_weight=torch.tensor(5.0))
@@ -156,9 +175,13 @@ def train(cases: int = 320, minutes: float = 15.0, out: str = "var/cspca-run", b
                     "total": round(time.perf_counter() - t0, 1)},
         "final_loss": float(np.mean(hist[-50:])) if hist else None,
         "exam_head": {"scale": a, "bias": b, "fit_cases": n_cal},
+        "loadavg": {"start": load_start, "end": [round(v, 2) for v in os.getloadavg()]},
     }
+    if recipe:
+        summary["recipe"] = recipe
     if init:
-        summary = merge_stages(summary, init, keep=("steps", "batch", "lr", "seconds"), seconds=("data", "train", "exam_head", "total"))
+        summary = merge_stages(summary, init, keep=("steps", "batch", "lr", "seconds", "recipe", "loadavg"),
+                               seconds=("data", "train", "exam_head", "total"))
     (outp / "train.json").write_text(json.dumps(summary, indent=2))
     log(json.dumps(summary))
     return summary
@@ -183,8 +206,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="var/cspca-run")
     ap.add_argument("--init", default=None, help="continue training from this model.pt")
     a = ap.parse_args(argv)
+    recipe = "python -m training.cspca.train " + " ".join(sys.argv[1:] if argv is None else argv)
     train(a.cases, a.minutes, a.out, a.batch, a.lr, threads=a.threads, cache_dir=a.cache_dir, max_steps=a.max_steps,
-          init=a.init, log=lambda s: print(s, flush=True))
+          init=a.init, recipe=recipe, log=lambda s: print(s, flush=True))
     return 0
 
 
