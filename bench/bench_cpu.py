@@ -258,10 +258,11 @@ def keep_previous(res: Dict[str, Any], prev: Dict[str, Any], only: List[str], sk
     if kept:
         res["models"] = kept
         earlier = prev.get("kept_from_previous_run") or {}
-        if set(kept) <= set(earlier.get("models", [])):  # already kept last time: keep where it was measured
-            res["kept_from_previous_run"] = dict(earlier, models=sorted(kept))
-        else:
-            res["kept_from_previous_run"] = {"models": sorted(kept), "machine": prev.get("machine")}
+        # each figure keeps the machine it was measured on: a model kept last time too keeps that machine
+        machines = {k: (earlier.get("machines") or {}).get(k)
+                    or (earlier.get("machine") if k in earlier.get("models", []) else prev.get("machine"))
+                    for k in sorted(kept)}
+        res["kept_from_previous_run"] = {"models": sorted(kept), "machines": machines}
 
 
 def main() -> int:

@@ -33,14 +33,20 @@ def test_skip_taps_keeps_the_taps_figures(bench):
     res = {"models": {}}
     bench_cpu.keep_previous(res, _prev(), only=[], skip_taps=True)
     assert res["models"] == {"prostate-gland-taps": {"v": 3}}
-    assert res["kept_from_previous_run"] == {"models": ["prostate-gland-taps"], "machine": {"cpu": "last-run"}}
+    assert res["kept_from_previous_run"] == {"models": ["prostate-gland-taps"],
+                                             "machines": {"prostate-gland-taps": {"cpu": "last-run"}}}
 
 
 def test_a_figure_kept_twice_keeps_the_machine_it_was_measured_on(bench):
     bench_cpu, _ = bench
     res = {"models": {}}
     bench_cpu.keep_previous(res, _prev(kept_earlier=["prostate-gland-taps"]), only=[], skip_taps=True)
-    assert res["kept_from_previous_run"]["machine"] == {"cpu": "first-run"}
+    assert res["kept_from_previous_run"]["machines"] == {"prostate-gland-taps": {"cpu": "first-run"}}
+    # kept with a model measured in the last run: each keeps its own machine
+    mixed = {"models": {}}
+    bench_cpu.keep_previous(mixed, _prev(kept_earlier=["prostate-gland-taps"]), only=["cspca-reference"], skip_taps=False)
+    assert mixed["kept_from_previous_run"]["machines"] == {"prostate-gland-taps": {"cpu": "first-run"},
+                                                           "sequence-classifier": {"cpu": "last-run"}}
 
 
 def test_only_keeps_every_other_model_and_a_full_run_keeps_nothing(bench):
