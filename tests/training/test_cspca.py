@@ -109,6 +109,39 @@ def test_touching_simulated_lesions_count_as_one_tumour_region_as_in_picai():
     assert len(one) == 1 and one[0]["max_diameter"] == pytest.approx(max(single.lesions[0].diameters_mm))
 
 
+def _axial_grid(centre, spacing_zyx, shape=(20, 64, 64), phase=0.0):
+    """An axial model grid (d0 = S, d1 = P, d2 = L) centred on ``centre``, shifted by ``phase`` voxels."""
+    from engines.preprocess import Grid
+
+    a = np.eye(4)
+    a[:3, :3] = [[0, 0, spacing_zyx[2]], [0, spacing_zyx[1], 0], [spacing_zyx[0], 0, 0]]
+    a[:3, 3] = np.asarray(centre) - a[:3, :3] @ (np.asarray(shape) / 2.0 - phase)
+    return Grid(shape=shape, affine=a)
+
+
+def test_lesions_the_model_grid_joins_count_as_one_region_as_picai_eval_sees_them():
+    """Evaluation exam 1020016: two overlapping PZ csPCa lesions, and a TZ one 3.2 mm from them. On 1 mm
+    voxels they are two regions; on a 3 x 1.5 x 1.5 mm grid whose slices fall between them the target
+    picai_eval is given joins all three, and the lesion count follows it."""
+    from simulator.phantom import make_phantom
+    from training.cspca.data import lesion_target
+    from training.cspca.evaluate import exam_plan, truth_lesions
+    from scipy import ndimage
+
+    p = exam_plan(1020016)
+    ph = make_phantom(1020016, n_lesions=p["n_lesions"], cspca=p["cspca"])
+    centre = np.mean([les.center_lps_mm for les in ph.lesions if les.cspca], axis=0)
+    members = lambda grid: [t["members"] for t in truth_lesions(ph, grid) if t["cspca"]]  # noqa: E731
+    assert members(None) == [[1, 2], [3]]
+    assert members(_axial_grid(centre, (1.0, 1.0, 1.0))) == [[1, 2], [3]]
+    coarse = _axial_grid(centre, (3.0, 1.5, 1.5), phase=0.5)
+    assert ndimage.label(lesion_target(ph, coarse), structure=np.ones((3, 3, 3)))[1] == 1
+    joined = [t for t in truth_lesions(ph, coarse) if t["cspca"]]
+    assert [t["members"] for t in joined] == [[1, 2, 3]]
+    assert np.allclose(joined[0]["centre"], ph.index_to_world(np.argwhere(ph.lesion_masks > 0)[:, ::-1].mean(0)))
+    assert members(_axial_grid(centre, (3.0, 1.5, 1.5), phase=0.0)) == [[1, 2], [3]]  # these slices keep them apart
+
+
 @pytest.mark.slow
 def test_shipped_model_heldout_floor(tmp_path):
     """`scanside models evaluate cspca-reference --json` on 8 fresh exams (2 per vendor style, seeds never

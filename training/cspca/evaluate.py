@@ -8,7 +8,8 @@ agent.header.read_header -> agent.series.split_parts -> agent.classify.classify_
 axial T2W, the ADC and the highest-b DWI -> agent.volume.load_volume -> agent.cspca.CspcaModel
 (engines.preprocess.prepare -> ONNX Runtime -> findings). Ground truth: the simulator's lesions
 (rebuilt with make_phantom from the same seed) put on the model grid; for lesion-level detection the
-csPCa lesions are counted as picai_eval counts them, one per connected tumour region (truth_lesions).
+csPCa lesions are counted as picai_eval counts them, one per connected tumour region of the target on
+the model grid (truth_lesions).
 """
 from __future__ import annotations
 
@@ -81,23 +82,51 @@ def exam_volumes(exam_dir: Path) -> Dict[str, Any]:
     return out
 
 
-def truth_lesions(ph) -> List[Dict[str, Any]]:
-    """The phantom's lesions as an evaluation counts them: [{"centre", "max_diameter", "cspca", "zone", "members"}].
-
-    csPCa lesions are the connected components (26-connectivity) of the csPCa lesion mask, as picai_eval
-    labels its ground truth: simulated lesions that touch or overlap form one tumour region, which no
-    detector (and no reader) can split. Centre: the component's centroid; largest diameter: the
-    largest member's, or the component's own length where members join (the long axis of the
-    ellipsoid with the component's second moments: 2 sqrt(5 lambda_max)). Other lesions: one entry each.
-    """
+def _lesion_groups(ph, cs_ids: List[int], grid=None) -> List[List[int]]:
+    """The csPCa lesion ids grouped into tumour regions: lesions whose masks touch (26-connectivity) at
+    the phantom's resolution, or whose voxels fall in one connected region of the target on ``grid``
+    (the model grid: what picai_eval is given and scores), are one region."""
     from scipy import ndimage
 
+    from engines.preprocess import Volume, resample_to_reference
+
+    groups: List[set] = []
+    cs_mask = np.isin(ph.lesion_masks, cs_ids)
+    comps, n = ndimage.label(cs_mask, structure=np.ones((3, 3, 3), dtype=bool))
+    for c, sl in enumerate(ndimage.find_objects(comps) if n else [], start=1):
+        groups.append({int(k) for k in np.unique(ph.lesion_masks[sl][comps[sl] == c])})
+    if grid is not None and cs_ids:
+        ids = np.where(cs_mask, ph.lesion_masks, 0).astype(np.float32)
+        on_grid = resample_to_reference(Volume.from_array_affine(ids, ph.affine[:, [2, 1, 0, 3]]), grid, order=0).array
+        on_grid = np.rint(on_grid).astype(np.int32)
+        gcomps, gn = ndimage.label(on_grid > 0, structure=np.ones((3, 3, 3), dtype=bool))
+        for c, sl in enumerate(ndimage.find_objects(gcomps) if gn else [], start=1):
+            groups.append({int(k) for k in np.unique(on_grid[sl][gcomps[sl] == c])})
+    merged: List[set] = []  # join groups that share a lesion, until none do
+    for g in groups:
+        for m in [m for m in merged if m & g]:
+            merged.remove(m)
+            g = g | m
+        merged.append(g)
+    return sorted(sorted(g) for g in merged)
+
+
+def truth_lesions(ph, grid=None) -> List[Dict[str, Any]]:
+    """The phantom's lesions as an evaluation counts them: [{"centre", "max_diameter", "cspca", "zone", "members"}].
+
+    csPCa lesions are counted as picai_eval counts its ground truth, one per connected tumour region
+    (26-connectivity): simulated lesions that touch or overlap are one region, and so are lesions that
+    the model ``grid`` joins (picai_eval labels the target it is given, which is on that grid: two
+    lesions 3 mm apart share a 3 mm slice there, and no detector on the grid can split them; without a
+    grid, the phantom's 1 mm voxels decide alone). Centre: the centroid of the members' phantom voxels;
+    largest diameter: the largest member's, or the region's own length where members join (the long
+    axis of the ellipsoid with the region's second moments: 2 sqrt(5 lambda_max)). Other lesions: one
+    entry each.
+    """
     cs_ids = [k for k, les in enumerate(ph.lesions, start=1) if les.cspca]
     out: List[Dict[str, Any]] = []
-    comps, n = ndimage.label(np.isin(ph.lesion_masks, cs_ids), structure=np.ones((3, 3, 3), dtype=bool))
-    for c, sl in enumerate(ndimage.find_objects(comps) if n else [], start=1):
-        zyx = np.argwhere(comps[sl] == c) + np.array([s.start for s in sl])
-        members = sorted(int(k) for k in np.unique(ph.lesion_masks[tuple(zyx.T)]))
+    for members in _lesion_groups(ph, cs_ids, grid):
+        zyx = np.argwhere(np.isin(ph.lesion_masks, members))
         diam = max(max(ph.lesions[k - 1].diameters_mm) for k in members)
         if len(members) > 1:
             xyz_mm = zyx[:, ::-1] * ph.voxel_mm
@@ -115,13 +144,13 @@ def truth_lesions(ph) -> List[Dict[str, Any]]:
     return out
 
 
-def lesion_truth(seed: int) -> tuple:
-    """(phantom, truth_lesions(phantom)) for evaluation exam ``seed``."""
+def lesion_truth(seed: int, grid=None) -> tuple:
+    """(phantom, truth_lesions(phantom, grid)) for evaluation exam ``seed``."""
     from simulator.phantom import make_phantom
 
     p = exam_plan(seed)
     ph = make_phantom(seed, n_lesions=p["n_lesions"], cspca=p["cspca"])
-    return ph, truth_lesions(ph)
+    return ph, truth_lesions(ph, grid)
 
 
 def run_eval(model, exams_per_vendor: int, seed0: int, workdir: Optional[Path] = None, jobs: int = 1) -> Dict[str, Any]:
@@ -152,7 +181,7 @@ def run_eval(model, exams_per_vendor: int, seed0: int, workdir: Optional[Path] =
             except Exception as e:  # an exam the runtime cannot read counts as an error, reported
                 errors.append({"vendor": vendor, "seed": seed, "error": f"{type(e).__name__}: {e}"})
                 continue
-            ph, lesions = lesion_truth(seed)
+            ph, lesions = lesion_truth(seed, pred.grid)
             lks.append(pred.likelihood)
             tgts.append(lesion_target(ph, pred.grid))
             rows.append({"vendor": vendor, "seed": seed, "label": int(ph.cspca), "probability": pred.probability,

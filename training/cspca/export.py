@@ -154,7 +154,7 @@ def render_card(m: ModelManifest) -> str:
         f"- lesion-level: csPCa lesions >= 8 mm detected {f('lesion_sensitivity')}, median centre error "
         f"{f('centre_error_median_mm', 1)} mm, within 5 mm {f('centre_within_5mm')}; false-positive findings per "
         f"negative exam {f('fp_findings_per_negative_exam')} (csPCa lesions counted as picai_eval counts them: one",
-        "  per connected tumour region)",
+        "  per connected tumour region of the target on the model grid)",
         *int8_card_section(m), "",
         "## Limitations",
         "- Simulated anatomy, contrast and artifacts only; the real-world performance is unknown.",
