@@ -55,6 +55,27 @@ def test_ece_known_values():
     assert ece([0.95] * 2, [0, 0]) == pytest.approx(0.95)
 
 
+def test_exam_head_fit_reaches_the_penalised_minimum_where_a_full_newton_step_overshoots():
+    """Peak voxel logits of 8 training cases (from a 512-case run whose head came out a = 6260): plain
+    Newton from (1, 0) overshoots into saturation here and ended at a = 124; the fit must stop at the
+    one minimum of the ridge-penalised log-loss, as a general-purpose optimiser finds it."""
+    from scipy.optimize import minimize
+
+    from training.cspca.train import fit_exam_head
+
+    peaks = np.array([31.0, -7.0, -2.7, -6.8, 4.8, 26.2, 27.8, 22.3])
+    labels = np.array([1, 0, 0, 0, 0, 1, 1, 1])
+    a, b = fit_exam_head(peaks, labels)
+    X = np.stack([peaks, np.ones_like(peaks)], axis=1)
+
+    def penalised(w):
+        return np.sum(np.logaddexp(0, X @ w) - labels * (X @ w)) + 0.5 * (w @ w)
+
+    ref = minimize(penalised, [1.0, 0.0], method="BFGS").x
+    assert (a, b) == pytest.approx(tuple(ref), abs=1e-3)
+    assert penalised(np.array([a, b])) <= penalised(ref) + 1e-9
+
+
 def test_picai_metrics_separate_perfect_and_random():
     rng = np.random.default_rng(0)
     lks, tgts, labels = [], [], []
