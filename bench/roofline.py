@@ -4,13 +4,15 @@ each model's measured time as a multiple of the floor, and where the rest of the
     .venv/bin/python bench/roofline.py [--threads 2] [--skip-taps]
 
 1. Work per inference (batch 1, onnx shape inference with the dynamic dims fixed): FLOPs of Conv,
-   ConvTranspose, MatMul and Gemm (2 x multiply-adds, from the inferred shapes); bytes = weights +
-   inputs + outputs + every intermediate activation written once and read once (a fused runtime moves
-   less; an unfused one more).
+   ConvTranspose, MatMul and Gemm (2 x multiply-adds, from the inferred shapes); compulsory bytes =
+   weights + inputs + outputs, the traffic no runtime can avoid. Also recorded, not used for the floor:
+   the unfused traffic, every intermediate activation written once and read once (a fused runtime whose
+   activations stay in cache moves far less: OpenVINO's INT8 csPCa model ran in 0.84x the time that
+   traffic takes at DRAM bandwidth, so it is no floor).
 2. Peaks measured through the same runtimes with the same thread count: FP32 GEMM (MatMul 1024^3) and
    a 3-D convolution (64->64 channels, k3, 32x64x64), each also as a U8/S8 per-channel Q/DQ model
    (onnxruntime.quantization) on ONNX Runtime and OpenVINO; memory bandwidth from a large numpy copy.
-3. Floor = max(FLOPs / best measured compute peak of that precision, bytes / bandwidth).  Measured
+3. Floor = max(FLOPs / best measured compute peak of that precision, compulsory bytes / bandwidth).  Measured
    times come from bench/results/cpu.json (bench/bench_cpu.py), the time of each model / back end is
    reported as a multiple of its floor.
 4. Where the rest goes: ONNX Runtime's profiler (enable_profiling, time per op type and top nodes) and
@@ -119,11 +121,22 @@ def graph_work(onnx_path: Path, batch: int = 1) -> Dict[str, Any]:
         ops[n.op_type] += 1
     total = int(sum(flops.values()))
     moved = weight_bytes + io_bytes + 2 * act_bytes
+    compulsory = weight_bytes + io_bytes
     return {"batch": batch, "flops": total, "gflops": round(total / 1e9, 3), "flops_by_op": dict(flops),
             "weight_bytes": weight_bytes, "io_bytes": io_bytes, "activation_bytes_written": act_bytes,
             "bytes_moved": moved, "mbytes_moved": round(moved / 1e6, 1),
+            "compulsory_bytes": compulsory, "mbytes_compulsory": round(compulsory / 1e6, 2),
             "arithmetic_intensity_flop_per_byte": round(total / moved, 2) if moved else None,
             "nodes": len(g.node), "op_counts": dict(ops), "shape_unknown_nodes": unknown[:20]}
+
+
+def floor(work: Dict[str, Any], peak_gflops_per_s: float, bytes_per_s: float) -> Dict[str, Any]:
+    """The lower bound on one inference: the compute term at the measured peak, or the compulsory traffic
+    (weights, inputs, outputs) at the measured bandwidth, whichever is longer."""
+    compute = work["flops"] / (peak_gflops_per_s * 1e9)
+    memory = work["compulsory_bytes"] / bytes_per_s
+    return {"compute_s": round(compute, 6), "memory_s": round(memory, 6), "floor_s": round(max(compute, memory), 6),
+            "bound": "compute" if compute >= memory else "memory"}
 
 
 # ---- 2. peaks ---------------------------------------------------------------------------------------------
@@ -330,18 +343,18 @@ def main() -> int:
     cpu = json.loads(CPU_RESULTS.read_text()) if CPU_RESULTS.is_file() else {}
     bw = peaks["memory"]["gbytes_per_s"] * 1e9
     res["models"] = {}
+    elsewhere = timed_elsewhere(cpu)
     for name, files in model_files().items():
         if args.skip_taps and name == "prostate-gland-taps":
+            continue
+        if name in elsewhere:
+            print(f"  {name}: cpu.json kept its timings from an earlier run; its earlier roofline entry is kept", flush=True)
             continue
         spec = files.pop("_input")  # type: ignore[arg-type]
         work = graph_work(files["fp32"])
         entry: Dict[str, Any] = {"work": work, "floor_s": {}, "measured_s": {}, "times_floor": {}}
         for prec in ("fp32", "int8"):
-            compute = work["flops"] / (peaks["best_gflops_per_s"][prec] * 1e9)
-            memory = work["bytes_moved"] / bw
-            entry["floor_s"][prec] = {"compute_s": round(compute, 4), "memory_s": round(memory, 4),
-                                      "floor_s": round(max(compute, memory), 4),
-                                      "bound": "compute" if compute >= memory else "memory"}
+            entry["floor_s"][prec] = floor(work, peaks["best_gflops_per_s"][prec], bw)
         configs = (cpu.get("models", {}).get(name, {}) or {}).get("configs", {})
         for key, c in configs.items():
             if "median_s" not in c:
@@ -364,7 +377,7 @@ def main() -> int:
                 prof[f"openvino:{v}"] = {"skipped": f"{type(e).__name__}: {e}"}
         entry["profile"] = prof
         res["models"][name] = entry
-        print(f"  {name}: {work['gflops']} GFLOP, {work['mbytes_moved']} MB, floor fp32 "
+        print(f"  {name}: {work['gflops']} GFLOP, {work['mbytes_compulsory']} MB compulsory, floor fp32 "
               f"{entry['floor_s']['fp32']['floor_s']} s; times floor {entry['times_floor']}", flush=True)
         save(res)
     keep_unmeasured(res, prev)
@@ -375,18 +388,32 @@ def main() -> int:
     return 0
 
 
+def timed_elsewhere(cpu: Dict[str, Any]) -> set:
+    """Models whose timings cpu.json kept from an earlier run (bench_cpu --only / --skip-taps): dividing them
+    by this run's peaks would mix two machines (seen: classifier timings from a slower host at 3.0x the
+    floor of a faster one), so the roofline keeps their earlier entry, which was measured with them."""
+    return set((cpu.get("kept_from_previous_run") or {}).get("models", []))
+
+
 def keep_unmeasured(res: Dict[str, Any], prev: Dict[str, Any]) -> None:
-    """A model this run could not measure (TAPS not imported into this machine's store) keeps its previous
-    entry, marked with the machine and peaks it was measured against, instead of vanishing from the file."""
+    """A model this run did not measure (TAPS not imported into this machine's store, or timed in an earlier
+    bench_cpu run) keeps its previous entry, with the machine and peaks it was measured against, per model
+    (models kept from different runs keep different machines), instead of vanishing from the file."""
     kept = {k: v for k, v in prev.get("models", {}).items() if k not in res["models"]}
-    if kept:
-        res["models"].update(kept)
-        earlier = prev.get("kept_from_previous_run") or {}
-        if set(kept) <= set(earlier.get("models", [])):  # already kept last time: keep where it was measured
-            res["kept_from_previous_run"] = dict(earlier, models=sorted(kept))
-        else:
-            res["kept_from_previous_run"] = {"models": sorted(kept), "machine": prev.get("machine"),
-                                             "peaks_best_gflops_per_s": prev.get("peaks", {}).get("best_gflops_per_s")}
+    if not kept:
+        return
+    res["models"].update(kept)
+    earlier = prev.get("kept_from_previous_run") or {}
+    prev_peaks = prev.get("peaks", {}).get("best_gflops_per_s")
+
+    def where(k: str) -> Dict[str, Any]:
+        if k in (earlier.get("runs") or {}):
+            return earlier["runs"][k]
+        if k in earlier.get("models", []):  # the older one-machine record
+            return {"machine": earlier.get("machine"), "peaks_best_gflops_per_s": earlier.get("peaks_best_gflops_per_s")}
+        return {"machine": prev.get("machine"), "peaks_best_gflops_per_s": prev_peaks}
+
+    res["kept_from_previous_run"] = {"models": sorted(kept), "runs": {k: where(k) for k in sorted(kept)}}
 
 
 def summary(res: Dict[str, Any]) -> str:
@@ -405,22 +432,23 @@ def summary(res: Dict[str, Any]) -> str:
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     lines += ["", f"Memory bandwidth (numpy copy): {p['memory']['gbytes_per_s']} GB/s. Best compute peak: FP32 "
               f"{p['best_gflops_per_s']['fp32']} GFLOP/s, INT8 {p['best_gflops_per_s']['int8']} GFLOP/s.", "",
-              "## Models (batch 1)", "", "| model | GFLOP | MB moved | floor fp32 (s) | floor int8 (s) | measured (s) x floor |",
-              "|---|---|---|---|---|---|"]
+              "## Models (batch 1)", "", "| model | GFLOP | MB compulsory | MB unfused | floor fp32 (s) | floor int8 (s) | measured (s) x floor |",
+              "|---|---|---|---|---|---|---|"]
     for name, e in res["models"].items():
         w = e["work"]
         meas = "; ".join(f"{k} {e['measured_s'][k]} ({e['times_floor'][k]}x)" for k in e["times_floor"]) or "run bench_cpu.py"
-        lines.append(f"| {name} | {w['gflops']} | {w['mbytes_moved']} | {e['floor_s']['fp32']['floor_s']} "
+        lines.append(f"| {name} | {w['gflops']} | {w.get('mbytes_compulsory', '-')} | {w['mbytes_moved']} | {e['floor_s']['fp32']['floor_s']} "
                      f"({e['floor_s']['fp32']['bound']}) | {e['floor_s']['int8']['floor_s']} | {meas} |")
     kept = res.get("kept_from_previous_run")
-    if kept:
-        lines += ["", f"Kept from an earlier run (not measurable in this one): {', '.join(kept['models'])}; its multiples "
-                  f"are against that run's peaks {kept.get('peaks_best_gflops_per_s')} GFLOP/s, load average at start "
-                  f"{(kept.get('machine') or {}).get('loadavg_at_start')}."]
-    lines += ["", "Floor = max(GFLOP / best measured peak of that precision, bytes / bandwidth); peaks and model times "
-              "are measured under the same (shared, loaded) conditions, so the multiples compare like with like. "
-              "Bytes count every activation written once and read once; fused runtimes move less, and every model "
-              "here is compute-bound at these intensities, so the floor is the compute term.",
+    for name, run in ((kept or {}).get("runs") or {}).items():
+        lines += ["", f"Kept from an earlier run (not measured in this one): {name}; its multiples are against that run's "
+                  f"peaks {run.get('peaks_best_gflops_per_s')} GFLOP/s, load average at start "
+                  f"{(run.get('machine') or {}).get('loadavg_at_start')}."]
+    lines += ["", "Floor = max(GFLOP / best measured peak of that precision, compulsory bytes / bandwidth); peaks and "
+              "model times are measured under the same (shared, loaded) conditions, so the multiples compare like with "
+              "like. Compulsory bytes are weights, inputs and outputs, which every runtime must move; the unfused "
+              "column (every activation written once and read once) is what a runtime without fusion or cache reuse "
+              "would move, and is no floor: fused INT8 runtimes beat it.",
               "", "## Where the time goes (top op types / layers)", ""]
     for name, e in res["models"].items():
         lines.append(f"**{name}**")

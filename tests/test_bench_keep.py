@@ -66,4 +66,27 @@ def test_roofline_keeps_a_model_it_could_not_measure(bench):
     roofline.keep_unmeasured(res, prev)
     assert res["models"]["prostate-gland-taps"] == {"v": 3}
     assert res["models"]["sequence-classifier"] == {"v": 10}
-    assert res["kept_from_previous_run"]["peaks_best_gflops_per_s"] == 99.0
+    assert res["kept_from_previous_run"]["runs"] == {
+        "prostate-gland-taps": {"machine": {"cpu": "last-run"}, "peaks_best_gflops_per_s": 99.0}}
+
+
+def test_roofline_leaves_a_model_whose_timings_cpu_json_kept_to_its_earlier_entry(bench):
+    """bench_cpu --only cspca-reference keeps the classifier's timings from an older host; the roofline must
+    not divide them by this run's peaks, and each kept model keeps the run (machine, peaks) it came from."""
+    _, roofline = bench
+    cpu = {"kept_from_previous_run": {"models": ["prostate-gland-taps", "sequence-classifier"]}}
+    assert roofline.timed_elsewhere(cpu) == {"prostate-gland-taps", "sequence-classifier"}
+    assert roofline.timed_elsewhere({}) == set()
+    prev = {"machine": {"cpu": "last-run"}, "peaks": {"best_gflops_per_s": 180.0},
+            "models": {"sequence-classifier": {"v": 1}, "cspca-reference": {"v": 2}, "prostate-gland-taps": {"v": 3}},
+            "kept_from_previous_run": {"models": ["prostate-gland-taps"], "machine": {"cpu": "first-run"},
+                                       "peaks_best_gflops_per_s": 170.0}}
+    res = {"models": {"cspca-reference": {"v": 20}}}  # only csPCa measured against this run's peaks
+    roofline.keep_unmeasured(res, prev)
+    assert res["models"] == {"cspca-reference": {"v": 20}, "sequence-classifier": {"v": 1}, "prostate-gland-taps": {"v": 3}}
+    runs = res["kept_from_previous_run"]["runs"]
+    assert runs["prostate-gland-taps"] == {"machine": {"cpu": "first-run"}, "peaks_best_gflops_per_s": 170.0}
+    assert runs["sequence-classifier"] == {"machine": {"cpu": "last-run"}, "peaks_best_gflops_per_s": 180.0}
+    again = {"models": {"cspca-reference": {"v": 30}}}  # kept twice: still where each was measured
+    roofline.keep_unmeasured(again, dict(res, machine={"cpu": "third-run"}, peaks={"best_gflops_per_s": 400.0}))
+    assert again["kept_from_previous_run"]["runs"] == runs
