@@ -159,7 +159,7 @@ def train(cases: int = 320, minutes: float = 15.0, out: str = "var/cspca-run", b
         hist.append(float(loss.detach()))
         if step % 25 == 0:
             log(f"step {step} t={time.perf_counter() - t1:.0f}s loss {np.mean(hist[-25:]):.3f} "
-                f"(bce {float(bce):.3f} dice {float(dice):.3f} exam {float(exam_bce):.3f})")
+                f"(bce {bce.item():.3f} dice {dice.item():.3f} exam {exam_bce.item():.3f})")
     t_train = time.perf_counter() - t1
 
     # exam head on full volumes
