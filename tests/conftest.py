@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import shutil
+import sys
 from pathlib import Path
 
 import nibabel
@@ -21,3 +23,14 @@ def nibabel_dicom(tmp_path_factory) -> dict[str, Path]:
             shutil.copyfileobj(src, dst)
         files[name[:-7]] = target
     return files
+
+
+@pytest.fixture(scope="session")
+def bench_modules():
+    """bench/bench_cpu.py and bench/roofline.py as modules (bench/ is scripts, not a package)."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        yield importlib.import_module("bench_cpu"), importlib.import_module("roofline")
+    finally:
+        sys.path.remove(str(bench))

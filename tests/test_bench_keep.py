@@ -2,22 +2,12 @@
 with the machine they were measured on, instead of erasing them from bench/results."""
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
-
-@pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("bench_cpu"), importlib.import_module("roofline")
-    finally:
-        sys.path.remove(str(BENCH))
+@pytest.fixture
+def bench(bench_modules):
+    return bench_modules
 
 
 def _prev(kept_earlier=None):

@@ -2,8 +2,6 @@
 counted from a real ONNX graph."""
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +10,10 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
-
-@pytest.fixture(scope="module")
-def roofline():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("roofline")
-    finally:
-        sys.path.remove(str(BENCH))
+@pytest.fixture
+def roofline(bench_modules):
+    return bench_modules[1]
 
 
 def _two_convs(path: Path) -> None:

@@ -89,11 +89,11 @@ def fit_exam_head(peaks: np.ndarray, labels: np.ndarray, iters: int = 100, l2: f
         g = X.T @ (p - t) + l2 * w
         Hm = (X * (p * (1 - p))[:, None]).T @ X + l2 * np.eye(2)
         step = np.linalg.solve(Hm, g)
-        s = 1.0
-        while loss(w - s * step) > f - 1e-4 * s * (g @ step) and s > 1e-10:
+        s, f_new = 1.0, loss(w - step)
+        while f_new > f - 1e-4 * s * (g @ step) and s > 1e-10:
             s *= 0.5
-        w = w - s * step
-        f = loss(w)
+            f_new = loss(w - s * step)
+        w, f = w - s * step, f_new
         if np.abs(s * step).max() < 1e-8:
             break
     return float(w[0]), float(w[1])
