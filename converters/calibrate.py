@@ -52,11 +52,15 @@ class VariantRecipe:
     per_channel: bool = True
     reduce_range: Optional[bool] = None  # None: decided from the CPU (no VNNI -> True)
     purpose: str = ""
+    # False keeps biases FP32: TensorRT's dequantize layer takes only INT8/FP8/INT4 input, so an INT32 bias
+    # DequantizeLinear (onnxruntime's default) fails the build (onnx/onnx-tensorrt#850)
+    quantize_bias: bool = True
 
 
 RECIPES: Dict[str, VariantRecipe] = {
     "int8_sym": VariantRecipe("int8_sym", "int8_qdq_sym", "QInt8", "QInt8", True, True, False,
-                              "TensorRT explicit quantization (strongly typed); ONNX Runtime runs it too"),
+                              "TensorRT explicit quantization (strongly typed, FP32 biases); ONNX Runtime runs it too",
+                              quantize_bias=False),
     "int8_u8s8": VariantRecipe("int8_u8s8", "int8_qdq_u8s8", "QUInt8", "QInt8", False, True, None,
                                "ONNX Runtime CPU (U8 activations, per-channel S8 weights)"),
 }
@@ -133,7 +137,8 @@ def op_types_in(onnx_path: Union[str, Path]) -> List[str]:
 
 
 def _extra_options(recipe: VariantRecipe) -> Dict[str, Any]:
-    return {"ActivationSymmetric": recipe.symmetric_activations, "WeightSymmetric": True}
+    return {"ActivationSymmetric": recipe.symmetric_activations, "WeightSymmetric": True,
+            "QuantizeBias": recipe.quantize_bias}
 
 
 def compute_ranges(fp32_path: Path, cset: CalibrationSet, cache_path: Path, method: str = "minmax",
@@ -476,7 +481,7 @@ def calibrate(manifest: ModelManifest, cset: CalibrationSet, *, method: str = "m
                 "tool": f"{used_tool} {ort.__version__ if used_tool == 'onnxruntime' else ''}".strip(),
                 "activations": recipe.activation, "weights": recipe.weight, "per_channel": recipe.per_channel,
                 "symmetric_activations": recipe.symmetric_activations, "reduce_range": rr,
-                "op_types_quantized": sel.kept, "op_types_kept_fp32": sel.dropped,
+                "quantize_bias": recipe.quantize_bias, "op_types_quantized": sel.kept, "op_types_kept_fp32": sel.dropped,
                 "op_type_rel_error": sel.measured, "cpu_vnni": vnni, "machine": platform.machine(),
                 "nodes_kept_fp32": fp32_nodes,
                 **({"node_measurements": nodes_sel[key].measured, "node_speed_backend": nodes_sel[key].speed_backend}

@@ -104,6 +104,25 @@ def build_mode(trt_version: str, precision: str, manifest: ModelManifest, *, dla
 
 
 # ------------------------------------------------------------------------------------------------
+# Q/DQ files TensorRT can parse
+# ------------------------------------------------------------------------------------------------
+def int32_dequantize_nodes(onnx_path: Union[str, Path]) -> List[str]:
+    """DequantizeLinear nodes whose input is INT32 (onnxruntime's quantized biases).  TensorRT's dequantize
+    layer takes only INT8 / FP8 / INT4 input, so the parser refuses them (onnx/onnx-tensorrt#850)."""
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    types = {i.name: i.data_type for i in m.graph.initializer}
+    for vi in list(m.graph.value_info) + list(m.graph.input):
+        types.setdefault(vi.name, vi.type.tensor_type.elem_type)
+    for n in m.graph.node:  # a bias can also come from a Constant node
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            types.setdefault(n.output[0], n.attribute[0].t.data_type)
+    return [n.name or n.output[0] for n in m.graph.node
+            if n.op_type == "DequantizeLinear" and types.get(n.input[0]) == onnx.TensorProto.INT32]
+
+
+# ------------------------------------------------------------------------------------------------
 # optimization profiles from the manifest
 # ------------------------------------------------------------------------------------------------
 def profile_shapes(manifest: ModelManifest, *, opt: Optional[Mapping[str, int]] = None,

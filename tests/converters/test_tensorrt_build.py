@@ -143,3 +143,16 @@ def test_build_on_a_gpu(calibrated_tiny) -> None:
     updated, report = build_plan(r.manifest, BuildOptions(precision="int8_qdq", opt={"N": 1}, max={"N": 4}),
                                  save_manifest=False)
     assert updated.plans[-1].source_variant == "int8_sym" and report["layers"] > 0
+
+
+def test_tensorrt_bound_qdq_has_no_int32_dequantize(calibrated_tiny) -> None:
+    """TensorRT's dequantize layer refuses INT32 input (onnx/onnx-tensorrt#850): the symmetric variant keeps
+    its biases FP32; the CPU variant keeps onnxruntime's INT32 biases (so the check can see them)."""
+    from converters.tensorrt_build import int32_dequantize_nodes
+
+    r, _cal, _held = calibrated_tiny
+    m = r.manifest
+    assert int32_dequantize_nodes(m.file_path("int8_sym")) == []
+    assert m.files["int8_sym"].calibration["quantize_bias"] is False
+    assert len(int32_dequantize_nodes(m.file_path("int8_u8s8"))) >= 1  # Conv and Gemm biases
+
