@@ -81,6 +81,9 @@ def build_mode(trt_version: str, precision: str, manifest: ModelManifest, *, dla
     if major < 10:
         raise BuildRefused(f"TensorRT {trt_version}: scanside builds with TensorRT 10 or 11 (named-tensor API)")
     notes: List[str] = []
+    minor = parse_trt_version(trt_version)[1]
+    if dla and major == 11 and minor <= 3:
+        raise BuildRefused(f"TensorRT {trt_version} has no DLA support (11.0-11.3); use 10.x or >= 11.4")
     sym = [k for k, f in manifest.files.items() if f.precision == "int8_qdq_sym"]
     if precision == "int8_qdq":
         if not sym:
@@ -90,8 +93,11 @@ def build_mode(trt_version: str, precision: str, manifest: ModelManifest, *, dla
             notes.append("DLA runs INT8/FP16 2-D layers; 3-D convolutions fall back to the GPU")
         return BuildMode(major, precision, sym[0], True, (), False, "int8_qdq_sym", tuple(notes))
     if precision == "fp32":
+        # TF32 is on by default for FP32 layers (10-bit mantissa in matmul/conv): cleared so that an "fp32"
+        # plan is FP32, as its parity report against ONNX Runtime FP32 assumes
         return BuildMode(major, precision, "fp32", major >= 11, (), False, "fp32",
-                         ("TensorRT 11: strongly typed (FP32 ONNX -> FP32 plan)",) if major >= 11 else ())
+                         (("TensorRT 11: strongly typed (FP32 ONNX -> FP32 plan)",) if major >= 11 else ())
+                         + ("TF32 off",))
     if major >= 11:
         what = "FP16" if precision == "fp16" else "implicit INT8 calibration"
         raise BuildRefused(f"TensorRT {trt_version} removed {what} (BuilderFlag.INT8/FP16, int8_calibrator): "
@@ -100,7 +106,7 @@ def build_mode(trt_version: str, precision: str, manifest: ModelManifest, *, dla
         return BuildMode(major, precision, "fp32", False, ("FP16",), False, "fp16")
     # int8_implicit on TensorRT 10: deprecated calibrator API, FP16 fallback for layers without INT8
     notes.append("IInt8EntropyCalibrator2 is deprecated since TensorRT 10.1 (removed in 11)")
-    return BuildMode(major, precision, "fp32", False, ("INT8", "FP16"), True, "int8_qdq_sym", tuple(notes))
+    return BuildMode(major, precision, "fp32", False, ("INT8", "FP16"), True, "int8_implicit", tuple(notes))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,10 +238,25 @@ def ranges_to_scales(ranges_json: Union[str, Path, Mapping[str, Any]]) -> Dict[s
     return out
 
 
+def check_calibration_batches(batches: Sequence[Mapping[str, np.ndarray]], shapes: Mapping[str, ShapeRange]) -> None:
+    """TensorRT calibrates with the calibration profile's opt shapes: every batch must hold every input at
+    exactly that shape (BuildRefused otherwise)."""
+    if not batches:
+        raise BuildRefused("implicit INT8 needs calibration batches (or a calibration cache of this TensorRT version)")
+    for i, b in enumerate(batches):
+        for name, r in shapes.items():
+            if name not in b:
+                raise BuildRefused(f"calibration batch {i} has no input {name!r}")
+            if list(np.shape(b[name])) != list(r.opt):
+                raise BuildRefused(f"calibration batch {i}: input {name!r} has shape {list(np.shape(b[name]))}, "
+                                   f"the calibration profile's opt shape is {list(r.opt)}")
+
+
 def make_entropy_calibrator(trt: Any, batches: Iterable[Dict[str, np.ndarray]], cache_path: Path,
                             trt_version: str) -> Any:
     """An IInt8EntropyCalibrator2 (TensorRT 10 only) feeding *batches* through cuda-python device buffers,
-    reading the cache when it matches this TensorRT version and writing it after calibration."""
+    reading the cache when it matches this TensorRT version and writing it after calibration.  Call
+    ``free()`` after the build: the device buffers are the calibrator's."""
     from engines.tensorrt_engine import _cuda_call, _import_cudart
 
     cudart = _import_cudart()
@@ -245,7 +266,7 @@ def make_entropy_calibrator(trt: Any, batches: Iterable[Dict[str, np.ndarray]], 
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
             self.i = 0
-            self.ptrs: Dict[str, int] = {}
+            self.ptrs: Dict[str, Tuple[int, int]] = {}  # name -> (device pointer, bytes)
 
         def get_batch_size(self) -> int:
             first = batches[0] if batches else {}
@@ -260,10 +281,13 @@ def make_entropy_calibrator(trt: Any, batches: Iterable[Dict[str, np.ndarray]], 
             for n in names:
                 arr = np.ascontiguousarray(b[n], dtype=np.float32)
                 if n not in self.ptrs:
-                    self.ptrs[n] = int(_cuda_call(cudart.cudaMalloc(arr.nbytes)))
-                _cuda_call(cudart.cudaMemcpy(self.ptrs[n], arr.ctypes.data, arr.nbytes,
+                    self.ptrs[n] = (int(_cuda_call(cudart.cudaMalloc(arr.nbytes))), arr.nbytes)
+                ptr, size = self.ptrs[n]
+                if arr.nbytes > size:  # checked shapes make this impossible; never copy past the buffer
+                    raise BuildRefused(f"calibration batch for {n!r} has {arr.nbytes} bytes, buffer {size}")
+                _cuda_call(cudart.cudaMemcpy(ptr, arr.ctypes.data, arr.nbytes,
                                              cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
-                ptrs.append(self.ptrs[n])
+                ptrs.append(ptr)
             return ptrs
 
         def read_calibration_cache(self) -> Optional[bytes]:
@@ -277,12 +301,31 @@ def make_entropy_calibrator(trt: Any, batches: Iterable[Dict[str, np.ndarray]], 
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             cache_path.write_bytes(bytes(cache))
 
+        def free(self) -> None:
+            for ptr, _size in self.ptrs.values():
+                cudart.cudaFree(ptr)
+            self.ptrs = {}
+
     return _Calibrator()
 
 
 # ------------------------------------------------------------------------------------------------
 # per-layer precision report (IEngineInspector JSON)
 # ------------------------------------------------------------------------------------------------
+#: data-type words of TensorRT's tensor format descriptions ("Row major linear FP32", "Row major linear FP16
+#: format", "Thirty-two wide channel vectorized row major Int8 format", "Channel major INT8 format ...",
+#: "Row major linear Int32", "Row major linear BOOL"; the strings trt-engine-explorer maps in its
+#: _regionFormat table) -> one upper-case name
+_FORMAT_TYPE_RE = re.compile(r"\b(FP32|FP16|BF16|BFloat16|FP8|FP4|UInt8|Int8|Int4|Int32|Int64|Bool)\b", re.IGNORECASE)
+
+
+def format_precision(fmt: str) -> str:
+    m = _FORMAT_TYPE_RE.search(fmt or "")
+    if m is None:
+        return "unknown"
+    return {"BFLOAT16": "BF16"}.get(m.group(1).upper(), m.group(1).upper())
+
+
 def layer_precisions(inspector_json: Union[str, Mapping[str, Any]]) -> Dict[str, Any]:
     """Summarise IEngineInspector (LayerInformationFormat.JSON, ProfilingVerbosity.DETAILED) output:
     count of layers per output precision, and the convolution layers that did not run in INT8 (Conv3d
@@ -297,10 +340,10 @@ def layer_precisions(inspector_json: Union[str, Mapping[str, Any]]) -> Dict[str,
             continue
         outs = layer.get("Outputs") or []
         fmt = (outs[0].get("Format/Datatype") if outs and isinstance(outs[0], dict) else None) or "unknown"
-        prec = next((p for p in ("Int8", "Half", "Float", "Int32", "Bool", "FP8", "BFloat16") if p in fmt), fmt)
+        prec = format_precision(fmt)
         per[prec] = per.get(prec, 0) + 1
         kind = str(layer.get("LayerType", ""))
-        if kind in ("Convolution", "CaskConvolution", "CaskDeconvolution", "Deconvolution") and prec != "Int8":
+        if kind in ("Convolution", "CaskConvolution", "CaskDeconvolution", "Deconvolution") and prec != "INT8":
             not_int8.append(str(layer.get("Name", "?")))
     return {"layers": len(layers), "by_output_precision": per, "conv_not_int8": not_int8}
 
@@ -334,19 +377,80 @@ def skip_reason() -> Optional[str]:
     return None if dev is not None else dwhy
 
 
+HW_LEVELS = {"none": "NONE", "ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
+
+
+def hardware_compatibility_level(trt: Any, level: str, trt_version: str, device: Any) -> Any:
+    """The trt.HardwareCompatibilityLevel member for *level*, or BuildRefused: SAME_COMPUTE_CAPABILITY exists
+    from TensorRT 10.9; AMPERE_PLUS needs an Ampere or newer build GPU; neither is supported on JetPack."""
+    if level not in HW_LEVELS:
+        raise BuildRefused(f"hardware compatibility must be one of {sorted(HW_LEVELS)}, got {level!r}")
+    if level != "none" and device.integrated:
+        raise BuildRefused(f"hardware compatibility {level} is not supported on JetPack ({device.name}); use none")
+    if level == "ampere_plus" and tuple(device.compute_capability) < (8, 0):
+        raise BuildRefused(f"AMPERE_PLUS needs an Ampere or newer build GPU; {device.name} is sm {device.cc}")
+    name = HW_LEVELS[level]
+    if not hasattr(trt.HardwareCompatibilityLevel, name):
+        raise BuildRefused(f"TensorRT {trt_version} has no HardwareCompatibilityLevel.{name} "
+                           f"(SAME_COMPUTE_CAPABILITY needs TensorRT >= 10.9)")
+    return getattr(trt.HardwareCompatibilityLevel, name)
+
+
+def attach_timing_cache(config: Any, timing: Optional[Path]) -> Optional[str]:
+    """Attach the timing cache kept in *timing* (or an empty one).  set_timing_cache returns False for a
+    cache from another device or TensorRT version: then a fresh cache is attached (and the file replaced
+    after the build).  Returns a note when the kept cache was not used."""
+    data = timing.read_bytes() if timing is not None and timing.is_file() else b""
+    if config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False):
+        return None
+    if data and config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        return f"timing cache {timing.name} is from another device or TensorRT version: a fresh one was used"  # type: ignore[union-attr]
+    return "the timing cache could not be attached: built without one"
+
+
+def save_timing_cache(config: Any, timing: Path) -> Optional[str]:
+    """Keep the build's timing cache for the next build; a note (never an exception) when it cannot be."""
+    cache = config.get_timing_cache()
+    if cache is None:
+        return f"no timing cache to save to {timing.name}"
+    try:
+        timing.parent.mkdir(parents=True, exist_ok=True)
+        tmp = timing.with_name(timing.name + ".tmp")
+        tmp.write_bytes(bytes(cache.serialize()))
+        tmp.replace(timing)
+    except OSError as e:
+        return f"timing cache not saved to {timing} ({type(e).__name__}: {e})"
+    return None
+
+
 def build_plan(manifest: ModelManifest, options: BuildOptions, out_path: Optional[Path] = None,
                *, save_manifest: bool = True) -> Tuple[ModelManifest, Dict[str, Any]]:
     """Build a plan, write it beside the manifest, record it (TensorRTPlan) and return the per-layer report."""
-    from engines.tensorrt_engine import _import_trt, probe_cuda_device
+    from engines.tensorrt_engine import _import_trt, dla_refusal, plan_platform, probe_machine
 
     trt = _import_trt()
     version = str(trt.__version__)
-    device, why = probe_cuda_device(0)
+    _v, device, why = probe_machine(0)
     if device is None:
         raise BuildRefused(f"no CUDA device: {why}")
     dla = options.dla_core is not None
+    if dla:
+        refusal = dla_refusal(version, device, int(options.dla_core))  # type: ignore[arg-type]
+        if refusal:
+            raise BuildRefused(refusal)
     mode = build_mode(version, options.precision, manifest, dla=dla)
     onnx_path = manifest.resolve(manifest.files[mode.source_variant].path)
+    bad = int32_dequantize_nodes(onnx_path) if mode.precision == "int8_qdq" else []
+    if bad:
+        raise BuildRefused(f"{onnx_path.name}: {len(bad)} DequantizeLinear node(s) over INT32 (quantized biases, e.g. "
+                           f"{bad[0]!r}); TensorRT's dequantize takes INT8/FP8/INT4 only: recalibrate "
+                           f"(`scanside convert calibrate`, the int8_sym recipe keeps biases FP32)")
+    hw_level = hardware_compatibility_level(trt, options.hardware_compatibility, version, device)
+    shapes = profile_shapes(manifest, opt=options.opt, max_=options.max, static=dla)
+    calib_cache = options.calibration_cache or (manifest.resolve("calibration") / f"trt-{version}.cache")
+    if mode.use_calibrator and not (calib_cache.is_file() and cache_matches(calib_cache.read_bytes(), version)):
+        check_calibration_batches(options.calibration_batches or [], shapes)
+    notes: List[str] = []
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
@@ -364,47 +468,61 @@ def build_plan(manifest: ModelManifest, options: BuildOptions, out_path: Optiona
         config.builder_optimization_level = int(options.optimization_level)
     for flag in mode.builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
+    if mode.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
     if options.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-    hw = {"none": "NONE", "ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
-    config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, hw[options.hardware_compatibility])
+    config.hardware_compatibility_level = hw_level
     if dla:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = int(options.dla_core)  # type: ignore[arg-type]
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-    shapes = profile_shapes(manifest, opt=options.opt, max_=options.max, static=dla)
     profile = builder.create_optimization_profile()
     for name, r in shapes.items():
         profile.set_shape(name, tuple(r.min), tuple(r.opt), tuple(r.max))
-    config.add_optimization_profile(profile)
-    if mode.use_calibrator:
-        cache = options.calibration_cache or (manifest.resolve("calibration") / f"trt-{version}.cache")
-        config.set_calibration_profile(profile)
-        config.int8_calibrator = make_entropy_calibrator(trt, options.calibration_batches or [], cache, version)
-    timing = options.timing_cache
-    cache_obj = config.create_timing_cache(timing.read_bytes() if timing and timing.is_file() else b"")
-    config.set_timing_cache(cache_obj, ignore_mismatch=False)
-    serialized = builder.build_serialized_network(network, config)
+    if config.add_optimization_profile(profile) < 0:
+        raise BuildRefused(f"TensorRT refused the optimization profile {json.dumps({k: v.model_dump() for k, v in shapes.items()})}")
+    calibrator = None
+    try:
+        if mode.use_calibrator:
+            if not config.set_calibration_profile(profile):
+                raise BuildRefused("TensorRT refused the calibration profile")
+            calibrator = make_entropy_calibrator(trt, options.calibration_batches or [], calib_cache, version)
+            config.int8_calibrator = calibrator
+        note = attach_timing_cache(config, options.timing_cache)
+        if note:
+            notes.append(note)
+        serialized = builder.build_serialized_network(network, config)
+    finally:
+        if calibrator is not None:
+            calibrator.free()
     if serialized is None:
         raise BuildRefused("TensorRT build failed (see the TensorRT log)")
-    if timing is not None:
-        timing.parent.mkdir(parents=True, exist_ok=True)
-        timing.write_bytes(bytes(config.get_timing_cache().serialize()))
     plan_bytes = bytes(serialized)
-    tag = f"trt{parse_trt_version(version)[0]}{parse_trt_version(version)[1]}.sm{device.cc.replace('.', '')}"
+    major, minor, _patch = parse_trt_version(version)
+    tag = f"trt{major}{minor}.sm{device.cc.replace('.', '')}"
     out_path = out_path or manifest.resolve(f"{Path(manifest.files[mode.source_variant].path).stem}.{tag}."
                                             f"{options.precision}.plan")
-    out_path.write_bytes(plan_bytes)
+    out_path.write_bytes(plan_bytes)  # the plan first: nothing after this may lose it
+    if options.timing_cache is not None:
+        note = save_timing_cache(config, options.timing_cache)
+        if note:
+            notes.append(note)
     runtime = trt.Runtime(logger)
     if options.version_compatible:
         runtime.engine_host_code_allowed = True
+    if dla:
+        runtime.DLA_core = int(options.dla_core)  # type: ignore[arg-type]
     engine = runtime.deserialize_cuda_engine(plan_bytes)
+    if engine is None:
+        raise BuildRefused(f"TensorRT built {out_path.name} but cannot deserialize it on this machine "
+                           f"(see the TensorRT log); the plan is not recorded")
     inspector = engine.create_engine_inspector()
     report = layer_precisions(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
-    report.update({"mode": dataclasses.asdict(mode), "trt_version": version, "gpu": device.name})
+    report.update({"mode": dataclasses.asdict(mode), "trt_version": version, "gpu": device.name, "notes": notes})
     record = plan_record(manifest, out_path, mode, version, device.name, device.cc, shapes, options,
                          min_device_memory=int(getattr(engine, "device_memory_size_v2", 0) or 0) or None,
-                         layer_report=report)
+                         layer_report=report, platform=plan_platform(device))
     updated = add_plan(manifest, record)
     if save_manifest and manifest.root is not None:
         updated.save(manifest.root)
@@ -413,8 +531,12 @@ def build_plan(manifest: ModelManifest, options: BuildOptions, out_path: Optiona
 
 def plan_record(manifest: ModelManifest, plan_path: Path, mode: BuildMode, trt_version: str, gpu_name: str,
                 compute_capability: str, shapes: Mapping[str, ShapeRange], options: BuildOptions, *,
-                min_device_memory: Optional[int] = None, layer_report: Optional[Mapping[str, Any]] = None) -> TensorRTPlan:
-    """The manifest record of a built plan (path relative to the manifest)."""
+                min_device_memory: Optional[int] = None, layer_report: Optional[Mapping[str, Any]] = None,
+                platform: Optional[str] = None) -> TensorRTPlan:
+    """The manifest record of a built plan (path relative to the manifest): the full TensorRT version
+    (major.minor.patch.build: the standard runtime needs all four to match) and the build platform."""
+    from engines.tensorrt_engine import parse_version
+
     root = manifest.root
     rel = str(Path(plan_path).resolve().relative_to(Path(root).resolve())) if root is not None else Path(plan_path).name
     notes = list(mode.notes)
@@ -423,11 +545,13 @@ def plan_record(manifest: ModelManifest, plan_path: Path, mode: BuildMode, trt_v
                                                                  sort_keys=True))
         if layer_report.get("conv_not_int8"):
             notes.append(f"{len(layer_report['conv_not_int8'])} convolution layer(s) not in INT8")
+        notes.extend(layer_report.get("notes") or [])
     return TensorRTPlan(
-        path=rel, sha256=sha256_file(plan_path), trt_version=".".join(str(x) for x in parse_trt_version(trt_version)),
+        path=rel, sha256=sha256_file(plan_path), trt_version=".".join(str(x) for x in parse_version(trt_version)[:4]),
         compute_capability=compute_capability, precision=mode.manifest_precision,  # type: ignore[arg-type]
         hardware_compatibility=options.hardware_compatibility,  # type: ignore[arg-type]
         version_compatible=options.version_compatible, source_variant=mode.source_variant, gpu_name=gpu_name,
+        platform=platform,
         profiles=[dict(shapes)], min_device_memory_bytes=min_device_memory, dla_core=options.dla_core,
         built_at=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(), notes="; ".join(notes) or None)
 

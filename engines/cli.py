@@ -87,12 +87,18 @@ def run(args: argparse.Namespace) -> int:
         if cmd == "show":
             m = store.resolve(args.name)
             sel = store.explain(m)
+            from engines.tensorrt_engine import gpu_report
+            gpu = gpu_report()  # a driver/runtime mismatch is said here, not only as a skipped back end
             if args.json:
-                _print({"manifest": json.loads(m.to_json()), "path": str(m.root), "selection": sel.to_dict()})
+                _print({"manifest": json.loads(m.to_json()), "path": str(m.root), "selection": sel.to_dict(),
+                        "gpu": gpu})
             else:
                 print(m.to_json(), end="")
                 print(f"# path: {m.root}")
                 print("# back end: " + sel.summary().replace("\n", "\n# "))
+                print("# GPU: " + "; ".join(f"{k} {v}" for k, v in gpu.items() if k != "problem" and v is not None))
+                if gpu.get("problem"):
+                    print(f"# GPU PROBLEM: {gpu['problem']}")
             return 0
         if cmd == "verify":
             m = store.resolve(args.name)

@@ -23,7 +23,8 @@ SCHEMA_VERSION = 1
 #: numpy dtype names accepted in a TensorSpec (ONNX/TensorRT/KServe names are mapped in engines.base)
 DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
 
-Precision = Literal["fp32", "fp16", "int8_qdq_sym", "int8_qdq_u8s8"]
+#: int8_implicit: a TensorRT 10 plan calibrated with IInt8EntropyCalibrator2 (no Q/DQ file behind it)
+Precision = Literal["fp32", "fp16", "int8_qdq_sym", "int8_qdq_u8s8", "int8_implicit"]
 Task = Literal["sequence_classification", "cspca_detection", "gland_segmentation", "other"]
 HardwareCompatibility = Literal["none", "ampere_plus", "same_compute_capability"]
 Dim = Union[int, str, None]
@@ -164,6 +165,8 @@ class TensorRTPlan(_Strict):
     version_compatible: bool = Field(False, description="built with BuilderFlag.VERSION_COMPATIBLE")
     source_variant: Optional[str] = Field(None, description="key of the ONNX file in `files` it was built from")
     gpu_name: Optional[str] = None
+    platform: Optional[str] = Field(None, description="OS-architecture[-tegra] that built it, e.g. 'linux-x86_64', "
+                                                      "'linux-aarch64-tegra' (plans are not portable across platforms)")
     profiles: List[Dict[str, ShapeRange]] = Field(default_factory=list,
                                                   description="optimization profiles: input name -> min/opt/max")
     min_device_memory_bytes: Optional[int] = None

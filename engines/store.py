@@ -82,12 +82,8 @@ def default_user_dir() -> Optional[Path]:
 
 
 def _probe_tensorrt_machine() -> Tuple[Optional[str], Any, str]:
-    from engines.tensorrt_engine import probe_cuda_device, probe_tensorrt
-    version, why = probe_tensorrt()
-    if version is None:
-        return None, None, why
-    dev, dwhy = probe_cuda_device(0)
-    return version, dev, f"{why}; {dwhy}"
+    from engines.tensorrt_engine import probe_machine
+    return probe_machine(0)
 
 
 class ModelNotFound(LookupError):

@@ -6,15 +6,19 @@ machine (TensorRT version, GPU compute capability, hardware-compatibility level)
 model store falls back to ONNX Runtime with that reason when it fails.
 
 Compatibility rules (TensorRT docs, "Engine Compatibility"):
-- By default a plan runs only on the TensorRT version that built it (major.minor.patch[.build]
-  must match) -- a differing component we cannot see (not recorded) is not held against it.
-- A version-compatible plan (BuilderFlag.VERSION_COMPATIBLE, TensorRT >= 8.6) runs on the same or
-  a later TensorRT, including the next major (10 -> 11); never on an older one.  The runtime must
-  allow engine host code (``runtime.engine_host_code_allowed = True``).
+- By default a plan runs only on the TensorRT version that built it: major.minor.patch.build must
+  match (the full ``trt.__version__`` is recorded; an older record without the build number gets a note).
+- A version-compatible plan (BuilderFlag.VERSION_COMPATIBLE, TensorRT >= 8.6) runs on the same or a
+  later TensorRT of the same major; across majors only 8 -> 10 and 10 -> 11 are supported; never on an
+  older one.  The runtime must allow engine host code (``runtime.engine_host_code_allowed = True``).
+- Plans are not portable across platforms (OS, CPU architecture, discrete vs integrated GPU): the
+  record names the platform that built it (``plan_platform``) and it must match.
 - Hardware compatibility: NONE -> same compute capability as the build GPU (a different GPU model
   of the same SM works, TensorRT warns); SAME_COMPUTE_CAPABILITY -> same compute capability;
-  AMPERE_PLUS -> any GPU with compute capability >= 8.0.
-- TensorRT 10+ supports compute capability >= 7.5 (Turing) on x86/SBSA.
+  AMPERE_PLUS -> any GPU with compute capability >= 8.0.  Not supported on JetPack (integrated GPUs).
+- TensorRT 10.0-10.4 support compute capability >= 7.0 (Volta); 10.5 and later >= 7.5 (Turing).
+- DLA: the plan's core must exist on this device (``runtime.num_DLA_cores``: Orin Nano has none) and
+  TensorRT 11.0-11.3 has no DLA support; ``runtime.DLA_core`` is set before deserializing.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import ctypes
 import dataclasses
 import platform
 import re
+import threading
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -31,7 +36,14 @@ from engines.base import TRT_TO_NUMPY, Engine, EngineError, EngineInfo, EngineUn
 from engines.manifest import ModelManifest, ShapeRange, TensorRTPlan, verify_sha256
 
 MIN_VERSION_COMPATIBLE = (8, 6)
-MIN_COMPUTE_CAPABILITY = (7, 5)
+MIN_COMPUTE_CAPABILITY = (7, 5)  # TensorRT >= 10.5 (Turing)
+MIN_COMPUTE_CAPABILITY_VOLTA = (7, 0)  # TensorRT 10.0-10.4 still support Volta
+#: (built major, runtime major) pairs a version-compatible plan may cross
+CROSS_MAJOR_VERSION_COMPATIBLE = {(8, 10), (10, 11)}
+#: TensorRT releases without DLA support
+NO_DLA_VERSIONS = ((11, 0), (11, 3))
+#: oldest Linux driver for each CUDA major (CUDA toolkit release notes, table 3)
+MIN_DRIVER_FOR_CUDA = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,6 +56,7 @@ class CudaDevice:
     compute_capability: Tuple[int, int]
     total_memory_bytes: int = 0
     integrated: bool = False  # Jetson / iGPU
+    dla_cores: Optional[int] = None  # runtime.num_DLA_cores; None: not asked (tensorrt not loaded)
 
     @property
     def cc(self) -> str:
@@ -55,7 +68,8 @@ class CudaDevice:
         if isinstance(cc, str):
             cc = tuple(int(x) for x in cc.split("."))
         return cls(index=int(d.get("index", 0)), name=str(d.get("name", "")), compute_capability=(int(cc[0]), int(cc[1])),
-                   total_memory_bytes=int(d.get("total_memory_bytes", 0)), integrated=bool(d.get("integrated", False)))
+                   total_memory_bytes=int(d.get("total_memory_bytes", 0)), integrated=bool(d.get("integrated", False)),
+                   dla_cores=None if d.get("dla_cores") is None else int(d["dla_cores"]))
 
 
 @dataclasses.dataclass
@@ -82,36 +96,77 @@ def parse_version(v: str) -> Tuple[int, ...]:
     return tuple(parts)
 
 
-def check_plan_compatibility(plan: TensorRTPlan, device: Optional[CudaDevice], trt_version: Optional[str]) -> Compatibility:
-    """Can *plan* be deserialized with TensorRT *trt_version* on *device*?  Pure logic on plain data."""
+def plan_platform(device: Optional[CudaDevice] = None) -> str:
+    """What a plan is tied to besides the GPU: OS, CPU architecture and discrete vs integrated GPU
+    ('linux-x86_64', 'linux-aarch64' for SBSA, 'linux-aarch64-tegra' for Jetson)."""
+    base = f"{platform.system().lower()}-{platform.machine().lower()}"
+    return base + ("-tegra" if device is not None and device.integrated else "")
+
+
+def min_compute_capability(trt_version: str) -> Tuple[int, int]:
+    return MIN_COMPUTE_CAPABILITY_VOLTA if parse_version(trt_version)[:2] < (10, 5) else MIN_COMPUTE_CAPABILITY
+
+
+def dla_refusal(trt_version: str, device: CudaDevice, core: int) -> Optional[str]:
+    """Why DLA core *core* cannot be used with *trt_version* on *device* (None: it can)."""
+    v = parse_version(trt_version)[:2]
+    if NO_DLA_VERSIONS[0] <= v <= NO_DLA_VERSIONS[1]:
+        return f"TensorRT {trt_version} has no DLA support (11.0-11.3); use 10.x or >= 11.4"
+    cores = device.dla_cores if device.dla_cores is not None else (None if device.integrated else 0)
+    if cores is not None and core >= cores:
+        return f"DLA core {core} requested; {device.name} has {cores} DLA core(s)"
+    return None
+
+
+def _version_refusal(plan: TensorRTPlan, built: Tuple[int, ...], runtime: Tuple[int, ...], trt_version: str,
+                     notes: List[str]) -> Optional[str]:
+    if plan.version_compatible:
+        if built[:2] < MIN_VERSION_COMPATIBLE:
+            return f"plan marked version-compatible but built with TensorRT {plan.trt_version} (< 8.6, which introduced it)"
+        if runtime < built:
+            return f"version-compatible plan built with TensorRT {plan.trt_version} cannot run on older TensorRT {trt_version}"
+        if runtime[0] != built[0] and (built[0], runtime[0]) not in CROSS_MAJOR_VERSION_COMPATIBLE:
+            return (f"version-compatible plan from TensorRT {built[0]} cannot run on TensorRT {runtime[0]}: across "
+                    f"majors only 8 -> 10 and 10 -> 11 are supported (rebuild the plan)")
+        return None
+    n = min(len(built), len(runtime))
+    if built[:n] != runtime[:n]:
+        return (f"plan built with TensorRT {plan.trt_version}, runtime is TensorRT {trt_version}; a plan without "
+                f"VERSION_COMPATIBLE needs the same major.minor.patch.build (rebuild the plan)")
+    if n < 4:
+        notes.append(f"TensorRT build number not recorded ({plan.trt_version} vs {trt_version}); the standard "
+                     f"runtime needs major.minor.patch.build to match")
+    return None
+
+
+def check_plan_compatibility(plan: TensorRTPlan, device: Optional[CudaDevice], trt_version: Optional[str],
+                             host_platform: Optional[str] = None) -> Compatibility:
+    """Can *plan* be deserialized with TensorRT *trt_version* on *device* (on *host_platform*, default
+    this machine's)?  Pure logic on plain data."""
     notes: List[str] = []
     if trt_version is None:
         return Compatibility(False, "tensorrt not importable")
     if device is None:
         return Compatibility(False, "no CUDA device")
-    built = parse_version(plan.trt_version)
-    runtime = parse_version(trt_version)
-    if plan.version_compatible:
-        if built[:2] < MIN_VERSION_COMPATIBLE:
-            return Compatibility(False, f"plan marked version-compatible but built with TensorRT {plan.trt_version} "
-                                        f"(< 8.6, which introduced it)")
-        if runtime < built:
-            return Compatibility(False, f"version-compatible plan built with TensorRT {plan.trt_version} cannot run on "
-                                        f"older TensorRT {trt_version}")
-        if runtime[0] > built[0] + 1:
-            notes.append(f"plan from TensorRT {built[0]} on TensorRT {runtime[0]}: only documented one major apart")
-    else:
-        n = min(len(built), len(runtime))
-        if built[:n] != runtime[:n]:
-            return Compatibility(False, f"plan built with TensorRT {plan.trt_version}, runtime is TensorRT {trt_version}; "
-                                        f"a plan without VERSION_COMPATIBLE needs the same version (rebuild the plan)")
-        if n < 3:
-            notes.append("TensorRT patch version not recorded on both sides; assuming they match")
+    why = _version_refusal(plan, parse_version(plan.trt_version), parse_version(trt_version), trt_version, notes)
+    if why:
+        return Compatibility(False, why)
+    here = host_platform or plan_platform(device)
+    if plan.platform is None:
+        notes.append("plan record names no build platform; plans are not portable across platforms")
+    elif plan.platform != here:
+        return Compatibility(False, f"plan built on platform {plan.platform}, this machine is {here}; TensorRT plans "
+                                    f"are not portable across platforms (rebuild the plan here)")
     cc_built = parse_version(plan.compute_capability)[:2]
     cc_dev = device.compute_capability
-    if cc_dev < MIN_COMPUTE_CAPABILITY:
-        return Compatibility(False, f"GPU {device.name} has compute capability {device.cc}; TensorRT 10+ needs >= 7.5")
+    cc_min = min_compute_capability(trt_version)
+    if cc_dev < cc_min:
+        return Compatibility(False, f"GPU {device.name} has compute capability {device.cc}; TensorRT {trt_version} "
+                                    f"needs >= {cc_min[0]}.{cc_min[1]}")
     level = plan.hardware_compatibility
+    if level != "none" and device.integrated:
+        return Compatibility(False, f"plan is {level.upper()}: hardware compatibility is not supported on JetPack "
+                                    f"(integrated GPU {device.name})")
     if level == "ampere_plus":
         if cc_dev < (8, 0):
             return Compatibility(False, f"plan is AMPERE_PLUS but GPU {device.name} has compute capability {device.cc} (< 8.0)")
@@ -128,15 +183,18 @@ def check_plan_compatibility(plan: TensorRTPlan, device: Optional[CudaDevice], t
             plan.min_device_memory_bytes > device.total_memory_bytes:
         return Compatibility(False, f"plan needs {plan.min_device_memory_bytes} bytes of device memory, "
                                     f"GPU has {device.total_memory_bytes}")
-    if plan.dla_core is not None and not device.integrated:
-        return Compatibility(False, f"plan targets DLA core {plan.dla_core}; {device.name} has no DLA")
+    if plan.dla_core is not None:
+        why = dla_refusal(trt_version, device, plan.dla_core)
+        if why:
+            return Compatibility(False, f"plan targets DLA core {plan.dla_core}: {why}")
     return Compatibility(True, f"TensorRT {trt_version} on {device.name} (sm {device.cc}) can run a plan from TensorRT "
                                f"{plan.trt_version} for sm {plan.compute_capability} "
                                f"[{level}{', version-compatible' if plan.version_compatible else ''}]", notes)
 
 
 def select_plan(manifest: ModelManifest, device: Optional[CudaDevice], trt_version: Optional[str],
-                precision: Optional[str] = None) -> Tuple[Optional[TensorRTPlan], List[Tuple[str, str]]]:
+                precision: Optional[str] = None, host_platform: Optional[str] = None,
+                ) -> Tuple[Optional[TensorRTPlan], List[Tuple[str, str]]]:
     """First compatible plan (optionally of a given precision) and the reason each other was passed over."""
     reasons: List[Tuple[str, str]] = []
     if not manifest.plans:
@@ -145,7 +203,7 @@ def select_plan(manifest: ModelManifest, device: Optional[CudaDevice], trt_versi
         if precision is not None and plan.precision != precision:
             reasons.append((plan.path, f"precision {plan.precision}, wanted {precision}"))
             continue
-        c = check_plan_compatibility(plan, device, trt_version)
+        c = check_plan_compatibility(plan, device, trt_version, host_platform)
         if c.ok:
             return plan, reasons
         reasons.append((plan.path, c.reason))
@@ -222,23 +280,91 @@ def probe_tensorrt() -> Tuple[Optional[str], str]:
     return str(trt.__version__), f"tensorrt {trt.__version__}"
 
 
+def cuda_version_str(v: Optional[int]) -> str:
+    """12060 -> '12.6' (the encoding of cudaDriverGetVersion / cudaRuntimeGetVersion)."""
+    return "?" if v is None else f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def cuda_versions(cudart: Any) -> Tuple[Optional[int], Optional[int]]:
+    """(CUDA version the driver supports, CUDA runtime version of cuda-python); None where unknown.
+    Both calls answer even when the driver is too old for the runtime."""
+    def ask(fn: Any) -> Optional[int]:
+        try:
+            r = fn()
+            return int(r[1]) if r[0] == cudart.cudaError_t.cudaSuccess else None
+        except Exception:
+            return None
+    return ask(cudart.cudaDriverGetVersion), ask(cudart.cudaRuntimeGetVersion)
+
+
+def driver_mismatch(driver: Optional[int], runtime: Optional[int]) -> Optional[str]:
+    """A clear sentence when the driver cannot run cuda-python's CUDA runtime (None: it can, or unknown).
+    Within a CUDA major an older driver works (minor version compatibility); across majors it does not."""
+    if driver is None or runtime is None:
+        return None
+    if driver == 0:
+        return "no NVIDIA driver is loaded (cudaDriverGetVersion returned 0)"
+    if driver // 1000 >= runtime // 1000:
+        return None
+    need = MIN_DRIVER_FOR_CUDA.get(runtime // 1000)
+    return (f"driver/runtime mismatch: the NVIDIA driver supports CUDA {cuda_version_str(driver)}, cuda-python is "
+            f"built for CUDA {cuda_version_str(runtime)}{f' (needs driver >= {need})' if need else ''}; install the "
+            f"cuda-python of the driver's CUDA major (pip install 'cuda-python>={driver // 1000},<{driver // 1000 + 1}'"
+            f"; the scanside[gpu] extra pins CUDA 12) or upgrade the driver")
+
+
 def probe_cuda_device(index: int = 0) -> Tuple[Optional[CudaDevice], str]:
     try:
         cudart = _import_cudart()
+    except EngineUnavailable as e:
+        return None, e.reason
+    try:
         count = _cuda_call(cudart.cudaGetDeviceCount())
         if not count:
             return None, "no CUDA device"
         if index >= count:
             return None, f"CUDA device {index} requested, {count} present"
         prop = _cuda_call(cudart.cudaGetDeviceProperties(index))
-    except EngineUnavailable as e:
-        return None, e.reason
     except EngineError as e:
-        return None, f"no usable CUDA device ({e})"
+        mismatch = driver_mismatch(*cuda_versions(cudart))
+        return None, f"no usable CUDA device ({e}){': ' + mismatch if mismatch else ''}"
     name = prop.name.decode(errors="replace") if isinstance(prop.name, (bytes, bytearray)) else str(prop.name)
     dev = CudaDevice(index=index, name=name.rstrip("\x00"), compute_capability=(int(prop.major), int(prop.minor)),
                      total_memory_bytes=int(prop.totalGlobalMem), integrated=bool(getattr(prop, "integrated", 0)))
     return dev, f"{dev.name} (sm {dev.cc})"
+
+
+def probe_machine(index: int = 0) -> Tuple[Optional[str], Optional[CudaDevice], str]:
+    """(tensorrt version, the CUDA device with its DLA core count, why) -- what the model store and the
+    plan builder decide on."""
+    version, why = probe_tensorrt()
+    if version is None:
+        return None, None, why
+    dev, dwhy = probe_cuda_device(index)
+    if dev is not None:
+        try:
+            trt = _import_trt()
+            n = trt.Runtime(trt.Logger(trt.Logger.ERROR)).num_DLA_cores
+            dev = dataclasses.replace(dev, dla_cores=int(n))
+        except Exception as e:  # the count is advisory; load() asks again
+            dwhy += f"; DLA cores unknown ({type(e).__name__})"
+    return version, dev, f"{why}; {dwhy}"
+
+
+def gpu_report(index: int = 0) -> Dict[str, Any]:
+    """What `scanside models show` prints about this machine's GPU path, a driver/runtime mismatch first."""
+    out: Dict[str, Any] = {"tensorrt": probe_tensorrt()[1]}
+    try:
+        cudart = _import_cudart()
+    except EngineUnavailable as e:
+        out["cuda"] = e.reason
+        return out
+    driver, runtime = cuda_versions(cudart)
+    out["cuda_driver"], out["cuda_runtime"] = cuda_version_str(driver), cuda_version_str(runtime)
+    out["problem"] = driver_mismatch(driver, runtime)
+    dev, why = probe_cuda_device(index)
+    out["cuda"] = why if dev is None else f"cuda:{index} {why}"
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +400,8 @@ class TensorRTEngine(Engine):
         self._context: Any = None
         self._stream: Any = None
         self._io: Dict[str, _IOTensor] = {}
+        # one execution context, one stream and one set of pinned buffers: a run at a time
+        self._lock = threading.Lock()
 
     @classmethod
     def availability(cls) -> Tuple[bool, str]:
@@ -292,6 +420,10 @@ class TensorRTEngine(Engine):
         self.device, why = probe_cuda_device(self.device_index)
         if self.device is None:
             raise EngineUnavailable(self.backend, why)
+        _cuda_call(cudart.cudaSetDevice(self.device_index))
+        logger = trt.Logger(getattr(trt.Logger, self.log_level))
+        runtime = trt.Runtime(logger)
+        self.device = dataclasses.replace(self.device, dla_cores=int(runtime.num_DLA_cores))
         plans = manifest
         if self.plan_path is not None:
             plans = manifest.model_copy(update={"plans": [p for p in manifest.plans if p.path == self.plan_path]})
@@ -304,13 +436,13 @@ class TensorRTEngine(Engine):
         path = manifest.resolve(plan.path)
         if verify:
             verify_sha256(path, plan.sha256)
-        _cuda_call(cudart.cudaSetDevice(self.device_index))
         self._trt = trt
-        logger = trt.Logger(getattr(trt.Logger, self.log_level))
-        self._runtime = trt.Runtime(logger)
+        self._runtime = runtime
         if plan.version_compatible:
-            self._runtime.engine_host_code_allowed = True
-        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+            runtime.engine_host_code_allowed = True
+        if plan.dla_core is not None:  # must be set before deserializing (IRuntime::setDLACore)
+            runtime.DLA_core = int(plan.dla_core)
+        engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise EngineError(f"{manifest.ref}: TensorRT could not deserialize {path} (see the TensorRT log)")
         self._engine = engine
@@ -346,16 +478,28 @@ class TensorRTEngine(Engine):
         cudart = _import_cudart()
         self._free(t)
         nbytes = max(nbytes, 1)
-        t.device_ptr = int(_cuda_call(cudart.cudaMalloc(nbytes)))
-        t.host_ptr = int(_cuda_call(cudart.cudaMallocHost(nbytes)))
-        t.nbytes = nbytes
+        device_ptr = int(_cuda_call(cudart.cudaMalloc(nbytes)))
+        try:
+            host_ptr = int(_cuda_call(cudart.cudaMallocHost(nbytes)))  # pinned: async copies need it
+        except EngineError:
+            cudart.cudaFree(device_ptr)
+            raise
+        t.device_ptr, t.host_ptr, t.nbytes = device_ptr, host_ptr, nbytes
 
     def _host_view(self, t: _IOTensor, shape: Tuple[int, ...]) -> np.ndarray:
         n = int(np.prod(shape, dtype=np.int64)) * t.dtype.itemsize
         buf = (ctypes.c_byte * max(n, 1)).from_address(t.host_ptr)
         return np.frombuffer(buf, dtype=np.uint8, count=n).view(t.dtype).reshape(shape)
 
+    def _bind(self, name: str, ptr: int) -> None:
+        if not self._context.set_tensor_address(name, ptr):
+            raise EngineError(f"TensorRT refused the device address of tensor {name!r} (see the TensorRT log)")
+
     def _run(self, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        with self._lock:
+            return self._run_locked(inputs)
+
+    def _run_locked(self, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         cudart = _import_cudart()
         ctx = self._context
         if self.plan is not None and self.plan.profiles:
@@ -375,7 +519,7 @@ class TensorRTEngine(Engine):
             self._ensure(t, arr.nbytes)
             np.copyto(self._host_view(t, arr.shape), arr)
             _cuda_call(cudart.cudaMemcpyAsync(t.device_ptr, t.host_ptr, arr.nbytes, h2d, stream))
-            ctx.set_tensor_address(name, t.device_ptr)
+            self._bind(name, t.device_ptr)
         out_shapes: Dict[str, Tuple[int, ...]] = {}
         for t in self._io.values():
             if t.is_input:
@@ -385,7 +529,7 @@ class TensorRTEngine(Engine):
                 raise EngineError(f"output {t.name!r} has a data-dependent shape {shape}; not supported")
             out_shapes[t.name] = shape
             self._ensure(t, int(np.prod(shape, dtype=np.int64)) * t.dtype.itemsize)
-            ctx.set_tensor_address(t.name, t.device_ptr)
+            self._bind(t.name, t.device_ptr)
         if not ctx.execute_async_v3(int(stream)):
             raise EngineError("TensorRT execute_async_v3 failed (see the TensorRT log)")
         for name, shape in out_shapes.items():
@@ -426,6 +570,11 @@ class TensorRTEngine(Engine):
         t.device_ptr = t.host_ptr = t.nbytes = 0
 
     def close(self) -> None:
+        with self._lock:
+            self._close_locked()
+        super().close()
+
+    def _close_locked(self) -> None:
         if self._engine is not None:
             try:
                 cudart = _import_cudart()
@@ -441,4 +590,3 @@ class TensorRTEngine(Engine):
                 self._engine = None
                 self._runtime = None
                 self._io = {}
-        super().close()

@@ -95,14 +95,21 @@ def test_scales_from_the_onnxruntime_ranges(calibrated_tiny) -> None:
 
 
 def test_layer_precision_report() -> None:
+    # Format/Datatype strings as TensorRT writes them (the descriptions trt-engine-explorer maps); never
+    # "Half"/"Float", which are weight types, not tensor formats
     info = json.dumps({"Layers": [
         {"Name": "conv1", "LayerType": "CaskConvolution", "Outputs": [{"Format/Datatype": "Thirty-two wide channel vectorized row major Int8 format"}]},
+        {"Name": "conv2", "LayerType": "CaskConvolution", "Outputs": [{"Format/Datatype": "Channel major INT8 format where column stride % 32 == 0"}]},
         {"Name": "conv3d_2", "LayerType": "CaskConvolution", "Outputs": [{"Format/Datatype": "Row major linear FP32"}]},
-        {"Name": "norm", "LayerType": "Normalization", "Outputs": [{"Format/Datatype": "Row major linear Half format"}]},
+        {"Name": "norm", "LayerType": "Normalization", "Outputs": [{"Format/Datatype": "Row major linear FP16 format"}]},
+        {"Name": "idx", "LayerType": "Shuffle", "Outputs": [{"Format/Datatype": "Row major linear Int32"}]},
+        {"Name": "mask", "LayerType": "Shuffle", "Outputs": [{"Format/Datatype": "Row major linear BOOL"}]},
+        {"Name": "odd", "LayerType": "Reformat", "Outputs": [{"Format/Datatype": "Unknown format"}]},
     ], "Bindings": ["input", "output"]})
     rep = layer_precisions(info)
-    assert rep["layers"] == 3 and rep["conv_not_int8"] == ["conv3d_2"]
-    assert rep["by_output_precision"]["Int8"] == 1 and rep["by_output_precision"]["Half"] == 1
+    assert rep["layers"] == 7 and rep["conv_not_int8"] == ["conv3d_2"]
+    assert rep["by_output_precision"] == {"INT8": 2, "FP32": 1, "FP16": 1, "INT32": 1, "BOOL": 1, "unknown": 1}
+    assert layer_precisions({"Layers": ["conv1", "conv2"]})["by_output_precision"] == {"unknown": 2}
 
 
 def test_plan_record_in_the_manifest_and_gated(calibrated_tiny, tmp_path) -> None:
@@ -156,3 +163,156 @@ def test_tensorrt_bound_qdq_has_no_int32_dequantize(calibrated_tiny) -> None:
     assert m.files["int8_sym"].calibration["quantize_bias"] is False
     assert len(int32_dequantize_nodes(m.file_path("int8_u8s8"))) >= 1  # Conv and Gemm biases
 
+
+@pytest.mark.parametrize("ref", ["cspca-reference", "sequence-classifier"])
+def test_shipped_tensorrt_bound_files_have_no_int32_dequantize(ref: str) -> None:
+    from converters.tensorrt_build import int32_dequantize_nodes
+
+    m = ModelStore(user_dir=None).resolve(ref)
+    sym = [k for k, f in m.files.items() if f.precision == "int8_qdq_sym"]
+    assert sym, f"{m.ref} ships no TensorRT-bound Q/DQ file"
+    for k in sym:
+        assert int32_dequantize_nodes(m.file_path(k)) == [], f"{m.ref} {k}: INT32 DequantizeLinear"
+
+
+# ---- the build's TensorRT call sites, through fakes built to the real signatures ---------------------------
+# (tests/engines/fake_tensorrt.py names the headers and sources each signature was checked against)
+def _model_copy(calibrated_tiny, tmp_path) -> ModelManifest:
+    import shutil
+    r, _cal, _held = calibrated_tiny
+    dest = tmp_path / "models" / r.manifest.name / r.manifest.version
+    shutil.copytree(r.manifest.root, dest)
+    return ModelManifest.load(dest)
+
+
+def _plan_header(path) -> dict:
+    from tests.engines.fake_tensorrt import MAGIC
+    data = path.read_bytes()
+    assert data.startswith(MAGIC)
+    return json.loads(data[12:12 + int.from_bytes(data[8:12], "little")])
+
+
+@pytest.mark.parametrize("version", ["10.3.0.26", "11.4.0.106"])
+def test_fake_build_int8_qdq(calibrated_tiny, tmp_path, version: str) -> None:
+    from converters.tensorrt_build import build_plan
+    from tests.engines.fake_tensorrt import FakeGPUEnv
+    m = _model_copy(calibrated_tiny, tmp_path)
+    with FakeGPUEnv(version) as env:
+        updated, rep = build_plan(m, BuildOptions(precision="int8_qdq", opt={"N": 2}, max={"N": 4}))
+        assert env.leaks()["device"] == 0
+    rec = updated.plans[-1]
+    assert rec.precision == "int8_qdq_sym" and rec.source_variant == "int8_sym" and rec.trt_version == version
+    assert rec.profiles[0]["x"].opt == [2, 1, 8, 8, 4] and rec.profiles[0]["x"].max == [4, 1, 8, 8, 4]
+    assert rep["by_output_precision"] == {"INT8": rep["layers"]} and rep["conv_not_int8"] == []
+    assert ModelManifest.load(m.root).plans[-1] == rec  # recorded in the saved manifest
+    assert _plan_header(m.resolve(rec.path))["hw"] == "NONE"
+
+
+def test_fake_build_refuses_int32_dequantize(calibrated_tiny, tmp_path, monkeypatch) -> None:
+    """A Q/DQ file with onnxruntime's INT32 biases (QuantizeBias on) is what TensorRT's parser refuses."""
+    import converters.tensorrt_build as tb
+    from tests.engines.fake_tensorrt import FakeGPUEnv
+    m = _model_copy(calibrated_tiny, tmp_path)
+    files = dict(m.files)
+    files["int8_sym"] = files["int8_u8s8"].model_copy(update={"precision": "int8_qdq_sym"})
+    m = m.model_copy(update={"files": files})
+    with FakeGPUEnv("10.3.0.26"):
+        with pytest.raises(BuildRefused, match=r"DequantizeLinear node\(s\) over INT32"):
+            tb.build_plan(m, BuildOptions(precision="int8_qdq"), save_manifest=False)
+        monkeypatch.setattr(tb, "int32_dequantize_nodes", lambda path: [])  # without the check: the parser says it
+        with pytest.raises(BuildRefused, match="only activation types allowed"):
+            tb.build_plan(m, BuildOptions(precision="int8_qdq"), save_manifest=False)
+
+
+def test_fake_build_hardware_compatibility(calibrated_tiny, tmp_path) -> None:
+    from converters.tensorrt_build import build_plan
+    from tests.engines.fake_tensorrt import FakeGPU, FakeGPUEnv
+    m = _model_copy(calibrated_tiny, tmp_path)
+    same_cc = BuildOptions(precision="fp32", hardware_compatibility="same_compute_capability")
+    with FakeGPUEnv("10.3.0.26"):  # no HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY before 10.9
+        with pytest.raises(BuildRefused, match="needs TensorRT >= 10.9"):
+            build_plan(m, same_cc, save_manifest=False)
+    with FakeGPUEnv("10.9.0.34"):
+        updated, _ = build_plan(m, same_cc, save_manifest=False)
+        assert updated.plans[-1].hardware_compatibility == "same_compute_capability"
+        assert _plan_header(m.resolve(updated.plans[-1].path))["hw"] == "SAME_COMPUTE_CAPABILITY"
+    ampere = BuildOptions(precision="fp32", hardware_compatibility="ampere_plus")
+    with FakeGPUEnv("10.3.0.26", FakeGPU(name="Tesla T4", cc=(7, 5))):
+        with pytest.raises(BuildRefused, match="Ampere or newer build GPU"):
+            build_plan(m, ampere, save_manifest=False)
+    with FakeGPUEnv("10.3.0.26", FakeGPU(name="Orin", cc=(8, 7), integrated=True, dla_cores=2)):
+        with pytest.raises(BuildRefused, match="not supported on JetPack"):
+            build_plan(m, ampere, save_manifest=False)
+    with FakeGPUEnv("10.3.0.26"):
+        updated, _ = build_plan(m, ampere, save_manifest=False)
+        assert updated.plans[-1].hardware_compatibility == "ampere_plus"
+
+
+def test_fake_build_timing_cache_from_another_device_keeps_the_plan(calibrated_tiny, tmp_path) -> None:
+    from converters.tensorrt_build import build_plan
+    from tests.engines.fake_tensorrt import FakeGPU, FakeGPUEnv
+    m = _model_copy(calibrated_tiny, tmp_path)
+    timing = tmp_path / "timing.cache"
+    with FakeGPUEnv("10.3.0.26", FakeGPU(name="NVIDIA RTX A4000")):
+        _, rep = build_plan(m, BuildOptions(precision="fp32", timing_cache=timing), save_manifest=False)
+        assert rep["notes"] == [] and timing.read_bytes() == b"TIMING:NVIDIA RTX A4000/10.3.0.26"
+    with FakeGPUEnv("10.3.0.26", FakeGPU(name="NVIDIA A10")):  # same SM, another device: set_timing_cache False
+        updated, rep = build_plan(m, BuildOptions(precision="fp32", timing_cache=timing), save_manifest=False)
+        assert m.resolve(updated.plans[-1].path).is_file()
+        assert any("from another device" in n for n in rep["notes"])
+        assert timing.read_bytes() == b"TIMING:NVIDIA A10/10.3.0.26"  # replaced by this device's
+        assert "from another device" in updated.plans[-1].notes
+        bad = tmp_path / "a-directory"
+        bad.mkdir()
+        updated, rep = build_plan(m, BuildOptions(precision="fp32", timing_cache=bad), save_manifest=False)
+        assert m.resolve(updated.plans[-1].path).is_file() and any("not saved" in n for n in rep["notes"])
+
+
+def test_fake_build_implicit_int8_on_tensorrt_10(calibrated_tiny, tmp_path) -> None:
+    import numpy as np
+    from converters.tensorrt_build import build_plan
+    from tests.engines.fake_tensorrt import FakeGPUEnv
+    m = _model_copy(calibrated_tiny, tmp_path)
+    _r, cal, _held = calibrated_tiny
+    x = np.asarray(cal.inputs, dtype=np.float32)
+    cache = tmp_path / "calib" / "trt.cache"
+    wrong = [{"x": x[:1]}]  # batch 1, the calibration profile's opt is 2
+    right = [{"x": x[i:i + 2]} for i in range(0, len(x) - 1, 2)]
+    opts = dict(precision="int8_implicit", opt={"N": 2}, max={"N": 4}, calibration_cache=cache)
+    with FakeGPUEnv("10.3.0.26") as env:
+        with pytest.raises(BuildRefused, match=r"opt shape is \[2, 1, 8, 8, 4\]"):
+            build_plan(m, BuildOptions(calibration_batches=wrong, **opts), save_manifest=False)
+        with pytest.raises(BuildRefused, match="needs calibration batches"):
+            build_plan(m, BuildOptions(**opts), save_manifest=False)
+        updated, _rep = build_plan(m, BuildOptions(calibration_batches=right, **opts), save_manifest=False)
+        assert env.leaks()["device"] == 0  # the calibrator's device buffers were freed
+        assert updated.plans[-1].precision == "int8_implicit"  # not a Q/DQ plan
+        assert cache.read_bytes().startswith(b"TRT-100300-EntropyCalibration2")
+        # the cache of this TensorRT version is enough on the next build
+        updated, _rep = build_plan(m, BuildOptions(**opts), save_manifest=False)
+        assert updated.plans[-1].precision == "int8_implicit"
+
+
+def test_fake_build_fp32_is_fp32_and_checks_the_engine(calibrated_tiny, tmp_path, monkeypatch) -> None:
+    from converters.tensorrt_build import build_plan
+    from tests.engines.fake_tensorrt import FakeGPUEnv
+    m = _model_copy(calibrated_tiny, tmp_path)
+    with FakeGPUEnv("10.3.0.26") as env:
+        updated, rep = build_plan(m, BuildOptions(precision="fp32"), save_manifest=False)
+        plan = m.resolve(updated.plans[-1].path)
+        assert _plan_header(plan)["tf32"] is False and "TF32 off" in updated.plans[-1].notes
+        assert rep["by_output_precision"] == {"FP32": rep["layers"]} and len(rep["conv_not_int8"]) == 1
+        plan.unlink()
+        monkeypatch.setattr(env.trt.Runtime, "deserialize_cuda_engine", lambda self, serialized_engine: None)
+        with pytest.raises(BuildRefused, match="cannot deserialize"):
+            build_plan(m, BuildOptions(precision="fp32"), save_manifest=False)
+        assert plan.is_file()  # written before anything else could fail
+
+
+def test_dla_refused_on_tensorrt_11_0_to_11_3() -> None:
+    m = _with_sym(taps_manifest())
+    for v in ("11.0.0", "11.3.0"):
+        with pytest.raises(BuildRefused, match="no DLA support"):
+            build_mode(v, "int8_qdq", m, dla=True)
+    assert build_mode("11.4.1", "int8_qdq", m, dla=True).source_variant == "int8_sym"
+    assert build_mode("10.3.0", "int8_implicit", m).manifest_precision == "int8_implicit"
