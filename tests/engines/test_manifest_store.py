@@ -194,7 +194,7 @@ def test_fallback_when_plan_incompatible(tmp_path: Path) -> None:
     assert sel.backend == "onnxruntime"
     assert "compute capability 8.6" in sel.skipped["tensorrt"] and "Orin is 8.7" in sel.skipped["tensorrt"]
     sel = ModelStore(root, tensorrt_probe=_probe("10.7.0", A4000)).explain("tiny3d")
-    assert sel.backend == "onnxruntime" and "needs the same version" in sel.skipped["tensorrt"]
+    assert sel.backend == "onnxruntime" and "needs the same major.minor.patch.build" in sel.skipped["tensorrt"]
     sel = ModelStore(root, tensorrt_probe=_probe(None, None)).explain("tiny3d")
     assert sel.skipped["tensorrt"] == "plain-data probe"
 
