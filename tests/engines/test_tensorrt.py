@@ -404,3 +404,24 @@ def test_fake_gpu_failures_are_errors_not_crashes(tmp_path: Path, monkeypatch) -
         m.resolve(m.plans[0].path).write_bytes(b"garbage")
         with pytest.raises(EngineError, match="could not deserialize"):
             TensorRTEngine().load(m, verify=False)
+
+
+def test_gpu_extras_pin_one_cuda_major() -> None:
+    """TensorRT wheels and cuda-python must target the same CUDA major (an uncapped cuda-python pulls the CUDA 13
+    runtime, which a CUDA 12 driver -- JetPack 6 -- cannot run)."""
+    import re as _re
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    from packaging.requirements import Requirement
+    extras = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    for key, cuda in (("gpu", 12), ("gpu-cu13", 13)):
+        reqs = {Requirement(r).name: Requirement(r).specifier for r in extras[key]}
+        trt = [n for n in reqs if n.startswith("tensorrt")]
+        assert trt == [f"tensorrt-cu{cuda}"], reqs  # not the `tensorrt` metapackage: it picks a CUDA itself
+        cp = reqs["cuda-python"]
+        assert f"{cuda}.9" in cp and f"{cuda + 1}.0" not in cp and f"{cuda - 1}.9" not in cp, cp
+        assert not reqs[trt[0]].contains("12.0") and reqs[trt[0]].contains("10.3.0") and reqs[trt[0]].contains("11.4.0")
+        assert _re.search(r"<\s*%d\b" % (cuda + 1), str(cp))
