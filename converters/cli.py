@@ -151,7 +151,7 @@ def _parity(args: argparse.Namespace, manifest: Any) -> int:
 
 
 def _trt(args: argparse.Namespace, manifest: Any) -> int:
-    from converters.tensorrt_build import BuildOptions, build_plan, skip_reason
+    from converters.tensorrt_build import BuildOptions, build_plan, calibration_batches, profile_shapes, skip_reason
 
     why = skip_reason()
     if why:
@@ -161,7 +161,9 @@ def _trt(args: argparse.Namespace, manifest: Any) -> int:
     if args.precision == "int8_implicit" and args.data:
         from converters.calibration_data import build_set
 
-        batches = list(build_set(manifest, args.data).feeds(1))
+        cset = build_set(manifest, args.data)  # batches at the calibration profile's opt shape
+        shapes = profile_shapes(manifest, opt=_dims(args.opt), max_=_dims(args.max), static=args.dla_core is not None)
+        batches = calibration_batches(cset.inputs, cset.input_name, shapes)
     opts = BuildOptions(precision=args.precision, workspace_bytes=args.workspace_mib << 20, opt=_dims(args.opt),
                         max=_dims(args.max), timing_cache=args.timing_cache, dla_core=args.dla_core,
                         hardware_compatibility=args.hardware_compatibility, version_compatible=args.version_compatible,

@@ -252,6 +252,18 @@ def check_calibration_batches(batches: Sequence[Mapping[str, np.ndarray]], shape
                                    f"the calibration profile's opt shape is {list(r.opt)}")
 
 
+def calibration_batches(inputs: np.ndarray, input_name: str, shapes: Mapping[str, ShapeRange]) -> List[Dict[str, np.ndarray]]:
+    """Calibration samples (N, ...) cut into batches of the calibration profile's opt shape; a last partial
+    batch is dropped (TensorRT calibrates at exactly that shape)."""
+    opt = list(shapes[input_name].opt)
+    x = np.asarray(inputs, dtype=np.float32)
+    if list(x.shape[1:]) != opt[1:]:
+        raise BuildRefused(f"calibration samples of {input_name!r} have shape {list(x.shape[1:])} per sample, the "
+                           f"calibration profile's opt shape is {opt}")
+    n = opt[0]
+    return [{input_name: np.ascontiguousarray(x[i:i + n])} for i in range(0, len(x) - n + 1, n)]
+
+
 def make_entropy_calibrator(trt: Any, batches: Iterable[Dict[str, np.ndarray]], cache_path: Path,
                             trt_version: str) -> Any:
     """An IInt8EntropyCalibrator2 (TensorRT 10 only) feeding *batches* through cuda-python device buffers,

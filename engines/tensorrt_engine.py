@@ -551,8 +551,8 @@ class TensorRTEngine(Engine):
         versions = {"tensorrt": str(self.trt_version), "numpy": np.__version__, "python": platform.python_version()}
         try:
             cudart = _import_cudart()
-            versions["cuda_runtime"] = str(_cuda_call(cudart.cudaRuntimeGetVersion()))
-            versions["cuda_driver"] = str(_cuda_call(cudart.cudaDriverGetVersion()))
+            versions["cuda_runtime"] = cuda_version_str(_cuda_call(cudart.cudaRuntimeGetVersion()))
+            versions["cuda_driver"] = cuda_version_str(_cuda_call(cudart.cudaDriverGetVersion()))
         except Exception:  # pragma: no cover - only on a GPU host
             pass
         return EngineInfo(backend=self.backend, model=m.ref, variant=self.variant, precision=self.plan.precision,

@@ -276,8 +276,12 @@ def test_fake_build_implicit_int8_on_tensorrt_10(calibrated_tiny, tmp_path) -> N
     _r, cal, _held = calibrated_tiny
     x = np.asarray(cal.inputs, dtype=np.float32)
     cache = tmp_path / "calib" / "trt.cache"
+    from converters.tensorrt_build import calibration_batches, profile_shapes
     wrong = [{"x": x[:1]}]  # batch 1, the calibration profile's opt is 2
-    right = [{"x": x[i:i + 2]} for i in range(0, len(x) - 1, 2)]
+    right = calibration_batches(x, "x", profile_shapes(m, opt={"N": 2}, max_={"N": 4}))
+    assert len(right) == len(x) // 2 and all(b["x"].shape == (2, 1, 8, 8, 4) for b in right)
+    with pytest.raises(BuildRefused, match="per sample"):
+        calibration_batches(x[:, :, :4], "x", profile_shapes(m, opt={"N": 2}))
     opts = dict(precision="int8_implicit", opt={"N": 2}, max={"N": 4}, calibration_cache=cache)
     with FakeGPUEnv("10.3.0.26") as env:
         with pytest.raises(BuildRefused, match=r"opt shape is \[2, 1, 8, 8, 4\]"):
@@ -316,3 +320,24 @@ def test_dla_refused_on_tensorrt_11_0_to_11_3() -> None:
             build_mode(v, "int8_qdq", m, dla=True)
     assert build_mode("11.4.1", "int8_qdq", m, dla=True).source_variant == "int8_sym"
     assert build_mode("10.3.0", "int8_implicit", m).manifest_precision == "int8_implicit"
+
+
+def test_fake_convert_trt_implicit_int8_from_dicom(tiny_model, t2w_exams, tmp_path, capsys) -> None:
+    """`scanside convert trt --precision int8_implicit --data ...`: calibration batches at the profile's opt shape."""
+    from converters.cli import main
+    from tests.engines.fake_tensorrt import FakeGPUEnv
+    root = tiny_model.root.parent.parent
+    args = ["convert", "--store", str(root), "trt", "tiny3d", "--precision", "int8_implicit", "--opt", "N=2",
+            "--max", "N=4", "--calibration-cache", str(tmp_path / "trt.cache")]
+    for d in t2w_exams:
+        args += ["--data", str(d)]
+    with FakeGPUEnv("10.3.0.26") as env:
+        assert main(args) == 0, capsys.readouterr().err
+        assert env.leaks()["device"] == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["plan"]["precision"] == "int8_implicit" and out["plan"]["profiles"][0]["x"]["opt"] == [2, 1, 8, 8, 4]
+    assert (tmp_path / "trt.cache").read_bytes().startswith(b"TRT-100300-")
+    assert ModelManifest.load(tiny_model.root).plans[-1].precision == "int8_implicit"
+    with FakeGPUEnv("11.4.0.106"):  # TensorRT 11 has no implicit INT8: one clear line, exit 1
+        assert main(args) == 1
+        assert "removed implicit INT8 calibration" in capsys.readouterr().err

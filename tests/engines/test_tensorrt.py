@@ -273,7 +273,7 @@ def test_fake_gpu_load_warmup_run_grow_close(tmp_path: Path) -> None:
         np.testing.assert_allclose(eng.run({"x": x8})["logits"], _ort(m, x8), rtol=1e-5, atol=1e-6)
         info = eng.describe()
         assert info.backend == "tensorrt" and "sm 8.6" in info.device
-        assert info.library_versions["cuda_runtime"] == "12060" and info.precision == "fp32"
+        assert info.library_versions["cuda_runtime"] == "12.6" and info.precision == "fp32"
         with pytest.raises(Exception, match="outside the plan's profile"):
             eng.run({"x": sample_input(9)})
         eng.close()
@@ -425,3 +425,33 @@ def test_gpu_extras_pin_one_cuda_major() -> None:
         assert f"{cuda}.9" in cp and f"{cuda + 1}.0" not in cp and f"{cuda - 1}.9" not in cp, cp
         assert not reqs[trt[0]].contains("12.0") and reqs[trt[0]].contains("10.3.0") and reqs[trt[0]].contains("11.4.0")
         assert _re.search(r"<\s*%d\b" % (cuda + 1), str(cp))
+
+
+def test_fake_gpu_what_the_engine_refuses(tmp_path: Path, monkeypatch) -> None:
+    from engines.base import EngineUnavailable, InputValidationError, ManifestMismatch
+    from engines.tensorrt_engine import gpu_report, probe_cuda_device
+    with FakeGPUEnv("10.3.0.26") as env:
+        m = _tiny_with_plan(tmp_path)
+        # a plan whose I/O is not the manifest's
+        other = m.model_copy(update={"outputs": [m.outputs[0].model_copy(update={"name": "probs"})]})
+        with pytest.raises(ManifestMismatch, match="output 'probs' not in the plan"):
+            TensorRTEngine().load(other)
+        with TensorRTEngine().load(m) as eng:
+            ctx = type(eng._context)
+            monkeypatch.setattr(ctx, "execute_async_v3", lambda self, stream_handle: False)
+            with pytest.raises(EngineError, match="execute_async_v3 failed"):
+                eng.run({"x": sample_input(2)})
+            monkeypatch.setattr(ctx, "set_input_shape", lambda self, name, shape: False)
+            with pytest.raises(InputValidationError, match="TensorRT refused shape"):
+                eng.run({"x": sample_input(2)})
+        monkeypatch.setattr(env.cudart, "cudaGetDeviceCount", lambda: (env.cudart.cudaError_t.cudaSuccess, 0))
+        assert probe_cuda_device(0) == (None, "no CUDA device")
+        with pytest.raises(EngineUnavailable, match="no CUDA device"):
+            TensorRTEngine().load(m)
+        monkeypatch.undo()
+        assert probe_cuda_device(1)[1] == "CUDA device 1 requested, 1 present"
+        assert gpu_report()["problem"] is None
+    with FakeGPUEnv("10.3.0.26", FakeGPU(driver=0)):
+        assert gpu_report()["problem"] == "no NVIDIA driver is loaded (cudaDriverGetVersion returned 0)"
+    with FakeGPUEnv(None):  # cuda-python present, tensorrt not
+        assert TensorRTEngine.availability()[0] is False and "tensorrt not importable" in gpu_report()["tensorrt"]
