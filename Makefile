@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench bench-cpu soak clean setup system-deps browser-deps
+.PHONY: run test bench bench-cpu gpu-check soak clean setup system-deps browser-deps
 
 setup: $(STAMP)
 
@@ -70,6 +70,11 @@ bench-cpu: $(STAMP)
 	$(PY) bench/bench_cpu.py
 	$(PY) bench/roofline.py
 	$(PY) bench/bench_decode.py
+
+# on a GPU machine, no network needed: the TensorRT back end's CUDA path in one go (bench/README.md);
+# PYTHON is whatever interpreter has the project's dependencies there
+gpu-check:
+	$(PYTHON) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
