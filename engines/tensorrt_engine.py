@@ -497,7 +497,12 @@ class TensorRTEngine(Engine):
 
     def _run(self, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         with self._lock:
-            return self._run_locked(inputs)
+            try:
+                return self._run_locked(inputs)
+            except Exception:
+                if self._stream is not None:  # no queued copy may outlive a failed run: its buffers get reused
+                    _import_cudart().cudaStreamSynchronize(self._stream)
+                raise
 
     def _run_locked(self, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         cudart = _import_cudart()

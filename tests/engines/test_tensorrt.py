@@ -390,6 +390,7 @@ def test_fake_gpu_failures_are_errors_not_crashes(tmp_path: Path, monkeypatch) -
         monkeypatch.setattr(type(eng._context), "set_tensor_address", lambda self, name, memory: False)
         with pytest.raises(EngineError, match="refused the device address"):
             eng.run({"x": sample_input(2)})
+        assert all(not queued for queued in env.cudart.streams.values())  # the input copy was not left queued
         monkeypatch.undo()
         eng.close()
         # pinned allocation fails after the device one: the device buffer is given back
