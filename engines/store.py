@@ -333,6 +333,8 @@ class ModelStore:
             return "no TensorRT plan in the manifest"
         from engines.tensorrt_engine import TensorRTEngine, check_plan_compatibility, select_plan
         trt_version, device, why = self._tensorrt_probe()
+        if trt_version is not None and device is None:  # installed and a plan waiting, yet CUDA cannot run: loud
+            log.warning("model store: %s has a TensorRT plan and TensorRT %s is installed, but %s", m.ref, trt_version, why)
         if trt_version is None or device is None:
             return why or "tensorrt/CUDA unavailable"
         opts = self._opts("tensorrt")

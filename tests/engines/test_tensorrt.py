@@ -355,7 +355,7 @@ def test_fake_gpu_store_chooses_tensorrt_and_runs_it(tmp_path: Path) -> None:
         assert env.leaks() == NO_LEAKS
 
 
-def test_fake_gpu_driver_runtime_mismatch_is_said_clearly(tmp_path: Path, capsys) -> None:
+def test_fake_gpu_driver_runtime_mismatch_is_said_clearly(tmp_path: Path, capsys, caplog) -> None:
     """cuda-bindings 13 (CUDA 13 runtime) on a CUDA 12 driver (JetPack 6): every call fails with
     cudaErrorInsufficientDriver; the store says why and `scanside models show` prints it as a problem."""
     from engines.cli import main
@@ -369,6 +369,7 @@ def test_fake_gpu_driver_runtime_mismatch_is_said_clearly(tmp_path: Path, capsys
         why = sel.skipped["tensorrt"]
         assert "cudaErrorInsufficientDriver" in why and "driver/runtime mismatch" in why
         assert "supports CUDA 12.6, cuda-python is built for CUDA 13.0 (needs driver >= 580.65.06)" in why
+        assert any(r.levelname == "WARNING" and "driver/runtime mismatch" in r.getMessage() for r in caplog.records)
         assert main(["models", "--store", str(tmp_path / "models"), "show", "tiny3d"]) == 0
         out = capsys.readouterr().out
         assert "# GPU PROBLEM: driver/runtime mismatch" in out and "pip install 'cuda-python>=12,<13'" in out
