@@ -338,8 +338,23 @@ def format_precision(fmt: str) -> str:
     return {"BFLOAT16": "BF16"}.get(m.group(1).upper(), m.group(1).upper())
 
 
+#: TensorRT 11 splits the field: "DataType" holds the nvinfer1::DataType name, "Format" the layout
+_DATATYPE_NAMES = {"FLOAT": "FP32", "HALF": "FP16", "BFLOAT16": "BF16", "INT8": "INT8", "UINT8": "UINT8",
+                   "INT32": "INT32", "INT64": "INT64", "BOOL": "BOOL", "FP8": "FP8", "INT4": "INT4", "FP4": "FP4"}
+
+
+def tensor_precision(t: Mapping[str, Any]) -> str:
+    """Precision of one inspector tensor: TensorRT 10 writes "Format/Datatype" ("Row major linear FP32"),
+    TensorRT 11 "DataType" ("Float", "Half", "Int8") beside "Format"."""
+    dt = t.get("DataType")
+    if isinstance(dt, str) and dt.strip():
+        return _DATATYPE_NAMES.get(dt.strip().upper(), format_precision(dt))
+    return format_precision(str(t.get("Format/Datatype") or t.get("Format") or ""))
+
+
 def layer_precisions(inspector_json: Union[str, Mapping[str, Any]]) -> Dict[str, Any]:
-    """Summarise IEngineInspector (LayerInformationFormat.JSON, ProfilingVerbosity.DETAILED) output:
+    """Summarise IEngineInspector (LayerInformationFormat.JSON, ProfilingVerbosity.DETAILED) output of
+    TensorRT 10 or 11:
     count of layers per output precision, and the convolution layers that did not run in INT8 (Conv3d
     Q/DQ has failed to fuse in some TensorRT versions)."""
     d = json.loads(inspector_json) if isinstance(inspector_json, str) else dict(inspector_json)
@@ -351,8 +366,7 @@ def layer_precisions(inspector_json: Union[str, Mapping[str, Any]]) -> Dict[str,
             per["unknown"] = per.get("unknown", 0) + 1
             continue
         outs = layer.get("Outputs") or []
-        fmt = (outs[0].get("Format/Datatype") if outs and isinstance(outs[0], dict) else None) or "unknown"
-        prec = format_precision(fmt)
+        prec = tensor_precision(outs[0]) if outs and isinstance(outs[0], dict) else "unknown"
         per[prec] = per.get(prec, 0) + 1
         kind = str(layer.get("LayerType", ""))
         if kind in ("Convolution", "CaskConvolution", "CaskDeconvolution", "Deconvolution") and prec != "INT8":

@@ -110,6 +110,15 @@ def test_layer_precision_report() -> None:
     assert rep["layers"] == 7 and rep["conv_not_int8"] == ["conv3d_2"]
     assert rep["by_output_precision"] == {"INT8": 2, "FP32": 1, "FP16": 1, "INT32": 1, "BOOL": 1, "unknown": 1}
     assert layer_precisions({"Layers": ["conv1", "conv2"]})["by_output_precision"] == {"unknown": 2}
+    # TensorRT 11 splits the field in two ("I/O Tensors" replaces "Bindings"; DataType holds the type name)
+    info11 = {"Layers": [
+        {"Name": "conv1", "LayerType": "CaskConvolution",
+         "Outputs": [{"Name": "c1", "DataType": "Int8", "Format": "Thirty-two wide channel vectorized row major Int8 format"}]},
+        {"Name": "conv2", "LayerType": "CaskConvolution", "Outputs": [{"Name": "c2", "DataType": "Half", "Format": "Row major linear FP16 format (kLINEAR)"}]},
+        {"Name": "head", "LayerType": "CaskGemm", "Outputs": [{"Name": "y", "DataType": "Float", "Format": "Row major linear FP32 format (kLINEAR)"}]},
+    ], "I/O Tensors": [{"Name": "x", "IOMode": "Input", "DataType": "Float"}]}
+    rep = layer_precisions(info11)
+    assert rep["by_output_precision"] == {"INT8": 1, "FP16": 1, "FP32": 1} and rep["conv_not_int8"] == ["conv2"]
 
 
 def test_plan_record_in_the_manifest_and_gated(calibrated_tiny, tmp_path) -> None:

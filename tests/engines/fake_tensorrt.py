@@ -398,12 +398,17 @@ class _Inspector:
 
         fmt = {"int8": "Thirty-two wide channel vectorized row major Int8 format with 3 spatial dimensions",
                "fp16": "Row major linear FP16 format"}.get(self.engine.header["precision"], "Row major linear FP32")
+        v11 = int(self.engine.header["trt_version"].split(".")[0]) >= 11
+        dtype = {"int8": "Int8", "fp16": "Half"}.get(self.engine.header["precision"], "Float")
         layers = []
         for n in onnx.load_from_string(self.engine.onnx).graph.node:
             if n.op_type in ("Conv", "Gemm", "MatMul"):
+                out = {"Name": n.output[0], "DataType": dtype, "Format": fmt} if v11 else \
+                    {"Name": n.output[0], "Format/Datatype": fmt}
                 layers.append({"Name": n.name, "LayerType": "CaskConvolution" if n.op_type == "Conv" else "CaskGemm",
-                               "Outputs": [{"Name": n.output[0], "Format/Datatype": fmt}]})
-        return json.dumps({"Layers": layers, "Bindings": [n for n, _i, _d in self.engine.io]})
+                               "Outputs": [out]})
+        io = [n for n, _i, _d in self.engine.io]
+        return json.dumps({"Layers": layers, **({"I/O Tensors": [{"Name": n} for n in io]} if v11 else {"Bindings": io})})
 
 
 class _Context:
@@ -535,7 +540,8 @@ class FakeTensorRT(types.ModuleType):
         if major < 11:
             flags.update({"FP16": 0, "INT8": 2})
         self.BuilderFlag = enum.Enum("BuilderFlag", flags)
-        nflags = {"STRONGLY_TYPED": 1} if major >= 11 else {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1}
+        # TensorRT 11: kEXPLICIT_BATCH is gone and kSTRONGLY_TYPED (= 0) is accepted but ignored
+        nflags = {"STRONGLY_TYPED": 0} if major >= 11 else {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1}
         self.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", nflags)
         self.MemoryPoolType = enum.Enum("MemoryPoolType", {"WORKSPACE": 0})
         self.ProfilingVerbosity = enum.Enum("ProfilingVerbosity", {"LAYER_NAMES_ONLY": 0, "NONE": 1, "DETAILED": 2})
@@ -674,7 +680,8 @@ class FakeTensorRT(types.ModuleType):
                         return None
                 if any(n in ("DequantizeLinear",) for n in _op_types(network.onnx)):
                     precision = "int8"
-                if network.flags & (1 << 1) and config.flags & {"INT8", "FP16"}:
+                strongly = mod.major >= 11 or bool(network.flags & (1 << int(mod.NetworkDefinitionCreationFlag.STRONGLY_TYPED)))
+                if strongly and config.flags & {"INT8", "FP16"}:
                     return None  # precision flags are not allowed on a strongly typed network
                 if config.default_device_type.name == "DLA" and not 0 <= config.DLA_core < mod.gpu.dla_cores:
                     return None
