@@ -319,6 +319,24 @@ def test_published_openapi_schema_is_current():
             "/v1/exams/{study_uid}/done", "/v1/alerts/{alert_id}/ack"} <= set(published["paths"])
 
 
+def test_openapi_lists_the_401_and_404_answers():
+    """Issue 21 (12): every route behind the token documents 401, every route naming an exam or an
+    alert documents 404, so a client generated from the schema handles both."""
+    paths = openapi_schema()["paths"]
+    for path, ops in paths.items():
+        for method, op in ops.items():
+            codes = set(op["responses"])
+            if path == "/healthz":
+                assert "401" not in codes
+                continue
+            assert "401" in codes, (method, path)
+            named = "{" in path or any(p["name"] == "study_uid" for p in op.get("parameters", []))
+            assert ("404" in codes) == named, (method, path)
+            for code in {"401", "404"} & codes:
+                schema = op["responses"][code]["content"]["application/json"]["schema"]
+                assert schema["required"] == ["detail"]
+
+
 # ------------------------------------------------------------------------------------------ helpers
 def parse_sse(lines, heartbeats=None):
     ev: dict = {}
