@@ -40,6 +40,18 @@ def test_unit_verifies(tmp_path):
     assert "scanside.service" not in out.stderr  # no warnings about our unit either
 
 
+def test_unit_documentation_is_a_file_the_install_creates():
+    """Issue 21 (12): every file:// Documentation= of the unit is a destination in the README's install
+    steps, and its source exists in the repository."""
+    docs = re.findall(r"file://(\S+)", next(ln for ln in UNIT.read_text().splitlines() if ln.startswith("Documentation=")))
+    assert docs
+    readme = (ROOT / "systemd" / "README.md").read_text()
+    for dest in docs:
+        (step,) = [ln for ln in readme.splitlines() if ln.rstrip().split("#")[0].strip().endswith(dest)]
+        source = step.split("#")[0].split()[-2]
+        assert (ROOT / source).is_file(), step
+
+
 @needs_analyze
 def test_unit_has_required_settings_and_security_score(tmp_path):
     text = UNIT.read_text()
