@@ -49,6 +49,7 @@ from agent.sinks import RetryLater, Sink
 from agent.state import StateStore
 from engines.preprocess import Grid, resample_to_reference
 from agent.volume import Volume
+from agent.wording import display_name
 
 log = logging.getLogger(__name__)
 
@@ -270,8 +271,8 @@ def protocol_group(findings: ExamFindings) -> Optional[hd.sr.MeasurementsAndQual
         evals.append(_with_comment(hd.sr.QualitativeEvaluation(name=_code(d.code, _meaning(d.code)),
                                                                value=SEVERITY_CODES[d.severity]), text))
     for m in findings.mismatches:
-        text = (f"{m.message} Header: {m.header_label} ({m.header_confidence:.2f}); "
-                f"image model: {m.image_label} ({m.image_confidence:.2f}).")
+        text = (f"{m.message} Header: {display_name(m.header_label)} ({m.header_confidence:.2f}); "
+                f"image model: {display_name(m.image_label)} ({m.image_confidence:.2f}).")
         evals.append(_with_comment(hd.sr.QualitativeEvaluation(name=_code(m.code, _meaning(m.code)),
                                                                value=SEVERITY_CODES[m.severity]), text))
     if not evals:
