@@ -30,6 +30,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        from agent.progress import set_quiet
+
+        set_quiet(True)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
@@ -46,6 +50,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scanside", description="Scanner-side inference agent for MRI")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="no progress on stderr from the long commands (evaluate, train, calibrate, parity, import-taps)")
     sub = parser.add_subparsers(metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the agent in the foreground (one JSON line per event on stdout)")
