@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import urllib.parse
 import urllib.request
@@ -18,7 +17,7 @@ import pytest
 
 from agent.config import AgentConfig, load_config
 from tests.agent.factory import series_files
-from tests.agent._live import waiter
+from tests.agent._live import free_port, stop_process, waiter
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM = ROOT / "monitoring" / "prometheus"
@@ -80,12 +79,6 @@ def test_rule_tests_hold_a_series_that_starts_at_its_first_increment():
 
 
 # ------------------------------------------------------------------------------- a running agent
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _wait = waiter(60.0, step=0.2)
 
 
@@ -114,7 +107,7 @@ def running_agent(tmp_path):
                 from agent.metrics import AgentMetrics
 
                 agent.metrics = AgentMetrics(agent)
-            port = _free_port()
+            port = free_port()
             server = start_http_server(port, addr="127.0.0.1", registry=agent.metrics.registry)
             url = f"http://127.0.0.1:{port}/metrics"
         yield agent, url
@@ -178,7 +171,7 @@ class Prometheus:
             "scrape_configs": [{"job_name": "scanside", "metrics_path": target.path,
                                 "static_configs": [{"targets": [target.netloc]}]}],
         }))
-        self.port = _free_port()
+        self.port = free_port()
         self.proc = subprocess.Popen([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                                       f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -199,12 +192,7 @@ class Prometheus:
         assert up, self.proc.stderr.read() if self.proc.poll() is not None else "target never up"
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 needs_prometheus = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (Debian prometheus; make setup)")

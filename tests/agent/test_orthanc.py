@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -27,7 +26,7 @@ from agent.config import load_config
 from agent.daemon import Agent
 from agent.dicom_out import DicomSink
 from agent.sinks import SinkRunner
-from tests.agent._live import waiter
+from tests.agent._live import free_port, stop_process, waiter
 from tests.agent.test_cstore import exam_files, expected_parts, observed_parts
 from tests.agent.test_dicom_out import Setup, exam, send_cfg  # noqa: F401 (exam: the shared fixture)
 
@@ -40,18 +39,12 @@ SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 _wait = waiter(60.0, step=0.2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Orthanc:
     """One Orthanc process with its own storage, HTTP on 127.0.0.1 only, no plugins."""
 
     def __init__(self, root: Path, modalities: dict | None = None):
         root.mkdir(parents=True, exist_ok=True)
-        self.http, self.dicom = _free_port(), _free_port()
+        self.http, self.dicom = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http}"
         cfg = {
             "Name": "scanside-test", "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
@@ -87,12 +80,7 @@ class Orthanc:
             return json.loads(r.read() or b"null")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
 
 
@@ -175,7 +163,7 @@ def test_wrong_called_ae_is_a_dead_letter_at_a_real_pacs(tmp_path, exam, orthanc
 
 def test_orthanc_pushes_an_exam_to_the_agents_receiver(tmp_path, exam):  # noqa: F811
     src, truth = exam
-    port = _free_port()
+    port = free_port()
     config = load_config(**{
         "watch.folder": str(tmp_path / "export"), "state.dir": str(tmp_path / "state"), "output.stdout": False,
         "watch.settle_s": 0.2, "series.quiet_period_s": 2.0, "analysis.image_label": False, "analysis.triage": False,
