@@ -69,6 +69,14 @@ def describe(event: Event) -> str:
     return event.model_dump_json()
 
 
+def series_counts(completed_ids: set[str], n_series: int, n_parts: int) -> str:
+    """Counted as the exam_completed line counts them: scanner series (a multi-b DWI series is one
+    series of several labelled parts, `uid#b1400`), with the parts after."""
+    done = len({sid.split("#", 1)[0] for sid in completed_ids})
+    return (f"{done}/{n_series} series completed ({len(completed_ids)}/{n_parts} labelled parts: "
+            f"multi-b DWI split per b-value)")
+
+
 def start_api(agent) -> None:  # type: ignore[no-untyped-def]
     try:
         agent.start_api()
@@ -92,8 +100,8 @@ def print_metrics(agent) -> None:  # type: ignore[no-untyped-def]
         if family.name not in wanted:
             continue
         for sample in family.samples:
-            if sample.name.endswith("_created"):
-                continue
+            if sample.name.endswith("_created") or (sample.labels and sample.value == 0):
+                continue  # every known label set is exposed at 0 (agent.metrics): show what happened
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
             print(f"  {sample.name}{'{' + labels + '}' if labels else ''} {sample.value:g}", flush=True)
 
@@ -146,10 +154,7 @@ def run(args: argparse.Namespace) -> int:
         while agent.store.cursor("analysis") < agent.store.last_event_seq() and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(0.3)
-        # counted as the exam_completed line counts them: scanner series (a multi-b DWI is one series, several parts)
-        n_series = len({sid.split("#", 1)[0] for sid in completed})
-        print(f"\n{n_series}/{len(truth.series)} series completed ({len(completed)}/{expected_parts} labelled parts: "
-              f"multi-b DWI split per b-value) in {time.monotonic() - started:.1f} s; "
+        print(f"\n{series_counts(completed, len(truth.series), expected_parts)} in {time.monotonic() - started:.1f} s; "
               f"files: {agent.store.file_counts()}; event log {config.jsonl_path}", flush=True)
         if agent.api_url:
             print_metrics(agent)

@@ -239,3 +239,15 @@ def test_scan_exit_codes(tmp_path):
     # technologist words on screen: no label codes, no tag numbers
     assert " T2W " in out.stdout and "T2WI_nan" not in out.stdout
     assert not re.search(r"\([0-9A-F]{4},[0-9A-F]{4}\)", out.stdout)
+
+
+def test_demo_counts_series_as_the_exam_completed_line_does():
+    """Issue 21 (7): "10/10 series" next to "exam completed: 9 series" was parts against series."""
+    from agent.demo import describe, series_counts
+    from agent.events import ExamCompleted
+
+    completed = {"1.2.3", "1.2.4#b50", "1.2.4#b1400", "1.2.4#adc", "1.2.5"}
+    line = series_counts(completed, 3, 5)
+    assert line.startswith("3/3 series completed (5/5 labelled parts")
+    done = describe(ExamCompleted(key="k", study_uid="1.2", reason="quiet_period", n_series=3, n_deviations=0))
+    assert ": 3 series," in done
