@@ -156,6 +156,7 @@ def test_scanside_run_ready_watchdog_stall_and_stopping(tmp_path):
     state = tmp_path / "state"
     env = {**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000",
            "SCANSIDE_INGEST__STALL_AFTER_S": "2", "SCANSIDE_OUTPUT__STDOUT": "false", "SCANSIDE_API__PORT": "0"}
+    (tmp_path / "export").mkdir()  # `scanside run` refuses a missing watch folder (issue 21)
     proc = subprocess.Popen([str(SCANSIDE), "run", "--watch", str(tmp_path / "export"), "--state-dir", str(state)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lock = None
