@@ -17,7 +17,8 @@ from pydantic import BaseModel, SecretStr
 ENV_PREFIX = "SCANSIDE_"
 NESTED = "__"
 
-# example values for keys whose default is unset (TOML has no null); a key missing here fails the test
+# example values for keys whose default is unset (TOML has no null); a key missing here is written
+# without a value, which tests/agent/test_siteconfig.py refuses
 EXAMPLES: dict[str, Any] = {
     "watch.folder": "/srv/scanner-export",
     "ingest.quarantine_dir": "/var/lib/scanside/quarantine",
@@ -113,14 +114,15 @@ def _section_lines(model: type[BaseModel], dotted: str) -> tuple[list[str], list
             tables.append((path, sub))
             continue
         default = None if field.is_required() else field.get_default(call_default_factory=True)
+        if field.description:
+            lines.append(f"# {field.description}")
+        if default is None and path not in EXAMPLES:  # a new key without an example: the test names it
+            lines.append(f"# {key} =    # unset by default; {_env_name(path)}")
+            continue
         if default is None:
-            if path not in EXAMPLES:
-                raise KeyError(f"agent/siteconfig.py: no example value for {path} (its default is unset)")
             value, note = EXAMPLES[path], "required; example" if field.is_required() else "unset by default; example"
         else:
             value, note = default, "default"
-        if field.description:
-            lines.append(f"# {field.description}")
         lines.append(f"# {key} = {toml_value(value)}    # {note}; {_env_name(path)}")
     return lines, tables
 

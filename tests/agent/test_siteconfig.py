@@ -51,6 +51,8 @@ def test_shipped_example_is_what_config_init_writes(tmp_path):
 
 def test_example_covers_every_section_and_key_with_its_environment_name():
     text = EXAMPLE.read_text(encoding="utf-8")
+    no_value = [ln for ln in text.splitlines() if re.match(r"# [a-z_0-9]+ =\s+#", ln)]
+    assert not no_value, f"keys without an example value: add them to agent.siteconfig.EXAMPLES: {no_value}"
     data = tomllib.loads(uncomment(text))
     keys = list(every_key())
     assert len(keys) > 70
