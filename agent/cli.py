@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -250,8 +251,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
         store = StateStore(config.db_path)
         pipeline = Pipeline(config, store)
         ingestor = Ingestor(config, pipeline)
-        ingestor.catch_up(args.folder)
-        ingestor.drain(timeout=3600)
+        queued = ingestor.catch_up(args.folder)
+        with _backlog_progress(ingestor, queued):
+            ingestor.drain(timeout=3600)
         pipeline.complete_all()
         pipeline.end_exams()  # one shot: the folder is the whole exam
         report = scan_report(store)
@@ -276,6 +278,26 @@ def cmd_scan(args: argparse.Namespace) -> int:
         elif code == EXIT_CRITICAL:
             print("scanside: critical protocol deviation(s) found", file=sys.stderr)
     return code
+
+
+@contextlib.contextmanager
+def _backlog_progress(ingestor, total: int):  # type: ignore[no-untyped-def]
+    """Files read so far, from the ingest backlog, while the caller drains it (agent.progress)."""
+    from agent.progress import progress
+
+    stop = threading.Event()
+    with progress(total=total, desc="reading files", unit="file") as bar:
+        def poll() -> None:
+            while not stop.wait(0.5):
+                bar.update(max(0, total - ingestor.backlog - bar.n))
+        watcher = threading.Thread(target=poll, name="scan-progress", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join()
+            bar.update(max(0, total - ingestor.backlog - bar.n))
 
 
 def scan_exit_code(report: dict) -> int:

@@ -229,6 +229,9 @@ def test_scan_exit_codes(tmp_path):
         (junk / f"f{i}.dcm").write_bytes(b"not dicom" * 50)
     out = _cli("scan", str(junk))
     assert out.returncode == 4 and out.stdout.count("quarantined") == 3 and "no image" in out.stderr
+    assert "reading files: 100% 3/3" in out.stderr  # progress, as plain lines (stderr is no terminal here)
+    quiet = _cli("--quiet", "scan", str(junk))
+    assert quiet.returncode == 4 and "reading files" not in quiet.stderr
     exam = tmp_path / "exam"
     series_files(exam, 3, images_in_acquisition=3)  # one T2W series: the mpMRI profile misses DWI, ADC, DCE
     out = _cli("scan", str(exam), "--json")
