@@ -283,21 +283,15 @@ def cmd_scan(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _backlog_progress(ingestor, total: int):  # type: ignore[no-untyped-def]
     """Files read so far, from the ingest backlog, while the caller drains it (agent.progress)."""
-    from agent.progress import progress
+    from agent.progress import Every, progress
 
-    stop = threading.Event()
     with progress(total=total, desc="reading files", unit="file") as bar:
-        def poll() -> None:
-            while not stop.wait(0.5):
-                bar.update(max(0, total - ingestor.backlog - bar.n))
-        watcher = threading.Thread(target=poll, name="scan-progress", daemon=True)
-        watcher.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            watcher.join()
+        def advance() -> None:
             bar.update(max(0, total - ingestor.backlog - bar.n))
+
+        with Every(0.5, advance):
+            yield
+        advance()
 
 
 def scan_exit_code(report: dict) -> int:

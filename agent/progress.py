@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from typing import Any, Iterable, Iterator, Optional, TextIO
 
@@ -101,3 +102,25 @@ def note(message: str) -> None:
     """One line of what a long step is doing (downloading, extracting ...), unless quiet."""
     if not quiet():
         print(message, file=sys.stderr, flush=True)
+
+
+class Every:
+    """Call fn every `seconds` in a daemon thread for the duration of a `with` block (progress of work
+    that reports no steps of its own, read from a counter)."""
+
+    def __init__(self, seconds: float, fn: Any):
+        self.seconds, self.fn = seconds, fn
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="scanside-progress", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.seconds):
+            self.fn()
+
+    def __enter__(self) -> "Every":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
