@@ -211,7 +211,7 @@ def test_real_prometheus_scrapes_the_agent(running_agent, tmp_path):
         assert got, "metric not found in Prometheus"
         assert float(got[0]["value"][1]) == agent.store.file_counts()["ingested"] == n
         # the rules loaded and evaluate against the live agent: nothing fires for a healthy one
-        rules = [r for g in prom.get("/api/v1/rules")["groups"] for r in g["rules"]]
+        rules = [r for g in _wait(lambda: prom.get("/api/v1/rules"), 30)["groups"] for r in g["rules"]]
         assert len(rules) == 11 and all(r["health"] in ("ok", "unknown") for r in rules)
         assert not [r["name"] for r in rules if r["state"] == "firing"]
     finally:
@@ -238,7 +238,7 @@ def test_real_prometheus_sees_a_first_burst_and_the_quarantine_alert_fires(runni
         for i, path in enumerate(series_files(export / "cut", 3)):  # pixel data cut short: truncated
             path.write_bytes(path.read_bytes()[:-50])
         assert _wait(lambda: agent.store.file_counts().get("quarantined") == 3, 30), agent.store.file_counts()
-        assert agent.store.file_counts().get("ingested") == len(good)
+        assert _wait(lambda: agent.store.file_counts().get("ingested") == len(good), 30)
 
         def firing():
             alerts = (prom.get("/api/v1/alerts") or {}).get("alerts", [])
