@@ -27,6 +27,7 @@ from agent.malloc import release_free_memory
 from agent.series import split_parts
 from agent.sinks import Sink
 from agent.state import StateStore
+from agent.wording import display_name
 
 log = logging.getLogger(__name__)
 VOLUMES_KEPT = 6  # decoded series kept for reuse (an axial T2W is ~6 MB as float32; DWI/ADC far less)
@@ -190,8 +191,8 @@ class Analyzer(Sink):
                 key=mkey, alert_id=_short(mkey), study_uid=s.study_uid, series_id=s.series_id,
                 series_number=s.series_number, header_label=s.label, header_confidence=s.label_confidence,
                 image_label=image.label, image_confidence=image.confidence,  # type: ignore[arg-type]
-                message=(f"Series {s.series_number or ''} '{s.series_description}' is labelled {s.label} by its header "
-                         f"but looks like {image.label} ({image.confidence:.0%}): check the series before relying on it."),
+                message=(f"Series {s.series_number or ''} '{s.series_description}' is {display_name(s.label)} by its header "
+                         f"but looks like {display_name(image.label)} ({image.confidence:.0%}): check the series before relying on it."),
             ))
         self._record(*events)
 

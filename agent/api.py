@@ -355,7 +355,27 @@ def create_app(agent: Optional["Agent"] = None, *, requirements: Optional[Callab
     for name in STATIC:  # a fixed list: no path from the request ever reaches the file system
         app.add_api_route(f"/console/{name}", static(name), methods=["GET"], include_in_schema=False)
 
+    _document_errors(app, auth)
     return app
+
+
+_ERROR_BODY = {"application/json": {"schema": {"title": "Error", "type": "object", "required": ["detail"],
+                                                "properties": {"detail": {"type": "string", "title": "Detail"}}}}}
+
+
+def _document_errors(app: FastAPI, auth: Callable[..., None]) -> None:
+    """List the 401 (token dependency) and 404 (an exam or alert named in the path or the query) answers
+    in the schema: FastAPI documents only what a route declares, not what its dependencies raise."""
+    from fastapi.routing import APIRoute
+
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or not route.include_in_schema:
+            continue
+        if any(dep.dependency is auth for dep in route.dependencies):
+            route.responses.setdefault(401, {"content": _ERROR_BODY, "description": "bearer token missing or wrong"})
+        params = {p.name for p in (*route.dependant.path_params, *route.dependant.query_params)}
+        if params & {"study_uid", "alert_id"}:
+            route.responses.setdefault(404, {"content": _ERROR_BODY, "description": "no such exam or alert"})
 
 
 def openapi_schema() -> dict[str, Any]:

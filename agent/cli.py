@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -13,12 +16,25 @@ from typing import Optional
 
 from agent.config import AgentConfig, ConfigError, load_config
 
+# exit codes (README "Exit codes"): 0 done; 1 an unexpected error; 2 invalid configuration or usage;
+# 3 the agent cannot start here (watch folder, state folder, port); `scan`: 4 no image could be read
+# (every file quarantined, or none found), 5 a critical protocol deviation was found
+EXIT_CONFIG, EXIT_START, EXIT_NO_IMAGES, EXIT_CRITICAL = 2, 3, 4, 5
+
+
+class StartError(Exception):
+    """The agent cannot start in this environment: one line for the operator, no traceback."""
+
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        from agent.progress import set_quiet
+
+        set_quiet(True)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
@@ -26,12 +42,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"scanside: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    except StartError as exc:
+        print(f"scanside: cannot start: {exc}", file=sys.stderr)
+        return EXIT_START
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scanside", description="Scanner-side inference agent for MRI")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="no progress on stderr from the long commands (evaluate, train, calibrate, parity, import-taps)")
     sub = parser.add_subparsers(metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the agent in the foreground (one JSON line per event on stdout)")
@@ -41,13 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--api-host", help="HTTP API / console / metrics address (default 127.0.0.1; others need [api] token)")
     run.add_argument("--api-port", type=int, help="HTTP API port (default 8686; 0: any free port)")
     run.add_argument("--no-api", action="store_true", help="do not serve the HTTP API, console and /metrics")
+    run.add_argument("--create-watch", action="store_true",
+                     help="create the watch folder when it does not exist (default: refuse, a mistyped path is more likely)")
     run.set_defaults(func=cmd_run)
 
-    scan = sub.add_parser("scan", help="ingest a folder once and report its series")
+    scan = sub.add_parser("scan", help="ingest a folder once and report its series",
+                          description="Exit status: 0 done; 2 usage or configuration; 4 no image could be read "
+                                      "(every file quarantined, or none found); 5 a critical protocol deviation.")
     scan.add_argument("folder", type=Path)
     scan.add_argument("--json", action="store_true", help="print JSON")
     scan.add_argument("--config", type=Path)
     scan.set_defaults(func=cmd_scan)
+
+    conf = sub.add_parser("config", help="write an example site configuration, or check one")
+    conf_sub = conf.add_subparsers(dest="config_cmd", metavar="{init,check}")
+    conf_sub.required = True
+    init = conf_sub.add_parser("init", help="write a commented example of every section and key (same as examples/site.toml)")
+    init.add_argument("path", nargs="?", type=Path, help="file to write (default: standard output)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    check = conf_sub.add_parser("check", help="load a configuration (file + SCANSIDE_* environment) and report the first problem")
+    check.add_argument("--config", type=Path)
+    conf.set_defaults(func=cmd_config)
 
     schema = sub.add_parser("schema", help="print a published JSON Schema")
     schema.add_argument("what", choices=["events", "config", "openapi"])
@@ -73,16 +108,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("invalid configuration:\n  watch.folder: required (use --watch DIR or [watch] folder)")
     if config.api.enabled is None:
         config.api.enabled = True  # `scanside run` serves the API unless told not to
+    preflight(config, create_watch=args.create_watch)
     from agent.malloc import limit_malloc_arenas
 
     limit_malloc_arenas()  # before the agent's threads exist: see agent/malloc.py
-    agent = Agent(config)
+    try:
+        agent = Agent(config)
+    except OSError as exc:
+        raise StartError(_os_reason(exc)) from exc
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    agent.start()
+    try:
+        agent.start()
+    except (OSError, RuntimeError) as exc:  # the API or C-STORE port was taken meanwhile
+        raise StartError(str(exc) if isinstance(exc, RuntimeError) else _os_reason(exc)) from exc
     if agent.api_url:
         print(f"scanside: console {agent.api_url}/console  metrics {agent.api_url}/metrics", file=sys.stderr, flush=True)
+    ready = ready_line(agent)
+    logging.getLogger("agent").info(ready)
+    # always on stderr (the default log level is warning): the operator's sign that start-up is over
+    print(f"scanside: {ready}", file=sys.stderr, flush=True)
     # systemd (Type=notify): READY=1 now that everything is loaded; watchdog pings while healthy
     from agent.systemd import Watchdog, notifier
 
@@ -96,6 +142,95 @@ def cmd_run(args: argparse.Namespace) -> int:
         sd.stopping()
         watchdog.stop()
         agent.stop()
+    return 0
+
+
+def _os_reason(exc: OSError) -> str:
+    where = f" {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc.__class__.__name__}:{where}" if where else f"{exc.strerror or exc}"
+
+
+def _writable_dir(folder: Path, what: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:
+        raise StartError(f"{what} {folder} is a file, not a folder") from exc
+    except OSError as exc:
+        raise StartError(f"{what} {folder} cannot be created ({exc.strerror})") from exc
+    if not folder.is_dir():
+        raise StartError(f"{what} {folder} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise StartError(f"{what} {folder} is not writable ({exc.strerror}); the agent runs as uid {os.getuid()}") from exc
+
+
+def _port_free(host: str, port: int, what: str, option: str) -> None:
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn and pynetdicom bind
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise StartError(f"{what} port {host}:{port} is not available ({exc.strerror}): another agent or program "
+                             f"uses it; choose another with {option}") from exc
+
+
+def preflight(config: AgentConfig, create_watch: bool = False) -> None:
+    """What `scanside run` checks before loading anything: each problem in one line (StartError)."""
+    watch = Path(config.watch.folder)  # type: ignore[arg-type]
+    if watch.exists() and not watch.is_dir():
+        raise StartError(f"watch folder {watch} is a file, not a folder")
+    if not watch.exists():
+        if not create_watch:
+            raise StartError(f"watch folder {watch} does not exist (mistyped? --create-watch creates it)")
+        try:
+            watch.mkdir(parents=True)
+        except OSError as exc:
+            raise StartError(f"watch folder {watch} cannot be created ({exc.strerror})") from exc
+    if not os.access(watch, os.R_OK | os.X_OK):
+        raise StartError(f"watch folder {watch} is not readable by uid {os.getuid()}")
+    _writable_dir(Path(config.state.dir), "state folder")
+    if config.api.enabled:
+        _port_free(config.api.host, config.api.port, "API", "--api-port or [api] port")
+    if config.cstore.enabled:
+        _port_free(config.cstore.host, config.cstore.port, "C-STORE", "[cstore] port")
+
+
+def ready_line(agent) -> str:  # type: ignore[no-untyped-def]
+    cfg = agent.config
+    how = f"polling every {cfg.watch.poll_interval_s:g} s" if cfg.watch.polling else "inotify"
+    parts = [f"watching {cfg.watch.folder} ({how})", f"state {cfg.state.dir}"]
+    if agent.receiver is not None:
+        host, port = agent.receiver.address
+        parts.append(f"C-STORE {cfg.cstore.ae_title}@{host}:{port}")
+    parts.append(f"API {agent.api_url}" if agent.api_url else "no API")
+    return ", ".join(parts) + ", ready"
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from agent.siteconfig import example_site_toml
+
+    if args.config_cmd == "init":
+        text = example_site_toml()
+        if args.path is None:
+            sys.stdout.write(text)
+            return 0
+        if args.path.exists() and not args.force:
+            print(f"scanside: {args.path} exists (--force overwrites it)", file=sys.stderr)
+            return EXIT_CONFIG
+        args.path.parent.mkdir(parents=True, exist_ok=True)
+        args.path.write_text(text, encoding="utf-8")
+        print(f"scanside: wrote {args.path}: every key is commented out; uncomment what the site needs, then "
+              f"`scanside config check --config {args.path}`", file=sys.stderr)
+        return 0
+    config = load_config(args.config)
+    sources = f"{args.config} + SCANSIDE_* environment" if args.config else "defaults + SCANSIDE_* environment"
+    print(f"configuration ok ({sources}): watch {config.watch.folder or '(unset: --watch or [watch] folder)'}, "
+          f"state {config.state.dir}, protocol {config.protocol.profile}")
     return 0
 
 
@@ -116,23 +251,54 @@ def cmd_scan(args: argparse.Namespace) -> int:
         store = StateStore(config.db_path)
         pipeline = Pipeline(config, store)
         ingestor = Ingestor(config, pipeline)
-        ingestor.catch_up(args.folder)
-        ingestor.drain(timeout=3600)
+        queued = ingestor.catch_up(args.folder)
+        with _backlog_progress(ingestor, queued):
+            ingestor.drain(timeout=3600)
         pipeline.complete_all()
         pipeline.end_exams()  # one shot: the folder is the whole exam
         report = scan_report(store)
         store.close()
+    code = scan_exit_code(report)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
+        from agent.wording import display_name, plain
+
         for s in report["series"]:
-            b = f" b={','.join(f'{x:g}' for x in s['b_values'])}" if s["b_values"] else ""
-            print(f"{s['series_number'] or '-':>4} {s['label']:<9}{b:<14} {s['plane'] or '':<9} {s['n_images']:>4} img  "
-                  f"{s['series_description']!r}: {s['reason']}")
+            name = display_name(s["label"], s["b_values"], s.get("other_kind"))
+            b = f" b={','.join(f'{x:g}' for x in s['b_values'])}" if len(s["b_values"] or ()) > 1 else ""
+            print(f"{s['series_number'] or '-':>4} {name:<12}{b:<14} {s['plane'] or '':<9} {s['n_images']:>4} img  "
+                  f"{s['series_description']!r}: {plain(s['reason'])}")
         for q in report["quarantined"]:
             print(f"quarantined {q['path']}: {q['reason']}")
         for d in report.get("deviations", []):
             print(f"{d['severity'].upper():<8} {d['code']}: {d['message']}")
+        if code == EXIT_NO_IMAGES:
+            print(f"scanside: no image could be read in {args.folder}", file=sys.stderr)
+        elif code == EXIT_CRITICAL:
+            print("scanside: critical protocol deviation(s) found", file=sys.stderr)
+    return code
+
+
+@contextlib.contextmanager
+def _backlog_progress(ingestor, total: int):  # type: ignore[no-untyped-def]
+    """Files read so far, from the ingest backlog, while the caller drains it (agent.progress)."""
+    from agent.progress import Every, progress
+
+    with progress(total=total, desc="reading files", unit="file") as bar:
+        def advance() -> None:
+            bar.update(max(0, total - ingestor.backlog - bar.n))
+
+        with Every(0.5, advance):
+            yield
+        advance()
+
+
+def scan_exit_code(report: dict) -> int:
+    if not report["series"]:
+        return EXIT_NO_IMAGES
+    if any(d.get("severity") == "critical" for d in report.get("deviations", [])):
+        return EXIT_CRITICAL
     return 0
 
 

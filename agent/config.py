@@ -1,5 +1,7 @@
 """Agent configuration: one TOML file validated by pydantic, overridden by SCANSIDE_* environment
-variables (nested with a double underscore: SCANSIDE_SERIES__QUIET_PERIOD_S=5).
+variables (nested with a double underscore: SCANSIDE_SERIES__QUIET_PERIOD_S=5), overridden in turn by
+the command line (load_config's overrides). Unknown keys are refused, in the file and in SCANSIDE_*
+names alike (agent.siteconfig). `scanside config init` writes a commented example of every key.
 
 An invalid configuration stops the agent with a message naming the field.
 """
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -199,8 +202,8 @@ class AgentConfig(BaseSettings):
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
                                    env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
-        # environment beats the file, which beats defaults
-        return (env_settings, init_settings)
+        # command line (init: load_config's overrides) > environment > file (load_config's TOML) > defaults
+        return (init_settings, env_settings, _FileSource(settings_cls))
 
     @property
     def db_path(self) -> Path:
@@ -223,6 +226,19 @@ class ConfigError(Exception):
     pass
 
 
+_FILE_DATA: "ContextVar[dict[str, Any]]" = ContextVar("scanside_config_file", default={})
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The TOML file's values, below the environment (load_config sets them for one construction)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return _FILE_DATA.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_FILE_DATA.get())
+
+
 def load_config(path: Optional[os.PathLike[str] | str] = None, **overrides: Any) -> AgentConfig:
     """Load TOML (if given), apply SCANSIDE_* env, then explicit overrides (e.g. from the command line)."""
     data: dict[str, Any] = {}
@@ -234,16 +250,28 @@ def load_config(path: Optional[os.PathLike[str] | str] = None, **overrides: Any)
             raise ConfigError(f"config file not found: {path}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    if not isinstance(data, dict):  # pragma: no cover - tomllib always gives a table
+        raise ConfigError(f"config file {path} is not a TOML table")
+    from agent.siteconfig import suggestion, unknown_env_names
+
+    unknown = unknown_env_names()
+    if unknown:
+        raise ConfigError("invalid configuration:\n" + "\n".join(
+            f"  environment {name}: no such configuration key{suggestion(name)}" for name in unknown))
+    cli: dict[str, Any] = {}
     for dotted, value in overrides.items():
         if value is None:
             continue
         section, _, key = dotted.partition(".")
-        data.setdefault(section, {})[key] = value
+        cli.setdefault(section, {})[key] = value
+    token = _FILE_DATA.set(data)
     try:
-        return AgentConfig(**data)
+        return AgentConfig(**cli)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
             lines.append(f"  {field}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from exc
+    finally:
+        _FILE_DATA.reset(token)

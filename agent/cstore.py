@@ -89,12 +89,14 @@ class StoreSCP:
         self.ae.add_supported_context(sc.Verification)
         self._server = None
         self._lock = threading.Lock()
-        self.stats = {"received": 0, "failed": 0, "rejected": 0, "echo": 0}
+        # read by agent.metrics at scrape time (scanside_cstore_*)
+        self.stats = {"received": 0, "failed": 0, "rejected": 0, "accepted": 0, "echo": 0, "bytes": 0}
         self.health: "Optional[WriteHealth]" = None  # set by the agent (agent.health)
         self._handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
         ]
 
     # ------------------------------------------------------------------ lifecycle
@@ -154,12 +156,19 @@ class StoreSCP:
             self.stats["echo"] += 1
         return STATUS_SUCCESS
 
+    def _on_accepted(self, event) -> None:  # type: ignore[no-untyped-def]
+        self._count("accepted")
+
     def _on_rejected(self, event) -> None:  # type: ignore[no-untyped-def]
-        with self._lock:
-            self.stats["rejected"] += 1
+        self._count("rejected")
         req = event.assoc.requestor
-        log.warning("rejected association from %s (calling AE %r, called AE %r)", req.address,
-                    req.ae_title, event.assoc.acceptor.ae_title)
+        # the titles the sender asked for (its A-ASSOCIATE-RQ), not ours: that is what the site must fix
+        asked = getattr(req, "primitive", None)
+        calling = str(getattr(asked, "calling_ae_title", None) or req.ae_title).strip()
+        called = str(getattr(asked, "called_ae_title", None) or "").strip()
+        log.warning("rejected association from %s: calling AE %r, called AE %r (this receiver is %r%s)",
+                    req.address, calling, called, self.config.ae_title,
+                    f"; allowed callers {', '.join(self.config.allowed_calling_aes)}" if self.config.allowed_calling_aes else "")
 
     def _on_store(self, event) -> int:  # type: ignore[no-untyped-def]
         sop_uid = str(event.request.AffectedSOPInstanceUID or "")
@@ -188,6 +197,7 @@ class StoreSCP:
         if self.health is not None:
             self.health.ok("received")
         self._count("received")
+        self._count("bytes", len(data))
         log.debug("C-STORE object %s stored (%d bytes)", ref, len(data))
         if self.ingestor is not None:
             self.ingestor.notify(str(dest), closed=True)
@@ -206,9 +216,9 @@ class StoreSCP:
         with atomic_path(dest, fsync=self.config.fsync, suffix=".part") as tmp:
             tmp.write_bytes(data)
 
-    def _count(self, key: str) -> None:
+    def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
-            self.stats[key] += 1
+            self.stats[key] += n
 
 
 def build_receiver(config: AgentConfig, ingestor: Optional[Ingestor]) -> StoreSCP:

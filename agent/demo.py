@@ -14,6 +14,10 @@ from pathlib import Path
 
 from agent.config import load_config
 from agent.events import Event
+from agent.wording import display_name, plain
+
+ZONES = {"PZ": "peripheral zone", "TZ": "transition zone"}
+RECOMMENDATIONS = {"DCE_ADVISED": "DCE advised", "BPMRI_SUFFICIENT": "bpMRI sufficient"}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
@@ -33,10 +37,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untype
 def describe(event: Event) -> str:
     if event.type == "series_completed":
         s = event.series
-        b = f" b={','.join(f'{x:g}' for x in s.b_values)}" if s.b_values else ""
+        b = f" b={','.join(f'{x:g}' for x in s.b_values)}" if len(s.b_values) > 1 else ""
         done = "complete" if s.complete else f"INCOMPLETE {s.n_images}/{s.expected_images}"
-        return (f"series {s.series_number or '-':>4} {s.label:<9}{b:<16}{s.plane or '':<9}{s.n_images:>4} images {done:<9} "
-                f"'{s.series_description}': {s.reason}")
+        return (f"series {s.series_number or '-':>4} {display_name(s.label, s.b_values, s.other_kind):<12}{b:<16}"
+                f"{s.plane or '':<9}{s.n_images:>4} images {done:<9} '{s.series_description}': {plain(s.reason)}")
     if event.type == "series_reopened":
         return f"series reopened: {event.late_images} late image(s), revision {event.revision} will follow"
     if event.type == "file_quarantined":
@@ -45,16 +49,17 @@ def describe(event: Event) -> str:
         where = f" series {event.series_number}" if event.series_number is not None else ""
         return f"PROTOCOL {event.severity.upper()} {event.code}{where}: {event.message}"
     if event.type == "series_classified":
-        verdict = "agrees" if event.agree else f"DISAGREES (header {event.header_label})"
-        return f"series {event.series_number or '-':>4} image model says {event.image_label} ({event.image_confidence:.0%}): {verdict}"
+        verdict = "agrees" if event.agree else f"DISAGREES (header says {display_name(event.header_label)})"
+        return (f"series {event.series_number or '-':>4} image model says {display_name(event.image_label)} "
+                f"({event.image_confidence:.0%}): {verdict}")
     if event.type == "label_mismatch":
         return f"LABEL MISMATCH series {event.series_number}: {event.message}"
     if event.type == "triage_result":
-        lesions = "; ".join(f"lesion at ({', '.join(f'{c:.0f}' for c in f.center_lps_mm)}) mm LPS, "
-                            f"{f.long_axis_mm:.0f} x {f.short_axis_mm:.0f} mm" + (f", {f.zone}" if f.zone else "")
-                            for f in event.findings) or "no lesion found"
+        # sizes and zone in words; the coordinates stay in the JSON event and the SR
+        lesions = "; ".join(f"lesion {f.long_axis_mm:.0f} x {f.short_axis_mm:.0f} mm" + (f" in the {ZONES.get(f.zone, f.zone)}" if f.zone else "")
+                            + f", likelihood {f.likelihood:.2f}" for f in event.findings) or "no lesion found"
         gland = f"; gland {event.gland_volume_ml:.0f} ml" if event.gland_volume_ml else ""
-        return (f"TRIAGE csPCa probability {event.probability:.2f} -> {event.recommendation} ({lesions}{gland}); "
+        return (f"TRIAGE csPCa probability {event.probability:.2f} -> {RECOMMENDATIONS.get(event.recommendation, event.recommendation)} ({lesions}{gland}); "
                 f"decision support, reference model trained on phantoms")
     if event.type == "alert_acknowledged":
         return f"alert {event.alert_id} acknowledged"
@@ -62,6 +67,14 @@ def describe(event: Event) -> str:
         return (f"exam completed ({event.reason.replace('_', ' ')}): {event.n_series} series, "
                 f"{event.n_deviations} protocol deviation(s)")
     return event.model_dump_json()
+
+
+def series_counts(completed_ids: set[str], n_series: int, n_parts: int) -> str:
+    """Counted as the exam_completed line counts them: scanner series (a multi-b DWI series is one
+    series of several labelled parts, `uid#b1400`), with the parts after."""
+    done = len({sid.split("#", 1)[0] for sid in completed_ids})
+    return (f"{done}/{n_series} series completed ({len(completed_ids)}/{n_parts} labelled parts: "
+            f"multi-b DWI split per b-value)")
 
 
 def start_api(agent) -> None:  # type: ignore[no-untyped-def]
@@ -87,8 +100,8 @@ def print_metrics(agent) -> None:  # type: ignore[no-untyped-def]
         if family.name not in wanted:
             continue
         for sample in family.samples:
-            if sample.name.endswith("_created"):
-                continue
+            if sample.name.endswith("_created") or (sample.labels and sample.value == 0):
+                continue  # every known label set is exposed at 0 (agent.metrics): show what happened
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
             print(f"  {sample.name}{'{' + labels + '}' if labels else ''} {sample.value:g}", flush=True)
 
@@ -141,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         while agent.store.cursor("analysis") < agent.store.last_event_seq() and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(0.3)
-        print(f"\n{len(completed)}/{expected_parts} series completed in {time.monotonic() - started:.1f} s; "
+        print(f"\n{series_counts(completed, len(truth.series), expected_parts)} in {time.monotonic() - started:.1f} s; "
               f"files: {agent.store.file_counts()}; event log {config.jsonl_path}", flush=True)
         if agent.api_url:
             print_metrics(agent)

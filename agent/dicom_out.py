@@ -14,7 +14,11 @@ What goes in the SR (highdicom ``MeasurementReport``):
 - evidence: every instance of the series the agent saw in the exam (the report covers the exam).
 
 When: on ``ExamCompleted`` (everything the agent decided about the exam up to then), and on a
-``TriageResult`` that arrives after the exam was completed. UIDs derive from the triggering event key,
+``TriageResult`` that arrives after the exam was completed: one SR per revision of the exam's results,
+each later one naming the one it supersedes in its Predecessor Documents Sequence (PS3.3 C.17.2.3), so
+a PACS or viewer shows the latest and knows the earlier one is replaced. Both SR and SEG are written
+in ISO_IR 192 (UTF-8): the sentences hold "≥" and "≤", which the source images' character set
+(often ISO_IR 100) cannot. UIDs derive from the triggering event key,
 so a rebuild after a crash writes the same objects (same file names; a PACS sees the same SOP
 instance again, not a new one).
 
@@ -45,6 +49,7 @@ from agent.sinks import RetryLater, Sink
 from agent.state import StateStore
 from engines.preprocess import Grid, resample_to_reference
 from agent.volume import Volume
+from agent.wording import display_name
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,7 @@ UNIT_ML = hd.sr.CodedConcept("ml", "UCUM", "ml")
 PROCEDURE = hd.sr.CodedConcept("719178004", "SCT", "Multiparametric magnetic resonance imaging of prostate")
 PROBABILITY = codes.DCM.ProbabilityOfCancer
 T2W_LABELS = ("T2WI_nan", "T2WI_fs")
+UTF8 = "ISO_IR 192"
 
 
 class DicomBuildError(Exception):
@@ -265,8 +271,8 @@ def protocol_group(findings: ExamFindings) -> Optional[hd.sr.MeasurementsAndQual
         evals.append(_with_comment(hd.sr.QualitativeEvaluation(name=_code(d.code, _meaning(d.code)),
                                                                value=SEVERITY_CODES[d.severity]), text))
     for m in findings.mismatches:
-        text = (f"{m.message} Header: {m.header_label} ({m.header_confidence:.2f}); "
-                f"image model: {m.image_label} ({m.image_confidence:.2f}).")
+        text = (f"{m.message} Header: {display_name(m.header_label)} ({m.header_confidence:.2f}); "
+                f"image model: {display_name(m.image_label)} ({m.image_confidence:.2f}).")
         evals.append(_with_comment(hd.sr.QualitativeEvaluation(name=_code(m.code, _meaning(m.code)),
                                                                value=SEVERITY_CODES[m.severity]), text))
     if not evals:
@@ -282,8 +288,9 @@ def protocol_group(findings: ExamFindings) -> Optional[hd.sr.MeasurementsAndQual
 
 
 def build_sr(findings: ExamFindings, evidence: Sequence[Dataset], t2w: Sequence[Dataset],
-             config: DicomOutputConfig) -> hd.sr.Comprehensive3DSR:
-    """The TID 1500 measurement report. ``t2w``: the T2W source images the lesion points refer to."""
+             config: DicomOutputConfig, predecessors: Sequence[Dataset] = ()) -> hd.sr.Comprehensive3DSR:
+    """The TID 1500 measurement report. ``t2w``: the T2W source images the lesion points refer to;
+    ``predecessors``: earlier reports of the same exam this one supersedes (Predecessor Documents Sequence)."""
     groups: list = []
     if findings.triage is not None:
         if findings.triage.findings:
@@ -314,7 +321,11 @@ def build_sr(findings: ExamFindings, evidence: Sequence[Dataset], t2w: Sequence[
         institution_name=config.institution_name,
         is_complete=True,
         series_description="scanside findings (decision support)",
+        previous_versions=list(predecessors) or None,
     )
+    # the texts hold "≥", "≤", "µ": a character set that has them, whatever the source images used
+    # (highdicom copies theirs; ISO_IR 100 turns "≥ 1400" into "? 1400" on the PACS)
+    sr.SpecificCharacterSet = UTF8
     scheme = Dataset()
     scheme.CodingSchemeDesignator = SCHEME
     scheme.CodingSchemeName = "scanside codes: protocol check and triage"
@@ -339,7 +350,7 @@ def build_seg(triage: TriageResult, likelihood: np.ndarray, grid: Grid, t2w_pixe
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algo,
         tracking_uid=_uid(triage.key, "seg-segment"), tracking_id="csPCa likelihood",
         anatomic_regions=[codes.SCT.Prostate])
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=list(t2w_pixels),
         pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
@@ -358,6 +369,8 @@ def build_seg(triage: TriageResult, likelihood: np.ndarray, grid: Grid, t2w_pixe
         content_label="CSPCA",
         series_description="scanside csPCa likelihood",
     )
+    seg.SpecificCharacterSet = UTF8
+    return seg
 
 
 def _t2w_series_uid(findings: ExamFindings) -> Optional[str]:
@@ -380,6 +393,21 @@ def write_atomic(ds: Dataset, dest: Path) -> Path:
 _SAFE = re.compile(r"[^0-9A-Za-z.]")
 
 
+def _predecessor(out_dir: Path, findings: ExamFindings) -> list[Dataset]:
+    """The exam's report this one supersedes: the latest SR written for an earlier trigger (instance
+    numbers are trigger sequence numbers), so each revision names the one before it."""
+    best: Optional[Dataset] = None
+    for path in sorted(out_dir.glob("SR_*.dcm")):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (OSError, pydicom.errors.InvalidDicomError):
+            continue
+        number = int(ds.get("InstanceNumber", 0) or 0)
+        if number < max(1, findings.trigger_seq) and (best is None or number > int(best.InstanceNumber)):
+            best = ds
+    return [best] if best is not None else []
+
+
 def build_exam_objects(store: StateStore, findings: ExamFindings, maps: Optional[MapStore], folder: Path,
                        config: DicomOutputConfig) -> list[Path]:
     """Build (or find, when already written for this trigger) the SR and SEG of an exam; their paths."""
@@ -398,7 +426,7 @@ def build_exam_objects(store: StateStore, findings: ExamFindings, maps: Optional
                 evidence += read_series(store, row["series_uid"])
         if not evidence:
             raise DicomBuildError("no source images stored for the exam")
-        write_atomic(build_sr(findings, evidence, t2w_headers, config), sr_path)
+        write_atomic(build_sr(findings, evidence, t2w_headers, config, _predecessor(out_dir, findings)), sr_path)
     paths.append(sr_path)
     if findings.triage is not None and seg_path is not None:
         if seg_path.exists():
@@ -441,7 +469,7 @@ class DicomSink(Sink):
         self.sent = 0
         self.dead_lettered = 0
         self.last_error: Optional[str] = None
-        self.failed_attempts = 0  # writes to the output folder that failed (each retried)
+        self.failed_attempts = 0  # failed writes to the output folder and failed C-STOREs (metrics: delivery failures)
         self._write_retry_s = 1.0
         self.health: "Optional[WriteHealth]" = None  # set by the agent (agent.health): failed writes -> /readyz false
         self._backoff = None
@@ -514,12 +542,14 @@ class DicomSink(Sink):
         try:
             self.sender.send(paths)  # type: ignore[attr-defined]
         except TransientSendError as exc:
+            self.failed_attempts += 1  # scanside_delivery_failures_total{sink="dicom"}
             self.last_error = str(exc)
             delay = self._backoff.next() if self._backoff else 5.0
             log.warning("dicom: C-STORE for event seq %s failed (%s); retrying in %.1f s", event.seq, exc, delay)
             raise RetryLater(str(exc), delay) from exc
         except PermanentSendError as exc:
-            self._dead_letter(event, "c-store", str(exc))
+            self.failed_attempts += 1
+            self._dead_letter(event, "c-store", str(exc))  # scanside_delivery_dead_letters_total{sink="dicom"}
             return
         self.sent += len(paths)
         self.last_error = None

@@ -3,7 +3,8 @@
 One association per batch, with a presentation context per SOP class and transfer syntax of the
 files. What is transient and retried from the outbox (agent.dicom_out.DicomSink): no connection,
 association rejected or aborted, timeouts, no response, status "out of resources" (0xA7xx) and any
-status this code does not know. What is permanent for that object: status 0xA9xx (data set does not
+status this code does not know. What is permanent for that object: an association rejected-permanent (a wrong called or calling AE
+title: the peer says the same request will be refused again), status 0xA9xx (data set does not
 match the SOP class), 0xCxxx (cannot understand), 0x0122 (SOP class not supported), 0x0124 (not
 authorised) - the receiver would refuse the same object again. Warnings (0xB000, 0xB006, 0xB007)
 count as stored. Re-sending an object is harmless: its SOP Instance UID is fixed.
@@ -70,8 +71,15 @@ class DicomSender:
         ae = self._ae()
         assoc = ae.associate(self.config.host, self.config.port, contexts=contexts, ae_title=self.config.called_ae)
         if not assoc.is_established:
-            why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
-            raise TransientSendError(f"association with {self.config.called_ae}@{self.config.host}:{self.config.port} {why}")
+            where = f"{self.config.called_ae}@{self.config.host}:{self.config.port}"
+            rsp = getattr(assoc.acceptor, "primitive", None) if assoc.is_rejected else None
+            if rsp is not None and getattr(rsp, "result", None) == 0x01:
+                # rejected-permanent (wrong called/calling AE title, unsupported protocol): the same
+                # request is refused until someone changes a configuration, so retrying cannot help
+                raise PermanentSendError(f"association with {where} rejected permanently: "
+                                         f"{rsp.reason_str} (our AE {self.config.calling_ae!r})")
+            why = "rejected (transient)" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
+            raise TransientSendError(f"association with {where} {why}")
         statuses: list[int] = []
         permanent: list[str] = []
         try:

@@ -41,6 +41,12 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60
 INFERENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 VENDORS = {"siemens", "ge", "philips", "canon", "toshiba", "hitachi", "fujifilm", "uih", "other"}
 OUTCOMES = {"ingested", "duplicate", "ignored", "index", "skipped"}
+# reasons agent.header / agent.ingest give a file they cannot take (HeaderError codes); anything else is "other"
+FILE_REASONS = ("truncated", "not_dicom", "missing_uid", "unreadable", "oversized", "series_oversized",
+                "no_pixel_data", "bad_transfer_syntax", "dicomdir", "too_complex", "vanished", "other")
+EXAM_END_REASONS = ("quiet_period", "operator", "other")
+TRIAGE_RECOMMENDATIONS = ("DCE_ADVISED", "BPMRI_SUFFICIENT", "other")
+COMPLETION_BASES = ("expected_count", "quiet_period", "incomplete_grace")
 
 
 def _sink_label(name: str) -> str:
@@ -86,11 +92,42 @@ class AgentMetrics:
         self.exams = Counter("scanside_exams_completed", "Exams completed, by how the end was decided", ["reason"], registry=r)
         self.triage = Counter("scanside_triage_results", "csPCa triage results, by recommendation", ["recommendation"], registry=r)
         self.events = Counter("scanside_events", "Events recorded, by type", ["type"], registry=r)
+        self._zero_known_label_sets()
         r.register(_StateCollector(self))
         if process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
             GCCollector(registry=r)
+
+    def _zero_known_label_sets(self) -> None:
+        """Create every known label set at 0 (the client_python pattern): a series that first appears at
+        its first increment hides that increment from increase()/rate(), so a one-off burst of 40
+        quarantined files would never fire the quarantine alert (tests/agent/test_monitoring.py)."""
+        from typing import get_args
+
+        from agent.events import Event as _Event
+        from agent.taxonomy import LABELS
+
+        for outcome in (*sorted(OUTCOMES), "quarantined"):
+            self.files.labels(outcome)
+        for reason in FILE_REASONS:
+            self.quarantined.labels(reason)
+            self.read_errors.labels(reason)
+        for label in LABELS:
+            for vendor in sorted(VENDORS):
+                for complete in ("true", "false"):
+                    self.series_completed.labels(label, vendor, complete)
+        for basis in COMPLETION_BASES:
+            self.completion_latency.labels(basis)
+        for reason in EXAM_END_REASONS:
+            self.exams.labels(reason)
+        for rec in TRIAGE_RECOMMENDATIONS:
+            self.triage.labels(rec)
+        union = get_args(get_args(_Event)[0])
+        for cls in union:
+            self.events.labels(cls.model_fields["type"].default)
+        for code, severity in known_alerts():
+            self.alerts.labels(code, severity)
 
     # ------------------------------------------------------------------ hooks
     def attach(self, agent: "Agent") -> None:
@@ -150,6 +187,7 @@ class AgentMetrics:
         key = (_label(info.model), _label(info.backend), _label(info.precision), _label(info.device))
         with self._lock:
             self._engines[key] = None
+        self.inference_latency.labels(*key[:3])  # at 0 from the load on, like every known label set
 
     def observe_inference(self, engine: Any, seconds: float) -> None:
         info = engine.describe()
@@ -187,6 +225,19 @@ class AgentMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def known_alerts() -> list[tuple[str, str]]:
+    """(code, severity) of every alert the agent can raise with its shipped profiles' default severities."""
+    from agent.protocol import DEFAULT_SEVERITY, PARAMETERS
+
+    pairs = {("FILE_QUARANTINED", "warning"), ("LABEL_MISMATCH", "warning"), ("TRIAGE_DCE_ADVISED", "warning"),
+             ("TRIAGE_BPMRI_SUFFICIENT", "info"), ("SERIES_MISSING", "critical"), ("T2_ORTHOGONAL_MISSING", "warning"),
+             ("GLAND_NOT_COVERED", "critical"), ("DWI_LOW_B_OUT_OF_RANGE", "warning"),
+             ("DWI_INTERMEDIATE_B_OUT_OF_RANGE", "warning")}
+    pairs |= set(DEFAULT_SEVERITY.items())
+    pairs |= {(code, "warning") for _unit, above, below in PARAMETERS.values() for code in (above, below)}
+    return sorted(pairs)
 
 
 class _StateCollector:
@@ -254,6 +305,27 @@ def _agent_gauges(agent: "Agent") -> Iterator[Any]:
     disk.add_metric([], shutil.disk_usage(agent.config.state.dir).free)
     yield disk
     yield from _write_gauges(agent)
+    yield from _cstore_counters(getattr(agent, "receiver", None))
+
+
+def _cstore_counters(receiver: Any) -> Iterator[Any]:
+    """The C-STORE receiver's own counts (agent.cstore.StoreSCP.stats); absent when it is not enabled."""
+    if receiver is None:
+        return
+    stats = dict(receiver.stats)
+    objects = CounterMetricFamily("scanside_cstore_objects", "Objects received by C-STORE, by result (stored: "
+                                  "on disk and confirmed; failed: refused to the sender, who keeps it)", labels=["result"])
+    objects.add_metric(["stored"], stats.get("received", 0))
+    objects.add_metric(["failed"], stats.get("failed", 0))
+    yield objects
+    nbytes = CounterMetricFamily("scanside_cstore_received_bytes", "Bytes of the objects stored from C-STORE")
+    nbytes.add_metric([], stats.get("bytes", 0))
+    yield nbytes
+    assocs = CounterMetricFamily("scanside_cstore_associations", "C-STORE associations, by result (rejected: "
+                                 "calling or called AE title not accepted, or too many at once)", labels=["result"])
+    assocs.add_metric(["accepted"], stats.get("accepted", 0))
+    assocs.add_metric(["rejected"], stats.get("rejected", 0))
+    yield assocs
 
 
 def _write_gauges(agent: "Agent") -> Iterator[Any]:

@@ -21,6 +21,19 @@ from agent.state import StateStore
 
 log = logging.getLogger(__name__)
 
+
+def readable_study_uid(path: str) -> Optional[str]:
+    """The Study Instance UID of a refused file whose header is readable (a truncated image, say), so
+    that its quarantine is shown with its exam; None when even that much cannot be read."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+        uid = str(ds.get("StudyInstanceUID", "") or "").strip()
+    except Exception:  # anything a broken file can raise: the event is recorded without it
+        return None
+    return uid if 0 < len(uid) <= 64 and all(c.isdigit() or c == "." for c in uid) else None
+
 DONE_STATUSES = {"ingested", "duplicate", "quarantined", "ignored", "index"}
 IGNORED_REASONS = {"no_pixel_data"}  # valid DICOM that is not an image (SR, presentation state): not an error
 
@@ -108,7 +121,7 @@ class Pipeline:
             log.error("could not quarantine file %s: %s", ref, exc)
         event = FileQuarantined(
             key=f"file_quarantined:{ref}:{mtime}", file_ref=ref, reason=err.reason, detail=err.detail,
-            path=path if self.config.privacy.include_file_paths else None,
+            path=path if self.config.privacy.include_file_paths else None, study_uid=readable_study_uid(path),
         )
         with self.store.transaction():
             self.store.record_file(path, size, mtime, "quarantined", reason=f"{err.reason}: {err.detail}")

@@ -101,9 +101,9 @@ def _method(name: str) -> Any:
         raise ValueError(f"calibration method must be one of {METHODS}, got {name!r}") from None
 
 
-def make_reader(cset: CalibrationSet) -> Any:
+def make_reader(cset: CalibrationSet, bar: Any = None) -> Any:
     """An onnxruntime CalibrationDataReader over *cset* (one sample per batch; supports set_range
-    so the calibrator can collect in strides and keep memory bounded)."""
+    so the calibrator can collect in strides and keep memory bounded); *bar* counts the samples read."""
     from onnxruntime.quantization import CalibrationDataReader
 
     class _Reader(CalibrationDataReader):
@@ -115,6 +115,8 @@ def make_reader(cset: CalibrationSet) -> Any:
             if idx >= self.end:
                 return None
             self.i += 1
+            if bar is not None:
+                bar.update(1)
             return {cset.input_name: np.ascontiguousarray(cset.inputs[idx:idx + 1])}
 
         def __len__(self) -> int:
@@ -155,8 +157,11 @@ def compute_ranges(fp32_path: Path, cset: CalibrationSet, cache_path: Path, meth
     extra: Dict[str, Any] = {"CalibStridedMinMax": 1}
     if method == "percentile":
         extra["CalibPercentile"] = percentile
-    with tempfile.TemporaryDirectory(prefix="scanside-calib-") as tmp:
-        quantize_static(str(fp32_path), str(Path(tmp) / "probe.onnx"), make_reader(cset),
+    from agent.progress import progress
+
+    with tempfile.TemporaryDirectory(prefix="scanside-calib-") as tmp, \
+            progress(total=len(cset), desc="calibration ranges", unit="sample") as bar:
+        quantize_static(str(fp32_path), str(Path(tmp) / "probe.onnx"), make_reader(cset, bar),
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types),
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=_method(method), extra_options=extra,
@@ -207,8 +212,10 @@ def _session(path: Path, threads: Optional[int] = None) -> Any:
 
 
 def _run_all(sess: Any, cset: CalibrationSet) -> List[np.ndarray]:
+    from agent.progress import progress
+
     outs = []
-    for feed in cset.feeds(1):
+    for feed in progress(cset.feeds(1), total=len(cset), desc="measuring", unit="sample"):
         outs.append(np.asarray(sess.run(None, feed)[0], dtype=np.float64))
     return outs
 
@@ -346,7 +353,9 @@ def select_nodes(fp32_path: Path, cache_path: Path, probe: CalibrationSet, recip
             return res
 
         base = measure("all_quantized", [])
-        for node, why in candidates.items():
+        from agent.progress import progress
+
+        for node, why in progress(candidates.items(), total=len(candidates), desc="trying nodes in FP32", unit="node"):
             r = measure(f"fp32:{node}", [node])
             gain = 1.0 - r["rel_error"] / base["rel_error"] if base["rel_error"] > 0 else 0.0
             slow = r["latency_s"] / base["latency_s"] - 1.0 if base["latency_s"] > 0 else 0.0
@@ -437,7 +446,9 @@ def calibrate(manifest: ModelManifest, cset: CalibrationSet, *, method: str = "m
     nodes_sel: Dict[str, NodeSelection] = {}
     files = dict(manifest.files)
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-    for key in variants:
+    from agent.progress import progress
+
+    for key in progress(variants, desc="INT8 variants", unit="variant"):
         recipe = RECIPES[key]
         rr = recipe.reduce_range if recipe.reduce_range is not None else (reduce_range if reduce_range is not None
                                                                           else not vnni)

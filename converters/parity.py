@@ -206,12 +206,15 @@ def cspca_metrics(manifest: ModelManifest, ref: Dict[str, np.ndarray], got: Dict
 # ------------------------------------------------------------------------------------------------
 # running the variants
 # ------------------------------------------------------------------------------------------------
-def _run(engine: Any, manifest: ModelManifest, cset: CalibrationSet) -> Tuple[Dict[str, np.ndarray], List[float]]:
+def _run(engine: Any, manifest: ModelManifest, cset: CalibrationSet,
+         desc: str = "parity") -> Tuple[Dict[str, np.ndarray], List[float]]:
     """Every output of *engine* over *cset*, one sample per call, and the time of each call."""
+    from agent.progress import progress
+
     names = [o.name for o in manifest.outputs]
     outs: Dict[str, List[np.ndarray]] = {n: [] for n in names}
     times = []
-    for feed in cset.feeds(1):
+    for feed in progress(cset.feeds(1), total=len(cset), desc=desc, unit="sample"):
         t0 = time.perf_counter()
         res = engine.run(feed)
         times.append(time.perf_counter() - t0)
@@ -310,7 +313,7 @@ def parity_report(manifest: ModelManifest, held_out: CalibrationSet, *, variants
     def measure(backend: str, v: str, make: Any) -> Dict[str, Any]:
         mf = manifest.files[v]
         with make(manifest, v, threads) as e:
-            got, t = _run(e, manifest, held_out)
+            got, t = _run(e, manifest, held_out, desc=f"parity {backend} {v}")
         entry = {"backend": backend, "precision": mf.precision, "sha256": mf.sha256,
                  "median_latency_s": round(float(np.median(t)), 4)}
         entry.update(_compare(manifest, ref, got, held_out))

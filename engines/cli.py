@@ -27,9 +27,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     sub.required = True
     ls = sub.add_parser("list", help="models and versions in the store")
     ls.add_argument("--json", action="store_true")
-    show = sub.add_parser("show", help="a model's manifest and the back end it would run on")
+    show = sub.add_parser("show", help="the back end a model would run on and why; its manifest with --verbose")
     show.add_argument("name", help="NAME, NAME@VERSION or NAME/VERSION (default: latest version)")
     show.add_argument("--json", action="store_true")
+    show.add_argument("--verbose", "-v", action="store_true", help="also print the whole manifest")
     ver = sub.add_parser("verify", help="check every file of a model against its manifest's sha256")
     ver.add_argument("name")
     ver.add_argument("--json", action="store_true")
@@ -93,12 +94,7 @@ def run(args: argparse.Namespace) -> int:
                 _print({"manifest": json.loads(m.to_json()), "path": str(m.root), "selection": sel.to_dict(),
                         "gpu": gpu})
             else:
-                print(m.to_json(), end="")
-                print(f"# path: {m.root}")
-                print("# back end: " + sel.summary().replace("\n", "\n# "))
-                print("# GPU: " + "; ".join(f"{k} {v}" for k, v in gpu.items() if k != "problem" and v is not None))
-                if gpu.get("problem"):
-                    print(f"# GPU PROBLEM: {gpu['problem']}")
+                print(show_text(m, sel, verbose=args.verbose, gpu=gpu), end="")
             return 0
         if cmd == "verify":
             m = store.resolve(args.name)
@@ -122,6 +118,28 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"unknown models command {cmd!r}", file=sys.stderr)
     return 2
+
+
+def show_text(m: Any, sel: Any, verbose: bool = False, gpu: dict[str, Any] | None = None) -> str:
+    """`models show`: the answer first (which back end, which file, why), then what was passed over and
+    the GPU as the TensorRT back end sees it, then a few facts of the manifest; the whole manifest only
+    with --verbose."""
+    lines = [f"{m.ref} runs on {sel.backend or 'no back end'}"
+             + (f" ({sel.variant}, {sel.precision})" if sel.variant else ""),
+             f"  why: {sel.reason}" if sel.reason else "  why: (no reason recorded)"]
+    lines += [f"  not {b}: {r}" for b, r in sel.skipped.items()]
+    if gpu:
+        lines.append("  GPU: " + "; ".join(f"{k} {v}" for k, v in gpu.items() if k != "problem" and v is not None))
+        if gpu.get("problem"):
+            lines.append(f"  GPU PROBLEM: {gpu['problem']}")
+    if sel.order:
+        lines.append(f"  order: {sel.order}")
+    lines += ["", f"task      {m.task}", f"variants  {', '.join(sorted(m.files))}", f"plans     {len(m.plans)}",
+              f"path      {m.root}"]
+    if not verbose:
+        lines.append("(the whole manifest: --verbose or --json)")
+        return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + m.to_json().rstrip("\n") + "\n"
 
 
 def _add_training_parsers(sub: Any) -> None:

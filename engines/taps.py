@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Optional, Union
@@ -52,12 +53,20 @@ def fetch_wheel(cache_dir: Union[None, str, Path] = None, *, pip: Optional[list]
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         cmd = (pip or [sys.executable, "-m", "pip"]) + ["download", "--no-deps", "--only-binary", ":all:",
                                                         f"{TAPS_PACKAGE}=={TAPS_VERSION}", "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        from agent.progress import note, quiet
+
+        note(f"downloading {TAPS_PACKAGE} {TAPS_VERSION} (about 74 MB) into {cache} with pip ...")
+        t0 = time.monotonic()
+        if quiet():
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        else:  # pip's own progress bar (bytes, rate, estimate), on stderr: stdout stays for results
+            proc = subprocess.run(cmd + ["--progress-bar", "on"], stdout=sys.stderr, stderr=subprocess.STDOUT, text=True)
         got = Path(tmp) / TAPS_WHEEL
         if proc.returncode != 0 or not got.is_file():
-            raise RuntimeError(f"could not download {TAPS_PACKAGE}=={TAPS_VERSION} with {' '.join(cmd)}:\n"
-                               f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+            raise RuntimeError(f"could not download {TAPS_PACKAGE}=={TAPS_VERSION} with {' '.join(cmd)}"
+                               + (f":\n{(proc.stdout or '')[-2000:]}{(proc.stderr or '')[-2000:]}" if quiet() else " (pip's output above)"))
         got.replace(wheel)
+        note(f"downloaded {wheel.name} in {time.monotonic() - t0:.0f} s")
     return wheel
 
 
@@ -131,6 +140,9 @@ def import_taps(store_root: Union[str, Path], wheel: Union[None, str, Path] = No
             return m
     wheel = Path(wheel) if wheel is not None else fetch_wheel(cache_dir)
     dest.mkdir(parents=True, exist_ok=True)
+    from agent.progress import note
+
+    note(f"extracting and checking the model (sha256) from {wheel.name} ...")
     extract_onnx(wheel, dest / "model_v1.onnx")
     manifest = taps_manifest()
     _check_onnx_io(dest / "model_v1.onnx", manifest)

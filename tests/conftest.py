@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gzip
 import importlib
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -10,6 +11,10 @@ import nibabel
 import pytest
 
 NIBABEL_DATA = Path(nibabel.__file__).parent / "nicom" / "tests" / "data"
+
+# every `scanside run` a test starts listens on a free port unless the test names one: a running demo
+# or agent on the default 8686 must not fail the suite (a command-line --api-port still wins)
+os.environ.setdefault("SCANSIDE_API__PORT", "0")
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,23 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import numpy as np
+
+
+def run_jobs(fn: Callable[[Any], Any], todo: Sequence[Any], jobs: int = 1, desc: str = "simulating exams",
+             unit: str = "exam") -> List[Any]:
+    """fn over todo, in `jobs` worker processes when more than one, with progress on stderr
+    (agent.progress: counts and an estimate; the evaluations spend minutes here)."""
+    from agent.progress import progress
+
+    if jobs > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as ex:
+            return list(progress(ex.map(fn, todo), total=len(todo), desc=desc, unit=unit))
+    return [fn(j) for j in progress(todo, desc=desc, unit=unit)]
 
 
 #: the code a rendered training sample depends on, whatever the model: the simulator and the preprocessing

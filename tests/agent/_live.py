@@ -2,6 +2,8 @@
 and console tests). Simulated exams are rendered once per test session and reused."""
 from __future__ import annotations
 
+import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -91,3 +93,20 @@ def identifiers(truth: GroundTruth) -> list[str]:
     ids += [s.series_uid for s in truth.series]
     ids += [p for p in truth.patient_name.replace("^", " ").split() if len(p) > 3]
     return [i for i in ids if i]
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (tests never use the agent's default 8686)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 20 s: for the real servers a test starts (Prometheus, Orthanc)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -188,9 +188,12 @@ def test_exam_view_on_a_streamed_exam(live):
         want_keys = {p.label for s in truth.series for p in s.parts if p.label != "other"}
     assert want_keys and want_keys <= set(items)
     assert all(items[k]["status"] == "done" and items[k]["series"] for k in want_keys), view["checklist"]
-    # the quarantined file has no exam (its header was unreadable): an unassigned alert
-    (alert,) = httpx.get(f"{agent.api_url}/v1/alerts", params={"unassigned": "true"}).json()
-    assert alert["code"] == "FILE_QUARANTINED" and alert["severity"] == "warning" and alert["action"]
+    # the truncated file's header was readable: its quarantine alert belongs to the exam (issue 21, 12),
+    # none is left unassigned
+    assert httpx.get(f"{agent.api_url}/v1/alerts", params={"unassigned": "true"}).json() == []
+    (alert,) = [a for a in httpx.get(f"{agent.api_url}/v1/alerts", params={"study_uid": truth.study_uid}).json()
+                if a["code"] == "FILE_QUARANTINED"]
+    assert alert["severity"] == "warning" and alert["action"] and alert["study_uid"] == truth.study_uid
     text = json.dumps(view) + json.dumps(alert)
     for ident in (truth.patient_name, truth.patient_id, truth.accession_number):
         assert ident not in text
@@ -319,6 +322,24 @@ def test_published_openapi_schema_is_current():
             "/v1/exams/{study_uid}/done", "/v1/alerts/{alert_id}/ack"} <= set(published["paths"])
 
 
+def test_openapi_lists_the_401_and_404_answers():
+    """Issue 21 (12): every route behind the token documents 401, every route naming an exam or an
+    alert documents 404, so a client generated from the schema handles both."""
+    paths = openapi_schema()["paths"]
+    for path, ops in paths.items():
+        for method, op in ops.items():
+            codes = set(op["responses"])
+            if path == "/healthz":
+                assert "401" not in codes
+                continue
+            assert "401" in codes, (method, path)
+            named = "{" in path or any(p["name"] == "study_uid" for p in op.get("parameters", []))
+            assert ("404" in codes) == named, (method, path)
+            for code in {"401", "404"} & codes:
+                schema = op["responses"][code]["content"]["application/json"]["schema"]
+                assert schema["required"] == ["detail"]
+
+
 # ------------------------------------------------------------------------------------------ helpers
 def parse_sse(lines, heartbeats=None):
     ev: dict = {}
@@ -420,6 +441,7 @@ def test_scanside_run_serves_the_api_by_default(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    (tmp_path / "export").mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--watch", str(tmp_path / "export"),
                              "--state-dir", str(tmp_path / "state"), "--api-port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)

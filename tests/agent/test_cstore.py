@@ -139,14 +139,52 @@ def test_calling_ae_not_on_allow_list_is_rejected(agent):
     assert agent.receiver.stats["rejected"] == 1
 
 
-def test_wrong_called_ae_is_rejected(agent):
+def test_wrong_called_ae_is_rejected(agent, caplog):
     _host, port = agent.receiver.address
     ae = AE(ae_title=SCANNER_AE)
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="SOMEONEELSE")
-    assert assoc.is_rejected
+    with caplog.at_level(logging.WARNING, logger="agent.cstore"):
+        assoc = ae.associate("127.0.0.1", port, ae_title="SOMEONEELSE")
+        assert assoc.is_rejected
+        assert _wait(lambda: agent.receiver.stats["rejected"] == 1, 5)
     rj = assoc.acceptor.primitive
     assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)
+    # the log names what the sender asked for (its titles), so the site knows which side to fix
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "agent.cstore" and "rejected" in r.getMessage()]
+    assert "calling AE 'MRSCANNER'" in line and "called AE 'SOMEONEELSE'" in line
+
+
+def test_receiver_metrics_count_objects_bytes_and_associations(agent, exam):
+    """Issue 21 (10): scanside_cstore_* in the agent's exposition, read from the receiver."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    src, truth = exam
+    files = exam_files(src, truth)[:3]
+    _host, port = agent.receiver.address
+    bad = AE(ae_title="INTRUDER")
+    bad.add_requested_context(Verification)
+    assert bad.associate("127.0.0.1", port, ae_title="SCANSIDE").is_rejected
+    ae = AE(ae_title=SCANNER_AE)
+    datasets = [dcmread(f) for f in files]
+    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SCANSIDE")
+    assert assoc.is_established
+    try:
+        assert all(assoc.send_c_store(ds).Status == 0 for ds in datasets)
+    finally:
+        assoc.release()
+    assert _wait(lambda: agent.receiver.stats["received"] == 3, 10)
+    got = {}
+    for fam in text_string_to_metric_families(agent.metrics.exposition().decode()):
+        for smp in fam.samples:
+            if smp.name.startswith("scanside_cstore_"):
+                got[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
+    assert got[("scanside_cstore_objects_total", (("result", "stored"),))] == 3
+    assert got[("scanside_cstore_objects_total", (("result", "failed"),))] == 0
+    assert got[("scanside_cstore_associations_total", (("result", "accepted"),))] == 1
+    assert got[("scanside_cstore_associations_total", (("result", "rejected"),))] == 1
+    received = sum(p.stat().st_size for p in agent.config.cstore_path.rglob("*.dcm"))
+    assert got[("scanside_cstore_received_bytes_total", ())] == received
 
 
 def test_c_echo(agent):

@@ -256,6 +256,8 @@ def test_receiver_down_then_up_retries_from_the_outbox(tmp_path, exam):
     runner = SinkRunner(s.store, [sink], threading.Condition())
     runner.pump()
     assert sink.outbox_depth() > 0 and "association" in (sink.last_error or "")
+    assert sink.failed_attempts >= 1 and sink.dead_lettered == 0  # issue 21 (10): failed C-STOREs counted
+    assert exposed_delivery_failures(s, runner) == sink.failed_attempts
     written = {p: p.stat().st_mtime_ns for p in sink.written}
     assert len(written) == 2  # written to the folder although not sent
     scp = StoreSCP(port=port)
@@ -346,3 +348,75 @@ def test_sender_without_receiver_is_transient():
     with pytest.raises(TransientSendError):
         DicomSender(cfg).send([Path(pydicom.data.get_testdata_file("MR_small.dcm"))])
     assert issubclass(RetryLater, Exception)
+
+
+def test_sr_is_utf8_and_a_late_report_names_its_predecessor(setup):
+    """Issue 21 (8, 9): "≥" survives (ISO_IR 192 whatever the source's character set), and the report
+    written for a late triage supersedes the first one through the Predecessor Documents Sequence."""
+    (done,) = setup.append(setup.deviation(), setup.done())[-1:]
+    sink = DicomSink(setup.config.dicom_output, setup.store, setup.maps)
+    sink.deliver(done)
+    first = pydicom.dcmread(sink.written[0])
+    assert first.SpecificCharacterSet == "ISO_IR 192"
+    assert "PredecessorDocumentsSequence" not in first
+    texts = [str(it.TextValue) for it in content_items(first.ContentSequence) if "TextValue" in it]
+    assert any("b>=1400" in t or "≥" in t or ">= 1400" in t for t in texts), texts
+    (tri,) = setup.append(setup.triage(key="late-triage"))
+    sink.deliver(tri)
+    late = pydicom.dcmread(next(p for p in sink.written[1:] if p.name.startswith("SR_")))
+    pred = late.PredecessorDocumentsSequence[0]
+    assert pred.StudyInstanceUID == first.StudyInstanceUID
+    ref = pred.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID
+
+
+def test_sr_text_with_non_latin1_characters_round_trips(setup):
+    """A sentence with ≤/≥ written into the file comes back unchanged (Orthanc showed `needs ? 3 mm`)."""
+    dev = setup.deviation()
+    dev.message = "Slices 4 mm; PI-RADS needs ≤ 3 mm and b ≥ 1400 s/mm²."
+    (done,) = setup.append(dev, setup.done())[-1:]
+    sink = DicomSink(setup.config.dicom_output, setup.store, setup.maps)
+    sink.deliver(done)
+    raw = sink.written[0].read_bytes()
+    assert "≤ 3 mm".encode("utf-8") in raw and "≥ 1400".encode("utf-8") in raw
+    sr = pydicom.dcmread(sink.written[0])
+    texts = [str(it.TextValue) for it in content_items(sr.ContentSequence) if "TextValue" in it]
+    assert any(dev.message in t for t in texts), texts
+
+
+def test_wrong_called_ae_is_a_dead_letter_and_counted(tmp_path, exam):
+    """Issue 21 (10): a receiver that rejects the association permanently (called AE title not its own)
+    is not retried forever: the event goes to the dead letters, and the failure is counted."""
+    from agent.cstore import StoreSCP as Receiver
+    from agent.config import CStoreConfig
+
+    rx = Receiver(CStoreConfig(enabled=True, ae_title="PACS", host="127.0.0.1", port=0), tmp_path / "rx").start()
+    try:
+        s = Setup(tmp_path, *exam, **send_cfg(rx.address[1], called_ae="NOT-PACS"))
+        (_, done) = s.append(s.triage(), s.done())
+        sink = DicomSink.from_config(s.config, s.store)
+        SinkRunner(s.store, [sink], threading.Condition()).pump()
+        assert sink.outbox_depth() == 0  # not waiting for a retry
+        dead = s.store.dead_letters("dicom")
+        assert [(r["key"], r["reason"]) for r in dead] == [(done.key, "c-store")]
+        assert "rejected permanently" in dead[0]["detail"]
+        assert sink.failed_attempts == 1 and sink.dead_lettered == 1
+        assert rx.stats["rejected"] == 1
+        s.store.close()
+    finally:
+        rx.stop()
+
+
+def exposed_delivery_failures(s, runner) -> float:
+    """scanside_delivery_failures_total{sink="dicom"} as the agent's collector computes it."""
+    from agent.metrics import _agent_gauges
+
+    class AgentView:  # the attributes the collector reads from an Agent
+        sinks = SinkRunner(s.store, [], threading.Condition())
+        output_runners = [runner]
+        store = s.store
+        config = s.config
+        ingestor = type("Ingestor", (), {"backlog": 0})()
+
+    (fam,) = [f for f in _agent_gauges(AgentView()) if f.name == "scanside_delivery_failures"]
+    return next(x.value for x in fam.samples if x.labels == {"sink": "dicom"})

@@ -69,6 +69,9 @@ def test_bad_files_are_quarantined_with_reasons(tmp_path, running):
     assert sorted(p.name for p in export.iterdir()) == ["no_uid.dcm", "notes.bin", "ok.dcm", "truncated.dcm"]
     quarantine_events = [e for e in agent.store.events_after(0) if e.type == "file_quarantined"]
     assert len(quarantine_events) == 3 and all(e.path is None for e in quarantine_events)  # no paths by default
+    # issue 21 (12): a refused file whose header is readable is shown with its exam; not-DICOM has none
+    by_reason = {e.reason: e.study_uid for e in quarantine_events}
+    assert by_reason == {"truncated": good.StudyInstanceUID, "missing_uid": no_uid.StudyInstanceUID, "not_dicom": None}
 
 
 def test_slow_writer_is_waited_for_not_quarantined(tmp_path, running):

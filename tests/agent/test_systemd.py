@@ -40,6 +40,18 @@ def test_unit_verifies(tmp_path):
     assert "scanside.service" not in out.stderr  # no warnings about our unit either
 
 
+def test_unit_documentation_is_a_file_the_install_creates():
+    """Issue 21 (12): every file:// Documentation= of the unit is a destination in the README's install
+    steps, and its source exists in the repository."""
+    docs = re.findall(r"file://(\S+)", next(ln for ln in UNIT.read_text().splitlines() if ln.startswith("Documentation=")))
+    assert docs
+    readme = (ROOT / "systemd" / "README.md").read_text()
+    for dest in docs:
+        (step,) = [ln for ln in readme.splitlines() if ln.rstrip().split("#")[0].strip().endswith(dest)]
+        source = step.split("#")[0].split()[-2]
+        assert (ROOT / source).is_file(), step
+
+
 @needs_analyze
 def test_unit_has_required_settings_and_security_score(tmp_path):
     text = UNIT.read_text()
@@ -144,6 +156,7 @@ def test_scanside_run_ready_watchdog_stall_and_stopping(tmp_path):
     state = tmp_path / "state"
     env = {**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000",
            "SCANSIDE_INGEST__STALL_AFTER_S": "2", "SCANSIDE_OUTPUT__STDOUT": "false", "SCANSIDE_API__PORT": "0"}
+    (tmp_path / "export").mkdir()  # `scanside run` refuses a missing watch folder (issue 21)
     proc = subprocess.Popen([str(SCANSIDE), "run", "--watch", str(tmp_path / "export"), "--state-dir", str(state)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lock = None

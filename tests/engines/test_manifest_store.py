@@ -266,6 +266,14 @@ def test_cli_list_show_verify(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert cli.main(base + ["show", "tiny3d", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["manifest"]["version"] == "1.1.0" and shown["selection"]["backend"] == "onnxruntime"
+    # issue 21 (6): the answer first (back end and why), the manifest only with --verbose
+    assert cli.main(base + ["show", "tiny3d"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("tiny3d/1.1.0 runs on onnxruntime") and lines[1].startswith("  why: ")
+    assert len(lines) < 20 and not any('"sha256"' in ln for ln in lines)
+    assert cli.main(base + ["show", "tiny3d", "--verbose"]) == 0
+    verbose = capsys.readouterr().out
+    assert verbose.splitlines()[0] == lines[0] and '"sha256"' in verbose
     assert cli.main(base + ["verify", "tiny3d@1.0.0"]) == 0
     assert "tiny3d/1.0.0: OK" in capsys.readouterr().out
     p = root / "tiny3d" / "1.0.0" / "model.onnx"

@@ -372,7 +372,7 @@ def test_fake_gpu_driver_runtime_mismatch_is_said_clearly(tmp_path: Path, capsys
         assert any(r.levelname == "WARNING" and "driver/runtime mismatch" in r.getMessage() for r in caplog.records)
         assert main(["models", "--store", str(tmp_path / "models"), "show", "tiny3d"]) == 0
         out = capsys.readouterr().out
-        assert "# GPU PROBLEM: driver/runtime mismatch" in out and "pip install 'cuda-python>=12,<13'" in out
+        assert "GPU PROBLEM: driver/runtime mismatch" in out and "pip install 'cuda-python>=12,<13'" in out
     with FakeGPUEnv("10.3.0.26"):  # a matching pair: no problem line
         assert main(["models", "--store", str(tmp_path / "models"), "show", "tiny3d"]) == 0
         out = capsys.readouterr().out

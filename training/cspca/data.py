@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import os
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from training.common import run_jobs
 
 from agent.volume import Volume
 from engines.preprocess import Grid, prepare, resample_to_reference
@@ -166,10 +167,7 @@ def build_cache(seeds: Sequence[int], out_dir=DEFAULT_CACHE, workers: int = 2) -
     out = Path(out_dir) / cache_key()
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(int(s), str(out)) for s in seeds]
-    if workers <= 1:
-        return [_write_case(j) for j in jobs]
-    with ProcessPoolExecutor(max_workers=workers) as ex:
-        return list(ex.map(_write_case, jobs, chunksize=4))
+    return run_jobs(_write_case, jobs, workers, desc="rendering training cases", unit="case")
 
 
 def load_cache(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -17,12 +17,14 @@ import shutil
 import tempfile
 import time
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+
+from agent.progress import progress
+from training.common import run_jobs
 
 VENDORS = ("siemens", "siemens-xa", "ge", "philips")
 DEFAULT_EXAMS_PER_VENDOR = 2
@@ -164,15 +166,10 @@ def run_eval(model, exams_per_vendor: int, seed0: int, workdir: Optional[Path] =
     todo = [j for j in jobs_l if not (Path(j[2]) / "ground_truth.json").is_file()]  # a kept workdir is reused
     try:
         t0 = time.time()
-        if jobs > 1:
-            with ProcessPoolExecutor(max_workers=jobs) as ex:
-                list(ex.map(_simulate, todo))
-        else:
-            for j in todo:
-                _simulate(j)
+        run_jobs(_simulate, todo, jobs)
         t_sim = time.time() - t0
         rows, lks, tgts, errors, t_inf = [], [], [], [], 0.0
-        for vendor, seed, d in jobs_l:
+        for vendor, seed, d in progress(jobs_l, desc="csPCa model on exams", unit="exam"):
             try:
                 vols = exam_volumes(Path(d))
                 t1 = time.time()

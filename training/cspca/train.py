@@ -26,6 +26,8 @@ from typing import Optional
 
 import numpy as np
 
+from agent.progress import progress
+
 from training.common import merge_stages
 
 PATCH = (20, 32, 32)
@@ -131,6 +133,8 @@ def train(cases: int = 320, minutes: float = 15.0, out: str = "var/cspca-run", b
     t1 = time.perf_counter()
     step, hist = 0, []
     model.train()
+    # steps where a step budget is given, else the wall-clock budget's seconds
+    bar = progress(total=max_steps or int(budget), desc="training", unit="step" if max_steps else "s")
     while True:
         # the schedule follows the step budget where one is given (the same run on a busy or a quiet
         # machine), else the wall clock; the wall-clock budget always caps the run
@@ -156,10 +160,12 @@ def train(cases: int = 320, minutes: float = 15.0, out: str = "var/cspca-run", b
         loss.backward()
         opt.step()
         step += 1
+        bar.update(1 if max_steps else int(time.perf_counter() - t1) - bar.n)
         hist.append(float(loss.detach()))
         if step % 25 == 0:
             log(f"step {step} t={time.perf_counter() - t1:.0f}s loss {np.mean(hist[-25:]):.3f} "
                 f"(bce {bce.item():.3f} dice {dice.item():.3f} exam {exam_bce.item():.3f})")
+    bar.close()
     t_train = time.perf_counter() - t1
 
     # exam head on full volumes

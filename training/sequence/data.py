@@ -15,11 +15,12 @@ import logging
 import math
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
+
+from training.common import run_jobs
 
 from agent.taxonomy import DWI_HIGH_MIN_B, LABELS
 from agent.volume import Volume
@@ -165,14 +166,8 @@ def build_dataset(seeds: Sequence[int], variant: Variant = "train", cache_dir: P
             todo.append((ch, variant, p))
     t0 = time.time()
     if todo:
-        if jobs > 1:
-            with ProcessPoolExecutor(max_workers=jobs) as ex:
-                for i, p in enumerate(ex.map(_shard, todo), 1):
-                    log.info("rendered shard %d/%d (%.0f s)", i, len(todo), time.time() - t0)
-        else:
-            for i, t in enumerate(todo, 1):
-                _shard(t)
-                log.info("rendered shard %d/%d (%.0f s)", i, len(todo), time.time() - t0)
+        run_jobs(_shard, todo, jobs, desc=f"rendering {variant} shards ({shard_size} exams each)", unit="shard")
+        log.info("rendered %d shard(s) in %.0f s", len(todo), time.time() - t0)
     xs, ys, infos = [], [], []
     for p in paths:
         with np.load(p) as z:

@@ -16,14 +16,14 @@ import shutil
 import tempfile
 import time
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from agent.taxonomy import LABELS
-from training.common import classification_metrics, metrics_markdown
+from agent.progress import progress
+from training.common import classification_metrics, metrics_markdown, run_jobs
 from training.sequence.protocols import VENDORS, random_exam
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,7 @@ def simulate_set(root: Path, exams_per_vendor: int, seed0: int, variants=("train
                 seed = seed0 + (0 if variant == "train" else 50_000) + v_i * 1000 + k
                 jobs_l.append((vendor, seed, variant, str(root / f"{variant}-{vendor}-{seed}")))
     todo = [j for j in jobs_l if not (Path(j[3]) / "ground_truth.json").is_file()]  # a kept workdir is reused
-    if jobs > 1:
-        with ProcessPoolExecutor(max_workers=jobs) as ex:
-            list(ex.map(_simulate, todo))
-    else:
-        for j in todo:
-            _simulate(j)
+    run_jobs(_simulate, todo, jobs)
     return [dict(vendor=j[0], seed=j[1], variant=j[2], dir=j[3]) for j in jobs_l]
 
 
@@ -138,7 +133,7 @@ def evaluate_model(store, manifest, options) -> dict:
         clf = ImageClassifier(store, manifest.ref, variant=options.variant)
         t1 = time.time()
         rows: List[dict] = []
-        for ex in exams:
+        for ex in progress(exams, desc="classifying series", unit="exam"):
             parts = exam_parts(Path(ex["dir"]))
             for r in run_parts(clf, parts):
                 r.update(vendor=ex["vendor"], variant=ex["variant"], seed=ex["seed"])

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from agent.progress import progress
 import torch
 from torch import nn
 
@@ -84,6 +86,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_si
     step = 0
     hist: list[dict] = []
     ep = 0
+    bar = progress(total=total, desc="training", unit="step")
     for ep in range(epochs):
         model.train()
         if freeze_bn:
@@ -106,6 +109,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_si
             opt.step()
             sched.step()
             step += 1
+            bar.update(1)
             losses.append(float(loss))
         rec = {"epoch": ep + 1, "loss": float(np.mean(losses)) if losses else None, "seconds": round(time.time() - t0, 1)}
         if x_val is not None and y_val is not None and len(y_val):
@@ -115,6 +119,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_si
         log.info("epoch %s", json.dumps(rec))
         if step >= total:
             break
+    bar.close()
     return FitResult(epochs=ep + 1, steps=step, seconds=time.time() - t0, history=hist)
 
 

@@ -18,12 +18,14 @@ import shutil
 import tempfile
 import time
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+
+from agent.progress import progress
+from training.common import run_jobs
 
 VENDORS = ("siemens", "siemens-xa", "ge", "philips")
 DEFAULT_EXAMS_PER_VENDOR = 2
@@ -109,14 +111,9 @@ def run_eval(engine, exams_per_vendor: int, seed0: int, workdir: Optional[Path] 
     try:
         t0 = time.time()
         todo = [j for j in jobs_l if not (Path(j[2]) / "ground_truth.json").is_file()]
-        if jobs > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(max_workers=jobs) as ex:
-                list(ex.map(_simulate, todo))
-        else:
-            for j in todo:
-                _simulate(j)
+        run_jobs(_simulate, todo, jobs)
         t_sim = time.time() - t0
-        for vendor, seed, d in jobs_l:
+        for vendor, seed, d in progress(jobs_l, desc="segmenting exams", unit="exam"):
             try:
                 vol = t2w_volume(Path(d))
                 if vol is None:

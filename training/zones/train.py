@@ -19,6 +19,8 @@ from typing import Optional
 
 import numpy as np
 
+from agent.progress import progress
+
 from training.common import merge_stages
 
 
@@ -70,6 +72,8 @@ def train(cases: int = 240, minutes: float = 10.0, out: str = "var/zones-run", b
     t1 = time.perf_counter()
     step, hist = 0, []
     model.train()
+    # steps where a step budget is given, else the wall-clock budget's seconds
+    bar = progress(total=max_steps or int(budget), desc="training", unit="step" if max_steps else "s")
     while True:
         frac = (time.perf_counter() - t1) / budget
         if frac >= 1.0 or (max_steps is not None and step >= max_steps):
@@ -89,10 +93,12 @@ def train(cases: int = 240, minutes: float = 10.0, out: str = "var/zones-run", b
         loss.backward()
         opt.step()
         step += 1
+        bar.update(1 if max_steps else int(time.perf_counter() - t1) - bar.n)
         hist.append(float(loss.detach()))
         if step % 50 == 0:
             log(f"step {step} t={time.perf_counter() - t1:.0f}s loss {np.mean(hist[-50:]):.3f} "
                 f"(ce {float(ce.detach()):.3f} dice {float(dice.detach()):.3f})")
+    bar.close()
     t_train = time.perf_counter() - t1
 
     outp = Path(out)
