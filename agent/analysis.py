@@ -23,6 +23,7 @@ import numpy as np
 
 from agent.config import AgentConfig
 from agent.events import Event, LabelMismatch, SeriesClassified, SeriesSummary, TriageResult
+from agent.exam_reader import classifier_inputs, gland_input, model_frames, triage_inputs
 from agent.malloc import release_free_memory
 from agent.series import split_parts
 from agent.sinks import Sink
@@ -169,7 +170,7 @@ class Analyzer(Sink):
 
     def _classify(self, s: SeriesSummary) -> None:
         clf = self.classifier()
-        if clf is None:
+        if clf is None or not classifier_inputs([s]):
             return
         part = self._part(s)
         if part is None:
@@ -203,13 +204,12 @@ class Analyzer(Sink):
         if key in self._volumes:
             self._volumes.move_to_end(key)
             return self._volumes[key]
-        from agent.image_label import select_frames
         from agent.volume import load_volume
 
         part = part if part is not None else self._part(summary)
         if part is None:
             return None
-        volume = load_volume(select_frames(part.refs, part.frames))
+        volume = load_volume(model_frames(part))
         self._volumes[key] = volume
         while len(self._volumes) > VOLUMES_KEPT:
             self._volumes.popitem(last=False)
@@ -240,10 +240,8 @@ class Analyzer(Sink):
         return self._glands[key]
 
     def _reference_t2(self, study_uid: str) -> Optional[SeriesSummary]:
-        """The axial T2W the gland is taken from: the newest complete T2WI_nan, else T2WI_fs (as triage)."""
-        axial = [s for s in self._latest_series(study_uid).values() if s.plane == "axial" and s.complete]
-        t2 = [s for s in axial if s.label == "T2WI_nan"] or [s for s in axial if s.label == "T2WI_fs"]
-        return max(t2, key=lambda s: (s.series_number or 0, s.revision)) if t2 else None
+        """The axial T2W the gland is taken from (agent.exam_reader.gland_input, as every evaluation)."""
+        return gland_input(self._latest_series(study_uid).values())
 
     def _coverage(self, s: SeriesSummary) -> None:
         """GLAND_NOT_COVERED for each axial DWI/ADC series whose slab misses part of the gland: checked when
@@ -318,19 +316,9 @@ class Analyzer(Sink):
         return latest
 
     def triage_inputs(self, study_uid: str, exam_over: bool = False) -> Optional[dict[str, SeriesSummary]]:
-        """Axial T2W (non-fat-suppressed preferred), axial ADC and the highest axial high-b DWI, all complete.
-        The high b must reach `triage_min_b` (PI-RADS' >= 1400, acquired or calculated) while the exam goes
-        on, so that a b800 series does not trigger a run that the calculated b1400 then repeats; when the
-        exam ends without one, the highest b there is will do."""
-        axial = [s for s in self._latest_series(study_uid).values() if s.plane == "axial" and s.complete]
-        t2 = [s for s in axial if s.label == "T2WI_nan"] or [s for s in axial if s.label == "T2WI_fs"]
-        adc = [s for s in axial if s.label == "ADC"]
-        hbv = [s for s in axial if s.label == "DWI_High" and s.b_values
-               and (exam_over or max(s.b_values) >= self.settings.triage_min_b)]
-        if not (t2 and adc and hbv):
-            return None
-        newest = lambda xs: max(xs, key=lambda s: (s.series_number or 0, s.revision))  # noqa: E731
-        return {"T2W": newest(t2), "ADC": newest(adc), "HBV": max(hbv, key=lambda s: (max(s.b_values), s.series_number or 0))}
+        """The exam's csPCa inputs by agent.exam_reader.triage_inputs (the selection every evaluation makes)."""
+        return triage_inputs(self._latest_series(study_uid).values(), min_b=self.settings.triage_min_b,
+                             exam_over=exam_over)
 
     def _triage(self, study_uid: str, exam_over: bool = False) -> None:
         inputs = self.triage_inputs(study_uid, exam_over)

@@ -4,8 +4,8 @@
 
 For each fresh exam (simulator seeds from ``options.seed``, never used in training; balanced
 csPCa / not, 0-3 lesions, 4 vendor styles, bpMRI profile): simulate_exam writes DICOM ->
-agent.header.read_header -> agent.series.split_parts -> agent.classify.classify_header picks the
-axial T2W, the ADC and the highest-b DWI -> agent.volume.load_volume -> agent.cspca.CspcaModel
+agent.exam_reader (the daemon's read path: read_exam, then triage_inputs picks the axial T2W, the
+ADC and the highest-b DWI, and their model frames) -> agent.volume.load_volume -> agent.cspca.CspcaModel
 (engines.preprocess.prepare -> ONNX Runtime -> findings). Ground truth: the simulator's lesions
 (rebuilt with make_phantom from the same seed) put on the model grid; for lesion-level detection the
 csPCa lesions are counted as picai_eval counts them, one per connected tumour region of the target on
@@ -16,7 +16,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,36 +49,13 @@ def _simulate(job: tuple) -> str:
 
 
 def exam_volumes(exam_dir: Path) -> Dict[str, Any]:
-    """{"T2W", "ADC", "HBV"} Volumes of a written exam, chosen by the agent's header rules."""
-    from agent.classify import classify_header
-    from agent.header import HeaderError, read_header
-    from agent.series import split_parts
-    from agent.volume import load_volume
+    """{"T2W", "ADC", "HBV"} Volumes of a written exam: the series and frames the daemon would give the
+    model (agent.exam_reader: read_exam -> triage_inputs at exam end -> model frames); {} without them."""
+    from agent.exam_reader import read_exam, triage_inputs
 
-    by_series: Dict[str, list] = defaultdict(list)
-    for f in sorted(Path(exam_dir).rglob("*.dcm")):
-        try:
-            h = read_header(f)
-        except HeaderError:
-            continue
-        by_series[h.series_uid].append(h)
-    cands: Dict[str, list] = defaultdict(list)
-    for hs in by_series.values():
-        for part in split_parts(hs):
-            lab = classify_header(part.headers, part.frames)
-            cands[lab.label].append((lab, part))
-    out: Dict[str, Any] = {}
-    for lab, part in cands.get("T2WI_nan", []):
-        v = load_volume(part.refs)
-        if v.plane == "axial":
-            out["T2W"] = v
-            break
-    if cands.get("ADC"):
-        out["ADC"] = load_volume(cands["ADC"][0][1].refs)
-    highs = sorted(cands.get("DWI_High", []), key=lambda lp: -(lp[0].b_value or 0.0))
-    if highs:
-        out["HBV"] = load_volume(highs[0][1].refs)
-    return out
+    exam = read_exam(exam_dir)
+    chosen = triage_inputs(exam.summaries(), exam_over=True)
+    return exam.volumes(chosen) if chosen else {}
 
 
 def _lesion_groups(ph, cs_ids: List[int], grid=None) -> List[List[int]]:

@@ -4,8 +4,8 @@
 
 For each fresh exam (simulator seeds from ``options.seed``, never used in training; 0-3 lesions;
 the four vendor styles): simulate_exam writes the axial T2W of the bpMRI protocol as DICOM ->
-agent.header.read_header -> agent.series.split_parts -> agent.classify.classify_header picks the
-axial T2W -> agent.volume.load_volume -> agent.gland.segment (engines.preprocess.prepare -> ONNX
+agent.exam_reader (the daemon's read path: read_exam -> gland_input picks the axial T2W, its model
+frames) -> agent.volume.load_volume -> agent.gland.segment (engines.preprocess.prepare -> ONNX
 -> zones, largest component). Ground truth: the phantom's zones (rebuilt with make_phantom from the
 same seed) on the model grid, inside the T2W slab (training.zones.data.zone_target).
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,26 +54,13 @@ def _simulate(job: tuple) -> str:
 
 
 def t2w_volume(exam_dir: Path):
-    """The axial T2W Volume of a written exam, chosen by the agent's header rules (None if there is none)."""
-    from agent.classify import classify_header
-    from agent.header import HeaderError, read_header
-    from agent.series import split_parts
-    from agent.volume import load_volume
+    """The axial T2W Volume of a written exam the daemon would segment (agent.exam_reader.gland_input),
+    None if there is none."""
+    from agent.exam_reader import gland_input, read_exam
 
-    by_series: Dict[str, list] = defaultdict(list)
-    for f in sorted(Path(exam_dir).rglob("*.dcm")):
-        try:
-            h = read_header(f)
-        except HeaderError:
-            continue
-        by_series[h.series_uid].append(h)
-    for hs in by_series.values():
-        for part in split_parts(hs):
-            if classify_header(part.headers, part.frames).label in ("T2WI_nan", "T2WI_fs"):
-                v = load_volume(part.refs)
-                if v.plane == "axial":
-                    return v
-    return None
+    exam = read_exam(exam_dir)
+    t2 = gland_input(exam.summaries())
+    return exam.get(t2.series_id).volume() if t2 is not None else None
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> Optional[float]:
