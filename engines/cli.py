@@ -1,4 +1,4 @@
-"""`scanside models ...`: list, show, verify, import-taps, schema.
+"""`scanside models ...`: list, show, verify, import-taps, schema, accept, evaluate, train.
 
 Wiring (agent/cli.py):  ``from engines import cli as models_cli; models_cli.add_parser(subparsers)``
 then dispatch with ``args.func(args)`` (or ``models_cli.run(args)``); both return an exit code.
@@ -23,7 +23,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--user-dir", metavar="DIR", help="bring-your-own model directory (default $SCANSIDE_USER_MODELS_DIR)")
     p.add_argument("--prefer", metavar="B1,B2", default=None,
                    help="back-end preference order, e.g. tensorrt,onnxruntime")
-    sub = p.add_subparsers(dest="models_cmd", metavar="{list,show,verify,import-taps,schema,evaluate,train}")
+    sub = p.add_subparsers(dest="models_cmd", metavar="{list,show,verify,import-taps,schema,accept,evaluate,train}")
     sub.required = True
     ls = sub.add_parser("list", help="models and versions in the store")
     ls.add_argument("--json", action="store_true")
@@ -38,6 +38,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     imp.add_argument("--cache-dir", type=Path, help="where the downloaded wheel is kept (default ~/.cache/scanside/wheels)")
     imp.add_argument("--overwrite", action="store_true")
     sub.add_parser("schema", help="print the manifest JSON schema")
+    acc = sub.add_parser("accept", help="validate a model for this site: it leaves shadow mode and may alert (agent.shadow)")
+    acc.add_argument("name", help="NAME, NAME@VERSION or NAME/VERSION (default: latest version)")
+    acc.add_argument("--by", required=True, help="who accepts it (recorded; an operator's name, not a patient's)")
+    acc.add_argument("--note", default="", help="why, e.g. which site exams were reviewed")
+    acc.add_argument("--exams", type=int, default=None, help="site exams the acceptance rests on")
+    acc.add_argument("--config", type=Path, default=None, help="the agent's config file (where its state folder is)")
     _add_training_parsers(sub)
     p.set_defaults(func=run)
     return p
@@ -68,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"imported {m.ref} into {m.root} (sha256 {m.files['fp32'].sha256} verified)")
             return 0
         store = _store(args)
+        if cmd == "accept":
+            return _accept(args, store)
         if cmd in ("evaluate", "train"):
             return _run_training_cmd(cmd, args, store)
         if cmd == "list":
@@ -116,6 +124,18 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"unknown models command {cmd!r}", file=sys.stderr)
     return 2
+
+
+def _accept(args: argparse.Namespace, store: ModelStore) -> int:
+    from agent.config import load_config
+    from agent.shadow import SiteValidation, record_validation, validations_path
+
+    m = store.resolve(args.name)
+    path = validations_path(load_config(args.config))
+    v = record_validation(path, SiteValidation(model=m.name, version=m.version, method="operator", by=args.by,
+                                               note=args.note, exams=args.exams))
+    print(f"{v.ref} accepted for this site by {v.by} at {v.at}: it leaves shadow mode (recorded in {path})")
+    return 0
 
 
 def _add_training_parsers(sub: Any) -> None:
