@@ -148,6 +148,9 @@ def _add_training_parsers(sub: Any) -> None:
     ev.add_argument("--jobs", type=int, default=1, help="simulation worker processes")
     ev.add_argument("--variant", default=None, help="model file variant (default: the manifest's)")
     ev.add_argument("--write", action="store_true", help="record the metrics in the manifest and write the markdown report")
+    ev.add_argument("--real", type=Path, action="append", default=[], metavar="DIR",
+                    help="evaluate on real DICOM under DIR (repeatable) through the daemon's read path, "
+                         "header labels as reference where there is no other")
     ev.add_argument("--json", action="store_true")
     tr = sub.add_parser("train", help="train or fine-tune a model on a site's labelled DICOM (training.registry)")
     tsub = tr.add_subparsers(dest="train_kind", metavar="KIND")
@@ -165,14 +168,14 @@ def _add_training_parsers(sub: Any) -> None:
 
 
 def _run_training_cmd(cmd: str, args: argparse.Namespace, store: ModelStore) -> int:
-    from training.registry import EvaluateOptions, evaluator_for, trainer_for
+    from training.registry import EvaluateOptions, evaluator_for, real_evaluator_for, trainer_for
 
     if cmd == "train":
         return int(trainer_for(args.train_kind).train(args))
     m = store.resolve(args.name)
     opts = EvaluateOptions(exams_per_vendor=args.exams_per_vendor, seed=args.seed, workdir=args.workdir,
-                           write=args.write, variant=args.variant, jobs=args.jobs)
-    report = evaluator_for(m.task)(store, m, opts)
+                           write=args.write, variant=args.variant, jobs=args.jobs, real=args.real)
+    report = (real_evaluator_for if args.real else evaluator_for)(m.task)(store, m, opts)
     if args.json:
         _print(report)
     else:
