@@ -323,7 +323,8 @@ def evaluate_real(store, manifest, options) -> dict:
         record_real_data(manifest, {
             "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "command": f"scanside models evaluate {manifest.name} " + " ".join(f"--real {p}" for p in options.real) + " --write",
-            "exams": len(rows), "data": ", ".join(Path(p).name for p in options.real), "reference": report["reference"],
+            "exams": len(ok), "data": ", ".join(Path(p).name for p in options.real) + f" ({len(rows)} exam(s) read, "
+            f"{len(ok)} with the model's inputs)", "reference": report["reference"],
             "gland_model": glands.model,
             "figures": {"NOT_ASSESSED (inputs outside the validated range, or no gland)": f"{metrics['not_assessed']} of {len(ok)}",
                         "DCE_ADVISED": metrics["dce_advised"],
