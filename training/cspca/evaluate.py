@@ -326,7 +326,8 @@ def evaluate_real(store, manifest, options) -> dict:
             "exams": len(ok), "data": ", ".join(Path(p).name for p in options.real) + f" ({len(rows)} exam(s) read, "
             f"{len(ok)} with the model's inputs)", "reference": report["reference"],
             "gland_model": glands.model,
-            "figures": {"NOT_ASSESSED (inputs outside the validated range, or no gland)": f"{metrics['not_assessed']} of {len(ok)}",
+            "figures": {"gland model (findings kept inside its gland, crop centre)": glands.model or "none usable on real exams",
+                        "NOT_ASSESSED (inputs outside the validated range, or no gland)": f"{metrics['not_assessed']} of {len(ok)}",
                         "DCE_ADVISED": metrics["dce_advised"],
                         "findings of the model / dropped outside the gland": f"{metrics['findings_by_model']} / {metrics['findings_dropped_outside_gland']}",
                         "technologist alerts in shadow mode / if validated": f"{metrics['technologist_alerts_in_shadow']} / {metrics['technologist_alerts_if_validated']}",
