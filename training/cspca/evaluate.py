@@ -232,7 +232,8 @@ def write_results(manifest, report: dict) -> None:
     lines = [f"# Evaluation: {manifest.ref}", "",
              f"Measured {ev['measured_at']} with `{ev['command']}` on {m['n']} freshly simulated bpMRI exams "
              f"({m['positives']} csPCa; 4 vendor styles), back end {report['backend']}, runtime path "
-             "(simulated DICOM -> agent.header/series/classify -> agent.volume -> engines.preprocess -> ONNX -> agent.cspca).", "",
+             "(simulated DICOM -> agent.exam_reader: the daemon's series and frames -> agent.volume -> engines.preprocess -> ONNX "
+             "-> agent.cspca).", "",
              "| metric | value |", "|---|---:|"]
     for k in ("auroc", "ap", "ranking_score", "map_auroc", "ece", "sensitivity", "specificity", "lesions", "detected",
               "lesion_sensitivity", "centre_error_median_mm", "centre_error_p90_mm", "centre_within_5mm",
