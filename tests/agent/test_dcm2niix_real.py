@@ -18,12 +18,9 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main as cli_main
-from agent.config import load_config
-from agent.pipeline import Pipeline
-from agent.state import StateStore
 from agent.vendor import vendor_of
 
-from .realdata import DCM_QA_NIH, PROSTATEX, QIN_ADC, REALDATA, dicom_files, need
+from .realdata import DCM_QA_NIH, PROSTATEX, QIN_ADC, REALDATA, dicom_files, need, stream
 
 DWI = {"DWI_Low", "DWI_High"}
 
@@ -98,22 +95,6 @@ def test_scan_json_matches_dcm2niix_and_readme(name, tmp_path, capsys):
             assert not labels & DWI and b_values == set(), where
 
 
-def _stream(files: list[Path], state: Path, quiet_period_s: float = 30.0):
-    clock = [1_000_000.0]
-    config = load_config(**{"state.dir": str(state), "protocol.enabled": False, "series.quiet_period_s": quiet_period_s})
-    store = StateStore(config.db_path)
-    pipeline = Pipeline(config, store, clock=lambda: clock[0])
-    for f in files:
-        assert pipeline.process_file(str(f)).status == "ingested", f
-        clock[0] += 0.05  # 20 files a second: far less than the quiet period between two of a series
-        pipeline.tick()
-    clock[0] += quiet_period_s + 1
-    pipeline.tick()
-    events = store.events_after(0, limit=100_000)
-    store.close()
-    return events
-
-
 @pytest.mark.parametrize("order", ["scanner", "interleaved"])
 def test_every_real_series_completes_exactly_once(tmp_path, order):
     if not REALDATA.is_dir():
@@ -129,7 +110,7 @@ def test_every_real_series_completes_exactly_once(tmp_path, order):
             files.append(queues[folder].pop(0))
             if not queues[folder]:
                 del queues[folder]
-    events = _stream(files, tmp_path / "state")
+    events = stream(files, tmp_path / "state")
     assert [e for e in events if e.type == "series_reopened"] == []
     done = [e for e in events if e.type == "series_completed"]
     per_part = Counter((e.series.series_id, e.series.revision) for e in done)

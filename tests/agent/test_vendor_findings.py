@@ -16,14 +16,11 @@ from pydicom.uid import generate_uid
 
 from agent.classify import classify_header, diffusion_evidence
 from agent.cli import main as cli_main
-from agent.config import load_config
 from agent.header import HeaderError, header_from_dataset, read_header
-from agent.pipeline import Pipeline
 from agent.series import split_parts, summarise
-from agent.state import StateStore
 
 from .factory import mr_dataset, write
-from .realdata import DCM_QA_NIH, QIN_ADC, dicom_files, need
+from .realdata import DCM_QA_NIH, QIN_ADC, dicom_files, need, stream
 
 GE = "GE MEDICAL SYSTEMS"
 PHILIPS = "Philips Medical Systems"
@@ -106,30 +103,13 @@ def test_synthetic_ge_derived_adc_and_exponential_adc():
 
 
 # ------------------------------------------------------------------ 3. completion exactly once, linear
-def _stream(tmp_path, files, quiet_period_s=30.0):
-    clock = [1_000_000.0]
-    config = load_config(**{"state.dir": str(tmp_path / "state"), "protocol.enabled": False,
-                            "series.quiet_period_s": quiet_period_s})
-    store = StateStore(config.db_path)
-    pipeline = Pipeline(config, store, clock=lambda: clock[0])
-    for f in files:
-        assert pipeline.process_file(str(f)).status == "ingested"
-        clock[0] += 0.05  # the scanner keeps sending: 20 files a second
-        pipeline.tick()
-    clock[0] += quiet_period_s + 1
-    pipeline.tick()
-    events = store.events_after(0, limit=100_000)
-    store.close()
-    return events
-
-
 @pytest.mark.parametrize("order", ["scanner", "shuffled"])
 def test_real_ge_multiphase_epi_completes_once_when_all_150_are_in(tmp_path, order):
     files = dicom_files(need(DCM_QA_NIH) / "In" / "20180918GE")
     assert len(files) == 600
     if order == "shuffled":
         random.Random(19).shuffle(files)
-    events = _stream(tmp_path, files)
+    events = stream(files, tmp_path / "state")
     done = [e for e in events if e.type == "series_completed"]
     assert [e.type for e in events if e.type == "series_reopened"] == []
     assert sorted(e.series.series_number for e in done) == [4, 5, 6, 7]  # once each
@@ -180,7 +160,7 @@ def test_xa_enhanced_dwi_one_file_per_volume_completes_once_at_21(tmp_path):
     series, study = generate_uid(), generate_uid()
     files = [write(_xa_enhanced_dwi(series, study, v, 0.0 if v == 0 else 1000.0), tmp_path / "in" / f"v{v:02d}.dcm")
              for v in range(21)]
-    events = _stream(tmp_path, files)
+    events = stream(files, tmp_path / "state")
     done = [e for e in events if e.type == "series_completed"]
     assert [e.type for e in events if e.type == "series_reopened"] == []
     assert {e.series.part: e.series.n_images for e in done} == {"b0": 4, "b1000": 80}
@@ -195,7 +175,7 @@ def test_count_proved_too_small_reopens_once_then_waits_for_the_quiet_period(tmp
     files = [write(mr_dataset(series, study, instance=i + 1, position=(0, 0, 3.0 * (i % 10)), images_in_acquisition=10,
                               TemporalPositionIdentifier=i // 10 + 1, scanning="GR", te=2.0, tr=5.0),
                    tmp_path / "in" / f"{i:03d}.dcm") for i in range(60)]
-    events = _stream(tmp_path, files, quiet_period_s=20.0)
+    events = stream(files, tmp_path / "state", quiet_period_s=20.0)
     done = [e for e in events if e.type == "series_completed"]
     assert [e.series.revision for e in done] == [1, 2]
     assert len([e for e in events if e.type == "series_reopened"]) == 1
