@@ -6,7 +6,10 @@ Completion: when the images received reach the expected count ((0020,1002) image
 times temporal positions for dynamic series; the frames of an enhanced file; mosaic slices counted),
 or, with no count, after a quiet period. A series short of its count closes as incomplete after a
 grace period. An image arriving after completion reopens the series; it completes again as the next
-revision, so nothing is lost and the late arrival is reported.
+revision, so nothing is lost and the late arrival is reported. A reopened series has shown its count to
+be too small, so it completes by its quiet period from then on (once, not once per late image); where
+a vendor's count is known not to mean the series (GE (0025,1007) on multiphase EPI/DCE, Siemens XA
+enhanced files of one volume each), the series' reason says what was used instead.
 """
 from __future__ import annotations
 
@@ -29,8 +32,9 @@ def expected_count(h: InstanceHeader) -> tuple[Optional[int], str]:
     """The images the whole acquisition will have, as far as this header says, and a note when a
     count the header carries cannot be trusted as it stands ("" otherwise).
 
-    Enhanced: the file's frames, times the temporal positions when each file holds one of them
-    (Siemens XA enhanced DWI/fMRI writes one file per volume and NumberOfTemporalPositions = volumes).
+    Enhanced: the file's frames; where the file holds fewer volumes than NumberOfTemporalPositions
+    (Siemens XA enhanced DWI/fMRI writes one file per volume, NumberOfTemporalPositions = volumes), its
+    slice positions times the temporal positions.
     Classic: (0020,1002) images in acquisition, which counts one phase of a dynamic series, times its
     temporal positions. GE: (0025,1007) images in series where it counts more (DWI directions, which
     have no temporal positions); on multiphase EPI/DCE it counts one volume, like (0020,1002).
@@ -40,11 +44,11 @@ def expected_count(h: InstanceHeader) -> tuple[Optional[int], str]:
     ntp = h.number_of_temporal_positions or 0
     if h.is_enhanced:
         in_file = max(h.n_images, h.images_in_acquisition or 0)
-        phases_here = len({f.temporal_index for f in h.frames if f.temporal_index is not None})
-        if ntp > 1 and phases_here < ntp:
-            n = in_file * ntp // max(phases_here, 1)
-            return n, (f"enhanced file holds {in_file} images of {max(phases_here, 1)} of {ntp} temporal positions: "
-                       f"{n} expected over the files of the series")
+        slices = len({f.position for f in h.frames if f.position is not None}) or h.n_images
+        if ntp > 1 and slices * ntp > in_file:
+            n = slices * ntp
+            return n, (f"enhanced file holds {in_file} images ({slices} slice positions), the series "
+                       f"{ntp} temporal positions: {n} expected over its files")
         return in_file, ""
     per_phase = h.images_in_acquisition
     by_phase = per_phase * ntp if per_phase and ntp > 1 else per_phase

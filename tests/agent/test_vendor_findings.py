@@ -6,6 +6,7 @@ dcm_qa_toshiba, dcm_qa_xa30, dcm_qa_sag).
 """
 from __future__ import annotations
 
+import copy
 import random
 
 import numpy as np
@@ -17,7 +18,7 @@ from pydicom.uid import generate_uid
 from agent.classify import classify_header, diffusion_evidence
 from agent.cli import main as cli_main
 from agent.header import HeaderError, header_from_dataset, read_header
-from agent.series import split_parts, summarise
+from agent.series import expected_count, split_parts, summarise
 
 from .factory import mr_dataset, write
 from .realdata import DCM_QA_NIH, QIN_ADC, dicom_files, need, stream
@@ -165,7 +166,26 @@ def test_xa_enhanced_dwi_one_file_per_volume_completes_once_at_21(tmp_path):
     assert [e.type for e in events if e.type == "series_reopened"] == []
     assert {e.series.part: e.series.n_images for e in done} == {"b0": 4, "b1000": 80}
     assert all(e.series.expected_images == 84 and e.series.revision == 1 for e in done)
-    assert "4 images of 1 of 21 temporal positions" in done[0].series.reason
+    assert "4 images (4 slice positions), the series 21 temporal positions: 84 expected" in done[0].series.reason
+
+
+def test_expected_counts_ge_dwi_ge_dce_and_one_file_enhanced():
+    # GE DWI: (0020,1002) counts slice locations, (0025,1007) the whole series (no temporal positions)
+    dwi = header_from_dataset(_ge("1000001000\\8\\0\\0", b_series=20 * 31, images_in_acquisition=20,
+                                  scanning=["EP", "SE"]), "m")
+    assert expected_count(dwi) == (620, "")
+    # GE multiphase DCE: (0025,1007) counts one phase, like (0020,1002); the phases multiply it
+    dce = header_from_dataset(_ge("0\\0\\0\\0", b_series=40, images_in_acquisition=40, scanning="GR", te=1.5,
+                                  tr=4.0, NumberOfTemporalPositions=30), "m")
+    n, note = expected_count(dce)
+    assert n == 1200 and "(0025,1007) images in series = 40 counts one volume" in note
+    # an enhanced file holding every phase (positions repeat once per phase) is the whole series
+    ds = _xa_enhanced_dwi(generate_uid(), generate_uid(), 0, 0.0, n_slices=4, ntp=3)
+    per = list(ds.PerFrameFunctionalGroupsSequence)
+    ds.PerFrameFunctionalGroupsSequence = Sequence([copy.deepcopy(x) for _ in range(3) for x in per])
+    ds.NumberOfFrames = 12
+    ds.PixelData = np.zeros(ds.Rows * ds.Columns * 12, dtype=np.uint16).tobytes()
+    assert expected_count(header_from_dataset(ds, "m")) == (12, "")
 
 
 def test_count_proved_too_small_reopens_once_then_waits_for_the_quiet_period(tmp_path):
