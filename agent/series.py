@@ -276,7 +276,7 @@ class SeriesAssembler:
                               row["expected"], row["first_seen"], row["last_seen"], now)
         headers = self.store.series_headers(series_uid)
         events: list[EventBase] = []
-        note = self.completion_note(headers, row["revision"], row["expected"], row["n_images"])
+        note = self.completion_note(headers, row["revision"], row["expected"], row["n_images"], complete)
         for part in split_parts(headers):
             summary = summarise(part, row["revision"], complete, row["expected"], note)
             events.append(SeriesCompleted(
@@ -284,12 +284,15 @@ class SeriesAssembler:
             ))
         return events
 
-    def completion_note(self, headers: Sequence[InstanceHeader], revision: int, expected: Optional[int], n: int) -> str:
+    def completion_note(self, headers: Sequence[InstanceHeader], revision: int, expected: Optional[int], n: int,
+                        complete: bool = True) -> str:
         """Where the series' count could not be trusted as the header gives it, say so (and what was used)."""
         notes = [expected_count(headers[0])[1]] if headers else []
         if not self.count_trusted(revision) and expected:
             notes.append(f"expected count {expected} exceeded ({n} images): completed after the "
                          f"{self.config.quiet_period_s:g} s quiet period")
+        elif not complete and expected:
+            notes.append(f"closed with {n} of the {expected} images its header counts")
         return "; ".join(x for x in notes if x)
 
     def parts(self, series_uid: str) -> list[SeriesPart]:
