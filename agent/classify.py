@@ -31,32 +31,64 @@ class HeaderLabel(BaseModel):
 
 
 DIFFUSION_MACRO = {"DIRECTIONAL", "ISOTROPIC", "BMATRIX"}
+DIFFUSION_DERIVED = {"ADC", "TRACE", "FA", "CALC_BVALUE"}
+
+
+def diffusion_evidence(headers: Sequence[InstanceHeader]) -> Optional[str]:
+    """Why these images (one acquisition) are diffusion-weighted, or None.
+
+    A b-value tag alone is no evidence: GE writes (0043,1039) = 0 and Philips (2001,1003) = 0 on
+    ordinary images (fMRI, field maps, pCASL, MPRAGE). Evidence is a b > 0, a diffusion ImageType or
+    AcquisitionContrast, the diffusion macro's directionality, a derived diffusion map, a diffusion
+    sequence name (Siemens *ep_b0), or several distinct unit gradient directions."""
+    directions: set[tuple[float, float, float]] = set()
+    for h in headers:
+        if "DIFFUSION" in h.image_type:
+            return "ImageType DIFFUSION"
+        if h.acquisition_contrast == "DIFFUSION":
+            return "AcquisitionContrast DIFFUSION"
+        if SEQ_B.search(h.sequence_name):
+            return f"sequence name {h.sequence_name}"
+        for f in h.frames:
+            if f.b_value:
+                return f"b={f.b_value:g} from {f.b_source}"
+            if f.directionality in DIFFUSION_MACRO:
+                return f"DiffusionDirectionality {f.directionality}"
+            if f.derived in DIFFUSION_DERIVED:
+                return f"derived {f.derived} image"
+            if f.direction is not None and 0.9 < sum(c * c for c in f.direction) ** 0.5 < 1.1:
+                directions.add(tuple(round(c, 3) for c in f.direction))  # type: ignore[arg-type]
+    if len(directions) >= 2:
+        return f"{len(directions)} gradient directions"
+    return None
 
 
 def is_diffusion(h: InstanceHeader) -> bool:
-    """Diffusion needs an explicit marker (ImageType DIFFUSION, the standard diffusion macro's
-    directionality) or EPI with a b-value: GE sets (0043,1039) on non-diffusion series too."""
-    return (
-        "DIFFUSION" in h.image_type
-        or h.acquisition_contrast == "DIFFUSION"
-        or any(f.directionality in DIFFUSION_MACRO for f in h.frames)
-        or (h.epi and any(f.b_value is not None for f in h.frames))
-    )
+    """Whether this one file shows diffusion weighting (see diffusion_evidence)."""
+    return diffusion_evidence([h]) is not None
 
 
 def t2_like_timing(te: Optional[float], tr: Optional[float]) -> bool:
     return te is not None and tr is not None and te >= 60 and tr >= 1500
 
 
-def classify_header(headers: Sequence[InstanceHeader], frames: Sequence[FrameInfo]) -> HeaderLabel:
-    """Label one logical series (the frames of one b-value / derived part of an acquisition)."""
+def classify_header(headers: Sequence[InstanceHeader], frames: Sequence[FrameInfo],
+                    diffusion: Optional[bool] = None) -> HeaderLabel:
+    """Label one logical series (the frames of one b-value / derived part of an acquisition).
+
+    diffusion: whether the whole acquisition is diffusion-weighted (agent.series.split_parts decides it
+    on every file of the series, so that the b0 part of a DWI series is DWI_Low); None: judge these
+    headers alone."""
     h = headers[0]
     derived = {f.derived for f in frames if f.derived}
     words = f"{h.series_description} {h.protocol_name}"
     if h.modality and h.modality != "MR":
         return HeaderLabel(label="other", other_kind="unknown", confidence=0.99, reason=f"modality {h.modality}, not MR")
     if "ADC" in derived:
-        return HeaderLabel(label="ADC", confidence=0.99, reason="ImageType/FrameType marks an ADC map")
+        if {"ADC", "EADC"} & set(h.image_type) or h.is_enhanced:
+            return HeaderLabel(label="ADC", confidence=0.99, reason="ImageType/FrameType marks an ADC map")
+        return HeaderLabel(label="ADC", confidence=0.95,
+                           reason=f"DERIVED image whose description '{h.series_description}' names an ADC map")
     if "FA" in derived:
         return HeaderLabel(label="other", other_kind="unknown", confidence=0.95, reason="FA map (derived diffusion)")
 
@@ -66,17 +98,24 @@ def classify_header(headers: Sequence[InstanceHeader], frames: Sequence[FrameInf
         why = "ImageType LOCALIZER" if "LOCALIZER" in h.image_type else f"images in {len(planes)} planes"
         return HeaderLabel(label="other", other_kind="localizer", confidence=0.95, reason=why)
 
-    if any(is_diffusion(x) for x in headers):
+    if diffusion is None:
+        diffusion = diffusion_evidence(headers) is not None
+    if diffusion:
         return _diffusion_label(h, frames, derived)
 
     te, tr = h.echo_time, h.repetition_time
     temporal = {f.temporal_index for f in frames if f.temporal_index is not None}
+    n_phases = max(h.number_of_temporal_positions or 0, len(temporal))
+    if h.epi:
+        # EPI without diffusion evidence (fMRI, field maps, spin-echo EPI, pCASL, DSC perfusion): neither a
+        # PI-RADS T2W (TSE), whatever its TE and fat suppression, nor a DCE (T1-weighted gradient echo)
+        dynamic = f"dynamic, {n_phases} temporal positions: fMRI or perfusion, " if n_phases > 1 else ""
+        return HeaderLabel(label="other", other_kind="unknown", confidence=0.9,
+                           reason=f"echo-planar without diffusion evidence ({dynamic}not a T2W or DCE series; "
+                                  f"TE {te}, TR {tr}, sequence {'/'.join(h.scanning_sequence) or '?'})")
     gradient = "GR" in h.scanning_sequence and "SE" not in h.scanning_sequence
-    if h.epi and not t2_like_timing(te, tr):
-        gradient = True  # EPI without diffusion (BOLD, perfusion) is not a T2W series
-    if (h.number_of_temporal_positions or 0) > 1 or len(temporal) > 1:
-        n = max(h.number_of_temporal_positions or 0, len(temporal))
-        return HeaderLabel(label="other", other_kind="DCE", confidence=0.95, reason=f"{n} temporal positions (dynamic series)")
+    if n_phases > 1:
+        return HeaderLabel(label="other", other_kind="DCE", confidence=0.95, reason=f"{n_phases} temporal positions (dynamic series)")
     if LOCALIZER_WORDS.search(words):
         return HeaderLabel(label="other", other_kind="localizer", confidence=0.7, reason=f"description '{h.series_description}' names a localizer")
 

@@ -53,7 +53,7 @@ class InstanceHeader(BaseModel):
     transfer_syntax_uid: str = ""
     modality: str = ""
     manufacturer: str = ""
-    vendor: str = "other"  # siemens | ge | philips | uih | other
+    vendor: str = "other"  # siemens | ge | philips | canon | uih | other
     software_versions: str = ""
     series_number: Optional[int] = None
     instance_number: Optional[int] = None
@@ -245,7 +245,7 @@ def _check_pixel_data(ds: Dataset, fp: BinaryIO, size: int, inflated: Optional[i
     start = fp.tell()
     head = fp.read(12)
     if len(head) < 4 or head[:4] not in (PIXEL_DATA_TAG, b"\x7f\xe0\x00\x10"):
-        if "Rows" in ds:
+        if "Rows" in ds and not _non_image_class(_text(ds.get("SOPClassUID"))):
             if size - start <= 0:
                 raise HeaderError("truncated", "image header present but pixel data missing", retryable=True)
         raise HeaderError("no_pixel_data", "no image pixels (not an image instance)")
@@ -272,6 +272,16 @@ def _check_pixel_data(ds: Dataset, fp: BinaryIO, size: int, inflated: Optional[i
     expected = _native_pixel_bytes(ds)
     if expected and length < expected:
         raise HeaderError("truncated", f"pixel data holds {length} bytes, image needs {expected}")
+
+
+# Storage classes that never carry pixel data although some files of them have Rows (Philips XX_ files:
+# private series/exam-card data; raw data; spectroscopy): without pixels they are complete, not truncated.
+NON_IMAGE_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.4.2"}  # Raw Data, MR Spectroscopy
+PHILIPS_PRIVATE_NON_IMAGE = "1.3.46.670589.11.0.0.12."
+
+
+def _non_image_class(sop_class: str) -> bool:
+    return sop_class in NON_IMAGE_SOP_CLASSES or sop_class.startswith(PHILIPS_PRIVATE_NON_IMAGE)
 
 
 MAX_INFLATED_BYTES = 2 * 1024**3  # a deflated file that inflates past this is a deflate bomb
@@ -550,7 +560,7 @@ def _classic_frame(ds: Dataset, vendor: str, csa: Optional[vd.LazyCSA], image_ty
     diffusion_csa: Any = csa if ("DIFFUSION" in image_type or vd.is_epi(ds, vendor)) else {}
     b, b_source = vd.b_value(ds, vendor, diffusion_csa)
     direction = vd.diffusion_direction(ds, vendor, diffusion_csa)
-    derived = vd.derived_type(image_type)
+    derived = vd.derived_type(image_type) or vd.derived_from_description(image_type, _text(ds.get("SeriesDescription")))
     directionality = vd.directionality(ds, vendor)
     n_slices = 1
     if mosaic:

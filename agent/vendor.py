@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -42,6 +43,8 @@ def vendor_of(manufacturer: str) -> str:
         return "philips"
     if "uih" in m or "united imaging" in m:
         return "uih"
+    if "canon" in m or "toshiba" in m:  # Toshiba Medical became Canon Medical (2018): one set of conventions
+        return "canon"
     return "other"
 
 
@@ -260,6 +263,18 @@ def derived_type(image_type: Iterable[str]) -> Optional[str]:
     for token in ("ADC", "EADC", "FA", "CALC_BVALUE", "TRACEW", "TRACE"):
         if token in tokens:
             return DERIVED_TOKENS[token]
+    return None
+
+
+# A scanner-computed ADC map that ImageType does not name (GE FuncTool writes DERIVED\SECONDARY\PROCESSED,
+# "Apparent Diffusion Coefficient (mm2/s)", and keeps the source b-value in (0043,1039)).
+ADC_DESCRIPTION = re.compile(r"(?<!exponential )apparent diffusion coefficient|(?<![a-z0-9])ADC(?![a-z0-9])", re.I)
+
+
+def derived_from_description(image_type: Iterable[str], description: str) -> Optional[str]:
+    """ADC for a DERIVED image whose series description names an ADC map; None otherwise."""
+    if "DERIVED" in {t.upper() for t in image_type} and ADC_DESCRIPTION.search(description or ""):
+        return "ADC"
     return None
 
 

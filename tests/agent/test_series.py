@@ -68,6 +68,7 @@ def test_short_series_closes_incomplete_after_grace(tmp_path):
     pipeline.tick()
     (ev,) = _completed(store)
     assert not ev.series.complete and ev.series.n_images == 3 and ev.series.expected_images == 5
+    assert ev.series.reason.endswith("closed with 3 of the 5 images its header counts")
 
 
 def test_late_instance_reopens_and_is_never_lost(tmp_path):
