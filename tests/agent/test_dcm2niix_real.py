@@ -61,7 +61,8 @@ def _reference(name: str, folder: Path, tmp_path: Path) -> dict[tuple[str, int],
 
 
 def _scan(folder: Path, capsys) -> dict:
-    assert cli_main(["scan", "--json", str(folder)]) == 0
+    # 5: a critical deviation from the prostate protocol, as a brain fMRI set has; the decoding ran
+    assert cli_main(["scan", "--json", str(folder)]) in (0, 5)
     return json.loads(capsys.readouterr().out)
 
 
