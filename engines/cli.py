@@ -129,6 +129,10 @@ def _add_training_parsers(sub: Any) -> None:
     ev.add_argument("--variant", default=None, help="model file variant (default: the manifest's)")
     ev.add_argument("--write", action="store_true", help="record the metrics in the manifest and write the markdown report")
     ev.add_argument("--json", action="store_true")
+    ev.add_argument("--real", type=Path, default=None, metavar="DIR",
+                    help="evaluate on real DICOM under DIR through the agent's runtime path (reference: header labels)")
+    ev.add_argument("--labels", type=Path, default=None, metavar="CSV",
+                    help="with --real: series_uid[#part],label rows that override the header labels")
     tr = sub.add_parser("train", help="train or fine-tune a model on a site's labelled DICOM (training.registry)")
     tsub = tr.add_subparsers(dest="train_kind", metavar="KIND")
     tsub.required = True
@@ -151,7 +155,8 @@ def _run_training_cmd(cmd: str, args: argparse.Namespace, store: ModelStore) -> 
         return int(trainer_for(args.train_kind).train(args))
     m = store.resolve(args.name)
     opts = EvaluateOptions(exams_per_vendor=args.exams_per_vendor, seed=args.seed, workdir=args.workdir,
-                           write=args.write, variant=args.variant, jobs=args.jobs)
+                           write=args.write, variant=args.variant, jobs=args.jobs,
+                           real=getattr(args, "real", None), labels=getattr(args, "labels", None))
     report = evaluator_for(m.task)(store, m, opts)
     if args.json:
         _print(report)

@@ -50,6 +50,8 @@ class EvaluateOptions(BaseModel):
     write: bool = Field(False, description="record metrics in the manifest and write the markdown report")
     variant: Optional[str] = None
     jobs: int = Field(1, ge=1, description="worker processes for simulation")
+    real: Optional[Path] = Field(None, description="evaluate on this folder of real DICOM instead of simulated exams")
+    labels: Optional[Path] = Field(None, description="with `real`: CSV series_uid[#part],label overriding header labels")
 
 
 def _load(spec: str) -> Any:

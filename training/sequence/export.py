@@ -26,6 +26,7 @@ from training.sequence.model import SeqResNet3d
 NAME = "sequence-classifier"
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
+FEATURES_NAME = "features"
 OPSET = 17
 MODEL_FILE = "model.onnx"
 CARD_FILE = "MODEL_CARD.md"
@@ -41,21 +42,26 @@ TRAINING_DATA = (
 
 
 class _WithSoftmax(nn.Module):
-    def __init__(self, net: nn.Module):
+    """Probabilities and, second, the pooled features the agent's out-of-distribution score reads
+    (agent.image_label; fitted by training.sequence.uncertainty)."""
+
+    def __init__(self, net: SeqResNet3d):
         super().__init__()
         self.net = net
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(x), dim=1)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.net.features(x)
+        return torch.softmax(self.net.fc(f), dim=1), f
 
 
 def export_onnx(model: nn.Module, path: Path) -> Path:
     model = model.eval()
     x = torch.zeros((2, IN_CHANNELS) + INPUT_SHAPE)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(_WithSoftmax(model), (x,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                      dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=OPSET,
-                      do_constant_folding=True, dynamo=False)
+    torch.onnx.export(_WithSoftmax(model), (x,), str(path), input_names=[INPUT_NAME],
+                      output_names=[OUTPUT_NAME, FEATURES_NAME],
+                      dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}, FEATURES_NAME: {0: "batch"}},
+                      opset_version=OPSET, do_constant_folding=True, dynamo=False)
     return path
 
 
@@ -75,7 +81,7 @@ def onnx_parity(model: nn.Module, path: Path, n: int = 4, seed: int = 0) -> Dict
 
 
 def build_manifest(version: str, onnx_path: Path, *, training: Optional[dict] = None,
-                   parity: Optional[dict] = None, metrics: Optional[dict] = None) -> ModelManifest:
+                   parity: Optional[dict] = None, metrics: Optional[dict] = None, model_width: int = 96) -> ModelManifest:
     import onnx
 
     opset = next((o.version for o in onnx.load(str(onnx_path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")), OPSET)
@@ -87,7 +93,9 @@ def build_manifest(version: str, onnx_path: Path, *, training: Optional[dict] = 
         inputs=[TensorSpec(name=INPUT_NAME, dtype="float32", shape=["batch", IN_CHANNELS, *INPUT_SHAPE],
                            description="one series volume, engines.preprocess.prepare with `preprocessing`")],
         outputs=[TensorSpec(name=OUTPUT_NAME, dtype="float32", shape=["batch", len(LABELS)],
-                            description="softmax class probabilities in `labels` order")],
+                            description="softmax class probabilities in `labels` order"),
+                 TensorSpec(name=FEATURES_NAME, dtype="float32", shape=["batch", int(model_width)],
+                            description="pooled penultimate features (out-of-distribution score)")],
         preprocessing=PREPROCESS, labels=list(LABELS),
         files={"fp32": ModelFile(path=MODEL_FILE, sha256=sha256_file(onnx_path), precision="fp32",
                                  size_bytes=onnx_path.stat().st_size, opset=opset)},
@@ -114,7 +122,8 @@ def export_model(model: nn.Module, version: str, *, store_root: Optional[Path] =
         parity = onnx_parity(model, onnx_path)
         if parity["max_abs_diff"] > 1e-4:
             raise RuntimeError(f"ONNX parity failed: {parity}")
-        m = build_manifest(version, onnx_path, training=training, parity=parity, metrics=metrics)
+        m = build_manifest(version, onnx_path, training=training, parity=parity, metrics=metrics,
+                           model_width=int(model.fc.in_features))
         card = Path(td) / CARD_FILE
         card.write_text(render_card(m, training), encoding="utf-8")
         store = ModelStore([root], user_dir=None)
@@ -219,6 +228,10 @@ def render_card(m: ModelManifest, training: Optional[dict] = None) -> str:
                       f"Errors in the set above: {_error_summary(ev.get('errors') or [])}."]
     else:
         lines.append("Not yet evaluated (run `scanside models evaluate sequence-classifier --write`).")
+    from training.sequence.real import real_card_section
+
+    lines += real_card_section(m)
+    lines += uncertainty_card_section(m)
     lines += int8_card_section(m)
     lines += ["", "## Limitations",
               "- Trained and evaluated on simulated phantoms only; not validated on patients. Real scanners, coils, "
@@ -229,6 +242,22 @@ def render_card(m: ModelManifest, training: Optional[dict] = None) -> str:
               "- Classes outside the taxonomy (e.g. spectroscopy, perfusion maps) are forced into one of the six labels.",
               ""]
     return "\n".join(lines)
+
+
+def uncertainty_card_section(m: ModelManifest) -> list:
+    u = (m.postprocessing or {}).get("uncertainty")
+    if not u:
+        return ["", "## Uncertainty", "No uncertainty gate fitted: every series gets a label, however unsure."]
+    r = u.get("report") or {}
+    return ["", "## Uncertainty (agent.image_label)",
+            f"- Temperature scaling T = {u['temperature']:g}; a calibrated confidence below {u['min_confidence']:g} makes "
+            "the image label `uncertain` (no LABEL_MISMATCH alert).",
+            f"- Out-of-distribution score: squared Mahalanobis distance of the pooled features (`{u.get('feature_output')}`) "
+            f"to the nearest class mean (shared, shrunk covariance; {u.get('stats_file')}); above {u.get('ood_threshold', 0):.4g} "
+            f"(the {r.get('ood_quantile', 'n/a')} quantile of held-out simulated series) the label is `uncertain`.",
+            f"- Fitted on {u.get('fitted_on', 'n/a')}. On the threshold half: {r.get('threshold_uncertain_rate', 'n/a')} "
+            f"uncertain, accuracy of the confident {r.get('threshold_accuracy_confident', 'n/a')}, ECE "
+            f"{r.get('ece_before', 'n/a')} before and {r.get('ece_after', 'n/a')} after temperature scaling."]
 
 
 def load_from_onnx(path: Path) -> SeqResNet3d:
