@@ -90,6 +90,10 @@ class Analyzer(Sink):
             self._classifier = clf
         return self._classifier
 
+    def reload_classifier(self) -> None:
+        """Load the sequence model again on the next series (a new version was promoted into the store)."""
+        self._classifier = None  # the store scans its folders on each resolve: the newest version wins
+
     def cspca(self) -> Any:
         if self._cspca is None and self.settings.triage and self._has(self.settings.cspca_model):
             from agent.cspca import CspcaModel

@@ -128,3 +128,20 @@ def test_real_evaluation_runs_the_daemon_path_on_the_real_exams():
     assert five["accuracy"] == pytest.approx(right / 16)
     assert report["false_alerts"] == sum(bool(r["alert"]) and r["header"] == r["reference"] for r in rows)
     assert "description" in rows[0] and not any("PatientName" in str(v) for r in rows for v in r.values())
+
+
+def test_intensity_augment_changes_contrast_but_keeps_order_and_zscore():
+    import torch
+
+    from training.sequence.train import intensity_augment
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.linspace(-2, 3, 16 * 8 * 8).reshape(1, 1, 16, 8, 8).repeat(4, 3, 1, 1, 1)
+    y = intensity_augment(x, g, p=1.0)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert not torch.allclose(y, x, atol=1e-2)
+    m, s = y.mean(dim=(2, 3, 4)), y.std(dim=(2, 3, 4))
+    assert torch.allclose(m, torch.zeros_like(m), atol=1e-4) and torch.allclose(s, torch.ones_like(s), atol=1e-3)
+    # the bright end stays bright: tissue order survives the gamma and the smooth field
+    assert (y[..., -1, :, :].mean(dim=(-1, -2)) > y[..., 0, :, :].mean(dim=(-1, -2))).all()
+    assert torch.equal(intensity_augment(x, g, p=0.0), x)

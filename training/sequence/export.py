@@ -230,7 +230,10 @@ def render_card(m: ModelManifest, training: Optional[dict] = None) -> str:
         lines.append("Not yet evaluated (run `scanside models evaluate sequence-classifier --write`).")
     from training.sequence.real import real_card_section
 
+    from training.sequence.adapt import adaptation_card_section
+
     lines += real_card_section(m)
+    lines += adaptation_card_section(m)
     lines += uncertainty_card_section(m)
     lines += int8_card_section(m)
     lines += ["", "## Limitations",

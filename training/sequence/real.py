@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -66,9 +67,8 @@ def read_series(folder: Path) -> Tuple[List[Tuple[Any, Any]], Dict[str, int]]:
     by_series: Dict[str, list] = defaultdict(list)
     seen: set = set()
     skipped: Dict[str, int] = defaultdict(int)
-    for p in sorted(Path(folder).rglob("*")):
-        if not p.is_file():
-            continue
+    files = sorted(Path(d) / f for d, _, fs in os.walk(folder, followlinks=True) for f in fs)
+    for p in files:
         try:
             h = read_header(p)
         except HeaderError as e:
