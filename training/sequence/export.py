@@ -309,3 +309,46 @@ def copy_version(src: ModelManifest, dest_root: Path) -> Path:
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def reexport_with_features(base: ModelManifest, version: str, store_root: Optional[Path] = None) -> ModelManifest:
+    """The same weights as ``base`` (restored from its FP32 ONNX) exported as ``version`` with the
+    features output the uncertainty gate needs; probabilities must match ``base`` within 1e-5 on random
+    inputs, or nothing is written. Training record and simulated evaluations carry over (same weights);
+    INT8 variants do not (the store runs FP32 until a calibration on real data makes new ones)."""
+    import onnxruntime as ort
+
+    model = load_from_onnx(base.file_path("fp32")).eval()
+    x = np.random.default_rng(7).standard_normal((4, IN_CHANNELS) + INPUT_SHAPE).astype(np.float32)
+    ref = ort.InferenceSession(str(base.file_path("fp32")), providers=["CPUExecutionProvider"]).run(None, {INPUT_NAME: x})[0]
+    m = export_model(model, version, store_root=store_root, overwrite=False)
+    got = ort.InferenceSession(str(m.file_path("fp32")), providers=["CPUExecutionProvider"]).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    diff = float(np.abs(ref - got).max())
+    if diff > 1e-5:
+        shutil.rmtree(m.root, ignore_errors=True)
+        raise RuntimeError(f"re-export of {base.ref} differs from it by {diff}")
+    metrics = {k: v for k, v in base.metrics.items() if k in ("evaluation", "evaluations")}
+    metrics["same_weights_as"] = {"model": base.ref, "sha256": base.files["fp32"].sha256, "max_abs_diff": diff}
+    m = m.model_copy(update={"training_data": base.training_data, "metrics": metrics})
+    m.set_root(Path(m.root))
+    m.save(Path(m.root))
+    for extra in ("EVALUATION.md",):
+        if (Path(base.root) / extra).is_file():
+            shutil.copyfile(Path(base.root) / extra, Path(m.root) / extra)
+    m = ModelManifest.load(Path(m.root))
+    write_card(m, Path(m.root))
+    return m
+
+
+if __name__ == "__main__":  # python -m training.sequence.export --from 1.4.0 --version 1.4.1
+    import argparse
+    import json
+
+    from engines.store import ModelStore
+
+    ap = argparse.ArgumentParser(description=reexport_with_features.__doc__)
+    ap.add_argument("--from", dest="base", required=True, help="version to re-export")
+    ap.add_argument("--version", required=True)
+    a = ap.parse_args()
+    out = reexport_with_features(ModelStore([DEFAULT_STORE], user_dir=None).resolve(f"{NAME}@{a.base}"), a.version)
+    print(json.dumps({"model": out.ref, "path": str(out.root), **out.metrics["same_weights_as"]}, indent=2))
