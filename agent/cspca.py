@@ -32,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from agent.events import LesionFinding
+from agent.input_range import InputRange, RangeCheck
 from agent.volume import Volume
 from engines.preprocess import Grid, prepare
 
@@ -63,6 +64,7 @@ class CspcaPrediction:
     grid: Grid
     model: str = ""
     backend: str = ""
+    range_check: Optional[RangeCheck] = None  # the input against the model's validated range (None: no range)
 
     def likelihood_volume(self) -> Volume:
         return self.grid.volume(self.likelihood)
@@ -174,6 +176,17 @@ class CspcaModel:
         self.spec = self.manifest.preprocessing
         self.engine, self.selection = store.open(self.manifest, variant=variant, preference=preference)
         self.post: Dict[str, Any] = {**DEFAULT_POSTPROCESSING, **(self.manifest.postprocessing or {})}
+        root = getattr(self.manifest, "root", None)
+        self.input_range: Optional[InputRange] = InputRange.load(root) if root is not None else None
+
+    @property
+    def exam_head(self) -> Optional[tuple]:
+        """(scale, bias) of the exam head, probability = sigmoid(scale * max voxel logit + bias), when the
+        model declares it (postprocessing "exam_head" or its training record); None otherwise."""
+        head = self.post.get("exam_head") or ((self.manifest.metrics or {}).get("training") or {}).get("exam_head")
+        if isinstance(head, dict) and "scale" in head and "bias" in head:
+            return float(head["scale"]), float(head["bias"])
+        return None
 
     @property
     def ref(self) -> str:
@@ -203,15 +216,44 @@ class CspcaModel:
     def predict(self, volumes: Mapping[str, Volume], center_lps=None) -> CspcaPrediction:
         vols = self._check(volumes)
         x, grid = prepare(vols, self.spec, center_lps=center_lps)
+        check = self.input_range.check(x) if self.input_range is not None else None
         res = self.engine.run({"input": x[None].astype(np.float32)})
         lk = np.asarray(res["likelihood"], dtype=np.float32)[0, 0]
         prob = float(np.asarray(res["probability"], dtype=np.float32).reshape(-1)[0])
         findings = extract_findings(lk, grid, **self.post)
         return CspcaPrediction(probability=prob, findings=findings, likelihood=lk, grid=grid, model=self.ref,
-                               backend=str(self.selection.backend))
+                               backend=str(self.selection.backend), range_check=check)
 
     def close(self) -> None:
         try:
             self.engine.close()
         except Exception:  # pragma: no cover - best effort
             pass
+
+
+@dataclasses.dataclass
+class GlandRestricted:
+    findings: List[LesionFinding]  # those inside the allowed region
+    dropped: int  # findings outside it
+    probability: float  # the exam probability from what is left
+
+
+def restrict_findings(prediction: CspcaPrediction, allowed: Any, exam_head: Optional[tuple]) -> GlandRestricted:
+    """Keep the findings whose centre ``allowed`` (points (n, 3) LPS mm -> bool) accepts, e.g. the gland mask
+    dilated by a few mm (agent.gland.inside_gland), and recompute the exam probability from the evidence left:
+    with the model's exam head, sigmoid(scale * logit(peak) + bias) where peak is the highest likelihood of a
+    kept finding or of any allowed voxel; without one, the model's probability capped at that peak."""
+    kept = [f for f in prediction.findings if bool(allowed(np.asarray([f.center_lps_mm], dtype=np.float64))[0])]
+    dropped = len(prediction.findings) - len(kept)
+    lk = np.nan_to_num(np.asarray(prediction.likelihood, dtype=np.float32), nan=0.0)
+    vox = np.argwhere(np.ones(lk.shape, dtype=bool))
+    inside = allowed(prediction.grid.index_to_lps(vox.astype(np.float64)))
+    peak = max([float(lk.reshape(-1)[inside].max()) if inside.any() else 0.0] + [f.likelihood for f in kept])
+    if exam_head is not None:
+        p = min(max(peak, 1e-7), 1.0 - 1e-7)
+        prob = float(1.0 / (1.0 + np.exp(-(exam_head[0] * np.log(p / (1.0 - p)) + exam_head[1]))))
+    else:
+        prob = min(prediction.probability, peak)
+    if not dropped and exam_head is None:
+        prob = prediction.probability
+    return GlandRestricted(findings=kept, dropped=dropped, probability=round(prob, 6))

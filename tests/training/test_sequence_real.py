@@ -114,7 +114,7 @@ def test_real_evaluation_runs_the_daemon_path_on_the_real_exams():
 
     store = ModelStore()
     m = store.resolve("sequence-classifier")
-    report = evaluate_real(store, m, EvaluateOptions(real=REALDATA))
+    report = evaluate_real(store, m, EvaluateOptions(real=[REALDATA]))
     rows = report["series"]
     assert report["series_parts"] == len(rows) == 27 and len(report["exams"]) == 2
     assert not [r for r in rows if r.get("error")], "every real series must reach the model"

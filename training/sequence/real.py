@@ -3,7 +3,8 @@
     scanside models evaluate sequence-classifier --real DIR [--labels CSV] [--json] [--write]
 
 Every file under DIR goes the agent's runtime path: agent.header.read_header -> one acquisition per
-SeriesInstanceUID -> agent.series.split_parts / summarise (the header label and its confidence) ->
+SeriesInstanceUID -> agent.series.split_parts / summarise (the header label and its confidence), all
+by agent.exam_reader.read_exams, and its classifier_inputs ->
 agent.image_label.ImageClassifier.classify (select_frames -> agent.volume.load_volume ->
 engines.preprocess.prepare -> the store's engine -> the model's uncertainty gate). Nothing here
 reads pixels another way.
@@ -25,11 +26,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
-import os
 import time
-from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -58,31 +57,18 @@ def read_labels(path: Optional[Path]) -> Dict[str, str]:
     return out
 
 
-def read_series(folder: Path) -> Tuple[List[Tuple[Any, Any]], Dict[str, int]]:
-    """(SeriesSummary, SeriesPart) of every logical series under ``folder``, as the daemon summarises
-    them, and the count of files skipped by reason."""
-    from agent.header import HeaderError, read_header
-    from agent.series import split_parts, summarise
+def read_series(folders: Union[Path, Sequence[Path]]) -> Tuple[List[Tuple[Any, Any]], Dict[str, int]]:
+    """(SeriesSummary, SeriesPart) of every series the daemon would classify under ``folders``
+    (agent.exam_reader.read_exams, the daemon's read path; classifier_inputs, its selection) and the
+    count of files not used, by reason."""
+    from agent.exam_reader import classifier_inputs, read_exams
 
-    by_series: Dict[str, list] = defaultdict(list)
-    seen: set = set()
-    skipped: Dict[str, int] = defaultdict(int)
-    files = sorted(Path(d) / f for d, _, fs in os.walk(folder, followlinks=True) for f in fs)
-    for p in files:
-        try:
-            h = read_header(p)
-        except HeaderError as e:
-            skipped[getattr(e, "reason", type(e).__name__)] += 1
-            continue
-        if h.sop_instance_uid in seen:
-            skipped["duplicate_instance"] += 1
-            continue
-        seen.add(h.sop_instance_uid)
-        by_series[h.series_uid].append(h)
-    out = []
-    for headers in by_series.values():
-        for part in split_parts(headers):
-            out.append((summarise(part, 0, True, None), part))
+    out: List[Tuple[Any, Any]] = []
+    skipped: Dict[str, int] = {}
+    for exam in read_exams(folders):
+        chosen = {s.series_id for s in classifier_inputs(exam.summaries())}
+        out += [(es.summary, es.part) for es in exam.series if es.series_id in chosen]
+        skipped = exam.skipped
     return out, dict(skipped)
 
 
@@ -143,12 +129,13 @@ def evaluate_real(store: Any, manifest: Any, options: Any) -> dict:
     """training.registry evaluator on real DICOM (``options.real``)."""
     from agent.image_label import ImageClassifier
 
-    folder = Path(options.real)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--real {folder}: not a folder")
+    folders = [Path(p) for p in (options.real if isinstance(options.real, (list, tuple)) else [options.real])]
+    for folder in folders:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--real {folder}: not a folder")
     labels = read_labels(getattr(options, "labels", None) or DEFAULT_LABELS)
     t0 = time.time()
-    series, skipped = read_series(folder)
+    series, skipped = read_series(folders)
     clf = ImageClassifier(store, manifest.ref, variant=options.variant)
     rows = classify_series(clf, series, labels)
     metrics = summarise_rows(rows)
@@ -161,7 +148,7 @@ def evaluate_real(store: Any, manifest: Any, options: Any) -> dict:
         e["false_alerts"] += bool(r["alert"] and r["header"] == r["reference"])
     five = metrics.get("five_class", {})
     report = {
-        "model": manifest.ref, "backend": clf.backend, "real": str(folder), "series_parts": len(rows),
+        "model": manifest.ref, "backend": clf.backend, "real": " ".join(str(f) for f in folders), "series_parts": len(rows),
         "skipped_files": skipped, "seconds": round(time.time() - t0, 1), "floor": REAL_TARGET,
         "passed": bool(five) and five["accuracy"] >= REAL_TARGET["accuracy"],
         "metrics": {k: {kk: v[kk] for kk in ("n", "accuracy", "kappa", "accuracy_argmax", "accuracy_confident",
@@ -184,7 +171,7 @@ def write_real(manifest: Any, report: dict) -> None:
 
     metrics = dict(manifest.metrics)
     real = dict(metrics.get("real") or {})
-    real[Path(report["real"]).name] = {
+    real[" + ".join(Path(f).name for f in report["real"].split(" "))] = {
         "measured_at": now_iso(), "command": f"scanside models evaluate {manifest.name} --real {report['real']} --write",
         "series_parts": report["series_parts"], "exams": len(report["exams"]), "false_alerts": report["false_alerts"],
         "subsets": report["metrics"],
