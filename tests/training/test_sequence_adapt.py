@@ -12,6 +12,9 @@ import pytest
 
 from training.sequence import adapt as A
 
+# the end-to-end runs render and fine-tune on CPU: minutes on a shared 2-core machine
+pytestmark = pytest.mark.timeout(900)
+
 
 def test_whole_exams_are_held_out():
     studies = [f"1.2.{i}" for i in range(10)]
@@ -42,8 +45,8 @@ def _args(**kw) -> argparse.Namespace:
     p.add_argument("--user-dir")
     p.add_argument("--prefer")
     A.add_arguments(p)
-    ns = p.parse_args(["sequence-classifier", "--from", str(kw.pop("src")), "--epochs", "1", "--replay-exams", "1",
-                       "--sim-exams", "1", "--json"])
+    src = ["--from-state", str(kw.pop("state"))] if "state" in kw else ["--from", str(kw.pop("src"))]
+    ns = p.parse_args(["sequence-classifier", *src, "--epochs", "1", "--replay-exams", "1", "--sim-exams", "1", "--json"])
     for k, v in kw.items():
         setattr(ns, k, v)
     return ns
@@ -59,13 +62,35 @@ def site(tmp_path_factory) -> Path:
     return root
 
 
-def test_adapt_end_to_end_records_what_it_did(site, tmp_path, monkeypatch):
+def _ingest(folder: Path, state: Path) -> None:
+    """The agent's own state for ``folder``, as `scanside scan` builds it."""
+    from agent.config import load_config
+    from agent.ingest import Ingestor
+    from agent.pipeline import Pipeline
+    from agent.state import StateStore
+
+    config = load_config(**{"state.dir": str(state)})
+    config.watch.settle_s = 0
+    config.ingest.retry_delays_s = []
+    store = StateStore(config.db_path)
+    pipeline = Pipeline(config, store)
+    ingestor = Ingestor(config, pipeline)
+    ingestor.catch_up(folder)
+    ingestor.drain(timeout=600)
+    pipeline.complete_all()
+    store.close()
+
+
+def test_adapt_from_the_agents_state_records_what_it_did(site, tmp_path, monkeypatch):
+    from agent.shadow import FILE_NAME, SiteValidation
     from engines.store import ModelStore
 
+    state = tmp_path / "state"
+    _ingest(site, state)
     store = ModelStore(user_dir=tmp_path / "user")
     base = store.resolve("sequence-classifier")
     monkeypatch.setattr(A, "beats", lambda c: c["n"] > 0)  # exercise the promotion path whatever the score
-    summary = A.adapt(_args(src=site, max_sim_drop=1.0), store)
+    summary = A.adapt(_args(state=state, max_sim_drop=1.0), store)
     assert summary["decision"] == "promoted", summary
     assert len(summary["exams_holdout"]) == 1 and len(summary["exams_train"]) == 2
     assert not set(summary["exams_holdout"]) & set(summary["exams_train"])
@@ -78,6 +103,9 @@ def test_adapt_end_to_end_records_what_it_did(site, tmp_path, monkeypatch):
     card = (Path(new.root) / "MODEL_CARD.md").read_text()
     assert "## Site adaptation" in card and base.ref in card and summary["exams_holdout"][0] in card
     assert "1.2.840" not in json.dumps(rec)  # no UIDs in the record
+    (line,) = (state / FILE_NAME).read_text().splitlines()  # the hold-out validated it: out of shadow mode
+    v = SiteValidation.model_validate_json(line)
+    assert (v.model, v.version, v.method, v.exams) == (new.name, new.version, "adaptation_holdout", 1)
 
 
 def test_adapt_keeps_the_current_model_when_the_candidate_does_not_beat_it(site, tmp_path, monkeypatch):

@@ -66,6 +66,10 @@ def test_fit_gate_flags_about_the_asked_quantile_of_held_out_series():
     assert 0.01 < fields["report"]["threshold_uncertain_rate"] < 0.04
     far = ood_distance(feats[:50] + 12, means, whiten)
     assert (far > fields["ood_threshold"]).all()
+    # right 100 % of the time at p = 0.9: the fitted temperature sharpens (< 1), the gate never does
+    assert fields["report"]["temperature_fitted"] < 1 and fields["temperature"] == 1.0
+    sharp, _, _ = fit_gate(probs, feats, y, np.arange(n) // 10, n_classes=3, min_temperature=0.0)
+    assert sharp["temperature"] == sharp["report"]["temperature_fitted"] < 1
 
 
 def test_gate_makes_labels_uncertain_and_silences_the_mismatch_rule():

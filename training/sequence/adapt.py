@@ -18,7 +18,9 @@ site's completed series teach the image model what this scanner's images look li
    (more series right, or as many with a higher mean probability of the right class) and stays within
    ``--max-sim-drop`` (0.5 points) of it on a simulated check set rendered fresh (``--sim-exams``).
    Otherwise nothing is written and the exit code is 3.
-5. Everything is recorded in the new version's manifest (metrics.adaptation) and model card: parent
+5. With ``--from-state`` the promotion is recorded as the site validation (agent.shadow, method
+   adaptation_holdout) in the state folder, so the new version leaves shadow mode there.
+6. Everything is recorded in the new version's manifest (metrics.adaptation) and model card: parent
    version, exams used and held out (hashed study UIDs), both models' held-out and simulated figures,
    the header-confidence threshold, the training run. The uncertainty gate is refitted on the
    candidate (temperature and feature statistics on the site's training series and the simulated
@@ -255,6 +257,14 @@ def adapt(args: argparse.Namespace, store: Any) -> Dict[str, Any]:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(cand.root, dest)
         summary.update(decision="promoted", written=str(dest), seconds=round(time.time() - t0, 1))
+        if args.from_state is not None:  # the hold-out validated it on this site's own exams: it leaves shadow mode
+            from agent.shadow import FILE_NAME, SiteValidation, record_validation
+
+            v = record_validation(Path(args.from_state) / FILE_NAME, SiteValidation(
+                model=cand.name, version=cand.version, method="adaptation_holdout", by="scanside models adapt",
+                exams=len(held), note=f"held-out series {site_cmp['candidate_right']}/{site_cmp['n']} right "
+                                      f"(parent {base.ref}: {site_cmp['current_right']})"))
+            summary["site_validation"] = v.model_dump()
         return summary
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -240,6 +240,12 @@ def render_card(m: ModelManifest, training: Optional[dict] = None) -> str:
               "- Trained and evaluated on simulated phantoms only; not validated on patients. Real scanners, coils, "
               "implants, other anatomy and unusual protocols may fail silently: retrain on a site's labelled series "
               "(`scanside models train sequence`) and re-evaluate before relying on it.",
+              "- Real scans (see above): the simulator's phantom is a few flat-valued compartments filling about half the "
+              "field of view, where a real pelvis fills it with textured anatomy; the model keys on the phantom's look "
+              "(real axial T2W reads as ADC, real ADC maps as DWI_Low) and neither wider intensity randomisation nor the "
+              "feature-distance score fitted on simulated series catches that. Site adaptation (`scanside models adapt`) "
+              "on the site's own header-labelled exams, and shadow mode until it is validated there, are the remedies "
+              "here; realistic anatomy in the simulator is the open one.",
               "- DWI_Low/DWI_High is decided at b = 500 s/mm^2 from the images; b-values near 500 are ambiguous by nature.",
               "- One volume per series: a dynamic series is judged on one phase, a multi-plane localizer on one plane.",
               "- Classes outside the taxonomy (e.g. spectroscopy, perfusion maps) are forced into one of the six labels.",
@@ -253,8 +259,9 @@ def uncertainty_card_section(m: ModelManifest) -> list:
         return ["", "## Uncertainty", "No uncertainty gate fitted: every series gets a label, however unsure."]
     r = u.get("report") or {}
     return ["", "## Uncertainty (agent.image_label)",
-            f"- Temperature scaling T = {u['temperature']:g}; a calibrated confidence below {u['min_confidence']:g} makes "
-            "the image label `uncertain` (no LABEL_MISMATCH alert).",
+            f"- Temperature scaling T = {u['temperature']:g} (fitted {r.get('temperature_fitted', 'n/a')}, kept >= "
+            f"{r.get('min_temperature', 'n/a')}: never sharper than the model, since the fit sees simulated series only); "
+            f"a calibrated confidence below {u['min_confidence']:g} makes the image label `uncertain` (no LABEL_MISMATCH alert).",
             f"- Out-of-distribution score: squared Mahalanobis distance of the pooled features (`{u.get('feature_output')}`) "
             f"to the nearest class mean (shared, shrunk covariance; {u.get('stats_file')}); above {u.get('ood_threshold', 0):.4g} "
             f"(the {r.get('ood_quantile', 'n/a')} quantile of held-out simulated series) the label is `uncertain`.",
