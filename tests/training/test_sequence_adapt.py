@@ -102,6 +102,7 @@ def test_adapt_from_the_agents_state_records_what_it_did(site, tmp_path, monkeyp
     assert "uncertainty" in new.postprocessing and (Path(new.root) / "uncertainty.npz").is_file()
     card = (Path(new.root) / "MODEL_CARD.md").read_text()
     assert "## Site adaptation" in card and base.ref in card and summary["exams_holdout"][0] in card
+    assert "fine-tuned at this site" in new.training_data and "parameters" in card and "~n/a" not in card
     assert "1.2.840" not in json.dumps(rec)  # no UIDs in the record
     (line,) = (state / FILE_NAME).read_text().splitlines()  # the hold-out validated it: out of shadow mode
     v = SiteValidation.model_validate_json(line)

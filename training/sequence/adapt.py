@@ -178,6 +178,7 @@ def adapt(args: argparse.Namespace, store: Any) -> Dict[str, Any]:
     from agent.image_label import ImageClassifier
     from engines.store import ModelStore
     from training.sequence.export import export_model, load_from_onnx, write_card
+    from training.sequence.model import n_params
     from training.sequence.real import read_series
     from training.sequence.train import fit, predict
     from training.sequence.uncertainty import fit_gate, install_gate
@@ -219,7 +220,7 @@ def adapt(args: argparse.Namespace, store: Any) -> Dict[str, Any]:
     try:
         training = {"mode": f"site adaptation of {base.ref}", "samples": int(len(y_tr)), "site_samples": int((~h).sum()),
                     "replay_samples": int(len(y_rep)), "epochs": res.epochs, "steps": res.steps, "lr": args.lr,
-                    "seconds_fit": round(res.seconds, 1), "threads": args.threads}
+                    "seconds_fit": round(res.seconds, 1), "threads": args.threads, "params": n_params(model)}
         cand = export_model(model, version, store_root=tmp, training=training)
         cclf = ImageClassifier(ModelStore([tmp], user_dir=None), cand.ref, variant="fp32")
         p_new_h, p_new_s = cclf.probabilities(x_site[h]), cclf.probabilities(x_sim)
@@ -247,7 +248,10 @@ def adapt(args: argparse.Namespace, store: Any) -> Dict[str, Any]:
                             f"site adaptation: {len(y_tr)} training series (site and replay) fit, {len(y_sim)} simulated check series set the thresholds")
         metrics = dict(cand.metrics)
         metrics["adaptation"] = {**summary, "decision": "promoted", "measured_at": _now()}
-        cand = cand.model_copy(update={"metrics": metrics}).set_root(cand.root)
+        data = (f"{base.ref} ({base.training_data or 'see its card'}), then fine-tuned at this site on "
+                f"{int((~h).sum())} series of {len(summary['exams_train'])} of its own exams, labelled by their headers, "
+                f"with {len(y_rep)} simulated replay series. Training run: {', '.join(f'{k}={v}' for k, v in training.items())}")
+        cand = cand.model_copy(update={"metrics": metrics, "training_data": data}).set_root(cand.root)
         cand.save(cand.root)
         write_card(cand, Path(cand.root))
         dest = Path(store.user_dir) / cand.name / cand.version

@@ -195,7 +195,8 @@ def render_card(m: ModelManifest, training: Optional[dict] = None) -> str:
         f"- Labels: {', '.join(m.labels or [])}. `other` = DCE (one temporal phase: the agent passes the middle one), "
         "T1, localizer (the largest single-orientation group of a multi-plane localizer).",
         "- Preprocessing (engines.preprocess.prepare, shared by training, evaluation and the agent): " + _describe_preprocessing(m),
-        f"- File: {m.files['fp32'].path} ({m.files['fp32'].size_bytes} bytes, sha256 {m.files['fp32'].sha256}).", "",
+        f"- File: {m.files['fp32'].path} ({m.files['fp32'].size_bytes} bytes, sha256 {m.files['fp32'].sha256}).",
+        *_same_weights_line(m), "",
         "## Training data",
         m.training_data or "", "",
         "## Evaluation",
@@ -251,6 +252,15 @@ def render_card(m: ModelManifest, training: Optional[dict] = None) -> str:
               "- Classes outside the taxonomy (e.g. spectroscopy, perfusion maps) are forced into one of the six labels.",
               ""]
     return "\n".join(lines)
+
+
+def _same_weights_line(m: ModelManifest) -> list:
+    w = (m.metrics or {}).get("same_weights_as")
+    if not w:
+        return []
+    return [f"- Same weights as {w['model']} (its FP32 file {w['sha256'][:12]}..., probabilities within {w['max_abs_diff']:g}), "
+            "re-exported with a second output `features` for the uncertainty gate; the simulated evaluations below are "
+            f"{w['model']}'s and hold for this file. FP32 only: INT8 variants come from a calibration on real data."]
 
 
 def uncertainty_card_section(m: ModelManifest) -> list:
