@@ -134,11 +134,14 @@ def test_real_evaluation_runs_the_daemon_path_on_the_real_exams():
     assert "description" in rows[0] and not any("PatientName" in str(v) for r in rows for v in r.values())
 
 
-def test_intensity_augment_changes_contrast_but_keeps_order_and_zscore():
+@pytest.mark.parametrize("texture", [False, True])
+def test_intensity_augment_changes_contrast_but_keeps_order_and_zscore(monkeypatch, texture):
     import torch
 
-    from training.sequence.train import intensity_augment
+    from training.sequence import train as T
 
+    monkeypatch.setattr(T, "TEXTURE", texture)
+    intensity_augment = T.intensity_augment
     g = torch.Generator().manual_seed(0)
     x = torch.linspace(-2, 3, 16 * 8 * 8).reshape(1, 1, 16, 8, 8).repeat(4, 3, 1, 1, 1)
     y = intensity_augment(x, g, p=1.0)

@@ -57,6 +57,7 @@ def augment(xb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 #: Off by default: fine-tuning 1.4.0 with it on 47 exams moved the real five-class score from 6 to 7 of 16 and
 #: cost 1 point on simulated validation (issue 18), not the transfer it was meant for.
 WIDE_INTENSITY = False
+TEXTURE = False  # with WIDE_INTENSITY: correlated multiplicative texture too
 
 
 def intensity_augment(xb: torch.Tensor, g: torch.Generator, p: float = 0.8) -> torch.Tensor:
@@ -79,6 +80,12 @@ def intensity_augment(xb: torch.Tensor, g: torch.Generator, p: float = 0.8) -> t
     field = torch.nn.functional.interpolate(field, size=xb.shape[2:], mode="trilinear", align_corners=True)
     amp = 0.3 * torch.rand((n, 1, 1, 1, 1), generator=g)
     u = u * torch.exp(amp * field)
+    if TEXTURE:
+        # correlated multiplicative texture (a few pixels across): the phantom's compartments are flat, real
+        # tissue is not, so texture alone must not tell a sequence
+        tex = torch.randn((n, c, xb.shape[2], xb.shape[3] // 4, xb.shape[4] // 4), generator=g)
+        tex = torch.nn.functional.interpolate(tex, size=xb.shape[2:], mode="trilinear", align_corners=False)
+        u = u * (1 + 0.15 * torch.rand((n, 1, 1, 1, 1), generator=g) * tex).clamp_min(0)
     sigma = 0.04 * torch.rand((n, 1, 1, 1, 1), generator=g)
     u = (u + sigma * torch.randn(u.shape, generator=g)).abs()  # magnitude images: noise is rectified
     z = (u - u.mean(dim=dims, keepdim=True)) / u.std(dim=dims, keepdim=True).clamp_min(1e-3)
