@@ -129,12 +129,15 @@ class Exam:
 
 
 def _files(root: Path) -> List[str]:
-    from agent.ingest import walk
-
+    """Every file under *root*, hidden files and folders skipped, in a stable order (as the daemon's folder
+    walk, agent.ingest.walk, which this decoding-side module does not import)."""
     if root.is_file():
         return [str(root)]
-    # the daemon's watcher skips hidden files and folders the same way (agent.ingest)
-    return [p for p in walk(root) if not os.path.basename(p).startswith(".")]
+    out: List[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out += [os.path.join(dirpath, n) for n in sorted(filenames) if not n.startswith(".")]
+    return out
 
 
 def read_exams(folders: Union[str, Path, Sequence[Union[str, Path]]], *,

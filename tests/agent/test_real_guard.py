@@ -173,3 +173,28 @@ def test_gland_auto_prefers_taps_and_needs_real_data_figures() -> None:
     assert resolve_model(store(**{ZONES_MODEL: {"real_data": {"usable": False}}})) is None
     assert resolve_model(store(**{ZONES_MODEL: {"real_data": {"usable": True}}})) == ZONES_MODEL
     assert resolve_model(store(**{ZONES_MODEL: {}}), ZONES_MODEL) == ZONES_MODEL  # the operator's explicit choice
+
+
+def test_image_agreement_ratio_per_model(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from agent.events import SeriesClassified
+    from agent.metrics import AgentMetrics
+
+    m = AgentMetrics(process=False)
+
+    def classified(i: int, agree: bool) -> SeriesClassified:
+        return SeriesClassified(key=f"c{i}", study_uid="1.2", series_id=f"s{i}", header_label="ADC",
+                                image_label="ADC" if agree else "DWI_Low", image_confidence=0.9, probabilities={},
+                                model="sequence-classifier/1.4.0", backend="onnxruntime", agree=agree)
+
+    for i, agree in enumerate((True, True, False, True)):
+        m.on_event(classified(i, agree))
+    pred, gland = _scene()
+    m.on_event(triage_event("triage:1.2:m", "1.2", _inputs(), _model(), pred, gland,
+                            load_config(**{"state.dir": str(tmp_path)}), [], shadow=True))
+    text = generate_latest(m.registry).decode()
+    assert 'scanside_image_agreement_ratio{model="sequence-classifier"} 0.75' in text
+    assert 'scanside_image_agreement_ratio{model="cspca-reference"} 1.0' in text
+    assert 'scanside_image_shadow_results_total{model="cspca-reference"} 1.0' in text
+    assert "TRIAGE_" not in text  # shadow mode: no alert counted

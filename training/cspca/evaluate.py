@@ -232,7 +232,8 @@ def write_results(manifest, report: dict) -> None:
     lines = [f"# Evaluation: {manifest.ref}", "",
              f"Measured {ev['measured_at']} with `{ev['command']}` on {m['n']} freshly simulated bpMRI exams "
              f"({m['positives']} csPCa; 4 vendor styles), back end {report['backend']}, runtime path "
-             "(simulated DICOM -> agent.header/series/classify -> agent.volume -> engines.preprocess -> ONNX -> agent.cspca).", "",
+             "(simulated DICOM -> agent.exam_reader: the daemon's series and frames -> agent.volume -> engines.preprocess -> ONNX "
+             "-> agent.cspca).", "",
              "| metric | value |", "|---|---:|"]
     for k in ("auroc", "ap", "ranking_score", "map_auroc", "ece", "sensitivity", "specificity", "lesions", "detected",
               "lesion_sensitivity", "centre_error_median_mm", "centre_error_p90_mm", "centre_within_5mm",
@@ -323,9 +324,11 @@ def evaluate_real(store, manifest, options) -> dict:
         record_real_data(manifest, {
             "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "command": f"scanside models evaluate {manifest.name} " + " ".join(f"--real {p}" for p in options.real) + " --write",
-            "exams": len(rows), "data": ", ".join(Path(p).name for p in options.real), "reference": report["reference"],
+            "exams": len(ok), "data": ", ".join(Path(p).name for p in options.real) + f" ({len(rows)} exam(s) read, "
+            f"{len(ok)} with the model's inputs)", "reference": report["reference"],
             "gland_model": glands.model,
-            "figures": {"NOT_ASSESSED (inputs outside the validated range, or no gland)": f"{metrics['not_assessed']} of {len(ok)}",
+            "figures": {"gland model (findings kept inside its gland, crop centre)": glands.model or "none usable on real exams",
+                        "NOT_ASSESSED (inputs outside the validated range, or no gland)": f"{metrics['not_assessed']} of {len(ok)}",
                         "DCE_ADVISED": metrics["dce_advised"],
                         "findings of the model / dropped outside the gland": f"{metrics['findings_by_model']} / {metrics['findings_dropped_outside_gland']}",
                         "technologist alerts in shadow mode / if validated": f"{metrics['technologist_alerts_in_shadow']} / {metrics['technologist_alerts_if_validated']}",
