@@ -170,7 +170,7 @@ def write_real(manifest: Any, report: dict) -> None:
     from training.sequence.export import now_iso, write_card
 
     metrics = dict(manifest.metrics)
-    real = dict(metrics.get("real") or {})
+    real = dict(metrics.get("real_data") or {})
     real[" + ".join(Path(f).name for f in report["real"].split(" "))] = {
         "measured_at": now_iso(), "command": f"scanside models evaluate {manifest.name} --real {report['real']} --write",
         "series_parts": report["series_parts"], "exams": len(report["exams"]), "false_alerts": report["false_alerts"],
@@ -178,7 +178,7 @@ def write_real(manifest: Any, report: dict) -> None:
         "errors": [{k: r.get(k) for k in ("description", "part", "reference", "image", "predicted", "confidence")}
                    for r in report["series"] if r.get("image") != r["reference"]],
     }
-    metrics["real"] = real
+    metrics["real_data"] = real
     m = manifest.model_copy(update={"metrics": metrics})
     m.set_root(manifest.root)
     m.save(Path(manifest.root))
@@ -187,7 +187,7 @@ def write_real(manifest: Any, report: dict) -> None:
 
 def real_card_section(m: Any) -> List[str]:
     """Model card lines for the real-data figures (next to the simulated ones)."""
-    real = (m.metrics or {}).get("real") or {}
+    real = (m.metrics or {}).get("real_data") or {}
     if not real:
         return ["", "## Real scans", "Not yet measured on real DICOM (`scanside models evaluate "
                 f"{m.name} --real DIR --write`)."]
