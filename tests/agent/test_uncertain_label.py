@@ -40,3 +40,18 @@ def test_uncertain_labels_raise_no_mismatch(tmp_path, monkeypatch, image, alerts
     assert (c.uncertain_reason is not None) == (image.label == "uncertain")
     assert sum(e.type == "label_mismatch" for e in events) == alerts
     store.close()
+
+
+def test_uncertain_labels_are_counted_per_model():
+    from prometheus_client import generate_latest
+
+    from agent.events import SeriesClassified
+    from agent.metrics import AgentMetrics
+
+    m = AgentMetrics(process=False)
+    for i, label in enumerate(("ADC", "uncertain", "uncertain", "DWI_Low")):
+        m.on_event(SeriesClassified(key=f"c{i}", study_uid="1.2", series_id=f"s{i}", header_label="ADC", image_label=label,
+                                    image_confidence=0.5, probabilities={}, model="sequence-classifier/1.4.1",
+                                    backend="onnxruntime", agree=label == "ADC"))
+    text = generate_latest(m.registry).decode()
+    assert 'scanside_image_uncertain_results_total{model="sequence-classifier"} 2.0' in text
