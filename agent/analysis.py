@@ -99,6 +99,10 @@ class Analyzer(Sink):
             self._classifier = clf
         return self._classifier
 
+    def reload_classifier(self) -> None:
+        """Load the sequence model again on the next series (a new version was promoted into the store)."""
+        self._classifier = None  # the store scans its folders on each resolve: the newest version wins
+
     def cspca(self) -> Any:
         if self._cspca is None and self.settings.triage and self._has(self.settings.cspca_model):
             from agent.cspca import CspcaModel
@@ -190,9 +194,11 @@ class Analyzer(Sink):
             key=key, study_uid=s.study_uid, series_id=s.series_id, series_number=s.series_number,
             header_label=s.label, image_label=image.label,  # type: ignore[arg-type]
             image_confidence=image.confidence, probabilities=image.probabilities, model=image.model,
-            backend=image.backend, agree=agree,
+            backend=image.backend, agree=agree, image_predicted=image.predicted,  # type: ignore[arg-type]
+            ood_score=image.ood_score, uncertain_reason=image.uncertain_reason,
         )]
-        if (not agree and image.confidence >= self.settings.mismatch_image_confidence
+        # an uncertain image label (the model's calibrated gate: it does not know) never raises an alert
+        if (not agree and not image.uncertain and image.confidence >= self.settings.mismatch_image_confidence
                 and s.label_confidence >= self.settings.mismatch_header_confidence):
             mkey = f"label_mismatch:{s.series_id}:r{s.revision}"
             events.append(LabelMismatch(

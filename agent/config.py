@@ -180,6 +180,17 @@ class AnalysisConfig(_Section):
     dce_advised_threshold: Optional[float] = Field(None, ge=0, le=1, description="csPCa probability at or above which DCE is advised; default: the model's decision threshold")
 
 
+class AdaptConfig(_Section):
+    """Scheduled site adaptation of the sequence classifier (agent.adapt_schedule; `scanside models adapt`)."""
+
+    enabled: bool = Field(False, description="run `scanside models adapt sequence-classifier --from-state` on a schedule; a new version is promoted only if it beats the current one on this site's held-out exams")
+    interval_hours: float = Field(168.0, gt=0, description="time between runs")
+    min_new_exams: int = Field(10, ge=1, description="exams seen since the last run needed to run again")
+    user_dir: Optional[Path] = Field(None, description="user model store the new version is written to (default $SCANSIDE_USER_MODELS_DIR); the agent must search it")
+    threads: int = Field(2, ge=1, description="CPU threads of the fine-tuning process (run at nice 10)")
+    timeout_s: float = Field(6 * 3600.0, gt=0, description="a run taking longer is stopped")
+
+
 class ShadowConfig(_Section):
     """Shadow mode (issue 18): an image model not yet validated on this site's own exams (an operator's
     `scanside models accept`, or a site adaptation's hold-out) has its outputs recorded in events and
@@ -207,6 +218,7 @@ class AgentConfig(BaseSettings):
     engines: EnginesConfig = Field(default_factory=EnginesConfig)
     gland: GlandConfig = Field(default_factory=GlandConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig)
     shadow: ShadowConfig = Field(default_factory=ShadowConfig)
 
     @classmethod

@@ -79,6 +79,10 @@ class Agent:
         self.metrics.attach(self)
         self.analyzer.metrics = self.metrics
         self.api = None  # agent.api.ApiServer when [api] enabled
+        from agent.adapt_schedule import AdaptScheduler
+
+        # [adapt] (off by default): site adaptation in a child process; a promoted version is loaded next series
+        self.adapt = AdaptScheduler(config, lambda: len(self.store.exams()), lambda _r: self.analyzer.reload_classifier())
 
     def start(self) -> "Agent":
         folder = Path(self.config.watch.folder)  # type: ignore[arg-type]
@@ -106,6 +110,7 @@ class Agent:
             except Exception:
                 self.stop()
                 raise
+        self.adapt.start()
         self.started.set()
         return self
 
@@ -127,6 +132,7 @@ class Agent:
         self.sinks.add(CallbackSink(f"callback-{self._subscribers}", fn), from_now=from_now)
 
     def stop(self) -> None:
+        self.adapt.stop()
         if self.api is not None:
             api, self.api = self.api, None
             api.stop()

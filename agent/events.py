@@ -140,12 +140,16 @@ class SeriesClassified(EventBase):
     series_id: str
     series_number: Optional[int] = None
     header_label: SequenceLabel
-    image_label: SequenceLabel
+    image_label: Union[SequenceLabel, Literal["uncertain"]] = Field(
+        description="`uncertain`: the model's calibrated gate says it does not know (no alert is raised)")
     image_confidence: float
     probabilities: dict[str, float]
     model: str = Field(description="name/version of the model that ran")
     backend: str
     agree: bool
+    image_predicted: Optional[SequenceLabel] = Field(None, description="the most probable class, also when uncertain")
+    ood_score: Optional[float] = Field(None, description="feature distance / its threshold (> 1: out of distribution)")
+    uncertain_reason: Optional[str] = None
 
 
 class LesionFinding(BaseModel):

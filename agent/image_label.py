@@ -26,13 +26,69 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "sequence-classifier"
 
 
+UNCERTAIN = "uncertain"
+
+
 class ImageLabel(BaseModel):
-    label: str
-    confidence: float = Field(description="probability of `label`")
+    label: str = Field(description="the predicted class, or `uncertain` where the model's uncertainty gate says it "
+                                   "does not know (calibrated confidence below its threshold, or input out of distribution)")
+    confidence: float = Field(description="calibrated probability of `predicted` (temperature-scaled where the "
+                                          "model carries a temperature)")
     probabilities: Dict[str, float]
     model: str = Field(description="name/version of the model")
     backend: str
     frames_used: Optional[int] = None
+    predicted: Optional[str] = Field(None, description="the most probable class, also when `label` is uncertain")
+    ood_score: Optional[float] = Field(None, description="feature distance to the training distribution divided by "
+                                                         "its threshold (> 1: outside the validated range)")
+    uncertain_reason: Optional[str] = None
+
+    @property
+    def uncertain(self) -> bool:
+        return self.label == UNCERTAIN
+
+
+class UncertaintyGate(BaseModel):
+    """manifest.postprocessing["uncertainty"] (fitted on held-out data by training.sequence.uncertainty):
+    temperature scaling of the probabilities and a class-conditional Mahalanobis distance on the
+    model's pooled features (shared covariance, whitened by ``whiten``)."""
+
+    temperature: float = Field(1.0, gt=0)
+    min_confidence: float = Field(0.0, ge=0, le=1, description="calibrated confidence below which the label is uncertain")
+    feature_output: Optional[str] = None
+    stats_file: Optional[str] = Field(None, description="npz beside the manifest: means (K, F), whiten (F, F)")
+    stats_sha256: Optional[str] = None
+    ood_threshold: Optional[float] = Field(None, gt=0, description="squared distance above which the input is out of distribution")
+    fitted_on: str = ""
+
+    def load_stats(self, root: Any) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        if not self.stats_file or self.ood_threshold is None:
+            return None
+        from pathlib import Path
+
+        from engines.manifest import IntegrityError, sha256_file
+
+        path = Path(root) / self.stats_file
+        actual = sha256_file(path) if path.is_file() else None
+        if self.stats_sha256 and actual != self.stats_sha256:
+            raise IntegrityError(path, self.stats_sha256, actual)
+        with np.load(path) as z:
+            return np.asarray(z["means"], np.float64), np.asarray(z["whiten"], np.float64)
+
+
+def calibrated(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T) = softmax(logits / T): the constant that log p differs from the logits by cancels."""
+    z = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0)) / float(temperature)
+    z -= z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def ood_distance(features: np.ndarray, means: np.ndarray, whiten: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distance of each feature row to the nearest class mean, (N,)."""
+    f = np.atleast_2d(np.asarray(features, np.float64))
+    d = (f[:, None, :] - means[None, :, :]) @ whiten.T  # (N, K, F) whitened differences
+    return (d ** 2).sum(-1).min(1)
 
 
 class ImageLabelError(ValueError):
@@ -118,6 +174,8 @@ class ImageClassifier:
         self._lock = threading.Lock()
         self.manifest = engine.manifest if engine is not None else None
         self.backend = engine.backend if engine is not None else None
+        self._gate: Optional[UncertaintyGate] = None
+        self._ood: Optional[tuple[np.ndarray, np.ndarray]] = None
 
     def _ensure(self):
         with self._lock:
@@ -129,7 +187,21 @@ class ImageClassifier:
                 self._engine, self.manifest, self.backend = engine, engine.manifest, sel.backend
                 if not self.manifest.labels or not self.manifest.preprocessing:
                     raise ImageLabelError("bad_model", f"{self.manifest.ref} has no labels or preprocessing")
+            if self._gate is None:
+                self._load_gate()
         return self._engine
+
+    def _load_gate(self) -> None:
+        raw = (self.manifest.postprocessing or {}).get("uncertainty")
+        self._gate = UncertaintyGate.model_validate(raw) if raw else UncertaintyGate()
+        self._ood = self._gate.load_stats(self.manifest.root) if raw and self.manifest.root else None
+        if self._ood is not None and self._gate.feature_output not in {o.name for o in self.manifest.outputs}:
+            raise ImageLabelError("bad_model", f"{self.manifest.ref}: no output {self._gate.feature_output!r} for its OOD score")
+
+    @property
+    def gate(self) -> UncertaintyGate:
+        self._ensure()
+        return self._gate  # type: ignore[return-value]
 
     # -- inputs ------------------------------------------------------------------------------
     def volume_of(self, source: Union[Volume, Any, Sequence[FrameRef]], frames: Optional[Sequence[FrameInfo]] = None,
@@ -162,18 +234,38 @@ class ImageClassifier:
 
     # -- inference -----------------------------------------------------------------------------
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """(N, C, ...) prepared inputs -> (N, n_labels) probabilities."""
+        """(N, C, ...) prepared inputs -> (N, n_labels) probabilities (as the model gives them, uncalibrated)."""
+        return self.outputs(batch)[0]
+
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """(N, C, ...) prepared inputs -> raw probabilities (N, n_labels) and the OOD distance / threshold
+        (N,), None where the model has no OOD statistics."""
         engine = self._ensure()
         m = self.manifest
         out = engine.run({m.inputs[0].name: np.ascontiguousarray(batch, dtype=np.float32)})
-        return np.asarray(out[m.outputs[0].name], dtype=np.float64)
+        probs = np.asarray(out[m.outputs[0].name], dtype=np.float64)
+        if self._ood is None:
+            return probs, None
+        dist = ood_distance(out[self._gate.feature_output], *self._ood)  # type: ignore[union-attr]
+        return probs, dist / float(self._gate.ood_threshold)  # type: ignore[union-attr,arg-type]
 
-    def label_of(self, probs: np.ndarray, frames_used: Optional[int] = None) -> ImageLabel:
+    def label_of(self, probs: np.ndarray, frames_used: Optional[int] = None, ood: Optional[float] = None) -> ImageLabel:
+        """One ImageLabel from raw probabilities and the OOD ratio: temperature-scaled, and `uncertain` below
+        the gate's calibrated confidence or above its OOD threshold (neither raises an alert)."""
+        self._ensure()
+        gate = self._gate or UncertaintyGate()
         labels = list(self.manifest.labels)
-        k = int(np.argmax(probs))
-        return ImageLabel(label=labels[k], confidence=float(probs[k]),
-                          probabilities={lab: round(float(p), 6) for lab, p in zip(labels, probs)},
-                          model=self.manifest.ref, backend=str(self.backend), frames_used=frames_used)
+        p = calibrated(probs, gate.temperature) if gate.temperature != 1.0 else np.asarray(probs, np.float64)
+        k = int(np.argmax(p))
+        why = None
+        if ood is not None and ood > 1.0:
+            why = f"input outside the model's validated range (feature distance {ood:.1f}x its threshold)"
+        elif p[k] < gate.min_confidence:
+            why = f"calibrated confidence {p[k]:.2f} below {gate.min_confidence:.2f}"
+        return ImageLabel(label=UNCERTAIN if why else labels[k], predicted=labels[k], confidence=float(p[k]),
+                          probabilities={lab: round(float(v), 6) for lab, v in zip(labels, p)},
+                          model=self.manifest.ref, backend=str(self.backend), frames_used=frames_used,
+                          ood_score=None if ood is None else round(float(ood), 4), uncertain_reason=why)
 
     def classify(self, source: Union[Volume, Any, Sequence[FrameRef]], frames: Optional[Sequence[FrameInfo]] = None,
                  cache: Optional[dict] = None) -> ImageLabel:
@@ -184,4 +276,5 @@ class ImageClassifier:
         if min(vol.shape) < 1 or vol.array.size < 4:
             raise ImageLabelError("too_small", f"volume shape {vol.shape}")
         x = self.prepare(vol)[None]
-        return self.label_of(self.probabilities(x)[0], n)
+        probs, ood = self.outputs(x)
+        return self.label_of(probs[0], n, None if ood is None else float(ood[0]))

@@ -99,6 +99,9 @@ class AgentMetrics:
                                      "(assessed results), by model", ["model"], registry=r)
         self.image_shadow = Counter("scanside_image_shadow_results", "Image-model outputs recorded in shadow mode "
                                     "(no technologist alert), by model", ["model"], registry=r)
+        self.image_uncertain = Counter("scanside_image_uncertain_results", "Image labels withheld as `uncertain` by the "
+                                       "model's calibrated gate (low confidence or out of distribution), by model",
+                                       ["model"], registry=r)
         self._agreement: dict[str, list[int]] = {}  # model name -> [agreeing, total]
         self._zero_known_label_sets()
         r.register(_StateCollector(self))
@@ -170,6 +173,8 @@ class AgentMetrics:
             self._image_result(ev.model, ev.recommendation != "NOT_ASSESSED", ev.shadow)
         elif ev.type == "series_classified":
             self._image_result(ev.model, ev.agree, False)
+            if ev.image_label == "uncertain":
+                self.image_uncertain.labels(_label(ev.model.split("/")[0].split("@")[0])).inc()
         elif ev.type == "label_mismatch" and ev.shadow:
             model = self.agent.config.analysis.sequence_model if self.agent is not None else "sequence-classifier"
             self.image_shadow.labels(_label(model.split("@")[0])).inc()

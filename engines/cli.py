@@ -23,7 +23,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--user-dir", metavar="DIR", help="bring-your-own model directory (default $SCANSIDE_USER_MODELS_DIR)")
     p.add_argument("--prefer", metavar="B1,B2", default=None,
                    help="back-end preference order, e.g. tensorrt,onnxruntime")
-    sub = p.add_subparsers(dest="models_cmd", metavar="{list,show,verify,import-taps,schema,accept,evaluate,train}")
+    sub = p.add_subparsers(dest="models_cmd", metavar="{list,show,verify,import-taps,schema,accept,evaluate,train,adapt}")
     sub.required = True
     ls = sub.add_parser("list", help="models and versions in the store")
     ls.add_argument("--json", action="store_true")
@@ -79,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
             return _accept(args, store)
         if cmd in ("evaluate", "train"):
             return _run_training_cmd(cmd, args, store)
+        if cmd == "adapt":
+            from training.sequence.adapt import run as adapt_run
+
+            return adapt_run(args, store)
         if cmd == "list":
             ms = store.list()
             if args.json:
@@ -174,6 +178,16 @@ def _add_training_parsers(sub: Any) -> None:
                     help="evaluate on real DICOM under DIR (repeatable) through the daemon's read path, "
                          "header labels as reference where there is no other")
     ev.add_argument("--json", action="store_true")
+    ev.add_argument("--labels", type=Path, default=None, metavar="CSV",
+                    help="with --real: series_uid[#part],label rows that override the header labels")
+    ad = sub.add_parser("adapt", help="fine-tune the sequence classifier on this site's header-labelled exams; "
+                        "promoted into the user model store only if it beats the current one on held-out exams")
+    try:
+        from training.sequence.adapt import add_arguments as _adapt_args
+
+        _adapt_args(ad)
+    except ImportError as e:  # training extra not installed
+        ad.description = f"unavailable here: {e}"
     tr = sub.add_parser("train", help="train or fine-tune a model on a site's labelled DICOM (training.registry)")
     tsub = tr.add_subparsers(dest="train_kind", metavar="KIND")
     tsub.required = True
@@ -196,7 +210,8 @@ def _run_training_cmd(cmd: str, args: argparse.Namespace, store: ModelStore) -> 
         return int(trainer_for(args.train_kind).train(args))
     m = store.resolve(args.name)
     opts = EvaluateOptions(exams_per_vendor=args.exams_per_vendor, seed=args.seed, workdir=args.workdir,
-                           write=args.write, variant=args.variant, jobs=args.jobs, real=args.real)
+                           write=args.write, variant=args.variant, jobs=args.jobs, real=args.real,
+                           labels=getattr(args, "labels", None))
     report = (real_evaluator_for if args.real else evaluator_for)(m.task)(store, m, opts)
     if args.json:
         _print(report)

@@ -40,6 +40,7 @@ EVALUATORS: Dict[str, str] = {
 #: (the daemon's read path) and reports per series / per exam, the header labels as reference where there is
 #: no other label. A task without one says so.
 REAL_EVALUATORS: Dict[str, str] = {
+    "sequence_classification": "training.sequence.real:evaluate_real",
     "cspca_detection": "training.cspca.evaluate:evaluate_real",
     "gland_segmentation": "training.zones.evaluate:evaluate_real",
 }
@@ -60,6 +61,7 @@ class EvaluateOptions(BaseModel):
     variant: Optional[str] = None
     jobs: int = Field(1, ge=1, description="worker processes for simulation")
     real: List[Path] = Field(default_factory=list, description="real DICOM folders: evaluate on these (REAL_EVALUATORS) instead of simulated exams")
+    labels: Optional[Path] = Field(None, description="with `real`: CSV series_uid[#part],label overriding header labels")
 
 
 def _load(spec: str) -> Any:

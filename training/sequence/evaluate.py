@@ -118,6 +118,10 @@ def evaluate_model(store, manifest, options) -> dict:
     from agent.image_label import ImageClassifier
     from engines.manifest import ModelManifest
 
+    if getattr(options, "real", None):
+        from training.sequence.real import evaluate_real
+
+        return evaluate_real(store, manifest, options)
     n = options.exams_per_vendor or DEFAULT_EXAMS_PER_VENDOR
     tmp = None
     root = Path(options.workdir) if options.workdir else Path(tmp := tempfile.mkdtemp(prefix="scanside-eval-"))

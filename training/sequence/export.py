@@ -26,6 +26,7 @@ from training.sequence.model import SeqResNet3d
 NAME = "sequence-classifier"
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
+FEATURES_NAME = "features"
 OPSET = 17
 MODEL_FILE = "model.onnx"
 CARD_FILE = "MODEL_CARD.md"
@@ -41,21 +42,26 @@ TRAINING_DATA = (
 
 
 class _WithSoftmax(nn.Module):
-    def __init__(self, net: nn.Module):
+    """Probabilities and, second, the pooled features the agent's out-of-distribution score reads
+    (agent.image_label; fitted by training.sequence.uncertainty)."""
+
+    def __init__(self, net: SeqResNet3d):
         super().__init__()
         self.net = net
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(x), dim=1)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.net.features(x)
+        return torch.softmax(self.net.fc(f), dim=1), f
 
 
 def export_onnx(model: nn.Module, path: Path) -> Path:
     model = model.eval()
     x = torch.zeros((2, IN_CHANNELS) + INPUT_SHAPE)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(_WithSoftmax(model), (x,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                      dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=OPSET,
-                      do_constant_folding=True, dynamo=False)
+    torch.onnx.export(_WithSoftmax(model), (x,), str(path), input_names=[INPUT_NAME],
+                      output_names=[OUTPUT_NAME, FEATURES_NAME],
+                      dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}, FEATURES_NAME: {0: "batch"}},
+                      opset_version=OPSET, do_constant_folding=True, dynamo=False)
     return path
 
 
@@ -75,7 +81,7 @@ def onnx_parity(model: nn.Module, path: Path, n: int = 4, seed: int = 0) -> Dict
 
 
 def build_manifest(version: str, onnx_path: Path, *, training: Optional[dict] = None,
-                   parity: Optional[dict] = None, metrics: Optional[dict] = None) -> ModelManifest:
+                   parity: Optional[dict] = None, metrics: Optional[dict] = None, model_width: int = 96) -> ModelManifest:
     import onnx
 
     opset = next((o.version for o in onnx.load(str(onnx_path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")), OPSET)
@@ -87,7 +93,9 @@ def build_manifest(version: str, onnx_path: Path, *, training: Optional[dict] = 
         inputs=[TensorSpec(name=INPUT_NAME, dtype="float32", shape=["batch", IN_CHANNELS, *INPUT_SHAPE],
                            description="one series volume, engines.preprocess.prepare with `preprocessing`")],
         outputs=[TensorSpec(name=OUTPUT_NAME, dtype="float32", shape=["batch", len(LABELS)],
-                            description="softmax class probabilities in `labels` order")],
+                            description="softmax class probabilities in `labels` order"),
+                 TensorSpec(name=FEATURES_NAME, dtype="float32", shape=["batch", int(model_width)],
+                            description="pooled penultimate features (out-of-distribution score)")],
         preprocessing=PREPROCESS, labels=list(LABELS),
         files={"fp32": ModelFile(path=MODEL_FILE, sha256=sha256_file(onnx_path), precision="fp32",
                                  size_bytes=onnx_path.stat().st_size, opset=opset)},
@@ -114,7 +122,8 @@ def export_model(model: nn.Module, version: str, *, store_root: Optional[Path] =
         parity = onnx_parity(model, onnx_path)
         if parity["max_abs_diff"] > 1e-4:
             raise RuntimeError(f"ONNX parity failed: {parity}")
-        m = build_manifest(version, onnx_path, training=training, parity=parity, metrics=metrics)
+        m = build_manifest(version, onnx_path, training=training, parity=parity, metrics=metrics,
+                           model_width=int(model.fc.in_features))
         card = Path(td) / CARD_FILE
         card.write_text(render_card(m, training), encoding="utf-8")
         store = ModelStore([root], user_dir=None)
@@ -186,7 +195,8 @@ def render_card(m: ModelManifest, training: Optional[dict] = None) -> str:
         f"- Labels: {', '.join(m.labels or [])}. `other` = DCE (one temporal phase: the agent passes the middle one), "
         "T1, localizer (the largest single-orientation group of a multi-plane localizer).",
         "- Preprocessing (engines.preprocess.prepare, shared by training, evaluation and the agent): " + _describe_preprocessing(m),
-        f"- File: {m.files['fp32'].path} ({m.files['fp32'].size_bytes} bytes, sha256 {m.files['fp32'].sha256}).", "",
+        f"- File: {m.files['fp32'].path} ({m.files['fp32'].size_bytes} bytes, sha256 {m.files['fp32'].sha256}).",
+        *_same_weights_line(m), "",
         "## Training data",
         m.training_data or "", "",
         "## Evaluation",
@@ -219,16 +229,55 @@ def render_card(m: ModelManifest, training: Optional[dict] = None) -> str:
                       f"Errors in the set above: {_error_summary(ev.get('errors') or [])}."]
     else:
         lines.append("Not yet evaluated (run `scanside models evaluate sequence-classifier --write`).")
+    from training.sequence.real import real_card_section
+
+    from training.sequence.adapt import adaptation_card_section
+
+    lines += real_card_section(m)
+    lines += adaptation_card_section(m)
+    lines += uncertainty_card_section(m)
     lines += int8_card_section(m)
     lines += ["", "## Limitations",
               "- Trained and evaluated on simulated phantoms only; not validated on patients. Real scanners, coils, "
               "implants, other anatomy and unusual protocols may fail silently: retrain on a site's labelled series "
               "(`scanside models train sequence`) and re-evaluate before relying on it.",
+              "- Real scans (see above): the simulator's phantom is a few flat-valued compartments filling about half the "
+              "field of view, where a real pelvis fills it with textured anatomy; the model keys on the phantom's look "
+              "(real axial T2W reads as ADC, real ADC maps as DWI_Low) and neither wider intensity randomisation nor the "
+              "feature-distance score fitted on simulated series catches that. Site adaptation (`scanside models adapt`) "
+              "on the site's own header-labelled exams, and shadow mode until it is validated there, are the remedies "
+              "here; realistic anatomy in the simulator is the open one.",
               "- DWI_Low/DWI_High is decided at b = 500 s/mm^2 from the images; b-values near 500 are ambiguous by nature.",
               "- One volume per series: a dynamic series is judged on one phase, a multi-plane localizer on one plane.",
               "- Classes outside the taxonomy (e.g. spectroscopy, perfusion maps) are forced into one of the six labels.",
               ""]
     return "\n".join(lines)
+
+
+def _same_weights_line(m: ModelManifest) -> list:
+    w = (m.metrics or {}).get("same_weights_as")
+    if not w:
+        return []
+    return [f"- Same weights as {w['model']} (its FP32 file {w['sha256'][:12]}..., probabilities within {w['max_abs_diff']:g}), "
+            "re-exported with a second output `features` for the uncertainty gate; the simulated evaluations below are "
+            f"{w['model']}'s and hold for this file. FP32 only: INT8 variants come from a calibration on real data."]
+
+
+def uncertainty_card_section(m: ModelManifest) -> list:
+    u = (m.postprocessing or {}).get("uncertainty")
+    if not u:
+        return ["", "## Uncertainty", "No uncertainty gate fitted: every series gets a label, however unsure."]
+    r = u.get("report") or {}
+    return ["", "## Uncertainty (agent.image_label)",
+            f"- Temperature scaling T = {u['temperature']:g} (fitted {r.get('temperature_fitted', 'n/a')}, kept >= "
+            f"{r.get('min_temperature', 'n/a')}: never sharper than the model, since the fit sees simulated series only); "
+            f"a calibrated confidence below {u['min_confidence']:g} makes the image label `uncertain` (no LABEL_MISMATCH alert).",
+            f"- Out-of-distribution score: squared Mahalanobis distance of the pooled features (`{u.get('feature_output')}`) "
+            f"to the nearest class mean (shared, shrunk covariance; {u.get('stats_file')}); above {u.get('ood_threshold', 0):.4g} "
+            f"(the {r.get('ood_quantile', 'n/a')} quantile of held-out simulated series) the label is `uncertain`.",
+            f"- Fitted on {u.get('fitted_on', 'n/a')}. On the threshold half: {r.get('threshold_uncertain_rate', 'n/a')} "
+            f"uncertain, accuracy of the confident {r.get('threshold_accuracy_confident', 'n/a')}, ECE "
+            f"{r.get('ece_before', 'n/a')} before and {r.get('ece_after', 'n/a')} after temperature scaling."]
 
 
 def load_from_onnx(path: Path) -> SeqResNet3d:
@@ -277,3 +326,46 @@ def copy_version(src: ModelManifest, dest_root: Path) -> Path:
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def reexport_with_features(base: ModelManifest, version: str, store_root: Optional[Path] = None) -> ModelManifest:
+    """The same weights as ``base`` (restored from its FP32 ONNX) exported as ``version`` with the
+    features output the uncertainty gate needs; probabilities must match ``base`` within 1e-5 on random
+    inputs, or nothing is written. Training record and simulated evaluations carry over (same weights);
+    INT8 variants do not (the store runs FP32 until a calibration on real data makes new ones)."""
+    import onnxruntime as ort
+
+    model = load_from_onnx(base.file_path("fp32")).eval()
+    x = np.random.default_rng(7).standard_normal((4, IN_CHANNELS) + INPUT_SHAPE).astype(np.float32)
+    ref = ort.InferenceSession(str(base.file_path("fp32")), providers=["CPUExecutionProvider"]).run(None, {INPUT_NAME: x})[0]
+    m = export_model(model, version, store_root=store_root, overwrite=False)
+    got = ort.InferenceSession(str(m.file_path("fp32")), providers=["CPUExecutionProvider"]).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    diff = float(np.abs(ref - got).max())
+    if diff > 1e-5:
+        shutil.rmtree(m.root, ignore_errors=True)
+        raise RuntimeError(f"re-export of {base.ref} differs from it by {diff}")
+    metrics = {k: v for k, v in base.metrics.items() if k in ("evaluation", "evaluations")}
+    metrics["same_weights_as"] = {"model": base.ref, "sha256": base.files["fp32"].sha256, "max_abs_diff": diff}
+    m = m.model_copy(update={"training_data": base.training_data, "metrics": metrics})
+    m.set_root(Path(m.root))
+    m.save(Path(m.root))
+    for extra in ("EVALUATION.md",):
+        if (Path(base.root) / extra).is_file():
+            shutil.copyfile(Path(base.root) / extra, Path(m.root) / extra)
+    m = ModelManifest.load(Path(m.root))
+    write_card(m, Path(m.root))
+    return m
+
+
+if __name__ == "__main__":  # python -m training.sequence.export --from 1.4.0 --version 1.4.1
+    import argparse
+    import json
+
+    from engines.store import ModelStore
+
+    ap = argparse.ArgumentParser(description=reexport_with_features.__doc__)
+    ap.add_argument("--from", dest="base", required=True, help="version to re-export")
+    ap.add_argument("--version", required=True)
+    a = ap.parse_args()
+    out = reexport_with_features(ModelStore([DEFAULT_STORE], user_dir=None).resolve(f"{NAME}@{a.base}"), a.version)
+    print(json.dumps({"model": out.ref, "path": str(out.root), **out.metrics["same_weights_as"]}, indent=2))

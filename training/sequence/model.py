@@ -57,9 +57,12 @@ class SeqResNet3d(nn.Module):
                 out.append((blk.short[0], blk.short[1]))
         return out
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled penultimate features (N, widths[-1]): what the out-of-distribution score measures."""
+        return torch.flatten(self.pool(self.layer3(self.layer2(self.layer1(self.stem(x))))), 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
-        return self.fc(self.drop(torch.flatten(self.pool(x), 1)))
+        return self.fc(self.drop(self.features(x)))
 
 
 def n_params(model: nn.Module) -> int:

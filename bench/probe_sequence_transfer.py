@@ -1,0 +1,68 @@
+"""Transfer probe for sequence-classifier training recipes (issue 18): fine-tune the shipped weights with a
+recipe on rendered simulated exams and score the result on the real series, without exporting anything.
+
+    python bench/probe_sequence_transfer.py --exams 48 --epochs 6 --wide-intensity [--texture]
+        [--real ../shared/realdata/prostate] [--cache-dir var/seq-cache]
+
+Real series go the daemon's path up to the model input (training.sequence.real.read_series ->
+ImageClassifier.prepare); they are scored, never trained on. The last shard of rendered exams (8 exams)
+is the simulated validation. A recipe worth releasing then goes through training.sequence.train, a fresh
+`scanside models evaluate` and `--real`. Prints one line per model state.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    import torch
+
+    from agent.image_label import ImageClassifier
+    from agent.taxonomy import LABELS
+    from training.sequence import train as T
+    from training.sequence.data import build_dataset
+    from training.sequence.export import load_from_onnx
+    from training.sequence.real import DEFAULT_LABELS, FIVE, read_labels, read_series
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--real", type=Path, default=ROOT.parent / "shared" / "realdata" / "prostate")
+    ap.add_argument("--model", default="sequence-classifier")
+    ap.add_argument("--exams", type=int, default=48, help="training-range exams rendered (seeds 1000..), the last 8 validate")
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--wide-intensity", action="store_true")
+    ap.add_argument("--texture", action="store_true")
+    ap.add_argument("--cache-dir", type=Path, default=ROOT / "var" / "seq-cache")
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    T.WIDE_INTENSITY, T.TEXTURE = a.wide_intensity, a.texture
+    clf = ImageClassifier(model=a.model, variant="fp32")
+    labels = read_labels(DEFAULT_LABELS)
+    series, _ = read_series([a.real])
+    xr = np.stack([clf.prepare(clf.volume_of(p)[0]) for _, p in series])
+    yr = np.array([LABELS.index(labels.get(s.series_id, labels.get(s.series_uid)) or s.label) for s, _ in series])
+    five = np.isin(yr, [LABELS.index(c) for c in FIVE])
+    x, y, info = build_dataset(range(1000, 1000 + a.exams), "train", a.cache_dir, jobs=1)
+    val = np.array([i["seed"] >= 1000 + a.exams - 8 for i in info])
+    model = load_from_onnx(clf.manifest.file_path("fp32"))
+
+    def score(tag: str) -> None:
+        pv, pr = T.predict(model, x[val]).argmax(1), T.predict(model, xr).argmax(1)
+        print(f"{tag}: simulated validation {float((pv == y[val]).mean()):.4f} (n={int(val.sum())}); real five-class "
+              f"{int((pr == yr)[five].sum())}/{int(five.sum())}, all {int((pr == yr).sum())}/{len(yr)}", flush=True)
+
+    score(f"{clf.manifest.ref}")
+    T.fit(model, x[~val], y[~val], epochs=a.epochs, lr=a.lr, freeze_bn=True, seed=0)
+    score(f"fine-tuned ({a.epochs} epochs, wide_intensity={a.wide_intensity}, texture={a.texture})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""[adapt] scheduling (agent.adapt_schedule): off by default, runs only when enough new exams are in,
+reloads the classifier only on a promotion."""
+from __future__ import annotations
+
+import sys
+
+from agent.adapt_schedule import AdaptScheduler, adapt_command
+from agent.config import AgentConfig
+
+
+def _config(**adapt) -> AgentConfig:
+    return AgentConfig.model_validate({"watch": {"folder": "/tmp/x"}, "state": {"dir": "/tmp/st"}, "adapt": adapt})
+
+
+def test_off_by_default_and_the_command_adapts_from_the_agents_own_state():
+    c = _config()
+    assert c.adapt.enabled is False
+    s = AdaptScheduler(c, lambda: 100, lambda r: None).start()
+    assert s._thread is None
+    cmd = adapt_command(_config(user_dir="/models/user"))
+    assert cmd[cmd.index("--from-state") + 1] == "/tmp/st" and cmd[cmd.index("--user-dir") + 1] == "/models/user"
+    assert "adapt" in cmd and "sequence-classifier" in cmd
+
+
+def _fake(decision: str) -> list:
+    return [sys.executable, "-c", f"import json; print('log line'); print(json.dumps({{'decision': '{decision}'}}))"]
+
+
+def test_runs_when_enough_new_exams_and_reloads_only_on_promotion():
+    exams = [3]
+    promoted = []
+    s = AdaptScheduler(_config(enabled=True, min_new_exams=5), lambda: exams[0], promoted.append, command=_fake("promoted"))
+    assert s.run_if_due() is None  # 3 < 5 new exams
+    exams[0] = 6
+    assert s.run_if_due()["decision"] == "promoted" and len(promoted) == 1
+    assert s.run_if_due() is None  # nothing new since
+    kept = AdaptScheduler(_config(enabled=True, min_new_exams=1), lambda: 9, promoted.append, command=_fake("kept_current"))
+    assert kept.run_if_due()["decision"] == "kept_current" and len(promoted) == 1
+
+
+def test_a_failing_run_is_recorded_not_raised():
+    s = AdaptScheduler(_config(enabled=True, min_new_exams=1), lambda: 1, lambda r: None,
+                       command=[sys.executable, "-c", "import sys; sys.exit('boom')"])
+    r = s.run_if_due()
+    assert r["decision"] == "error" and "boom" in r["reason"]
