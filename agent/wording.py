@@ -14,6 +14,7 @@ DISPLAY_NAMES: dict[str, str] = {
     "DWI_High": "DWI high b",
     "ADC": "ADC",
     "other": "other",
+    "uncertain": "uncertain (image model unsure)",
 }
 OTHER_KINDS = {"DCE": "DCE", "localizer": "localizer", "T1": "T1W", "unknown": "other"}
 

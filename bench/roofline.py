@@ -66,7 +66,7 @@ def _dims(vi: Any) -> Optional[List[int]]:
 def graph_work(onnx_path: Path, batch: int = 1) -> Dict[str, Any]:
     """FLOPs (by op type) and bytes per inference of the ONNX model at *batch*."""
     import onnx
-    from onnx import numpy_helper, shape_inference
+    from onnx import shape_inference
 
     model = onnx.load(str(onnx_path))
     g = model.graph

@@ -1,7 +1,6 @@
 """OpenVINO back end: parity with ONNX Runtime, the compiled-model cache, and the store's choice."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np

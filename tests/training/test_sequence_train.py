@@ -36,7 +36,7 @@ def test_render_path_matches_preprocess_contract(tiny):
 
 
 def test_smoke_train_export_parity_manifest(tiny, tmp_path):
-    from training.sequence.export import INPUT_NAME, OUTPUT_NAME, export_model, load_from_onnx, onnx_parity
+    from training.sequence.export import INPUT_NAME, OUTPUT_NAME, export_model
     from training.sequence.model import SeqResNet3d
     from training.sequence.train import fit, predict
 

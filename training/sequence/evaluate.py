@@ -116,7 +116,6 @@ def run_parts(clf, parts: List[dict], batch: int = 16) -> List[dict]:
 def evaluate_model(store, manifest, options) -> dict:
     """training.registry evaluator for task sequence_classification."""
     from agent.image_label import ImageClassifier
-    from engines.manifest import ModelManifest
 
     if getattr(options, "real", None):
         from training.sequence.real import evaluate_real

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 
 from agent.taxonomy import LABELS
 

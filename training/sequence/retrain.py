@@ -114,7 +114,7 @@ def train(args: argparse.Namespace, store: Any = None) -> int:
 
     from agent.image_label import ImageClassifier, ImageLabelError
     from engines.store import ModelNotFound, ModelStore
-    from training.sequence.export import NAME as MODEL_NAME, export_model, load_from_onnx, onnx_parity
+    from training.sequence.export import NAME as MODEL_NAME, export_model, load_from_onnx
     from training.sequence.model import SeqResNet3d, n_params
     from training.sequence.data import CHANNEL, PREPROCESS
     from training.sequence.train import fit
