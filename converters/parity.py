@@ -146,12 +146,11 @@ def cspca_metrics(manifest: ModelManifest, ref: Dict[str, np.ndarray], got: Dict
 
     loss = max(AUROC drop, 1 - decision agreement, 1 - lesion agreement): any exam decided differently or
     any lesion found by one and not the other counts."""
-    from scipy import ndimage
-
     post = dict(manifest.postprocessing or {})
-    names = [o.name for o in manifest.outputs]
-    map_name = next((o.name for o in manifest.outputs if o.rank >= 4), names[0])
-    prob_name = next((o.name for o in manifest.outputs if o.rank <= 2), None)
+    # read both as the agent reads them (agent.cspca.run_declared): likelihood map and exam probability
+    io = manifest.cspca_io()
+    ref, got = ({"likelihood": lk, "probability": p[:, None]} for lk, p in (io.decode(ref), io.decode(got)))
+    map_name, prob_name = "likelihood", "probability"
     thr_map = float(post.get("lesion_threshold", 0.5))
     min_peak = float(post.get("min_peak", thr_map))
     thr_dec = float(post.get("decision_threshold", 0.5))
@@ -177,22 +176,10 @@ def cspca_metrics(manifest: ModelManifest, ref: Dict[str, np.ndarray], got: Dict
     mg = np.asarray(got[map_name], dtype=np.float32)
     ref_mask, got_mask = mr > thr_map, mg > thr_map
     found = missed = extra = 0
-    for a_map, a_mask, b_mask in zip(mr, ref_mask, got_mask):
-        lab, n = ndimage.label(a_mask[0])
-        for k in range(1, n + 1):
-            comp = lab == k
-            if float(a_map[0][comp].max()) < min_peak:
-                continue
-            if b_mask[0][comp].any():
-                found += 1
-            else:
-                missed += 1
-    for b_map, b_mask, a_mask in zip(mg, got_mask, ref_mask):
-        lab, n = ndimage.label(b_mask[0])
-        for k in range(1, n + 1):
-            comp = lab == k
-            if float(b_map[0][comp].max()) >= min_peak and not a_mask[0][comp].any():
-                extra += 1
+    for a_map, a_mask, b_map, b_mask in zip(mr, ref_mask, mg, got_mask):
+        f, m = _candidates_overlapping(a_map[0], a_mask[0], b_mask[0], min_peak)
+        found, missed = found + f, missed + m
+        extra += _candidates_overlapping(b_map[0], b_mask[0], a_mask[0], min_peak)[1]
     total = found + missed + extra
     lesion_agreement = 1.0 if total == 0 else found / total
     d = dice(ref_mask, got_mask)
@@ -205,6 +192,21 @@ def cspca_metrics(manifest: ModelManifest, ref: Dict[str, np.ndarray], got: Dict
     out["loss"] = round(max(losses), 6)
     out["loss_is"] = "max(AUROC drop, 1 - decision agreement, 1 - lesion agreement)"
     return out
+
+
+def _candidates_overlapping(lk: np.ndarray, mask: np.ndarray, other: np.ndarray, min_peak: float) -> Tuple[int, int]:
+    """Lesion candidates of *mask* (connected components whose peak in *lk* reaches *min_peak*): how many overlap
+    *other* and how many do not.  Per-label reductions, not a pass over the map per component: a noisy map (an
+    untrained or out-of-distribution model) has thousands of components."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return 0, 0
+    ids = np.arange(1, n + 1)
+    strong = np.asarray(ndimage.maximum(lk, lab, ids)) >= min_peak
+    hit = np.asarray(ndimage.maximum(other.astype(np.uint8), lab, ids)) > 0
+    return int((strong & hit).sum()), int((strong & ~hit).sum())
 
 
 # ------------------------------------------------------------------------------------------------
