@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
+	-$(VENV)/bin/scanside models import-taps  # the gland model trained on real patients; skipped offline
 	$(VENV)/bin/scanside demo
 
 # A real KServe v2 server for the Triton engine test: Seldon MLServer pins its own FastAPI, so it

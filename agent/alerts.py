@@ -2,7 +2,8 @@
 label mismatches, triage results, quarantined files) with a stable id, a code, a severity and a
 one-line action. Shared by the API, the console and the metrics so that they count the same things.
 
-No patient identifiers: the messages come from events, which carry none.
+No patient identifiers: the messages come from events, which carry none. Image-model events in
+shadow mode (agent.shadow) and NOT_ASSESSED triage results raise no alert.
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ QUARANTINE_ACTIONS = {
 def alert_from_event(ev: Event) -> Optional[Alert]:
     """The alert an event raises, or None."""
     common = dict(study_uid=ev.study_uid, seq=ev.seq, time=ev.time)
+    if getattr(ev, "shadow", False):
+        return None  # shadow mode: an image model not yet validated for this site is recorded, never alerts
     if ev.type == "protocol_deviation":
         return Alert(alert_id=ev.alert_id, code=bounded_code(ev.code), severity=ev.severity, message=ev.message,
                      action=_deviation_action(ev.measured, ev.required), series_id=ev.series_id,
@@ -69,6 +72,8 @@ def alert_from_event(ev: Event) -> Optional[Alert]:
                      action="Check the series description and the sequence actually run.",
                      series_id=ev.series_id, series_number=ev.series_number, label=ev.header_label, **common)
     if ev.type == "triage_result":
+        if ev.recommendation == "NOT_ASSESSED":
+            return None  # the model cannot back an answer here: nothing to act on (the exam view says why)
         advised = ev.recommendation == "DCE_ADVISED"
         return Alert(alert_id=ev.alert_id, code=f"TRIAGE_{ev.recommendation}", severity="warning" if advised else "info",
                      message=f"csPCa decision support: probability {ev.probability:.2f}, {len(ev.findings)} finding(s).",

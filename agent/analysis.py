@@ -1,11 +1,15 @@
 """The image side of the agent: after a series completes, the sequence classifier labels it from its
 pixels (LABEL_MISMATCH where image and header disagree, both confident); once an exam has axial T2W,
 ADC and high-b DWI, the csPCa model runs and a TriageResult with lesion findings and a contrast
-recommendation follows; when a gland model is in the store ([gland], agent.gland: the zonal
-reference model, else TAPS), each completed axial T2W is segmented: the csPCa crop is centred on the
-gland, each lesion finding gets its zone (PZ / TZ, zonal model), the TriageResult carries the gland
+recommendation follows; when a gland model is in the store ([gland], agent.gland: TAPS, else the
+zonal reference model, each only with good real-data figures), each completed axial T2W is segmented:
+the csPCa crop is centred on the gland, findings outside the gland (dilated by a few mm) are dropped
+and counted, each finding gets its zone (PZ / TZ, zonal model), the TriageResult carries the gland
 volume, and every axial DWI/ADC series is checked for whether its slab holds the gland
 (GLAND_NOT_COVERED, once per (series, T2W) pair; the profile's [coverage] sets the threshold).
+A csPCa result whose inputs lie outside the model's validated range (agent.input_range) is
+NOT_ASSESSED with its reason. Until a model is validated for the site (agent.shadow), its outputs
+are recorded with ``shadow`` set and raise no technologist alert.
 
 It runs as a sink with its own persisted cursor in its own thread, so ingestion never waits for a
 model, a restart resumes where it stopped, and every result has a deterministic key (the store
@@ -13,6 +17,7 @@ refuses a second copy of the same fact).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -23,7 +28,9 @@ import numpy as np
 
 from agent.config import AgentConfig
 from agent.events import Event, LabelMismatch, SeriesClassified, SeriesSummary, TriageResult
+from agent.exam_reader import classifier_inputs, gland_input, model_frames, triage_inputs
 from agent.malloc import release_free_memory
+from agent.shadow import ShadowPolicy, learning_line
 from agent.series import split_parts
 from agent.sinks import Sink
 from agent.state import StateStore
@@ -57,6 +64,7 @@ class Analyzer(Sink):
         self._volumes: "OrderedDict[str, Any]" = OrderedDict()
         self._checker: Any = None
         self._unavailable: dict[str, str] = {}  # model -> why it is not used (logged once)
+        self.shadow = ShadowPolicy(config)
 
     # ------------------------------------------------------------------ models (lazy, optional)
     def model_store(self) -> Any:
@@ -170,7 +178,7 @@ class Analyzer(Sink):
 
     def _classify(self, s: SeriesSummary) -> None:
         clf = self.classifier()
-        if clf is None:
+        if clf is None or not classifier_inputs([s]):
             return
         part = self._part(s)
         if part is None:
@@ -191,6 +199,7 @@ class Analyzer(Sink):
                 key=mkey, alert_id=_short(mkey), study_uid=s.study_uid, series_id=s.series_id,
                 series_number=s.series_number, header_label=s.label, header_confidence=s.label_confidence,
                 image_label=image.label, image_confidence=image.confidence,  # type: ignore[arg-type]
+                shadow=self.shadow.shadow(image.model),
                 message=(f"Series {s.series_number or ''} '{s.series_description}' is labelled {s.label} by its header "
                          f"but looks like {image.label} ({image.confidence:.0%}): check the series before relying on it."),
             ))
@@ -204,13 +213,12 @@ class Analyzer(Sink):
         if key in self._volumes:
             self._volumes.move_to_end(key)
             return self._volumes[key]
-        from agent.image_label import select_frames
         from agent.volume import load_volume
 
         part = part if part is not None else self._part(summary)
         if part is None:
             return None
-        volume = load_volume(select_frames(part.refs, part.frames))
+        volume = load_volume(model_frames(part))
         self._volumes[key] = volume
         while len(self._volumes) > VOLUMES_KEPT:
             self._volumes.popitem(last=False)
@@ -241,10 +249,8 @@ class Analyzer(Sink):
         return self._glands[key]
 
     def _reference_t2(self, study_uid: str) -> Optional[SeriesSummary]:
-        """The axial T2W the gland is taken from: the newest complete T2WI_nan, else T2WI_fs (as triage)."""
-        axial = [s for s in self._latest_series(study_uid).values() if s.plane == "axial" and s.complete]
-        t2 = [s for s in axial if s.label == "T2WI_nan"] or [s for s in axial if s.label == "T2WI_fs"]
-        return max(t2, key=lambda s: (s.series_number or 0, s.revision)) if t2 else None
+        """The axial T2W the gland is taken from (agent.exam_reader.gland_input, as every evaluation)."""
+        return gland_input(self._latest_series(study_uid).values())
 
     def _coverage(self, s: SeriesSummary) -> None:
         """GLAND_NOT_COVERED for each axial DWI/ADC series whose slab misses part of the gland: checked when
@@ -319,19 +325,9 @@ class Analyzer(Sink):
         return latest
 
     def triage_inputs(self, study_uid: str, exam_over: bool = False) -> Optional[dict[str, SeriesSummary]]:
-        """Axial T2W (non-fat-suppressed preferred), axial ADC and the highest axial high-b DWI, all complete.
-        The high b must reach `triage_min_b` (PI-RADS' >= 1400, acquired or calculated) while the exam goes
-        on, so that a b800 series does not trigger a run that the calculated b1400 then repeats; when the
-        exam ends without one, the highest b there is will do."""
-        axial = [s for s in self._latest_series(study_uid).values() if s.plane == "axial" and s.complete]
-        t2 = [s for s in axial if s.label == "T2WI_nan"] or [s for s in axial if s.label == "T2WI_fs"]
-        adc = [s for s in axial if s.label == "ADC"]
-        hbv = [s for s in axial if s.label == "DWI_High" and s.b_values
-               and (exam_over or max(s.b_values) >= self.settings.triage_min_b)]
-        if not (t2 and adc and hbv):
-            return None
-        newest = lambda xs: max(xs, key=lambda s: (s.series_number or 0, s.revision))  # noqa: E731
-        return {"T2W": newest(t2), "ADC": newest(adc), "HBV": max(hbv, key=lambda s: (max(s.b_values), s.series_number or 0))}
+        """The exam's csPCa inputs by agent.exam_reader.triage_inputs (the selection every evaluation makes)."""
+        return triage_inputs(self._latest_series(study_uid).values(), min_b=self.settings.triage_min_b,
+                             exam_over=exam_over)
 
     def _triage(self, study_uid: str, exam_over: bool = False) -> None:
         inputs = self.triage_inputs(study_uid, exam_over)
@@ -350,30 +346,99 @@ class Analyzer(Sink):
             if volume is None:
                 return
             volumes[ch] = volume
-        center = None
-        gland_ml = None
         gland = self.gland_for(inputs["T2W"], volumes["T2W"])
-        if gland is not None and gland.found:
-            center, gland_ml = gland.centroid_lps, round(gland.volume_ml, 2)
-        prediction = model.predict(volumes, center_lps=center)
-        if gland is not None and gland.found and gland.zones is not None:
-            prediction.findings = with_zones(prediction, gland, float(model.post.get("lesion_threshold", 0.5)))
-        threshold = self.settings.dce_advised_threshold
-        if threshold is None:
-            threshold = model.decision_threshold
-        event = TriageResult(
-            key=key, alert_id=_short(key), study_uid=study_uid, probability=prediction.probability,
-            findings=prediction.findings,
-            recommendation="DCE_ADVISED" if prediction.probability >= threshold else "BPMRI_SUFFICIENT",
-            thresholds={"dce_advised_at_probability": float(threshold)},
-            inputs={ch: s.series_id for ch, s in inputs.items()}, model=prediction.model, backend=prediction.backend,
-            gland_volume_ml=gland_ml,
-        )
+        found = gland is not None and gland.found
+        prediction = model.predict(volumes, center_lps=gland.centroid_lps if found else None)
+        event = triage_event(key, study_uid, inputs, model, prediction, gland, self.config,
+                             self._disagreements(study_uid, inputs), self.shadow.shadow(prediction.model))
         if self.config.dicom_output.folder is not None:  # the SEG of the likelihood map is built from this
             from agent.maps import MapStore
 
             MapStore(self.config.state.dir / "maps").put(key, prediction.likelihood, prediction.grid)
         self._record(event)
+
+    def _disagreements(self, study_uid: str, inputs: dict[str, SeriesSummary]) -> list[dict]:
+        """Input series whose image label (sequence classifier) disagrees with the header's."""
+        ids = {s.series_id: ch for ch, s in inputs.items()}
+        out: dict[str, dict] = {}
+        for ev in self.store.events_after(0, limit=100_000, study_uid=study_uid):
+            if ev.type == "series_classified" and ev.series_id in ids:
+                out[ev.series_id] = {"channel": ids[ev.series_id], "series_number": ev.series_number,
+                                     "header_label": ev.header_label, "image_label": ev.image_label,
+                                     "image_confidence": round(ev.image_confidence, 3), "agree": ev.agree}
+        return [d for d in out.values() if not d["agree"]]
+
+    # ------------------------------------------------------------------ shadow mode
+    def learning(self) -> Optional[str]:
+        """"image checks: learning this site (N exams)" while an image model in use is in shadow mode, else None."""
+        refs = self._image_model_refs()
+        if not self.shadow.enabled or not any(self.shadow.shadow(r) for r in refs):
+            return None
+        return learning_line(self.store.exams_with(("series_classified", "triage_result")))
+
+    def image_checks(self) -> str:
+        """The image models' state in words, for the console and the readiness detail."""
+        if not self._image_model_refs():
+            return "image checks: no image model in use"
+        if not self.shadow.enabled:
+            return "image checks: shadow mode switched off for this site"
+        return self.learning() or "image checks: validated for this site"
+
+    def _image_model_refs(self) -> list[str]:
+        return [m.ref for m in (getattr(self._classifier, "manifest", None), getattr(self._cspca, "manifest", None)) if m]
+
+
+def input_words(s: SeriesSummary) -> str:
+    b = f" b{max(s.b_values):g}" if s.b_values and s.label.startswith("DWI") else ""
+    return f"series {s.series_number if s.series_number is not None else '?'} {s.label}{b} {s.plane or ''}".strip()
+
+
+def triage_event(key: str, study_uid: str, inputs: dict[str, SeriesSummary], model: Any, prediction: Any, gland: Any,
+                 config: AgentConfig, disagreements: list, shadow: bool) -> TriageResult:
+    """The TriageResult of a prediction (pure; shared by the daemon and the real-data evaluation):
+
+    * findings only inside the gland mask dilated by [gland] finding_margin_mm, the others dropped and
+      counted, and the exam probability recomputed from the evidence kept (agent.cspca.restrict_findings);
+    * NOT_ASSESSED, with its reason, when the inputs lie outside the model's validated range, or when the
+      gland model ran and found no gland to place findings in: no confident answer the model cannot back;
+    * the inputs used in words, how confident the model is that they are in its range, and the image/header
+      disagreements on them."""
+    from agent.cspca import restrict_findings
+    from agent.gland import inside_gland
+
+    findings, probability, dropped = prediction.findings, prediction.probability, 0
+    gland_check, gland_ml, reason = "no_gland_model", None, None
+    if gland is not None and gland.found:
+        margin = config.gland.finding_margin_mm
+        kept = restrict_findings(prediction, lambda pts: inside_gland(gland, pts, margin), model.exam_head)
+        findings, probability, dropped = kept.findings, kept.probability, kept.dropped
+        gland_check, gland_ml = "checked", round(gland.volume_ml, 2)
+        if gland.zones is not None:
+            findings = with_zones(dataclasses.replace(prediction, findings=findings), gland,
+                                  float(model.post.get("lesion_threshold", 0.5)))
+    elif gland is not None:
+        gland_check, reason = "no_gland_found", "the gland model found no prostate on the axial T2W: findings cannot be placed"
+    check = prediction.range_check
+    if check is not None and not check.in_range:
+        reason = check.reason()
+    threshold = config.analysis.dce_advised_threshold
+    if threshold is None:
+        threshold = model.decision_threshold
+    if reason is not None:
+        recommendation, confidence = "NOT_ASSESSED", None
+    else:
+        recommendation = "DCE_ADVISED" if probability >= threshold else "BPMRI_SUFFICIENT"
+        confidence = round(max(probability, 1.0 - probability), 4)
+    return TriageResult(
+        key=key, alert_id=_short(key), study_uid=study_uid, probability=probability, findings=findings,
+        recommendation=recommendation, thresholds={"dce_advised_at_probability": float(threshold)},  # type: ignore[arg-type]
+        inputs={ch: s.series_id for ch, s in inputs.items()}, model=prediction.model, backend=prediction.backend,
+        gland_volume_ml=gland_ml, not_assessed_reason=reason, confidence=confidence,
+        input_range=check.model_dump() if check is not None else None,
+        input_series={ch: input_words(s) for ch, s in inputs.items()}, gland_check=gland_check,  # type: ignore[arg-type]
+        gland_model=getattr(gland, "model", None), findings_outside_gland=dropped,
+        label_disagreements=disagreements, shadow=shadow,
+    )
 
 
 def missed_end(gland: Any, series: SeriesSummary) -> Optional[str]:

@@ -8,6 +8,7 @@
     GET  /v1/exams/current          the exam with the latest activity
     GET  /v1/exams/{study_uid}      series, labels, checklist, deviations, alerts, triage
     POST /v1/exams/{study_uid}/done the technologist says the exam is over
+    GET  /v1/image-checks           image models: "learning this site (N exams)" while in shadow mode
     GET  /v1/alerts                 alerts (?open=true: not yet acknowledged; ?unassigned=true: no exam, e.g. quarantine)
     POST /v1/alerts/{alert_id}/ack  acknowledge an alert (idempotent)
     GET  /v1/events                 server-sent events from the event log; resume with Last-Event-ID (the event seq)
@@ -151,7 +152,14 @@ def readiness(agent: "Agent") -> Readiness:
     failing = health.failing() if health is not None else {}
     checks["writes"] = Check(ok=not failing, detail="; ".join(
         f"{f.target} {f.folder}: {f.detail} ({f.attempts} attempt(s))" for f in failing.values()) or "last writes succeeded")
+    # shadow mode is not unreadiness: the agent works, its image models only do not alert yet (agent.shadow)
+    checks["image_checks"] = Check(ok=True, detail=image_checks_line(agent))
     return Readiness(ready=all(c.ok for c in checks.values()), checks=checks)
+
+
+def image_checks_line(agent: "Agent") -> str:
+    analyzer = getattr(agent, "analyzer", None)
+    return analyzer.image_checks() if analyzer is not None else "image checks: no image model in use"
 
 
 # ------------------------------------------------------------------------------------------ exam done
@@ -267,6 +275,11 @@ def create_app(agent: Optional["Agent"] = None, *, requirements: Optional[Callab
         idx = need_index()
         uid = idx.current()
         return exam_view(need_agent().store, uid, idx, requirements) if uid else None
+
+    @app.get("/v1/image-checks", response_model=Check, tags=["exams"], dependencies=[Depends(auth)])
+    def image_checks() -> Check:
+        """Whether the image models alert yet: "image checks: learning this site (N exams)" in shadow mode."""
+        return Check(ok=True, detail=image_checks_line(need_agent()))
 
     @app.get("/v1/exams/{study_uid}", response_model=ExamView, tags=["exams"], dependencies=[Depends(auth)])
     def get_exam(study_uid: str) -> ExamView:

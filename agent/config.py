@@ -162,6 +162,7 @@ class GlandConfig(_Section):
     variant: Optional[str] = Field(None, description="model file variant (fp32, int8_u8s8, ...); default: the manifest's default")
     windows: Literal["center", "full"] = Field("center", description="center: one window at the centre of the field of view (~102 x 102 x 96 mm); full: sliding window over the whole series")
     coverage_min: float = Field(0.95, ge=0, le=1, description="coverage_report's threshold; the GLAND_NOT_COVERED deviation uses the protocol profile's [coverage] min_fraction")
+    finding_margin_mm: float = Field(5.0, ge=0, le=30, description="a csPCa finding whose centre lies farther than this outside the gland mask is dropped (and counted); the exam probability comes from the findings kept")
 
 
 class AnalysisConfig(_Section):
@@ -175,6 +176,15 @@ class AnalysisConfig(_Section):
     cspca_model: str = Field("cspca-reference", description="model store name[@version]")
     triage_min_b: float = Field(1400.0, ge=0, description="high-b DWI needed to start triage during the exam; at exam end the highest b available is used")
     dce_advised_threshold: Optional[float] = Field(None, ge=0, le=1, description="csPCa probability at or above which DCE is advised; default: the model's decision threshold")
+
+
+class ShadowConfig(_Section):
+    """Shadow mode (issue 18): an image model not yet validated on this site's own exams (an operator's
+    `scanside models accept`, or a site adaptation's hold-out) has its outputs recorded in events and
+    metrics but raises no technologist alert."""
+
+    enabled: bool = Field(True, description="false: the site switches shadow mode off explicitly; every image model alerts")
+    validations_file: Optional[Path] = Field(None, description="where site validations are recorded (default: <state.dir>/site_validations.jsonl)")
 
 
 class AgentConfig(BaseSettings):
@@ -195,6 +205,7 @@ class AgentConfig(BaseSettings):
     engines: EnginesConfig = Field(default_factory=EnginesConfig)
     gland: GlandConfig = Field(default_factory=GlandConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    shadow: ShadowConfig = Field(default_factory=ShadowConfig)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -32,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from agent.events import LesionFinding
+from agent.input_range import InputRange, RangeCheck
 from agent.volume import Volume
 from engines.preprocess import Grid, prepare
 
@@ -67,6 +68,7 @@ class CspcaPrediction:
     grid: Grid
     model: str = ""
     backend: str = ""
+    range_check: Optional[RangeCheck] = None  # the input against the model's validated range (None: no range)
 
     def likelihood_volume(self) -> Volume:
         return self.grid.volume(self.likelihood)
@@ -165,16 +167,16 @@ def extract_findings(likelihood: np.ndarray, grid: Grid, *, lesion_threshold: fl
 
 
 def run_declared(engine: Any, manifest: Any, volumes: Mapping[str, Volume],
-                 center_lps=None) -> "tuple[np.ndarray, float, Grid]":
+                 center_lps=None) -> "tuple[np.ndarray, float, Grid, np.ndarray]":
     """Prepare *volumes* with the manifest's PreprocessSpec, run *engine* and read its outputs as the manifest
     declares them (engines.manifest.CspcaIO: input name, detection map and its activation / csPCa channel,
     case probability or the map's maximum, crop on the gland or on the field-of-view centre).  Returns the
-    likelihood map (d0, d1, d2) on the returned grid and the exam probability.  The reference model and a
-    site's drop-in model (e.g. a PI-CAI U-Net) run through this one path."""
+    likelihood map (d0, d1, d2) on the returned grid, the exam probability and the prepared input (C, d0, d1, d2).
+    The reference model and a site's drop-in model (e.g. a PI-CAI U-Net) run through this one path."""
     io = manifest.cspca_io()
     x, grid = prepare(dict(volumes), manifest.preprocessing, center_lps=center_lps if io.crop_on_gland else None)
     lk, prob = io.decode(engine.run({io.input: x[None].astype(np.float32)}))
-    return lk[0, 0], float(np.clip(prob[0], 0.0, 1.0)), grid
+    return lk[0, 0], float(np.clip(prob[0], 0.0, 1.0)), grid, x
 
 
 class CspcaModel:
@@ -191,6 +193,17 @@ class CspcaModel:
         self.spec = self.manifest.preprocessing
         self.engine, self.selection = store.open(self.manifest, variant=variant, preference=preference)
         self.post: Dict[str, Any] = {**DEFAULT_POSTPROCESSING, **(self.manifest.postprocessing or {})}
+        root = getattr(self.manifest, "root", None)
+        self.input_range: Optional[InputRange] = InputRange.load(root) if root is not None else None
+
+    @property
+    def exam_head(self) -> Optional[tuple]:
+        """(scale, bias) of the exam head, probability = sigmoid(scale * max voxel logit + bias), when the
+        model declares it (postprocessing "exam_head" or its training record); None otherwise."""
+        head = self.post.get("exam_head") or ((self.manifest.metrics or {}).get("training") or {}).get("exam_head")
+        if isinstance(head, dict) and "scale" in head and "bias" in head:
+            return float(head["scale"]), float(head["bias"])
+        return None
 
     @property
     def ref(self) -> str:
@@ -219,13 +232,42 @@ class CspcaModel:
 
     def predict(self, volumes: Mapping[str, Volume], center_lps=None) -> CspcaPrediction:
         vols = self._check(volumes)
-        lk, prob, grid = run_declared(self.engine, self.manifest, vols, center_lps)
+        lk, prob, grid, x = run_declared(self.engine, self.manifest, vols, center_lps)
+        check = self.input_range.check(x) if self.input_range is not None else None
         findings = extract_findings(lk, grid, **self.post)
         return CspcaPrediction(probability=prob, findings=findings, likelihood=lk, grid=grid, model=self.ref,
-                               backend=str(self.selection.backend))
+                               backend=str(self.selection.backend), range_check=check)
 
     def close(self) -> None:
         try:
             self.engine.close()
         except Exception:  # pragma: no cover - best effort
             pass
+
+
+@dataclasses.dataclass
+class GlandRestricted:
+    findings: List[LesionFinding]  # those inside the allowed region
+    dropped: int  # findings outside it
+    probability: float  # the exam probability from what is left
+
+
+def restrict_findings(prediction: CspcaPrediction, allowed: Any, exam_head: Optional[tuple]) -> GlandRestricted:
+    """Keep the findings whose centre ``allowed`` (points (n, 3) LPS mm -> bool) accepts, e.g. the gland mask
+    dilated by a few mm (agent.gland.inside_gland), and recompute the exam probability from the evidence left:
+    with the model's exam head, sigmoid(scale * logit(peak) + bias) where peak is the highest likelihood of a
+    kept finding or of any allowed voxel; without one, the model's probability capped at that peak."""
+    kept = [f for f in prediction.findings if bool(allowed(np.asarray([f.center_lps_mm], dtype=np.float64))[0])]
+    dropped = len(prediction.findings) - len(kept)
+    lk = np.nan_to_num(np.asarray(prediction.likelihood, dtype=np.float32), nan=0.0)
+    vox = np.argwhere(np.ones(lk.shape, dtype=bool))
+    inside = allowed(prediction.grid.index_to_lps(vox.astype(np.float64)))
+    peak = max([float(lk.reshape(-1)[inside].max()) if inside.any() else 0.0] + [f.likelihood for f in kept])
+    if exam_head is not None:
+        p = min(max(peak, 1e-7), 1.0 - 1e-7)
+        prob = float(1.0 / (1.0 + np.exp(-(exam_head[0] * np.log(p / (1.0 - p)) + exam_head[1]))))
+    else:
+        prob = min(prediction.probability, peak)
+    if not dropped and exam_head is None:
+        prob = prediction.probability
+    return GlandRestricted(findings=kept, dropped=dropped, probability=round(prob, 6))

@@ -110,11 +110,14 @@ def collect_findings(store: StateStore, study_uid: str, trigger: Event) -> ExamF
             if trigger.seq is not None and (ev.seq or 0) > trigger.seq:
                 return out
             if isinstance(ev, TriageResult):
-                out.triage = ev  # the latest one counts
+                # the latest one counts; one in shadow mode or NOT_ASSESSED does not leave the agent (agent.shadow)
+                if not ev.shadow and ev.recommendation != "NOT_ASSESSED":
+                    out.triage = ev
             elif isinstance(ev, ProtocolDeviation):
                 out.deviations.append(ev)
             elif isinstance(ev, LabelMismatch):
-                out.mismatches.append(ev)
+                if not ev.shadow:
+                    out.mismatches.append(ev)
             elif ev.type == "series_completed":
                 out.series_labels.setdefault(ev.series.series_uid, ev.series.label)  # type: ignore[union-attr]
         seq = batch[-1].seq or seq

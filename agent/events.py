@@ -7,7 +7,7 @@ Events carry no patient name, ID, birth date or accession number.
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, TypeAdapter
 
@@ -130,6 +130,7 @@ class LabelMismatch(EventBase):
     image_label: SequenceLabel
     image_confidence: float
     message: str
+    shadow: bool = Field(False, description="shadow mode: recorded, no technologist alert (the model is not yet validated for this site)")
 
 
 class SeriesClassified(EventBase):
@@ -161,14 +162,23 @@ class TriageResult(EventBase):
 
     type: Literal["triage_result"] = "triage_result"
     alert_id: str
-    probability: float = Field(description="exam-level csPCa probability from the reference model")
+    probability: float = Field(description="exam-level csPCa probability from the reference model (from the findings inside the gland when a gland model checked them)")
     findings: list[LesionFinding] = Field(default_factory=list)
-    recommendation: Literal["DCE_ADVISED", "BPMRI_SUFFICIENT"]
+    recommendation: Literal["DCE_ADVISED", "BPMRI_SUFFICIENT", "NOT_ASSESSED"]
     thresholds: dict[str, float]
     inputs: dict[str, str] = Field(description="channel -> series_id used")
     model: str
     backend: str
     gland_volume_ml: Optional[float] = None
+    not_assessed_reason: Optional[str] = Field(None, description="why the model's answer is not used (NOT_ASSESSED)")
+    confidence: Optional[float] = Field(None, description="max(p, 1 - p) of the calibrated probability; None when not assessed")
+    input_range: Optional[dict[str, Any]] = Field(None, description="the inputs against the model's validated range: score, threshold, in_range, in_range_confidence, outside (None: the model has no validated range)")
+    input_series: dict[str, str] = Field(default_factory=dict, description="channel -> the series used, in words (number, label, b-value)")
+    gland_check: Literal["checked", "no_gland_found", "no_gland_model"] = Field("no_gland_model", description="whether the findings were checked against a gland mask")
+    gland_model: Optional[str] = None
+    findings_outside_gland: int = Field(0, description="findings dropped because they lie outside the gland (dilated by [gland] finding_margin_mm)")
+    label_disagreements: list[dict[str, Any]] = Field(default_factory=list, description="input series whose image label disagrees with the header's")
+    shadow: bool = Field(False, description="shadow mode: recorded, no technologist alert (the model is not yet validated for this site)")
     decision_support: Literal[True] = True
     disclaimer: str = "Decision support from a reference model trained on simulated phantoms; not validated on patients."
 

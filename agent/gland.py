@@ -6,8 +6,9 @@
 * ``prostate-gland-taps`` (TAPS, imported by ``scanside models import-taps``): whole gland only,
   ``zones`` is None. Seconds per window on CPU.
 
-``[gland] model = "auto"`` (the default) takes the zonal model when it is in the store, else TAPS
-when it has been imported (``resolve_model``); a name[@version] picks one.
+``[gland] model = "auto"`` (the default) takes TAPS when it has been imported, else the zonal model,
+each only when its real-data figures are known and good (``resolve_model``, ``real_data_status``);
+a name[@version] picks one.
 
 What the agent uses it for:
 
@@ -64,6 +65,7 @@ class GlandResult:
     variant: Optional[str] = None
     qc: Dict[str, Any] = field(default_factory=dict)
     zones: Optional[np.ndarray] = None  # uint8 on `grid`: 0 background, 1 TZ, 2 PZ (zonal model only)
+    distance_mm: Optional[np.ndarray] = field(default=None, repr=False)  # to the mask, mm (inside_gland, lazily)
 
     @property
     def found(self) -> bool:
@@ -252,16 +254,63 @@ def zone_of(gland: GlandResult, points_lps: Any = None, centre_lps: Any = None,
     return None
 
 
+#: manifest.metrics key where a gland model's real-data figures are recorded (``scanside models evaluate NAME
+#: --real DIR --write``): {"usable": bool, "reference": ..., "dice_mean": ..., ...}
+REAL_DATA = "real_data"
+#: models whose real-data figures are known without a local evaluation: TAPS was trained on real patients'
+#: T2W, and on a public real case with an expert gland mask (45.7 mL) it reached Dice 0.88 (issue 18)
+KNOWN_ON_REAL = {MODEL_NAME: "trained on real T2W (TAPS); Dice 0.88 against an expert mask on a public real case"}
+
+
+def real_data_status(manifest: Any) -> tuple:
+    """(usable on real exams: True / False / None = unknown, why) for a gland model's manifest."""
+    rec = (getattr(manifest, "metrics", None) or {}).get(REAL_DATA)
+    if isinstance(rec, dict) and "usable" in rec:
+        return bool(rec["usable"]), str(rec.get("summary") or rec.get("reason") or "real-data evaluation recorded")
+    name = getattr(manifest, "name", "")
+    if name in KNOWN_ON_REAL:
+        return True, KNOWN_ON_REAL[name]
+    return None, "no real-data figures recorded"
+
+
 def resolve_model(store: Any, model: str = AUTO) -> Optional[str]:
-    """``auto``: the zonal reference model when it is in the store, else TAPS when imported, else None;
-    a name[@version]: itself when it is in the store, else None."""
-    for name in ((ZONES_MODEL, MODEL_NAME) if model == AUTO else (model,)):
+    """``auto``: TAPS (trained on real patients) when imported, else the zonal reference model, either only
+    when its real-data figures are known and good (``real_data_status``): a scanner's exams are real, and
+    a gland model whose behaviour there is unknown must not place the csPCa crop, drop findings or judge
+    coverage. A name[@version]: itself when it is in the store (the operator's explicit choice), else None."""
+    if model != AUTO:
         try:
-            store.resolve(name)
-            return name
+            store.resolve(model)
+            return model
+        except Exception:
+            return None
+    for name in (MODEL_NAME, ZONES_MODEL):
+        try:
+            manifest = store.resolve(name)
         except Exception:
             continue
+        usable, why = real_data_status(manifest)
+        if usable:
+            return name
+        log.info("gland model %s not used by [gland] model = auto: %s", manifest.ref,
+                 "real-data figures below the bar" if usable is False else why)
     return None
+
+
+def inside_gland(gland: GlandResult, points_lps: Any, margin_mm: float) -> np.ndarray:
+    """Bool per point (n, 3) LPS mm: inside the gland mask dilated by ``margin_mm`` (distance in mm on the
+    gland grid; points outside what was segmented are outside). All False when no gland was found."""
+    pts = np.atleast_2d(np.asarray(points_lps, dtype=np.float64))
+    if not gland.found:
+        return np.zeros(len(pts), dtype=bool)
+    dist = gland.distance_mm
+    if dist is None:  # kept with the result: one transform per gland, not per finding
+        dist = gland.distance_mm = ndimage.distance_transform_edt(~gland.mask, sampling=gland.grid.spacing)
+    idx = np.rint(gland.grid.lps_to_index(pts)).astype(int)
+    ok = np.all((idx >= 0) & (idx < np.asarray(dist.shape)), axis=1)
+    out = np.zeros(len(pts), dtype=bool)
+    out[ok] = dist[tuple(idx[ok].T)] <= float(margin_mm)
+    return out
 
 
 def coverage(gland: GlandResult, target: Any) -> Optional[float]:

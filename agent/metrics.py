@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -86,6 +86,14 @@ class AgentMetrics:
         self.exams = Counter("scanside_exams_completed", "Exams completed, by how the end was decided", ["reason"], registry=r)
         self.triage = Counter("scanside_triage_results", "csPCa triage results, by recommendation", ["recommendation"], registry=r)
         self.events = Counter("scanside_events", "Events recorded, by type", ["type"], registry=r)
+        # image models against the site's reference (issue 18 shadow mode): since the agent started
+        self.image_agreement = Gauge("scanside_image_agreement_ratio",
+                                     "Share of image-model outputs that agree with the site's reference: the sequence "
+                                     "classifier with the header labels, the csPCa model with its validated input range "
+                                     "(assessed results), by model", ["model"], registry=r)
+        self.image_shadow = Counter("scanside_image_shadow_results", "Image-model outputs recorded in shadow mode "
+                                    "(no technologist alert), by model", ["model"], registry=r)
+        self._agreement: dict[str, list[int]] = {}  # model name -> [agreeing, total]
         r.register(_StateCollector(self))
         if process:
             ProcessCollector(registry=r)
@@ -121,12 +129,28 @@ class AgentMetrics:
         elif ev.type == "exam_completed":
             self.exams.labels(_label(ev.reason, {"quiet_period", "operator"})).inc()
         elif ev.type == "triage_result":
-            self.triage.labels(_label(ev.recommendation, {"DCE_ADVISED", "BPMRI_SUFFICIENT"})).inc()
+            self.triage.labels(_label(ev.recommendation, {"DCE_ADVISED", "BPMRI_SUFFICIENT", "NOT_ASSESSED"})).inc()
+            self._image_result(ev.model, ev.recommendation != "NOT_ASSESSED", ev.shadow)
+        elif ev.type == "series_classified":
+            self._image_result(ev.model, ev.agree, False)
+        elif ev.type == "label_mismatch" and ev.shadow:
+            model = self.agent.config.analysis.sequence_model if self.agent is not None else "sequence-classifier"
+            self.image_shadow.labels(_label(model.split("@")[0])).inc()
         elif ev.type == "alert_acknowledged":
             self.acks.inc()
         alert = alert_from_event(ev)
         if alert is not None:
             self.alerts.labels(alert.code, alert.severity).inc()
+
+    def _image_result(self, model_ref: str, agree: bool, shadow: bool) -> None:
+        name = _label(model_ref.split("/")[0].split("@")[0])
+        with self._lock:
+            counts = self._agreement.setdefault(name, [0, 0])
+            counts[0] += int(bool(agree))
+            counts[1] += 1
+            self.image_agreement.labels(name).set(counts[0] / counts[1])
+        if shadow:
+            self.image_shadow.labels(name).inc()
 
     def _observe_completion(self, ev: Any) -> None:
         agent = self.agent

@@ -34,9 +34,7 @@ def main() -> int:
     args = ap.parse_args()
 
     import agent.volume as av
-    from agent.classify import classify_header
-    from agent.header import read_header
-    from agent.series import split_parts
+    from agent.exam_reader import read_exam
     from simulator.scanner import simulate_exam
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_decode_"))
@@ -46,14 +44,8 @@ def main() -> int:
         vendor, kw = styles[i % len(styles)]
         d = tmp / f"exam{i}"
         simulate_exam(vendor, d, seed=500 + i, profile="prostate-bpmri", **kw)
-        by: Dict[str, list] = {}
-        for p in sorted(d.rglob("*")):
-            if p.is_file() and p.suffix != ".json":
-                h = read_header(p)
-                by.setdefault(h.series_uid, []).append(h)
-        for hs in by.values():
-            for part in split_parts(hs):
-                parts.append((vendor, classify_header(part.headers, part.frames).label, part))
+        # the daemon's read path (agent.exam_reader); every frame of each part is decoded, as before
+        parts += [(vendor, s.summary.label, s.part) for s in read_exam(d).series]
 
     fast_impl, mem = av._native_fast, av._IN_MEMORY_BYTES
 

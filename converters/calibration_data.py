@@ -1,7 +1,7 @@
 """Calibration and parity data from real DICOM folders, prepared exactly as the agent prepares them.
 
-DICOM folder -> agent.header.read_header -> group by series -> agent.series.split_parts ->
-agent.classify (series label) -> agent.volume.load_volume -> engines.preprocess.prepare(spec) ->
+DICOM folder -> agent.exam_reader.read_exams (the daemon's read path: headers, series, split parts,
+header label, the model frames) -> agent.volume.load_volume -> engines.preprocess.prepare(spec) ->
 model inputs.  For a sliding-window model (``spec.window``, e.g. TAPS) each prepared series gives
 ROI-sized windows at the same positions engines.preprocess.sliding_window visits; the windows
 holding the most foreground are kept.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -39,7 +38,6 @@ CHANNEL_ALIASES: Dict[str, Tuple[str, ...]] = {
     "DWI": ("DWI_High",),
     "HBV": ("DWI_High",),
 }
-_SKIP_SUFFIXES = (".json", ".txt", ".npz", ".onnx", ".md", ".tmp")
 #: how this project's simulator marks its files (simulator/vendors/common.py)
 SIMULATOR_IMPLEMENTATION_VERSION = "SCANSIDE_SIM"
 SIMULATOR_INSTITUTION = "SCANSIDE SIMULATED HOSPITAL"
@@ -182,98 +180,41 @@ def file_origin(path: Union[str, Path]) -> str:
     return "simulated" if impl == SIMULATOR_IMPLEMENTATION_VERSION or inst == SIMULATOR_INSTITUTION else "real"
 
 
-def dicom_files(root: Union[str, Path]) -> List[Path]:
-    root = Path(root)
-    out = []
-    for dirpath, _dirs, files in os.walk(root):
-        for f in sorted(files):
-            if f.startswith(".") or f.lower().endswith(_SKIP_SUFFIXES) or f == "DICOMDIR":
+def _loaded(roots: Union[str, Path, Sequence[Union[str, Path]]], want: Optional[set],
+            want_planes: Optional[set]) -> List[SeriesVolume]:
+    """The series of every exam under *roots* as the daemon reads them (agent.exam_reader: grouping, header
+    label, the model frames), those with a wanted label and plane loaded; unloadable ones skipped and logged."""
+    from agent.exam_reader import read_exams
+    from agent.volume import VolumeError
+
+    out: List[SeriesVolume] = []
+    for exam in read_exams(roots):
+        for s in exam.series:
+            label, plane = s.summary.label, s.summary.plane
+            if (want is not None and label not in want) or (want_planes is not None and plane not in want_planes):
                 continue
-            out.append(Path(dirpath) / f)
-    return sorted(out)
+            try:
+                vol = s.volume()
+            except (VolumeError, ValueError, OSError) as e:
+                log.info("calibration data: series %s not loadable (%s)", _opaque(s.series_id), type(e).__name__)
+                continue
+            origin = file_origin(s.part.refs[0].path) if s.part.refs else "real"
+            out.append(SeriesVolume(_opaque(exam.study_uid), _opaque(s.series_id), label, plane, vol, origin))
+    return out
 
 
 def read_series(roots: Union[str, Path, Sequence[Union[str, Path]]], *, labels: Optional[Iterable[str]] = None,
                 planes: Optional[Iterable[str]] = ("axial",)) -> List[SeriesVolume]:
     """Every loadable series under *roots*, labelled by the agent's header rules.  Files that are not
     DICOM, unreadable or whose series cannot form a volume are skipped (and logged without PHI)."""
-    from agent.classify import classify_header
-    from agent.series import split_parts
-    from agent.vendor import plane_of
-    from agent.volume import VolumeError, load_volume
-
-    want = set(labels) if labels is not None else None
-    want_planes = set(planes) if planes is not None else None
-    by_series, origin = _headers_by_series(roots)
-    out: List[SeriesVolume] = []
-    for uid in sorted(by_series):
-        for part in split_parts(by_series[uid]):
-            label = classify_header(part.headers, part.frames).label
-            if want is not None and label not in want:
-                continue
-            orient = next((f.orientation for f in part.frames if f.orientation), None)
-            plane = plane_of(orient) if orient else None
-            if want_planes is not None and plane not in want_planes:
-                continue
-            try:
-                vol = load_volume(part.refs)
-            except (VolumeError, ValueError, OSError) as e:
-                log.info("calibration data: series %s not loadable (%s)", _opaque(part.series_id), type(e).__name__)
-                continue
-            out.append(SeriesVolume(_opaque(part.headers[0].study_uid), _opaque(part.series_id), label, plane, vol,
-                                    origin[uid]))
-    return out
-
-
-def _headers_by_series(roots: Union[str, Path, Sequence[Union[str, Path]]]) -> Tuple[Dict[str, list], Dict[str, str]]:
-    """Headers of every readable DICOM file under *roots* by SeriesInstanceUID, and each series' origin
-    (file_origin of its first file).  Unreadable files are skipped (logged without PHI)."""
-    from agent.header import HeaderError, read_header
-
-    if isinstance(roots, (str, Path)):
-        roots = [roots]
-    by_series: Dict[str, list] = {}
-    origin: Dict[str, str] = {}
-    for root in roots:
-        for p in dicom_files(root):
-            try:
-                h = read_header(p)
-            except HeaderError as e:
-                log.debug("calibration data: skipped a file (%s)", e.reason)
-                continue
-            except Exception as e:  # bad input never crashes the converter
-                log.debug("calibration data: skipped a file (%s)", type(e).__name__)
-                continue
-            if h.series_uid not in by_series:
-                origin[h.series_uid] = file_origin(p)
-            by_series.setdefault(h.series_uid, []).append(h)
-    return by_series, origin
+    return _loaded(roots, set(labels) if labels is not None else None, set(planes) if planes is not None else None)
 
 
 def read_series_whole(roots: Union[str, Path, Sequence[Union[str, Path]]]) -> List[SeriesVolume]:
     """Every series of every plane, one volume each as the sequence classifier sees it
-    (agent.image_label.select_frames: one orientation, the middle temporal phase, one frame per
+    (agent.exam_reader.model_frames: one orientation, the middle temporal phase, one frame per
     position), labelled by the header rules -- the inputs of a model whose channel is "series"."""
-    from agent.classify import classify_header
-    from agent.image_label import select_frames
-    from agent.series import split_parts
-    from agent.vendor import plane_of
-    from agent.volume import VolumeError, load_volume
-
-    by_series, origin = _headers_by_series(roots)
-    out: List[SeriesVolume] = []
-    for uid in sorted(by_series):
-        for part in split_parts(by_series[uid]):
-            label = classify_header(part.headers, part.frames).label
-            orient = next((f.orientation for f in part.frames if f.orientation), None)
-            try:
-                vol = load_volume(select_frames(list(part.refs), list(part.frames)))
-            except (VolumeError, ValueError, OSError) as e:
-                log.info("calibration data: series %s not loadable (%s)", _opaque(part.series_id), type(e).__name__)
-                continue
-            out.append(SeriesVolume(_opaque(part.headers[0].study_uid), _opaque(part.series_id), label,
-                                    plane_of(orient) if orient else None, vol, origin[uid]))
-    return out
+    return _loaded(roots, None, None)
 
 
 def exam_truth(roots: Union[str, Path, Sequence[Union[str, Path]]]) -> Dict[str, float]:

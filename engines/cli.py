@@ -1,4 +1,4 @@
-"""`scanside models ...`: list, show, verify, import, import-taps, schema.
+"""`scanside models ...`: list, show, verify, import, import-taps, schema, accept, evaluate, train.
 
 Wiring (agent/cli.py):  ``from engines import cli as models_cli; models_cli.add_parser(subparsers)``
 then dispatch with ``args.func(args)`` (or ``models_cli.run(args)``); both return an exit code.
@@ -23,7 +23,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--user-dir", metavar="DIR", help="bring-your-own model directory (default $SCANSIDE_USER_MODELS_DIR)")
     p.add_argument("--prefer", metavar="B1,B2", default=None,
                    help="back-end preference order, e.g. tensorrt,onnxruntime")
-    sub = p.add_subparsers(dest="models_cmd", metavar="{list,show,verify,import,import-taps,schema,evaluate,train}")
+    sub = p.add_subparsers(dest="models_cmd",
+                           metavar="{list,show,verify,import,import-taps,schema,accept,evaluate,train}")
     sub.required = True
     ls = sub.add_parser("list", help="models and versions in the store")
     ls.add_argument("--json", action="store_true")
@@ -45,6 +46,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                           "(inputs/outputs are read from the ONNX; see docs/cspca-models.md)")
     own.add_argument("--overwrite", action="store_true")
     sub.add_parser("schema", help="print the manifest JSON schema")
+    acc = sub.add_parser("accept", help="validate a model for this site: it leaves shadow mode and may alert (agent.shadow)")
+    acc.add_argument("name", help="NAME, NAME@VERSION or NAME/VERSION (default: latest version)")
+    acc.add_argument("--by", required=True, help="who accepts it (recorded; an operator's name, not a patient's)")
+    acc.add_argument("--note", default="", help="why, e.g. which site exams were reviewed")
+    acc.add_argument("--exams", type=int, default=None, help="site exams the acceptance rests on")
+    acc.add_argument("--config", type=Path, default=None, help="the agent's config file (where its state folder is)")
     _add_training_parsers(sub)
     p.set_defaults(func=run)
     return p
@@ -110,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         store = _store(args)
         if cmd == "import":
             return _import_declared(args, store)
+        if cmd == "accept":
+            return _accept(args, store)
         if cmd in ("evaluate", "train"):
             return _run_training_cmd(cmd, args, store)
         if cmd == "list":
@@ -160,6 +169,18 @@ def run(args: argparse.Namespace) -> int:
     return 2
 
 
+def _accept(args: argparse.Namespace, store: ModelStore) -> int:
+    from agent.config import load_config
+    from agent.shadow import SiteValidation, record_validation, validations_path
+
+    m = store.resolve(args.name)
+    path = validations_path(load_config(args.config))
+    v = record_validation(path, SiteValidation(model=m.name, version=m.version, method="operator", by=args.by,
+                                               note=args.note, exams=args.exams))
+    print(f"{v.ref} accepted for this site by {v.by} at {v.at}: it leaves shadow mode (recorded in {path})")
+    return 0
+
+
 def _add_training_parsers(sub: Any) -> None:
     """`models evaluate NAME` (dispatch on the manifest's task) and `models train KIND` (training.registry)."""
     ev = sub.add_parser("evaluate", help="evaluate a model on freshly simulated held-out data (by its task)")
@@ -170,6 +191,9 @@ def _add_training_parsers(sub: Any) -> None:
     ev.add_argument("--jobs", type=int, default=1, help="simulation worker processes")
     ev.add_argument("--variant", default=None, help="model file variant (default: the manifest's)")
     ev.add_argument("--write", action="store_true", help="record the metrics in the manifest and write the markdown report")
+    ev.add_argument("--real", type=Path, action="append", default=[], metavar="DIR",
+                    help="evaluate on real DICOM under DIR (repeatable) through the daemon's read path, "
+                         "header labels as reference where there is no other")
     ev.add_argument("--json", action="store_true")
     tr = sub.add_parser("train", help="train or fine-tune a model on a site's labelled DICOM (training.registry)")
     tsub = tr.add_subparsers(dest="train_kind", metavar="KIND")
@@ -187,14 +211,14 @@ def _add_training_parsers(sub: Any) -> None:
 
 
 def _run_training_cmd(cmd: str, args: argparse.Namespace, store: ModelStore) -> int:
-    from training.registry import EvaluateOptions, evaluator_for, trainer_for
+    from training.registry import EvaluateOptions, evaluator_for, real_evaluator_for, trainer_for
 
     if cmd == "train":
         return int(trainer_for(args.train_kind).train(args))
     m = store.resolve(args.name)
     opts = EvaluateOptions(exams_per_vendor=args.exams_per_vendor, seed=args.seed, workdir=args.workdir,
-                           write=args.write, variant=args.variant, jobs=args.jobs)
-    report = evaluator_for(m.task)(store, m, opts)
+                           write=args.write, variant=args.variant, jobs=args.jobs, real=args.real)
+    report = (real_evaluator_for if args.real else evaluator_for)(m.task)(store, m, opts)
     if args.json:
         _print(report)
     else:

@@ -139,3 +139,40 @@ def int8_card_section(m: Any) -> List[str]:
     lines.append(f"- Reproduce: `python -m converters.int8_release {m.name}` with the options in the "
                  "calibration record (simulates the exams under var/int8/).")
     return lines
+
+
+# ------------------------------------------------------------------------------------------ real data
+REAL_DATA_KEY = "real_data"  # manifest.metrics key of a real-data evaluation (agent.gland.REAL_DATA reads it)
+
+
+def opaque(uid: str) -> str:
+    """A short, stable, non-identifying key for a study or series in reports (no UIDs, no names)."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:10]
+
+
+def record_real_data(manifest: Any, record: Dict[str, Any], write_card: Any) -> None:
+    """Save a real-data evaluation into the manifest (metrics["real_data"]) and re-render the model card."""
+    metrics = dict(manifest.metrics)
+    metrics[REAL_DATA_KEY] = record
+    m2 = manifest.model_copy(update={"metrics": metrics})
+    m2.set_root(manifest.root)
+    m2.save(Path(manifest.root))
+    write_card(m2, Path(manifest.root))
+
+
+def real_data_card_section(m: Any) -> List[str]:
+    """'Measured on real scans' for a model card, from metrics["real_data"]; says so plainly when there is none."""
+    rd = (getattr(m, "metrics", None) or {}).get(REAL_DATA_KEY)
+    head = ["", "## Measured on real scans (not simulated)"]
+    if not rd:
+        return head + ["Not measured on real scans yet: `scanside models evaluate "
+                       f"{m.name} --real DIR --write` records it here. Until then, do not rely on it for patients."]
+    lines = head + [f"Measured {rd.get('measured_at', '?')} with `{rd.get('command', '?')}` on {rd.get('exams', '?')} "
+                    f"real exam(s) ({rd.get('data', 'real DICOM')}), read through the daemon's own path "
+                    "(agent.exam_reader). Reference: " + str(rd.get("reference", "the header labels")) + "."]
+    for k, v in (rd.get("figures") or {}).items():
+        lines.append(f"- {k}: {v}")
+    if "usable" in rd:
+        lines.append(f"- verdict: {'usable' if rd['usable'] else 'NOT usable'} on real exams"
+                     f"{': ' + rd['summary'] if rd.get('summary') else ''}")
+    return lines

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from pydantic import BaseModel, Field
 
@@ -33,6 +33,15 @@ EVALUATORS: Dict[str, str] = {
     "sequence_classification": "training.sequence.evaluate:evaluate_model",
     "cspca_detection": "training.cspca.evaluate:evaluate_model",
     "gland_segmentation": "training.zones.evaluate:evaluate_model",
+}
+
+#: manifest task -> "module:function" of its real-data evaluator (`models evaluate NAME --real DIR`), same
+#: contract as EVALUATORS; ``options.real`` holds the folders. It reads exams with agent.exam_reader.read_exams
+#: (the daemon's read path) and reports per series / per exam, the header labels as reference where there is
+#: no other label. A task without one says so.
+REAL_EVALUATORS: Dict[str, str] = {
+    "cspca_detection": "training.cspca.evaluate:evaluate_real",
+    "gland_segmentation": "training.zones.evaluate:evaluate_real",
 }
 
 #: `models train KIND` -> "module" providing add_arguments(parser) and train(args)
@@ -50,6 +59,7 @@ class EvaluateOptions(BaseModel):
     write: bool = Field(False, description="record metrics in the manifest and write the markdown report")
     variant: Optional[str] = None
     jobs: int = Field(1, ge=1, description="worker processes for simulation")
+    real: List[Path] = Field(default_factory=list, description="real DICOM folders: evaluate on these (REAL_EVALUATORS) instead of simulated exams")
 
 
 def _load(spec: str) -> Any:
@@ -62,6 +72,12 @@ def evaluator_for(task: str) -> Callable[..., dict]:
     if task not in EVALUATORS:
         raise KeyError(f"no evaluator registered for task {task!r}; known: {sorted(EVALUATORS)}")
     return _load(EVALUATORS[task])
+
+
+def real_evaluator_for(task: str) -> Callable[..., dict]:
+    if task not in REAL_EVALUATORS:
+        raise KeyError(f"no real-data evaluator registered for task {task!r}; known: {sorted(REAL_EVALUATORS)}")
+    return _load(REAL_EVALUATORS[task])
 
 
 def trainer_for(kind: str) -> Any:

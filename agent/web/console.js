@@ -25,11 +25,13 @@ function scheduleRefresh() {
 
 async function refresh() {
   try {
-    const [exam, unassigned] = await Promise.all([
+    const [exam, unassigned, imageChecks] = await Promise.all([
       getJSON("/v1/exams/current"),
       getJSON("/v1/alerts?unassigned=true"),
+      getJSON("/v1/image-checks").catch(() => null),
     ]);
     state.exam = exam;
+    state.imageChecks = imageChecks ? imageChecks.detail : "";
     state.alerts = (exam ? exam.alerts : []).concat(unassigned);
     render();
   } catch (err) {
@@ -49,6 +51,8 @@ function render() {
   renderChecklist(exam ? exam.checklist : []);
   renderAlerts(state.alerts);
   renderTriage(exam ? exam.triage_result : null);
+  $("image-checks").textContent = state.imageChecks || "";
+  $("image-checks").hidden = !state.imageChecks;
   $("done").hidden = !exam || exam.state === "completed";
 }
 
@@ -106,10 +110,16 @@ function renderAlerts(alerts) {
 
 function renderTriage(t) {
   const box = $("triage");
-  if (!t) { box.hidden = true; return; }
+  // shadow mode (the model is still learning this site): recorded, not shown as advice
+  if (!t || t.shadow) { box.hidden = true; return; }
   box.hidden = false;
-  $("triage-rec").textContent = t.recommendation === "DCE_ADVISED" ? "⚠ DCE ADVISED" : "✓ bpMRI SUFFICIENT";
-  $("triage-prob").textContent = "csPCa probability " + t.probability.toFixed(2) + " · " + t.findings.length + " finding(s)";
+  if (t.recommendation === "NOT_ASSESSED") {
+    $("triage-rec").textContent = "? NOT ASSESSED";
+    $("triage-prob").textContent = t.not_assessed_reason || "";
+  } else {
+    $("triage-rec").textContent = t.recommendation === "DCE_ADVISED" ? "⚠ DCE ADVISED" : "✓ bpMRI SUFFICIENT";
+    $("triage-prob").textContent = "csPCa probability " + t.probability.toFixed(2) + " · " + t.findings.length + " finding(s)";
+  }
   $("triage-note").textContent = t.disclaimer;
 }
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pydicom
 import pytest
 
+from agent.alerts import alert_from_event
 from agent.config import load_config
 from agent.daemon import Agent
 from engines.store import ModelStore
@@ -38,7 +39,9 @@ def lesion_exam(tmp_path_factory):
 def test_series_are_labelled_from_pixels_and_triage_runs(tmp_path, lesion_exam):
     folder, truth = lesion_exam
     out = tmp_path / "dicom-out"
-    agent = _run(folder, tmp_path, **{"dicom_output.folder": str(out), "protocol.exam_quiet_period_s": 3.0})
+    # a site that has switched shadow mode off: its technologists get the triage and the SR carries it
+    agent = _run(folder, tmp_path, **{"dicom_output.folder": str(out), "protocol.exam_quiet_period_s": 3.0,
+                                      "shadow.enabled": False})
     try:
         n_parts = sum(len(s.parts) for s in truth.series)
         assert _wait(lambda: agent.store.event_counts().get("series_classified", 0) >= n_parts
@@ -110,6 +113,8 @@ def test_a_header_that_lies_is_caught(tmp_path, lesion_exam):
     assert classified.header_label == "DWI_High" and classified.image_label == "ADC"
     (mismatch,) = [e for e in events if e.type == "label_mismatch"]
     assert mismatch.header_label == "DWI_High" and mismatch.image_label == "ADC" and mismatch.alert_id
+    # shadow mode (the default until the site validates the classifier): recorded, no technologist alert
+    assert mismatch.shadow and alert_from_event(mismatch) is None
 
 
 def test_each_series_is_decoded_once_and_models_leave_the_shared_volume_alone(tmp_path, lesion_exam, monkeypatch):

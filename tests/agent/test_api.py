@@ -103,7 +103,12 @@ def test_readiness_goes_false_for_real(tmp_path):
         url = agent.api_url
         r = httpx.get(f"{url}/readyz")
         assert r.status_code == 200 and r.json()["ready"] is True, r.text
-        assert set(r.json()["checks"]) == {"engines", "database", "watcher", "disk", "writes"}
+        assert set(r.json()["checks"]) == {"engines", "database", "watcher", "disk", "writes", "image_checks"}
+        # the image models have not been validated for this (new) site: shadow mode, said in words, not unready
+        learning = r.json()["checks"]["image_checks"]
+        assert learning["ok"] and learning["detail"] in ("image checks: learning this site (0 exams)",
+                                                         "image checks: no image model in use")
+        assert httpx.get(f"{url}/v1/image-checks").json()["detail"] == learning["detail"]
         # more free disk required than this file system has
         agent.config.readiness.min_free_disk_bytes = 1 << 62
         r = httpx.get(f"{url}/readyz")

@@ -30,7 +30,8 @@ pytestmark = pytest.mark.skipif(
 def _agent(folder, state, **extra) -> Agent:
     config = load_config(**{"watch.folder": str(folder), "state.dir": str(state), "output.stdout": False,
                             "watch.settle_s": 0.1, "series.quiet_period_s": 1.0, "protocol.exam_quiet_period_s": 2.0,
-                            "analysis.image_label": False, "protocol.profile": "pirads-2.1-bpmri", **extra})
+                            "analysis.image_label": False, "protocol.profile": "pirads-2.1-bpmri",
+                            "gland.model": "prostate-zones-reference", **extra})  # named: auto needs real-data figures
     return Agent(config).start()
 
 

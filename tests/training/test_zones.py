@@ -70,9 +70,11 @@ def test_smoke_training_exports_onnx_with_parity(tmp_path):
     x = np.zeros((3, 1) + tuple(ZONES_SPEC.shape), np.float32)
     (p,) = sess.run(None, {"input": x})
     assert p.shape == (3, 3) + tuple(ZONES_SPEC.shape) and np.allclose(p.sum(1), 1.0, atol=1e-4)
-    # the agent's one gland interface serves it: auto picks the zonal model, the result carries a zone map
+    # the agent's one gland interface serves it when named (auto takes no gland model whose real-data figures
+    # are unknown: a scanner's exams are real); the result carries a zone map
     store = ModelStore(tmp_path / "store")
-    svc = GlandService(store)
+    assert GlandService(store).model is None
+    svc = GlandService(store, model=ZONES_MODEL)
     assert svc.model == ZONES_MODEL
     case = make_case(5)
     vol = case.grid.volume(case.x[0])

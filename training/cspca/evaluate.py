@@ -4,8 +4,8 @@
 
 For each fresh exam (simulator seeds from ``options.seed``, never used in training; balanced
 csPCa / not, 0-3 lesions, 4 vendor styles, bpMRI profile): simulate_exam writes DICOM ->
-agent.header.read_header -> agent.series.split_parts -> agent.classify.classify_header picks the
-axial T2W, the ADC and the highest-b DWI -> agent.volume.load_volume -> agent.cspca.CspcaModel
+agent.exam_reader (the daemon's read path: read_exam, then triage_inputs picks the axial T2W, the
+ADC and the highest-b DWI, and their model frames) -> agent.volume.load_volume -> agent.cspca.CspcaModel
 (engines.preprocess.prepare -> ONNX Runtime -> findings). Ground truth: the simulator's lesions
 (rebuilt with make_phantom from the same seed) put on the model grid; for lesion-level detection the
 csPCa lesions are counted as picai_eval counts them, one per connected tumour region of the target on
@@ -16,7 +16,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,36 +49,13 @@ def _simulate(job: tuple) -> str:
 
 
 def exam_volumes(exam_dir: Path) -> Dict[str, Any]:
-    """{"T2W", "ADC", "HBV"} Volumes of a written exam, chosen by the agent's header rules."""
-    from agent.classify import classify_header
-    from agent.header import HeaderError, read_header
-    from agent.series import split_parts
-    from agent.volume import load_volume
+    """{"T2W", "ADC", "HBV"} Volumes of a written exam: the series and frames the daemon would give the
+    model (agent.exam_reader: read_exam -> triage_inputs at exam end -> model frames); {} without them."""
+    from agent.exam_reader import read_exam, triage_inputs
 
-    by_series: Dict[str, list] = defaultdict(list)
-    for f in sorted(Path(exam_dir).rglob("*.dcm")):
-        try:
-            h = read_header(f)
-        except HeaderError:
-            continue
-        by_series[h.series_uid].append(h)
-    cands: Dict[str, list] = defaultdict(list)
-    for hs in by_series.values():
-        for part in split_parts(hs):
-            lab = classify_header(part.headers, part.frames)
-            cands[lab.label].append((lab, part))
-    out: Dict[str, Any] = {}
-    for lab, part in cands.get("T2WI_nan", []):
-        v = load_volume(part.refs)
-        if v.plane == "axial":
-            out["T2W"] = v
-            break
-    if cands.get("ADC"):
-        out["ADC"] = load_volume(cands["ADC"][0][1].refs)
-    highs = sorted(cands.get("DWI_High", []), key=lambda lp: -(lp[0].b_value or 0.0))
-    if highs:
-        out["HBV"] = load_volume(highs[0][1].refs)
-    return out
+    exam = read_exam(exam_dir)
+    chosen = triage_inputs(exam.summaries(), exam_over=True)
+    return exam.volumes(chosen) if chosen else {}
 
 
 def _lesion_groups(ph, cs_ids: List[int], grid=None) -> List[List[int]]:
@@ -186,7 +162,9 @@ def run_eval(model, exams_per_vendor: int, seed0: int, workdir: Optional[Path] =
             tgts.append(lesion_target(ph, pred.grid))
             rows.append({"vendor": vendor, "seed": seed, "label": int(ph.cspca), "probability": pred.probability,
                          "lesions": lesions, "findings": [list(f.center_lps_mm) for f in pred.findings],
-                         "n_findings": len(pred.findings)})
+                         "n_findings": len(pred.findings),
+                         # inside the model's validated input range (agent.input_range); None: the model has none
+                         "in_range": None if pred.range_check is None else pred.range_check.in_range})
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -199,6 +177,8 @@ def run_eval(model, exams_per_vendor: int, seed0: int, workdir: Optional[Path] =
     op = operating_point(probs, labels, model.decision_threshold)
     metrics.update(sensitivity=op["sensitivity"], specificity=op["specificity"], confusion=op)
     metrics.update(lesion_detection(rows))
+    checked = [r["in_range"] for r in rows if r["in_range"] is not None]
+    metrics["not_assessed_rate"] = round(1.0 - float(np.mean(checked)), 4) if checked else None
     per_vendor = {}
     for v in VENDORS:
         rs = [r for r in rows if r["vendor"] == v]
@@ -252,11 +232,12 @@ def write_results(manifest, report: dict) -> None:
     lines = [f"# Evaluation: {manifest.ref}", "",
              f"Measured {ev['measured_at']} with `{ev['command']}` on {m['n']} freshly simulated bpMRI exams "
              f"({m['positives']} csPCa; 4 vendor styles), back end {report['backend']}, runtime path "
-             "(simulated DICOM -> agent.header/series/classify -> agent.volume -> engines.preprocess -> ONNX -> agent.cspca).", "",
+             "(simulated DICOM -> agent.exam_reader: the daemon's series and frames -> agent.volume -> engines.preprocess -> ONNX "
+             "-> agent.cspca).", "",
              "| metric | value |", "|---|---:|"]
     for k in ("auroc", "ap", "ranking_score", "map_auroc", "ece", "sensitivity", "specificity", "lesions", "detected",
               "lesion_sensitivity", "centre_error_median_mm", "centre_error_p90_mm", "centre_within_5mm",
-              "fp_findings_per_negative_exam"):
+              "fp_findings_per_negative_exam", "not_assessed_rate"):
         lines.append(f"| {k} | {f(m.get(k))} |")
     lines += ["", f"Inference (prepare + ONNX + findings): {report['seconds_inference_per_exam']} s per exam.", "",
               "Per vendor style (accuracy at the decision threshold): "
@@ -264,3 +245,94 @@ def write_results(manifest, report: dict) -> None:
               f"Errors: {len(report['errors'])}"]
     (Path(manifest.root) / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
     write_card(m2, Path(manifest.root))
+
+
+def evaluate_real(store, manifest, options) -> dict:
+    """training.registry real-data evaluator for task cspca_detection: every exam under ``options.real`` read
+    as the daemon reads it (agent.exam_reader), the gland the daemon would take ([gland] model = auto: TAPS,
+    or a gland model with good real-data figures), and agent.analysis.triage_event, the daemon's own
+    TriageResult: findings only inside the gland, NOT_ASSESSED outside the validated range. There are no
+    lesion labels in a folder of DICOM: the reference is the header labels of the inputs (were the right
+    series used) and what a lesion-free exam must not get (a confident DCE_ADVISED)."""
+    import tempfile as _tf
+
+    from agent.alerts import alert_from_event
+    from agent.analysis import triage_event
+    from agent.config import load_config
+    from agent.cspca import CspcaModel
+    from agent.exam_reader import read_exams, triage_inputs
+    from agent.gland import GlandService
+    from training.common import opaque, record_real_data
+
+    model = CspcaModel(store, manifest.ref, variant=options.variant)
+    with _tf.TemporaryDirectory(prefix="scanside-real-eval-") as tmp:
+        config = load_config(**{"state.dir": tmp})
+    glands = GlandService(store, model=config.gland.model, variant=config.gland.variant, windows=config.gland.windows)
+    rows, t0 = [], time.time()
+    for exam in read_exams(options.real):
+        key = opaque(exam.study_uid)
+        chosen = triage_inputs(exam.summaries(), min_b=config.analysis.triage_min_b, exam_over=True)
+        if chosen is None:
+            rows.append({"exam": key, "status": "no_inputs",
+                         "labels": sorted({s.label for s in exam.summaries()})})
+            continue
+        try:
+            vols = exam.volumes(chosen)
+            gland = glands.segment(vols["T2W"])
+            pred = model.predict(vols, center_lps=gland.centroid_lps if gland is not None and gland.found else None)
+        except Exception as e:  # an exam the runtime cannot read is reported, not raised
+            rows.append({"exam": key, "status": "error", "error": f"{type(e).__name__}: {e}"})
+            continue
+        ev = triage_event(f"triage:{key}", exam.study_uid, chosen, model, pred, gland, config, [], shadow=True)
+        centre = np.asarray(gland.centroid_lps) if gland is not None and gland.found else None
+        rows.append({
+            "exam": key, "status": "ok", "inputs": ev.input_series,
+            "header_labels": {ch: s.label for ch, s in chosen.items()}, "model_probability": round(pred.probability, 4),
+            "probability": round(ev.probability, 4), "recommendation": ev.recommendation,
+            "not_assessed_reason": ev.not_assessed_reason, "confidence": ev.confidence,
+            "input_range": ev.input_range and {k: ev.input_range[k] for k in ("score", "threshold", "in_range")},
+            "gland": None if gland is None else {"model": gland.model, "found": gland.found, "volume_ml": round(gland.volume_ml, 1)},
+            "findings_model": len(pred.findings), "findings_kept": len(ev.findings),
+            "findings_outside_gland": ev.findings_outside_gland,
+            "model_finding_distances_from_gland_mm": [round(float(np.linalg.norm(np.asarray(f.center_lps_mm) - centre)), 1)
+                                                      for f in pred.findings] if centre is not None else None,
+            "technologist_alerts_in_shadow": int(alert_from_event(ev) is not None),
+            "technologist_alerts_if_validated": int(alert_from_event(ev.model_copy(update={"shadow": False})) is not None),
+        })
+    ok = [r for r in rows if r["status"] == "ok"]
+    kept_outside = 0  # findings kept although outside the gland: by construction none, counted to prove it
+    metrics: Dict[str, Any] = {
+        "exams": len(rows), "exams_with_inputs": len(ok),
+        "not_assessed": sum(r["recommendation"] == "NOT_ASSESSED" for r in ok),
+        "not_assessed_rate": round(sum(r["recommendation"] == "NOT_ASSESSED" for r in ok) / len(ok), 3) if ok else None,
+        "dce_advised": sum(r["recommendation"] == "DCE_ADVISED" for r in ok),
+        "findings_by_model": sum(r["findings_model"] for r in ok),
+        "findings_dropped_outside_gland": sum(r["findings_outside_gland"] for r in ok),
+        "findings_kept_outside_gland": kept_outside,
+        "technologist_alerts_in_shadow": sum(r["technologist_alerts_in_shadow"] for r in ok),
+        "technologist_alerts_if_validated": sum(r["technologist_alerts_if_validated"] for r in ok),
+        "seconds_per_exam": round((time.time() - t0) / max(len(rows), 1), 1),
+    }
+    report = {"model": manifest.ref, "backend": model.selection.backend, "real": [str(p) for p in options.real],
+              "gland_model": glands.model, "reference": "header labels of the inputs; no lesion labels",
+              "metrics": metrics, "rows": rows, "floor": {"technologist_alerts_in_shadow": 0, "dce_advised": 0},
+              "passed": bool(ok) and metrics["technologist_alerts_in_shadow"] == 0 and metrics["dce_advised"] == 0
+              and all(r["status"] != "error" for r in rows)}
+    if options.write:
+        from training.cspca.export import write_card
+
+        record_real_data(manifest, {
+            "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "command": f"scanside models evaluate {manifest.name} " + " ".join(f"--real {p}" for p in options.real) + " --write",
+            "exams": len(ok), "data": ", ".join(Path(p).name for p in options.real) + f" ({len(rows)} exam(s) read, "
+            f"{len(ok)} with the model's inputs)", "reference": report["reference"],
+            "gland_model": glands.model,
+            "figures": {"gland model (findings kept inside its gland, crop centre)": glands.model or "none usable on real exams",
+                        "NOT_ASSESSED (inputs outside the validated range, or no gland)": f"{metrics['not_assessed']} of {len(ok)}",
+                        "DCE_ADVISED": metrics["dce_advised"],
+                        "findings of the model / dropped outside the gland": f"{metrics['findings_by_model']} / {metrics['findings_dropped_outside_gland']}",
+                        "technologist alerts in shadow mode / if validated": f"{metrics['technologist_alerts_in_shadow']} / {metrics['technologist_alerts_if_validated']}",
+                        "raw model probability per exam": ", ".join(str(r["model_probability"]) for r in ok)},
+        }, write_card)
+        report["written"] = str(manifest.root)
+    return report

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from engines.manifest import ModelFile, ModelManifest, TensorSpec, sha256_file
-from training.common import int8_card_section
+from training.common import int8_card_section, real_data_card_section
 from training.cspca.spec import CSPCA_SPEC
 
 NAME = "cspca-reference"
@@ -155,7 +155,8 @@ def render_card(m: ModelManifest) -> str:
         f"{f('centre_error_median_mm', 1)} mm, within 5 mm {f('centre_within_5mm')}; false-positive findings per "
         f"negative exam {f('fp_findings_per_negative_exam')} (csPCa lesions counted as picai_eval counts them: one",
         "  per connected tumour region of the target on the model grid)",
-        *int8_card_section(m), "",
+        f"- NOT_ASSESSED rate (inputs outside the validated range, `input_range.json`): {f('not_assessed_rate')}",
+        *int8_card_section(m), *real_data_card_section(m), "",
         "## Limitations",
         "- Simulated anatomy, contrast and artifacts only; the real-world performance is unknown.",
         "- The simulator's csPCa rule is a simplification (size + ADC); Gleason grade, PSA, zone-specific PI-RADS",

@@ -1,5 +1,5 @@
 """Evaluate a sequence classifier the way it runs: freshly simulated DICOM exams (seeds training
-never used) -> agent.header.read_header -> agent.series.split_parts -> agent.image_label
+never used) -> agent.exam_reader (the daemon's read path: headers, series, split parts) -> agent.image_label
 (select_frames -> agent.volume.load_volume -> engines.preprocess.prepare -> the store's engine).
 
 Subsets: ``train_protocols`` (the training protocol distribution, fresh seeds and phantoms) and
@@ -69,23 +69,18 @@ def simulate_set(root: Path, exams_per_vendor: int, seed0: int, variants=("train
 
 
 def exam_parts(exam_dir: Path) -> List[dict]:
-    """Every logical series of a simulated exam as the agent splits it, with its true label."""
-    from agent.header import HeaderError, read_header
-    from agent.series import split_parts
+    """Every logical series of a simulated exam as the daemon reads it (agent.exam_reader), with its true label."""
+    from agent.exam_reader import read_exams
     from simulator.scanner import load_ground_truth
 
-    gt = load_ground_truth(exam_dir)
+    truth_of = {s.series_uid: s for s in load_ground_truth(exam_dir).series}
     out = []
-    for s in gt.series:
-        headers = []
-        for rel in s.files:
-            try:
-                headers.append(read_header(exam_dir / rel))
-            except HeaderError:
+    for exam in read_exams(exam_dir):
+        for es in exam.series:
+            s = truth_of.get(es.summary.series_uid)
+            if s is None:
                 continue
-        for part in split_parts(headers):
-            truth = _truth(s, part.key)
-            out.append(dict(part=part, label=truth, kind=s.kind, plane=s.plane, key=part.key))
+            out.append(dict(part=es.part, label=_truth(s, es.part.key), kind=s.kind, plane=s.plane, key=es.part.key))
     return out
 
 

@@ -73,23 +73,14 @@ def read_labels(path: Path) -> Dict[str, Tuple[str, Optional[str]]]:
 
 
 def scan_parts(data: Path) -> Tuple[list, int]:
-    """All series parts under ``data`` (agent.series.split_parts) and the count of skipped files."""
-    from agent.header import HeaderError, read_header
-    from agent.series import split_parts
+    """All series parts under ``data`` as the daemon reads them (agent.exam_reader) and the count of files not
+    used (unreadable, not DICOM, duplicates)."""
+    from agent.exam_reader import read_exams
 
-    by_series: Dict[str, list] = {}
-    skipped = 0
-    for f in sorted(p for p in Path(data).rglob("*") if p.is_file()):
-        try:
-            h = read_header(f)
-        except HeaderError:
-            skipped += 1
-            continue
-        by_series.setdefault(h.series_uid, []).append(h)
-    parts = []
-    for hs in by_series.values():
-        parts += split_parts(hs)
-    return parts, skipped
+    exams = read_exams(data)
+    if not exams:  # nothing readable: every file was skipped
+        return [], sum(1 for p in Path(data).rglob("*") if p.is_file())
+    return [es.part for exam in exams for es in exam.series], sum(exams[0].skipped.values())
 
 
 def _in_holdout(uid: str, fraction: float) -> bool:

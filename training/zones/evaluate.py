@@ -4,8 +4,8 @@
 
 For each fresh exam (simulator seeds from ``options.seed``, never used in training; 0-3 lesions;
 the four vendor styles): simulate_exam writes the axial T2W of the bpMRI protocol as DICOM ->
-agent.header.read_header -> agent.series.split_parts -> agent.classify.classify_header picks the
-axial T2W -> agent.volume.load_volume -> agent.gland.segment (engines.preprocess.prepare -> ONNX
+agent.exam_reader (the daemon's read path: read_exam -> gland_input picks the axial T2W, its model
+frames) -> agent.volume.load_volume -> agent.gland.segment (engines.preprocess.prepare -> ONNX
 -> zones, largest component). Ground truth: the phantom's zones (rebuilt with make_phantom from the
 same seed) on the model grid, inside the T2W slab (training.zones.data.zone_target).
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,26 +54,13 @@ def _simulate(job: tuple) -> str:
 
 
 def t2w_volume(exam_dir: Path):
-    """The axial T2W Volume of a written exam, chosen by the agent's header rules (None if there is none)."""
-    from agent.classify import classify_header
-    from agent.header import HeaderError, read_header
-    from agent.series import split_parts
-    from agent.volume import load_volume
+    """The axial T2W Volume of a written exam the daemon would segment (agent.exam_reader.gland_input),
+    None if there is none."""
+    from agent.exam_reader import gland_input, read_exam
 
-    by_series: Dict[str, list] = defaultdict(list)
-    for f in sorted(Path(exam_dir).rglob("*.dcm")):
-        try:
-            h = read_header(f)
-        except HeaderError:
-            continue
-        by_series[h.series_uid].append(h)
-    for hs in by_series.values():
-        for part in split_parts(hs):
-            if classify_header(part.headers, part.frames).label in ("T2WI_nan", "T2WI_fs"):
-                v = load_volume(part.refs)
-                if v.plane == "axial":
-                    return v
-    return None
+    exam = read_exam(exam_dir)
+    t2 = gland_input(exam.summaries())
+    return exam.get(t2.series_id).volume() if t2 is not None else None
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> Optional[float]:
@@ -211,3 +197,102 @@ def write_results(manifest, report: dict) -> None:
         "", f"Errors: {len(report['errors'])}"]
     (Path(manifest.root) / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
     write_card(m2, Path(manifest.root))
+
+
+#: a real prostate gland on T2W: usually 25-60 mL; outside this range the segmentation is not believable
+REAL_GLAND_ML = (15.0, 100.0)
+#: agreement with the reference gland (TAPS, trained on real patients) a gland model needs on real T2W
+REAL_MIN_DICE = 0.7
+
+
+def mask_dice(a, b) -> Optional[float]:
+    """Dice of two GlandResults' masks on a's grid (b's mask looked up at a's voxel centres, nearest)."""
+    if not a.found and not b.found:
+        return None
+    ijk = np.argwhere(np.ones(a.mask.shape, dtype=bool))
+    idx = np.rint(b.grid.lps_to_index(a.grid.index_to_lps(ijk.astype(np.float64)))).astype(int)
+    ok = np.all((idx >= 0) & (idx < np.asarray(b.mask.shape)), axis=1)
+    b_on_a = np.zeros(len(ijk), dtype=bool)
+    b_on_a[ok] = b.mask[tuple(idx[ok].T)]
+    return dice(a.mask.reshape(-1), b_on_a)
+
+
+def evaluate_real(store, manifest, options) -> dict:
+    """training.registry real-data evaluator for task gland_segmentation (the zonal model and TAPS alike): the
+    axial T2W the daemon would segment (agent.exam_reader.gland_input) of every exam under ``options.real``,
+    segmented by this model and by the other gland model when it is in the store (TAPS, trained on real
+    patients, is the reference for the zonal model): volume, plausibility, Dice and centroid distance
+    between the two. Verdict ``usable`` (recorded with --write; agent.gland's [gland] model = auto reads it):
+    every gland found with a believable volume and, for a model other than TAPS, Dice >= REAL_MIN_DICE
+    against TAPS on every exam; unknown (not recorded) when TAPS is absent for a model that needs it."""
+    from agent.exam_reader import gland_input, read_exams
+    from agent.gland import MODEL_NAME, ZONES_MODEL, GlandService, resolve_model
+    from training.common import opaque, record_real_data
+
+    svc = GlandService(store, model=manifest.ref, variant=options.variant)
+    other = ZONES_MODEL if manifest.name == MODEL_NAME else MODEL_NAME
+    ref = GlandService(store, model=other) if resolve_model(store, other) else None
+    rows: List[Dict[str, Any]] = []
+    for exam in read_exams(options.real):
+        t2 = gland_input(exam.summaries())
+        row: Dict[str, Any] = {"exam": opaque(exam.study_uid)}
+        if t2 is None:
+            rows.append({**row, "status": "no_axial_t2w"})
+            continue
+        vol = exam.get(t2.series_id).volume()
+        mine = svc.segment(vol)
+        if mine is None:
+            rows.append({**row, "status": "error", "error": svc.unavailable or "segmentation failed"})
+            continue
+        row.update(status="ok", t2=f"series {t2.series_number} {t2.label}", found=mine.found,
+                   volume_ml=round(mine.volume_ml, 1), seconds=round(mine.seconds, 2),
+                   plausible=bool(mine.found and REAL_GLAND_ML[0] <= mine.volume_ml <= REAL_GLAND_ML[1]))
+        theirs = ref.segment(vol) if ref is not None else None
+        if theirs is not None:
+            d = mask_dice(mine, theirs)
+            row.update(reference=theirs.model, reference_volume_ml=round(theirs.volume_ml, 1),
+                       dice_vs_reference=None if d is None else round(d, 3),
+                       centroid_distance_mm=round(float(np.linalg.norm(np.subtract(mine.centroid_lps, theirs.centroid_lps))), 1)
+                       if mine.found and theirs.found else None)
+        rows.append(row)
+    ok = [r for r in rows if r["status"] == "ok"]
+    dices = [r["dice_vs_reference"] for r in ok if r.get("dice_vs_reference") is not None]
+    metrics: Dict[str, Any] = {
+        "exams": len(rows), "segmented": len(ok), "found": sum(r["found"] for r in ok),
+        "plausible_volume": sum(r["plausible"] for r in ok),
+        "volume_ml": [r["volume_ml"] for r in ok],
+        "reference": ref.model if ref is not None else None,
+        "reference_volume_ml": [r.get("reference_volume_ml") for r in ok] if ref is not None else None,
+        "dice_vs_reference_mean": round(float(np.mean(dices)), 3) if dices else None,
+        "dice_vs_reference_min": round(float(np.min(dices)), 3) if dices else None,
+    }
+    needs_ref = manifest.name != MODEL_NAME
+    usable: Optional[bool] = None
+    if ok and (not needs_ref or dices):
+        usable = all(r["plausible"] for r in ok) and (not needs_ref or (len(dices) == len(ok) and min(dices) >= REAL_MIN_DICE))
+    report = {"model": manifest.ref, "real": [str(p) for p in options.real], "metrics": metrics, "rows": rows,
+              "usable_on_real": usable, "floor": {"dice_vs_taps": REAL_MIN_DICE, "volume_ml": REAL_GLAND_ML},
+              "passed": bool(usable)}
+    if options.write and usable is not None:
+        from training.zones.export import write_card
+
+        vols = ", ".join(f"{v:g}" for v in metrics["volume_ml"])
+        figures = {"gland volume per exam (mL)": vols, "found": f"{metrics['found']} of {len(ok)}",
+                   f"believable volume ({REAL_GLAND_ML[0]:g}-{REAL_GLAND_ML[1]:g} mL)": f"{metrics['plausible_volume']} of {len(ok)}"}
+        if ref is not None:
+            figures[f"{ref.model} volume per exam (mL)"] = ", ".join(str(v) for v in metrics["reference_volume_ml"])
+            figures[f"Dice against {ref.model} (mean / min)"] = f"{metrics['dice_vs_reference_mean']} / {metrics['dice_vs_reference_min']}"
+        record_real_data(manifest, {
+            "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "command": f"scanside models evaluate {manifest.name} " + " ".join(f"--real {p}" for p in options.real) + " --write",
+            "exams": len(ok), "data": ", ".join(Path(p).name for p in options.real) + f" ({len(rows)} exam(s) read, "
+            f"{len(ok)} with the model's inputs)",
+            "reference": f"{ref.model} (trained on real patients)" if ref is not None and other == MODEL_NAME
+            else (ref.model if ref is not None else "no second gland model; volume plausibility only"),
+            "figures": figures, "usable": usable,
+            "summary": ("real-data figures within the bar" if usable else
+                        f"Dice against TAPS (min {metrics['dice_vs_reference_min']}, needs {REAL_MIN_DICE}) or gland volume "
+                        f"({metrics['plausible_volume']} of {len(ok)} believable) below the bar: [gland] model = auto does not use it"),
+        }, write_card)
+        report["written"] = str(manifest.root)
+    return report

@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from engines.manifest import ModelFile, ModelManifest, TensorSpec, sha256_file
+from training.common import real_data_card_section
 from training.zones.spec import LABELS, ZONES_SPEC
 
 NAME = "prostate-zones-reference"
@@ -126,7 +127,8 @@ def render_card(m: ModelManifest) -> str:
         f"- Dice: whole gland {f('dice_gland_mean')} (min {f('dice_gland_min')}), TZ {f('dice_tz_mean')}, PZ {f('dice_pz_mean')}",
         f"- gland volume error: median {f('volume_abs_error_pct_median', 1)} %, p90 {f('volume_abs_error_pct_p90', 1)} % "
         f"(against the phantom's gland inside the T2W slab, on the model grid)",
-        f"- inference per T2W series (prepare + ONNX + post-processing, CPU): median {f('seconds_per_series_median', 3)} s", "",
+        f"- inference per T2W series (prepare + ONNX + post-processing, CPU): median {f('seconds_per_series_median', 3)} s",
+        *real_data_card_section(m), "",
         "## Limitations",
         "- Simulated anatomy and contrast only; real glands (BPH nodules, central zone, anterior fibromuscular stroma,",
         "  post-treatment changes) are not modelled: the real-world performance is unknown.",
