@@ -115,3 +115,31 @@ def test_config_default_is_real() -> None:
 
     assert AgentConfig().engines.parity_data == "real"
     assert load_config(**{"engines.parity_data": "any"}).engines.parity_data == "any"
+
+
+@needs_real
+def test_convert_calibrate_on_a_sites_exams_is_what_the_agent_runs(tiny_model, t2w_exams: list, capsys) -> None:
+    """The documented way (docs/int8-calibration.md): `scanside convert calibrate --data DIR` then `convert parity
+    --data DIR` on the site's own exams; the daemon's store (parity_data real) then loads the INT8 file."""
+    import json
+
+    from converters.cli import main
+
+    root = str(tiny_model.root.parent.parent)
+    assert main(["convert", "--store", root, "calibrate", "tiny3d", "--data", str(REAL), "--variants", "int8_u8s8",
+                 "--no-select-ops"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["data_origin"]["origin"] == "real" and out["data_origin"]["real_exams"] == 1
+    # parity on simulated exams only: recorded, and the command says the agent will not use it on real exams
+    assert main(["convert", "--store", root, "parity", "tiny3d", "--data", str(t2w_exams[0]), "--no-openvino",
+                 "--threads", "1"]) == 0
+    assert "simulated data only" in capsys.readouterr().err
+    store = ModelStore(root, user_dir=None, preference=["onnxruntime"], parity_data="real", int8_tolerance=1.0)
+    with pytest.raises(EngineUnavailable, match="simulated data only"):
+        store.open("tiny3d", variant="int8_u8s8")
+    assert main(["convert", "--store", root, "parity", "tiny3d", "--data", str(REAL), "--no-openvino",
+                 "--threads", "1"]) == 0
+    assert "measured on real data" in capsys.readouterr().err
+    eng, sel = store.open("tiny3d", variant="int8_u8s8")
+    eng.close()
+    assert sel.precision == "int8_qdq_u8s8"
