@@ -23,6 +23,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--user-dir", metavar="DIR", help="bring-your-own model directory (default $SCANSIDE_USER_MODELS_DIR)")
     p.add_argument("--prefer", metavar="B1,B2", default=None,
                    help="back-end preference order, e.g. tensorrt,onnxruntime")
+    p.add_argument("--parity-data", choices=["real", "any"], default="real",
+                   help="INT8 variants need parity measured on real DICOM (real, as the agent's default "
+                        "[engines] parity_data) or accept simulated-only parity (any, as the demo)")
     sub = p.add_subparsers(dest="models_cmd",
                            metavar="{list,show,verify,import,import-taps,schema,accept,evaluate,train}")
     sub.required = True
@@ -94,7 +97,7 @@ def _store(args: argparse.Namespace) -> ModelStore:
     kw: dict = {}
     if getattr(args, "prefer", None):
         kw["preference"] = [b.strip() for b in args.prefer.split(",") if b.strip()]
-    return ModelStore(args.store or None, user_dir=args.user_dir, **kw)
+    return ModelStore(args.store or None, user_dir=args.user_dir, parity_data=getattr(args, "parity_data", "real"), **kw)
 
 
 def _print(obj: Any) -> None:

@@ -432,6 +432,8 @@ class ModelStore:
                     note = f"; default variant {default_v} refused ({refusal(default_v)}), fp32 used"
             else:
                 return "no variant has a passing OpenVINO parity report: " + "; ".join(refusals)
+            if self.parity_data == "real":  # say why a faster INT8 variant is not used on real exams
+                note += "".join(f"; {r}" for r in refusals if "not on real DICOM" in r)
         if not note and f"openvino:{v}" in entries:
             note = f"; parity report openvino:{v}"
         mf: ModelFile = m.files[v]
