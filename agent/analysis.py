@@ -72,7 +72,8 @@ class Analyzer(Sink):
         if self._model_store is None:
             from engines.store import ModelStore
 
-            self._model_store = ModelStore(int8_tolerance=self.config.engines.int8_tolerance)
+            self._model_store = ModelStore(int8_tolerance=self.config.engines.int8_tolerance,
+                                           parity_data=self.config.engines.parity_data)
         return self._model_store
 
     def _has(self, name: str) -> bool:

@@ -156,6 +156,7 @@ class ProtocolConfig(_Section):
 
 class EnginesConfig(_Section):
     int8_tolerance: Optional[float] = Field(0.02, ge=0, le=1, description="parity gate: an INT8 model variant or plan is refused unless its manifest's parity report (scanside convert parity) was measured on that file and its loss (1 - Dice against FP32, accuracy or AUROC drop) is at most this; unset disables the gate")
+    parity_data: Literal["real", "any"] = Field("real", description="real: an INT8 variant runs only where its parity report was measured on real DICOM (scanside convert calibrate/parity --data on the site's exams), else FP32 runs; any: simulated-only parity is accepted too (the demo and the simulator)")
 
 
 class GlandConfig(_Section):

@@ -46,6 +46,10 @@ DEFAULT_POSTPROCESSING: Dict[str, float] = {
 }
 _CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 _SPLIT_STEP = 0.02  # likelihood levels swept when looking for the saddle between two peaks
+#: a region larger than this is no lesion (a whole gland is 25-60 mL) but a map that failed (an untrained or
+#: out-of-distribution model: noise around the threshold everywhere); it is measured unsplit, since sweeping
+#: its thousands of noise peaks costs minutes
+_MAX_SPLIT_MM3 = 100_000.0
 
 
 class CspcaInputError(ValueError):
@@ -105,7 +109,7 @@ def split_peaks(lk: np.ndarray, component: np.ndarray, level: float, dynamic: fl
                 spacing: Sequence[float]) -> List[np.ndarray]:
     """``component`` (boolean, a connected part of lk >= level) as one region per separate peak: the
     voxels go to the nearest core (in mm). See the module docstring."""
-    if dynamic <= 0:
+    if dynamic <= 0 or float(component.sum()) * float(np.prod(spacing)) > _MAX_SPLIT_MM3:
         return [component]
     cores = _peaks_of(lk, component, level, dynamic, min_voxels)
     if len(cores) == 1:
@@ -162,6 +166,19 @@ def extract_findings(likelihood: np.ndarray, grid: Grid, *, lesion_threshold: fl
     return out[:max_findings]
 
 
+def run_declared(engine: Any, manifest: Any, volumes: Mapping[str, Volume],
+                 center_lps=None) -> "tuple[np.ndarray, float, Grid, np.ndarray]":
+    """Prepare *volumes* with the manifest's PreprocessSpec, run *engine* and read its outputs as the manifest
+    declares them (engines.manifest.CspcaIO: input name, detection map and its activation / csPCa channel,
+    case probability or the map's maximum, crop on the gland or on the field-of-view centre).  Returns the
+    likelihood map (d0, d1, d2) on the returned grid, the exam probability and the prepared input (C, d0, d1, d2).
+    The reference model and a site's drop-in model (e.g. a PI-CAI U-Net) run through this one path."""
+    io = manifest.cspca_io()
+    x, grid = prepare(dict(volumes), manifest.preprocessing, center_lps=center_lps if io.crop_on_gland else None)
+    lk, prob = io.decode(engine.run({io.input: x[None].astype(np.float32)}))
+    return lk[0, 0], float(np.clip(prob[0], 0.0, 1.0)), grid, x
+
+
 class CspcaModel:
     """The csPCa model of the store, ready to predict (loaded once, reused)."""
 
@@ -215,11 +232,8 @@ class CspcaModel:
 
     def predict(self, volumes: Mapping[str, Volume], center_lps=None) -> CspcaPrediction:
         vols = self._check(volumes)
-        x, grid = prepare(vols, self.spec, center_lps=center_lps)
+        lk, prob, grid, x = run_declared(self.engine, self.manifest, vols, center_lps)
         check = self.input_range.check(x) if self.input_range is not None else None
-        res = self.engine.run({"input": x[None].astype(np.float32)})
-        lk = np.asarray(res["likelihood"], dtype=np.float32)[0, 0]
-        prob = float(np.asarray(res["probability"], dtype=np.float32).reshape(-1)[0])
         findings = extract_findings(lk, grid, **self.post)
         return CspcaPrediction(probability=prob, findings=findings, likelihood=lk, grid=grid, model=self.ref,
                                backend=str(self.selection.backend), range_check=check)

@@ -117,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
                             "series.quiet_period_s": 3.0, "watch.settle_s": 0.3, "ingest.quarantine_after_s": 3.0,
                             # a demo exam has no pauses between series: end it 5 s after the last one
                             "protocol.exam_quiet_period_s": 5.0,
+                            # simulated exams: INT8 variants whose parity is simulated-only may run
+                            "engines.parity_data": "any",
                             "api.enabled": False, "api.port": args.api_port})
     print(f"scanside demo: rendering a {args.vendor} prostate exam (seed {args.seed}"
           f"{', faults ' + ', '.join(args.fault) if args.fault else ''}) ...", flush=True)

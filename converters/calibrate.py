@@ -486,6 +486,7 @@ def calibrate(manifest: ModelManifest, cset: CalibrationSet, *, method: str = "m
             calibration={
                 "source_variant": source_variant, "method": method, "samples": len(cset),
                 "series": len(set(cset.sources)), "data": data_description or "DICOM folder(s), agent preprocessing",
+                "data_origin": cset.origin_summary(),  # real / simulated / mixed: what the ranges were taken from
                 "tensors": str(tensors_path.relative_to(root)), "tensors_sha256": sha256_file(tensors_path),
                 "tensors_dtype": tensors_dtype,
                 "ranges": str(ranges_path.relative_to(root)),

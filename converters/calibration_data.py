@@ -7,8 +7,14 @@ ROI-sized windows at the same positions engines.preprocess.sliding_window visits
 holding the most foreground are kept.
 
 What is stored (``CalibrationSet.save``): an ``.npz`` with the input tensor (N, C, *spatial), the
-header label of each sample's series (for task metrics) and an opaque per-sample source id (a
-hash of the series UID: no patient identifiers).
+header label of each sample's series (for task metrics), an opaque per-sample source id (a
+hash of the series UID: no patient identifiers), its exam (hash of the study UID) and its origin.
+
+Origin: ``simulated`` for this project's simulator (its files say so in the file meta:
+ImplementationVersionName ``SCANSIDE_SIM``, or InstitutionName ``SCANSIDE SIMULATED HOSPITAL``),
+``real`` for everything else.  Calibration and parity records carry the summary
+(``origin_summary``) and the model store refuses, for real exams, an INT8 variant whose parity was
+measured on simulated data only (engines.store.parity_refusal).
 """
 from __future__ import annotations
 
@@ -32,6 +38,10 @@ CHANNEL_ALIASES: Dict[str, Tuple[str, ...]] = {
     "DWI": ("DWI_High",),
     "HBV": ("DWI_High",),
 }
+#: how this project's simulator marks its files (simulator/vendors/common.py)
+SIMULATOR_IMPLEMENTATION_VERSION = "SCANSIDE_SIM"
+SIMULATOR_INSTITUTION = "SCANSIDE SIMULATED HOSPITAL"
+ORIGINS = ("real", "simulated")
 
 
 class CalibrationDataError(ValueError):
@@ -51,6 +61,7 @@ class SeriesVolume:
     label: str
     plane: Optional[str]
     volume: object  # agent.volume.Volume
+    origin: str = "real"  # "real" | "simulated" (file_origin)
 
 
 @dataclass
@@ -64,6 +75,10 @@ class CalibrationSet:
     windows: List[Tuple[int, int, int]] = field(default_factory=list)
     #: exam-level csPCa truth (1/0) per sample where a simulator ground_truth.json says so, else NaN
     targets: List[float] = field(default_factory=list)
+    #: per sample: "real" | "simulated" (file_origin of its series); empty: not recorded (an older set)
+    origins: List[str] = field(default_factory=list)
+    #: per sample: opaque exam key (hash of the StudyInstanceUID); empty: not recorded
+    studies: List[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -84,7 +99,27 @@ class CalibrationSet:
         return CalibrationSet(self.inputs[idx] if idx else self.inputs[:0], [self.labels[i] for i in idx],
                               [self.sources[i] for i in idx], self.input_name,
                               [self.windows[i] for i in idx] if self.windows else [],
-                              [self.targets[i] for i in idx] if self.targets else [])
+                              [self.targets[i] for i in idx] if self.targets else [],
+                              [self.origins[i] for i in idx] if self.origins else [],
+                              [self.studies[i] for i in idx] if self.studies else [])
+
+    def origin_summary(self) -> Dict[str, object]:
+        """Where the samples came from: ``origin`` real / simulated / mixed (both) / unknown (not recorded),
+        and how many series and exams of each."""
+        out: Dict[str, object] = {"samples": len(self), "series": len(set(self.sources))}
+        if self.studies:
+            out["exams"] = len(set(self.studies))
+        if not self.origins or len(self.origins) != len(self):
+            out["origin"] = "unknown"
+            return out
+        for kind in ORIGINS:
+            idx = [i for i, o in enumerate(self.origins) if o == kind]
+            out[f"{kind}_series"] = len({self.sources[i] for i in idx})
+            if self.studies:
+                out[f"{kind}_exams"] = len({self.studies[i] for i in idx})
+        kinds = set(self.origins)
+        out["origin"] = "mixed" if kinds >= set(ORIGINS) else (kinds.pop() if len(kinds) == 1 else "unknown")
+        return out
 
     def rounded_to_half(self) -> "CalibrationSet":
         """The same set with its inputs rounded to float16 (held as float32).  Calibration runs on these, so the
@@ -106,7 +141,8 @@ class CalibrationSet:
         np.savez_compressed(tmp, inputs=stored, labels=np.asarray(self.labels, dtype=str),
                             sources=np.asarray(self.sources, dtype=str), input_name=np.asarray(self.input_name),
                             windows=np.asarray(self.windows, dtype=np.int64).reshape(-1, 3),
-                            targets=np.asarray(self.targets, dtype=np.float64))
+                            targets=np.asarray(self.targets, dtype=np.float64),
+                            origins=np.asarray(self.origins, dtype=str), studies=np.asarray(self.studies, dtype=str))
         tmp.replace(path)
         return path
 
@@ -115,9 +151,10 @@ class CalibrationSet:
         with np.load(path, allow_pickle=False) as z:
             win = [tuple(int(v) for v in w) for w in z["windows"]] if "windows" in z else []
             tg = [float(v) for v in z["targets"]] if "targets" in z else []
+            extra = {k: [str(x) for x in z[k]] for k in ("origins", "studies") if k in z}
             return cls(inputs=z["inputs"].astype(np.float32), labels=[str(x) for x in z["labels"]],
                        sources=[str(x) for x in z["sources"]], input_name=str(z["input_name"]),
-                       windows=win, targets=tg)  # type: ignore[arg-type]
+                       windows=win, targets=tg, **extra)  # type: ignore[arg-type]
 
     def feeds(self, batch: int = 1) -> Iterator[Dict[str, np.ndarray]]:
         for i in range(0, len(self), batch):
@@ -126,6 +163,21 @@ class CalibrationSet:
 
 def _opaque(uid: str) -> str:
     return hashlib.sha256(uid.encode()).hexdigest()[:12]
+
+
+def file_origin(path: Union[str, Path]) -> str:
+    """"simulated" when *path* is a file of this project's simulator (its file meta / institution say so),
+    else "real" (anything else a scanner or another tool wrote)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["InstitutionName"])
+    except Exception:  # unreadable here: the series reader decides what to do with the file
+        return "real"
+    meta = getattr(ds, "file_meta", None)
+    impl = str(getattr(meta, "ImplementationVersionName", "") or "").strip() if meta is not None else ""
+    inst = str(ds.get("InstitutionName", "") or "").strip()
+    return "simulated" if impl == SIMULATOR_IMPLEMENTATION_VERSION or inst == SIMULATOR_INSTITUTION else "real"
 
 
 def _loaded(roots: Union[str, Path, Sequence[Union[str, Path]]], want: Optional[set],
@@ -146,7 +198,8 @@ def _loaded(roots: Union[str, Path, Sequence[Union[str, Path]]], want: Optional[
             except (VolumeError, ValueError, OSError) as e:
                 log.info("calibration data: series %s not loadable (%s)", _opaque(s.series_id), type(e).__name__)
                 continue
-            out.append(SeriesVolume(_opaque(exam.study_uid), _opaque(s.series_id), label, plane, vol))
+            origin = file_origin(s.part.refs[0].path) if s.part.refs else "real"
+            out.append(SeriesVolume(_opaque(exam.study_uid), _opaque(s.series_id), label, plane, vol, origin))
     return out
 
 
@@ -281,8 +334,11 @@ def build_set(manifest: ModelManifest, roots: Union[str, Path, Sequence[Union[st
     sources: List[str] = []
     starts: List[Tuple[int, int, int]] = []
     label_of = {s.series_key: s.label for s in series}
+    origin_of = {s.series_key: s.origin for s in series}
     truth = exam_truth(roots) if roots is not None else {}
     targets: List[float] = []
+    origins: List[str] = []
+    studies_of: List[str] = []
     for study, key, vols in studies:
         arr, _grid = prepare(vols, spec)  # type: ignore[arg-type]
         if spec.window is not None:
@@ -296,12 +352,14 @@ def build_set(manifest: ModelManifest, roots: Union[str, Path, Sequence[Union[st
             sources.append(key)
             starts.append(st)
             targets.append(truth.get(study, float("nan")))
+            origins.append(origin_of.get(key, "real"))
+            studies_of.append(study)
             if max_samples is not None and len(samples) >= max_samples:
                 break
         if max_samples is not None and len(samples) >= max_samples:
             break
     return CalibrationSet(np.stack(samples).astype(np.float32), labels, sources, manifest.inputs[0].name, starts,
-                          targets)
+                          targets, origins, studies_of)
 
 
 def _series_set(manifest: ModelManifest, roots: Union[None, str, Path, Sequence[Union[str, Path]]],
@@ -340,4 +398,5 @@ def _series_set(manifest: ModelManifest, roots: Union[None, str, Path, Sequence[
         _check_fits(manifest, arr)
         arrs.append(arr.astype(np.float32))
     return CalibrationSet(np.stack(arrs), [s.label for s in order], [s.series_key for s in order],
-                          manifest.inputs[0].name, [(0, 0, 0)] * len(order), [float("nan")] * len(order))
+                          manifest.inputs[0].name, [(0, 0, 0)] * len(order), [float("nan")] * len(order),
+                          [s.origin for s in order], [s.study_key for s in order])

@@ -2,6 +2,10 @@
 
     scanside convert calibrate MODEL --data DICOM_DIR [--method minmax|entropy|percentile] [--samples N]
     scanside convert parity MODEL --data HELDOUT_DICOM_DIR   (or --tensors held-out.npz)
+
+A site makes the INT8 files it runs from its own exams (docs/int8-calibration.md): calibration and parity
+records say whether their data were real or simulated, and the agent runs an INT8 variant on real exams only
+on real-data parity.
     scanside convert trt MODEL [--precision int8_qdq|fp32|fp16|int8_implicit] [--dla-core N] ...
 
 MODEL is NAME[@VERSION] in the model store (--store DIR, default $SCANSIDE_MODELS_DIR or engines/models).
@@ -117,6 +121,7 @@ def _calibrate(args: argparse.Namespace, manifest: Any) -> int:
                   **({"candidates": [t.strip() for t in args.op_types.split(",") if t.strip()]} if args.op_types else {}),
                   data_description=f"{len(cset)} samples from {len(set(cset.sources))} series")
     print(json.dumps({"model": manifest.ref, "samples": len(cset), "series": len(set(cset.sources)),
+                      "data_origin": cset.origin_summary(),
                       "tensors": str(r.tensors_path), "ranges": str(r.ranges_path), "seconds": r.seconds,
                       "variants": {k: {"path": str(p), "op_types_quantized": r.selections[k].kept,
                                        "op_type_rel_error": r.selections[k].measured,
@@ -146,7 +151,11 @@ def _parity(args: argparse.Namespace, manifest: Any) -> int:
 
     print(json.dumps(rep, indent=2))
     worst = max((v.get("loss", 0) for v in rep["variants"].values()), default=0.0)
-    print(f"worst loss {worst:g} (default gate tolerance {DEFAULT_INT8_TOLERANCE:g})", file=sys.stderr)
+    print(f"worst loss {worst:g} (default gate tolerance {DEFAULT_INT8_TOLERANCE:g}); measured on "
+          f"{rep['data']['origin']} data", file=sys.stderr)
+    if rep["data"]["origin"] not in ("real", "mixed"):
+        print("note: parity on simulated data only: the agent ([engines] parity_data = real) will not run these INT8 "
+              "variants on real exams; measure on held-out real exams (--data)", file=sys.stderr)
     return 0
 
 

