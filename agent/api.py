@@ -137,12 +137,15 @@ def readiness(agent: "Agent") -> Readiness:
         loaded = agent.metrics.engine_labels()
         checks["engines"] = Check(ok=True, detail=f"{len(loaded)} model(s) loaded" if loaded else "no models configured")
     db_ok = agent.store.writable()
-    checks["database"] = Check(ok=db_ok, detail="writable" if db_ok else "not writable")
+    problem = getattr(agent.store, "problem", lambda: None)()
+    checks["database"] = Check(ok=db_ok, detail="writable" if db_ok else (problem or f"not writable ({agent.store.path})"))
     watcher_ok = bool(agent.watcher and agent.watcher.alive())
     ingest_ok = agent.healthy()
     checks["watcher"] = Check(ok=watcher_ok and ingest_ok,
                               detail="watching" if watcher_ok and ingest_ok else
                               ("watcher stopped" if not watcher_ok else "ingest worker stopped or stalled"))
+    problem = getattr(getattr(agent, "ingestor", None), "problem", None)
+    checks["ingest"] = Check(ok=problem is None, detail=problem or "files are taken as they come")
     # every file system the agent writes to (state, quarantine, event log, DICOM output, C-STORE folder)
     disk_ok, disk_detail = disk_check(agent.config)
     checks["disk"] = Check(ok=disk_ok, detail=disk_detail)

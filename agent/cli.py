@@ -22,11 +22,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    from agent.state import StateError
+
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"scanside: {exc}", file=sys.stderr)
         return 2
+    except StateError as exc:  # corrupt, locked, read-only state database: the message names the file
+        print(f"scanside: {exc}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

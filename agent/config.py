@@ -40,6 +40,8 @@ class IngestConfig(_Section):
     stall_after_s: float = Field(60.0, gt=0, description="the ingest loop counts as stalled (unhealthy: no systemd watchdog pings) when it has not come round for this long")
     max_image_bytes: int = Field(512 * 1024**2, gt=0, description="a file whose declared pixels (Rows x Columns x Frames x bytes per sample), or whose inflated deflate stream, exceed this is quarantined as oversized")
     max_series_bytes: int = Field(2 * 1024**3, gt=0, description="declared pixel bytes one series may hold; files past it are quarantined as series_oversized (the series keeps what it has)")
+    quarantine_max_copy_bytes: int = Field(600 * 1024**2, ge=0, description="a quarantined file larger than this (or sparse, or not a regular file) gets its reason file only, no copy: the quarantine folder shares its disk with the state database")
+    resource_retry_max_s: float = Field(3600.0, gt=0, description="a file the agent could not open for lack of its own descriptors or memory is retried (never quarantined) for this long, then set aside until the next start")
 
 
 class SeriesConfig(_Section):
