@@ -82,6 +82,13 @@ class ApiConfig(_Section):
     token: Optional[SecretStr] = Field(None, description="bearer token (Authorization: Bearer ...); required when host is not a loopback address")
     token_file: Optional[Path] = Field(None, description="read the token from this file instead (systemd LoadCredential=)")
     sse_heartbeat_s: float = Field(15.0, gt=0, description="comment line sent on an idle /v1/events stream so proxies keep it open")
+    # issue 20: bounds on what a client can hold (see agent/apiguard.py); systemd LimitNOFILE leaves room for them
+    max_connections: int = Field(64, ge=1, description="open API connections (console streams included); one more is closed at once")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection that has not sent a complete request head in this long is closed")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body not complete in this long closes the connection")
+    max_body_bytes: int = Field(64 * 1024, ge=0, description="largest request body; larger ones get 413 before any byte is read (after the token check)")
+    allowed_hosts: list[str] = Field(default_factory=list, description="Host names accepted besides the loopback ones (a name the agent is reached by); with a loopback bind, other Host headers get 421 (DNS rebinding)")
+    docs: bool = Field(False, description="serve /docs (Swagger UI, which loads its script from cdn.jsdelivr.net) and /openapi.json, token-checked")
 
     def token_value(self) -> Optional[str]:
         if self.token is not None:

@@ -79,9 +79,14 @@ class Agent:
         self.metrics.attach(self)
         self.analyzer.metrics = self.metrics
         self.api = None  # agent.api.ApiServer when [api] enabled
+        self._unredact: Optional[Callable[[], None]] = None
 
     def start(self) -> "Agent":
         folder = Path(self.config.watch.folder)  # type: ignore[arg-type]
+        if not self.config.privacy.include_file_paths and self._unredact is None:
+            from agent.redact import install
+
+            self._unredact = install([folder])  # no export path in any log record (agent.redact)
         folder.mkdir(parents=True, exist_ok=True)
         self.analyzer.ready()  # load the models now: READY=1 (systemd) means engines are loaded
         self.sinks.start()
@@ -139,6 +144,9 @@ class Agent:
         for runner in self.output_runners:
             runner.stop()
         self.store.close()
+        if self._unredact is not None:
+            self._unredact()
+            self._unredact = None
 
     def engines_ready(self) -> bool:
         """Readiness: every enabled model that is in the store has loaded (loads them on first call)."""
