@@ -65,14 +65,25 @@ class PrivacyConfig(_Section):
 class CStoreConfig(_Section):
     enabled: bool = Field(False, description="run a DICOM C-STORE receiver (SCP) that feeds the same ingest path as the folder watcher")
     ae_title: str = Field("SCANSIDE", min_length=1, max_length=16, pattern=r"^[ -~]*[!-~][ -~]*$", description="this receiver's AE title; associations called to another title are rejected")
-    host: str = Field("0.0.0.0", description="address to listen on")
+    host: str = Field("127.0.0.1", description="address to listen on: set the interface the scanner reaches (0.0.0.0 for all); any address but loopback needs allowed_calling_aes")
     port: int = Field(11112, ge=0, le=65535, description="TCP port (ports below 1024 need CAP_NET_BIND_SERVICE, which the systemd unit does not grant)")
-    allowed_calling_aes: list[str] = Field(default_factory=list, description="calling AE titles accepted (the scanner's); empty accepts any caller")
+    allowed_calling_aes: list[str] = Field(default_factory=list, description="calling AE titles accepted (the scanner's); required when host is not loopback, unless accept_any_calling_ae")
+    accept_any_calling_ae: bool = Field(False, description="accept any calling AE title on a non-loopback address (not advised: anyone on the network can store)")
     folder: Optional[Path] = Field(None, description="where received objects are written (temp file, then rename); default <state dir>/received")
-    max_pdu: int = Field(0, ge=0, description="maximum PDU size received, bytes (0 = unlimited)")
+    max_pdu: int = Field(256 * 1024, ge=0, description="maximum PDU size received, bytes (0 = unlimited: one PDU may then take any amount of memory)")
+    max_object_bytes: int = Field(600 * 1024**2, gt=0, description="largest object accepted; objects are spooled to disk as they arrive (never held in memory) and a larger one is refused (0xC211) and not kept")
     max_associations: int = Field(4, ge=1, description="concurrent associations")
     network_timeout_s: float = Field(60.0, gt=0)
     fsync: bool = Field(True, description="flush each object to disk before confirming it to the sender")
+
+    @model_validator(mode="after")
+    def _callers_when_exposed(self) -> "CStoreConfig":
+        from agent.auth import is_loopback
+
+        if self.enabled and not is_loopback(self.host) and not self.allowed_calling_aes and not self.accept_any_calling_ae:
+            raise ValueError(f"cstore.allowed_calling_aes is required when cstore.host is not a loopback address "
+                             f"(host {self.host!r}); or set cstore.accept_any_calling_ae = true")
+        return self
 
 
 class ApiConfig(_Section):
