@@ -127,6 +127,8 @@ class WebhookConfig(_Section):
     event_types: list[str] = Field(default_factory=list, description="send only these event types (empty: all)")
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(10.0, gt=0, description="also bounds writing the body and waiting for the answer")
+    total_timeout_s: float = Field(30.0, gt=0, description="one delivery, connect to last response byte, never takes longer (a receiver trickling bytes is cut off)")
+    max_response_bytes: int = Field(64 * 1024, ge=0, description="response body read at most (kept for the dead-letter record); the rest is not read")
     backoff_initial_s: float = Field(1.0, gt=0, description="first retry delay; doubles per failed attempt")
     backoff_max_s: float = Field(300.0, gt=0, description="retry delay cap (a receiver's Retry-After is honoured up to this)")
     backoff_jitter: float = Field(0.5, ge=0, le=1, description="each delay is scaled by a random factor in [1 - jitter, 1]")
