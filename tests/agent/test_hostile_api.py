@@ -13,16 +13,22 @@ import pytest
 from tests.agent import _live
 
 
+def recv_head(s: socket.socket) -> bytes:
+    """Bytes from s up to and including the blank line that ends an HTTP head (or until EOF)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def _head(port: int, request: bytes, timeout: float = 5.0) -> tuple[int, dict[str, str]]:
     """Send raw bytes, read the answer's status and headers (no body is sent unless in request)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = recv_head(s)
     head = data.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:])}
     return int(head[0].split()[1]), headers

@@ -13,6 +13,7 @@ from agent.sinks import RetryLater, SinkRunner
 from agent.state import StateStore
 from agent.webhook import WebhookSink
 
+from .test_hostile_api import recv_head
 from .test_webhook import make_events, webhook_config
 
 
@@ -40,12 +41,9 @@ class RawServer:
 
     def _one(self, conn: socket.socket) -> None:
         with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
+            data = recv_head(conn)
+            if b"\r\n\r\n" not in data:
+                return
             head, _, body = data.partition(b"\r\n\r\n")
             length = int(next(l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")))
             while len(body) < length:
