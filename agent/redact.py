@@ -5,7 +5,8 @@ The agent's own messages name a file by its file_ref, but libraries do not: pydi
 scanner's export share carry patient names (DOE^JANE_19700102), so while privacy.include_file_paths is
 off every log record is rewritten as it is made: any text from a watched folder's path to the next
 quote or line end becomes "<export path>", in the message, its arguments and its formatted traceback.
-Python warnings are routed through logging so they pass the same filter."""
+Python warnings are routed through logging so they pass the same filter. Libraries whose debug lines
+dump file names apart from their folder (watchdog's inotify events) are held at INFO meanwhile."""
 from __future__ import annotations
 
 import logging
@@ -15,6 +16,7 @@ import threading
 from typing import Callable, Iterable, Optional
 
 REPLACEMENT = "<export path>"
+NAME_DUMPING_LOGGERS = ("watchdog",)  # debug lines carry bare file names, which no prefix rule can catch
 _lock = threading.Lock()
 _roots: dict[str, int] = {}  # path prefix -> how many agents registered it
 _pattern: Optional[re.Pattern[str]] = None
@@ -77,6 +79,9 @@ def install(folders: Iterable["os.PathLike[str] | str"]) -> Callable[[], None]:
             logging.setLogRecordFactory(_factory)
             logging.captureWarnings(True)
             _previous_excepthook, threading.excepthook = threading.excepthook, _thread_excepthook
+            for name in NAME_DUMPING_LOGGERS:
+                if logging.getLogger(name).level == logging.NOTSET:
+                    logging.getLogger(name).setLevel(logging.INFO)
 
     def undo() -> None:
         global _previous, _previous_excepthook
@@ -92,5 +97,8 @@ def install(folders: Iterable["os.PathLike[str] | str"]) -> Callable[[], None]:
                 logging.captureWarnings(False)
                 if _previous_excepthook is not None and threading.excepthook is _thread_excepthook:
                     threading.excepthook = _previous_excepthook
+                for name in NAME_DUMPING_LOGGERS:
+                    if logging.getLogger(name).level == logging.INFO:
+                        logging.getLogger(name).setLevel(logging.NOTSET)
 
     return undo
