@@ -176,3 +176,29 @@ def test_a_stalled_worker_shows_in_readiness_and_stops_the_watchdog(tmp_path, ru
         locker.execute("ROLLBACK")
         locker.close()
     assert _wait(lambda: agent.healthy() and agent.store.file_counts().get("ingested") == 1, timeout=60)
+
+
+@pytest.mark.timeout(60)
+def test_exam_end_never_parses_what_ingest_refused_to(tmp_path):
+    """The exam-end check attributes quarantined files to series by their headers, inside the database
+    transaction: a 1 GiB sparse file there used to be parsed (force=True) for minutes while every other
+    thread waited on the database; a FIFO would block it for good."""
+    from agent.protocol import QuarantineIndex
+    from agent.state import StateStore
+
+    store = StateStore(tmp_path / "state.sqlite")
+    with open(tmp_path / "sparse.dcm", "wb") as fp:
+        fp.truncate(1024**3)
+    os.mkfifo(tmp_path / "fifo.dcm")
+    good = series_files(tmp_path / "s", 1)[0]
+    raw = good.read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(raw[: len(raw) - 40])  # a header intact, pixels short
+    with store.transaction():
+        for name, reason in (("sparse.dcm", "oversized: big"), ("fifo.dcm", "truncated: x"), ("cut.dcm", "truncated: y")):
+            store.record_file(str(tmp_path / name), 1, 1.0, "quarantined", reason=reason)
+    from pydicom import dcmread
+
+    study = dcmread(good, stop_before_pixels=True).StudyInstanceUID
+    headers = QuarantineIndex(store, None).headers(study)
+    assert [os.path.basename(h.path) for h in headers] == ["cut.dcm"]
+    store.close()
