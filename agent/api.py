@@ -444,6 +444,9 @@ class ApiServer:
                                      timeout_graceful_shutdown=2, timeout_keep_alive=5, server_header=False,
                                      http=guarded_protocol(cfg.max_connections, cfg.header_timeout_s, cfg.body_timeout_s),
                                      limit_concurrency=cfg.max_connections + 8,
+                                     # asyncio accepts up to `backlog` queued connections per wake-up before the
+                                     # ones over the cap are closed: this bounds the descriptors a flood holds
+                                     backlog=2 * cfg.max_connections,
                                      h11_max_incomplete_event_size=16 * 1024)
         self.server = uvicorn.Server(self.config)
         self._thread: Optional[threading.Thread] = None
