@@ -250,11 +250,15 @@ class Ingestor:
                 if p is None or p.due > due + 1e-9:
                     continue  # stale heap entry
             try:
-                self._handle(p)
-            except (sqlite3.Error, UnicodeEncodeError) as exc:
-                if isinstance(exc, UnicodeEncodeError):  # only a path SQLite cannot store; aliases prevent it
+                try:
+                    self._handle(p)
+                except sqlite3.Error:
+                    raise
+                except UnicodeEncodeError:  # only a path SQLite cannot store; aliases prevent it
                     self._give_up(p, "unstorable_name", "a name the state database cannot store")
-                    continue
+                except Exception as exc:  # any other per-entry error: this entry waits, the others go on
+                    self._entry_error(p, exc)
+            except sqlite3.Error as exc:
                 # the state database (or its disk) refuses writes, e.g. disk full: the file is not
                 # bad, so it keeps its place and is tried again; nothing is marked or quarantined
                 if self.health is not None:  # one ERROR per episode (agent.health), /readyz false meanwhile
@@ -264,8 +268,10 @@ class Ingestor:
                     log.error("state not writable (%s: %s); file kept for retry", exc.__class__.__name__, exc)
                 self._reschedule(p, self.clock() + STATE_RETRY_S)
                 return handled
-            except Exception as exc:  # any other per-entry error: this entry waits, the others go on
-                self._entry_error(p, exc)
+            except Exception as exc:  # setting it aside failed as well (a bug): it must not stay stuck
+                log.error("entry %s dropped until the next start: %s", file_ref(p.path), redact(f"{type(exc).__name__}: {exc}"),
+                          exc_info=self.config.privacy.include_file_paths)
+                self._forget(p)
             handled += 1
             self.last_loop = time.time()  # a long catch-up is progress, not a stall
 

@@ -36,9 +36,10 @@ from .factory import mr_dataset, write
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_CONNECTIONS = 32
-# admitted connections, plus one accept batch (backlog = 2 x max_connections) being closed for being over
-# the cap, plus the agent's own files, sockets and pipes
-FD_BOUND = 3 * MAX_CONNECTIONS + 64
+# admitted connections, plus accept batches (backlog = 2 x max_connections; one may still be closing when
+# the next is accepted) over the cap, plus the agent's own files, sockets and pipes; a 250-connection
+# flood held 267 before the backlog bound, whatever the cap
+FD_BOUND = 4 * MAX_CONNECTIONS + 64
 RSS_BOUND = 512 * 1024**2  # no image models here (analysis off): the agent idles near 100 MB
 _wait = waiter(120.0, step=0.25)
 
