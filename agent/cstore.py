@@ -81,6 +81,7 @@ class CappedFile:
 
 _spools: dict[int, tuple[Path, int]] = {}  # id(AE) -> (spool folder, cap) of each running receiver
 _spools_lock = threading.Lock()
+_pynetdicom_defaults = (pynetdicom_config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile)
 
 
 def _spool_file(*args: Any, **kwargs: Any) -> Any:
@@ -172,10 +173,10 @@ class StoreSCP:
             log.warning("C-STORE receiver accepts any calling AE title (cstore.allowed_calling_aes is empty)")
         # spool each object to disk as it arrives (process-wide pynetdicom switches; the spool folder and
         # the cap are looked up per AE in _spool_file)
-        pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
-        dimse_messages.NamedTemporaryFile = _spool_file  # type: ignore[attr-defined]
         with _spools_lock:
             _spools[id(self.ae)] = (self.folder / SPOOL, self.config.max_object_bytes)
+            pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
+            dimse_messages.NamedTemporaryFile = _spool_file  # type: ignore[attr-defined]
         self._server = self.ae.start_server((self.config.host, self.config.port), block=False,
                                            evt_handlers=self._handlers)
         host, port = self.address
@@ -188,6 +189,8 @@ class StoreSCP:
             self._server = None
         with _spools_lock:
             _spools.pop(id(self.ae), None)
+            if not _spools:  # other SCPs in this process (a test's PACS) get pynetdicom's defaults back
+                pynetdicom_config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile = _pynetdicom_defaults
 
     def alive(self) -> bool:
         server = self._server
