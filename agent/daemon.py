@@ -155,7 +155,10 @@ class Agent:
     def healthy(self) -> bool:
         ingest_recent = time.time() - self.ingestor.last_loop < self.config.ingest.stall_after_s
         receiver_ok = self.receiver is None or self.receiver.alive()
-        return self.ingestor.alive() and ingest_recent and bool(self.watcher and self.watcher.alive()) and receiver_ok
+        # a state database found corrupt while running: no watchdog pings, so systemd restarts the agent,
+        # which then refuses to start with a message naming the file (agent.state.StateError)
+        db_sound = getattr(self.store, "corrupt", None) is None
+        return self.ingestor.alive() and ingest_recent and bool(self.watcher and self.watcher.alive()) and receiver_ok and db_sound
 
     def __enter__(self) -> "Agent":
         return self.start()

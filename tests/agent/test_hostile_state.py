@@ -134,3 +134,19 @@ def test_cli_names_a_corrupt_database(tmp_path):
                           cwd=str(REPO))
     assert proc.returncode == 1, proc.stderr
     assert str(state / "state.sqlite") in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_corruption_found_while_running_stops_the_watchdog(tmp_path):
+    from agent.config import load_config
+    from agent.daemon import Agent
+
+    agent = Agent(load_config(**{"watch.folder": str(tmp_path / "export"), "state.dir": str(tmp_path / "state"),
+                                 "output.stdout": False, "protocol.enabled": False})).start()
+    try:
+        assert agent.healthy()
+        with pytest.raises(sqlite3.DatabaseError):
+            with agent.store.transaction():
+                raise sqlite3.DatabaseError("database disk image is malformed")
+        assert not agent.healthy()  # watchdog pings stop: systemd restarts it, and the start names the file
+    finally:
+        agent.stop()
