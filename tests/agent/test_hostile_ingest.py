@@ -204,3 +204,14 @@ def test_exam_end_never_parses_what_ingest_refused_to(tmp_path):
     headers = QuarantineIndex(store, None).headers(study)
     assert [os.path.basename(h.path) for h in headers] == ["cut.dcm"]
     store.close()
+
+
+@pytest.mark.timeout(30)
+def test_read_header_never_blocks_on_a_fifo(tmp_path):
+    """The ingest worker checks an entry before it opens it; a FIFO put in its place in between must
+    not hang read_header either."""
+    from agent.header import HeaderError, read_header
+
+    os.mkfifo(tmp_path / "swapped.dcm")
+    with pytest.raises(HeaderError):
+        read_header(tmp_path / "swapped.dcm")
