@@ -76,6 +76,7 @@ def test_a_300_mb_object_is_spooled_not_held(tmp_path, big_file):
             done.set()
             sampler.join()
         grew = peak[0] - base
+        print(f"C-STORE of a {big_file.stat().st_size / 1024**2:.0f} MB object: agent RSS grew by {grew / 1024**2:.0f} MB")
         assert grew < 100 * 1024**2, f"the agent grew by {grew / 1024**2:.0f} MB receiving a 300 MB object"
         (stored,) = [p for p in agent.config.cstore_path.rglob("*.dcm") if ".spool" not in p.parts]
         assert abs(stored.stat().st_size - big_file.stat().st_size) < 1024  # the same data set; file meta rewritten
