@@ -66,6 +66,9 @@ def test_odd_entries_present_at_start_never_stop_ingestion(tmp_path, running):
     assert counts.get("ingested") == 5
     refused = {r["reason"].split(":")[0] for r in agent.store._q("SELECT reason FROM files WHERE status = 'refused'")}
     assert {"symlink_loop", "not_regular_file", "symlink_outside"} <= refused
+    exposition = agent.metrics.exposition()
+    exposition = exposition.decode() if isinstance(exposition, bytes) else exposition
+    assert f'scanside_files_total{{outcome="refused"}} {float(counts["refused"])}' in exposition  # counted, by reason in the log
     # the sparse file was refused unread as larger than any image; nothing outside the folder was copied
     quarantined = [json.loads(p.read_text()) for p in agent.config.quarantine_path.glob("*.reason.json")]
     assert [q["reason"] for q in quarantined] == ["oversized"] and quarantined[0]["copied"] is False
