@@ -87,7 +87,10 @@ def _api_abuse(url: str, port: int, load: Load, watch: Watch, stop: threading.Ev
         idle = []
         try:
             for _ in range(load.idle_sockets):
-                idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+                try:  # behind the bounded accept queue a connect may wait for a SYN retry
+                    idle.append(socket.create_connection(("127.0.0.1", port), timeout=20))
+                except OSError:
+                    watch.status(0)
             # past the header timeout the agent has cut the idle ones it admitted: it answers again while
             # the flood's sockets are still open on this side
             stop.wait(2.5)
