@@ -51,6 +51,8 @@ COOKIE = "scanside_token"
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 ALERT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:#-]{0,127}$")
 BY_RE = re.compile(r"^[\w .'-]{1,64}$")
+MAX_SEQ = 2**63 - 1  # SQLite INTEGER: a larger ?after= would overflow into a 500
+SEQ_RE = re.compile(r"^[0-9]{1,18}$")
 
 
 def _version() -> str:
@@ -138,12 +140,16 @@ def readiness(agent: "Agent") -> Readiness:
         loaded = agent.metrics.engine_labels()
         checks["engines"] = Check(ok=True, detail=f"{len(loaded)} model(s) loaded" if loaded else "no models configured")
     db_ok = agent.store.writable()
-    checks["database"] = Check(ok=db_ok, detail="writable" if db_ok else "not writable")
+    problem = getattr(agent.store, "problem", lambda: None)()
+    checks["database"] = Check(ok=db_ok, detail="writable" if db_ok else (problem or f"not writable ({agent.store.path})"))
     watcher_ok = bool(agent.watcher and agent.watcher.alive())
     ingest_ok = agent.healthy()
-    checks["watcher"] = Check(ok=watcher_ok and ingest_ok,
-                              detail="watching" if watcher_ok and ingest_ok else
-                              ("watcher stopped" if not watcher_ok else "ingest worker stopped or stalled"))
+    # ingesting but held back (its own descriptors or memory ran out): files wait, none is quarantined
+    problem = getattr(getattr(agent, "ingestor", None), "problem", None)
+    checks["watcher"] = Check(ok=watcher_ok and ingest_ok and problem is None,
+                              detail="watching" if watcher_ok and ingest_ok and problem is None else
+                              ("watcher stopped" if not watcher_ok else
+                               "ingest worker stopped or stalled" if not ingest_ok else f"ingest {problem}"))
     # every file system the agent writes to (state, quarantine, event log, DICOM output, C-STORE folder)
     disk_ok, disk_detail = disk_check(agent.config)
     checks["disk"] = Check(ok=disk_ok, detail=disk_detail)
@@ -197,9 +203,11 @@ def _wake(agent: "Agent") -> None:
 # ------------------------------------------------------------------------------------------ the app
 def create_app(agent: Optional["Agent"] = None, *, requirements: Optional[Callable[[Optional[str]], Any]] = None) -> FastAPI:
     """The API for one agent. `create_app(None)` builds the same routes for publishing the schema."""
+    docs = bool(agent is not None and agent.config.api.docs)  # off by default: Swagger UI loads a CDN script
     app = FastAPI(title="scanside agent API", version=_version(),
                   description="Scanner-side MRI inference agent: health, metrics, exams, alerts, live events. "
-                              "No patient name, ID, birth date or accession number is ever returned.")
+                              "No patient name, ID, birth date or accession number is ever returned.",
+                  docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
     notifier = EventNotifier()
     app.state.notifier = notifier
     app.state.agent = agent
@@ -226,6 +234,13 @@ def create_app(agent: Optional["Agent"] = None, *, requirements: Optional[Callab
             return True
         presented = creds.credentials if creds else bearer(request.headers.get("authorization"))
         return token_matches(presented, token) or token_matches(request.cookies.get(COOKIE), token)
+
+    if agent is not None:
+        from agent.apiguard import ApiGuard
+
+        cfg = agent.config.api
+        app.add_middleware(ApiGuard, bind_host=cfg.host, allowed_hosts=cfg.allowed_hosts, max_body_bytes=cfg.max_body_bytes,
+                           authorised=lambda scope: authorised(Request(scope), None), docs=docs)
 
     def auth(request: Request, creds: Optional[HTTPAuthorizationCredentials] = Depends(security)) -> None:
         if not authorised(request, creds):
@@ -326,13 +341,13 @@ def create_app(agent: Optional["Agent"] = None, *, requirements: Optional[Callab
              response_class=StreamingResponse,
              responses={200: {"content": {"text/event-stream": {}},
                               "description": "server-sent events: `id` is the event seq, `event` its type, `data` its JSON"}})
-    async def events(request: Request, after: Optional[int] = Query(None, ge=0, description="start after this seq (else Last-Event-ID, else now)"),
+    async def events(request: Request, after: Optional[int] = Query(None, ge=0, le=MAX_SEQ, description="start after this seq (else Last-Event-ID, else now)"),
                      study_uid: Optional[str] = None) -> StreamingResponse:
         ag = need_agent()
         study = valid_uid(study_uid) if study_uid else None
         last_id = request.headers.get("last-event-id")
         if after is None and last_id is not None:
-            if not last_id.strip().isdigit():
+            if not SEQ_RE.match(last_id.strip()):  # str.isdigit() takes '²', which int() refuses
                 raise HTTPException(400, "Last-Event-ID must be an event seq")
             after = int(last_id)
         if after is None:
@@ -455,9 +470,17 @@ class ApiServer:
         self.app = create_app(agent)
         cfg = agent.config.api
         self.host = host or cfg.host
+        from agent.apiguard import guarded_protocol
+
         self.config = uvicorn.Config(self.app, host=self.host, port=cfg.port if port is None else port,
                                      log_level="warning", access_log=False, log_config=None, lifespan="off",
-                                     timeout_graceful_shutdown=2, timeout_keep_alive=5, server_header=False)
+                                     timeout_graceful_shutdown=2, timeout_keep_alive=5, server_header=False,
+                                     http=guarded_protocol(cfg.max_connections, cfg.header_timeout_s, cfg.body_timeout_s),
+                                     limit_concurrency=cfg.max_connections + 8,
+                                     # asyncio accepts up to `backlog` queued connections per wake-up before the
+                                     # ones over the cap are closed: this bounds the descriptors a flood holds
+                                     backlog=2 * cfg.max_connections,
+                                     h11_max_incomplete_event_size=16 * 1024)
         self.server = uvicorn.Server(self.config)
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None

@@ -38,6 +38,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    from agent.state import StateError
+
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
@@ -46,6 +48,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except StartError as exc:
         print(f"scanside: cannot start: {exc}", file=sys.stderr)
         return EXIT_START
+    except StateError as exc:  # corrupt, locked, read-only state database: the message names the file
+        print(f"scanside: {exc}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,6 +43,8 @@ class IngestConfig(_Section):
     stall_after_s: float = Field(60.0, gt=0, description="the ingest loop counts as stalled (unhealthy: no systemd watchdog pings) when it has not come round for this long")
     max_image_bytes: int = Field(512 * 1024**2, gt=0, description="a file whose declared pixels (Rows x Columns x Frames x bytes per sample), or whose inflated deflate stream, exceed this is quarantined as oversized")
     max_series_bytes: int = Field(2 * 1024**3, gt=0, description="declared pixel bytes one series may hold; files past it are quarantined as series_oversized (the series keeps what it has)")
+    quarantine_max_copy_bytes: int = Field(600 * 1024**2, ge=0, description="a quarantined file larger than this (or sparse, or not a regular file) gets its reason file only, no copy: the quarantine folder shares its disk with the state database")
+    resource_retry_max_s: float = Field(3600.0, gt=0, description="a file the agent could not open for lack of its own descriptors or memory is retried (never quarantined) for this long, then set aside until the next start")
 
 
 class SeriesConfig(_Section):
@@ -66,14 +68,25 @@ class PrivacyConfig(_Section):
 class CStoreConfig(_Section):
     enabled: bool = Field(False, description="run a DICOM C-STORE receiver (SCP) that feeds the same ingest path as the folder watcher")
     ae_title: str = Field("SCANSIDE", min_length=1, max_length=16, pattern=r"^[ -~]*[!-~][ -~]*$", description="this receiver's AE title; associations called to another title are rejected")
-    host: str = Field("0.0.0.0", description="address to listen on")
+    host: str = Field("127.0.0.1", description="address to listen on: set the interface the scanner reaches (0.0.0.0 for all); any address but loopback needs allowed_calling_aes")
     port: int = Field(11112, ge=0, le=65535, description="TCP port (ports below 1024 need CAP_NET_BIND_SERVICE, which the systemd unit does not grant)")
-    allowed_calling_aes: list[str] = Field(default_factory=list, description="calling AE titles accepted (the scanner's); empty accepts any caller")
+    allowed_calling_aes: list[str] = Field(default_factory=list, description="calling AE titles accepted (the scanner's); required when host is not loopback, unless accept_any_calling_ae")
+    accept_any_calling_ae: bool = Field(False, description="accept any calling AE title on a non-loopback address (not advised: anyone on the network can store)")
     folder: Optional[Path] = Field(None, description="where received objects are written (temp file, then rename); default <state dir>/received")
-    max_pdu: int = Field(0, ge=0, description="maximum PDU size received, bytes (0 = unlimited)")
+    max_pdu: int = Field(256 * 1024, ge=0, description="maximum PDU size received, bytes (0 = unlimited: one PDU may then take any amount of memory)")
+    max_object_bytes: int = Field(600 * 1024**2, gt=0, description="largest object accepted; objects are spooled to disk as they arrive (never held in memory) and a larger one is refused (0xC211) and not kept")
     max_associations: int = Field(4, ge=1, description="concurrent associations")
     network_timeout_s: float = Field(60.0, gt=0)
     fsync: bool = Field(True, description="flush each object to disk before confirming it to the sender")
+
+    @model_validator(mode="after")
+    def _callers_when_exposed(self) -> "CStoreConfig":
+        from agent.auth import is_loopback
+
+        if self.enabled and not is_loopback(self.host) and not self.allowed_calling_aes and not self.accept_any_calling_ae:
+            raise ValueError(f"cstore.allowed_calling_aes is required when cstore.host is not a loopback address "
+                             f"(host {self.host!r}); or set cstore.accept_any_calling_ae = true")
+        return self
 
 
 class ApiConfig(_Section):
@@ -83,6 +96,13 @@ class ApiConfig(_Section):
     token: Optional[SecretStr] = Field(None, description="bearer token (Authorization: Bearer ...); required when host is not a loopback address")
     token_file: Optional[Path] = Field(None, description="read the token from this file instead (systemd LoadCredential=)")
     sse_heartbeat_s: float = Field(15.0, gt=0, description="comment line sent on an idle /v1/events stream so proxies keep it open")
+    # issue 20: bounds on what a client can hold (see agent/apiguard.py); systemd LimitNOFILE leaves room for them
+    max_connections: int = Field(64, ge=1, description="open API connections (console streams included); one more is closed at once")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection that has not sent a complete request head in this long is closed")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body not complete in this long closes the connection")
+    max_body_bytes: int = Field(64 * 1024, ge=0, description="largest request body; larger ones get 413 before any byte is read (after the token check)")
+    allowed_hosts: list[str] = Field(default_factory=list, description="Host names accepted besides the loopback ones (a name the agent is reached by); with a loopback bind, other Host headers get 421 (DNS rebinding)")
+    docs: bool = Field(False, description="serve /docs (Swagger UI, which loads its script from cdn.jsdelivr.net) and /openapi.json, token-checked")
 
     def token_value(self) -> Optional[str]:
         if self.token is not None:
@@ -110,6 +130,8 @@ class WebhookConfig(_Section):
     event_types: list[str] = Field(default_factory=list, description="send only these event types (empty: all)")
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(10.0, gt=0, description="also bounds writing the body and waiting for the answer")
+    total_timeout_s: float = Field(30.0, gt=0, description="one delivery, connect to last response byte, never takes longer (a receiver trickling bytes is cut off)")
+    max_response_bytes: int = Field(64 * 1024, ge=0, description="response body read at most (kept for the dead-letter record); the rest is not read")
     backoff_initial_s: float = Field(1.0, gt=0, description="first retry delay; doubles per failed attempt")
     backoff_max_s: float = Field(300.0, gt=0, description="retry delay cap (a receiver's Retry-After is honoured up to this)")
     backoff_jitter: float = Field(0.5, ge=0, le=1, description="each delay is scaled by a random factor in [1 - jitter, 1]")

@@ -10,6 +10,11 @@ direct hand-over does not depend on inotify (the export folder may be polled ove
 receive folder lives in the state folder, so files received but not yet ingested when the agent
 stops are picked up again on the next start (`catch_up`).
 
+Objects are spooled to disk as their PDUs arrive (pynetdicom's STORE_RECV_CHUNKED_DATASET), into a
+hidden `.spool` folder inside the receive folder, and renamed into place: a 300 MB object costs disk,
+not memory. One larger than cstore.max_object_bytes stops being written at that size and is refused
+(0xC211) and removed; cstore.max_pdu bounds each PDU.
+
 The sender gets Success only after the object is on disk; an object we could not store gets
 0xA700 (out of resources) so that the scanner keeps it queued. Associations from a calling AE title
 not on the allow-list are rejected (rejected-permanent, service user, reason 3 "calling AE title not
@@ -21,12 +26,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+import pydicom
 from pydicom import uid as tsuid
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config as pynetdicom_config, dimse_messages, evt
 from pynetdicom import sop_class as sc
 
 from agent.atomic import atomic_path
@@ -39,6 +46,59 @@ log = logging.getLogger(__name__)
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_TOO_LARGE = 0xC211  # a failure (not "out of resources"): the sender should not retry it as it is
+SPOOL = ".spool"
+
+
+class CappedFile:
+    """pynetdicom's spool file with a size bound: bytes past `cap` are dropped and `over` is set, so a
+    huge object fills neither memory nor the disk. Quacks like the NamedTemporaryFile it wraps."""
+
+    def __init__(self, inner: Any, cap: int, error: Optional[OSError] = None):
+        self._inner = inner if inner is not None else open(os.devnull, "wb")
+        self.cap = cap
+        self.written = 0
+        self.over = False
+        self.error = error  # the spool could not be created (disk full, folder unwritable): refuse, keep going
+        self.name = inner.name if inner is not None else os.devnull
+        self.file = inner.file if inner is not None else self._inner
+
+    def write(self, data: bytes) -> int:
+        if self.error is not None:
+            return len(data)
+        if self.over or self.written + len(data) > self.cap:
+            self.over = True
+            return len(data)
+        self.written += len(data)
+        return self._inner.write(data)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+_spools: dict[int, tuple[Path, int]] = {}  # id(AE) -> (spool folder, cap) of each running receiver
+_spools_lock = threading.Lock()
+_pynetdicom_defaults = (pynetdicom_config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile)
+
+
+def _spool_file(*args: Any, **kwargs: Any) -> Any:
+    """Replaces dimse_messages.NamedTemporaryFile: the spool goes to the receiving AE's own folder (same
+    file system as its receive folder, so a rename puts it in place) and is size-capped. pynetdicom
+    decodes in the association's DUL thread, whose `assoc` names the AE."""
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    with _spools_lock:
+        spool = _spools.get(id(getattr(assoc, "ae", None))) or (next(reversed(_spools.values())) if _spools else None)
+    if spool is None:
+        return tempfile.NamedTemporaryFile(*args, **kwargs)
+    folder, cap = spool
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return CappedFile(tempfile.NamedTemporaryFile(*args, dir=folder, prefix=".", **kwargs), cap)
+    except OSError as exc:  # an exception here would abort the association: the handler answers instead
+        return CappedFile(None, cap, error=exc)
 
 TRANSFER_SYNTAXES = [
     tsuid.ExplicitVRLittleEndian, tsuid.ImplicitVRLittleEndian, tsuid.DeflatedExplicitVRLittleEndian,
@@ -113,6 +173,12 @@ class StoreSCP:
         self._clean_temp()
         if not self.config.allowed_calling_aes:
             log.warning("C-STORE receiver accepts any calling AE title (cstore.allowed_calling_aes is empty)")
+        # spool each object to disk as it arrives (process-wide pynetdicom switches; the spool folder and
+        # the cap are looked up per AE in _spool_file)
+        with _spools_lock:
+            _spools[id(self.ae)] = (self.folder / SPOOL, self.config.max_object_bytes)
+            pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
+            dimse_messages.NamedTemporaryFile = _spool_file  # type: ignore[attr-defined]
         self._server = self.ae.start_server((self.config.host, self.config.port), block=False,
                                            evt_handlers=self._handlers)
         host, port = self.address
@@ -123,6 +189,10 @@ class StoreSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        with _spools_lock:
+            _spools.pop(id(self.ae), None)
+            if not _spools:  # other SCPs in this process (a test's PACS) get pynetdicom's defaults back
+                pynetdicom_config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile = _pynetdicom_defaults
 
     def alive(self) -> bool:
         server = self._server
@@ -133,7 +203,8 @@ class StoreSCP:
         if self.ingestor is None or not self.folder.is_dir():
             return 0
         n = 0
-        for dirpath, _dirs, files in os.walk(self.folder):
+        for dirpath, dirs, files in os.walk(self.folder):
+            dirs[:] = [d for d in dirs if d != SPOOL]
             for name in sorted(files):
                 if not name.startswith("."):
                     self.ingestor.notify(os.path.join(dirpath, name), closed=True)
@@ -144,7 +215,7 @@ class StoreSCP:
         """Half-received objects from a crash: the sender got no Success for them and will resend."""
         for dirpath, _dirs, files in os.walk(self.folder):
             for name in files:
-                if name.startswith(".") and name.endswith(".part"):
+                if name.startswith(".") and (name.endswith(".part") or os.path.basename(dirpath) == SPOOL):
                     try:
                         os.unlink(os.path.join(dirpath, name))
                     except OSError:
@@ -173,43 +244,76 @@ class StoreSCP:
     def _on_store(self, event) -> int:  # type: ignore[no-untyped-def]
         sop_uid = str(event.request.AffectedSOPInstanceUID or "")
         ref = hashlib.sha1(sop_uid.encode()).hexdigest()[:12]
-        try:
-            data = event.encoded_dataset(include_meta=True)
-        except Exception as exc:  # a dataset pynetdicom cannot frame: tell the sender, keep going
-            log.warning("C-STORE object %s not understood: %s", ref, exc.__class__.__name__)
+        spooled = getattr(event.request, "_dataset_file", None)
+        if isinstance(spooled, CappedFile) and spooled.error is not None:
+            return self._not_stored(ref, spooled.error)
+        if isinstance(spooled, CappedFile) and spooled.over:
+            log.warning("C-STORE object %s refused: larger than cstore.max_object_bytes (%d)", ref, spooled.cap)
             self._count("failed")
-            return STATUS_CANNOT_UNDERSTAND
+            return STATUS_TOO_LARGE  # pynetdicom removes the spool file after we return
         if not sop_uid:
             self._count("failed")
             return STATUS_CANNOT_UNDERSTAND
-        study_uid = self._study_uid(event)
+        try:
+            spool_path = Path(event.dataset_path) if spooled is not None else None
+        except AttributeError:
+            spool_path = None
+        data = None
+        if spool_path is None:  # not spooled (another component turned chunking off): the bytes in memory
+            try:
+                data = event.encoded_dataset(include_meta=True)
+            except Exception as exc:  # a dataset pynetdicom cannot frame: tell the sender, keep going
+                log.warning("C-STORE object %s not understood: %s", ref, exc.__class__.__name__)
+                self._count("failed")
+                return STATUS_CANNOT_UNDERSTAND
+        study_uid = self._study_uid(event, spool_path)
         dest = self.folder / object_name(sop_uid, study_uid)
         try:
-            self._write(dest, data)
-        except OSError as exc:  # disk full, folder gone: the sender keeps the object and retries later
-            if self.health is not None:  # one ERROR per failure episode (agent.health), /readyz false meanwhile
-                self.health.failed("received", self.folder, exc, consequence="refused (out of resources): the sender keeps it")
-                log.warning("C-STORE object %s could not be stored: %s", ref, exc.strerror or exc.__class__.__name__)
+            if spool_path is not None:
+                spooled.file.flush()
+                self._place(spool_path, dest)
             else:
-                log.error("C-STORE object %s could not be stored: %s", ref, exc.strerror or exc.__class__.__name__)
-            self._count("failed")
-            return STATUS_OUT_OF_RESOURCES
+                self._write(dest, data)  # type: ignore[arg-type]
+        except OSError as exc:
+            return self._not_stored(ref, exc)
         if self.health is not None:
             self.health.ok("received")
         self._count("received")
-        self._count("bytes", len(data))
-        log.debug("C-STORE object %s stored (%d bytes)", ref, len(data))
+        size = dest.stat().st_size
+        self._count("bytes", size)
+        log.debug("C-STORE object %s stored (%d bytes)", ref, size)
         if self.ingestor is not None:
             self.ingestor.notify(str(dest), closed=True)
         return STATUS_SUCCESS
 
+    def _not_stored(self, ref: str, exc: OSError) -> int:
+        """Disk full, folder gone: the sender keeps the object and retries later."""
+        if self.health is not None:  # one ERROR per failure episode (agent.health), /readyz false meanwhile
+            self.health.failed("received", self.folder, exc, consequence="refused (out of resources): the sender keeps it")
+            log.warning("C-STORE object %s could not be stored: %s", ref, exc.strerror or exc.__class__.__name__)
+        else:
+            log.error("C-STORE object %s could not be stored: %s", ref, exc.strerror or exc.__class__.__name__)
+        self._count("failed")
+        return STATUS_OUT_OF_RESOURCES
+
     @staticmethod
-    def _study_uid(event) -> str:  # type: ignore[no-untyped-def]
+    def _study_uid(event, spool_path: Optional[Path] = None) -> str:  # type: ignore[no-untyped-def]
         """Study Instance UID for the folder layout; decoding the dataset is only a nicety here."""
         try:
+            if spool_path is not None:  # header only: the pixels stay on disk
+                ds = pydicom.dcmread(spool_path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+                return str(ds.get("StudyInstanceUID", "") or "")
             return str(event.dataset.get("StudyInstanceUID", "") or "")
         except Exception:
             return ""
+
+    def _place(self, spool_path: Path, dest: Path) -> None:
+        """Move a spooled object into place (same file system: a rename), flushed first when asked."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if self.config.fsync:
+            with open(spool_path, "rb") as fp:
+                os.fsync(fp.fileno())
+        os.replace(spool_path, dest)
 
     def _write(self, dest: Path, data: bytes) -> None:
         # hidden `.part` temp names: catch-up removes what a crash left half-written

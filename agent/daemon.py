@@ -83,9 +83,14 @@ class Agent:
 
         # [adapt] (off by default): site adaptation in a child process; a promoted version is loaded next series
         self.adapt = AdaptScheduler(config, lambda: len(self.store.exams()), lambda _r: self.analyzer.reload_classifier())
+        self._unredact: Optional[Callable[[], None]] = None
 
     def start(self) -> "Agent":
         folder = Path(self.config.watch.folder)  # type: ignore[arg-type]
+        if not self.config.privacy.include_file_paths and self._unredact is None:
+            from agent.redact import install
+
+            self._unredact = install([folder])  # no export path in any log record (agent.redact)
         folder.mkdir(parents=True, exist_ok=True)
         self.analyzer.ready()  # load the models now: READY=1 (systemd) means engines are loaded
         self.sinks.start()
@@ -145,6 +150,9 @@ class Agent:
         for runner in self.output_runners:
             runner.stop()
         self.store.close()
+        if self._unredact is not None:
+            self._unredact()
+            self._unredact = None
 
     def engines_ready(self) -> bool:
         """Readiness: every enabled model that is in the store has loaded (loads them on first call)."""
@@ -153,7 +161,10 @@ class Agent:
     def healthy(self) -> bool:
         ingest_recent = time.time() - self.ingestor.last_loop < self.config.ingest.stall_after_s
         receiver_ok = self.receiver is None or self.receiver.alive()
-        return self.ingestor.alive() and ingest_recent and bool(self.watcher and self.watcher.alive()) and receiver_ok
+        # a state database found corrupt while running: no watchdog pings, so systemd restarts the agent,
+        # which then refuses to start with a message naming the file (agent.state.StateError)
+        db_sound = getattr(self.store, "corrupt", None) is None
+        return self.ingestor.alive() and ingest_recent and bool(self.watcher and self.watcher.alive()) and receiver_ok and db_sound
 
     def __enter__(self) -> "Agent":
         return self.start()

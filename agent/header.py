@@ -144,7 +144,8 @@ def read_header(path: str | os.PathLike[str], max_image_bytes: Optional[int] = N
     inflated: Optional[int] = None
     try:
         size = os.path.getsize(path)
-        with open(path, "rb") as fp:
+        # O_NONBLOCK: a FIFO swapped in after the ingest worker's checks opens at once and reads empty
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as fp:
             preamble = fp.read(132)
             fp.seek(0)
             has_preamble = len(preamble) == 132 and preamble[128:132] == b"DICM"

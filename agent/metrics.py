@@ -40,7 +40,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 300)
 INFERENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 VENDORS = {"siemens", "ge", "philips", "canon", "toshiba", "hitachi", "fujifilm", "uih", "other"}
-OUTCOMES = {"ingested", "duplicate", "ignored", "index", "skipped"}
+OUTCOMES = {"ingested", "duplicate", "ignored", "index", "skipped", "refused"}  # refused: FIFO, device, link out (agent.ingest)
 # reasons agent.header / agent.ingest give a file they cannot take (HeaderError codes); anything else is "other"
 FILE_REASONS = ("truncated", "not_dicom", "missing_uid", "unreadable", "oversized", "series_oversized",
                 "no_pixel_data", "bad_transfer_syntax", "dicomdir", "too_complex", "vanished", "other")

@@ -21,7 +21,6 @@ from agent.state import StateStore
 
 log = logging.getLogger(__name__)
 
-
 def readable_study_uid(path: str) -> Optional[str]:
     """The Study Instance UID of a refused file whose header is readable (a truncated image, say), so
     that its quarantine is shown with its exam; None when even that much cannot be read."""
@@ -34,7 +33,8 @@ def readable_study_uid(path: str) -> Optional[str]:
         return None
     return uid if 0 < len(uid) <= 64 and all(c.isdigit() or c == "." for c in uid) else None
 
-DONE_STATUSES = {"ingested", "duplicate", "quarantined", "ignored", "index"}
+
+DONE_STATUSES = {"ingested", "duplicate", "quarantined", "ignored", "index", "refused"}
 IGNORED_REASONS = {"no_pixel_data"}  # valid DICOM that is not an image (SR, presentation state): not an error
 
 
@@ -42,9 +42,22 @@ def file_ref(path: str) -> str:
     return hashlib.sha1(os.fsencode(os.path.abspath(path))).hexdigest()[:12]
 
 
+def storable(path: str) -> str:
+    """The path as text SQLite and JSON can hold (a Latin-1 name's undecodable bytes as \\xNN)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _size_mtime(path: str) -> tuple[Optional[int], Optional[float]]:
+    try:
+        st = os.lstat(path)  # never follows: a link's own record
+        return st.st_size, st.st_mtime
+    except OSError:
+        return None, None
+
+
 @dataclass
 class Outcome:
-    status: str  # ingested | duplicate | skipped | ignored | index | error
+    status: str  # ingested | duplicate | skipped | ignored | index | error | quarantined | refused
     error: Optional[HeaderError] = None
     events: int = 0
 
@@ -58,7 +71,8 @@ class Pipeline:
         self.protocol = checker_from_config(config, store)
         self.exams = ExamTracker(store, self.protocol, config.protocol.exam_quiet_period_s)
         self.quarantine_box = Quarantine(config.quarantine_path, config.ingest.quarantine_mode,
-                                         include_paths=config.privacy.include_file_paths)
+                                         include_paths=config.privacy.include_file_paths,
+                                         max_copy_bytes=config.ingest.quarantine_max_copy_bytes)
         self.new_events = threading.Condition()
         self.listeners: list[Callable[[str, Outcome], None]] = []  # metrics hook: (path, outcome)
         self._series_bytes: dict[str, int] = {}  # series_uid -> declared pixel bytes recorded (per-series cap)
@@ -109,25 +123,37 @@ class Pipeline:
             raise HeaderError("series_oversized", f"series would hold {total} declared pixel bytes, cap {cap}")
 
     def quarantine(self, path: str, err: HeaderError) -> None:
+        from agent.ingest import redact
+
         ref = file_ref(path)
+        size, mtime = _size_mtime(path)
+        detail = redact(err.detail, path, os.path.realpath(path))  # error texts quote paths: never one in an event
         try:
-            st = os.stat(path)
-            size, mtime = st.st_size, st.st_mtime
-        except FileNotFoundError:
-            size, mtime = None, None
-        try:
-            self.quarantine_box.put(path, ref, err.reason, err.detail)
+            # the ingest worker checked that a link resolves inside the watched folders (agent.ingest.admit)
+            copied = self.quarantine_box.put(os.path.realpath(path), ref, err.reason, detail)
         except OSError as exc:  # quarantine disk full or unwritable: keep the record, say so
-            log.error("could not quarantine file %s: %s", ref, exc)
+            log.error("could not quarantine file %s: %s", ref, exc.strerror or type(exc).__name__)
+            copied = None
+        if copied is None or not copied.exists():
+            detail += f" (not copied: {self.quarantine_box.last_refusal or 'the quarantine folder could not be written'})"
         event = FileQuarantined(
-            key=f"file_quarantined:{ref}:{mtime}", file_ref=ref, reason=err.reason, detail=err.detail,
-            path=path if self.config.privacy.include_file_paths else None, study_uid=readable_study_uid(path),
+            key=f"file_quarantined:{ref}:{mtime}", file_ref=ref, reason=err.reason, detail=detail,
+            path=storable(path) if self.config.privacy.include_file_paths else None, study_uid=readable_study_uid(path),
         )
         with self.store.transaction():
-            self.store.record_file(path, size, mtime, "quarantined", reason=f"{err.reason}: {err.detail}")
+            self.store.record_file(storable(path), size, mtime, "quarantined", reason=f"{err.reason}: {detail}")
             self._append([event])
-        log.warning("quarantined file %s: %s (%s)", ref, err.reason, err.detail)
+        log.warning("quarantined file %s: %s (%s)", ref, err.reason, detail)
         self._notify(path, Outcome("quarantined", err))
+
+    def refuse(self, path: str, err: HeaderError) -> None:
+        """An entry that is no file to read (FIFO, device, symlink leaving the watched folders, loop):
+        recorded with its reason, logged and counted; nothing is opened or copied, no alert is raised."""
+        size, mtime = _size_mtime(path)
+        with self.store.transaction():
+            self.store.record_file(storable(path), size, mtime, "refused", reason=f"{err.reason}: {err.detail}")
+        log.warning("refused entry %s: %s (%s)", file_ref(path), err.reason, err.detail)
+        self._notify(path, Outcome("refused", err))
 
     # ------------------------------------------------------------------ time
     def tick(self) -> int:

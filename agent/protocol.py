@@ -126,6 +126,33 @@ COMPATIBLE = {"T2": {"T2"}, "DWI": {"DWI", "ADC"}, "ADC": {"ADC"}, "T1": {"T1"}}
 
 
 # ---------------------------------------------------------------------------- quarantine
+# quarantined for these, a file has no header worth a parse: none at all, or one that cost too much once
+_NO_HEADER_REASONS = ("oversized", "too_complex", "not_dicom", "permission_denied", "unreadable")
+_MAX_HEADER_FILE_BYTES = 600 * 1024**2  # the largest image file ingest opens (agent.ingest.Ingestor.max_file_bytes)
+
+
+def _header_worth_reading(reason: str, st: os.stat_result) -> bool:
+    """Runs inside the exam-end transaction: a 1 GiB sparse file or a FIFO must not hold the database."""
+    import stat as stat_
+
+    return stat_.S_ISREG(st.st_mode) and st.st_size <= _MAX_HEADER_FILE_BYTES and not reason.startswith(_NO_HEADER_REASONS)
+
+
+def _bounded_header(path: str, size: int):  # type: ignore[no-untyped-def]
+    """The header, read like agent.header.read_header reads it: opened without blocking, through the
+    bounded, time-limited reader (a flood of empty elements stops at PARSE_DEADLINE_S)."""
+    import time
+
+    import pydicom
+
+    from agent.header import PARSE_DEADLINE_S, BoundedFile
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as fp:
+        return pydicom.dcmread(BoundedFile(fp, size, time.monotonic() + PARSE_DEADLINE_S),  # type: ignore[arg-type]
+                               stop_before_pixels=True, force=True)
+
+
 class QuarantineIndex:
     """Which exam and series the quarantined files belonged to (their headers are usually intact:
     a truncated file loses pixels, not its header). Cached by path, size and mtime."""
@@ -148,13 +175,12 @@ class QuarantineIndex:
                     continue
                 key = (candidate, st.st_mtime, st.st_size)
                 if key not in self._cache:
-                    try:
-                        import pydicom
-
-                        ds = pydicom.dcmread(candidate, stop_before_pixels=True, force=True)
-                        self._cache[key] = header_from_dataset(ds, path)
-                    except Exception:  # unreadable header: nothing to attribute
-                        self._cache[key] = None
+                    self._cache[key] = None  # unreadable header, or nothing worth reading: nothing to attribute
+                    if _header_worth_reading(row["reason"] or "", st):
+                        try:
+                            self._cache[key] = header_from_dataset(_bounded_header(candidate, st.st_size), path)
+                        except Exception:
+                            pass
                 h = self._cache[key]
                 if h is not None and getattr(h, "study_uid", None) == study_uid:
                     out.append(h)

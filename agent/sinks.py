@@ -32,6 +32,9 @@ class Sink:
     def deliver(self, event: Event) -> None:
         raise NotImplementedError
 
+    def interrupt(self) -> None:
+        """Stopping: end a delivery in flight now (a network sink); later deliveries may RetryLater."""
+
     def close(self) -> None:
         pass
 
@@ -223,6 +226,8 @@ class SinkRunner:
 
     def stop(self) -> None:
         self._stop.set()
+        for sink in self.sinks:  # a receiver trickling its answer must not hold the agent's stop
+            sink.interrupt()
         with self.wakeup:
             self.wakeup.notify_all()
         if self._thread:

@@ -49,25 +49,61 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 """
 SCHEMA_VERSION = "1"
+READY_LOCK_WAIT_S = 2.0  # readiness never waits longer than this on a database another thread is waiting for
+
+
+class StateError(Exception):
+    """The state database cannot be used (corrupt, truncated, locked, read-only): the message names the
+    file and says what to do; the agent does not start on it."""
+
+
+def _diagnose(path: Path, exc: BaseException) -> str:
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        what = "is locked by another process (a second agent, a backup or a sqlite3 shell holding a write lock)"
+    elif "readonly" in text or "read-only" in text or "unable to open" in text or isinstance(exc, PermissionError):
+        what = "cannot be opened for writing (read-only file, folder or file system, or wrong owner)"
+    elif "malformed" in text or "not a database" in text or "corrupt" in text or "integrity" in text:
+        what = ("is corrupt or truncated; stop the agent and move it aside (with its -wal and -shm files): a new one is "
+                "created and the export folder is read again, recording each exam's events anew")
+    else:
+        what = "cannot be used"
+    return f"state database {path} {what} ({type(exc).__name__}: {exc})"
 
 
 class StateStore:
-    """One connection guarded by a lock: the ingest worker writes, the API and sinks read."""
+    """One connection guarded by a lock: the ingest worker writes, the API and sinks read.
 
-    def __init__(self, path: Path | str):
+    Opening checks the file (quick_check): a corrupt, truncated, locked or read-only database raises
+    StateError naming it, rather than starting ready and failing on the first write to a bad page.
+    A write that finds the file corrupt later keeps `writable()` false (readiness tells the truth)."""
+
+    def __init__(self, path: Path | str, busy_timeout_s: float = 30.0):
         self.path = Path(path)
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._conn.row_factory = sqlite3.Row
-        with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            self._conn.executescript(SCHEMA)
-            self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
         self._in_tx = 0
+        self.corrupt: Optional[str] = None  # set when a statement found the file malformed
+        try:
+            if str(path) != ":memory:":
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=busy_timeout_s)
+        except (sqlite3.Error, OSError) as exc:
+            raise StateError(_diagnose(self.path, exc)) from exc
+        self._conn.row_factory = sqlite3.Row
+        try:
+            with self._lock:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
+                self._conn.execute("PRAGMA foreign_keys=ON")
+                self._conn.executescript(SCHEMA)
+                self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+                problems = [r[0] for r in self._conn.execute("PRAGMA quick_check(5)").fetchall()]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("database disk image is malformed: " + "; ".join(map(str, problems)))
+            self.writable(raise_errors=True)  # a read-only file opens and reads fine: write once now
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise StateError(_diagnose(self.path, exc)) from exc
 
     def close(self) -> None:
         with self._lock:
@@ -88,6 +124,11 @@ class StateStore:
             self._in_tx = 1
             try:
                 yield
+            except sqlite3.DatabaseError as exc:
+                self._note(exc)
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
             except BaseException:
                 if self._conn.in_transaction:  # SQLite may already have rolled back (disk full)
                     self._conn.execute("ROLLBACK")
@@ -110,13 +151,32 @@ class StateStore:
         with self._lock:
             return self._conn.execute(sql, args)
 
-    def writable(self) -> bool:
+    def _note(self, exc: sqlite3.DatabaseError) -> None:
+        text = str(exc).lower()
+        if "malformed" in text or "not a database" in text:
+            self.corrupt = _diagnose(self.path, exc)
+
+    def writable(self, raise_errors: bool = False) -> bool:
+        """A real write (heartbeat row) succeeds, within READY_LOCK_WAIT_S when another thread holds the
+        connection (a worker waiting on a lock held by another process shows as not writable)."""
+        if self.corrupt is not None and not raise_errors:
+            return False
+        if not self._lock.acquire(timeout=READY_LOCK_WAIT_S):
+            return False
         try:
             with self.transaction():
                 self._x("INSERT OR REPLACE INTO meta VALUES ('heartbeat', ?)", (str(time.time()),))
             return True
         except sqlite3.Error:
+            if raise_errors:
+                raise
             return False
+        finally:
+            self._lock.release()
+
+    def problem(self) -> Optional[str]:
+        """Why the database is not usable, for readiness (None: fine as far as known)."""
+        return self.corrupt
 
     # ------------------------------------------------------------------ files
     def file_status(self, path: str) -> Optional[sqlite3.Row]:

@@ -15,6 +15,13 @@ Failures:
   payload itself and would reject it again, so retrying would block every later event forever. It is
   recorded in the state database (``dead_letters``), logged, and skipped.
 
+Bounds: one delivery takes at most ``total_timeout_s`` from connect to the last byte (httpx's timeouts
+are per operation, so a receiver sending one header byte every few seconds would otherwise hold the
+sink for ever: a timer closes the connection), at most ``max_response_bytes`` of the answer is read,
+and redirects are not followed: a 3xx is a configuration error (webhook.url should be the final URL),
+held and retried like 401/403/404, with an ERROR that says so. Stopping the agent interrupts a
+delivery in flight (the event is sent again after the restart).
+
 Signing (optional, ``webhook.secret``): the Standard Webhooks scheme (https://www.standardwebhooks.com):
 ``webhook-id`` (the event key), ``webhook-timestamp`` (Unix seconds) and
 ``webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``; a secret written
@@ -129,15 +136,20 @@ class WebhookSink(Sink):
         self._secret = config.secret.get_secret_value() if config.secret is not None else None
         self._types = frozenset(config.event_types)
         self.backoff = Backoff(config.backoff_initial_s, config.backoff_max_s, config.backoff_jitter, rng)
-        timeout = httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s)
-        self._client = httpx.Client(timeout=timeout, transport=transport, follow_redirects=False,
-                                    headers={"User-Agent": USER_AGENT})
+        self._transport = transport
+        self._client = self._new_client()
         self._lock = threading.Lock()
+        self._closing = False
         self.delivered = 0
         self.failed_attempts = 0
         self.dead_lettered = 0
         self.skipped = 0
         self.last_error: Optional[str] = None
+
+    def _new_client(self) -> httpx.Client:
+        timeout = httpx.Timeout(self.config.read_timeout_s, connect=self.config.connect_timeout_s)
+        return httpx.Client(timeout=timeout, transport=self._transport, follow_redirects=False,
+                            headers={"User-Agent": USER_AGENT})
 
     # ------------------------------------------------------------------ metrics
     def outbox_depth(self) -> int:
@@ -165,21 +177,50 @@ class WebhookSink(Sink):
             self.skipped += 1
             return
         body = event.model_dump_json().encode("utf-8")
+        if self._closing:
+            raise RetryLater("stopping", 1.0)
         with self._lock:
+            client = self._client
+            # the total bound: closing the client from a timer ends a read blocked on a trickling receiver
+            timer = threading.Timer(self.config.total_timeout_s, client.close)
+            timer.daemon = True
+            timer.start()
             try:
-                resp = self._client.post(self.url, content=body, headers=self.headers_for(event, body))
-            except httpx.HTTPError as exc:  # connect/read/write timeouts, refused, reset, DNS
-                raise self._transient(event, f"{type(exc).__name__}: {exc}", None) from exc
-            status = resp.status_code
+                with client.stream("POST", self.url, content=body, headers=self.headers_for(event, body)) as resp:
+                    status = resp.status_code
+                    detail = self._read_some(resp) if 400 <= status < 500 else ""
+            except (httpx.HTTPError, RuntimeError) as exc:  # timeouts, refused, reset, DNS; closed under us
+                reason = f"{type(exc).__name__}: {exc}"
+                if client.is_closed:
+                    self._client = self._new_client()
+                    reason = "stopping" if self._closing else f"no complete answer within {self.config.total_timeout_s} s"
+                raise self._transient(event, reason, None) from exc
+            finally:
+                timer.cancel()
             if 200 <= status < 300:
                 self.delivered += 1
                 self.backoff.reset()
                 self.last_error = None
                 return
             if 400 <= status < 500 and status not in RETRY_4XX:
-                self._permanent(event, status, resp.text[:500])
+                self._permanent(event, status, detail)
                 return
+            if 300 <= status < 400:
+                if not (self.last_error or "").startswith(f"HTTP {status}"):
+                    log.error("webhook: the receiver answers HTTP %d (a redirect); redirects are not followed: set "
+                              "webhook.url to the final URL. Events are held and retried meanwhile", status)
+                raise self._transient(event, f"HTTP {status} redirect (not followed)", None)
             raise self._transient(event, f"HTTP {status}", retry_after_s(resp.headers.get("Retry-After")))
+
+    def _read_some(self, resp: httpx.Response) -> str:
+        """At most max_response_bytes of the answer (for the dead-letter record); the rest is never read."""
+        cap = self.config.max_response_bytes
+        got = b""
+        for chunk in resp.iter_raw():
+            got += chunk[: cap - len(got)]
+            if len(got) >= cap:
+                break
+        return got[:500].decode("utf-8", "replace")
 
     def _transient(self, event: Event, reason: str, hint_s: Optional[float]) -> RetryLater:
         self.failed_attempts += 1
@@ -198,5 +239,10 @@ class WebhookSink(Sink):
                   event.seq, event.type, status)
         self.store.record_dead_letter(self.name, event.seq or 0, event.key, f"HTTP {status}", detail)
 
+    def interrupt(self) -> None:
+        self._closing = True
+        self._client.close()  # a delivery in flight fails now; the event stays in the outbox
+
     def close(self) -> None:
+        self._closing = True
         self._client.close()

@@ -54,6 +54,8 @@ def test_console_live_checklist_alerts_and_ack(browser, tmp_path_factory):
     page = browser.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # the console runs under its Content-Security-Policy (agent.apiguard): a violation is a console error
+    page.on("console", lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None)
     try:
         page.goto(f"{agent.api_url}/console")
         page.wait_for_selector("#conn.conn-on", timeout=15_000)  # the EventSource is connected
@@ -108,7 +110,8 @@ def test_console_live_checklist_alerts_and_ack(browser, tmp_path_factory):
 
         # the technologist ends the exam from the page
         page.locator("#done").click()
-        page.wait_for_function("document.getElementById('exam').textContent.includes('ENDED')", timeout=15_000)
+        # a locator, not wait_for_function: that evaluates a string, which the console's CSP (no eval) refuses
+        page.locator("#exam", has_text="ENDED").wait_for(timeout=15_000)
         ends = [e for e in agent.store.events_after(0, limit=100_000) if e.type == "exam_completed"]
         assert [(e.reason, e.study_uid) for e in ends] == [("operator", truth.study_uid)]
         assert page.locator("#done").is_hidden()

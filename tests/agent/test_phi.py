@@ -48,6 +48,32 @@ def find_phi(outputs: dict[str, str], needles: list[str]) -> list[str]:
 _wait = waiter(60.0, step=0.2)
 
 
+def wait_for_console(proc: subprocess.Popen, stderr: Path, timeout: float = 120) -> str:
+    """The API URL a `scanside run` subprocess prints on its stderr once it has started."""
+    url = None
+
+    def started() -> bool:
+        nonlocal url
+        m = re.search(r"console (http://\S+)/console", stderr.read_text())
+        url = m.group(1) if m else None
+        assert proc.poll() is None, stderr.read_text()[-3000:]
+        return url is not None
+
+    assert _wait(started, timeout), "agent did not start"
+    return url  # type: ignore[return-value]
+
+
+def follow_sse(url: str, chunks: list[str], stop: threading.Event) -> None:
+    """Read /v1/events from the start into chunks, in a daemon thread, until stop is set."""
+    def sse() -> None:
+        with httpx.stream("GET", f"{url}/v1/events", params={"after": 0}, timeout=None) as r:
+            for chunk in r.iter_text():
+                chunks.append(chunk)
+                if stop.is_set():
+                    return
+    threading.Thread(target=sse, daemon=True).start()
+
+
 def _events(jsonl: Path) -> list[dict]:
     if not jsonl.exists():
         return []
@@ -103,24 +129,8 @@ backoff_initial_s = 0.2
     sse_chunks: list[str] = []
     sse_stop = threading.Event()
     try:
-        url = None
-
-        def started() -> bool:
-            nonlocal url
-            m = re.search(r"console (http://\S+)/console", (tmp_path / "stderr.txt").read_text())
-            url = m.group(1) if m else None
-            assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
-            return url is not None
-
-        assert _wait(started, 120), "agent did not start"
-
-        def sse() -> None:
-            with httpx.stream("GET", f"{url}/v1/events", params={"after": 0}, timeout=None) as r:
-                for chunk in r.iter_text():
-                    sse_chunks.append(chunk)
-                    if sse_stop.is_set():
-                        return
-        threading.Thread(target=sse, daemon=True).start()
+        url = wait_for_console(proc, tmp_path / "stderr.txt")
+        follow_sse(url, sse_chunks, sse_stop)
 
         stream_exam(src, export, rate=0, ground_truth=truth)
         jsonl = state / "events.jsonl"
@@ -141,7 +151,7 @@ backoff_initial_s = 0.2
         client = httpx.Client(base_url=url, timeout=30)
         for path in ["/healthz", "/readyz", "/metrics", "/v1/exams", "/v1/exams/current", f"/v1/exams/{truth.study_uid}",
                      "/v1/alerts", "/v1/alerts?open=true", f"/v1/alerts?study_uid={truth.study_uid}", "/console",
-                     "/openapi.json"]:
+                     ]:
             resp = client.get(path)
             assert resp.status_code in (200, 503), (path, resp.status_code)
             outputs[f"GET {path}"] = resp.text
