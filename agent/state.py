@@ -36,6 +36,7 @@ CREATE INDEX IF NOT EXISTS series_state ON series(state);
 CREATE TABLE IF NOT EXISTS exams (
     study_uid TEXT PRIMARY KEY, state TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS exams_state ON exams(state, first_seen);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE, type TEXT NOT NULL,
     study_uid TEXT, payload TEXT NOT NULL, created REAL NOT NULL
@@ -177,11 +178,19 @@ class StateStore:
         cur = self._x("INSERT OR IGNORE INTO exams VALUES (?, 'open', ?, ?)", (study_uid, now, now))
         if cur.rowcount:
             return True
-        self._x("UPDATE exams SET last_seen = ? WHERE study_uid = ?", (now, study_uid))
+        self._x("UPDATE exams SET last_seen = ?, state = 'open' WHERE study_uid = ?", (now, study_uid))
         return False
 
     def exams(self) -> list[sqlite3.Row]:
         return self._q("SELECT * FROM exams ORDER BY first_seen")
+
+    def open_exams(self) -> list[sqlite3.Row]:
+        """Exams not yet marked ended: what the exam clock looks at, so that its work per tick stays
+        that of the exams in progress, not of every exam ever seen."""
+        return self._q("SELECT * FROM exams WHERE state = 'open' ORDER BY first_seen")
+
+    def mark_exam_ended(self, study_uid: str) -> None:
+        self._x("UPDATE exams SET state = 'ended' WHERE study_uid = ?", (study_uid,))
 
     # ------------------------------------------------------------------ events
     def append_event(self, event: Event) -> Optional[int]:
