@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS series (
     completed_at REAL
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
+CREATE INDEX IF NOT EXISTS series_study ON series(study_uid, first_seen);
 CREATE TABLE IF NOT EXISTS exams (
     study_uid TEXT PRIMARY KEY, state TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL
 );
@@ -172,6 +173,9 @@ class StateStore:
         if state:
             return self._q("SELECT * FROM series WHERE state = ? ORDER BY first_seen", (state,))
         return self._q("SELECT * FROM series ORDER BY first_seen")
+
+    def study_series(self, study_uid: str) -> list[sqlite3.Row]:
+        return self._q("SELECT * FROM series WHERE study_uid = ? ORDER BY first_seen", (study_uid,))
 
     def touch_exam(self, study_uid: str, now: float) -> bool:
         """Record activity on an exam; True when the exam is new."""
