@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS instances (
     n_images INTEGER NOT NULL, header TEXT NOT NULL, received REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE INDEX IF NOT EXISTS instances_received ON instances(received);
 CREATE TABLE IF NOT EXISTS series (
     series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, state TEXT NOT NULL, revision INTEGER NOT NULL,
     n_images INTEGER NOT NULL, expected INTEGER, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
@@ -43,6 +44,7 @@ CREATE TABLE IF NOT EXISTS events (
     study_uid TEXT, payload TEXT NOT NULL, created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_study ON events(study_uid, seq);
+CREATE INDEX IF NOT EXISTS files_updated ON files(updated);
 CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -242,6 +244,66 @@ class StateStore:
 
     def event_counts(self) -> dict[str, int]:
         return {r["type"]: r["n"] for r in self._q("SELECT type, COUNT(*) AS n FROM events GROUP BY type")}
+
+    # ------------------------------------------------------------------ retention (agent.retention)
+    def first_event_after(self, seq: int) -> Optional[float]:
+        """When the first event after seq was recorded (None: there is none)."""
+        rows = self._q("SELECT created FROM events WHERE seq > ? ORDER BY seq LIMIT 1", (seq,))
+        return float(rows[0]["created"]) if rows else None
+
+    def oldest_open_activity(self) -> Optional[float]:
+        """The first image of the oldest series or exam still open."""
+        rows = self._q("SELECT MIN(t) AS t FROM (SELECT MIN(first_seen) AS t FROM exams WHERE state = 'open' "
+                       "UNION ALL SELECT MIN(first_seen) FROM series WHERE state = 'open')")
+        return rows[0]["t"] if rows and rows[0]["t"] is not None else None
+
+    def count_events(self) -> int:
+        return int(self._q("SELECT COUNT(*) AS n FROM events")[0]["n"])
+
+    def count_files(self) -> int:
+        return int(self._q("SELECT COUNT(*) AS n FROM files")[0]["n"])
+
+    def nth_event_seq(self, n: int) -> int:
+        rows = self._q("SELECT seq FROM events ORDER BY seq LIMIT 1 OFFSET ?", (max(n - 1, 0),))
+        return int(rows[0]["seq"]) if rows else 0
+
+    def _delete_batches(self, sql: str, args: tuple[Any, ...], batch: int, limit: Optional[int] = None) -> int:
+        """Run a DELETE ... LIMIT ? in transactions of ``batch`` rows until it deletes nothing."""
+        total = 0
+        while limit is None or total < limit:
+            n = batch if limit is None else min(batch, limit - total)
+            with self.transaction():
+                deleted = self._x(sql, (*args, n)).rowcount
+            total += deleted
+            if deleted < n:
+                break
+        return total
+
+    def delete_events(self, upto_seq: int, before: Optional[float] = None, batch: int = 5000) -> int:
+        """Delete events with seq <= upto_seq (and recorded before ``before``); how many."""
+        cond = "seq <= ?" + (" AND created < ?" if before is not None else "")
+        args = (upto_seq,) + ((before,) if before is not None else ())
+        return self._delete_batches(f"DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE {cond} ORDER BY seq LIMIT ?)",
+                                    args, batch)
+
+    def delete_old_instances(self, before: float, batch: int = 5000) -> int:
+        """Instance rows received before ``before`` whose series is complete."""
+        return self._delete_batches(
+            "DELETE FROM instances WHERE rowid IN (SELECT i.rowid FROM instances i JOIN series s ON s.series_uid = i.series_uid "
+            "WHERE i.received < ? AND s.state = 'complete' LIMIT ?)", (before,), batch)
+
+    def delete_file_rows(self, before: float, gone: Any, batch: int = 5000, limit: Optional[int] = None,
+                         scan: int = 50_000) -> int:
+        """File rows last updated before ``before`` whose file ``gone(path)`` says is no longer there
+        (at most ``scan`` rows looked at per call, oldest first)."""
+        rows = self._q("SELECT path FROM files WHERE updated < ? ORDER BY updated LIMIT ?", (before, scan))
+        paths = [r["path"] for r in rows if gone(r["path"])]
+        if limit is not None:
+            paths = paths[:limit]
+        for i in range(0, len(paths), batch):
+            with self.transaction():
+                self._conn.executemany("DELETE FROM files WHERE path = ?", [(p,) for p in paths[i:i + batch]])
+        return len(paths)
 
 
 def dumps(obj: Any) -> str:
