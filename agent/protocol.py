@@ -126,6 +126,9 @@ COMPATIBLE = {"T2": {"T2"}, "DWI": {"DWI", "ADC"}, "ADC": {"ADC"}, "T1": {"T1"}}
 
 
 # ---------------------------------------------------------------------------- quarantine
+QUARANTINE_LOOKBACK_S = 86400.0  # an exam's files refused before its first image was recorded (all of a series' first files bad)
+
+
 class QuarantineIndex:
     """Which exam and series the quarantined files belonged to (their headers are usually intact:
     a truncated file loses pixels, not its header). Cached by path, size and mtime."""
@@ -139,7 +142,11 @@ class QuarantineIndex:
         from agent.header import header_from_dataset
 
         out = []
-        for row in self.store.quarantined():
+        # only files quarantined since shortly before the exam's first image: a file of this exam
+        # cannot have been refused earlier, and the quarantine of past years is not read per exam
+        first_seen = self.store.exam_first_seen(study_uid)
+        since = first_seen - QUARANTINE_LOOKBACK_S if first_seen is not None else None
+        for row in self.store.quarantined(since):
             path = row["path"]
             for candidate in self._candidates(path):
                 try:

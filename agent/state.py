@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_study ON events(study_uid, seq);
 CREATE INDEX IF NOT EXISTS files_updated ON files(updated);
+CREATE INDEX IF NOT EXISTS files_status ON files(status, updated);
 CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -69,6 +70,9 @@ class StateStore:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
             self._conn.execute("PRAGMA foreign_keys=ON")
+            # a year of exams is a database of gigabytes: 2 MB of page cache (the default) left each
+            # lookup re-reading the upper B-tree pages (bench/bench_scale.py)
+            self._conn.execute("PRAGMA cache_size=-16384")
             self._conn.executescript(SCHEMA)
             self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
         self._in_tx = 0
@@ -139,8 +143,14 @@ class StateStore:
     def file_counts(self) -> dict[str, int]:
         return {r["status"]: r["n"] for r in self._q("SELECT status, COUNT(*) AS n FROM files GROUP BY status")}
 
-    def quarantined(self) -> list[sqlite3.Row]:
-        return self._q("SELECT path, reason FROM files WHERE status = 'quarantined' ORDER BY updated")
+    def quarantined(self, since: Optional[float] = None) -> list[sqlite3.Row]:
+        """Quarantined files (since: recorded at or after this time), by the files_status index."""
+        return self._q("SELECT path, reason FROM files WHERE status = 'quarantined' AND updated >= ? ORDER BY updated",
+                       (since if since is not None else float("-inf"),))
+
+    def exam_first_seen(self, study_uid: str) -> Optional[float]:
+        rows = self._q("SELECT first_seen FROM exams WHERE study_uid = ?", (study_uid,))
+        return float(rows[0]["first_seen"]) if rows else None
 
     # ------------------------------------------------------------------ instances
     def has_instance(self, sop_uid: str) -> bool:
