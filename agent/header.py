@@ -186,7 +186,7 @@ def read_header(path: str | os.PathLike[str], max_image_bytes: Optional[int] = N
             declared = _native_pixel_bytes(ds)
             if declared > cap:
                 raise HeaderError("oversized", f"declared pixel data {declared} bytes exceeds the {cap}-byte cap per file")
-            _check_pixel_data(ds, fp, size, inflated)
+            _check_pixel_data(ds, fp, size, inflated, declared)
     except HeaderError:
         raise
     except FileNotFoundError as exc:
@@ -257,7 +257,8 @@ def _looks_like_dicom(ds: Dataset) -> bool:
         return False
 
 
-def _check_pixel_data(ds: Dataset, fp: BinaryIO, size: int, inflated: Optional[int] = None) -> None:
+def _check_pixel_data(ds: Dataset, fp: BinaryIO, size: int, inflated: Optional[int] = None,
+                      declared: Optional[int] = None) -> None:
     """pydicom stopped with the file at the Pixel Data tag: check its declared length against the
     bytes on disk (native) or the closing sequence delimiter (encapsulated)."""
     ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
@@ -268,7 +269,7 @@ def _check_pixel_data(ds: Dataset, fp: BinaryIO, size: int, inflated: Optional[i
     if ts is not None and ts.is_deflated:
         if inflated is None:  # the meta said otherwise on the first look: measure it now
             inflated = _inflated_size(fp.name if hasattr(fp, "name") else "", MAX_INFLATED_BYTES)
-        expected = _native_pixel_bytes(ds)
+        expected = _native_pixel_bytes(ds) if declared is None else declared
         if expected and inflated < expected:
             raise HeaderError("truncated", f"inflated data set holds {inflated} bytes, image needs {expected}")
         return
@@ -299,7 +300,7 @@ def _check_pixel_data(ds: Dataset, fp: BinaryIO, size: int, inflated: Optional[i
         raise HeaderError(
             "truncated", f"pixel data declares {length} bytes, {max(size - value_start, 0)} on disk", retryable=True
         )
-    expected = _native_pixel_bytes(ds)
+    expected = _native_pixel_bytes(ds) if declared is None else declared  # read_header has it already
     if expected and length < expected:
         raise HeaderError("truncated", f"pixel data holds {length} bytes, image needs {expected}")
 

@@ -149,3 +149,25 @@ def test_files_row_of_a_file_still_in_the_export_folder_is_kept(tmp_path: Path) 
     assert store.file_status(str(kept)) is not None
     assert store.file_status(str(gone)) is None
     store.close()
+
+
+def test_agent_holds_back_for_its_durable_outputs_and_exports_the_metrics(tmp_path: Path) -> None:
+    from agent.daemon import Agent
+
+    config = load_config(**{"state.dir": str(tmp_path / "state"), "watch.folder": str(tmp_path / "export"),
+                            "api.enabled": False, "output.stdout": False, "webhook.url": "http://127.0.0.1:9/hook"})
+    agent = Agent(config)
+    try:
+        # every output that keeps a cursor in the store holds events back; in-process callbacks do not
+        assert {"jsonl", "analysis", agent.webhook.name} <= set(agent.retention.sinks)
+        agent.subscribe(lambda ev: None)
+        assert not any(s.startswith("callback") for s in agent.retention.sinks)
+        _write(config.cstore_path / "x" / "1.dcm", 1234, T0)  # far past the 30-day default
+        _write(config.cstore_path / "x" / "2.dcm", 100, agent.retention.clock())
+        agent.retention.run_once()
+        text = agent.metrics.exposition().decode()
+        assert 'scanside_retention_bytes{folder="received"} 100.0' in text
+        assert 'scanside_retention_deleted_files_total{folder="received"} 1.0' in text
+        assert 'scanside_retention_rows{table="events"}' in text
+    finally:
+        agent.store.close()
