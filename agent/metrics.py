@@ -325,4 +325,6 @@ def retention_metrics(retention: Any) -> Iterator[Any]:
         deleted_rows.add_metric([name], t.deleted_rows)
     last = GaugeMetricFamily("scanside_retention_last_run_timestamp_seconds", "When the last retention pass ran (0: not yet)")
     last.add_metric([], retention.last_run or 0)
-    yield from (size, files, deleted, deleted_bytes, over, rows, deleted_rows, last)
+    took = GaugeMetricFamily("scanside_retention_last_pass_seconds", "How long the last retention pass took")
+    took.add_metric([], sum(retention.pass_seconds.values()))
+    yield from (size, files, deleted, deleted_bytes, over, rows, deleted_rows, last, took)

@@ -63,6 +63,7 @@ class Retention:
     folders: dict[str, FolderUsage] = field(default_factory=dict)
     tables: dict[str, TableUsage] = field(default_factory=dict)
     last_run: Optional[float] = None
+    pass_seconds: dict[str, float] = field(default_factory=dict)  # the last pass, per folder / table
 
     def __post_init__(self) -> None:
         for name in self.targets():
@@ -104,11 +105,20 @@ class Retention:
     # ------------------------------------------------------------------ a pass
     def run_once(self) -> None:
         now = self.clock()
+        t0 = time.perf_counter()
         horizon = self.horizon()
+        phases = {"horizon": time.perf_counter() - t0}
         for name, (folder, limits, deliverable) in self.targets().items():
+            t0 = time.perf_counter()
             self._prune_folder(name, folder, limits, now, horizon if deliverable else now - HORIZON_MARGIN_S)
+            phases[name] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         self._prune_events(self.config.retention.events, now)
+        phases["events"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         self._prune_files(self.config.retention.files, now, horizon)
+        phases["files"] = time.perf_counter() - t0
+        self.pass_seconds = phases
         self.last_run = now
 
     def _prune_folder(self, name: str, folder: Path, limits: FolderRetention, now: float, keep_from: float) -> None:
