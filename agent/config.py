@@ -221,6 +221,34 @@ class ShadowConfig(_Section):
 
     enabled: bool = Field(True, description="false: the site switches shadow mode off explicitly; every image model alerts")
     validations_file: Optional[Path] = Field(None, description="where site validations are recorded (default: <state.dir>/site_validations.jsonl)")
+class FolderRetention(_Section):
+    max_age_days: Optional[float] = Field(None, gt=0, description="delete files older than this (unset: no age limit)")
+    max_bytes: Optional[int] = Field(None, gt=0, description="delete the oldest files while the folder holds more (unset: no size limit)")
+
+
+class TableRetention(_Section):
+    max_age_days: Optional[float] = Field(None, gt=0, description="delete rows older than this (unset: no age limit)")
+    max_rows: Optional[int] = Field(None, gt=0, description="delete the oldest rows while the table holds more (unset: no row limit)")
+
+
+class RetentionConfig(_Section):
+    """Limits on what the agent keeps (agent.retention). Nothing an output has not delivered yet,
+    and no image of a series or exam still open, is deleted, whatever the limits."""
+
+    enabled: bool = Field(True, description="run a retention pass periodically")
+    interval_s: float = Field(3600.0, gt=0, description="time between passes")
+    received: FolderRetention = Field(default_factory=lambda: FolderRetention(max_age_days=30, max_bytes=20 * 1024**3),
+                                      description="C-STORE received objects")
+    outputs: FolderRetention = Field(default_factory=lambda: FolderRetention(max_age_days=90, max_bytes=5 * 1024**3),
+                                     description="SR/SEG written to dicom_output.folder")
+    maps: FolderRetention = Field(default_factory=lambda: FolderRetention(max_age_days=30, max_bytes=2 * 1024**3),
+                                  description="csPCa likelihood maps (<state dir>/maps)")
+    quarantine: FolderRetention = Field(default_factory=lambda: FolderRetention(max_age_days=90, max_bytes=2 * 1024**3),
+                                        description="quarantined files and their reasons")
+    events: TableRetention = Field(default_factory=lambda: TableRetention(max_age_days=365, max_rows=5_000_000),
+                                   description="the event log table (events every output has delivered)")
+    files: TableRetention = Field(default_factory=lambda: TableRetention(max_age_days=365, max_rows=5_000_000),
+                                  description="the files and instances tables (a file's row goes once the file is gone)")
 
 
 class AgentConfig(BaseSettings):
@@ -243,6 +271,7 @@ class AgentConfig(BaseSettings):
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     adapt: AdaptConfig = Field(default_factory=AdaptConfig)
     shadow: ShadowConfig = Field(default_factory=ShadowConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -64,6 +64,12 @@ class Agent:
             from agent.protocol import gland_model_active
 
             self.pipeline.protocol.gland_coverage = gland_model_active(config)
+        from agent.retention import Retention
+
+        # retention keeps what any durable output has not delivered yet (its cursor in the store)
+        durable = [s.name for r in [self.sinks, *self.output_runners] if r.persistent
+                   for s in r.sinks if not isinstance(s, CallbackSink)]
+        self.retention = Retention(config, self.store, durable)
         self.watcher: Optional[FolderWatcher] = None
         self.receiver = None  # agent.cstore.StoreSCP when [cstore] enabled
         if config.cstore.enabled:
@@ -109,6 +115,8 @@ class Agent:
         self.ingestor.start()
         if self.receiver is not None:
             self.receiver.start()
+        if self.config.retention.enabled:
+            self.retention.start()
         if self.config.api.enabled:
             try:
                 self.start_api()
@@ -145,6 +153,7 @@ class Agent:
             self.receiver.stop()
         if self.watcher:
             self.watcher.stop()
+        self.retention.stop()
         self.ingestor.stop()
         self.sinks.stop()
         for runner in self.output_runners:

@@ -423,8 +423,8 @@ def build_exam_objects(store: StateStore, findings: ExamFindings, maps: Optional
     if not sr_path.exists():
         evidence: list[Dataset] = list(t2w_headers)
         seen = {t2w_uid} if t2w_uid else set()
-        for row in store.all_series():
-            if row["study_uid"] == findings.study_uid and row["series_uid"] not in seen:
+        for row in store.study_series(findings.study_uid):
+            if row["series_uid"] not in seen:
                 seen.add(row["series_uid"])
                 evidence += read_series(store, row["series_uid"])
         if not evidence:

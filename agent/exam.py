@@ -51,18 +51,21 @@ class ExamTracker:
         now = self.clock()
         open_studies = {r["study_uid"] for r in self.store.all_series("open")}
         out: list[EventBase] = []
-        for row in self.store.exams():
+        for row in self.store.open_exams():
             study = row["study_uid"]
             if study in open_studies or now - row["last_seen"] < self.quiet_period_s:
                 continue
             if self.is_done(study, row["last_seen"]):
+                # ended (the tick before, or before an upgrade added the state): off the open list
+                # until its next image (StateStore.touch_exam reopens it)
+                self.store.mark_exam_ended(study)
                 continue
             out += self.end(study, "quiet_period")
         return out
 
     def next_due_in(self) -> Optional[float]:
         now = self.clock()
-        waits = [max(0.0, r["last_seen"] + self.quiet_period_s - now) for r in self.store.exams()
+        waits = [max(0.0, r["last_seen"] + self.quiet_period_s - now) for r in self.store.open_exams()
                  if not self.is_done(r["study_uid"], r["last_seen"])]
         return min(waits) if waits else None
 

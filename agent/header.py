@@ -109,6 +109,10 @@ from pydicom.errors import InvalidDicomError  # noqa: E402
 
 from agent import vendor as vd  # noqa: E402
 
+# pydicom checks each value it converts against its VR and, by default, only warns: the agent acts
+# on no such warning, and the checks took a third of the header decoding time (bench/bench_scale.py)
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 ENHANCED_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.3"}  # Enhanced MR, Enhanced MR Color
 REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
@@ -146,19 +150,22 @@ def read_header(path: str | os.PathLike[str], max_image_bytes: Optional[int] = N
         size = os.path.getsize(path)
         # O_NONBLOCK: a FIFO swapped in after the ingest worker's checks opens at once and reads empty
         with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as fp:
-            preamble = fp.read(132)
+            prefix = fp.read(min(size, PREFIX_BYTES))
             fp.seek(0)
-            has_preamble = len(preamble) == 132 and preamble[128:132] == b"DICM"
+            has_preamble = len(prefix) >= 132 and prefix[128:132] == b"DICM"
             if not has_preamble and size < 132:
                 # maybe still being written; if it stays this short it is not DICOM
                 raise HeaderError("not_dicom", f"only {size} bytes, too short for a DICOM file", retryable=True)
-            source = BoundedFile(fp, size, time.monotonic() + PARSE_DEADLINE_S)
-            if has_preamble and _meta_is_deflated(fp):
+            source: Any = BoundedFile(fp, size, time.monotonic() + PARSE_DEADLINE_S)
+            deflated = has_preamble and DEFLATED_TS.encode() in prefix[132:_meta_group_end(prefix)]
+            ds = None if deflated else _parse_prefix(prefix, size, has_preamble, fp)
+            if deflated:
                 # inflate here, streaming, with a cap (a bomb stops at the cap), then let pydicom parse the
                 # inflated bytes through the same bounded, time-limited reader
                 inflated, source = _inflated_source(fp, path, cap + HEADER_SLACK_BYTES)
             try:
-                ds = pydicom.dcmread(source, stop_before_pixels=True, force=not has_preamble)
+                if ds is None:
+                    ds = pydicom.dcmread(source, stop_before_pixels=True, force=not has_preamble)
             except HeaderError:
                 raise
             except InvalidDicomError as exc:
@@ -180,7 +187,7 @@ def read_header(path: str | os.PathLike[str], max_image_bytes: Optional[int] = N
             declared = _native_pixel_bytes(ds)
             if declared > cap:
                 raise HeaderError("oversized", f"declared pixel data {declared} bytes exceeds the {cap}-byte cap per file")
-            _check_pixel_data(ds, fp, size, inflated)
+            _check_pixel_data(ds, fp, size, inflated, declared)
     except HeaderError:
         raise
     except FileNotFoundError as exc:
@@ -195,6 +202,29 @@ def read_header(path: str | os.PathLike[str], max_image_bytes: Optional[int] = N
         raise
     except Exception as exc:
         raise HeaderError("unreadable", f"malformed header values ({exc.__class__.__name__}: {exc})") from exc
+
+
+PREFIX_BYTES = 64 * 1024  # one read that holds 99 % of MR headers (the rest take the file path below)
+_PIXEL_TAGS = (PIXEL_DATA_TAG, b"\x7f\xe0\x00\x10", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
+
+
+def _parse_prefix(prefix: bytes, size: int, has_preamble: bool, fp: BinaryIO) -> Optional[Dataset]:
+    """Parse the header from the first bytes of the file, already in memory: pydicom's many small
+    reads then cost no system calls or bounds bookkeeping (the parse is the ingest hot path). Taken
+    only when the parse stopped at a pixel data element whose 12-byte element header lies inside
+    the prefix (so nothing before it was cut off), or when the prefix is the whole file; ``fp`` is
+    then left at the pixel data tag, as the file path leaves it. None: use the file path, which
+    keeps every check (a header longer than the prefix, a lying length, a broken file)."""
+    buf = io.BytesIO(prefix)
+    try:
+        ds = pydicom.dcmread(buf, stop_before_pixels=True, force=not has_preamble)
+    except Exception:  # the file path below parses it again and names the error
+        return None
+    pos = buf.tell()
+    if len(prefix) < size and (pos + 12 > len(prefix) or prefix[pos:pos + 4] not in _PIXEL_TAGS):
+        return None
+    fp.seek(pos)
+    return ds
 
 
 class BoundedFile:
@@ -228,7 +258,8 @@ def _looks_like_dicom(ds: Dataset) -> bool:
         return False
 
 
-def _check_pixel_data(ds: Dataset, fp: BinaryIO, size: int, inflated: Optional[int] = None) -> None:
+def _check_pixel_data(ds: Dataset, fp: BinaryIO, size: int, inflated: Optional[int] = None,
+                      declared: Optional[int] = None) -> None:
     """pydicom stopped with the file at the Pixel Data tag: check its declared length against the
     bytes on disk (native) or the closing sequence delimiter (encapsulated)."""
     ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
@@ -239,7 +270,7 @@ def _check_pixel_data(ds: Dataset, fp: BinaryIO, size: int, inflated: Optional[i
     if ts is not None and ts.is_deflated:
         if inflated is None:  # the meta said otherwise on the first look: measure it now
             inflated = _inflated_size(fp.name if hasattr(fp, "name") else "", MAX_INFLATED_BYTES)
-        expected = _native_pixel_bytes(ds)
+        expected = _native_pixel_bytes(ds) if declared is None else declared
         if expected and inflated < expected:
             raise HeaderError("truncated", f"inflated data set holds {inflated} bytes, image needs {expected}")
         return
@@ -270,7 +301,7 @@ def _check_pixel_data(ds: Dataset, fp: BinaryIO, size: int, inflated: Optional[i
         raise HeaderError(
             "truncated", f"pixel data declares {length} bytes, {max(size - value_start, 0)} on disk", retryable=True
         )
-    expected = _native_pixel_bytes(ds)
+    expected = _native_pixel_bytes(ds) if declared is None else declared  # read_header has it already
     if expected and length < expected:
         raise HeaderError("truncated", f"pixel data holds {length} bytes, image needs {expected}")
 

@@ -291,6 +291,7 @@ class _StateCollector:
         if agent is None:
             return
         yield from self._safe(lambda: _agent_gauges(agent))
+        yield from self._safe(lambda: retention_metrics(getattr(agent, "retention", None)))
 
     @staticmethod
     def _safe(fn: Any) -> Iterator[Any]:
@@ -399,3 +400,32 @@ def _build_info() -> dict[str, str]:
         _BUILD.update(version=version("scanside"), python=platform.python_version(),
                       onnxruntime=version("onnxruntime"), pydicom=version("pydicom"), event_schema=SCHEMA_VERSION)
     return dict(_BUILD)
+
+
+def retention_metrics(retention: Any) -> Iterator[Any]:
+    """Per folder (received, outputs, maps, quarantine) and table (events, files): what the last
+    retention pass left and what retention has deleted since start (agent.retention)."""
+    if retention is None:
+        return
+    size = GaugeMetricFamily("scanside_retention_bytes", "Bytes a folder under retention held after the last pass", labels=["folder"])
+    files = GaugeMetricFamily("scanside_retention_files", "Files a folder under retention held after the last pass", labels=["folder"])
+    deleted = CounterMetricFamily("scanside_retention_deleted_files", "Files retention deleted", labels=["folder"])
+    deleted_bytes = CounterMetricFamily("scanside_retention_deleted_bytes", "Bytes retention deleted", labels=["folder"])
+    over = GaugeMetricFamily("scanside_retention_over_limit", "1 when a folder is over its size limit with only undelivered files left",
+                             labels=["folder"])
+    for name, u in sorted(retention.folders.items()):
+        size.add_metric([name], u.bytes)
+        files.add_metric([name], u.files)
+        deleted.add_metric([name], u.deleted_files)
+        deleted_bytes.add_metric([name], u.deleted_bytes)
+        over.add_metric([name], int(u.over_limit))
+    rows = GaugeMetricFamily("scanside_retention_rows", "Rows a state table held after the last retention pass", labels=["table"])
+    deleted_rows = CounterMetricFamily("scanside_retention_deleted_rows", "State table rows retention deleted", labels=["table"])
+    for name, t in sorted(retention.tables.items()):
+        rows.add_metric([name], t.rows)
+        deleted_rows.add_metric([name], t.deleted_rows)
+    last = GaugeMetricFamily("scanside_retention_last_run_timestamp_seconds", "When the last retention pass ran (0: not yet)")
+    last.add_metric([], retention.last_run or 0)
+    took = GaugeMetricFamily("scanside_retention_last_pass_seconds", "How long the last retention pass took")
+    took.add_metric([], sum(retention.pass_seconds.values()))
+    yield from (size, files, deleted, deleted_bytes, over, rows, deleted_rows, last, took)

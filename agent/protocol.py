@@ -151,6 +151,7 @@ def _bounded_header(path: str, size: int):  # type: ignore[no-untyped-def]
     with os.fdopen(fd, "rb") as fp:
         return pydicom.dcmread(BoundedFile(fp, size, time.monotonic() + PARSE_DEADLINE_S),  # type: ignore[arg-type]
                                stop_before_pixels=True, force=True)
+QUARANTINE_LOOKBACK_S = 86400.0  # an exam's files refused before its first image was recorded (all of a series' first files bad)
 
 
 class QuarantineIndex:
@@ -166,7 +167,11 @@ class QuarantineIndex:
         from agent.header import header_from_dataset
 
         out = []
-        for row in self.store.quarantined():
+        # only files quarantined since shortly before the exam's first image: a file of this exam
+        # cannot have been refused earlier, and the quarantine of past years is not read per exam
+        first_seen = self.store.exam_first_seen(study_uid)
+        since = first_seen - QUARANTINE_LOOKBACK_S if first_seen is not None else None
+        for row in self.store.quarantined(since):
             path = row["path"]
             for candidate in self._candidates(path):
                 try:

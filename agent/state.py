@@ -27,20 +27,25 @@ CREATE TABLE IF NOT EXISTS instances (
     n_images INTEGER NOT NULL, header TEXT NOT NULL, received REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE INDEX IF NOT EXISTS instances_received ON instances(received);
 CREATE TABLE IF NOT EXISTS series (
     series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, state TEXT NOT NULL, revision INTEGER NOT NULL,
     n_images INTEGER NOT NULL, expected INTEGER, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
     completed_at REAL
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
+CREATE INDEX IF NOT EXISTS series_study ON series(study_uid, first_seen);
 CREATE TABLE IF NOT EXISTS exams (
     study_uid TEXT PRIMARY KEY, state TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS exams_state ON exams(state, first_seen);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE, type TEXT NOT NULL,
     study_uid TEXT, payload TEXT NOT NULL, created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_study ON events(study_uid, seq);
+CREATE INDEX IF NOT EXISTS files_updated ON files(updated);
+CREATE INDEX IF NOT EXISTS files_status ON files(status, updated);
 CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -95,6 +100,9 @@ class StateStore:
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
                 self._conn.execute("PRAGMA foreign_keys=ON")
+                # a year of exams is a database of gigabytes: 2 MB of page cache (the default) left each
+                # lookup re-reading the upper B-tree pages (bench/bench_scale.py)
+                self._conn.execute("PRAGMA cache_size=-16384")
                 self._conn.executescript(SCHEMA)
                 self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
                 problems = [r[0] for r in self._conn.execute("PRAGMA quick_check(5)").fetchall()]
@@ -195,8 +203,14 @@ class StateStore:
     def file_counts(self) -> dict[str, int]:
         return {r["status"]: r["n"] for r in self._q("SELECT status, COUNT(*) AS n FROM files GROUP BY status")}
 
-    def quarantined(self) -> list[sqlite3.Row]:
-        return self._q("SELECT path, reason FROM files WHERE status = 'quarantined' ORDER BY updated")
+    def quarantined(self, since: Optional[float] = None) -> list[sqlite3.Row]:
+        """Quarantined files (since: recorded at or after this time), by the files_status index."""
+        return self._q("SELECT path, reason FROM files WHERE status = 'quarantined' AND updated >= ? ORDER BY updated",
+                       (since if since is not None else float("-inf"),))
+
+    def exam_first_seen(self, study_uid: str) -> Optional[float]:
+        rows = self._q("SELECT first_seen FROM exams WHERE study_uid = ?", (study_uid,))
+        return float(rows[0]["first_seen"]) if rows else None
 
     # ------------------------------------------------------------------ instances
     def has_instance(self, sop_uid: str) -> bool:
@@ -232,16 +246,27 @@ class StateStore:
             return self._q("SELECT * FROM series WHERE state = ? ORDER BY first_seen", (state,))
         return self._q("SELECT * FROM series ORDER BY first_seen")
 
+    def study_series(self, study_uid: str) -> list[sqlite3.Row]:
+        return self._q("SELECT * FROM series WHERE study_uid = ? ORDER BY first_seen", (study_uid,))
+
     def touch_exam(self, study_uid: str, now: float) -> bool:
         """Record activity on an exam; True when the exam is new."""
         cur = self._x("INSERT OR IGNORE INTO exams VALUES (?, 'open', ?, ?)", (study_uid, now, now))
         if cur.rowcount:
             return True
-        self._x("UPDATE exams SET last_seen = ? WHERE study_uid = ?", (now, study_uid))
+        self._x("UPDATE exams SET last_seen = ?, state = 'open' WHERE study_uid = ?", (now, study_uid))
         return False
 
     def exams(self) -> list[sqlite3.Row]:
         return self._q("SELECT * FROM exams ORDER BY first_seen")
+
+    def open_exams(self) -> list[sqlite3.Row]:
+        """Exams not yet marked ended: what the exam clock looks at, so that its work per tick stays
+        that of the exams in progress, not of every exam ever seen."""
+        return self._q("SELECT * FROM exams WHERE state = 'open' ORDER BY first_seen")
+
+    def mark_exam_ended(self, study_uid: str) -> None:
+        self._x("UPDATE exams SET state = 'ended' WHERE study_uid = ?", (study_uid,))
 
     # ------------------------------------------------------------------ events
     def append_event(self, event: Event) -> Optional[int]:
@@ -295,6 +320,66 @@ class StateStore:
 
     def event_counts(self) -> dict[str, int]:
         return {r["type"]: r["n"] for r in self._q("SELECT type, COUNT(*) AS n FROM events GROUP BY type")}
+
+    # ------------------------------------------------------------------ retention (agent.retention)
+    def first_event_after(self, seq: int) -> Optional[float]:
+        """When the first event after seq was recorded (None: there is none)."""
+        rows = self._q("SELECT created FROM events WHERE seq > ? ORDER BY seq LIMIT 1", (seq,))
+        return float(rows[0]["created"]) if rows else None
+
+    def oldest_open_activity(self) -> Optional[float]:
+        """The first image of the oldest series or exam still open."""
+        rows = self._q("SELECT MIN(t) AS t FROM (SELECT MIN(first_seen) AS t FROM exams WHERE state = 'open' "
+                       "UNION ALL SELECT MIN(first_seen) FROM series WHERE state = 'open')")
+        return rows[0]["t"] if rows and rows[0]["t"] is not None else None
+
+    def count_events(self) -> int:
+        return int(self._q("SELECT COUNT(*) AS n FROM events")[0]["n"])
+
+    def count_files(self) -> int:
+        return int(self._q("SELECT COUNT(*) AS n FROM files")[0]["n"])
+
+    def nth_event_seq(self, n: int) -> int:
+        rows = self._q("SELECT seq FROM events ORDER BY seq LIMIT 1 OFFSET ?", (max(n - 1, 0),))
+        return int(rows[0]["seq"]) if rows else 0
+
+    def _delete_batches(self, sql: str, args: tuple[Any, ...], batch: int, limit: Optional[int] = None) -> int:
+        """Run a DELETE ... LIMIT ? in transactions of ``batch`` rows until it deletes nothing."""
+        total = 0
+        while limit is None or total < limit:
+            n = batch if limit is None else min(batch, limit - total)
+            with self.transaction():
+                deleted = self._x(sql, (*args, n)).rowcount
+            total += deleted
+            if deleted < n:
+                break
+        return total
+
+    def delete_events(self, upto_seq: int, before: Optional[float] = None, batch: int = 5000) -> int:
+        """Delete events with seq <= upto_seq (and recorded before ``before``); how many."""
+        cond = "seq <= ?" + (" AND created < ?" if before is not None else "")
+        args = (upto_seq,) + ((before,) if before is not None else ())
+        return self._delete_batches(f"DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE {cond} ORDER BY seq LIMIT ?)",
+                                    args, batch)
+
+    def delete_old_instances(self, before: float, batch: int = 5000) -> int:
+        """Instance rows received before ``before`` whose series is complete."""
+        return self._delete_batches(
+            "DELETE FROM instances WHERE rowid IN (SELECT i.rowid FROM instances i JOIN series s ON s.series_uid = i.series_uid "
+            "WHERE i.received < ? AND s.state = 'complete' LIMIT ?)", (before,), batch)
+
+    def delete_file_rows(self, before: float, gone: Any, batch: int = 5000, limit: Optional[int] = None,
+                         scan: int = 50_000) -> int:
+        """File rows last updated before ``before`` whose file ``gone(path)`` says is no longer there
+        (at most ``scan`` rows looked at per call, oldest first)."""
+        rows = self._q("SELECT path FROM files WHERE updated < ? ORDER BY updated LIMIT ?", (before, scan))
+        paths = [r["path"] for r in rows if gone(r["path"])]
+        if limit is not None:
+            paths = paths[:limit]
+        for i in range(0, len(paths), batch):
+            with self.transaction():
+                self._conn.executemany("DELETE FROM files WHERE path = ?", [(p,) for p in paths[i:i + batch]])
+        return len(paths)
 
 
 def dumps(obj: Any) -> str:

@@ -1,0 +1,305 @@
+"""Speed and scale, side by side in one run (issue 22, item 5).
+
+1. Ingest throughput on one core, the same files: pydicom's header parse (dcmread with
+   stop_before_pixels, values left unconverted) against agent.header.read_header (the same parse
+   plus value decoding, vendor conventions and the pixel-completeness check), the Pipeline
+   (read_header + SQLite + series bookkeeping + protocol checks) and `scanside scan` (the whole
+   one-shot path). Interleaved repeats; the ratios compare timings of the same repeat. The
+   differences say where the time goes.
+2. Latency per file and per series from an empty state and from one holding --exams exams (a year
+   of a busy scanner), filled with rows copied from a real ingest of the measured exam (its UIDs
+   suffixed), so the same files meet a small and a large database.
+3. Retention: a pass over the filled state and a received folder of --received-files files.
+
+Run: nice -n 10 .venv/bin/python bench/bench_scale.py [--files DIR] [--exams 10000]
+Writes bench/results/scale.json.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import pydicom
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agent.cli import main as cli_main  # noqa: E402
+from agent.config import load_config  # noqa: E402
+from agent.header import read_header  # noqa: E402
+from agent.pipeline import Pipeline  # noqa: E402
+from agent.retention import DAY_S, Retention  # noqa: E402
+from agent.state import StateStore  # noqa: E402
+from simulator.scanner import VENDORS, simulate_exam  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def dicom_files(root: Path) -> list[str]:
+    return sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix != ".json")
+
+
+def pin_one_core() -> None:
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+
+
+def timed(fn) -> float:  # type: ignore[no-untyped-def]
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def pipeline_pass(files: list[str], work: Path) -> None:
+    config = load_config(**{"state.dir": str(work)})
+    store = StateStore(config.db_path)
+    pipeline = Pipeline(config, store)
+    for f in files:
+        pipeline.process_file(f)
+    store.close()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def scan_pass(folder: Path) -> None:
+    with contextlib.redirect_stdout(io.StringIO()):
+        cli_main(["scan", str(folder), "--json"])
+
+
+def throughput(folder: Path, work: Path, repeats: int) -> dict:
+    files = dicom_files(folder)
+    runs: dict[str, list[float]] = {"pydicom_header_parse": [], "read_header": [], "pipeline": [], "scanside_scan": []}
+    for i in range(repeats):
+        runs["pydicom_header_parse"].append(timed(lambda: [pydicom.dcmread(f, stop_before_pixels=True) for f in files]))
+        runs["read_header"].append(timed(lambda: [read_header(f) for f in files]))
+        runs["pipeline"].append(timed(lambda: pipeline_pass(files, work / f"tp{i}")))
+        runs["scanside_scan"].append(timed(lambda: scan_pass(folder)))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    base = runs["pydicom_header_parse"]
+    ratio = {k: round(statistics.median(b / x for b, x in zip(base, v)), 3) for k, v in runs.items() if k != "pydicom_header_parse"}
+    return {
+        "files": len(files),
+        "seconds": {k: [round(x, 3) for x in v] for k, v in runs.items()},
+        "files_per_s_median": {k: round(len(files) / v, 1) for k, v in med.items()},
+        "speed_vs_pydicom_same_repeat": ratio,
+        "where_the_time_goes_ms_per_file": {
+            "pydicom_parse": round(1000 * med["pydicom_header_parse"] / len(files), 3),
+            "value_decoding_vendor_rules_pixel_check": round(1000 * (med["read_header"] - med["pydicom_header_parse"]) / len(files), 3),
+            "sqlite_series_protocol": round(1000 * (med["pipeline"] - med["read_header"]) / len(files), 3),
+            "scan_extras_walk_queue_exam_end_report": round(1000 * (med["scanside_scan"] - med["pipeline"]) / len(files), 3),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------- scale
+def fill(template_db: Path, target_db: Path, n_exams: int, now: float) -> dict:
+    """Copy the template's exam n_exams times (UIDs suffixed), spread over the year before now."""
+    src = sqlite3.connect(str(template_db))
+    src.row_factory = sqlite3.Row
+    store = StateStore(target_db)  # the schema, as the agent creates it
+    store.close()
+    dst = sqlite3.connect(str(target_db), isolation_level=None)
+    dst.execute("PRAGMA journal_mode=WAL")
+    dst.execute("PRAGMA synchronous=OFF")  # a bulk fill of a scratch database
+    tables = {t: [dict(r) for r in src.execute(f"SELECT * FROM {t}")] for t in ("files", "instances", "series", "exams", "events")}
+    study = tables["exams"][0]["study_uid"]
+    series_uids = sorted({r["series_uid"] for r in tables["series"]}, key=len, reverse=True)
+    t_base = min(r["first_seen"] for r in tables["exams"])
+
+    def sub(text: str, e: int) -> str:
+        for uid in series_uids:
+            text = text.replace(uid, f"{uid}.{e}")
+        return text.replace(study, f"{study}.{e}")
+
+    t0 = time.perf_counter()
+    step = 365 * DAY_S / n_exams
+    for e in range(n_exams):
+        shift = now - 365 * DAY_S + e * step - t_base
+        dst.execute("BEGIN")
+        dst.executemany("INSERT INTO files VALUES (?,?,?,?,?,?,?)",
+                        [(f"{r['path']}.{e}", r["size"], r["mtime"], r["status"], f"{r['sop_uid']}.{e}", r["reason"], r["updated"] + shift)
+                         for r in tables["files"]])
+        dst.executemany("INSERT INTO instances VALUES (?,?,?,?,?,?,?)",
+                        [(f"{r['sop_uid']}.{e}", f"{r['series_uid']}.{e}", f"{study}.{e}", f"{r['path']}.{e}", r["n_images"],
+                          sub(r["header"], e), r["received"] + shift) for r in tables["instances"]])
+        dst.executemany("INSERT INTO series VALUES (?,?,?,?,?,?,?,?,?)",
+                        [(f"{r['series_uid']}.{e}", f"{study}.{e}", "complete", r["revision"], r["n_images"], r["expected"],
+                          r["first_seen"] + shift, r["last_seen"] + shift, (r["completed_at"] or r["last_seen"]) + shift)
+                         for r in tables["series"]])
+        dst.executemany("INSERT INTO exams VALUES (?,?,?,?)",
+                        [(f"{study}.{e}", "ended", r["first_seen"] + shift, r["last_seen"] + shift) for r in tables["exams"]])
+        dst.executemany("INSERT INTO events(key, type, study_uid, payload, created) VALUES (?,?,?,?,?)",
+                        [(sub(r["key"], e), r["type"], f"{study}.{e}", sub(r["payload"], e), r["created"] + shift) for r in tables["events"]])
+        dst.execute("COMMIT")
+    last = dst.execute("SELECT MAX(seq) FROM events").fetchone()[0]
+    for sink in ("jsonl", "stdout", "analysis"):
+        dst.execute("INSERT OR REPLACE INTO cursors VALUES (?, ?)", (sink, last))
+    dst.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # as a database that has been running: no bulk WAL left to checkpoint
+    dst.close()
+    src.close()
+    counts = {t: len(rows) * n_exams for t, rows in tables.items()}
+    return {"exams": n_exams, "rows": counts, "fill_s": round(time.perf_counter() - t0, 1),
+            "db_bytes": sum(p.stat().st_size for p in target_db.parent.glob(target_db.name + "*"))}
+
+
+def ingest_latency(files: list[str], state_dir: Path) -> dict:
+    """The ingest loop's work per file (process_file, then the tick and the wait it computes), as
+    the daemon's worker does it; the files whose call completed a series are the per-series figure."""
+    config = load_config(**{"state.dir": str(state_dir)})
+    store = StateStore(config.db_path)
+    pipeline = Pipeline(config, store)
+    per_file, per_series = [], []
+    for f in files:
+        t0 = time.perf_counter()
+        out = pipeline.process_file(f)
+        pipeline.tick()
+        pipeline.next_due_in()
+        dt = time.perf_counter() - t0
+        (per_series if out.events else per_file).append(dt)
+    t0 = time.perf_counter()
+    pipeline.complete_all()
+    for row in store.open_exams():
+        pipeline.exam_done(row["study_uid"])
+    exam_end = time.perf_counter() - t0
+    store.close()
+    q = statistics.quantiles
+    return {"per_file_ms": {"median": round(1000 * statistics.median(per_file), 3), "p95": round(1000 * q(per_file, n=20)[18], 3),
+                            "n": len(per_file)},
+            "per_series_ms": {"median": round(1000 * statistics.median(per_series), 3), "max": round(1000 * max(per_series), 3),
+                              "n": len(per_series)},
+            "exam_end_ms": round(1000 * exam_end, 3)}
+
+
+def forget_exam(db: Path, files: list[str]) -> None:
+    """Take the measured exam out of a state again, so the next repeat meets the same database."""
+    conn = sqlite3.connect(str(db), isolation_level=None)
+    studies = {r[0] for r in conn.execute(f"SELECT DISTINCT study_uid FROM instances WHERE path IN ({','.join('?' * len(files))})", files)}
+    conn.execute("BEGIN")
+    for study in studies:
+        conn.execute("DELETE FROM instances WHERE study_uid = ?", (study,))
+        conn.execute("DELETE FROM series WHERE study_uid = ?", (study,))
+        conn.execute("DELETE FROM exams WHERE study_uid = ?", (study,))
+        conn.execute("DELETE FROM events WHERE study_uid = ?", (study,))
+    conn.executemany("DELETE FROM files WHERE path = ?", [(f,) for f in files])
+    conn.execute("COMMIT")
+    conn.close()
+
+
+def latency_pairs(files: list[str], work: Path, filled_dir: Path, repeats: int) -> dict:
+    """Alternate an empty and the filled state, the same files each time; medians over repeats,
+    and the filled/empty ratio of each pair (same moment of the machine's load)."""
+    runs: dict[str, list[dict]] = {"empty": [], "filled": []}
+    for i in range(repeats):
+        runs["empty"].append(ingest_latency(files, work / f"empty{i}"))
+        runs["filled"].append(ingest_latency(files, filled_dir))
+        forget_exam(filled_dir / "state.sqlite", files)
+        shutil.rmtree(work / f"empty{i}", ignore_errors=True)
+
+    def med(kind: str, metric: str, key: Optional[str] = "median") -> float:
+        return round(statistics.median(r[metric][key] if key else r[metric] for r in runs[kind]), 3)
+
+    def ratio(metric: str, key: Optional[str] = "median") -> float:
+        pairs = [(f[metric][key] if key else f[metric]) / (e[metric][key] if key else e[metric])
+                 for e, f in zip(runs["empty"], runs["filled"])]
+        return round(statistics.median(pairs), 3)
+
+    return {
+        "repeats": runs,
+        "median": {kind: {"per_file_ms": med(kind, "per_file_ms"), "per_file_p95_ms": med(kind, "per_file_ms", "p95"),
+                          "per_series_ms": med(kind, "per_series_ms"), "exam_end_ms": med(kind, "exam_end_ms", None)}
+                   for kind in runs},
+        "filled_over_empty_median_of_pairs": {"per_file": ratio("per_file_ms"), "per_file_p95": ratio("per_file_ms", "p95"),
+                                              "per_series": ratio("per_series_ms"), "exam_end": ratio("exam_end_ms", None)},
+    }
+
+
+def retention_figures(state_dir: Path, n_files: int, now: float) -> dict:
+    config = load_config(**{"state.dir": str(state_dir)})
+    received = config.cstore_path
+    for i in range(n_files):  # a month and a half of received objects, one a few kB
+        p = received / f"s{i // 500}" / f"{i}.dcm"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"\0" * 4096)
+        t = now - 45 * DAY_S * (1 - i / n_files)
+        os.utime(p, (t, t))
+    store = StateStore(config.db_path)
+    retention = Retention(config, store, ["jsonl", "stdout", "analysis"], clock=lambda: now)
+    t_first = timed(retention.run_once)  # 30-day age limit: deletes a third of the files; events/files tables within a year
+    phases = {"first": retention.pass_seconds}
+    first = {"deleted_files": retention.folders["received"].deleted_files, "deleted_rows": {k: v.deleted_rows for k, v in retention.tables.items()}}
+    config.retention.events.max_age_days = 335  # a month of events and instances past the limit
+    config.retention.files.max_age_days = 335
+    t_month = timed(retention.run_once)
+    phases["month_of_rows"] = retention.pass_seconds
+    month = {k: v.deleted_rows - first["deleted_rows"][k] for k, v in retention.tables.items()}
+    t_steady = timed(retention.run_once)  # nothing left to delete: the cost of looking
+    phases["steady"] = retention.pass_seconds
+    out = {"received_files": n_files, "first_pass_s": round(t_first, 3), "first_pass": first,
+           "month_of_rows_pass_s": round(t_month, 3), "month_of_rows_deleted": month,
+           "steady_pass_s": round(t_steady, 3),
+           "pass_seconds_by_phase": {k: {p: round(x, 3) for p, x in v.items()} for k, v in phases.items()},
+           "after": {"received_bytes": retention.folders["received"].bytes, "received_files": retention.folders["received"].files,
+                     "events_rows": retention.tables["events"].rows}}
+    store.close()
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--files", type=Path, help="exam folder for the throughput figure (default: simulate the four vendors)")
+    parser.add_argument("--exams", type=int, default=10_000, help="exams in the filled state")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--received-files", type=int, default=20_000)
+    args = parser.parse_args()
+    load_before = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="scanside-scale-"))
+    try:
+        folder = args.files
+        if folder is None:
+            folder = work / "exams"
+            for i, vendor in enumerate(VENDORS):
+                simulate_exam(vendor, folder / vendor, seed=i + 1)
+        pin_one_core()
+        tp = throughput(folder, work, args.repeats)
+        print(f"throughput ({tp['files']} files, one core): {tp['files_per_s_median']}; vs pydicom {tp['speed_vs_pydicom_same_repeat']}", flush=True)
+
+        exam = work / "exam"
+        truth = simulate_exam("siemens", exam, 3, profile="prostate-bpmri")
+        files = [str(exam / f) for s in truth.series for f in s.files]
+        ingest_latency(files, work / "template")  # the rows the filled state copies
+        now = time.time()
+        filled_meta = fill(work / "template" / "state.sqlite", work / "filled" / "state.sqlite", args.exams, now)
+        print(f"filled: {filled_meta}", flush=True)
+        lat = latency_pairs(files, work, work / "filled", args.repeats)
+        print(f"latency medians {lat['median']}; filled/empty {lat['filled_over_empty_median_of_pairs']}", flush=True)
+        ret = retention_figures(work / "filled", args.received_files, now)
+        print(f"retention: {ret}", flush=True)
+        result = {
+            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
+                        "pydicom": pydicom.__version__, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                        "note": "shared 2-core machine under other engineers' load; compare paths within this run"},
+            "command": "nice -n 10 .venv/bin/python bench/bench_scale.py " + " ".join(sys.argv[1:]),
+            "throughput_one_core": tp,
+            "latency": {"exam": {"vendor": "siemens", "profile": "prostate-bpmri", "files": len(files), "series": len(truth.series)},
+                        "filled_state": filled_meta, **lat, "target_ratio": 1.2},
+            "retention": ret,
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
