@@ -8,7 +8,6 @@ import os
 import resource
 import sqlite3
 import stat
-import threading
 
 import pytest
 
