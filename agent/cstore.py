@@ -24,10 +24,12 @@ named and logged by a hash of their SOP Instance UID.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import tempfile
 import threading
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -55,12 +57,15 @@ class CappedFile:
     huge object fills neither memory nor the disk. Quacks like the NamedTemporaryFile it wraps."""
 
     def __init__(self, inner: Any, cap: int, error: Optional[OSError] = None):
-        self._inner = inner if inner is not None else open(os.devnull, "wb")
+        # no spool (error set): writes are dropped into an empty buffer, and the name pynetdicom unlinks
+        # after the handler is one that names no file. Never os.devnull: as root, that unlink removed
+        # /dev/null itself.
+        self._inner = inner if inner is not None else io.BytesIO()
         self.cap = cap
         self.written = 0
         self.over = False
         self.error = error  # the spool could not be created (disk full, folder unwritable): refuse, keep going
-        self.name = inner.name if inner is not None else os.devnull
+        self.name = inner.name if inner is not None else os.path.join(tempfile.gettempdir(), f".scanside-no-spool-{uuid.uuid4().hex}")
         self.file = inner.file if inner is not None else self._inner
 
     def write(self, data: bytes) -> int:

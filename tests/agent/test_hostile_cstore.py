@@ -103,3 +103,34 @@ def test_network_bind_needs_an_allow_list(tmp_path):
     assert "cstore" in str(err.value) and "allowed_calling_aes" in str(err.value)
     assert load_config(**{"cstore.enabled": True, "cstore.host": "0.0.0.0", "cstore.allowed_calling_aes": ["MR1"]})
     assert load_config(**{"cstore.enabled": True}).cstore.host == "127.0.0.1"  # default: loopback only
+
+
+def test_a_spool_that_cannot_be_created_leaves_no_real_file_to_unlink(tmp_path):
+    """When the spool folder cannot be written, the stand-in spool's name is what pynetdicom unlinks
+    after the handler (service_class: `os.unlink(req._dataset_file.name)`, as root in CI). It named
+    os.devnull once, and every C-STORE into an unwritable folder removed /dev/null."""
+    import os
+    import stat
+
+    from agent import cstore
+
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    spool = cstore._spool_file(delete=False)  # no receiver running: a plain temporary file
+    os.unlink(spool.name)
+    with cstore._spools_lock:
+        cstore._spools[0] = (blocker / "spool", 1024)  # a folder under a file: mkdir fails
+    try:
+        stand_in = cstore._spool_file(delete=False)
+    finally:
+        with cstore._spools_lock:
+            del cstore._spools[0]
+    assert isinstance(stand_in, cstore.CappedFile) and stand_in.error is not None
+    assert stand_in.write(b"x" * 10) == 10 and stand_in.file.flush() is None
+    assert stand_in.name != os.devnull and not os.path.exists(stand_in.name)
+    stand_in.close()
+    try:  # what pynetdicom does after the handler returns
+        os.unlink(stand_in.name)
+    except OSError:
+        pass
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
