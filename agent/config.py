@@ -250,6 +250,19 @@ class RetentionConfig(_Section):
     files: TableRetention = Field(default_factory=lambda: TableRetention(max_age_days=365, max_rows=5_000_000),
                                   description="the files and instances tables (a file's row goes once the file is gone)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_tables_keep_defaults(cls, data: Any) -> Any:
+        """`[retention.received]` with one key set keeps the other limit's default: the defaults above
+        are this section's, not FolderRetention's (whose own are "no limit")."""
+        if isinstance(data, dict):
+            data = dict(data)
+            for name, field in cls.model_fields.items():
+                given = data.get(name)
+                if isinstance(given, dict) and field.default_factory is not None:
+                    data[name] = {**field.default_factory().model_dump(), **given}  # type: ignore[call-arg]
+        return data
+
 
 class AgentConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SCANSIDE_", env_nested_delimiter="__", extra="forbid")

@@ -36,6 +36,8 @@ EXAMPLES: dict[str, Any] = {
     "engines.int8_tolerance": 0.02,
     "gland.variant": "int8_u8s8",
     "analysis.dce_advised_threshold": 0.3,
+    "adapt.user_dir": "/var/lib/scanside/models",
+    "shadow.validations_file": "/var/lib/scanside/site_validations.jsonl",
 }
 
 # one line above each section
@@ -56,6 +58,9 @@ SECTION_NOTES: dict[str, str] = {
     "engines": "Inference back ends and the INT8 parity gate.",
     "gland": "Prostate gland segmentation (zones, volume, slab coverage).",
     "analysis": "The image models: sequence classifier and csPCa triage.",
+    "adapt": "Scheduled site adaptation of the sequence classifier (off by default).",
+    "shadow": "Shadow mode: image models not yet validated here record their outputs but raise no alert.",
+    "retention": "What the agent keeps, by age and size; nothing undelivered is deleted.",
 }
 
 HEADER = """\
@@ -104,16 +109,22 @@ def _env_name(dotted: str) -> str:
     return ENV_PREFIX + dotted.upper().replace(".", NESTED)
 
 
-def _section_lines(model: type[BaseModel], dotted: str) -> tuple[list[str], list[tuple[str, type[BaseModel]]]]:
+Table = tuple[str, type[BaseModel], Optional[BaseModel]]  # dotted name, model, its default as the parent sets it
+
+
+def _section_lines(model: type[BaseModel], dotted: str, defaults: Optional[BaseModel] = None) -> tuple[list[str], list[Table]]:
+    """The lines of one table; *defaults* is the table's default as its parent builds it (a parent's
+    default_factory can set other values than the table's own field defaults: [retention.received])."""
     lines: list[str] = []
-    tables: list[tuple[str, type[BaseModel]]] = []
+    tables: list[Table] = []
     for key, field in model.model_fields.items():
         path = f"{dotted}.{key}"
         sub = _submodel(field.annotation)
+        own = None if field.is_required() else field.get_default(call_default_factory=True)
+        default = getattr(defaults, key) if defaults is not None else own
         if sub is not None:
-            tables.append((path, sub))
+            tables.append((path, sub, default if isinstance(default, BaseModel) else None))
             continue
-        default = None if field.is_required() else field.get_default(call_default_factory=True)
         if field.description:
             lines.append(f"# {field.description}")
         if default is None and path not in EXAMPLES:  # a new key without an example: the test names it
@@ -132,10 +143,10 @@ def example_site_toml() -> str:
     from agent.config import AgentConfig
 
     out = [HEADER]
-    pending: list[tuple[str, type[BaseModel]]] = [(name, _submodel(f.annotation)) for name, f in AgentConfig.model_fields.items()]  # type: ignore[misc]
+    pending: list[Table] = [(name, _submodel(f.annotation), None) for name, f in AgentConfig.model_fields.items()]  # type: ignore[misc]
     while pending:
-        dotted, model = pending.pop(0)
-        lines, tables = _section_lines(model, dotted)
+        dotted, model, defaults = pending.pop(0)
+        lines, tables = _section_lines(model, dotted, defaults)
         out.append(f"# {SECTION_NOTES.get(dotted, dotted)}")
         required = any(f.is_required() for f in model.model_fields.values())
         # a table whose keys are required (dicom_output.send) would be enabled by its bare header

@@ -171,3 +171,15 @@ def test_agent_holds_back_for_its_durable_outputs_and_exports_the_metrics(tmp_pa
         assert 'scanside_retention_rows{table="events"}' in text
     finally:
         agent.store.close()
+
+
+def test_a_partial_retention_table_keeps_the_other_defaults(tmp_path):
+    """A site that sets one limit of a folder keeps the other's default (a bare `[retention.received]`
+    table once reset both to "no limit")."""
+    from agent.config import load_config
+
+    cfg = tmp_path / "site.toml"
+    cfg.write_text("[retention.received]\nmax_age_days = 10\n\n[retention.files]\n")
+    c = load_config(cfg)
+    assert c.retention.received.max_age_days == 10 and c.retention.received.max_bytes == 20 * 1024**3
+    assert c.retention.files.max_rows == 5_000_000 and c.retention.outputs.max_age_days == 90
