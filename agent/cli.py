@@ -49,8 +49,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"scanside: cannot start: {exc}", file=sys.stderr)
         return EXIT_START
     except StateError as exc:  # corrupt, locked, read-only state database: the message names the file
-        print(f"scanside: {exc}", file=sys.stderr)
-        return 1
+        print(f"scanside: cannot start: {exc}", file=sys.stderr)
+        return EXIT_START
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -106,13 +106,14 @@ def test_corruption_found_while_running_keeps_readiness_false(tmp_path):
 
 @pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs root and setpriv to run the agent as another user")
 def test_cli_names_a_read_only_database(tmp_path):
-    """`scanside run` as an unprivileged user on a database it may read but not write: one line naming
-    the file, exit 1, no traceback."""
+    """`scanside run` as an unprivileged user on a database it may read but not write (in a folder it
+    may write, so the folder check at start-up passes): one line naming the file, exit 3 (cannot start
+    here), no traceback."""
     state = tmp_path / "state"
     state.mkdir()
     _filled(state / "state.sqlite", rows=10)
     for p in (tmp_path, state, state / "state.sqlite"):
-        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        os.chmod(p, 0o755 if p == tmp_path else 0o777 if p.is_dir() else 0o644)
     os.chmod(tmp_path.parent, 0o755)
     os.chmod(tmp_path.parent.parent, 0o755)
     (tmp_path / "export").mkdir(mode=0o755)
@@ -120,7 +121,7 @@ def test_cli_names_a_read_only_database(tmp_path):
     proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "agent.cli",
                            "run", "--watch", str(tmp_path / "export"), "--state-dir", str(state), "--no-api"],
                           capture_output=True, text=True, timeout=120, env=env, cwd=str(REPO))
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 3, proc.stderr
     assert str(state / "state.sqlite") in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -128,11 +129,12 @@ def test_cli_names_a_corrupt_database(tmp_path):
     state = tmp_path / "state"
     state.mkdir()
     (state / "state.sqlite").write_bytes(b"SQLite format 3\x00" + os.urandom(5000))
+    (tmp_path / "export").mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--watch", str(tmp_path / "export"),
                            "--state-dir", str(state), "--no-api"], capture_output=True, text=True, timeout=120, env=env,
                           cwd=str(REPO))
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 3, proc.stderr
     assert str(state / "state.sqlite") in proc.stderr and "Traceback" not in proc.stderr
 
 
