@@ -16,6 +16,11 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,10 +57,6 @@ def size_bytes(names: set[str], dists: dict) -> int:
 
 
 def main() -> int:
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     dists = {_norm(d.metadata["Name"]): d for d in metadata.distributions()}
     runtime = list(project["dependencies"])
