@@ -183,7 +183,7 @@ class EnginesConfig(_Section):
 
 class GlandConfig(_Section):
     enabled: bool = Field(True, description="segment the prostate gland on each completed axial T2W series: volume, zones of the lesion findings, centroid for the csPCa crop, slab coverage of the DWI/ADC series (GLAND_NOT_COVERED); used only when a gland model is in the store")
-    model: str = Field("auto", description="model store name[@version]; auto: prostate-zones-reference (zones, fast) when in the store, else prostate-gland-taps (whole gland only, seconds per window on CPU) when imported")
+    model: str = Field("auto", description="model store name[@version]; auto: prostate-gland-taps (trained on real patients, whole gland, seconds per window on CPU) when imported, else prostate-zones-reference (zones, fast), each only where its real-data figures are recorded and good (agent.gland.resolve_model): the zonal model, trained on phantoms, is not; a name is the operator's explicit choice")
     variant: Optional[str] = Field(None, description="model file variant (fp32, int8_u8s8, ...); default: the manifest's default")
     windows: Literal["center", "full"] = Field("center", description="center: one window at the centre of the field of view (~102 x 102 x 96 mm); full: sliding window over the whole series")
     coverage_min: float = Field(0.95, ge=0, le=1, description="coverage_report's threshold; the GLAND_NOT_COVERED deviation uses the protocol profile's [coverage] min_fraction")

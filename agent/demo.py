@@ -119,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
                             "protocol.exam_quiet_period_s": 5.0,
                             # simulated exams: INT8 variants whose parity is simulated-only may run
                             "engines.parity_data": "any",
+                            # a phantom exam: the zonal model's figures are measured on phantoms; TAPS (real
+                            # patients, chosen by `auto` on real exams) finds no gland in a phantom
+                            "gland.model": "prostate-zones-reference",
                             "api.enabled": False, "api.port": args.api_port})
     print(f"scanside demo: rendering a {args.vendor} prostate exam (seed {args.seed}"
           f"{', faults ' + ', '.join(args.fault) if args.fault else ''}) ...", flush=True)
