@@ -229,6 +229,7 @@ def test_output_disk_full_then_space_returns(tmp_path, caplog, bpmri_exam):
         agent = Agent(_config(tmp_path, tmp_path / "state", **{
             "output.jsonl": str(jsonl), "dicom_output.folder": str(dicom), "analysis.triage": True,
             "shadow.enabled": False,  # the triage goes into the SR and SEG only once it leaves shadow mode
+            "gland.model": "prostate-zones-reference",  # a phantom exam: TAPS, when imported, finds no gland
             "series.quiet_period_s": 1.0, "protocol.exam_quiet_period_s": 600.0})).start()
         try:
             api = httpx.Client(base_url=agent.api_url, timeout=30)
