@@ -649,3 +649,13 @@ def _enhanced_frames(ds: Dataset, shared: Dataset, vendor: str) -> list[FrameInf
             acquisition_time_s=_seconds_of_day(_text(content.get("FrameAcquisitionDateTime"))[8:]),
         ))
     return frames
+
+
+def read_bounded_dataset(path: str | os.PathLike, size: int, specific_tags: Optional[list] = None) -> Any:
+    """A header (no pixels) read as read_header reads it, for callers outside ingest (the quarantine
+    index, a quarantined file's study): opened without blocking, through the bounded, time-limited
+    reader, so a FIFO swapped in or a flood of empty elements cannot hold the caller."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as fp:
+        return pydicom.dcmread(BoundedFile(fp, size, time.monotonic() + PARSE_DEADLINE_S),  # type: ignore[arg-type]
+                               stop_before_pixels=True, force=True, specific_tags=specific_tags)

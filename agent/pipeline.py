@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 from agent.config import AgentConfig
 from agent.events import EventBase, FileQuarantined
-from agent.header import HeaderError, read_header
+from agent.header import HeaderError, read_bounded_dataset, read_header
 from agent.quarantine import Quarantine
 from agent.exam import ExamTracker
 from agent.protocol import checker_from_config
@@ -25,9 +25,7 @@ def readable_study_uid(path: str) -> Optional[str]:
     """The Study Instance UID of a refused file whose header is readable (a truncated image, say), so
     that its quarantine is shown with its exam; None when even that much cannot be read."""
     try:
-        import pydicom
-
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+        ds = read_bounded_dataset(path, os.path.getsize(path), specific_tags=["StudyInstanceUID"])
         uid = str(ds.get("StudyInstanceUID", "") or "").strip()
     except Exception:  # anything a broken file can raise: the event is recorded without it
         return None

@@ -138,19 +138,7 @@ def _header_worth_reading(reason: str, st: os.stat_result) -> bool:
     return stat_.S_ISREG(st.st_mode) and st.st_size <= _MAX_HEADER_FILE_BYTES and not reason.startswith(_NO_HEADER_REASONS)
 
 
-def _bounded_header(path: str, size: int):  # type: ignore[no-untyped-def]
-    """The header, read like agent.header.read_header reads it: opened without blocking, through the
-    bounded, time-limited reader (a flood of empty elements stops at PARSE_DEADLINE_S)."""
-    import time
 
-    import pydicom
-
-    from agent.header import PARSE_DEADLINE_S, BoundedFile
-
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as fp:
-        return pydicom.dcmread(BoundedFile(fp, size, time.monotonic() + PARSE_DEADLINE_S),  # type: ignore[arg-type]
-                               stop_before_pixels=True, force=True)
 QUARANTINE_LOOKBACK_S = 86400.0  # an exam's files refused before its first image was recorded (all of a series' first files bad)
 
 
@@ -164,7 +152,7 @@ class QuarantineIndex:
         self._cache: dict[tuple[str, float, int], Optional[object]] = {}
 
     def headers(self, study_uid: str) -> list:  # list[InstanceHeader]
-        from agent.header import header_from_dataset
+        from agent.header import header_from_dataset, read_bounded_dataset
 
         out = []
         # only files quarantined since shortly before the exam's first image: a file of this exam
@@ -183,7 +171,7 @@ class QuarantineIndex:
                     self._cache[key] = None  # unreadable header, or nothing worth reading: nothing to attribute
                     if _header_worth_reading(row["reason"] or "", st):
                         try:
-                            self._cache[key] = header_from_dataset(_bounded_header(candidate, st.st_size), path)
+                            self._cache[key] = header_from_dataset(read_bounded_dataset(candidate, st.st_size), path)
                         except Exception:
                             pass
                 h = self._cache[key]
