@@ -74,8 +74,8 @@ def slab_geometry(headers: Sequence[InstanceHeader], frames: Sequence[FrameInfo]
     offset = row_dir * h.pixel_spacing[1] * (h.columns - 1) / 2.0 + col_dir * h.pixel_spacing[0] * (h.rows - 1) / 2.0
     center = positions.mean(axis=0) + offset
     return SlabGeometry(
-        normal=tuple(round(float(x), 6) for x in normal),  # type: ignore[arg-type]
-        center_lps_mm=tuple(round(float(x), 3) for x in center),  # type: ignore[arg-type]
+        normal=tuple(round(float(x), 6) for x in normal),
+        center_lps_mm=tuple(round(float(x), 3) for x in center),
         start_mm=round(float(d.min()) - half, 3),
         end_mm=round(float(d.max()) + half, 3),
     )

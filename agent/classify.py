@@ -41,7 +41,7 @@ def diffusion_evidence(headers: Sequence[InstanceHeader]) -> Optional[str]:
     ordinary images (fMRI, field maps, pCASL, MPRAGE). Evidence is a b > 0, a diffusion ImageType or
     AcquisitionContrast, the diffusion macro's directionality, a derived diffusion map, a diffusion
     sequence name (Siemens *ep_b0), or several distinct unit gradient directions."""
-    directions: set[tuple[float, float, float]] = set()
+    directions: set[tuple[float, ...]] = set()
     for h in headers:
         if "DIFFUSION" in h.image_type:
             return "ImageType DIFFUSION"
@@ -57,7 +57,7 @@ def diffusion_evidence(headers: Sequence[InstanceHeader]) -> Optional[str]:
             if f.derived in DIFFUSION_DERIVED:
                 return f"derived {f.derived} image"
             if f.direction is not None and 0.9 < sum(c * c for c in f.direction) ** 0.5 < 1.1:
-                directions.add(tuple(round(c, 3) for c in f.direction))  # type: ignore[arg-type]
+                directions.add(tuple(round(c, 3) for c in f.direction))
     if len(directions) >= 2:
         return f"{len(directions)} gradient directions"
     return None

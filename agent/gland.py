@@ -41,6 +41,7 @@ from typing import Any, Dict, Literal, Optional, Sequence, Union
 import numpy as np
 from scipy import ndimage
 
+from agent.volume import int3
 from engines.preprocess import Grid, prepare, sliding_window
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def _center_crop(array: np.ndarray, grid: Grid, roi: Sequence[int]) -> tuple:
     sl = tuple(slice(int(s), int(s + w)) for s, w in zip(start, want))
     aff = grid.affine.copy()
     aff[:3, 3] = grid.affine[:3, :3] @ start + grid.affine[:3, 3]
-    return np.ascontiguousarray(array[(slice(None),) + sl]), Grid(shape=tuple(int(w) for w in want), affine=aff)
+    return np.ascontiguousarray(array[(slice(None),) + sl]), Grid(shape=int3(want), affine=aff)
 
 
 def segment_gland(engine: Any, t2w: Any, *, windows: Windows = "center", batch_size: int = 1) -> GlandResult:

@@ -106,6 +106,7 @@ from typing import Any, BinaryIO  # noqa: E402
 import pydicom  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.errors import InvalidDicomError  # noqa: E402
+from pydicom.uid import DeflatedExplicitVRLittleEndian  # noqa: E402
 
 from agent import vendor as vd  # noqa: E402
 
@@ -328,7 +329,7 @@ def _meta_is_deflated(fp: BinaryIO) -> bool:
     return b"1.2.840.10008.1.2.1.99" in meta
 
 
-DEFLATED_TS = "1.2.840.10008.1.2.1.99"
+DEFLATED_TS = DeflatedExplicitVRLittleEndian  # a UID ("1.2.840.10008.1.2.1.99"): file_meta takes it as is
 
 
 def _inflated_source(fp: BinaryIO, path: str, cap: int) -> tuple[int, BoundedFile]:
@@ -343,7 +344,7 @@ def _inflated_source(fp: BinaryIO, path: str, cap: int) -> tuple[int, BoundedFil
     total = _inflated_size(path, cap, chunks)
     data = b"".join(chunks)
     del chunks
-    return total, BoundedFile(io.BytesIO(data), len(data), time.monotonic() + PARSE_DEADLINE_S)  # type: ignore[arg-type]
+    return total, BoundedFile(io.BytesIO(data), len(data), time.monotonic() + PARSE_DEADLINE_S)
 
 
 def _inflated_size(path: str, cap: int, keep: Optional[list[bytes]] = None) -> int:
@@ -565,7 +566,7 @@ def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
         spectral_fat_suppression=_text(ds.get("SpectrallySelectedSuppression")).upper() or None,
         rows=int(_opt_int(ds.get("Rows")) or 0),
         columns=int(_opt_int(ds.get("Columns")) or 0),
-        pixel_spacing=pixel_spacing,  # type: ignore[arg-type]
+        pixel_spacing=pixel_spacing,
         encoding_steps=encoding_steps,
         phase_direction=phase_direction,
         slice_thickness=slice_thickness,
@@ -606,8 +607,8 @@ def _classic_frame(ds: Dataset, vendor: str, csa: Optional[vd.LazyCSA], image_ty
         directionality=directionality,
         isotropic=vd.is_isotropic(b, direction, directionality, derived, seq_name),
         derived=derived,
-        position=_vec(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
-        orientation=_vec(ds.get("ImageOrientationPatient"), 6),  # type: ignore[arg-type]
+        position=_vec(ds.get("ImagePositionPatient"), 3),
+        orientation=_vec(ds.get("ImageOrientationPatient"), 6),
         temporal_index=_opt_int(ds.get("TemporalPositionIdentifier")),
         acquisition_time_s=_seconds_of_day(_text(ds.get("AcquisitionTime"))),
         trigger_time_ms=_opt_float(ds.get("TriggerTime")),
@@ -643,8 +644,8 @@ def _enhanced_frames(ds: Dataset, shared: Dataset, vendor: str) -> list[FrameInf
             direction=direction,
             isotropic=vd.is_isotropic(b, direction, directionality, derived, ""),
             derived=derived,
-            position=_vec(_first_item(item, "PlanePositionSequence").get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
-            orientation=_vec(_first_item(item, "PlaneOrientationSequence").get("ImageOrientationPatient") or shared_orient, 6),  # type: ignore[arg-type]
+            position=_vec(_first_item(item, "PlanePositionSequence").get("ImagePositionPatient"), 3),
+            orientation=_vec(_first_item(item, "PlaneOrientationSequence").get("ImageOrientationPatient") or shared_orient, 6),
             temporal_index=_opt_int(content.get("TemporalPositionIndex")),
             acquisition_time_s=_seconds_of_day(_text(content.get("FrameAcquisitionDateTime"))[8:]),
         ))
@@ -657,5 +658,5 @@ def read_bounded_dataset(path: str | os.PathLike, size: int, specific_tags: Opti
     reader, so a FIFO swapped in or a flood of empty elements cannot hold the caller."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     with os.fdopen(fd, "rb") as fp:
-        return pydicom.dcmread(BoundedFile(fp, size, time.monotonic() + PARSE_DEADLINE_S),  # type: ignore[arg-type]
+        return pydicom.dcmread(BoundedFile(fp, size, time.monotonic() + PARSE_DEADLINE_S),
                                stop_before_pixels=True, force=True, specific_tags=specific_tags)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 
 from agent.header import FrameInfo, FrameRef, HeaderError, read_header
 from agent.volume import Volume, VolumeError, load_volume
+from engines.manifest import ModelManifest
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def select_frames(refs: Sequence[FrameRef], frames: Optional[Sequence[FrameInfo]
         groups.setdefault(key, []).append(i)
     idx = max(groups.values(), key=len)
     # one temporal phase: the middle one present
-    phases = sorted({infos[i].temporal_index for i in idx if infos[i].temporal_index is not None})
+    phases = sorted({t for t in (infos[i].temporal_index for i in idx) if t is not None})
     if len(phases) > 1:
         mid = phases[len(phases) // 2]
         idx = [i for i in idx if infos[i].temporal_index == mid]
@@ -172,12 +173,12 @@ class ImageClassifier:
         self.variant = variant
         self._engine = engine
         self._lock = threading.Lock()
-        self.manifest = engine.manifest if engine is not None else None
+        self.manifest: Optional[ModelManifest] = engine.manifest if engine is not None else None
         self.backend = engine.backend if engine is not None else None
         self._gate: Optional[UncertaintyGate] = None
         self._ood: Optional[tuple[np.ndarray, np.ndarray]] = None
 
-    def _ensure(self):
+    def _ensure(self) -> Any:
         with self._lock:
             if self._engine is None:
                 if self._store is None:
@@ -188,20 +189,26 @@ class ImageClassifier:
                 if not self.manifest.labels or not self.manifest.preprocessing:
                     raise ImageLabelError("bad_model", f"{self.manifest.ref} has no labels or preprocessing")
             if self._gate is None:
-                self._load_gate()
+                assert self.manifest is not None  # set with the engine (here or by the caller)
+                self._load_gate(self.manifest)
         return self._engine
 
-    def _load_gate(self) -> None:
-        raw = (self.manifest.postprocessing or {}).get("uncertainty")
+    def _load_gate(self, m: ModelManifest) -> None:
+        raw = (m.postprocessing or {}).get("uncertainty")
         self._gate = UncertaintyGate.model_validate(raw) if raw else UncertaintyGate()
-        self._ood = self._gate.load_stats(self.manifest.root) if raw and self.manifest.root else None
-        if self._ood is not None and self._gate.feature_output not in {o.name for o in self.manifest.outputs}:
-            raise ImageLabelError("bad_model", f"{self.manifest.ref}: no output {self._gate.feature_output!r} for its OOD score")
+        self._ood = self._gate.load_stats(m.root) if raw and m.root else None
+        if self._ood is not None and self._gate.feature_output not in {o.name for o in m.outputs}:
+            raise ImageLabelError("bad_model", f"{m.ref}: no output {self._gate.feature_output!r} for its OOD score")
+
+    def _loaded(self) -> tuple[Any, ModelManifest, UncertaintyGate]:
+        """The engine, its manifest and its uncertainty gate, loaded on first use."""
+        engine = self._ensure()
+        assert self.manifest is not None and self._gate is not None  # _ensure set both or raised
+        return engine, self.manifest, self._gate
 
     @property
     def gate(self) -> UncertaintyGate:
-        self._ensure()
-        return self._gate  # type: ignore[return-value]
+        return self._loaded()[2]
 
     # -- inputs ------------------------------------------------------------------------------
     def volume_of(self, source: Union[Volume, Any, Sequence[FrameRef]], frames: Optional[Sequence[FrameInfo]] = None,
@@ -224,8 +231,8 @@ class ImageClassifier:
         """(C, d0, d1, d2) float32 model input for one volume."""
         from engines.preprocess import prepare
 
-        self._ensure()
-        spec = self.manifest.preprocessing
+        spec = self._loaded()[1].preprocessing
+        assert spec is not None  # _ensure checked it
         if not np.isfinite(volume.array).all():
             volume = Volume.from_array_affine(np.nan_to_num(volume.array, nan=0.0, posinf=0.0, neginf=0.0),
                                               volume.array_affine)
@@ -240,21 +247,20 @@ class ImageClassifier:
     def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """(N, C, ...) prepared inputs -> raw probabilities (N, n_labels) and the OOD distance / threshold
         (N,), None where the model has no OOD statistics."""
-        engine = self._ensure()
-        m = self.manifest
+        engine, m, gate = self._loaded()
         out = engine.run({m.inputs[0].name: np.ascontiguousarray(batch, dtype=np.float32)})
         probs = np.asarray(out[m.outputs[0].name], dtype=np.float64)
-        if self._ood is None:
+        # load_stats gives statistics only with a feature output and a threshold
+        if self._ood is None or gate.feature_output is None or gate.ood_threshold is None:
             return probs, None
-        dist = ood_distance(out[self._gate.feature_output], *self._ood)  # type: ignore[union-attr]
-        return probs, dist / float(self._gate.ood_threshold)  # type: ignore[union-attr,arg-type]
+        dist = ood_distance(out[gate.feature_output], *self._ood)
+        return probs, dist / float(gate.ood_threshold)
 
     def label_of(self, probs: np.ndarray, frames_used: Optional[int] = None, ood: Optional[float] = None) -> ImageLabel:
         """One ImageLabel from raw probabilities and the OOD ratio: temperature-scaled, and `uncertain` below
         the gate's calibrated confidence or above its OOD threshold (neither raises an alert)."""
-        self._ensure()
-        gate = self._gate or UncertaintyGate()
-        labels = list(self.manifest.labels)
+        _, m, gate = self._loaded()
+        labels = list(m.labels or ())  # not empty: _ensure checked it
         p = calibrated(probs, gate.temperature) if gate.temperature != 1.0 else np.asarray(probs, np.float64)
         k = int(np.argmax(p))
         why = None
@@ -264,7 +270,7 @@ class ImageClassifier:
             why = f"calibrated confidence {p[k]:.2f} below {gate.min_confidence:.2f}"
         return ImageLabel(label=UNCERTAIN if why else labels[k], predicted=labels[k], confidence=float(p[k]),
                           probabilities={lab: round(float(v), 6) for lab, v in zip(labels, p)},
-                          model=self.manifest.ref, backend=str(self.backend), frames_used=frames_used,
+                          model=m.ref, backend=str(self.backend), frames_used=frames_used,
                           ood_score=None if ood is None else round(float(ood), 4), uncertain_reason=why)
 
     def classify(self, source: Union[Volume, Any, Sequence[FrameRef]], frames: Optional[Sequence[FrameInfo]] = None,

@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from agent.atomic import atomic_path
+from agent.volume import int3
 from engines.preprocess import Grid
 
 
@@ -45,4 +46,4 @@ class MapStore:
             return None  # unreadable map: the SR is still written, without the SEG
         if array.ndim != 3 or affine.shape != (4, 4):
             return None
-        return array, Grid(shape=tuple(int(v) for v in array.shape), affine=affine)  # type: ignore[arg-type]
+        return array, Grid(shape=int3(array.shape), affine=affine)

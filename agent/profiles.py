@@ -77,7 +77,7 @@ class Range(_Model):
             if lo[0] == "≥" and hi[0] == "≤":
                 return f"{lo[1]:g}–{hi[1]:g}{u}"
             return f"{lo[0]} {lo[1]:g}{u} and {hi[0]} {hi[1]:g}{u}"
-        op, v = lo or hi  # type: ignore[misc]
+        op, v = lo or hi  # type: ignore[misc]  # a Range has at least one bound (_some_bound)
         return f"{op} {v:g}{u}"
 
 
@@ -259,7 +259,7 @@ def load_profile(ref: str = DEFAULT_PROFILE, site: Optional[str | Path] = None) 
 
 
 # ---------------------------------------------------------------------------- CLI
-def add_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("profiles", help="protocol profiles: list, show, check a site profile")
     sub = p.add_subparsers(metavar="ACTION")
     ls = sub.add_parser("list", help="the shipped profiles")

@@ -571,7 +571,7 @@ def measured_values(s: SeriesSummary) -> dict[str, Optional[float]]:
     }
 
 
-def checker_from_config(config, store: StateStore, gland_coverage: bool = False) -> Optional[ProtocolChecker]:  # type: ignore[no-untyped-def]
+def checker_from_config(config, store: StateStore, gland_coverage: bool = False) -> Optional[ProtocolChecker]:
     """The checker the agent's [protocol] section asks for; None when protocol checks are off.
     gland_coverage: the gland model runs beside it (the daemon's Analyzer; see gland_model_active)."""
     from agent.profiles import load_profile
@@ -586,7 +586,7 @@ def checker_from_config(config, store: StateStore, gland_coverage: bool = False)
                            gland_coverage=gland)
 
 
-def gland_model_active(config) -> bool:  # type: ignore[no-untyped-def]
+def gland_model_active(config) -> bool:
     """The agent will segment the gland (agent.analysis): [gland] enabled and a gland model in the store."""
     section = getattr(config, "gland", None)
     if section is None or not section.enabled:

@@ -127,7 +127,7 @@ def slice_spacing(frames: Sequence[FrameInfo]) -> Optional[float]:
         return None
     o = np.asarray(pts[0].orientation, dtype=float)
     normal = np.cross(o[:3], o[3:])
-    d = np.unique(np.round([float(np.dot(normal, f.position)) for f in pts], 3))  # type: ignore[arg-type]
+    d = np.unique(np.round([float(np.dot(normal, f.position)) for f in pts], 3))  # type: ignore[arg-type]  # pts: frames with a position
     if len(d) < 2:
         return None
     return float(np.median(np.diff(d)))
@@ -158,7 +158,7 @@ def summarise(part: SeriesPart, revision: int, complete: bool, expected: Optiona
         label_confidence=label.confidence,
         reason=f"{label.reason}; {note}" if note else label.reason,
         b_values=sorted({f.b_value for f in part.frames if f.b_value is not None}) if listed else [],
-        plane=vd.plane_of(orientation),  # type: ignore[arg-type]
+        plane=vd.plane_of(orientation),
         fat_suppressed=label.fat_suppressed,
         n_instances=len({x.sop_instance_uid for x in part.headers}),
         n_images=sum(f.n_slices for f in part.frames),

@@ -221,15 +221,19 @@ def b_value(ds: Dataset, vendor: str, csa: Optional[Any] = None) -> tuple[Option
     return None, ""
 
 
+def _vec3(vec: list[float]) -> Optional[tuple[float, float, float]]:
+    return (vec[0], vec[1], vec[2]) if len(vec) == 3 else None
+
+
 def diffusion_direction(ds: Dataset, vendor: str, csa: Optional[Any] = None) -> Optional[tuple[float, float, float]]:
     seq = ds.get("DiffusionGradientDirectionSequence")
     if seq:
         vec = _as_floats(seq[0].get("DiffusionGradientOrientation"))
         if len(vec) == 3:
-            return tuple(vec)  # type: ignore[return-value]
+            return _vec3(vec)
     vec = _as_floats(ds.get("DiffusionGradientOrientation"))
     if len(vec) == 3:
-        return tuple(vec)  # type: ignore[return-value]
+        return _vec3(vec)
     if vendor == "siemens":
         vec = _as_floats(private_value(ds, 0x0019, 0x0E, SIEMENS_MR))
         # an intact SIEMENS MR HEADER block without (0019,100E) means "no direction" (trace, b0);
@@ -238,12 +242,12 @@ def diffusion_direction(ds: Dataset, vendor: str, csa: Optional[Any] = None) -> 
             csa = csa if csa is not None else LazyCSA(ds)
             vec = _as_floats(csa.get("DiffusionGradientDirection"))
     elif vendor == "philips":
-        vec = [first_float(private_value(ds, 0x2005, e, PHILIPS_MR)) for e in (0xB0, 0xB1, 0xB2)]  # type: ignore[misc]
-        vec = [v for v in vec if v is not None]
+        parts = [first_float(private_value(ds, 0x2005, e, PHILIPS_MR)) for e in (0xB0, 0xB1, 0xB2)]
+        vec = [v for v in parts if v is not None]
     elif vendor == "ge":
-        vec = [first_float(private_value(ds, 0x0019, e, GE_ACQU)) for e in (0xBB, 0xBC, 0xBD)]  # type: ignore[misc]
-        vec = [v for v in vec if v is not None]
-    return tuple(vec) if len(vec) == 3 else None  # type: ignore[return-value]
+        parts = [first_float(private_value(ds, 0x0019, e, GE_ACQU)) for e in (0xBB, 0xBC, 0xBD)]
+        vec = [v for v in parts if v is not None]
+    return _vec3(vec)
 
 
 def directionality(ds: Dataset, vendor: str) -> Optional[str]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -44,6 +44,18 @@ class VolumeError(ValueError):
         self.reason = reason
 
 
+def int3(values: Iterable[Any]) -> tuple[int, int, int]:
+    """Three values (a 3D shape) as a typed triple of ints; ValueError unless there are exactly three."""
+    a, b, c = (int(v) for v in values)
+    return a, b, c
+
+
+def float3(values: Iterable[Any]) -> tuple[float, float, float]:
+    """Three values (a 3D spacing or point) as a typed triple of floats; ValueError unless exactly three."""
+    a, b, c = (float(v) for v in values)
+    return a, b, c
+
+
 @dataclass
 class Volume:
     array: np.ndarray  # float32 (n_slices, rows, cols)
@@ -63,7 +75,7 @@ class Volume:
     # -- geometry -------------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
+        return int3(self.array.shape)
 
     @property
     def array_affine(self) -> np.ndarray:
@@ -73,7 +85,7 @@ class Volume:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size (slice, row, col) in mm, i.e. along the array axes."""
-        return tuple(float(v) for v in np.linalg.norm(self.array_affine[:3, :3], axis=0))  # type: ignore[return-value]
+        return float3(np.linalg.norm(self.array_affine[:3, :3], axis=0))
 
     @property
     def direction(self) -> np.ndarray:
@@ -226,7 +238,7 @@ def _read(path: str, cap: int):
             deflated = hdr._meta_is_deflated(fp)
             if deflated:
                 _, src = hdr._inflated_source(fp, path, cap + hdr.HEADER_SLACK_BYTES)
-            ds = pydicom.dcmread(src)  # type: ignore[arg-type]
+            ds = pydicom.dcmread(src)
             if deflated:
                 ds.file_meta.TransferSyntaxUID = hdr.DEFLATED_TS
             return ds

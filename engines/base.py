@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from engines.manifest import ModelManifest, TensorSpec, verify_sha256
+from engines.manifest import ModelFile, ModelManifest, TensorSpec, verify_sha256
 
 # dtype names across the libraries we speak to; the manifest uses numpy names.
 ONNX_TO_NUMPY = {
@@ -172,6 +172,13 @@ class Engine(abc.ABC):
         if self.manifest is None:
             raise EngineError(f"{self.backend}: no model loaded")
         return self.manifest
+
+    def _loaded_file(self) -> ModelFile:
+        """The manifest's entry for the loaded variant."""
+        m = self._require_loaded()
+        if self.variant is None:
+            raise EngineError(f"{self.backend}: no model variant loaded")
+        return m.files[self.variant]
 
     @staticmethod
     def _model_file(manifest: ModelManifest, variant: Optional[str], verify: bool) -> Tuple[str, Path]:

@@ -225,7 +225,8 @@ class CspcaIO(_Strict):
         """Raw model outputs -> (likelihood map (N, 1, *spatial) float32 in 0..1, exam probability (N,) float64)."""
         import numpy as np
 
-        raw = np.asarray(outputs[self.detection_map], dtype=np.float32)
+        # float32 throughout (NumPy keeps an array's dtype against Python floats; its stubs say float64)
+        raw: np.ndarray = np.asarray(outputs[self.detection_map], dtype=np.float32)
         if self.detection_activation == "softmax":
             e = np.exp(raw - raw.max(axis=1, keepdims=True))
             raw = e / e.sum(axis=1, keepdims=True)

@@ -172,7 +172,7 @@ class OnnxRuntimeEngine(Engine):
             device = "cuda"
         so = self.session.get_session_options()
         return EngineInfo(
-            backend=self.backend, model=m.ref, variant=self.variant, precision=m.files[self.variant].precision,
+            backend=self.backend, model=m.ref, variant=self.variant, precision=self._loaded_file().precision,
             device=device,
             library_versions={"onnxruntime": ort.__version__, "numpy": np.__version__,
                               "python": platform.python_version()},

@@ -197,7 +197,7 @@ class OpenVinoEngine(Engine):
 
         threads = prop("INFERENCE_NUM_THREADS")
         return EngineInfo(
-            backend=self.backend, model=m.ref, variant=self.variant, precision=m.files[self.variant].precision,
+            backend=self.backend, model=m.ref, variant=self.variant, precision=self._loaded_file().precision,
             device=f"{self.device} ({prop('FULL_DEVICE_NAME') or _device_name(ov, self.device)})",
             library_versions={"openvino": str(ov.get_version()), "numpy": np.__version__,
                               "python": platform.python_version()},

@@ -17,13 +17,16 @@ Conventions:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
 import numpy as np
 from scipy import ndimage
 
-from agent.volume import LPS_LABELS, Volume, axcodes_of
+from agent.volume import LPS_LABELS, Volume, axcodes_of, float3, int3
 from engines.spec import DetailView, PreprocessSpec, WindowSpec
+
+
+SplineOrder = Literal[0, 1, 2, 3, 4, 5]  # the interpolation orders scipy.ndimage takes
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class Grid:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+        return float3(np.linalg.norm(self.affine[:3, :3], axis=0))
 
     @property
     def axcodes(self) -> str:
@@ -91,8 +94,8 @@ def reorient_grid(grid: GridLike, axcodes: str) -> Grid:
     g = _grid(grid)
     t = _reorient_transform(g.affine, axcodes)
     aff = g.affine @ nio.inv_ornt_aff(t, g.shape)
-    shape = tuple(int(g.shape[int(k)]) for k in np.argsort(t[:, 0]))
-    return Grid(shape=shape, affine=aff)  # type: ignore[arg-type]
+    shape = int3(g.shape[int(k)] for k in np.argsort(t[:, 0]))
+    return Grid(shape=shape, affine=aff)
 
 
 def reorient(vol: Volume, axcodes: str) -> Volume:
@@ -122,11 +125,11 @@ def resampled_grid(grid: GridLike, spacing_mm) -> Grid:
     aff = g.affine.copy()
     aff[:3, :3] = g.affine[:3, :3] * zoom
     aff[:3, 3] = g.affine[:3, :3] @ origin_idx + g.affine[:3, 3]
-    return Grid(shape=tuple(int(v) for v in n_new), affine=aff)  # type: ignore[arg-type]
+    return Grid(shape=int3(n_new), affine=aff)
 
 
 def _sample(
-    array: np.ndarray, src_affine: np.ndarray, dst: Grid, order: int, outside: str
+    array: np.ndarray, src_affine: np.ndarray, dst: Grid, order: SplineOrder, outside: str
 ) -> np.ndarray:
     """Sample ``array`` (with array-order affine ``src_affine``) on grid ``dst``.
 
@@ -173,14 +176,14 @@ def _shift_copy(src: np.ndarray, start: np.ndarray, shape) -> np.ndarray:
     return out
 
 
-def resample(vol: Volume, spacing_mm, order: int = 1) -> Volume:
+def resample(vol: Volume, spacing_mm, order: SplineOrder = 1) -> Volume:
     """Resample to ``spacing_mm`` along the array axes (same directions and FOV centre)."""
     g = resampled_grid(vol, spacing_mm)
     arr = _sample(vol.array, vol.array_affine, g, order, outside="nearest")
     return Volume.from_array_affine(arr, g.affine, slice_thickness=vol.slice_thickness, warnings=list(vol.warnings))
 
 
-def resample_to_reference(moving: Volume, reference_grid: GridLike, order: int = 1) -> Volume:
+def resample_to_reference(moving: Volume, reference_grid: GridLike, order: SplineOrder = 1) -> Volume:
     """Put ``moving`` on ``reference_grid`` by its affine (any FOV, resolution or orientation).
     Grid voxels outside the moving volume's field of view are 0."""
     g = _grid(reference_grid)
@@ -231,7 +234,7 @@ def cropped_grid(grid: GridLike, shape, center_lps=None) -> Grid:
     start = np.floor(c - (shape - 1) / 2 + 0.5).astype(int)
     aff = g.affine.copy()
     aff[:3, 3] = g.affine[:3, :3] @ start + g.affine[:3, 3]
-    return Grid(shape=tuple(int(v) for v in shape), affine=aff)  # type: ignore[arg-type]
+    return Grid(shape=int3(shape), affine=aff)
 
 
 def crop_or_pad(vol: Volume, shape, center_lps=None) -> Volume:
@@ -307,13 +310,13 @@ def detail_grid(reference: GridLike, spec: PreprocessSpec, view: DetailView) -> 
     return cropped_grid(resampled_grid(_oriented(reference, spec), view.spacing_mm), spec.shape)
 
 
-def _channel(v: Volume, grid: Grid, spec: PreprocessSpec, order: int) -> np.ndarray:
+def _channel(v: Volume, grid: Grid, spec: PreprocessSpec, order: SplineOrder) -> np.ndarray:
     src = antialias_for(v.array, v.array_affine, grid) if spec.antialias else v.array
     return normalize(_sample(src, v.array_affine, grid, order, outside="zero"), spec.normalize, spec.clip_percentiles)
 
 
 def prepare(
-    volumes: dict[str, Volume], spec: PreprocessSpec, center_lps=None, order: int = 1
+    volumes: dict[str, Volume], spec: PreprocessSpec, center_lps=None, order: SplineOrder = 1
 ) -> tuple[np.ndarray, Grid]:
     """All channels of ``spec.channels`` on one model grid (the first channel's), normalised,
     followed by the first channel's ``spec.detail_views`` (each on its own fine grid).

@@ -300,7 +300,7 @@ class ModelStore:
     def open(self, ref: Union[str, ModelManifest], version: Optional[str] = None, *, variant: Optional[str] = None,
              preference: Optional[Sequence[str]] = None, warmup: bool = False) -> Tuple[Engine, Selection]:
         """Load the model on the first back end in the preference order that can run it."""
-        return self._choose(ref, version, variant, preference, load=True, warmup=warmup)  # type: ignore[return-value]
+        return self._choose(ref, version, variant, preference, load=True, warmup=warmup)  # type: ignore[return-value]  # load=True: an engine or an error, never None
 
     def explain(self, ref: Union[str, ModelManifest], version: Optional[str] = None, *, variant: Optional[str] = None,
                 preference: Optional[Sequence[str]] = None) -> Selection:

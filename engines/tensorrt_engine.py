@@ -489,7 +489,7 @@ class TensorRTEngine(Engine):
     def _host_view(self, t: _IOTensor, shape: Tuple[int, ...]) -> np.ndarray:
         n = int(np.prod(shape, dtype=np.int64)) * t.dtype.itemsize
         buf = (ctypes.c_byte * max(n, 1)).from_address(t.host_ptr)
-        return np.frombuffer(buf, dtype=np.uint8, count=n).view(t.dtype).reshape(shape)
+        return np.frombuffer(memoryview(buf), dtype=np.uint8, count=n).view(t.dtype).reshape(shape)
 
     def _bind(self, name: str, ptr: int) -> None:
         if not self._context.set_tensor_address(name, ptr):
