@@ -308,14 +308,11 @@ def scan_exit_code(report: dict) -> int:
 
 
 def scan_report(store) -> dict:  # type: ignore[no-untyped-def]
-    latest: dict[str, dict] = {}
-    for ev in store.events_after(0, limit=1_000_000):
-        if ev.type == "series_completed":
-            latest[ev.series.series_id] = ev.series.model_dump(mode="json")
-    series = sorted(latest.values(), key=lambda s: (s["series_number"] or 0, s["part"]))
+    """Every series (latest revision) and protocol deviation of the scan, from the exam read model."""
+    series = sorted((s.model_dump(mode="json") for row in store.read_model.series_rows() if (s := row.summary) is not None),
+                    key=lambda s: (s["series_number"] or 0, s["part"]))
     quarantined = [{"path": r["path"], "reason": r["reason"]} for r in store.quarantined()]
-    deviations = [ev.model_dump(mode="json", exclude={"seq"}) for ev in store.events_after(0, limit=1_000_000)
-                  if ev.type == "protocol_deviation"]
+    deviations = [ev.model_dump(mode="json", exclude={"seq"}) for ev in store.read_model.findings(None, ("protocol_deviation",))]
     return {"series": series, "quarantined": quarantined, "deviations": deviations}
 
 
