@@ -176,3 +176,26 @@ def test_scan_report_reads_the_read_model(scanned):
     assert len(report["series"]) == n
     assert [d["code"] for d in report["deviations"]] == ["DWI_HIGH_B_TOO_LOW"]
 
+
+
+def test_state_rebuild_command_repairs_the_read_model(scanned, tmp_path, capsys):
+    from agent.cli import main
+
+    root, store = scanned
+    kept = store.read_model.dump()
+    src = sqlite3.connect(str(root / "state" / "state.sqlite"))
+    src.execute("VACUUM INTO ?", (str(tmp_path / "state.sqlite"),))
+    src.close()
+    db = sqlite3.connect(str(tmp_path / "state.sqlite"))
+    db.execute("DELETE FROM rm_series")
+    db.execute("UPDATE rm_exams SET data = json_set(data, '$.rounds', 7)")  # damaged rows, as a bad restore might leave
+    db.commit()
+    db.close()
+    assert main(["state", "rebuild", "--state-dir", str(tmp_path)]) == 0
+    assert f"from {store.count_events()} event(s): 2 exam(s)" in capsys.readouterr().out
+    repaired = StateStore(tmp_path / "state.sqlite")
+    try:
+        assert repaired.read_model.dump() == kept
+    finally:
+        repaired.close()
+    assert main(["state", "rebuild", "--state-dir", str(tmp_path / "none")]) == 2
