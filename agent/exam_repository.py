@@ -31,8 +31,11 @@ CREATE TABLE IF NOT EXISTS rm_series (
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS rm_series_study ON rm_series(study_uid);
-CREATE TABLE IF NOT EXISTS rm_exams (study_uid TEXT PRIMARY KEY, last_seq INTEGER NOT NULL, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rm_exams (
+    study_uid TEXT PRIMARY KEY, last_seq INTEGER NOT NULL, image_results INTEGER NOT NULL, data TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS rm_exams_last ON rm_exams(last_seq);
+CREATE INDEX IF NOT EXISTS rm_exams_image_results ON rm_exams(image_results) WHERE image_results > 0;
 CREATE TABLE IF NOT EXISTS rm_alerts (alert_id TEXT PRIMARY KEY, study_uid TEXT, seq INTEGER, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS rm_alerts_study ON rm_alerts(study_uid, seq);
 CREATE INDEX IF NOT EXISTS rm_alerts_seq ON rm_alerts(seq);
@@ -252,7 +255,8 @@ class ExamRepository:
                 (row.series_id, row.study_uid, row.completed_seq, row.last_completed_seq, row.model_dump_json()))
 
     def _put_exam(self, row: ExamRow) -> None:
-        self._x("INSERT OR REPLACE INTO rm_exams VALUES (?,?,?)", (row.study_uid, row.last_seq, row.model_dump_json()))
+        self._x("INSERT OR REPLACE INTO rm_exams VALUES (?,?,?,?)",
+                (row.study_uid, row.last_seq, row.n_image_results, row.model_dump_json()))
 
     def _put_alert(self, row: Alert) -> None:
         self._x("INSERT OR REPLACE INTO rm_alerts VALUES (?,?,?,?)", (row.alert_id, row.study_uid, row.seq, row.model_dump_json()))
@@ -319,7 +323,7 @@ class ExamRepository:
 
     def exams_with_image_results(self) -> int:
         """Exams an image model has labelled or triaged (shadow mode's 'learning this site (N exams)')."""
-        rows = self._q("SELECT COUNT(*) AS n FROM rm_exams WHERE json_extract(data, '$.n_image_results') > 0")
+        rows = self._q("SELECT COUNT(*) AS n FROM rm_exams WHERE image_results > 0")
         return int(rows[0]["n"] or 0)
 
     # ------------------------------------------------------------------ findings and alerts

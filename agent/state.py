@@ -337,12 +337,6 @@ class StateStore:
             return self._q("SELECT * FROM dead_letters WHERE sink = ? ORDER BY seq", (sink,))
         return self._q("SELECT * FROM dead_letters ORDER BY sink, seq")
 
-    def exams_with(self, types: tuple[str, ...]) -> int:
-        """How many exams have at least one event of these types."""
-        marks = ",".join("?" * len(types))
-        rows = self._q(f"SELECT COUNT(DISTINCT study_uid) AS n FROM events WHERE type IN ({marks})", tuple(types))
-        return int(rows[0]["n"] or 0)
-
     def event_counts(self) -> dict[str, int]:
         return {r["type"]: r["n"] for r in self._q("SELECT type, COUNT(*) AS n FROM events GROUP BY type")}
 
