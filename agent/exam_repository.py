@@ -9,8 +9,8 @@ functions into empty tables (the schema migration runs it, and `scanside state r
 Tables: rm_series (one row per series part: its latest summary and image label), rm_exams (one row
 per exam: state, rounds of exam end, counts, latest triage), rm_alerts (one row per alert, with its
 acknowledgement), rm_findings (the deviations, label mismatches and triage results of each exam, in
-order). Retention may delete old events; these rows stay, so a rebuild then knows less than the
-incrementally kept tables (it is exact while the log is whole).
+order). Retention may delete old events; these rows stay (a rebuild keeps the rows of exams with no
+event left in the log, and is exact while the log is whole).
 """
 from __future__ import annotations
 
@@ -262,12 +262,16 @@ class ExamRepository:
         self._x("INSERT OR REPLACE INTO rm_alerts VALUES (?,?,?,?)", (row.alert_id, row.study_uid, row.seq, row.model_dump_json()))
 
     def clear(self) -> None:
+        """Delete the rows a replay of the log rewrites: those of exams still in the log, and the alerts
+        with no exam. Exams whose every event retention has deleted keep their rows."""
         for table in READ_MODEL_TABLES:
-            self._x(f"DELETE FROM {table}")
+            self._x(f"DELETE FROM {table} WHERE study_uid IN (SELECT DISTINCT study_uid FROM events)")
+        self._x("DELETE FROM rm_alerts WHERE study_uid IS NULL")
 
     def rebuild(self) -> int:
-        """Empty the tables and replay the whole event log through the projections (call inside a
-        store transaction); how many events were replayed."""
+        """Replay the whole event log through the projections into cleared tables (call inside a store
+        transaction); how many events were replayed. Exact while the log is whole; an exam that
+        retention has pruned in part is rebuilt from the events left."""
         self.clear()
         n, seq = 0, 0
         while True:

@@ -199,3 +199,22 @@ def test_state_rebuild_command_repairs_the_read_model(scanned, tmp_path, capsys)
     finally:
         repaired.close()
     assert main(["state", "rebuild", "--state-dir", str(tmp_path / "none")]) == 2
+
+
+def test_rebuild_keeps_the_exams_retention_has_pruned_from_the_log(scanned, tmp_path):
+    root, store = scanned
+    kept = store.read_model.dump()
+    study, _ = _first_exam(store)
+    src = sqlite3.connect(str(root / "state" / "state.sqlite"))
+    src.execute("VACUUM INTO ?", (str(tmp_path / "state.sqlite"),))
+    src.close()
+    db = sqlite3.connect(str(tmp_path / "state.sqlite"))
+    db.execute("DELETE FROM events WHERE study_uid = ?", (study,))  # as retention leaves an old exam
+    db.commit()
+    db.close()
+    pruned = StateStore(tmp_path / "state.sqlite")
+    try:
+        assert pruned.rebuild_read_model() < store.count_events()
+        assert pruned.read_model.dump() == kept
+    finally:
+        pruned.close()
