@@ -367,11 +367,12 @@ class Analyzer(Sink):
         for ch, s in inputs.items():
             row = self.store.read_model.series_row(s.series_id)
             c = row.classification if row is not None else None
-            if c is not None and not c.agree:
-                out.append((row.classified_seq or 0, {  # type: ignore[union-attr]
-                    "channel": ch, "series_number": c.series_number, "header_label": c.header_label,
-                    "image_label": c.image_label, "image_confidence": round(c.image_confidence, 3), "agree": c.agree}))
-        return [d for _, d in sorted(out, key=lambda x: x[0])]
+            if row is None or c is None or c.agree:
+                continue
+            out.append((row.classified_seq or 0, {
+                "channel": ch, "series_number": c.series_number, "header_label": c.header_label,
+                "image_label": c.image_label, "image_confidence": round(c.image_confidence, 3), "agree": c.agree}))
+        return [d for _, d in sorted(out, key=lambda x: x[0])]  # in the order the labels came
 
     # ------------------------------------------------------------------ shadow mode
     def learning(self) -> Optional[str]:

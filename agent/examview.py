@@ -117,8 +117,8 @@ def exam_view(store: StateStore, study_uid: str, index: ExamIndex,
         if r.summary is None:
             continue
         c = r.classification
-        series.append(SeriesView(series=r.summary, **({} if c is None else {
-            "image_label": c.image_label, "image_confidence": c.image_confidence, "labels_agree": c.agree})))
+        series.append(SeriesView(series=r.summary, image_label=c.image_label if c else None,
+                                 image_confidence=c.image_confidence if c else None, labels_agree=c.agree if c else None))
     deviations = [ev.model_dump(mode="json") for ev in store.read_model.findings(study_uid, ("protocol_deviation", "label_mismatch"))]
     alerts = index.list_alerts(study_uid=study_uid)
     reqs = requirements(row.profile) if requirements else None

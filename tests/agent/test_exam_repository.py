@@ -23,7 +23,7 @@ def scanned(tmp_path_factory):
     for i, (vendor, faults) in enumerate((("siemens", ["b1000_high"]), ("philips", []))):
         simulate_exam(vendor, root / "exams" / vendor, 31 + i, faults=faults, profile="prostate-bpmri",
                       exam=reduced_exam("prostate-bpmri", vendor, faults))
-    pipeline, store = scan(root / "exams", root / "state", profile="pirads-2.1-bpmri")
+    _, store = scan(root / "exams", root / "state", profile="pirads-2.1-bpmri")
     study, series = _first_exam(store)
     with store.transaction():
         store.append_event(SeriesClassified(
@@ -218,3 +218,18 @@ def test_rebuild_keeps_the_exams_retention_has_pruned_from_the_log(scanned, tmp_
         assert pruned.read_model.dump() == kept
     finally:
         pruned.close()
+
+
+def test_analysis_reads_label_disagreements_from_the_read_model(scanned, tmp_path):
+    import threading
+
+    from agent.analysis import Analyzer
+    from agent.config import load_config
+
+    _, store = scanned
+    study, series = _first_exam(store)
+    analyzer = Analyzer(load_config(**{"state.dir": str(tmp_path)}), store, threading.Condition())
+    other = store.read_model.latest_series(study)[1]
+    found = analyzer._disagreements(study, {"T2W": series, "ADC": other})  # noqa: SLF001
+    assert found == [{"channel": "T2W", "series_number": series.series_number, "header_label": series.label,
+                      "image_label": "ADC", "image_confidence": 0.97, "agree": False}]
