@@ -7,6 +7,7 @@ and a key uniqueness constraint means the same fact is never recorded twice.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -54,6 +55,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     created REAL NOT NULL, PRIMARY KEY (sink, seq)
 );
 """
+log = logging.getLogger(__name__)
 SCHEMA_VERSION = "2"  # 2: the exam read model (agent.exam_repository), rebuilt from the log on the upgrade
 READY_LOCK_WAIT_S = 2.0  # readiness never waits longer than this on a database another thread is waiting for
 
@@ -123,8 +125,11 @@ class StateStore:
         if version == int(SCHEMA_VERSION):
             return
         with self.transaction():
-            if version is not None and version < 2:
-                self.read_model.rebuild()  # the read model of the exams recorded before it existed
+            if version is not None and version < 2:  # the read model of the exams recorded before it existed
+                t0 = time.monotonic()
+                n = self.read_model.rebuild()
+                log.warning("state database upgraded to schema %s: exam read model rebuilt from %d events in %.1f s",
+                            SCHEMA_VERSION, n, time.monotonic() - t0)
             self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
 
     def rebuild_read_model(self) -> int:

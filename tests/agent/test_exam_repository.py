@@ -115,7 +115,7 @@ def test_a_restart_sees_the_same_read_model(scanned):
         again.close()
 
 
-def test_a_database_from_before_the_read_model_is_rebuilt_on_open(scanned, tmp_path):
+def test_a_database_from_before_the_read_model_is_rebuilt_on_open(scanned, tmp_path, caplog):
     root, store = scanned
     kept = store.read_model.dump()
     old = tmp_path / "state.sqlite"
@@ -133,6 +133,7 @@ def test_a_database_from_before_the_read_model_is_rebuilt_on_open(scanned, tmp_p
         assert upgraded.read_model.dump() == kept
     finally:
         upgraded.close()
+    assert f"exam read model rebuilt from {store.count_events()} events" in caplog.text
     db = sqlite3.connect(str(old))
     assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
     db.close()
