@@ -325,11 +325,8 @@ class Analyzer(Sink):
 
     # ------------------------------------------------------------------ triage
     def _latest_series(self, study_uid: str) -> dict[str, SeriesSummary]:
-        latest: dict[str, SeriesSummary] = {}
-        for ev in self.store.events_after(0, limit=100_000, study_uid=study_uid):
-            if ev.type == "series_completed":
-                latest[ev.series.series_id] = ev.series
-        return latest
+        """The latest revision of every series part, in the order of first completion (the exam read model)."""
+        return {s.series_id: s for s in self.store.read_model.latest_series(study_uid)}
 
     def triage_inputs(self, study_uid: str, exam_over: bool = False) -> Optional[dict[str, SeriesSummary]]:
         """The exam's csPCa inputs by agent.exam_reader.triage_inputs (the selection every evaluation makes)."""
@@ -366,14 +363,16 @@ class Analyzer(Sink):
 
     def _disagreements(self, study_uid: str, inputs: dict[str, SeriesSummary]) -> list[dict]:
         """Input series whose image label (sequence classifier) disagrees with the header's."""
-        ids = {s.series_id: ch for ch, s in inputs.items()}
-        out: dict[str, dict] = {}
-        for ev in self.store.events_after(0, limit=100_000, study_uid=study_uid):
-            if ev.type == "series_classified" and ev.series_id in ids:
-                out[ev.series_id] = {"channel": ids[ev.series_id], "series_number": ev.series_number,
-                                     "header_label": ev.header_label, "image_label": ev.image_label,
-                                     "image_confidence": round(ev.image_confidence, 3), "agree": ev.agree}
-        return [d for d in out.values() if not d["agree"]]
+        out = []
+        for ch, s in inputs.items():
+            row = self.store.read_model.series_row(s.series_id)
+            c = row.classification if row is not None else None
+            if row is None or c is None or c.agree:
+                continue
+            out.append((row.classified_seq or 0, {
+                "channel": ch, "series_number": c.series_number, "header_label": c.header_label,
+                "image_label": c.image_label, "image_confidence": round(c.image_confidence, 3), "agree": c.agree}))
+        return [d for _, d in sorted(out, key=lambda x: x[0])]  # in the order the labels came
 
     # ------------------------------------------------------------------ shadow mode
     def learning(self) -> Optional[str]:
@@ -381,7 +380,7 @@ class Analyzer(Sink):
         refs = self._image_model_refs()
         if not self.shadow.enabled or not any(self.shadow.shadow(r) for r in refs):
             return None
-        return learning_line(self.store.exams_with(("series_classified", "triage_result")))
+        return learning_line(self.store.read_model.exams_with_image_results())
 
     def image_checks(self) -> str:
         """The image models' state in words, for the console and the readiness detail."""

@@ -174,7 +174,7 @@ def exam_done(agent: "Agent", study_uid: str, index: ExamIndex) -> DoneResult:
 
     The pipeline's `exam_done` runs the exam-end protocol checks (missing series) and records
     ExamCompleted; an exam already ended (and not reopened by new images) is left as it is."""
-    brief = next((b for b in index.list_exams() if b.study_uid == study_uid), None)
+    brief = index.brief(study_uid)
     already = brief is not None and brief.state == "completed"
     n = 0
     if not already:
@@ -191,8 +191,9 @@ def exam_done(agent: "Agent", study_uid: str, index: ExamIndex) -> DoneResult:
                 n += int(agent.store.append_event(event) is not None)
         if n:
             _wake(agent)
-    state = next((b.state for b in index.list_exams() if b.study_uid == study_uid), "open")
-    return DoneResult(study_uid=study_uid, events_recorded=n, exam_completed=state == "completed", already=already)
+    after = index.brief(study_uid)
+    return DoneResult(study_uid=study_uid, events_recorded=n, exam_completed=after is not None and after.state == "completed",
+                      already=already)
 
 
 def _wake(agent: "Agent") -> None:
@@ -283,7 +284,7 @@ def create_app(agent: Optional["Agent"] = None, *, requirements: Optional[Callab
     # -------------------------------------------------------------- exams and alerts
     @app.get("/v1/exams", response_model=list[ExamBrief], tags=["exams"], dependencies=[Depends(auth)])
     def list_exams(limit: int = Query(50, ge=1, le=1000)) -> list[ExamBrief]:
-        return need_index().list_exams()[:limit]
+        return need_index().list_exams(limit)
 
     @app.get("/v1/exams/current", response_model=Optional[ExamView], tags=["exams"], dependencies=[Depends(auth)])
     def current_exam() -> Optional[ExamView]:
@@ -307,7 +308,7 @@ def create_app(agent: Optional["Agent"] = None, *, requirements: Optional[Callab
     def post_exam_done(study_uid: str) -> DoneResult:
         idx = need_index()
         uid = valid_uid(study_uid)
-        if uid not in {b.study_uid for b in idx.list_exams()}:
+        if idx.brief(uid) is None:
             raise HTTPException(404, "no such exam")
         return exam_done(need_agent(), uid, idx)
 
@@ -333,7 +334,6 @@ def create_app(agent: Optional["Agent"] = None, *, requirements: Optional[Callab
             seq = ag.store.append_event(event)
         if seq is not None:
             _wake(ag)
-        idx.refresh()
         return AckResult(alert_id=alert_id, acknowledged=True, already=seq is None, seq=seq)
 
     # -------------------------------------------------------------- live events

@@ -89,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path)
     conf.set_defaults(func=cmd_config)
 
+    state = sub.add_parser("state", help="repair the state database")
+    state_sub = state.add_subparsers(dest="state_cmd", metavar="{rebuild}")
+    state_sub.required = True
+    rebuild = state_sub.add_parser("rebuild", help="rebuild the exam read model (latest series and exam state) from the "
+                                                   "event log, in one transaction; safe while the agent runs")
+    rebuild.add_argument("--config", type=Path)
+    rebuild.add_argument("--state-dir", type=Path, help="state folder (default: the configuration's)")
+    state.set_defaults(func=cmd_state)
+
     schema = sub.add_parser("schema", help="print a published JSON Schema")
     schema.add_argument("what", choices=["events", "config", "openapi"])
     schema.set_defaults(func=cmd_schema)
@@ -308,15 +317,29 @@ def scan_exit_code(report: dict) -> int:
 
 
 def scan_report(store) -> dict:  # type: ignore[no-untyped-def]
-    latest: dict[str, dict] = {}
-    for ev in store.events_after(0, limit=1_000_000):
-        if ev.type == "series_completed":
-            latest[ev.series.series_id] = ev.series.model_dump(mode="json")
-    series = sorted(latest.values(), key=lambda s: (s["series_number"] or 0, s["part"]))
+    """Every series (latest revision) and protocol deviation of the scan, from the exam read model."""
+    series = sorted((s.model_dump(mode="json") for row in store.read_model.series_rows() if (s := row.summary) is not None),
+                    key=lambda s: (s["series_number"] or 0, s["part"]))
     quarantined = [{"path": r["path"], "reason": r["reason"]} for r in store.quarantined()]
-    deviations = [ev.model_dump(mode="json", exclude={"seq"}) for ev in store.events_after(0, limit=1_000_000)
-                  if ev.type == "protocol_deviation"]
+    deviations = [ev.model_dump(mode="json", exclude={"seq"}) for ev in store.read_model.findings(None, ("protocol_deviation",))]
     return {"series": series, "quarantined": quarantined, "deviations": deviations}
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    from agent.state import StateStore
+
+    config = load_config(args.config, **{"state.dir": args.state_dir})
+    if not config.db_path.is_file():
+        print(f"scanside: no state database at {config.db_path}", file=sys.stderr)
+        return EXIT_CONFIG
+    store = StateStore(config.db_path)
+    try:
+        n = store.rebuild_read_model()
+        exams = len(store.read_model.exams())
+    finally:
+        store.close()
+    print(f"rebuilt the exam read model from {n} event(s): {exams} exam(s)")
+    return 0
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

@@ -107,26 +107,20 @@ class ExamFindings:
 def collect_findings(store: StateStore, study_uid: str, trigger: Event) -> ExamFindings:
     """Everything the agent decided about the exam up to (and including) the triggering event."""
     out = ExamFindings(study_uid=study_uid, trigger_key=trigger.key, trigger_seq=trigger.seq or 0)
-    seq = 0
-    while True:
-        batch = store.events_after(seq, limit=500, study_uid=study_uid)
-        if not batch:
-            break
-        for ev in batch:
-            if trigger.seq is not None and (ev.seq or 0) > trigger.seq:
-                return out
-            if isinstance(ev, TriageResult):
-                # the latest one counts; one in shadow mode or NOT_ASSESSED does not leave the agent (agent.shadow)
-                if not ev.shadow and ev.recommendation != "NOT_ASSESSED":
-                    out.triage = ev
-            elif isinstance(ev, ProtocolDeviation):
-                out.deviations.append(ev)
-            elif isinstance(ev, LabelMismatch):
-                if not ev.shadow:
-                    out.mismatches.append(ev)
-            elif ev.type == "series_completed":
-                out.series_labels.setdefault(ev.series.series_uid, ev.series.label)  # type: ignore[union-attr]
-        seq = batch[-1].seq or seq
+    upto = trigger.seq  # a sink behind the log reports what was known when the trigger was recorded
+    for ev in store.read_model.findings(study_uid, upto_seq=upto):
+        if isinstance(ev, TriageResult):
+            # the latest one counts; one in shadow mode or NOT_ASSESSED does not leave the agent (agent.shadow)
+            if not ev.shadow and ev.recommendation != "NOT_ASSESSED":
+                out.triage = ev
+        elif isinstance(ev, ProtocolDeviation):
+            out.deviations.append(ev)
+        elif isinstance(ev, LabelMismatch):
+            if not ev.shadow:
+                out.mismatches.append(ev)
+    for row in store.read_model.series_rows(study_uid):  # first completion order
+        if row.first_label is not None and (upto is None or (row.completed_seq or 0) <= upto):
+            out.series_labels.setdefault(row.series_uid, row.first_label)
     return out
 
 
@@ -501,12 +495,8 @@ class DicomSink(Sink):
         return max(0, self.store.last_event_seq() - self.store.cursor(self.name))
 
     def _exam_completed_before(self, event: TriageResult) -> bool:
-        for ev in self.store.events_after(0, limit=100000, study_uid=event.study_uid):
-            if (ev.seq or 0) >= (event.seq or 0):
-                return False
-            if isinstance(ev, ExamCompleted):
-                return True
-        return False
+        exam = self.store.read_model.exam(event.study_uid or "")
+        return exam is not None and exam.first_end_seq is not None and exam.first_end_seq < (event.seq or 0)
 
     def deliver(self, event: Event) -> None:
         if not event.study_uid:

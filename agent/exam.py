@@ -2,29 +2,23 @@
 'exam done' (the API, a one-shot scan). Then the exam is checked for missing series and an
 ExamCompleted event closes it.
 
-State lives in the event log, so a restart neither repeats nor forgets an exam end: an exam is done
-when its latest ExamCompleted is newer than its last image. Images arriving after that reopen it;
-its next end is round 2 (keys ``exam_completed:<study>:<round>``).
+State lives in the event log and its exam read model (agent.exam_repository: rounds and the time of
+the latest end), so a restart neither repeats nor forgets an exam end: an exam is done when its
+latest ExamCompleted is newer than its last image. Images arriving after that reopen it; its next
+end is round 2 (keys ``exam_completed:<study>:<round>``).
 """
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import time
 from typing import Callable, Literal, Optional
 
-from agent.events import EventBase, ExamCompleted, ProtocolDeviation, SeriesCompleted
+from agent.events import EventBase, ExamCompleted, ProtocolDeviation
+from agent.exam_repository import epoch
 from agent.protocol import ProtocolChecker
 from agent.state import StateStore
 
 log = logging.getLogger(__name__)
-
-
-def _epoch(iso: str) -> float:
-    try:
-        return _dt.datetime.fromisoformat(iso).timestamp()
-    except ValueError:
-        return 0.0
 
 
 class ExamTracker:
@@ -34,12 +28,14 @@ class ExamTracker:
         self.checker = checker
         self.quiet_period_s = quiet_period_s
         self.clock = clock
-        self._ended: dict[str, tuple[int, float]] = {}  # study -> (rounds, time of the latest end), from the log
+        # study -> (rounds, time of the latest end): the read model's, or this process's own clock for
+        # an end it recorded (a test clock may run ahead of the events' wall-clock times)
+        self._ended: dict[str, tuple[int, float]] = {}
 
     def _rounds(self, study_uid: str) -> tuple[int, float]:
         if study_uid not in self._ended:
-            ends = [e for e in self.store.events_after(0, limit=1_000_000, study_uid=study_uid) if isinstance(e, ExamCompleted)]
-            self._ended[study_uid] = (len(ends), max((_epoch(e.time) for e in ends), default=0.0))
+            row = self.store.read_model.exam(study_uid)
+            self._ended[study_uid] = (row.rounds, row.last_end_epoch) if row is not None else (0, 0.0)
         return self._ended[study_uid]
 
     def is_done(self, study_uid: str, last_seen: float) -> bool:
@@ -79,13 +75,11 @@ class ExamTracker:
                 deviations = self.checker.exam_end(study_uid, round_)
             except Exception:  # a checker bug must not stop the exam from ending
                 log.exception("exam-end protocol check failed")
-        events = self.store.events_after(0, limit=1_000_000, study_uid=study_uid)
-        series = {e.series.series_uid for e in events if isinstance(e, SeriesCompleted)}
-        known = {e.key for e in events if isinstance(e, ProtocolDeviation)}
+        known = self.store.read_model.finding_keys(study_uid, "protocol_deviation")
         n_dev = len(known | {d.key for d in deviations})
         done = ExamCompleted(key=f"exam_completed:{study_uid}:{round_}", study_uid=study_uid, reason=reason,
-                             n_series=len(series), n_deviations=n_dev)
-        self._ended[study_uid] = (round_, max(_epoch(done.time), self.clock()))
+                             n_series=self.store.read_model.n_acquisitions(study_uid), n_deviations=n_dev)
+        self._ended[study_uid] = (round_, max(epoch(done.time), self.clock()))
         return [*deviations, done]
 
     def forget(self, study_uid: str) -> None:

@@ -1,18 +1,18 @@
-"""Exams as the API and the console see them, built from the event log alone (so a restarted agent,
-or another process reading the same database, shows the same thing).
+"""Exams as the API and the console see them, read from the exam read model (agent.exam_repository),
+which is written with every event: a restarted agent, or another process reading the same database,
+shows the same thing, and a view costs one exam's rows, not a pass over the event log.
 
-`ExamIndex` keeps a small in-memory summary (exams, alerts and their acknowledgements) that catches
-up incrementally from the log on each use; `exam_view` builds one exam's full view from its events.
+`ExamIndex` lists exams and alerts; `exam_view` builds one exam's full view with its checklist.
 """
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable, Literal, Optional, Sequence
 
 from pydantic import BaseModel, Field
 
 from agent.alerts import Alert, alert_from_event
-from agent.events import Event, SeriesSummary
+from agent.events import SeriesSummary
+from agent.exam_repository import ExamRow
 from agent.state import StateStore
 
 ItemStatus = Literal["pending", "done", "deviating"]
@@ -68,87 +68,39 @@ class ExamView(ExamBrief):
 
 
 # ---------------------------------------------------------------------------------------- index
+def _brief(row: ExamRow) -> ExamBrief:
+    return ExamBrief(study_uid=row.study_uid, state=row.state, first_time=row.first_time, last_time=row.last_time,
+                     last_seq=row.last_seq, n_series=row.n_series, n_alerts=row.n_alerts, n_open_alerts=row.n_open_alerts,
+                     triage=row.triage)
+
+
 class ExamIndex:
-    """Exams and alerts, caught up from the event log on demand (thread-safe)."""
+    """Exams and alerts from the exam read model (thread-safe: the store serialises its reads)."""
 
     def __init__(self, store: StateStore):
         self.store = store
-        self.seq = 0
-        self.exams: dict[str, ExamBrief] = {}
-        self.alerts: dict[str, Alert] = {}
-        self._series: dict[str, set[str]] = {}
-        self._lock = threading.Lock()
 
-    def refresh(self) -> int:
-        with self._lock:
-            n = 0
-            while True:
-                batch = self.store.events_after(self.seq, limit=1000)
-                if not batch:
-                    return n
-                for ev in batch:
-                    self._apply(ev)
-                    self.seq = ev.seq or self.seq
-                n += len(batch)
+    def brief(self, study_uid: str) -> Optional[ExamBrief]:
+        row = self.store.read_model.exam(study_uid)
+        return _brief(row) if row is not None else None
 
-    def _apply(self, ev: Event) -> None:
-        if ev.type == "alert_acknowledged":
-            alert = self.alerts.get(ev.alert_id)
-            if alert is not None and not alert.acknowledged:
-                alert.acknowledged, alert.acknowledged_by, alert.acknowledged_at = True, ev.by, ev.time
-                brief = self.exams.get(alert.study_uid or "")
-                if brief:
-                    brief.n_open_alerts -= 1
-            return
-        alert = alert_from_event(ev)
-        if alert is not None and alert.alert_id not in self.alerts:
-            self.alerts[alert.alert_id] = alert
-        if not ev.study_uid:
-            return
-        brief = self.exams.get(ev.study_uid)
-        if brief is None:
-            brief = self.exams[ev.study_uid] = ExamBrief(study_uid=ev.study_uid, first_time=ev.time)
-            self._series[ev.study_uid] = set()
-        brief.last_time, brief.last_seq = ev.time, ev.seq or brief.last_seq
-        if ev.type == "series_completed":
-            self._series[ev.study_uid].add(ev.series.series_id)
-            brief.n_series = len(self._series[ev.study_uid])
-            brief.state = "open"  # images after an exam end reopen it (the next end is another round)
-        elif ev.type == "series_reopened":
-            brief.state = "open"
-        elif ev.type == "exam_completed":
-            brief.state = "completed"
-        elif ev.type == "triage_result":
-            brief.triage = ev.recommendation
-        if alert is not None:
-            brief.n_alerts += 1
-            brief.n_open_alerts += 1
-
-    def list_exams(self) -> list[ExamBrief]:
-        self.refresh()
-        with self._lock:
-            return [b.model_copy() for b in sorted(self.exams.values(), key=lambda b: b.last_seq, reverse=True)]
+    def list_exams(self, limit: Optional[int] = None) -> list[ExamBrief]:
+        """Exams, latest activity first."""
+        return [_brief(r) for r in self.store.read_model.exams(limit)]
 
     def current(self) -> Optional[str]:
         """The exam with the latest activity."""
-        exams = self.list_exams()
+        exams = self.list_exams(limit=1)
         return exams[0].study_uid if exams else None
 
     def alert(self, alert_id: str) -> Optional[Alert]:
-        self.refresh()
-        with self._lock:
-            a = self.alerts.get(alert_id)
-            return a.model_copy() if a else None
+        return self.store.read_model.alert_row(alert_id)
 
     def list_alerts(self, open_only: bool = False, study_uid: Optional[str] = None,
                     unassigned: bool = False) -> list[Alert]:
-        self.refresh()
-        with self._lock:
-            out = [a.model_copy() for a in self.alerts.values()
-                   if not (open_only and a.acknowledged)
-                   and (study_uid is None or a.study_uid == study_uid)
-                   and (not unassigned or a.study_uid is None)]
-        return sorted(out, key=lambda a: a.seq or 0)
+        if study_uid is not None and unassigned:
+            return []  # an exam's alerts are never unassigned
+        return self.store.read_model.alerts(study_uid=study_uid, unassigned=unassigned, open_only=open_only)
 
 
 # ---------------------------------------------------------------------------------------- one exam
@@ -157,41 +109,22 @@ RequirementsFn = Callable[[Optional[str]], Optional[Sequence[Requirement]]]
 
 def exam_view(store: StateStore, study_uid: str, index: ExamIndex,
               requirements: Optional[RequirementsFn] = None) -> Optional[ExamView]:
-    brief = next((b for b in index.list_exams() if b.study_uid == study_uid), None)
-    if brief is None:
+    row = store.read_model.exam(study_uid)
+    if row is None:
         return None
-    events: list[Event] = []
-    after = 0
-    while True:
-        batch = store.events_after(after, limit=5000, study_uid=study_uid)
-        if not batch:
-            break
-        events += batch
-        after = batch[-1].seq or after
-    series: dict[str, SeriesView] = {}
-    deviations: list[dict[str, Any]] = []
-    triage = completed = None
-    profile: Optional[str] = None
-    for ev in events:
-        if ev.type == "series_completed":
-            prev = series.get(ev.series.series_id)
-            series[ev.series.series_id] = SeriesView(series=ev.series, **({} if prev is None else {
-                "image_label": prev.image_label, "image_confidence": prev.image_confidence, "labels_agree": prev.labels_agree}))
-        elif ev.type == "series_classified" and ev.series_id in series:
-            sv = series[ev.series_id]
-            sv.image_label, sv.image_confidence, sv.labels_agree = ev.image_label, ev.image_confidence, ev.agree
-        elif ev.type in ("protocol_deviation", "label_mismatch"):
-            deviations.append(ev.model_dump(mode="json"))
-            profile = getattr(ev, "profile", None) or profile
-        elif ev.type == "triage_result":
-            triage = ev.model_dump(mode="json")
-        elif ev.type == "exam_completed":
-            completed = ev.model_dump(mode="json")
+    series = []
+    for r in store.read_model.series_rows(study_uid):
+        if r.summary is None:
+            continue
+        c = r.classification
+        series.append(SeriesView(series=r.summary, image_label=c.image_label if c else None,
+                                 image_confidence=c.image_confidence if c else None, labels_agree=c.agree if c else None))
+    deviations = [ev.model_dump(mode="json") for ev in store.read_model.findings(study_uid, ("protocol_deviation", "label_mismatch"))]
     alerts = index.list_alerts(study_uid=study_uid)
-    reqs = requirements(profile) if requirements else None
-    ordered = sorted(series.values(), key=lambda s: (s.series.series_number or 0, s.series.part))
-    return ExamView(**brief.model_dump(), profile=profile, series=ordered, alerts=alerts, deviations=deviations,
-                    triage_result=triage, completed=completed,
+    reqs = requirements(row.profile) if requirements else None
+    ordered = sorted(series, key=lambda s: (s.series.series_number or 0, s.series.part))
+    return ExamView(**_brief(row).model_dump(), profile=row.profile, series=ordered, alerts=alerts, deviations=deviations,
+                    triage_result=row.triage_result, completed=row.completed,
                     checklist=build_checklist([s.series for s in ordered], alerts, reqs))
 
 

@@ -222,26 +222,11 @@ class ProtocolChecker:
 
     # ------------------------------------------------------------------ exam state
     def exam_series(self, study_uid: str) -> list[SeriesSummary]:
-        """The latest revision of every series part of the exam, in completion order."""
-        latest: dict[str, SeriesSummary] = {}
-        for ev in self._study_events(study_uid):
-            if isinstance(ev, SeriesCompleted):
-                latest.pop(ev.series.series_id, None)
-                latest[ev.series.series_id] = ev.series
-        return list(latest.values())
+        """The latest revision of every series part of the exam, in completion order (the exam read model)."""
+        return self.store.read_model.latest_series(study_uid, order="last_completed")
 
     def deviations(self, study_uid: str) -> list[ProtocolDeviation]:
-        return [e for e in self._study_events(study_uid) if isinstance(e, ProtocolDeviation)]
-
-    def _study_events(self, study_uid: str) -> list:
-        out: list = []
-        seq = 0
-        while True:
-            batch = self.store.events_after(seq, limit=5000, study_uid=study_uid)
-            out += batch
-            if len(batch) < 5000:
-                return out
-            seq = batch[-1].seq or seq
+        return [e for e in self.store.read_model.findings(study_uid, ("protocol_deviation",)) if isinstance(e, ProtocolDeviation)]
 
     # ------------------------------------------------------------------ events
     def _deviation(self, code: str, default: Severity, s: Optional[SeriesSummary], study_uid: str, message: str,

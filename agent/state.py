@@ -7,6 +7,7 @@ and a key uniqueness constraint means the same fact is never recorded twice.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from agent.events import Event, parse_event
+from agent.exam_repository import ExamRepository
 from agent.header import InstanceHeader
 
 SCHEMA = """
@@ -53,7 +55,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     created REAL NOT NULL, PRIMARY KEY (sink, seq)
 );
 """
-SCHEMA_VERSION = "1"
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = "2"  # 2: the exam read model (agent.exam_repository), rebuilt from the log on the upgrade
 READY_LOCK_WAIT_S = 2.0  # readiness never waits longer than this on a database another thread is waiting for
 
 
@@ -104,7 +107,9 @@ class StateStore:
                 # lookup re-reading the upper B-tree pages (bench/bench_scale.py)
                 self._conn.execute("PRAGMA cache_size=-16384")
                 self._conn.executescript(SCHEMA)
-                self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+                ExamRepository.create_tables(self._conn)
+                self.read_model = ExamRepository(self._conn, self._lock)
+                self._migrate()
                 problems = [r[0] for r in self._conn.execute("PRAGMA quick_check(5)").fetchall()]
             if problems != ["ok"]:
                 raise sqlite3.DatabaseError("database disk image is malformed: " + "; ".join(map(str, problems)))
@@ -112,6 +117,25 @@ class StateStore:
         except sqlite3.Error as exc:
             self._conn.close()
             raise StateError(_diagnose(self.path, exc)) from exc
+
+    def _migrate(self) -> None:
+        """Bring an older database up to SCHEMA_VERSION (a new one is stamped with it)."""
+        rows = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+        version = int(rows[0][0]) if rows else None
+        if version == int(SCHEMA_VERSION):
+            return
+        with self.transaction():
+            if version is not None and version < 2:  # the read model of the exams recorded before it existed
+                t0 = time.monotonic()
+                n = self.read_model.rebuild()
+                log.warning("state database upgraded to schema %s: exam read model rebuilt from %d events in %.1f s",
+                            SCHEMA_VERSION, n, time.monotonic() - t0)
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+
+    def rebuild_read_model(self) -> int:
+        """Replay the event log into empty read-model tables (a repair); how many events were replayed."""
+        with self.transaction():
+            return self.read_model.rebuild()
 
     def close(self) -> None:
         with self._lock:
@@ -270,12 +294,18 @@ class StateStore:
 
     # ------------------------------------------------------------------ events
     def append_event(self, event: Event) -> Optional[int]:
-        """Store an event; None when an event with the same key exists (the fact is already recorded)."""
-        cur = self._x(
-            "INSERT OR IGNORE INTO events(key, type, study_uid, payload, created) VALUES (?,?,?,?,?)",
-            (event.key, event.type, event.study_uid, event.model_dump_json(exclude={"seq"}), time.time()),
-        )
-        return cur.lastrowid if cur.rowcount else None
+        """Store an event and project it into the exam read model, in one transaction; None when an
+        event with the same key exists (the fact is already recorded)."""
+        with self.transaction():
+            cur = self._x(
+                "INSERT OR IGNORE INTO events(key, type, study_uid, payload, created) VALUES (?,?,?,?,?)",
+                (event.key, event.type, event.study_uid, event.model_dump_json(exclude={"seq"}), time.time()),
+            )
+            if not cur.rowcount:
+                return None
+            seq = int(cur.lastrowid or 0)
+            self.read_model.apply(event, seq)
+        return seq
 
     def has_event(self, key: str) -> bool:
         return bool(self._q("SELECT 1 FROM events WHERE key = ?", (key,)))
@@ -311,12 +341,6 @@ class StateStore:
         if sink:
             return self._q("SELECT * FROM dead_letters WHERE sink = ? ORDER BY seq", (sink,))
         return self._q("SELECT * FROM dead_letters ORDER BY sink, seq")
-
-    def exams_with(self, types: tuple[str, ...]) -> int:
-        """How many exams have at least one event of these types."""
-        marks = ",".join("?" * len(types))
-        rows = self._q(f"SELECT COUNT(DISTINCT study_uid) AS n FROM events WHERE type IN ({marks})", tuple(types))
-        return int(rows[0]["n"] or 0)
 
     def event_counts(self) -> dict[str, int]:
         return {r["type"]: r["n"] for r in self._q("SELECT type, COUNT(*) AS n FROM events GROUP BY type")}

@@ -10,9 +10,12 @@
    of a busy scanner), filled with rows copied from a real ingest of the measured exam (its UIDs
    suffixed), so the same files meet a small and a large database.
 3. Retention: a pass over the filled state and a received folder of --received-files files.
+4. The cost of one event (append + exam read-model projection, then the reads its consumers make:
+   the exam's latest series, its row, its findings) from an empty state and from one
+   holding --exams exams' events and read-model rows (agent.exam_repository).
 
-Run: nice -n 10 .venv/bin/python bench/bench_scale.py [--files DIR] [--exams 10000]
-Writes bench/results/scale.json.
+Run: nice -n 10 .venv/bin/python bench/bench_scale.py [--files DIR] [--exams 10000] [--events-only]
+Writes bench/results/scale.json (--events-only: only its "event_cost" entry, the rest kept).
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.cli import main as cli_main  # noqa: E402
 from agent.config import load_config  # noqa: E402
+from agent.events import parse_event  # noqa: E402
+from agent.exam_repository import READ_MODEL_TABLES  # noqa: E402
 from agent.header import read_header  # noqa: E402
 from agent.pipeline import Pipeline  # noqa: E402
 from agent.retention import DAY_S, Retention  # noqa: E402
@@ -102,8 +107,11 @@ def throughput(folder: Path, work: Path, repeats: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- scale
-def fill(template_db: Path, target_db: Path, n_exams: int, now: float) -> dict:
-    """Copy the template's exam n_exams times (UIDs suffixed), spread over the year before now."""
+def fill(template_db: Path, target_db: Path, n_exams: int, now: float,
+         only: Optional[tuple[str, ...]] = None) -> dict:
+    """Copy the template's exam n_exams times (UIDs suffixed), spread over the year before now, with
+    its read-model rows (their seq columns shifted with the events; seqs inside their JSON are the
+    template's). only: fill just these tables (and the read model)."""
     src = sqlite3.connect(str(template_db))
     src.row_factory = sqlite3.Row
     store = StateStore(target_db)  # the schema, as the agent creates it
@@ -112,6 +120,9 @@ def fill(template_db: Path, target_db: Path, n_exams: int, now: float) -> dict:
     dst.execute("PRAGMA journal_mode=WAL")
     dst.execute("PRAGMA synchronous=OFF")  # a bulk fill of a scratch database
     tables = {t: [dict(r) for r in src.execute(f"SELECT * FROM {t}")] for t in ("files", "instances", "series", "exams", "events")}
+    read_model = {t: [dict(r) for r in src.execute(f"SELECT * FROM {t}")] for t in READ_MODEL_TABLES}
+    per_exam = max(r["seq"] for r in tables["events"])
+    wanted = set(only or tables)
     study = tables["exams"][0]["study_uid"]
     series_uids = sorted({r["series_uid"] for r in tables["series"]}, key=len, reverse=True)
     t_base = min(r["first_seen"] for r in tables["exams"])
@@ -126,20 +137,29 @@ def fill(template_db: Path, target_db: Path, n_exams: int, now: float) -> dict:
     for e in range(n_exams):
         shift = now - 365 * DAY_S + e * step - t_base
         dst.execute("BEGIN")
-        dst.executemany("INSERT INTO files VALUES (?,?,?,?,?,?,?)",
-                        [(f"{r['path']}.{e}", r["size"], r["mtime"], r["status"], f"{r['sop_uid']}.{e}", r["reason"], r["updated"] + shift)
-                         for r in tables["files"]])
-        dst.executemany("INSERT INTO instances VALUES (?,?,?,?,?,?,?)",
-                        [(f"{r['sop_uid']}.{e}", f"{r['series_uid']}.{e}", f"{study}.{e}", f"{r['path']}.{e}", r["n_images"],
-                          sub(r["header"], e), r["received"] + shift) for r in tables["instances"]])
-        dst.executemany("INSERT INTO series VALUES (?,?,?,?,?,?,?,?,?)",
-                        [(f"{r['series_uid']}.{e}", f"{study}.{e}", "complete", r["revision"], r["n_images"], r["expected"],
-                          r["first_seen"] + shift, r["last_seen"] + shift, (r["completed_at"] or r["last_seen"]) + shift)
-                         for r in tables["series"]])
-        dst.executemany("INSERT INTO exams VALUES (?,?,?,?)",
-                        [(f"{study}.{e}", "ended", r["first_seen"] + shift, r["last_seen"] + shift) for r in tables["exams"]])
-        dst.executemany("INSERT INTO events(key, type, study_uid, payload, created) VALUES (?,?,?,?,?)",
-                        [(sub(r["key"], e), r["type"], f"{study}.{e}", sub(r["payload"], e), r["created"] + shift) for r in tables["events"]])
+        if "files" in wanted:
+            dst.executemany("INSERT INTO files VALUES (?,?,?,?,?,?,?)",
+                            [(f"{r['path']}.{e}", r["size"], r["mtime"], r["status"], f"{r['sop_uid']}.{e}", r["reason"], r["updated"] + shift)
+                             for r in tables["files"]])
+        if "instances" in wanted:
+            dst.executemany("INSERT INTO instances VALUES (?,?,?,?,?,?,?)",
+                            [(f"{r['sop_uid']}.{e}", f"{r['series_uid']}.{e}", f"{study}.{e}", f"{r['path']}.{e}", r["n_images"],
+                              sub(r["header"], e), r["received"] + shift) for r in tables["instances"]])
+        if "series" in wanted:
+            dst.executemany("INSERT INTO series VALUES (?,?,?,?,?,?,?,?,?)",
+                            [(f"{r['series_uid']}.{e}", f"{study}.{e}", "complete", r["revision"], r["n_images"], r["expected"],
+                              r["first_seen"] + shift, r["last_seen"] + shift, (r["completed_at"] or r["last_seen"]) + shift)
+                             for r in tables["series"]])
+        if "exams" in wanted:
+            dst.executemany("INSERT INTO exams VALUES (?,?,?,?)",
+                            [(f"{study}.{e}", "ended", r["first_seen"] + shift, r["last_seen"] + shift) for r in tables["exams"]])
+        dst.executemany("INSERT INTO events(seq, key, type, study_uid, payload, created) VALUES (?,?,?,?,?,?)",
+                        [(r["seq"] + e * per_exam, sub(r["key"], e), r["type"], f"{study}.{e}", sub(r["payload"], e), r["created"] + shift)
+                         for r in tables["events"]])
+        for table, rows in read_model.items():
+            copied = [_copy_row(r, e, e * per_exam, sub) for r in rows]
+            if copied:
+                dst.executemany(f"INSERT INTO {table} VALUES ({','.join('?' * len(copied[0]))})", copied)
         dst.execute("COMMIT")
     last = dst.execute("SELECT MAX(seq) FROM events").fetchone()[0]
     for sink in ("jsonl", "stdout", "analysis"):
@@ -147,9 +167,28 @@ def fill(template_db: Path, target_db: Path, n_exams: int, now: float) -> dict:
     dst.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # as a database that has been running: no bulk WAL left to checkpoint
     dst.close()
     src.close()
-    counts = {t: len(rows) * n_exams for t, rows in tables.items()}
+    counts = {t: len(rows) * n_exams for t, rows in {**tables, **read_model}.items() if t in wanted or t in read_model}
     return {"exams": n_exams, "rows": counts, "fill_s": round(time.perf_counter() - t0, 1),
             "db_bytes": sum(p.stat().st_size for p in target_db.parent.glob(target_db.name + "*"))}
+
+
+SEQ_COLUMNS = ("seq", "last_seq", "completed_seq", "last_completed_seq")
+
+
+def _copy_row(row: dict, e: int, shift: int, sub) -> tuple:  # type: ignore[no-untyped-def]
+    """A read-model row of the template exam as exam e's: UIDs suffixed, seq columns shifted, alert ids
+    (hashes of keys) suffixed."""
+    alert = row.get("alert_id")
+    out = []
+    for k, v in row.items():
+        if isinstance(v, str):
+            v = sub(v, e)
+            if alert:
+                v = v.replace(alert, f"{alert}-{e}")
+        elif k in SEQ_COLUMNS and v is not None:
+            v += shift
+        out.append(v)
+    return tuple(out)
 
 
 def ingest_latency(files: list[str], state_dir: Path) -> dict:
@@ -190,6 +229,8 @@ def forget_exam(db: Path, files: list[str]) -> None:
         conn.execute("DELETE FROM series WHERE study_uid = ?", (study,))
         conn.execute("DELETE FROM exams WHERE study_uid = ?", (study,))
         conn.execute("DELETE FROM events WHERE study_uid = ?", (study,))
+        for table in READ_MODEL_TABLES:
+            conn.execute(f"DELETE FROM {table} WHERE study_uid = ?", (study,))
     conn.executemany("DELETE FROM files WHERE path = ?", [(f,) for f in files])
     conn.execute("COMMIT")
     conn.close()
@@ -221,6 +262,101 @@ def latency_pairs(files: list[str], work: Path, filled_dir: Path, repeats: int) 
         "filled_over_empty_median_of_pairs": {"per_file": ratio("per_file_ms"), "per_file_p95": ratio("per_file_ms", "p95"),
                                               "per_series": ratio("per_series_ms"), "exam_end": ratio("exam_end_ms", None)},
     }
+
+
+def event_cost(template_db: Path, db: Path, new_exams: int, first: int) -> dict:
+    """Record new_exams more copies of the template exam's events (UIDs suffixed first, first + 1, ...),
+    one transaction per event as the pipeline does, timing per event the write (event + read-model
+    projection) and the reads its consumers then make; the new exams are taken out again after."""
+    src = sqlite3.connect(str(template_db))
+    rows = src.execute("SELECT payload FROM events ORDER BY seq").fetchall()
+    series_uids = sorted({r[0] for r in src.execute("SELECT series_uid FROM series")}, key=len, reverse=True)
+    study = src.execute("SELECT study_uid FROM exams").fetchone()[0]
+    src.close()
+
+    def sub(text: str, e: int) -> str:
+        for uid in series_uids:
+            text = text.replace(uid, f"{uid}.{e}")
+        return text.replace(study, f"{study}.{e}")
+
+    store = StateStore(db)
+    rm = store.read_model
+    write, read = [], []
+    for e in range(first, first + new_exams):
+        uid = f"{study}.{e}"
+        for (payload,) in rows:
+            ev = parse_event(sub(payload, e))
+            t0 = time.perf_counter()
+            with store.transaction():
+                store.append_event(ev)
+            t1 = time.perf_counter()
+            rm.latest_series(uid)
+            rm.exam(uid)
+            list(rm.findings(uid))
+            t2 = time.perf_counter()
+            write.append(t1 - t0)
+            read.append(t2 - t1)
+    n_events = store.count_events()
+    store.close()
+    conn = sqlite3.connect(str(db), isolation_level=None)
+    conn.execute("BEGIN")
+    for e in range(first, first + new_exams):
+        for table in ("events", *READ_MODEL_TABLES):
+            conn.execute(f"DELETE FROM {table} WHERE study_uid = ?", (f"{study}.{e}",))
+    conn.execute("COMMIT")
+    conn.close()
+    q = statistics.quantiles
+    return {"events_in_state": n_events, "events_timed": len(write),
+            "write_ms": {"median": round(1000 * statistics.median(write), 3), "p95": round(1000 * q(write, n=20)[18], 3)},
+            "reads_ms": {"median": round(1000 * statistics.median(read), 3), "p95": round(1000 * q(read, n=20)[18], 3)}}
+
+
+def first_reads(db: Path) -> dict:
+    """After a restart: the console's exam list and the shadow-mode exam count, from the read model,
+    against what they cost before it (examview.ExamIndex replayed the whole log on first use, and the
+    count was a COUNT(DISTINCT) over the events)."""
+    store = StateStore(db)
+    rm = store.read_model
+    t0 = time.perf_counter()
+    rm.exams(limit=50)
+    rm.exams_with_image_results()
+    t1 = time.perf_counter()
+    seq, n = 0, 0
+    while batch := store.events_after(seq, limit=1000):  # the old ExamIndex.refresh
+        seq, n = batch[-1].seq or seq, n + len(batch)
+    conn = sqlite3.connect(str(db))
+    conn.execute("SELECT COUNT(DISTINCT study_uid) FROM events WHERE type IN ('series_classified', 'triage_result')").fetchone()
+    conn.close()
+    t2 = time.perf_counter()
+    store.close()
+    return {"read_model_ms": round(1000 * (t1 - t0), 3), "log_replay_as_before_ms": round(1000 * (t2 - t1), 3), "events_replayed": n}
+
+
+def event_cost_pairs(template_db: Path, work: Path, n_exams: int, repeats: int, now: float) -> dict:
+    """Per-event cost, empty state against one holding n_exams exams' events and read model (the
+    events and read-model tables filled; files and instances are item 2's and play no part here)."""
+    filled = work / "events-filled" / "state.sqlite"
+    meta = fill(template_db, filled, n_exams, now, only=("events",))
+    runs: dict[str, list[dict]] = {"empty": [], "filled": []}
+    for i in range(repeats):
+        empty = work / f"events-empty{i}" / "state.sqlite"
+        StateStore(empty).close()
+        runs["empty"].append(event_cost(template_db, empty, 20, n_exams + 1))
+        runs["filled"].append(event_cost(template_db, filled, 20, n_exams + 1))
+        shutil.rmtree(empty.parent, ignore_errors=True)
+
+    def ratio(part: str) -> float:
+        return round(statistics.median(f[part]["median"] / e[part]["median"] for e, f in zip(runs["empty"], runs["filled"])), 3)
+
+    store = StateStore(filled)
+    t0 = time.perf_counter()
+    replayed = store.rebuild_read_model()  # what the upgrade of a year-old database costs, once
+    rebuild = {"events": replayed, "seconds": round(time.perf_counter() - t0, 2)}
+    store.close()
+    return {"filled_state": meta, "repeats": runs, "first_reads_after_restart": {"filled": first_reads(filled)},
+            "rebuild_from_log": rebuild,
+            "filled_over_empty_median_of_pairs": {"write": ratio("write_ms"), "reads": ratio("reads_ms")},
+            "target_ratio": 1.2}
 
 
 def retention_figures(state_dir: Path, n_files: int, now: float) -> dict:
@@ -260,7 +396,10 @@ def main() -> int:
     parser.add_argument("--exams", type=int, default=10_000, help="exams in the filled state")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--received-files", type=int, default=20_000)
+    parser.add_argument("--events-only", action="store_true", help="only the per-event cost (item 4), into scale.json's event_cost")
     args = parser.parse_args()
+    if args.events_only:
+        return events_only(args)
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="scanside-scale-"))
     try:
@@ -280,6 +419,8 @@ def main() -> int:
         now = time.time()
         filled_meta = fill(work / "template" / "state.sqlite", work / "filled" / "state.sqlite", args.exams, now)
         print(f"filled: {filled_meta}", flush=True)
+        ev_cost = event_cost_pairs(work / "template" / "state.sqlite", work, args.exams, args.repeats, now)
+        print(f"per-event cost filled/empty {ev_cost['filled_over_empty_median_of_pairs']}", flush=True)
         lat = latency_pairs(files, work, work / "filled", args.repeats)
         print(f"latency medians {lat['median']}; filled/empty {lat['filled_over_empty_median_of_pairs']}", flush=True)
         ret = retention_figures(work / "filled", args.received_files, now)
@@ -293,11 +434,37 @@ def main() -> int:
             "latency": {"exam": {"vendor": "siemens", "profile": "prostate-bpmri", "files": len(files), "series": len(truth.series)},
                         "filled_state": filled_meta, **lat, "target_ratio": 1.2},
             "retention": ret,
+            "event_cost": ev_cost,
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def events_only(args: argparse.Namespace) -> int:
+    work = Path(tempfile.mkdtemp(prefix="scanside-scale-"))
+    try:
+        exam = work / "exam"
+        truth = simulate_exam("siemens", exam, 3, profile="prostate-bpmri")
+        ingest_latency([str(exam / f) for s in truth.series for f in s.files], work / "template")
+        pin_one_core()
+        cost = event_cost_pairs(work / "template" / "state.sqlite", work, args.exams, args.repeats, time.time())
+        cost["command"] = "nice -n 10 .venv/bin/python bench/bench_scale.py " + " ".join(sys.argv[1:])
+        cost["loadavg"] = os.getloadavg()
+        print(json.dumps({k: cost[k] for k in ("filled_state", "filled_over_empty_median_of_pairs", "first_reads_after_restart",
+                                               "rebuild_from_log")}),
+              flush=True)
+        for kind, runs in cost["repeats"].items():
+            print(kind, [(r["write_ms"]["median"], r["reads_ms"]["median"]) for r in runs], flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    path = RESULTS / "scale.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result["event_cost"] = cost
+    RESULTS.mkdir(exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 
