@@ -135,6 +135,7 @@ class WebhookConfig(_Section):
     backoff_initial_s: float = Field(1.0, gt=0, description="first retry delay; doubles per failed attempt")
     backoff_max_s: float = Field(300.0, gt=0, description="retry delay cap (a receiver's Retry-After is honoured up to this)")
     backoff_jitter: float = Field(0.5, ge=0, le=1, description="each delay is scaled by a random factor in [1 - jitter, 1]")
+    max_attempts: int = Field(50, ge=1, description="failed attempts on one event (connection errors, 5xx, 401/403/404/429, ...) before it becomes a dead letter (recorded in the state database, skipped; agent.retry); ~4 h with the default delays")
 
 
 class DicomSendConfig(_Section):
@@ -148,6 +149,7 @@ class DicomSendConfig(_Section):
     network_timeout_s: float = Field(60.0, gt=0)
     backoff_initial_s: float = Field(5.0, gt=0)
     backoff_max_s: float = Field(600.0, gt=0)
+    max_attempts: int = Field(30, ge=1, description="failed C-STOREs of one exam's objects (no association, timeouts, out of resources) before they become a dead letter (agent.retry); ~4 h with the default delays")
 
 
 class DicomOutputConfig(_Section):
@@ -157,6 +159,7 @@ class DicomOutputConfig(_Section):
     series_number_seg: int = Field(9902, ge=1, description="series number of the SEG series")
     manufacturer: str = "scanside"
     institution_name: Optional[str] = None
+    write_max_attempts: int = Field(500, ge=1, description="failed writes of one exam's objects to the folder (full, read-only, I/O error; retried every 1 to 10 s, about 80 min in all, /readyz false meanwhile) before they become a dead letter (agent.retry)")
 
 
 class ProtocolConfig(_Section):
@@ -176,7 +179,17 @@ class ProtocolConfig(_Section):
         return self
 
 
+def _legacy_env_paths(name: str) -> list[Path]:
+    """The model store's environment names from before [engines] had these keys (SCANSIDE_MODELS_DIR, ...):
+    read here, as defaults below SCANSIDE_ENGINES__*, so that no module outside the configuration reads them."""
+    return [Path(p) for p in os.environ.get(name, "").split(os.pathsep) if p]
+
+
 class EnginesConfig(_Section):
+    models_dirs: list[Path] = Field(default_factory=lambda: _legacy_env_paths("SCANSIDE_MODELS_DIR"), description="model store folders searched in order (empty: the models shipped in the package); default from SCANSIDE_MODELS_DIR (os.pathsep-separated)")
+    user_models_dir: Optional[Path] = Field(default_factory=lambda: next(iter(_legacy_env_paths("SCANSIDE_USER_MODELS_DIR")), None), description="bring-your-own models, searched after models_dirs (scanside models add writes there); default from SCANSIDE_USER_MODELS_DIR")
+    preference: list[Literal["tensorrt", "openvino", "onnxruntime", "triton"]] = Field(default_factory=lambda: [b.strip() for b in os.environ.get("SCANSIDE_ENGINE_PREFERENCE", "").split(",") if b.strip()], description="back-end order (empty: automatic, engines.store.default_preference); default from SCANSIDE_ENGINE_PREFERENCE")
+    cache_dir: Optional[Path] = Field(default_factory=lambda: next(iter(_legacy_env_paths("SCANSIDE_CACHE_DIR")), None), description="compiled-model caches (OpenVINO); default from SCANSIDE_CACHE_DIR, else ~/.cache/scanside")
     int8_tolerance: Optional[float] = Field(0.02, ge=0, le=1, description="parity gate: an INT8 model variant or plan is refused unless its manifest's parity report (scanside convert parity) was measured on that file and its loss (1 - Dice against FP32, accuracy or AUROC drop) is at most this; unset disables the gate")
     parity_data: Literal["real", "any"] = Field("real", description="real: an INT8 variant runs only where its parity report was measured on real DICOM (scanside convert calibrate/parity --data on the site's exams), else FP32 runs; any: simulated-only parity is accepted too (the demo and the simulator)")
 

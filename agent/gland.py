@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Literal, Optional, Sequence, Union
 
 import numpy as np
 from scipy import ndimage
@@ -344,8 +344,10 @@ class GlandService:
     Disabled (returns None) when the model is not in the store; never raises on bad input."""
 
     def __init__(self, store: Any, *, model: str = AUTO, variant: Optional[str] = None,
-                 windows: Windows = "center") -> None:
+                 windows: Windows = "center", on_failure: Optional[Callable[[BaseException], None]] = None) -> None:
+        """on_failure: told of each segmentation that failed (the daemon counts it and logs the reason)."""
         self.store, self.variant, self.windows = store, variant, windows
+        self.on_failure = on_failure
         self.requested = model
         self.model: Optional[str] = resolve_model(store, model)
         self._engine: Any = None
@@ -372,7 +374,10 @@ class GlandService:
         try:
             return segment(eng, t2w, windows=self.windows)
         except Exception as e:
-            log.warning("gland segmentation failed: %s", type(e).__name__)
+            if self.on_failure is not None:
+                self.on_failure(e)
+            else:
+                log.error("gland segmentation failed: %s", type(e).__name__)
             return None
 
     def segment_series(self, summary: Any, refs: Sequence[Any]) -> Optional[GlandResult]:

@@ -177,12 +177,12 @@ class ImageClassifier:
         self._gate: Optional[UncertaintyGate] = None
         self._ood: Optional[tuple[np.ndarray, np.ndarray]] = None
 
-    def _ensure(self):
+    def load(self):
         with self._lock:
             if self._engine is None:
                 if self._store is None:
-                    from engines.store import ModelStore
-                    self._store = ModelStore()
+                    from agent.model_store import open_model_store
+                    self._store = open_model_store()
                 engine, sel = self._store.open(self.model_ref, variant=self.variant)
                 self._engine, self.manifest, self.backend = engine, engine.manifest, sel.backend
                 if not self.manifest.labels or not self.manifest.preprocessing:
@@ -200,7 +200,7 @@ class ImageClassifier:
 
     @property
     def gate(self) -> UncertaintyGate:
-        self._ensure()
+        self.load()
         return self._gate  # type: ignore[return-value]
 
     # -- inputs ------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ class ImageClassifier:
         """(C, d0, d1, d2) float32 model input for one volume."""
         from engines.preprocess import prepare
 
-        self._ensure()
+        self.load()
         spec = self.manifest.preprocessing
         if not np.isfinite(volume.array).all():
             volume = Volume.from_array_affine(np.nan_to_num(volume.array, nan=0.0, posinf=0.0, neginf=0.0),
@@ -240,7 +240,7 @@ class ImageClassifier:
     def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """(N, C, ...) prepared inputs -> raw probabilities (N, n_labels) and the OOD distance / threshold
         (N,), None where the model has no OOD statistics."""
-        engine = self._ensure()
+        engine = self.load()
         m = self.manifest
         out = engine.run({m.inputs[0].name: np.ascontiguousarray(batch, dtype=np.float32)})
         probs = np.asarray(out[m.outputs[0].name], dtype=np.float64)
@@ -252,7 +252,7 @@ class ImageClassifier:
     def label_of(self, probs: np.ndarray, frames_used: Optional[int] = None, ood: Optional[float] = None) -> ImageLabel:
         """One ImageLabel from raw probabilities and the OOD ratio: temperature-scaled, and `uncertain` below
         the gate's calibrated confidence or above its OOD threshold (neither raises an alert)."""
-        self._ensure()
+        self.load()
         gate = self._gate or UncertaintyGate()
         labels = list(self.manifest.labels)
         p = calibrated(probs, gate.temperature) if gate.temperature != 1.0 else np.asarray(probs, np.float64)
@@ -271,7 +271,7 @@ class ImageClassifier:
                  cache: Optional[dict] = None) -> ImageLabel:
         """A Volume, a SeriesPart or FrameRefs (with their FrameInfos, else headers are read) -> ImageLabel.
         Raises ImageLabelError for series that cannot be turned into one volume."""
-        self._ensure()
+        self.load()
         vol, n = self.volume_of(source, frames, cache)
         if min(vol.shape) < 1 or vol.array.size < 4:
             raise ImageLabelError("too_small", f"volume shape {vol.shape}")

@@ -312,6 +312,10 @@ class StateStore:
             return self._q("SELECT * FROM dead_letters WHERE sink = ? ORDER BY seq", (sink,))
         return self._q("SELECT * FROM dead_letters ORDER BY sink, seq")
 
+    def dead_letter_counts(self) -> dict[str, int]:
+        """Dead letters per output (scanside_output_dead_letters_total)."""
+        return {r["sink"]: int(r["n"]) for r in self._q("SELECT sink, COUNT(*) AS n FROM dead_letters GROUP BY sink")}
+
     def exams_with(self, types: tuple[str, ...]) -> int:
         """How many exams have at least one event of these types."""
         marks = ",".join("?" * len(types))

@@ -16,7 +16,7 @@ def test_off_by_default_and_the_command_adapts_from_the_agents_own_state():
     c = _config()
     assert c.adapt.enabled is False
     s = AdaptScheduler(c, lambda: 100, lambda r: None).start()
-    assert s._thread is None
+    assert not s.running
     cmd = adapt_command(_config(user_dir="/models/user"))
     assert cmd[cmd.index("--from-state") + 1] == "/tmp/st" and cmd[cmd.index("--user-dir") + 1] == "/models/user"
     assert "adapt" in cmd and "sequence-classifier" in cmd
