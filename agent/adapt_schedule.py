@@ -70,7 +70,7 @@ class AdaptScheduler(Worker):
             return None
         self._exams_at_last_run = n
         t0 = time.time()
-        env = dict(os.environ)
+        env = child_environment(self.config)
         try:
             proc = subprocess.run(self.command, capture_output=True, text=True, env=env,
                                   timeout=self.config.adapt.timeout_s, preexec_fn=_lower_priority)
@@ -84,6 +84,15 @@ class AdaptScheduler(Worker):
         if result.get("decision") == "promoted":
             self.on_promoted(result)
         return result
+
+
+def child_environment(config: Any) -> dict[str, str]:
+    """The child's environment: this one, with the agent's configured model store folders (a [engines]
+    models_dirs set in the file is otherwise unknown to `scanside models adapt`)."""
+    env = dict(os.environ)
+    if config.engines.models_dirs:
+        env["SCANSIDE_MODELS_DIR"] = os.pathsep.join(str(p) for p in config.engines.models_dirs)
+    return env
 
 
 def _lower_priority() -> None:  # pragma: no cover - runs in the child

@@ -179,17 +179,11 @@ class ProtocolConfig(_Section):
         return self
 
 
-def _legacy_env_paths(name: str) -> list[Path]:
-    """The model store's environment names from before [engines] had these keys (SCANSIDE_MODELS_DIR, ...):
-    read here, as defaults below SCANSIDE_ENGINES__*, so that no module outside the configuration reads them."""
-    return [Path(p) for p in os.environ.get(name, "").split(os.pathsep) if p]
-
-
 class EnginesConfig(_Section):
-    models_dirs: list[Path] = Field(default_factory=lambda: _legacy_env_paths("SCANSIDE_MODELS_DIR"), description="model store folders searched in order (empty: the models shipped in the package); default from SCANSIDE_MODELS_DIR (os.pathsep-separated)")
-    user_models_dir: Optional[Path] = Field(default_factory=lambda: next(iter(_legacy_env_paths("SCANSIDE_USER_MODELS_DIR")), None), description="bring-your-own models, searched after models_dirs (scanside models add writes there); default from SCANSIDE_USER_MODELS_DIR")
-    preference: list[Literal["tensorrt", "openvino", "onnxruntime", "triton"]] = Field(default_factory=lambda: [b.strip() for b in os.environ.get("SCANSIDE_ENGINE_PREFERENCE", "").split(",") if b.strip()], description="back-end order (empty: automatic, engines.store.default_preference); default from SCANSIDE_ENGINE_PREFERENCE")
-    cache_dir: Optional[Path] = Field(default_factory=lambda: next(iter(_legacy_env_paths("SCANSIDE_CACHE_DIR")), None), description="compiled-model caches (OpenVINO); default from SCANSIDE_CACHE_DIR, else ~/.cache/scanside")
+    models_dirs: list[Path] = Field(default_factory=list, description="model store folders searched in order (empty: the models shipped in the package); also SCANSIDE_MODELS_DIR (os.pathsep-separated)")
+    user_models_dir: Optional[Path] = Field(None, description="bring-your-own models, searched after models_dirs (scanside models add writes there); also SCANSIDE_USER_MODELS_DIR")
+    preference: list[Literal["tensorrt", "openvino", "onnxruntime", "triton"]] = Field(default_factory=list, description="back-end order (empty: automatic, engines.store.default_preference); also SCANSIDE_ENGINE_PREFERENCE (comma-separated)")
+    cache_dir: Optional[Path] = Field(None, description="compiled-model caches (OpenVINO, ONNX Runtime's TensorRT); empty: ~/.cache/scanside; also SCANSIDE_CACHE_DIR")
     int8_tolerance: Optional[float] = Field(0.02, ge=0, le=1, description="parity gate: an INT8 model variant or plan is refused unless its manifest's parity report (scanside convert parity) was measured on that file and its loss (1 - Dice against FP32, accuracy or AUROC drop) is at most this; unset disables the gate")
     parity_data: Literal["real", "any"] = Field("real", description="real: an INT8 variant runs only where its parity report was measured on real DICOM (scanside convert calibrate/parity --data on the site's exams), else FP32 runs; any: simulated-only parity is accepted too (the demo and the simulator)")
 
@@ -303,8 +297,9 @@ class AgentConfig(BaseSettings):
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
                                    env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
-        # command line (init: load_config's overrides) > environment > file (load_config's TOML) > defaults
-        return (init_settings, env_settings, _FileSource(settings_cls))
+        # command line (init: load_config's overrides) > environment > the model store's own environment
+        # names > file (load_config's TOML) > defaults
+        return (init_settings, env_settings, _StoreEnvSource(settings_cls), _FileSource(settings_cls))
 
     @property
     def db_path(self) -> Path:
@@ -327,6 +322,14 @@ class ConfigError(Exception):
     pass
 
 
+class ToolSettings(BaseSettings):
+    """Environment settings of the command-line tools, not of the agent (no file): SCANSIDE_QUIET=1 is
+    `scanside --quiet` (no progress meters on stderr)."""
+
+    model_config = SettingsConfigDict(env_prefix="SCANSIDE_", extra="ignore")
+    quiet: bool = Field(False, description="no progress meters on stderr")
+
+
 _FILE_DATA: "ContextVar[dict[str, Any]]" = ContextVar("scanside_config_file", default={})
 
 
@@ -338,6 +341,28 @@ class _FileSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return dict(_FILE_DATA.get())
+
+
+class _StoreEnvSource(PydanticBaseSettingsSource):
+    """The model store's environment names, older than its [engines] keys and still used by the tools
+    without a configuration (engines.store's library defaults): read here for the agent, below the
+    SCANSIDE_ENGINES__* names, so that the agent's store settings all come through its configuration."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        env, out = os.environ, {}
+        paths = [p for p in env.get("SCANSIDE_MODELS_DIR", "").split(os.pathsep) if p]
+        if paths:
+            out["models_dirs"] = paths
+        for name, key in (("SCANSIDE_USER_MODELS_DIR", "user_models_dir"), ("SCANSIDE_CACHE_DIR", "cache_dir")):
+            if env.get(name):
+                out[key] = env[name]
+        order = [b.strip() for b in env.get("SCANSIDE_ENGINE_PREFERENCE", "").split(",") if b.strip()]
+        if order:
+            out["preference"] = order
+        return {"engines": out} if out else {}
 
 
 def load_config(path: Optional[os.PathLike[str] | str] = None, **overrides: Any) -> AgentConfig:

@@ -10,7 +10,7 @@ from engines.store import ModelStore
 
 
 def open_model_store(config: Union[AgentConfig, EnginesConfig, None] = None, **kw: Any) -> ModelStore:
-    """A ModelStore with the configuration's [engines] settings (None: the defaults, environment included).
-    kw: extras for tests and tools (tensorrt_probe, engine_options)."""
+    """A ModelStore with the configuration's [engines] settings (None: the defaults and the environment,
+    as the agent would read them without a file). kw: extras for tests and tools (tensorrt_probe, engine_options)."""
     engines: Optional[EnginesConfig] = config.engines if isinstance(config, AgentConfig) else config
-    return ModelStore.from_settings(engines if engines is not None else EnginesConfig(), **kw)
+    return ModelStore.from_settings(engines if engines is not None else AgentConfig().engines, **kw)

@@ -10,7 +10,6 @@ plain lines when stderr is not one (a log file, CI, journald: no carriage return
 """
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -29,7 +28,12 @@ def set_quiet(quiet: bool) -> None:
 def quiet() -> bool:
     if _QUIET is not None:
         return _QUIET
-    return os.environ.get("SCANSIDE_QUIET", "").strip().lower() in ("1", "true", "yes")
+    from agent.config import ToolSettings
+
+    try:
+        return ToolSettings().quiet
+    except ValueError:  # SCANSIDE_QUIET=maybe: meters stay on, as before
+        return False
 
 
 class _Lines:

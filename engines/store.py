@@ -264,6 +264,7 @@ class ModelStore:
         options = {k: dict(v) for k, v in (kw.pop("engine_options", None) or {}).items()}
         if settings.cache_dir is not None:
             options.setdefault("openvino", {}).setdefault("cache_dir", Path(settings.cache_dir) / "openvino")
+            options.setdefault("onnxruntime", {}).setdefault("cache_dir", Path(settings.cache_dir))
         return cls(list(settings.models_dirs) or None, user_dir=settings.user_models_dir,
                    preference=list(settings.preference) or None, int8_tolerance=settings.int8_tolerance,
                    parity_data=settings.parity_data, engine_options=options, **kw)

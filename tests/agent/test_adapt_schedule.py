@@ -43,3 +43,10 @@ def test_a_failing_run_is_recorded_not_raised():
                        command=[sys.executable, "-c", "import sys; sys.exit('boom')"])
     r = s.run_if_due()
     assert r["decision"] == "error" and "boom" in r["reason"]
+
+
+def test_the_child_sees_the_configured_model_store(tmp_path):
+    from agent.adapt_schedule import child_environment
+
+    c = AgentConfig.model_validate({"watch": {"folder": "/tmp/x"}, "engines": {"models_dirs": [str(tmp_path / "m")]}})
+    assert child_environment(c)["SCANSIDE_MODELS_DIR"] == str(tmp_path / "m")
