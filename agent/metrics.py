@@ -243,7 +243,7 @@ class AgentMetrics:
         """Record the engine (engine info) and time every `engine.run` from now on; returns the engine."""
         self.engine_loaded(engine)
         run = engine.run
-        if getattr(run, "scanside_timed", False):
+        if getattr(run, "timed_by_metrics", False):
             return engine
 
         def timed_run(inputs: Any) -> Any:
@@ -253,7 +253,7 @@ class AgentMetrics:
             finally:
                 self.observe_inference(engine, time.perf_counter() - t0)
 
-        timed_run.scanside_timed = True  # type: ignore[attr-defined]
+        timed_run.timed_by_metrics = True  # type: ignore[attr-defined]
         engine.run = timed_run
         return engine
 

@@ -177,7 +177,8 @@ class SinkRunner(Worker):
         self.persistent = persistent
         self._mem_cursors: dict[str, int] = {}
         self.worker = WorkerThread(f"scanside-{name}", self._run, wake=self._wake)
-        self._backoff: dict[str, float] = {}
+        self._backoff: dict[str, float] = {}  # sink -> monotonic time before which it is not pumped
+        self._unexpected: dict[str, Backoff] = {}  # sink -> backoff after failures it did not classify
         self.idle_wait_s = 0.5  # also the granularity of a sink's retry delay
 
     def add(self, sink: Sink, from_now: bool = False) -> None:
@@ -209,11 +210,13 @@ class SinkRunner(Worker):
                     self._set_cursor(sink, event.seq or 0)
                     delivered += 1
                 self._backoff.pop(sink.name, None)
-            except RetryLater as exc:  # the sink logged it and chose the delay
+                self._unexpected.pop(sink.name, None)
+            except RetryLater as exc:  # the sink logged it and chose the delay (agent.retry)
                 self._backoff[sink.name] = time.monotonic() + exc.retry_after_s
-            except Exception as exc:
-                log.warning("sink %s failed: %s", sink.name, exc)
-                self._backoff[sink.name] = time.monotonic() + 2.0
+            except Exception as exc:  # a failure the sink did not classify: a bug, said at ERROR, retried slower
+                delay = self._unexpected.setdefault(sink.name, Backoff(2.0, 60.0, jitter=0.0)).next()
+                log.error("sink %s failed: %s; retrying in %.0f s", sink.name, f"{type(exc).__name__}: {exc}", delay)
+                self._backoff[sink.name] = time.monotonic() + delay
         return delivered
 
     def _run(self, stop: threading.Event) -> None:
