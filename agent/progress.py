@@ -17,6 +17,8 @@ from typing import Any, Iterable, Iterator, Optional, TextIO
 
 from tqdm import tqdm
 
+from agent.lifecycle import WorkerThread
+
 _QUIET: Optional[bool] = None
 
 
@@ -114,17 +116,15 @@ class Every:
 
     def __init__(self, seconds: float, fn: Any):
         self.seconds, self.fn = seconds, fn
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="scanside-progress", daemon=True)
+        self.worker = WorkerThread("scanside-progress", self._loop)
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.seconds):
+    def _loop(self, stop: threading.Event) -> None:
+        while not stop.wait(self.seconds):
             self.fn()
 
     def __enter__(self) -> "Every":
-        self._thread.start()
+        self.worker.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        self.worker.stop()

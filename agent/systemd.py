@@ -89,9 +89,8 @@ class Notifier:
             step = self._next_id
             self._next_id += 1
             self._long_steps[step] = min(start + seconds, limit)
-        done = threading.Event()
 
-        def refresh() -> None:
+        def refresh(done: threading.Event) -> None:
             while not done.wait(seconds / 2):
                 now = time.monotonic()
                 if now >= limit:
@@ -101,13 +100,11 @@ class Notifier:
                 self.extend(seconds)
 
         self.extend(seconds)
-        thread = threading.Thread(target=refresh, name="scanside-sd-extend", daemon=True)
-        thread.start()
+        worker = WorkerThread("scanside-sd-extend", refresh).start()
         try:
             yield
         finally:
-            done.set()
-            thread.join(timeout=5)
+            worker.stop(timeout=5)
             with self._lock:
                 self._long_steps.pop(step, None)
 
