@@ -129,11 +129,12 @@ class Agent:
         return self
 
     def start_api(self) -> str:
-        """Serve the HTTP API, /metrics and the console ([api] host/port); returns its URL."""
-        if self.api is None:
-            self.api = ApiServer(self)
-            self.supervisor.add(self.api)
-        self.supervisor.start()  # starts what is not running yet
+        """Serve the HTTP API, /metrics and the console ([api] host/port) beside the running agent; returns
+        its URL. A port that is taken raises and leaves the agent running (the demo then tries port 0)."""
+        if self.api is None or not self.api.alive():
+            api = ApiServer(self)
+            self.supervisor.start_one(api)
+            self.api = api
         return self.api.url
 
     @property

@@ -177,6 +177,15 @@ class Supervisor:
             log.debug("started %s", entry.component.name)
         return self
 
+    def start_one(self, component: Component, stall_after_s: Optional[float] = None) -> Component:
+        """Start one more component beside the running ones (an API server asked for later). A failed
+        start raises and leaves the others running; a stopped component of the same name is replaced."""
+        component.start()
+        with self._lock:
+            self._entries = [e for e in self._entries if e.component.name != component.name]
+            self._entries.append(_Entry(component, stall_after_s, started=True))
+        return component
+
     def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> None:
         """Stop every started component in reverse start order; one that fails to stop does not keep
         the others running."""

@@ -129,3 +129,39 @@ def test_a_component_that_dies_makes_readyz_fail_and_stops_the_watchdog(tmp_path
     finally:
         monkeypatch.undo()  # stopping pumps the outputs once more, in this thread
         agent.stop()
+
+
+def test_a_component_started_later_fails_alone_and_is_replaced_by_its_next_try():
+    log: list[str] = []
+    sup = Supervisor()
+    sup.add(Recorder("ingest", log))
+    sup.start()
+    try:
+        with pytest.raises(RuntimeError):
+            sup.start_one(Recorder("api", log, fail_start=True))
+        assert sup.names == ["ingest"] and sup.healthy()  # the running parts keep running
+        api = sup.start_one(Recorder("api", log))
+        assert sup.names == ["ingest", "api"] and api.alive()
+        log.clear()
+    finally:
+        sup.stop()
+    assert log == ["stop api", "stop ingest"]
+
+
+@pytest.mark.timeout(60)
+def test_start_api_on_a_taken_port_leaves_the_agent_running(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        agent = _live.start(tmp_path, **{"api.enabled": False, "api.port": taken.getsockname()[1]})
+        try:
+            with pytest.raises(RuntimeError, match="could not listen"):
+                agent.start_api()
+            assert agent.healthy() and agent.ingestor.alive()
+            agent.config.api.port = 0
+            url = agent.start_api()
+            assert httpx.get(f"{url}/readyz").status_code == 200
+        finally:
+            agent.stop()
