@@ -40,6 +40,7 @@ from agent.events import AlertAcknowledged
 from agent.examview import ExamBrief, ExamIndex, ExamView, Requirement, exam_view
 from agent.health import disk_check
 from agent.lifecycle import Worker, WorkerThread
+from agent.retry import DeadLetter
 
 if TYPE_CHECKING:  # pragma: no cover
     from agent.daemon import Agent
@@ -304,6 +305,12 @@ def create_app(agent: Optional["Agent"] = None, *, requirements: Optional[Callab
     def list_alerts(open: bool = False, unassigned: bool = False, study_uid: Optional[str] = None) -> list[Alert]:
         return need_index().list_alerts(open_only=open, unassigned=unassigned,
                                         study_uid=valid_uid(study_uid) if study_uid else None)
+
+    @app.get("/v1/dead-letters", response_model=list[DeadLetter], tags=["outputs"], dependencies=[Depends(auth)])
+    def list_dead_letters(output: Optional[str] = None) -> list[DeadLetter]:
+        """Events an output (webhook, dicom) gave up on, oldest first per output (agent.retry)."""
+        return [DeadLetter(output=r["sink"], seq=r["seq"], key=r["key"], reason=r["reason"], detail=r["detail"] or "",
+                           created=r["created"]) for r in need_agent().store.dead_letters(output)]
 
     @app.post("/v1/alerts/{alert_id}/ack", response_model=AckResult, tags=["alerts"], dependencies=[Depends(auth)])
     def ack_alert(alert_id: str, body: Optional[AckRequest] = None) -> AckResult:

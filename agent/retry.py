@@ -22,6 +22,8 @@ import random
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
+from pydantic import BaseModel
+
 from agent.events import Event
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,17 @@ class DeadLetterStore(Protocol):
     """Where dead letters are recorded (agent.state.StateStore)."""
 
     def record_dead_letter(self, sink: str, seq: int, key: str, reason: str, detail: str = "") -> None: ...
+
+
+class DeadLetter(BaseModel):
+    """One event an output gave up on (GET /v1/dead-letters): no patient data, the event key and seq only."""
+
+    output: str
+    seq: int
+    key: str
+    reason: str
+    detail: str
+    created: float  # time.time() when it was given up on
 
 
 class Backoff:

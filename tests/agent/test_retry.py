@@ -139,6 +139,8 @@ def test_dead_letters_are_counted_in_the_metric(tmp_path):
             n = len(agent.store.dead_letters("webhook"))
             metrics = httpx.get(f"{agent.api_url}/metrics").text
             assert _sample(metrics, "scanside_output_dead_letters_total", output="webhook") == n >= 1
+            listed = httpx.get(f"{agent.api_url}/v1/dead-letters", params={"output": "webhook"}).json()
+            assert len(listed) == n and listed[0]["reason"] == "HTTP 400" and listed[0]["output"] == "webhook"
         finally:
             agent.stop()
     finally:
