@@ -39,3 +39,41 @@ def test_the_lint_catches_a_private_reach(tmp_path):
     (tmp_path / "agent" / "reach.py").write_text("def f(tracker):\n    tracker._ended.clear()\n")
     proc = _check("--config", str(ROOT / "pyproject.toml"), "agent", cwd=tmp_path)
     assert proc.returncode == 1 and "SLF001" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _python_files():
+    for package in PACKAGES:
+        yield from sorted((ROOT / package).rglob("*.py"))
+
+
+def _uses(path: Path, owner: str, names: set[str]) -> list[int]:
+    """Lines of `owner.name` attribute uses (threading.Thread, os.environ, os.getenv) in one file."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr in names
+            and isinstance(node.value, ast.Name) and node.value.id == owner]
+
+
+def test_threads_are_started_only_by_the_lifecycle_helper():
+    """One worker-thread helper (agent.lifecycle.WorkerThread) instead of thread boilerplate per module."""
+    found = {str(p.relative_to(ROOT)): lines for p in _python_files() if (lines := _uses(p, "threading", {"Thread"}))}
+    assert set(found) <= {"agent/lifecycle.py"}, f"threading.Thread outside agent/lifecycle.py: {found}"
+
+
+# the environment names read outside agent/config.py, and why each is not an agent setting
+ENV_READERS = {
+    "agent/systemd.py": "NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID: the service manager's protocol",
+    "agent/malloc.py": "MALLOC_ARENA_MAX: glibc's own variable (set by the operator or not)",
+    "agent/siteconfig.py": "unknown SCANSIDE_* names: the configuration's own check",
+    "agent/adapt_schedule.py": "the child's environment (a copy, plus the configured model store folders)",
+    "engines/base.py": "SCANSIDE_CACHE_DIR: the tools' default cache (the agent passes [engines] cache_dir)",
+    "engines/store.py": "the tools' store defaults (the agent passes every [engines] key: ModelStore.from_settings)",
+}
+
+
+def test_settings_are_read_by_the_configuration():
+    found = {str(p.relative_to(ROOT)) for p in _python_files() if _uses(p, "os", {"environ", "getenv"})}
+    assert found - {"agent/config.py"} <= set(ENV_READERS), \
+        f"environment read outside agent/config.py (route it through the configuration): {sorted(found - set(ENV_READERS))}"
