@@ -61,11 +61,9 @@ class WorkerThread:
         return self
 
     def _run(self) -> None:
-        try:
-            self.body(self.stopping)
-        except Exception:  # the body's own loop catches what it can; this one is a dead worker
-            log.exception("worker %s died", self.name)
-            raise
+        # what the body's own loop does not catch ends the thread: threading.excepthook logs it (agent.redact
+        # installs one that keeps paths out), alive() turns false, and the Supervisor reports the worker dead
+        self.body(self.stopping)
 
     def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> None:
         self.stopping.set()
