@@ -18,6 +18,8 @@ import threading
 import time
 from typing import Any, Callable, List, Optional
 
+from agent.lifecycle import Worker, WorkerThread
+
 log = logging.getLogger(__name__)
 
 
@@ -30,32 +32,35 @@ def adapt_command(config: Any) -> List[str]:
                   "--threads", str(a.threads), "--json"]
 
 
-class AdaptScheduler:
+class AdaptScheduler(Worker):
     def __init__(self, config: Any, exam_count: Callable[[], int], on_promoted: Callable[[dict], None],
                  command: Optional[List[str]] = None) -> None:
         self.config = config
         self.exam_count = exam_count
         self.on_promoted = on_promoted
         self.command = command or adapt_command(config)
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self.worker = WorkerThread("adapt-schedule", self._loop)
         self._exams_at_last_run = 0
         self.last: Optional[dict] = None
 
+    name = "adapt"
+
     def start(self) -> "AdaptScheduler":
-        if self.config.adapt.enabled and self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="adapt-schedule", daemon=True)
-            self._thread.start()
+        if self.config.adapt.enabled:
+            self.worker.start()
         return self
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+    def alive(self) -> bool:
+        """Off ([adapt] enabled false) is not dead: only a started scheduler can die."""
+        return self.worker.alive() or not self.worker.started
 
-    def _loop(self) -> None:
+    @property
+    def running(self) -> bool:
+        return self.worker.alive()
+
+    def _loop(self, stop: threading.Event) -> None:
         interval = self.config.adapt.interval_hours * 3600.0
-        while not self._stop.wait(interval):
+        while not stop.wait(interval):
             self.run_if_due()
 
     def run_if_due(self) -> Optional[dict]:
@@ -65,7 +70,7 @@ class AdaptScheduler:
             return None
         self._exams_at_last_run = n
         t0 = time.time()
-        env = dict(os.environ)
+        env = child_environment(self.config)
         try:
             proc = subprocess.run(self.command, capture_output=True, text=True, env=env,
                                   timeout=self.config.adapt.timeout_s, preexec_fn=_lower_priority)
@@ -79,6 +84,15 @@ class AdaptScheduler:
         if result.get("decision") == "promoted":
             self.on_promoted(result)
         return result
+
+
+def child_environment(config: Any) -> dict[str, str]:
+    """The child's environment: this one, with the agent's configured model store folders (a [engines]
+    models_dirs set in the file is otherwise unknown to `scanside models adapt`)."""
+    env = dict(os.environ)
+    if config.engines.models_dirs:
+        env["SCANSIDE_MODELS_DIR"] = os.pathsep.join(str(p) for p in config.engines.models_dirs)
+    return env
 
 
 def _lower_priority() -> None:  # pragma: no cover - runs in the child

@@ -22,7 +22,7 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from agent.config import AgentConfig
 from agent.events import Event, LabelMismatch, SeriesClassified, SeriesSummary, TriageResult
 from agent.exam_reader import classifier_inputs, gland_input, model_frames, triage_inputs
 from agent.malloc import release_free_memory
+from agent.redact import redact_text
 from agent.shadow import ShadowPolicy, learning_line
 from agent.series import split_parts
 from agent.sinks import Sink
@@ -46,11 +47,19 @@ def _short(key: str) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
+class AnalysisMetrics(Protocol):
+    """What the analyzer reports to (agent.metrics.AgentMetrics)."""
+
+    def instrument(self, engine: Any) -> Any: ...
+
+    def model_failed(self, stage: str) -> None: ...
+
+
 class Analyzer(Sink):
     name = "analysis"
 
-    def __init__(self, config: AgentConfig, store: StateStore, wakeup: threading.Condition, metrics: Any = None,
-                 model_store: Any = None):
+    def __init__(self, config: AgentConfig, store: StateStore, wakeup: threading.Condition,
+                 metrics: Optional[AnalysisMetrics] = None, model_store: Any = None):
         self.config = config
         self.settings = config.analysis
         self.store = store
@@ -70,10 +79,9 @@ class Analyzer(Sink):
     # ------------------------------------------------------------------ models (lazy, optional)
     def model_store(self) -> Any:
         if self._model_store is None:
-            from engines.store import ModelStore
+            from agent.model_store import open_model_store
 
-            self._model_store = ModelStore(int8_tolerance=self.config.engines.int8_tolerance,
-                                           parity_data=self.config.engines.parity_data)
+            self._model_store = open_model_store(self.config)
         return self._model_store
 
     def _has(self, name: str) -> bool:
@@ -94,7 +102,7 @@ class Analyzer(Sink):
             from agent.image_label import ImageClassifier
 
             clf = ImageClassifier(self.model_store(), self.settings.sequence_model)
-            engine = clf._ensure()
+            engine = clf.load()
             if self.metrics is not None:
                 self.metrics.instrument(engine)
             self._classifier = clf
@@ -119,7 +127,8 @@ class Analyzer(Sink):
             from agent.gland import GlandService
 
             self._gland = GlandService(self.model_store(), model=self.config.gland.model, variant=self.config.gland.variant,
-                                       windows=self.config.gland.windows)
+                                       windows=self.config.gland.windows,
+                                       on_failure=lambda exc: self._failed("gland", "gland segmentation", exc))
             if self.metrics is not None and self._gland.engine() is not None:
                 self.metrics.instrument(self._gland.engine())
         return self._gland
@@ -143,7 +152,7 @@ class Analyzer(Sink):
                 self.cspca()
             return True
         except Exception as exc:
-            log.error("model load failed: %s", exc)
+            self._failed("load", "model load", exc)
             return False
 
     # ------------------------------------------------------------------ events
@@ -152,21 +161,28 @@ class Analyzer(Sink):
             try:
                 self._classify(event.series)
             except Exception as exc:  # a series that cannot be classified must not block the ones after it
-                log.warning("image label for series %s failed: %s", event.series.series_number, exc)
+                self._failed("label", f"image label for series {event.series.series_number}", exc)
         if event.type == "series_completed":
             try:
                 self._coverage(event.series)
             except Exception as exc:
-                log.warning("gland coverage for series %s failed: %s", event.series.series_number, exc)
+                self._failed("gland", f"gland coverage for series {event.series.series_number}", exc)
         if event.type in ("series_completed", "exam_completed") and event.study_uid:
             try:
                 self._triage(event.study_uid, exam_over=event.type == "exam_completed")
             except Exception as exc:
-                log.warning("triage failed: %s", exc)
+                self._failed("triage", "triage", exc)
         if event.type == "exam_completed":
             self._volumes.clear()  # the exam is over: its volumes are not needed again
         if event.type in ("series_completed", "exam_completed"):
             release_free_memory()  # the volumes and activations just freed: back to the OS (agent/malloc.py)
+
+    def _failed(self, stage: str, what: str, exc: BaseException) -> None:
+        """A model run that failed: counted (scanside_model_failures_total{stage}) and logged at ERROR with the
+        reason; the series or exam goes on without that result."""
+        if self.metrics is not None:
+            self.metrics.model_failed(stage)
+        log.error("%s failed: %s", what, redact_text(f"{type(exc).__name__}: {exc}"))
 
     def _record(self, *events: Any) -> None:
         with self.store.transaction():
@@ -315,8 +331,8 @@ class Analyzer(Sink):
         for x in {t.series_uid: t for t in reversed(targets)}.values():
             if not g.checked.matches(x.label, x.other_kind, x.plane):
                 continue
-            dev = plain._misaligned(study_uid, x, t2)
-            if dev is None or deferring._misaligned(study_uid, x, t2) is not None:
+            dev = plain.misaligned(study_uid, x, t2)
+            if dev is None or deferring.misaligned(study_uid, x, t2) is not None:
                 continue  # aligned, or misaligned otherwise too: the pipeline has said so
             key = f"deviation:{study_uid}:{dev.code}:{x.series_uid}:r{x.revision}:t2:{t2.series_id}:r{t2.revision}:no-gland"
             events.append(dev.model_copy(update={"key": key, "alert_id": "pd-" + hashlib.sha1(key.encode()).hexdigest()[:16]}))

@@ -36,9 +36,11 @@ from starlette.concurrency import run_in_threadpool
 
 from agent.alerts import Alert
 from agent.auth import bearer, token_matches, token_required
-from agent.events import AlertAcknowledged, ExamCompleted
+from agent.events import AlertAcknowledged
 from agent.examview import ExamBrief, ExamIndex, ExamView, Requirement, exam_view
 from agent.health import disk_check
+from agent.lifecycle import Worker, WorkerThread
+from agent.retry import DeadLetter
 
 if TYPE_CHECKING:  # pragma: no cover
     from agent.daemon import Agent
@@ -130,32 +132,31 @@ class EventNotifier:
 
 
 # ------------------------------------------------------------------------------------------ readiness
+INTAKE = ("watcher", "catch-up", "ingest", "cstore")  # the components the "watcher" check reports
+
+
 def readiness(agent: "Agent") -> Readiness:
     checks: dict[str, Check] = {}
-    engines_ready = getattr(agent, "engines_ready", None)
-    if callable(engines_ready):
-        ok = bool(engines_ready())
-        checks["engines"] = Check(ok=ok, detail="models loaded" if ok else "models not loaded")
-    else:
-        loaded = agent.metrics.engine_labels()
-        checks["engines"] = Check(ok=True, detail=f"{len(loaded)} model(s) loaded" if loaded else "no models configured")
+    ok = bool(agent.engines_ready())
+    checks["engines"] = Check(ok=ok, detail="models loaded" if ok else "models not loaded")
     db_ok = agent.store.writable()
-    problem = getattr(agent.store, "problem", lambda: None)()
-    checks["database"] = Check(ok=db_ok, detail="writable" if db_ok else (problem or f"not writable ({agent.store.path})"))
-    watcher_ok = bool(agent.watcher and agent.watcher.alive())
-    ingest_ok = agent.healthy()
+    checks["database"] = Check(ok=db_ok, detail="writable" if db_ok else (agent.store.problem() or f"not writable ({agent.store.path})"))
+    # the supervisor's view (agent.lifecycle): every started component alive, the ingest loop not stalled
+    down = agent.supervisor.problems()
+    intake_down = [s for s in down if s.name in INTAKE]
     # ingesting but held back (its own descriptors or memory ran out): files wait, none is quarantined
-    problem = getattr(getattr(agent, "ingestor", None), "problem", None)
-    checks["watcher"] = Check(ok=watcher_ok and ingest_ok and problem is None,
-                              detail="watching" if watcher_ok and ingest_ok and problem is None else
-                              ("watcher stopped" if not watcher_ok else
-                               "ingest worker stopped or stalled" if not ingest_ok else f"ingest {problem}"))
+    problem = agent.ingestor.problem
+    checks["watcher"] = Check(ok=not intake_down and problem is None,
+                              detail="; ".join(f"{s.name} {s.detail}" for s in intake_down) if intake_down else
+                              f"ingest {problem}" if problem is not None else "watching")
+    others = [s for s in down if s.name not in INTAKE]
+    checks["components"] = Check(ok=not others, detail="; ".join(f"{s.name} {s.detail}" for s in others) or
+                                 f"{len(agent.supervisor.names)} component(s) running")
     # every file system the agent writes to (state, quarantine, event log, DICOM output, C-STORE folder)
     disk_ok, disk_detail = disk_check(agent.config)
     checks["disk"] = Check(ok=disk_ok, detail=disk_detail)
     # the last write to each output folder worked (a full, read-only or failing disk shows here first)
-    health = getattr(agent, "write_health", None)
-    failing = health.failing() if health is not None else {}
+    failing = agent.write_health.failing()
     checks["writes"] = Check(ok=not failing, detail="; ".join(
         f"{f.target} {f.folder}: {f.detail} ({f.attempts} attempt(s))" for f in failing.values()) or "last writes succeeded")
     # shadow mode is not unreadiness: the agent works, its image models only do not alert yet (agent.shadow)
@@ -164,8 +165,7 @@ def readiness(agent: "Agent") -> Readiness:
 
 
 def image_checks_line(agent: "Agent") -> str:
-    analyzer = getattr(agent, "analyzer", None)
-    return analyzer.image_checks() if analyzer is not None else "image checks: no image model in use"
+    return agent.analyzer.image_checks()
 
 
 # ------------------------------------------------------------------------------------------ exam done
@@ -178,17 +178,7 @@ def exam_done(agent: "Agent", study_uid: str, index: ExamIndex) -> DoneResult:
     already = brief is not None and brief.state == "completed"
     n = 0
     if not already:
-        hook = getattr(agent.pipeline, "exam_done", None)
-        if callable(hook):
-            n = int(hook(study_uid) or 0)
-        else:  # a pipeline without exam tracking: close the series and record the end here
-            n = agent.pipeline.complete_exam(study_uid)
-            deviations = len([a for a in index.list_alerts(study_uid=study_uid)
-                              if a.code != "FILE_QUARANTINED" and not a.code.startswith("TRIAGE_")])
-            event = ExamCompleted(key=f"exam_completed:{study_uid}:1", study_uid=study_uid, reason="operator",
-                                  n_series=brief.n_series if brief else 0, n_deviations=deviations)
-            with agent.store.transaction():
-                n += int(agent.store.append_event(event) is not None)
+        n = int(agent.pipeline.exam_done(study_uid) or 0)
         if n:
             _wake(agent)
     after = index.brief(study_uid)
@@ -317,6 +307,12 @@ def create_app(agent: Optional["Agent"] = None, *, requirements: Optional[Callab
         return need_index().list_alerts(open_only=open, unassigned=unassigned,
                                         study_uid=valid_uid(study_uid) if study_uid else None)
 
+    @app.get("/v1/dead-letters", response_model=list[DeadLetter], tags=["outputs"], dependencies=[Depends(auth)])
+    def list_dead_letters(output: Optional[str] = None) -> list[DeadLetter]:
+        """Events an output (webhook, dicom) gave up on, oldest first per output (agent.retry)."""
+        return [DeadLetter(output=r["sink"], seq=r["seq"], key=r["key"], reason=r["reason"], detail=r["detail"] or "",
+                           created=r["created"]) for r in need_agent().store.dead_letters(output)]
+
     @app.post("/v1/alerts/{alert_id}/ack", response_model=AckResult, tags=["alerts"], dependencies=[Depends(auth)])
     def ack_alert(alert_id: str, body: Optional[AckRequest] = None) -> AckResult:
         ag, idx = need_agent(), need_index()
@@ -444,8 +440,8 @@ def profile_requirements(agent: Optional["Agent"]) -> Callable[[Optional[str]], 
     """The checklist lines of the active protocol profile (its required series), when checks are on."""
 
     def requirements(_profile: Optional[str]) -> Optional[list[Requirement]]:
-        checker = getattr(getattr(agent, "pipeline", None), "protocol", None)
-        profile = getattr(checker, "profile", None)
+        checker = agent.pipeline.protocol if agent is not None else None
+        profile = checker.profile if checker is not None else None
         if profile is None:
             return None
         try:
@@ -460,7 +456,7 @@ def profile_requirements(agent: Optional["Agent"]) -> Callable[[Optional[str]], 
 
 
 # ------------------------------------------------------------------------------------------ server
-class ApiServer:
+class ApiServer(Worker):
     """uvicorn in a daemon thread; `start()` returns once it listens (or raises saying why not)."""
 
     def __init__(self, agent: "Agent", host: Optional[str] = None, port: Optional[int] = None):
@@ -482,15 +478,14 @@ class ApiServer:
                                      backlog=2 * cfg.max_connections,
                                      h11_max_incomplete_event_size=16 * 1024)
         self.server = uvicorn.Server(self.config)
-        self._thread: Optional[threading.Thread] = None
+        self.worker = WorkerThread("scanside-api", self._serve, wake=self._shutdown)
         self._error: Optional[BaseException] = None
 
     def start(self, timeout: float = 15.0) -> "ApiServer":
-        self._thread = threading.Thread(target=self._serve, name="scanside-api", daemon=True)
-        self._thread.start()
+        self.worker.start()
         end = threading.Event()
         waited = 0.0
-        while not self.server.started and self._thread.is_alive() and waited < timeout:
+        while not self.server.started and self.worker.alive() and waited < timeout:
             end.wait(0.02)
             waited += 0.02
         if not self.server.started:
@@ -499,7 +494,7 @@ class ApiServer:
                                f"{f' ({self._error!r})' if self._error else ' (address in use?)'}")
         return self
 
-    def _serve(self) -> None:
+    def _serve(self, _stop: threading.Event) -> None:  # uvicorn's own loop; _shutdown ends it
         try:
             self.server.run()
         except BaseException as exc:  # uvicorn exits the thread with SystemExit when it cannot bind
@@ -519,11 +514,14 @@ class ApiServer:
             host = "127.0.0.1"
         return f"http://{host}:{self.port}"
 
-    def stop(self) -> None:
+    name = "api"
+
+    def _shutdown(self) -> None:
         self.app.state.notifier.close()
         self.server.should_exit = True
-        if self._thread:
-            self._thread.join(timeout=10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        super().stop(timeout)
         try:
             self.agent.sinks.sinks.remove(self.app.state.sink)
         except ValueError:

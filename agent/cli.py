@@ -128,15 +128,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     limit_malloc_arenas()  # before the agent's threads exist: see agent/malloc.py
     try:
         agent = Agent(config)
-    except OSError as exc:
-        raise StartError(_os_reason(exc)) from exc
+    except (OSError, RuntimeError) as exc:  # RuntimeError: the API refuses its settings (no token off loopback)
+        raise StartError(_start_reason(exc)) from exc
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
         agent.start()
     except (OSError, RuntimeError) as exc:  # the API or C-STORE port was taken meanwhile
-        raise StartError(str(exc) if isinstance(exc, RuntimeError) else _os_reason(exc)) from exc
+        raise StartError(_start_reason(exc)) from exc
     if agent.api_url:
         print(f"scanside: console {agent.api_url}/console  metrics {agent.api_url}/metrics", file=sys.stderr, flush=True)
     ready = ready_line(agent)
@@ -157,6 +157,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         watchdog.stop()
         agent.stop()
     return 0
+
+
+def _start_reason(exc: Exception) -> str:
+    return _os_reason(exc) if isinstance(exc, OSError) else str(exc)
 
 
 def _os_reason(exc: OSError) -> str:

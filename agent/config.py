@@ -135,6 +135,7 @@ class WebhookConfig(_Section):
     backoff_initial_s: float = Field(1.0, gt=0, description="first retry delay; doubles per failed attempt")
     backoff_max_s: float = Field(300.0, gt=0, description="retry delay cap (a receiver's Retry-After is honoured up to this)")
     backoff_jitter: float = Field(0.5, ge=0, le=1, description="each delay is scaled by a random factor in [1 - jitter, 1]")
+    max_attempts: int = Field(50, ge=1, description="failed attempts on one event (connection errors, 5xx, 401/403/404/429, ...) before it becomes a dead letter (recorded in the state database, skipped; agent.retry); ~4 h with the default delays")
 
 
 class DicomSendConfig(_Section):
@@ -148,6 +149,7 @@ class DicomSendConfig(_Section):
     network_timeout_s: float = Field(60.0, gt=0)
     backoff_initial_s: float = Field(5.0, gt=0)
     backoff_max_s: float = Field(600.0, gt=0)
+    max_attempts: int = Field(30, ge=1, description="failed C-STOREs of one exam's objects (no association, timeouts, out of resources) before they become a dead letter (agent.retry); ~4 h with the default delays")
 
 
 class DicomOutputConfig(_Section):
@@ -157,6 +159,7 @@ class DicomOutputConfig(_Section):
     series_number_seg: int = Field(9902, ge=1, description="series number of the SEG series")
     manufacturer: str = "scanside"
     institution_name: Optional[str] = None
+    write_max_attempts: int = Field(500, ge=1, description="failed writes of one exam's objects to the folder (full, read-only, I/O error; retried every 1 to 10 s, about 80 min in all, /readyz false meanwhile) before they become a dead letter (agent.retry)")
 
 
 class ProtocolConfig(_Section):
@@ -177,6 +180,10 @@ class ProtocolConfig(_Section):
 
 
 class EnginesConfig(_Section):
+    models_dirs: list[Path] = Field(default_factory=list, description="model store folders searched in order (empty: the models shipped in the package); also SCANSIDE_MODELS_DIR (os.pathsep-separated)")
+    user_models_dir: Optional[Path] = Field(None, description="bring-your-own models, searched after models_dirs (scanside models add writes there); also SCANSIDE_USER_MODELS_DIR")
+    preference: list[Literal["tensorrt", "openvino", "onnxruntime", "triton"]] = Field(default_factory=list, description="back-end order (empty: automatic, engines.store.default_preference); also SCANSIDE_ENGINE_PREFERENCE (comma-separated)")
+    cache_dir: Optional[Path] = Field(None, description="compiled-model caches (OpenVINO, ONNX Runtime's TensorRT); empty: ~/.cache/scanside; also SCANSIDE_CACHE_DIR")
     int8_tolerance: Optional[float] = Field(0.02, ge=0, le=1, description="parity gate: an INT8 model variant or plan is refused unless its manifest's parity report (scanside convert parity) was measured on that file and its loss (1 - Dice against FP32, accuracy or AUROC drop) is at most this; unset disables the gate")
     parity_data: Literal["real", "any"] = Field("real", description="real: an INT8 variant runs only where its parity report was measured on real DICOM (scanside convert calibrate/parity --data on the site's exams), else FP32 runs; any: simulated-only parity is accepted too (the demo and the simulator)")
 
@@ -290,8 +297,9 @@ class AgentConfig(BaseSettings):
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
                                    env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
-        # command line (init: load_config's overrides) > environment > file (load_config's TOML) > defaults
-        return (init_settings, env_settings, _FileSource(settings_cls))
+        # command line (init: load_config's overrides) > environment > the model store's own environment
+        # names > file (load_config's TOML) > defaults
+        return (init_settings, env_settings, _StoreEnvSource(settings_cls), _FileSource(settings_cls))
 
     @property
     def db_path(self) -> Path:
@@ -314,6 +322,14 @@ class ConfigError(Exception):
     pass
 
 
+class ToolSettings(BaseSettings):
+    """Environment settings of the command-line tools, not of the agent (no file): SCANSIDE_QUIET=1 is
+    `scanside --quiet` (no progress meters on stderr)."""
+
+    model_config = SettingsConfigDict(env_prefix="SCANSIDE_", extra="ignore")
+    quiet: bool = Field(False, description="no progress meters on stderr")
+
+
 _FILE_DATA: "ContextVar[dict[str, Any]]" = ContextVar("scanside_config_file", default={})
 
 
@@ -325,6 +341,28 @@ class _FileSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return dict(_FILE_DATA.get())
+
+
+class _StoreEnvSource(PydanticBaseSettingsSource):
+    """The model store's environment names, older than its [engines] keys and still used by the tools
+    without a configuration (engines.store's library defaults): read here for the agent, below the
+    SCANSIDE_ENGINES__* names, so that the agent's store settings all come through its configuration."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        env, out = os.environ, {}
+        paths = [p for p in env.get("SCANSIDE_MODELS_DIR", "").split(os.pathsep) if p]
+        if paths:
+            out["models_dirs"] = paths
+        for name, key in (("SCANSIDE_USER_MODELS_DIR", "user_models_dir"), ("SCANSIDE_CACHE_DIR", "cache_dir")):
+            if env.get(name):
+                out[key] = env[name]
+        order = [b.strip() for b in env.get("SCANSIDE_ENGINE_PREFERENCE", "").split(",") if b.strip()]
+        if order:
+            out["preference"] = order
+        return {"engines": out} if out else {}
 
 
 def load_config(path: Optional[os.PathLike[str] | str] = None, **overrides: Any) -> AgentConfig:

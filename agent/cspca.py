@@ -185,15 +185,15 @@ class CspcaModel:
     def __init__(self, store: Any = None, name: str = DEFAULT_MODEL, *, variant: Optional[str] = None,
                  preference: Optional[Sequence[str]] = None):
         if store is None:
-            from engines.store import ModelStore
-            store = ModelStore()
+            from agent.model_store import open_model_store
+            store = open_model_store()
         self.manifest = store.resolve(name)
         if self.manifest.preprocessing is None:
             raise ValueError(f"{self.manifest.ref}: manifest has no preprocessing spec")
         self.spec = self.manifest.preprocessing
         self.engine, self.selection = store.open(self.manifest, variant=variant, preference=preference)
         self.post: Dict[str, Any] = {**DEFAULT_POSTPROCESSING, **(self.manifest.postprocessing or {})}
-        root = getattr(self.manifest, "root", None)
+        root = self.manifest.root
         self.input_range: Optional[InputRange] = InputRange.load(root) if root is not None else None
 
     @property

@@ -39,7 +39,7 @@ from pynetdicom import AE, _config as pynetdicom_config, dimse_messages, evt
 from pynetdicom import sop_class as sc
 
 from agent.atomic import atomic_path
-from agent.health import WriteHealth
+from agent.health import WriteReporter
 from agent.config import AgentConfig, CStoreConfig
 from agent.ingest import Ingestor
 
@@ -137,7 +137,8 @@ class StoreSCP:
     """A C-STORE/C-ECHO SCP that writes into `folder` and notifies `ingestor`. Thread-safe; one
     pynetdicom server thread per association (at most `max_associations`)."""
 
-    def __init__(self, config: CStoreConfig, folder: Path, ingestor: Optional[Ingestor] = None):
+    def __init__(self, config: CStoreConfig, folder: Path, ingestor: Optional[Ingestor] = None,
+                 health: Optional[WriteReporter] = None):
         self.config = config
         self.folder = Path(folder)
         self.ingestor = ingestor
@@ -156,7 +157,7 @@ class StoreSCP:
         self._lock = threading.Lock()
         # read by agent.metrics at scrape time (scanside_cstore_*)
         self.stats = {"received": 0, "failed": 0, "rejected": 0, "accepted": 0, "echo": 0, "bytes": 0}
-        self.health: "Optional[WriteHealth]" = None  # set by the agent (agent.health)
+        self.health = health  # failed writes: /readyz "writes" and one ERROR per episode (agent.health)
         self._handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -190,7 +191,9 @@ class StoreSCP:
         log.info("C-STORE receiver %s listening on %s:%d", self.config.ae_title, host, port)
         return self
 
-    def stop(self) -> None:
+    name = "cstore"
+
+    def stop(self, timeout: float = 10.0) -> None:  # pynetdicom's shutdown joins its own threads
         if self._server is not None:
             self._server.shutdown()
             self._server = None
@@ -330,8 +333,9 @@ class StoreSCP:
             self.stats[key] += n
 
 
-def build_receiver(config: AgentConfig, ingestor: Optional[Ingestor]) -> StoreSCP:
+def build_receiver(config: AgentConfig, ingestor: Optional[Ingestor],
+                   health: Optional[WriteReporter] = None) -> StoreSCP:
     folder = config.cstore_path
     if ingestor is not None:
         ingestor.include(folder)
-    return StoreSCP(config.cstore, folder, ingestor)
+    return StoreSCP(config.cstore, folder, ingestor, health)

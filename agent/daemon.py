@@ -6,138 +6,140 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from agent.adapt_schedule import AdaptScheduler
+from agent.analysis import Analyzer
+from agent.api import ApiServer
 from agent.config import AgentConfig
+from agent.cstore import StoreSCP, build_receiver
+from agent.dicom_out import DicomSink
 from agent.events import Event
+from agent.health import WriteHealth
 from agent.ingest import Ingestor
+from agent.lifecycle import Step, Supervisor
+from agent.metrics import AgentMetrics
+from agent.model_store import open_model_store
 from agent.pipeline import Pipeline
-from agent.sinks import CallbackSink, JsonlSink, SinkRunner, StdoutSink
+from agent.protocol import gland_model_active
+from agent.redact import install as redact_install
+from agent.retention import Retention
+from agent.sinks import CallbackSink, JsonlSink, Sink, SinkRunner, StdoutSink
 from agent.state import StateStore
 from agent.watch import FolderWatcher
+from agent.webhook import WebhookSink
 
 log = logging.getLogger(__name__)
 
 
 class Agent:
+    """The composition root: every part is built here, with its dependencies passed to its constructor,
+    and registered with one Supervisor in start order (agent.lifecycle)."""
+
     def __init__(self, config: AgentConfig):
         if config.watch.folder is None:
             raise ValueError("watch.folder is not set")
         self.config = config
+        self.folder = Path(config.watch.folder)
         config.state.dir.mkdir(parents=True, exist_ok=True)
-        self.store = StateStore(config.db_path)
-        self.pipeline = Pipeline(config, self.store)
-        self.ingestor = Ingestor(config, self.pipeline)
-        from agent.health import WriteHealth
-
         self.write_health = WriteHealth()  # last write outcome per output folder: /readyz "writes", metrics
-        self.pipeline.quarantine_box.health = self.write_health
-        self.ingestor.health = self.write_health
-        sinks = [JsonlSink(config.jsonl_path, health=self.write_health)]
+        self.store = StateStore(config.db_path)
+        self.pipeline = Pipeline(config, self.store, health=self.write_health,
+                                 gland_coverage=gland_model_active(config))
+        self.ingestor = Ingestor(config, self.pipeline, health=self.write_health)
+        # Prometheus registry: pipeline hook, event subscriber and live gauges (read at scrape time)
+        self.metrics = AgentMetrics()
+        self.model_store = open_model_store(config)
+        self.analyzer = Analyzer(config, self.store, self.pipeline.new_events, metrics=self.metrics,
+                                 model_store=self.model_store)
+        sinks: list[Sink] = [JsonlSink(config.jsonl_path, health=self.write_health)]
         if config.output.stdout:
             sinks.append(StdoutSink())
-        self.sinks = SinkRunner(self.store, sinks, self.pipeline.new_events)
+        self.sinks = SinkRunner(self.store, sinks, self.pipeline.new_events, name="events")
         # network and DICOM outputs each deliver from their own cursor in a thread of their own, so a
         # receiver that is down holds back neither the event log nor the console
         self.output_runners: list[SinkRunner] = []
-        self.webhook = None  # agent.webhook.WebhookSink when [webhook] url is set
+        self.webhook: Optional[WebhookSink] = None
         if config.webhook.url:
-            from agent.webhook import WebhookSink
-
             self.webhook = WebhookSink(config.webhook, self.store)
-            self.output_runners.append(SinkRunner(self.store, [self.webhook], self.pipeline.new_events))
-        self.dicom_output = None  # agent.dicom_out.DicomSink when [dicom_output] folder is set
+            self.output_runners.append(SinkRunner(self.store, [self.webhook], self.pipeline.new_events, name="webhook"))
+        self.dicom_output: Optional[DicomSink] = None
         if config.dicom_output.folder is not None:
-            from agent.dicom_out import DicomSink
-
-            self.dicom_output = DicomSink.from_config(config, self.store)
-            self.dicom_output.health = self.write_health
-            self.output_runners.append(SinkRunner(self.store, [self.dicom_output], self.pipeline.new_events))
+            self.dicom_output = DicomSink.from_config(config, self.store, health=self.write_health)
+            self.output_runners.append(SinkRunner(self.store, [self.dicom_output], self.pipeline.new_events, name="dicom"))
         # the image models run from their own cursor in their own thread: ingestion never waits for them
-        from agent.analysis import Analyzer
-
-        self.analyzer = Analyzer(config, self.store, self.pipeline.new_events)
-        self.output_runners.append(SinkRunner(self.store, [self.analyzer], self.pipeline.new_events))
-        if self.pipeline.protocol is not None:  # the analyzer checks the gland's coverage: slab ends are its call
-            from agent.protocol import gland_model_active
-
-            self.pipeline.protocol.gland_coverage = gland_model_active(config)
-        from agent.retention import Retention
-
+        self.output_runners.append(SinkRunner(self.store, [self.analyzer], self.pipeline.new_events, name="analysis"))
         # retention keeps what any durable output has not delivered yet (its cursor in the store)
         durable = [s.name for r in [self.sinks, *self.output_runners] if r.persistent
                    for s in r.sinks if not isinstance(s, CallbackSink)]
         self.retention = Retention(config, self.store, durable)
-        self.watcher: Optional[FolderWatcher] = None
-        self.receiver = None  # agent.cstore.StoreSCP when [cstore] enabled
+        self.watcher = FolderWatcher(self.folder, self.ingestor, config.watch.recursive, config.watch.polling,
+                                     config.watch.poll_interval_s)
+        self.receiver: Optional[StoreSCP] = None
         if config.cstore.enabled:
-            from agent.cstore import build_receiver
-
-            self.receiver = build_receiver(config, self.ingestor)
-            self.receiver.health = self.write_health
+            self.receiver = build_receiver(config, self.ingestor, health=self.write_health)
         self._subscribers = 0
         self.started = threading.Event()
-        from agent.metrics import AgentMetrics
-
-        self.metrics = AgentMetrics()  # Prometheus registry: pipeline hook + event subscriber + live gauges
         self.metrics.attach(self)
-        self.analyzer.metrics = self.metrics
-        self.api = None  # agent.api.ApiServer when [api] enabled
-        from agent.adapt_schedule import AdaptScheduler
-
         # [adapt] (off by default): site adaptation in a child process; a promoted version is loaded next series
         self.adapt = AdaptScheduler(config, lambda: len(self.store.exams()), lambda _r: self.analyzer.reload_classifier())
+        self.api: Optional[ApiServer] = None  # agent.api.ApiServer when [api] enabled, or start_api()
         self._unredact: Optional[Callable[[], None]] = None
+        self.supervisor = self._supervise()
 
-    def start(self) -> "Agent":
-        folder = Path(self.config.watch.folder)  # type: ignore[arg-type]
-        if not self.config.privacy.include_file_paths and self._unredact is None:
-            from agent.redact import install
-
-            self._unredact = install([folder])  # no export path in any log record (agent.redact)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.analyzer.ready()  # load the models now: READY=1 (systemd) means engines are loaded
-        self.sinks.start()
+    def _supervise(self) -> Supervisor:
+        """Start order. Watch first, then catch up: a file landing in between is seen twice, which is
+        harmless. The ingest worker starts only after the catch-up is queued: its first tick would
+        otherwise judge quiet periods before the backlog is known, and close series whose files are
+        waiting (time the agent was down or loading models is not quiet on the scanner's side)."""
+        sup = Supervisor()
+        sup.add(self.sinks)
         for runner in self.output_runners:
-            runner.start()
-        # watch first, then catch up: a file landing in between is seen twice, which is harmless.
-        # The ingest worker starts only after the catch-up is queued: its first tick would otherwise
-        # judge quiet periods before the backlog is known, and close series whose files are waiting
-        # (time the agent was down or loading models is not quiet on the scanner's side)
-        self.watcher = FolderWatcher(folder, self.ingestor, self.config.watch.recursive,
-                                     self.config.watch.polling, self.config.watch.poll_interval_s)
-        self.watcher.start()
-        self.ingestor.catch_up(folder)
+            sup.add(runner)
+        sup.add(self.watcher)
+        sup.add(Step("catch-up", self._catch_up))
+        sup.add(self.ingestor, stall_after_s=self.config.ingest.stall_after_s)
+        if self.receiver is not None:
+            sup.add(self.receiver)
+        if self.config.retention.enabled:
+            sup.add(self.retention)
+        if self.config.api.enabled:
+            self.api = ApiServer(self)
+            sup.add(self.api)
+        sup.add(self.adapt)
+        return sup
+
+    def _catch_up(self) -> None:
+        self.ingestor.catch_up(self.folder)
         if self.receiver is not None:
             self.receiver.catch_up()
-        self.ingestor.start()
-        if self.receiver is not None:
-            self.receiver.start()
-        if self.config.retention.enabled:
-            self.retention.start()
-        if self.config.api.enabled:
-            try:
-                self.start_api()
-            except Exception:
-                self.stop()
-                raise
-        self.adapt.start()
+
+    def start(self) -> "Agent":
+        if not self.config.privacy.include_file_paths and self._unredact is None:
+            self._unredact = redact_install([self.folder])  # no export path in any log record (agent.redact)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.analyzer.ready()  # load the models now: READY=1 (systemd) means engines are loaded
+        try:
+            self.supervisor.start()
+        except BaseException:
+            self._close()
+            raise
         self.started.set()
         return self
 
     def start_api(self) -> str:
-        """Serve the HTTP API, /metrics and the console ([api] host/port); returns its URL."""
-        from agent.api import ApiServer
-
-        if self.api is None:
-            self.api = ApiServer(self).start()
+        """Serve the HTTP API, /metrics and the console ([api] host/port) beside the running agent; returns
+        its URL. A port that is taken raises and leaves the agent running (the demo then tries port 0)."""
+        if self.api is None or not self.api.alive():
+            api = ApiServer(self)
+            self.supervisor.start_one(api)
+            self.api = api
         return self.api.url
 
     @property
     def api_url(self) -> Optional[str]:
-        return self.api.url if self.api is not None else None
+        return self.api.url if self.api is not None and self.api.alive() else None
 
     def subscribe(self, fn: Callable[[Event], None], from_now: bool = True) -> None:
         """Call fn for each event (in the sink thread). from_now=False replays the whole log first."""
@@ -145,19 +147,10 @@ class Agent:
         self.sinks.add(CallbackSink(f"callback-{self._subscribers}", fn), from_now=from_now)
 
     def stop(self) -> None:
-        self.adapt.stop()
-        if self.api is not None:
-            api, self.api = self.api, None
-            api.stop()
-        if self.receiver is not None:
-            self.receiver.stop()
-        if self.watcher:
-            self.watcher.stop()
-        self.retention.stop()
-        self.ingestor.stop()
-        self.sinks.stop()
-        for runner in self.output_runners:
-            runner.stop()
+        self.supervisor.stop()  # reverse start order
+        self._close()
+
+    def _close(self) -> None:
         self.store.close()
         if self._unredact is not None:
             self._unredact()
@@ -168,12 +161,10 @@ class Agent:
         return self.analyzer.ready()
 
     def healthy(self) -> bool:
-        ingest_recent = time.time() - self.ingestor.last_loop < self.config.ingest.stall_after_s
-        receiver_ok = self.receiver is None or self.receiver.alive()
-        # a state database found corrupt while running: no watchdog pings, so systemd restarts the agent,
-        # which then refuses to start with a message naming the file (agent.state.StateError)
-        db_sound = getattr(self.store, "corrupt", None) is None
-        return self.ingestor.alive() and ingest_recent and bool(self.watcher and self.watcher.alive()) and receiver_ok and db_sound
+        """The watchdog's test: every started component alive and none stalled (the ingest loop beats), and
+        the state database sound. A database found corrupt while running stops the pings, so systemd
+        restarts the agent, which then refuses to start with a message naming the file (agent.state.StateError)."""
+        return self.supervisor.healthy() and self.store.corrupt is None
 
     def __enter__(self) -> "Agent":
         return self.start()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from agent.config import load_config
 from agent.events import Event
+from agent.lifecycle import WorkerThread
 from agent.wording import display_name, plain
 
 ZONES = {"PZ": "peripheral zone", "TZ": "transition zone"}
@@ -146,11 +147,11 @@ def run(args: argparse.Namespace) -> int:
             start_api(agent)
         n_files = sum(s.n_files for s in truth.series)
         print(f"agent watching {export}; the virtual scanner streams {n_files} files at {args.rate:g}/s", flush=True)
-        stop = threading.Event()
+        streamer = WorkerThread("scanside-demo-scanner", lambda stop: stream_exam(
+            staging, export, rate=args.rate, stop_event=stop, ground_truth=truth))
+        stop = streamer.stopping  # Ctrl-C ends the stream and the wait below
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: (stop.set(), done.set()))
-        streamer = threading.Thread(target=stream_exam, args=(staging, export),
-                                    kwargs={"rate": args.rate, "stop_event": stop, "ground_truth": truth}, daemon=True)
         started = time.monotonic()
         streamer.start()
         done.wait(timeout=n_files / max(args.rate, 1) + 120)
@@ -166,8 +167,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.exit_when_done and not stop.is_set():
             print("agent still running (Ctrl-C to stop)", flush=True)
             stop.wait()
-        stop.set()
-        streamer.join(timeout=5)
+        streamer.stop(timeout=5)
         agent.stop()
         return 0 if len(completed) >= expected_parts else 1
     finally:

@@ -42,10 +42,11 @@ from pydicom.uid import generate_uid
 import highdicom as hd
 from agent.config import AgentConfig, DicomOutputConfig
 from agent.atomic import atomic_path
-from agent.health import WriteHealth
+from agent.health import WriteReporter
 from agent.events import Event, ExamCompleted, LabelMismatch, ProtocolDeviation, TriageResult
 from agent.maps import MapStore
-from agent.sinks import RetryLater, Sink
+from agent.retry import OutputRetry, RetryPolicy
+from agent.sinks import Sink
 from agent.state import StateStore
 from engines.preprocess import Grid, resample_to_reference
 from agent.volume import Volume
@@ -453,7 +454,7 @@ class DicomSink(Sink):
     cannot succeed (source images gone) or an object the receiver refuses is recorded and skipped."""
 
     def __init__(self, config: DicomOutputConfig, store: StateStore, maps: Optional[MapStore] = None,
-                 sender: "Optional[object]" = None, name: str = "dicom"):
+                 sender: "Optional[object]" = None, name: str = "dicom", health: Optional[WriteReporter] = None):
         if config.folder is None:
             raise ValueError("dicom_output.folder is not set")
         self.name = name
@@ -464,19 +465,29 @@ class DicomSink(Sink):
         self.folder = Path(config.folder)
         self.written: list[Path] = []
         self.sent = 0
-        self.dead_lettered = 0
-        self.last_error: Optional[str] = None
-        self.failed_attempts = 0  # failed writes to the output folder and failed C-STOREs (metrics: delivery failures)
-        self._write_retry_s = 1.0
-        self.health: "Optional[WriteHealth]" = None  # set by the agent (agent.health): failed writes -> /readyz false
-        self._backoff = None
-        if config.send is not None:
-            from agent.webhook import Backoff
+        self.health = health  # failed writes -> /readyz false until one succeeds (agent.health)
+        # one policy (agent.retry), two budgets: writes to the output folder, and C-STOREs to the receiver;
+        # both count in failed_attempts / dead_lettered (metrics: delivery failures, dead letters)
+        self._write_retry = OutputRetry(name, RetryPolicy(1.0, 10.0, 0.0, config.write_max_attempts), store)
+        send = config.send
+        self._send_retry = OutputRetry(name, RetryPolicy(send.backoff_initial_s if send else 5.0,
+                                                         send.backoff_max_s if send else 600.0, 0.5,
+                                                         send.max_attempts if send else 30), store)
 
-            self._backoff = Backoff(config.send.backoff_initial_s, config.send.backoff_max_s)
+    @property
+    def failed_attempts(self) -> int:
+        return self._write_retry.failed_attempts + self._send_retry.failed_attempts
+
+    @property
+    def dead_lettered(self) -> int:
+        return self._write_retry.dead_lettered + self._send_retry.dead_lettered
+
+    @property
+    def last_error(self) -> Optional[str]:
+        return self._send_retry.last_error or self._write_retry.last_error
 
     @classmethod
-    def from_config(cls, config: AgentConfig, store: StateStore) -> "DicomSink":
+    def from_config(cls, config: AgentConfig, store: StateStore, health: Optional[WriteReporter] = None) -> "DicomSink":
         out = config.dicom_output
         if out.folder is None:
             raise ValueError("dicom_output.folder is not set")
@@ -489,7 +500,7 @@ class DicomSink(Sink):
             from agent.dicom_send import DicomSender
 
             sender = DicomSender(out.send)
-        return cls(out, store, MapStore(config.state.dir / "maps"), sender)
+        return cls(out, store, MapStore(config.state.dir / "maps"), sender, health=health)
 
     def outbox_depth(self) -> int:
         return max(0, self.store.last_event_seq() - self.store.cursor(self.name))
@@ -511,20 +522,16 @@ class DicomSink(Sink):
             paths = build_exam_objects(self.store, collect_findings(self.store, event.study_uid, event), self.maps,
                                        self.folder, self.config)
         except (DicomBuildError, ValueError, AttributeError, KeyError, TypeError) as exc:
-            self._dead_letter(event, "build", f"{type(exc).__name__}: {exc}")
+            self._write_retry.permanent(event, "build", f"{type(exc).__name__}: {exc}")
             return
         except OSError as exc:
             # the output folder is full, read-only or failing: atomic_path left no partial file; the
             # same event is retried (objects already written are found, not written again)
-            self.failed_attempts += 1
-            self.last_error = f"write: {exc.strerror or exc}"
-            delay, self._write_retry_s = self._write_retry_s, min(10.0, self._write_retry_s * 2)
             if self.health is not None:
                 self.health.failed("dicom_output", self.folder, exc)
-            else:
-                log.error("dicom: cannot write to %s (%s); retrying in %.1f s", self.folder, exc.strerror or exc, delay)
-            raise RetryLater(f"cannot write the DICOM output: {exc}", delay) from exc
-        self._write_retry_s = 1.0
+            self._write_retry.transient(event, f"write: {exc.strerror or exc}", stage="write")
+            return
+        self._write_retry.succeeded()
         if self.health is not None:
             self.health.ok("dicom_output")
         self.written.extend(p for p in paths if p not in self.written)
@@ -535,22 +542,10 @@ class DicomSink(Sink):
         try:
             self.sender.send(paths)  # type: ignore[attr-defined]
         except TransientSendError as exc:
-            self.failed_attempts += 1  # scanside_delivery_failures_total{sink="dicom"}
-            self.last_error = str(exc)
-            delay = self._backoff.next() if self._backoff else 5.0
-            log.warning("dicom: C-STORE for event seq %s failed (%s); retrying in %.1f s", event.seq, exc, delay)
-            raise RetryLater(str(exc), delay) from exc
+            self._send_retry.transient(event, str(exc), stage="c-store")
+            return
         except PermanentSendError as exc:
-            self.failed_attempts += 1
-            self._dead_letter(event, "c-store", str(exc))  # scanside_delivery_dead_letters_total{sink="dicom"}
+            self._send_retry.permanent(event, "c-store", str(exc))
             return
         self.sent += len(paths)
-        self.last_error = None
-        if self._backoff:
-            self._backoff.reset()
-
-    def _dead_letter(self, event: Event, stage: str, detail: str) -> None:
-        self.dead_lettered += 1
-        self.last_error = f"{stage}: {detail}"
-        log.error("dicom: %s failed for event seq %s (%s): recorded and skipped", stage, event.seq, detail)
-        self.store.record_dead_letter(self.name, event.seq or 0, event.key, stage, detail[:500])
+        self._send_retry.succeeded()

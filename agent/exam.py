@@ -82,6 +82,10 @@ class ExamTracker:
         self._ended[study_uid] = (round_, max(epoch(done.time), self.clock()))
         return [*deviations, done]
 
+    def forget_all(self) -> None:
+        """Drop every cached exam state (after exam bookkeeping failed: it is read again from the log)."""
+        self._ended.clear()
+
     def forget(self, study_uid: str) -> None:
         """Drop the cached state (after a rolled-back transaction)."""
         self._ended.pop(study_uid, None)

@@ -36,12 +36,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Literal, Optional, Sequence, Union
 
 import numpy as np
 from scipy import ndimage
 
 from agent.volume import int3
+from engines.manifest import ModelManifest
 from engines.preprocess import Grid, prepare, sliding_window
 
 log = logging.getLogger(__name__)
@@ -159,9 +160,9 @@ def segment_gland(engine: Any, t2w: Any, *, windows: Windows = "center", batch_s
                        seconds=time.perf_counter() - t0, model=m.ref, variant=engine.variant, qc=qc)
 
 
-def is_zonal(manifest: Any) -> bool:
+def is_zonal(manifest: ModelManifest) -> bool:
     """A zonal model's manifest names the labels background, TZ and PZ."""
-    labels = [str(v) for v in (getattr(manifest, "labels", None) or [])]
+    labels = [str(v) for v in (manifest.labels or [])]
     return "TZ" in labels and "PZ" in labels
 
 
@@ -263,12 +264,12 @@ REAL_DATA = "real_data"
 KNOWN_ON_REAL = {MODEL_NAME: "trained on real T2W (TAPS); Dice 0.88 against an expert mask on a public real case"}
 
 
-def real_data_status(manifest: Any) -> tuple:
+def real_data_status(manifest: ModelManifest) -> tuple:
     """(usable on real exams: True / False / None = unknown, why) for a gland model's manifest."""
-    rec = (getattr(manifest, "metrics", None) or {}).get(REAL_DATA)
+    rec = (manifest.metrics or {}).get(REAL_DATA)
     if isinstance(rec, dict) and "usable" in rec:
         return bool(rec["usable"]), str(rec.get("summary") or rec.get("reason") or "real-data evaluation recorded")
-    name = getattr(manifest, "name", "")
+    name = manifest.name
     if name in KNOWN_ON_REAL:
         return True, KNOWN_ON_REAL[name]
     return None, "no real-data figures recorded"
@@ -345,8 +346,10 @@ class GlandService:
     Disabled (returns None) when the model is not in the store; never raises on bad input."""
 
     def __init__(self, store: Any, *, model: str = AUTO, variant: Optional[str] = None,
-                 windows: Windows = "center") -> None:
+                 windows: Windows = "center", on_failure: Optional[Callable[[BaseException], None]] = None) -> None:
+        """on_failure: told of each segmentation that failed (the daemon counts it and logs the reason)."""
         self.store, self.variant, self.windows = store, variant, windows
+        self.on_failure = on_failure
         self.requested = model
         self.model: Optional[str] = resolve_model(store, model)
         self._engine: Any = None
@@ -373,12 +376,15 @@ class GlandService:
         try:
             return segment(eng, t2w, windows=self.windows)
         except Exception as e:
-            log.warning("gland segmentation failed: %s", type(e).__name__)
+            if self.on_failure is not None:
+                self.on_failure(e)
+            else:
+                log.error("gland segmentation failed: %s", type(e).__name__)
             return None
 
     def segment_series(self, summary: Any, refs: Sequence[Any]) -> Optional[GlandResult]:
         """For a completed series: only axial T2W (T2WI_nan / T2WI_fs) are segmented."""
-        if getattr(summary, "label", None) not in ("T2WI_nan", "T2WI_fs") or getattr(summary, "plane", None) != "axial":
+        if summary.label not in ("T2WI_nan", "T2WI_fs") or summary.plane != "axial":
             return None
         from agent.volume import load_volume
 

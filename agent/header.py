@@ -163,7 +163,7 @@ def read_header(path: str | os.PathLike[str], max_image_bytes: Optional[int] = N
             if deflated:
                 # inflate here, streaming, with a cap (a bomb stops at the cap), then let pydicom parse the
                 # inflated bytes through the same bounded, time-limited reader
-                inflated, source = _inflated_source(fp, path, cap + HEADER_SLACK_BYTES)
+                inflated, source = inflated_source(fp, path, cap + HEADER_SLACK_BYTES)
             try:
                 if ds is None:
                     ds = pydicom.dcmread(source, stop_before_pixels=True, force=not has_preamble)
@@ -249,7 +249,7 @@ class BoundedFile:
 
 
 def _text(value: Any) -> str:
-    return vd._as_text(value) if value is not None else ""
+    return vd.as_text(value) if value is not None else ""
 
 
 def _looks_like_dicom(ds: Dataset) -> bool:
@@ -320,7 +320,7 @@ def _non_image_class(sop_class: str) -> bool:
 MAX_INFLATED_BYTES = 2 * 1024**3  # a deflated file that inflates past this is a deflate bomb
 
 
-def _meta_is_deflated(fp: BinaryIO) -> bool:
+def meta_is_deflated(fp: BinaryIO) -> bool:
     """Whether the file meta group (read raw, bounded) names a deflated transfer syntax."""
     fp.seek(0)
     head = fp.read(132 + 64 * 1024)
@@ -332,7 +332,7 @@ def _meta_is_deflated(fp: BinaryIO) -> bool:
 DEFLATED_TS = DeflatedExplicitVRLittleEndian  # a UID ("1.2.840.10008.1.2.1.99"): file_meta takes it as is
 
 
-def _inflated_source(fp: BinaryIO, path: str, cap: int) -> tuple[int, BoundedFile]:
+def inflated_source(fp: BinaryIO, path: str, cap: int) -> tuple[int, BoundedFile]:
     """The file with its data set inflated (at most ``cap`` bytes held) and the meta group naming
     explicit VR little endian (same length: UI values drop trailing nulls), as a bounded reader
     under the parse deadline."""
@@ -440,7 +440,7 @@ def _first_item(ds: Dataset, keyword: str) -> Dataset:
 
 
 def _floats(value: Any) -> list[float]:
-    return vd._as_floats(value)
+    return vd.as_floats(value)
 
 
 def _opt_float(value: Any) -> Optional[float]:
@@ -496,7 +496,7 @@ def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
     vendor = vd.vendor_of(manufacturer)
     sop_class = _text(ds.get("SOPClassUID"))
     enhanced = sop_class in ENHANCED_SOP_CLASSES or "PerFrameFunctionalGroupsSequence" in ds
-    image_type = vd._tokens(ds.get("ImageType"))
+    image_type = vd.tokens(ds.get("ImageType"))
     csa = vd.LazyCSA(ds) if vendor == "siemens" else None
     mosaic = "MOSAIC" in image_type
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
@@ -538,7 +538,7 @@ def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
         echo_time = _opt_float(ds.get("EchoTime"))
         repetition_time = _opt_float(ds.get("RepetitionTime"))
         flip_angle = _opt_float(ds.get("FlipAngle"))
-        scanning = vd._tokens(ds.get("ScanningSequence"))
+        scanning = vd.tokens(ds.get("ScanningSequence"))
         acquisition_contrast = _text(ds.get("AcquisitionContrast")).upper()
         encoding_steps = _acquisition_matrix(ds.get("AcquisitionMatrix"))
         phase_direction = _phase_direction(ds.get("InPlanePhaseEncodingDirection"))
@@ -553,13 +553,13 @@ def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
         modality=_text(ds.get("Modality")).upper(),
         manufacturer=manufacturer,
         vendor=vendor,
-        software_versions="\\".join(vd._tokens(ds.get("SoftwareVersions"))),
+        software_versions="\\".join(vd.tokens(ds.get("SoftwareVersions"))),
         series_number=_opt_int(ds.get("SeriesNumber")),
         instance_number=_opt_int(ds.get("InstanceNumber")),
         series_description=_text(ds.get("SeriesDescription")),
         protocol_name=_text(ds.get("ProtocolName")),
         image_type=image_type,
-        scan_options=vd._tokens(ds.get("ScanOptions")),
+        scan_options=vd.tokens(ds.get("ScanOptions")),
         scanning_sequence=scanning,
         epi="EP" in scanning or vd.is_epi(ds, vendor),
         sequence_name=seq_name,
@@ -619,7 +619,7 @@ def _classic_frame(ds: Dataset, vendor: str, csa: Optional[vd.LazyCSA], image_ty
 def _enhanced_frames(ds: Dataset, shared: Dataset, vendor: str) -> list[FrameInfo]:
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     n_frames = int(_opt_int(ds.get("NumberOfFrames")) or len(per_frame) or 1)
-    top_type = vd._tokens(ds.get("ImageType"))
+    top_type = vd.tokens(ds.get("ImageType"))
     shared_orient = _first_item(shared, "PlaneOrientationSequence").get("ImageOrientationPatient")
     shared_diff = _first_item(shared, "MRDiffusionSequence")
     shared_ftype = _first_item(shared, "MRImageFrameTypeSequence").get("FrameType")
@@ -627,7 +627,7 @@ def _enhanced_frames(ds: Dataset, shared: Dataset, vendor: str) -> list[FrameInf
     for i in range(n_frames):
         item = per_frame[i] if i < len(per_frame) else Dataset()
         diff = _first_item(item, "MRDiffusionSequence") or shared_diff
-        ftype = vd._tokens(_first_item(item, "MRImageFrameTypeSequence").get("FrameType") or shared_ftype) or top_type
+        ftype = vd.tokens(_first_item(item, "MRImageFrameTypeSequence").get("FrameType") or shared_ftype) or top_type
         b = direction = None
         directionality = None
         b_source = ""

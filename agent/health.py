@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Protocol
 
 from pydantic import BaseModel
 
@@ -51,6 +51,15 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         return exc.strerror or os.strerror(exc.errno)
     return f"{type(exc).__name__}: {exc}"
+
+
+class WriteReporter(Protocol):
+    """What a writer needs of the write-health record: report a failed or a successful write."""
+
+    def failed(self, target: str, folder: "os.PathLike[str] | str", error: "BaseException | str",
+               consequence: str = "kept and retried") -> None: ...
+
+    def ok(self, target: str) -> None: ...
 
 
 class WriteHealth:

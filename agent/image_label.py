@@ -178,12 +178,12 @@ class ImageClassifier:
         self._gate: Optional[UncertaintyGate] = None
         self._ood: Optional[tuple[np.ndarray, np.ndarray]] = None
 
-    def _ensure(self) -> Any:
+    def load(self) -> Any:
         with self._lock:
             if self._engine is None:
                 if self._store is None:
-                    from engines.store import ModelStore
-                    self._store = ModelStore()
+                    from agent.model_store import open_model_store
+                    self._store = open_model_store()
                 engine, sel = self._store.open(self.model_ref, variant=self.variant)
                 self._engine, self.manifest, self.backend = engine, engine.manifest, sel.backend
                 if not self.manifest.labels or not self.manifest.preprocessing:
@@ -202,8 +202,8 @@ class ImageClassifier:
 
     def _loaded(self) -> tuple[Any, ModelManifest, UncertaintyGate]:
         """The engine, its manifest and its uncertainty gate, loaded on first use."""
-        engine = self._ensure()
-        assert self.manifest is not None and self._gate is not None  # _ensure set both or raised
+        engine = self.load()
+        assert self.manifest is not None and self._gate is not None  # load set both or raised
         return engine, self.manifest, self._gate
 
     @property
@@ -232,7 +232,7 @@ class ImageClassifier:
         from engines.preprocess import prepare
 
         spec = self._loaded()[1].preprocessing
-        assert spec is not None  # _ensure checked it
+        assert spec is not None  # load checked it
         if not np.isfinite(volume.array).all():
             volume = Volume.from_array_affine(np.nan_to_num(volume.array, nan=0.0, posinf=0.0, neginf=0.0),
                                               volume.array_affine)
@@ -260,7 +260,7 @@ class ImageClassifier:
         """One ImageLabel from raw probabilities and the OOD ratio: temperature-scaled, and `uncertain` below
         the gate's calibrated confidence or above its OOD threshold (neither raises an alert)."""
         _, m, gate = self._loaded()
-        labels = list(m.labels or ())  # not empty: _ensure checked it
+        labels = list(m.labels or ())  # not empty: load checked it
         p = calibrated(probs, gate.temperature) if gate.temperature != 1.0 else np.asarray(probs, np.float64)
         k = int(np.argmax(p))
         why = None
@@ -277,7 +277,7 @@ class ImageClassifier:
                  cache: Optional[dict] = None) -> ImageLabel:
         """A Volume, a SeriesPart or FrameRefs (with their FrameInfos, else headers are read) -> ImageLabel.
         Raises ImageLabelError for series that cannot be turned into one volume."""
-        self._ensure()
+        self.load()
         vol, n = self.volume_of(source, frames, cache)
         if min(vol.shape) < 1 or vol.array.size < 4:
             raise ImageLabelError("too_small", f"volume shape {vol.shape}")

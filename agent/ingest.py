@@ -19,6 +19,8 @@ from typing import Iterable, Optional
 
 from agent.config import AgentConfig
 from agent.header import HEADER_SLACK_BYTES, HeaderError
+from agent.health import WriteReporter
+from agent.lifecycle import Worker, WorkerThread
 from agent.pipeline import Pipeline, file_ref
 
 log = logging.getLogger(__name__)
@@ -127,19 +129,21 @@ def is_ignored(path: str, config: AgentConfig) -> bool:
     return any(name.endswith(sfx) for sfx in config.watch.ignore_suffixes)
 
 
-class Ingestor:
-    def __init__(self, config: AgentConfig, pipeline: Pipeline, clock=time.monotonic):
+class Ingestor(Worker):
+    name = "ingest"
+
+    def __init__(self, config: AgentConfig, pipeline: Pipeline, clock=time.monotonic,
+                 health: Optional[WriteReporter] = None):
         self.config = config
         self.pipeline = pipeline
         self.clock = clock
         self._pending: dict[str, Pending] = {}
         self._heap: list[tuple[float, str]] = []
         self._cv = threading.Condition()
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self.worker = WorkerThread("scanside-ingest", self._run, wake=self._wake)
         self.last_loop = time.time()  # for the watchdog / readiness: the last loop that did not fail
         self.problem: Optional[str] = None  # readiness: why ingestion is held back now (resources ran out)
-        self.health = None  # agent.health.WriteHealth, set by the agent: state write failures
+        self.health = health  # state write failures: /readyz "writes" and one ERROR per episode
         self._exclude = [str(p.resolve()) for p in (config.state.dir, config.quarantine_path)]
         self._include: list[str] = []  # folders inside an excluded one that are ingested all the same
         # a symlink is followed only to a file inside one of these (the export folder, C-STORE folder)
@@ -198,22 +202,15 @@ class Ingestor:
             return len(self._pending)
 
     # ------------------------------------------------------------------ worker
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="scanside-ingest", daemon=True)
-        self._thread.start()
+    def heartbeat(self) -> float:
+        return self.last_loop
 
-    def stop(self) -> None:
-        self._stop.set()
+    def _wake(self) -> None:
         with self._cv:
             self._cv.notify_all()
-        if self._thread:
-            self._thread.join(timeout=10)
 
-    def alive(self) -> bool:
-        return bool(self._thread and self._thread.is_alive())
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
             try:
                 self.step()
                 if not self._catchup:
@@ -225,7 +222,7 @@ class Ingestor:
                 time.sleep(0.5)
             wait = self._next_wait()
             with self._cv:
-                if not self._stop.is_set():
+                if not stop.is_set():
                     self._cv.wait(timeout=wait)
 
     def _next_wait(self) -> float:

@@ -47,6 +47,8 @@ FILE_REASONS = ("truncated", "not_dicom", "missing_uid", "unreadable", "oversize
 EXAM_END_REASONS = ("quiet_period", "operator", "other")
 TRIAGE_RECOMMENDATIONS = ("DCE_ADVISED", "BPMRI_SUFFICIENT", "other")
 COMPLETION_BASES = ("expected_count", "quiet_period", "incomplete_grace")
+MODEL_STAGES = ("load", "label", "gland", "triage")  # agent.analysis: where an image model failed
+OUTPUTS = ("webhook", "dicom")  # outputs under the retry policy with dead letters (agent.retry)
 
 
 def _sink_label(name: str) -> str:
@@ -102,6 +104,10 @@ class AgentMetrics:
         self.image_uncertain = Counter("scanside_image_uncertain_results", "Image labels withheld as `uncertain` by the "
                                        "model's calibrated gate (low confidence or out of distribution), by model",
                                        ["model"], registry=r)
+        self.model_failures = Counter("scanside_model_failures", "Image-model runs that failed (the series or exam goes "
+                                      "on without that result; the reason is logged at ERROR), by stage", ["stage"], registry=r)
+        for stage in MODEL_STAGES:
+            self.model_failures.labels(stage)
         self._agreement: dict[str, list[int]] = {}  # model name -> [agreeing, total]
         self._zero_known_label_sets()
         r.register(_StateCollector(self))
@@ -184,6 +190,9 @@ class AgentMetrics:
         if alert is not None:
             self.alerts.labels(alert.code, alert.severity).inc()
 
+    def model_failed(self, stage: str) -> None:
+        self.model_failures.labels(_label(stage, set(MODEL_STAGES))).inc()
+
     def _image_result(self, model_ref: str, agree: bool, shadow: bool) -> None:
         name = _label(model_ref.split("/")[0].split("@")[0])
         with self._lock:
@@ -234,7 +243,7 @@ class AgentMetrics:
         """Record the engine (engine info) and time every `engine.run` from now on; returns the engine."""
         self.engine_loaded(engine)
         run = engine.run
-        if getattr(run, "_scanside_timed", False):
+        if getattr(run, "timed_by_metrics", False):
             return engine
 
         def timed_run(inputs: Any) -> Any:
@@ -244,7 +253,7 @@ class AgentMetrics:
             finally:
                 self.observe_inference(engine, time.perf_counter() - t0)
 
-        timed_run._scanside_timed = True  # type: ignore[attr-defined]
+        timed_run.timed_by_metrics = True  # type: ignore[attr-defined]
         engine.run = timed_run
         return engine
 
@@ -291,7 +300,7 @@ class _StateCollector:
         if agent is None:
             return
         yield from self._safe(lambda: _agent_gauges(agent))
-        yield from self._safe(lambda: retention_metrics(getattr(agent, "retention", None)))
+        yield from self._safe(lambda: retention_metrics(agent.retention))
 
     @staticmethod
     def _safe(fn: Any) -> Iterator[Any]:
@@ -312,18 +321,17 @@ def _agent_gauges(agent: "Agent") -> Iterator[Any]:
     depth = GaugeMetricFamily("scanside_outbox_depth", "Events recorded but not yet delivered, per output", labels=["sink"])
     failures = CounterMetricFamily("scanside_delivery_failures", "Failed delivery attempts to an output (each retried)", labels=["sink"])
     dead = CounterMetricFamily("scanside_delivery_dead_letters", "Events an output rejected for good (recorded, skipped)", labels=["sink"])
-    runners = [agent.sinks, *getattr(agent, "output_runners", [])]
+    runners = [agent.sinks, *agent.output_runners]
     totals: dict[str, list[float]] = {}
     for runner in runners:
-        runner_failures = dict(getattr(runner, "failures", {}) or {})
         for sink in list(runner.sinks):
             name = _sink_label(sink.name)
-            own_depth = getattr(sink, "outbox_depth", None)
-            value = own_depth() if callable(own_depth) else max(0, last - runner.cursor(sink))
+            own_depth = sink.outbox_depth()
+            value = own_depth if own_depth is not None else max(0, last - runner.cursor(sink))
             t = totals.setdefault(name, [0, 0, 0])
             t[0] = max(t[0], value)
-            t[1] += int(getattr(sink, "failed_attempts", 0) or 0) + int(runner_failures.get(sink.name, 0))
-            t[2] += int(getattr(sink, "dead_lettered", 0) or 0)
+            t[1] += sink.failed_attempts
+            t[2] += sink.dead_lettered
     for name, (d, f, x) in sorted(totals.items()):
         depth.add_metric([name], d)
         failures.add_metric([name], f)
@@ -331,11 +339,19 @@ def _agent_gauges(agent: "Agent") -> Iterator[Any]:
     yield depth
     yield failures
     yield dead
+    # read from the state database (agent.retry records each dead letter there): survives restarts
+    letters = CounterMetricFamily("scanside_output_dead_letters", "Events an output gave up on (rejected for good, or "
+                                  "still failing after its bounded attempts): recorded in the state database, skipped",
+                                  labels=["output"])
+    counts = agent.store.dead_letter_counts()
+    for name in sorted({*OUTPUTS, *(_sink_label(k) for k in counts)}):
+        letters.add_metric([name], sum(n for k, n in counts.items() if _sink_label(k) == name))
+    yield letters
     disk = GaugeMetricFamily("scanside_state_disk_free_bytes", "Free space on the state folder's file system")
     disk.add_metric([], shutil.disk_usage(agent.config.state.dir).free)
     yield disk
     yield from _write_gauges(agent)
-    yield from _cstore_counters(getattr(agent, "receiver", None))
+    yield from _cstore_counters(agent.receiver)
 
 
 def _cstore_counters(receiver: Any) -> Iterator[Any]:
@@ -370,9 +386,8 @@ def _write_gauges(agent: "Agent") -> Iterator[Any]:
             for label in fs.folders:
                 free.add_metric([label], fs.free)
     yield free
-    health = getattr(agent, "write_health", None)
-    failing = health.failing() if health is not None else {}
-    totals = dict(health.failures_total) if health is not None else {}
+    failing = agent.write_health.failing()
+    totals = dict(agent.write_health.failures_total)
     failures = CounterMetricFamily("scanside_write_failures", "Writes to an output folder that failed (disk full, "
                                    "read-only, I/O error), by target; each is retried or refused to the sender",
                                    labels=["target"])

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 from agent.config import AgentConfig
 from agent.events import EventBase, FileQuarantined
 from agent.header import HeaderError, read_bounded_dataset, read_header
+from agent.health import WriteReporter
 from agent.quarantine import Quarantine
 from agent.exam import ExamTracker
 from agent.protocol import checker_from_config
@@ -61,16 +62,19 @@ class Outcome:
 
 
 class Pipeline:
-    def __init__(self, config: AgentConfig, store: StateStore, clock: Callable[[], float] = time.time):
+    def __init__(self, config: AgentConfig, store: StateStore, clock: Callable[[], float] = time.time,
+                 health: Optional[WriteReporter] = None, gland_coverage: bool = False):
+        """health: where quarantine copies report failed writes; gland_coverage: the gland model runs beside
+        the checker (agent.protocol.gland_model_active): the analyzer then raises the slab-end deviations."""
         self.config = config
         self.store = store
         self.assembler = SeriesAssembler(store, config.series, clock)
         # protocol checks run on the events each transaction records, inside that transaction
-        self.protocol = checker_from_config(config, store)
+        self.protocol = checker_from_config(config, store, gland_coverage=gland_coverage)
         self.exams = ExamTracker(store, self.protocol, config.protocol.exam_quiet_period_s)
         self.quarantine_box = Quarantine(config.quarantine_path, config.ingest.quarantine_mode,
                                          include_paths=config.privacy.include_file_paths,
-                                         max_copy_bytes=config.ingest.quarantine_max_copy_bytes)
+                                         max_copy_bytes=config.ingest.quarantine_max_copy_bytes, health=health)
         self.new_events = threading.Condition()
         self.listeners: list[Callable[[str, Outcome], None]] = []  # metrics hook: (path, outcome)
         self._series_bytes: dict[str, int] = {}  # series_uid -> declared pixel bytes recorded (per-series cap)
@@ -182,7 +186,7 @@ class Pipeline:
             return produce()
         except Exception:  # exam bookkeeping must never stop ingestion
             log.exception("exam end failed")
-            self.exams._ended.clear()
+            self.exams.forget_all()
             return []
 
     def complete_all(self) -> int:
@@ -196,7 +200,7 @@ class Pipeline:
             for row in self.store.all_series("open"):
                 if row["study_uid"] == study_uid:
                     reached = bool(row["expected"] and row["n_images"] >= row["expected"]) or not row["expected"]
-                    events += self.assembler._complete(row["series_uid"], complete=reached)
+                    events += self.assembler.complete(row["series_uid"], complete=reached)
             return self._append(events)
 
     def next_due_in(self) -> Optional[float]:

@@ -10,13 +10,14 @@ plain lines when stderr is not one (a log file, CI, journald: no carriage return
 """
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
 from typing import Any, Iterable, Iterator, Optional, TextIO
 
 from tqdm import tqdm
+
+from agent.lifecycle import WorkerThread
 
 _QUIET: Optional[bool] = None
 
@@ -29,7 +30,12 @@ def set_quiet(quiet: bool) -> None:
 def quiet() -> bool:
     if _QUIET is not None:
         return _QUIET
-    return os.environ.get("SCANSIDE_QUIET", "").strip().lower() in ("1", "true", "yes")
+    from agent.config import ToolSettings
+
+    try:
+        return ToolSettings().quiet
+    except ValueError:  # SCANSIDE_QUIET=maybe: meters stay on, as before
+        return False
 
 
 class _Lines:
@@ -110,17 +116,15 @@ class Every:
 
     def __init__(self, seconds: float, fn: Any):
         self.seconds, self.fn = seconds, fn
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="scanside-progress", daemon=True)
+        self.worker = WorkerThread("scanside-progress", self._loop)
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.seconds):
+    def _loop(self, stop: threading.Event) -> None:
+        while not stop.wait(self.seconds):
             self.fn()
 
     def __enter__(self) -> "Every":
-        self._thread.start()
+        self.worker.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        self.worker.stop()

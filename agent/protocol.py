@@ -27,6 +27,7 @@ import re
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
+from agent.config import AgentConfig
 from agent.events import EventBase, ProtocolDeviation, SeriesCompleted, SeriesSummary, Severity
 from agent.profiles import ParameterGroup, Profile, Range, Requirement
 from agent.state import StateStore
@@ -410,7 +411,7 @@ class ProtocolChecker:
         if checked_here is not None:
             ref = ref_here or next((s for s in reversed(exam) if s.slab and s.series_uid != checked_here.series_uid
                                     and g.reference.matches(s.label, s.other_kind, s.plane)), None)
-            return [self._misaligned(study_uid, checked_here, ref)] if ref is not None else []
+            return [self.misaligned(study_uid, checked_here, ref)] if ref is not None else []
         # a new axial T2W: check the DWI/ADC series that came before it
         assert ref_here is not None
         out: list[Optional[ProtocolDeviation]] = []
@@ -420,10 +421,10 @@ class ProtocolChecker:
                 continue
             if g.checked.matches(s.label, s.other_kind, s.plane):
                 seen.add(s.series_uid)
-                out.append(self._misaligned(study_uid, s, ref_here))
+                out.append(self.misaligned(study_uid, s, ref_here))
         return out
 
-    def _misaligned(self, study_uid: str, s: SeriesSummary, ref: SeriesSummary) -> Optional[ProtocolDeviation]:
+    def misaligned(self, study_uid: str, s: SeriesSummary, ref: SeriesSummary) -> Optional[ProtocolDeviation]:
         g = self.profile.geometry
         a, r = s.slab, ref.slab
         assert a is not None and r is not None
@@ -556,31 +557,29 @@ def measured_values(s: SeriesSummary) -> dict[str, Optional[float]]:
     }
 
 
-def checker_from_config(config, store: StateStore, gland_coverage: bool = False) -> Optional[ProtocolChecker]:
+def checker_from_config(config: AgentConfig, store: StateStore, gland_coverage: bool = False) -> Optional[ProtocolChecker]:
     """The checker the agent's [protocol] section asks for; None when protocol checks are off.
     gland_coverage: the gland model runs beside it (the daemon's Analyzer; see gland_model_active)."""
     from agent.profiles import load_profile
 
-    section = getattr(config, "protocol", None)
+    section = config.protocol
     gland = bool(gland_coverage)
-    if section is None:
-        return ProtocolChecker(load_profile(), store, config.quarantine_path, gland_coverage=gland)
     if not section.enabled:
         return None
     return ProtocolChecker(load_profile(section.profile, section.site_profile), store, config.quarantine_path,
                            gland_coverage=gland)
 
 
-def gland_model_active(config) -> bool:
+def gland_model_active(config: AgentConfig) -> bool:
     """The agent will segment the gland (agent.analysis): [gland] enabled and a gland model in the store."""
-    section = getattr(config, "gland", None)
-    if section is None or not section.enabled:
+    section = config.gland
+    if not section.enabled:
         return False
     try:
         from agent.gland import resolve_model
-        from engines.store import ModelStore
+        from agent.model_store import open_model_store
 
-        return resolve_model(ModelStore(), section.model) is not None
+        return resolve_model(open_model_store(config), section.model) is not None
     except Exception:  # no store, unreadable manifests: no gland model
         return False
 

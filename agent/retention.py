@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from agent.config import AgentConfig, FolderRetention, TableRetention
+from agent.lifecycle import Worker, WorkerThread
 from agent.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ class _Entry:
 
 
 @dataclass
-class Retention:
+class Retention(Worker):
+    name = "retention"  # a plain class attribute (no annotation): not a dataclass field
     config: AgentConfig
     store: StateStore
     sinks: list[str]  # the outputs whose cursors hold events (and the files they need) back
@@ -70,8 +72,7 @@ class Retention:
             self.folders[name] = FolderUsage()
         for name in ("events", "files"):
             self.tables[name] = TableUsage()
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self.worker = WorkerThread("scanside-retention", self._run)
 
     def targets(self) -> dict[str, tuple[Path, FolderRetention, bool]]:
         """name -> (folder, limits, whether files there can be waiting for delivery)."""
@@ -174,22 +175,9 @@ class Retention:
         usage.rows = self.store.count_files()
 
     # ------------------------------------------------------------------ thread
-    def start(self) -> "Retention":
-        self._thread = threading.Thread(target=self._run, name="scanside-retention", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=10)
-
-    def alive(self) -> bool:
-        return bool(self._thread and self._thread.is_alive())
-
-    def _run(self) -> None:
+    def _run(self, stop: threading.Event) -> None:
         wait = min(60.0, self.config.retention.interval_s)  # first pass soon after start
-        while not self._stop.wait(wait):
+        while not stop.wait(wait):
             try:
                 self.run_once()
             except Exception:  # a full disk or a locked database: try again next time

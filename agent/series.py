@@ -215,7 +215,7 @@ class SeriesAssembler:
         n += header.n_images
         self.store.put_series(header.series_uid, header.study_uid, state, revision, n, expected, first_seen, now, None)
         if expected and n >= expected and (self.count_trusted(revision) or raised):
-            events += self._complete(header.series_uid, complete=True)
+            events += self.complete(header.series_uid, complete=True)
         return events
 
     @staticmethod
@@ -234,11 +234,11 @@ class SeriesAssembler:
             expected, n = row["expected"], row["n_images"]
             trusted = self.count_trusted(row["revision"])
             if expected and n >= expected and trusted:
-                events += self._complete(row["series_uid"], complete=True)
+                events += self.complete(row["series_uid"], complete=True)
             elif (not expected or not trusted) and idle >= self.config.quiet_period_s:
-                events += self._complete(row["series_uid"], complete=True)
+                events += self.complete(row["series_uid"], complete=True)
             elif expected and idle >= self.config.incomplete_grace_s:
-                events += self._complete(row["series_uid"], complete=False)
+                events += self.complete(row["series_uid"], complete=False)
         return events
 
     def next_due_in(self) -> Optional[float]:
@@ -256,7 +256,7 @@ class SeriesAssembler:
         events: list[EventBase] = []
         for row in self.store.all_series("open"):
             reached = bool(row["expected"] and row["n_images"] >= row["expected"]) or not row["expected"]
-            events += self._complete(row["series_uid"], complete=reached)
+            events += self.complete(row["series_uid"], complete=reached)
         return events
 
     def complete_study(self, study_uid: str) -> list[EventBase]:
@@ -265,10 +265,10 @@ class SeriesAssembler:
         for row in self.store.all_series("open"):
             if row["study_uid"] == study_uid:
                 reached = bool(row["expected"] and row["n_images"] >= row["expected"]) or not row["expected"]
-                events += self._complete(row["series_uid"], complete=reached)
+                events += self.complete(row["series_uid"], complete=reached)
         return events
 
-    def _complete(self, series_uid: str, complete: bool) -> list[EventBase]:
+    def complete(self, series_uid: str, complete: bool) -> list[EventBase]:
         row = self.store.get_series(series_uid)
         assert row is not None
         now = self.clock()

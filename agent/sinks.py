@@ -12,22 +12,24 @@ from pathlib import Path
 from typing import Callable, Optional, TextIO
 
 from agent.events import Event
-from agent.health import WriteHealth
+from agent.health import WriteReporter
+from agent.lifecycle import Worker, WorkerThread
+from agent.retry import Backoff, RetryLater
+
+__all__ = ["CallbackSink", "JsonlSink", "RetryLater", "Sink", "SinkRunner", "StdoutSink"]
 from agent.state import StateStore
 
 log = logging.getLogger(__name__)
 
 
-class RetryLater(Exception):
-    """Raised by a sink for a transient failure: the runner retries the same event after retry_after_s."""
-
-    def __init__(self, reason: str, retry_after_s: float):
-        super().__init__(reason)
-        self.retry_after_s = retry_after_s
-
-
 class Sink:
     name = "sink"
+    failed_attempts = 0  # failed deliveries since start (scanside_delivery_failures_total); outputs count theirs
+    dead_lettered = 0  # events given up on (agent.retry)
+
+    def outbox_depth(self) -> Optional[int]:
+        """Events not yet delivered, when the sink keeps its own count (None: the runner's cursor tells)."""
+        return None
 
     def deliver(self, event: Event) -> None:
         raise NotImplementedError
@@ -61,17 +63,16 @@ class JsonlSink(Sink):
     the cursor had not moved)."""
 
     name = "jsonl"
-    retry_initial_s = 0.5
-    retry_max_s = 10.0
 
-    def __init__(self, path: Path, health: "Optional[WriteHealth]" = None):
+    def __init__(self, path: Path, health: Optional[WriteReporter] = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.health = health  # set by the agent: a failed write makes /readyz false until one succeeds
+        self.health = health  # a failed write makes /readyz false until one succeeds
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         _cut_torn_tail(self._fd, self.path)
         self._last_key = _last_key(self.path)
-        self._retry_s = self.retry_initial_s
+        # agent.retry's backoff, unbounded: the event log is the record, never a dead letter
+        self._backoff = Backoff(0.5, 10.0, jitter=0.0)
         self.failed_attempts = 0
 
     def deliver(self, event: Event) -> None:
@@ -94,13 +95,13 @@ class JsonlSink(Sink):
             except OSError as cut:  # pragma: no cover - the file system refuses even that
                 log.error("cannot cut the partial line off %s: %s", self.path, cut)
             self.failed_attempts += 1
-            delay, self._retry_s = self._retry_s, min(self.retry_max_s, self._retry_s * 2)
+            delay = self._backoff.next()
             if self.health is not None:
                 self.health.failed("events", self.path.parent, exc, consequence="events are kept in the state database and retried")
             else:
                 log.warning("event log %s not written (%s); retrying in %.1f s", self.path, exc, delay)
             raise RetryLater(f"event log not written: {exc}", delay) from exc
-        self._retry_s = self.retry_initial_s
+        self._backoff.reset()
         if self.health is not None:
             self.health.ok("events")
 
@@ -163,19 +164,21 @@ class CallbackSink(Sink):
         self.fn(event)
 
 
-class SinkRunner:
+class SinkRunner(Worker):
     """Delivers new events to every sink from its cursor; a failing sink retries with backoff and
     does not hold the others back."""
 
-    def __init__(self, store: StateStore, sinks: list[Sink], wakeup: threading.Condition, persistent: bool = True):
+    def __init__(self, store: StateStore, sinks: list[Sink], wakeup: threading.Condition, persistent: bool = True,
+                 name: str = "sinks"):
+        self.name = name  # the supervisor's name for this runner (agent.lifecycle)
         self.store = store
         self.sinks = sinks
         self.wakeup = wakeup
         self.persistent = persistent
         self._mem_cursors: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._backoff: dict[str, float] = {}
+        self.worker = WorkerThread(f"scanside-{name}", self._run, wake=self._wake)
+        self._backoff: dict[str, float] = {}  # sink -> monotonic time before which it is not pumped
+        self._unexpected: dict[str, Backoff] = {}  # sink -> backoff after failures it did not classify
         self.idle_wait_s = 0.5  # also the granularity of a sink's retry delay
 
     def add(self, sink: Sink, from_now: bool = False) -> None:
@@ -207,31 +210,30 @@ class SinkRunner:
                     self._set_cursor(sink, event.seq or 0)
                     delivered += 1
                 self._backoff.pop(sink.name, None)
-            except RetryLater as exc:  # the sink logged it and chose the delay
+                self._unexpected.pop(sink.name, None)
+            except RetryLater as exc:  # the sink logged it and chose the delay (agent.retry)
                 self._backoff[sink.name] = time.monotonic() + exc.retry_after_s
-            except Exception as exc:
-                log.warning("sink %s failed: %s", sink.name, exc)
-                self._backoff[sink.name] = time.monotonic() + 2.0
+            except Exception as exc:  # a failure the sink did not classify: a bug, said at ERROR, retried slower
+                delay = self._unexpected.setdefault(sink.name, Backoff(2.0, 60.0, jitter=0.0)).next()
+                log.error("sink %s failed: %s; retrying in %.0f s", sink.name, f"{type(exc).__name__}: {exc}", delay)
+                self._backoff[sink.name] = time.monotonic() + delay
         return delivered
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="scanside-sinks", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
             self.pump()
             with self.wakeup:
-                self.wakeup.wait(timeout=self.idle_wait_s)
+                if not stop.is_set():
+                    self.wakeup.wait(timeout=self.idle_wait_s)
 
-    def stop(self) -> None:
-        self._stop.set()
+    def _wake(self) -> None:
         for sink in self.sinks:  # a receiver trickling its answer must not hold the agent's stop
             sink.interrupt()
         with self.wakeup:
             self.wakeup.notify_all()
-        if self._thread:
-            self._thread.join(timeout=10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        super().stop(timeout)
         self.pump()
         for sink in self.sinks:
             sink.close()

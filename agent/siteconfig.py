@@ -34,6 +34,8 @@ EXAMPLES: dict[str, Any] = {
     "dicom_output.send.host": "pacs.example.org",
     "protocol.site_profile": "/etc/scanside/site-profile.toml",
     "engines.int8_tolerance": 0.02,
+    "engines.user_models_dir": "/var/lib/scanside/models",
+    "engines.cache_dir": "/var/cache/scanside",
     "gland.variant": "int8_u8s8",
     "analysis.dce_advised_threshold": 0.3,
     "adapt.user_dir": "/var/lib/scanside/models",

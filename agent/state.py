@@ -342,6 +342,10 @@ class StateStore:
             return self._q("SELECT * FROM dead_letters WHERE sink = ? ORDER BY seq", (sink,))
         return self._q("SELECT * FROM dead_letters ORDER BY sink, seq")
 
+    def dead_letter_counts(self) -> dict[str, int]:
+        """Dead letters per output (scanside_output_dead_letters_total)."""
+        return {r["sink"]: int(r["n"]) for r in self._q("SELECT sink, COUNT(*) AS n FROM dead_letters GROUP BY sink")}
+
     def event_counts(self) -> dict[str, int]:
         return {r["type"]: r["n"] for r in self._q("SELECT type, COUNT(*) AS n FROM events GROUP BY type")}
 

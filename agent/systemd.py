@@ -20,6 +20,8 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Optional
 
+from agent.lifecycle import Worker, WorkerThread
+
 log = logging.getLogger(__name__)
 
 
@@ -87,9 +89,8 @@ class Notifier:
             step = self._next_id
             self._next_id += 1
             self._long_steps[step] = min(start + seconds, limit)
-        done = threading.Event()
 
-        def refresh() -> None:
+        def refresh(done: threading.Event) -> None:
             while not done.wait(seconds / 2):
                 now = time.monotonic()
                 if now >= limit:
@@ -99,18 +100,16 @@ class Notifier:
                 self.extend(seconds)
 
         self.extend(seconds)
-        thread = threading.Thread(target=refresh, name="scanside-sd-extend", daemon=True)
-        thread.start()
+        worker = WorkerThread("scanside-sd-extend", refresh).start()
         try:
             yield
         finally:
-            done.set()
-            thread.join(timeout=5)
+            worker.stop(timeout=5)
             with self._lock:
                 self._long_steps.pop(step, None)
 
 
-class Watchdog:
+class Watchdog(Worker):
     """Pings WATCHDOG=1 every interval while healthy() (or a declared long step) says so; when
     unhealthy it sends a STATUS line instead, once per transition, and leaves the restart to systemd."""
 
@@ -118,23 +117,21 @@ class Watchdog:
         self.notifier = notifier
         self.healthy = healthy
         self.interval_s = interval_s or notifier.watchdog_interval_s
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self.worker = WorkerThread("scanside-sd-watchdog", self._run)
         self.pings = 0
+
+    name = "watchdog"
 
     def start(self) -> "Watchdog":
         if not self.notifier.enabled or not self.interval_s:
             return self  # no watchdog requested
-        self._thread = threading.Thread(target=self._run, name="scanside-sd-watchdog", daemon=True)
-        self._thread.start()
+        self.worker.start()
         return self
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
+    def alive(self) -> bool:
+        return self.worker.alive() or not self.worker.started  # not requested is not dead
 
-    def _run(self) -> None:
+    def _run(self, stop: threading.Event) -> None:
         assert self.interval_s
         was_ok = True
         while True:
@@ -153,7 +150,7 @@ class Watchdog:
                 self.notifier.status("unhealthy: ingest loop stalled or a component stopped")
                 log.error("agent unhealthy: watchdog pings withheld")
             was_ok = ok
-            if self._stop.wait(self.interval_s):
+            if stop.wait(self.interval_s):
                 return
 
 

@@ -49,18 +49,18 @@ def vendor_of(manufacturer: str) -> str:
 
 
 # ---------------------------------------------------------------- value coercion
-def _as_text(value: Any) -> str:
+def as_text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("latin-1", errors="replace").strip("\x00 ")
     return str(value).strip()
 
 
-def _as_floats(value: Any) -> list[float]:
+def as_floats(value: Any) -> list[float]:
     """Numbers from a DS/IS/FL/FD/UN value, a MultiValue, or backslash-separated bytes."""
     if value is None:
         return []
     if isinstance(value, bytes):
-        text = _as_text(value)
+        text = as_text(value)
         if not text:
             return []
         if all(32 <= ord(c) < 127 for c in text):
@@ -76,7 +76,7 @@ def _as_floats(value: Any) -> list[float]:
     out = []
     for p in parts:
         try:
-            f = float(_as_text(p) if isinstance(p, (bytes, str)) else p)
+            f = float(as_text(p) if isinstance(p, (bytes, str)) else p)
         except (TypeError, ValueError):
             continue
         if math.isfinite(f):
@@ -84,13 +84,13 @@ def _as_floats(value: Any) -> list[float]:
     return out
 
 
-def _tokens(value: Any) -> tuple[str, ...]:
+def tokens(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, (bytes, str)):
-        parts = _as_text(value).split("\\")
+        parts = as_text(value).split("\\")
     else:
-        parts = [_as_text(v) for v in value]
+        parts = [as_text(v) for v in value]
     return tuple(p.strip().upper() for p in parts if p.strip())
 
 
@@ -102,7 +102,7 @@ def private_value(ds: Dataset, group: int, element: int, creator: str) -> Any:
     keys = ds.keys()
     base = group << 16
     for slot in range(0x10, 0x100):
-        if (base | slot) in keys and _as_text(ds[base | slot].value) == creator:
+        if (base | slot) in keys and as_text(ds[base | slot].value) == creator:
             tag = base | (slot << 8) | element
             if tag in keys:
                 return ds[tag].value
@@ -114,7 +114,7 @@ def private_value(ds: Dataset, group: int, element: int, creator: str) -> Any:
 
 
 def first_float(value: Any) -> Optional[float]:
-    vals = _as_floats(value)
+    vals = as_floats(value)
     return vals[0] if vals else None
 
 
@@ -170,12 +170,12 @@ class LazyCSA:
 # ---------------------------------------------------------------- decoders
 def is_epi(ds: Dataset, vendor: str) -> bool:
     """Echo-planar: ScanningSequence EP, enhanced EchoPlanarPulseSequence YES, or an EPI sequence name."""
-    if "EP" in _tokens(ds.get("ScanningSequence")):
+    if "EP" in tokens(ds.get("ScanningSequence")):
         return True
-    if _as_text(ds.get("EchoPlanarPulseSequence", "")).upper() == "YES":
+    if as_text(ds.get("EchoPlanarPulseSequence", "")).upper() == "YES":
         return True
     if vendor == "philips":  # classic Philips DWI says ScanningSequence SE; (2001,1020) says DwiSE / EPI
-        technique = _as_text(private_value(ds, 0x2001, 0x20, PHILIPS_IMAGING) or "").upper()
+        technique = as_text(private_value(ds, 0x2001, 0x20, PHILIPS_IMAGING) or "").upper()
         if "DWI" in technique or "EPI" in technique:
             return True
     name = sequence_name(ds, vendor).lower().lstrip("*")
@@ -185,11 +185,11 @@ def is_epi(ds: Dataset, vendor: str) -> bool:
 def sequence_name(ds: Dataset, vendor: str) -> str:
     for value in (ds.get("SequenceName"), ds.get("PulseSequenceName")):
         if value:
-            return _as_text(value)
+            return as_text(value)
     if vendor == "ge":
         v = private_value(ds, 0x0019, 0x9C, GE_ACQU)
         if v:
-            return _as_text(v)
+            return as_text(v)
     return ""
 
 
@@ -199,7 +199,7 @@ def b_value(ds: Dataset, vendor: str, csa: Optional[Any] = None) -> tuple[Option
     if std is not None:
         return clean_b(std), "(0018,9087) DiffusionBValue"
     if vendor == "ge":
-        raw = _as_floats(private_value(ds, 0x0043, 0x39, GE_PARM))
+        raw = as_floats(private_value(ds, 0x0043, 0x39, GE_PARM))
         if raw and is_epi(ds, vendor):
             return clean_b(raw[0] % GE_B_BIAS), "GE (0043,1039) modulo 1e9"
     if vendor == "philips":
@@ -228,19 +228,19 @@ def _vec3(vec: list[float]) -> Optional[tuple[float, float, float]]:
 def diffusion_direction(ds: Dataset, vendor: str, csa: Optional[Any] = None) -> Optional[tuple[float, float, float]]:
     seq = ds.get("DiffusionGradientDirectionSequence")
     if seq:
-        vec = _as_floats(seq[0].get("DiffusionGradientOrientation"))
+        vec = as_floats(seq[0].get("DiffusionGradientOrientation"))
         if len(vec) == 3:
             return _vec3(vec)
-    vec = _as_floats(ds.get("DiffusionGradientOrientation"))
+    vec = as_floats(ds.get("DiffusionGradientOrientation"))
     if len(vec) == 3:
         return _vec3(vec)
     if vendor == "siemens":
-        vec = _as_floats(private_value(ds, 0x0019, 0x0E, SIEMENS_MR))
+        vec = as_floats(private_value(ds, 0x0019, 0x0E, SIEMENS_MR))
         # an intact SIEMENS MR HEADER block without (0019,100E) means "no direction" (trace, b0);
         # only a stripped block sends us to the CSA header
         if len(vec) != 3 and private_value(ds, 0x0019, 0x0C, SIEMENS_MR) is None:
             csa = csa if csa is not None else LazyCSA(ds)
-            vec = _as_floats(csa.get("DiffusionGradientDirection"))
+            vec = as_floats(csa.get("DiffusionGradientDirection"))
     elif vendor == "philips":
         parts = [first_float(private_value(ds, 0x2005, e, PHILIPS_MR)) for e in (0xB0, 0xB1, 0xB2)]
         vec = [v for v in parts if v is not None]
@@ -253,13 +253,13 @@ def diffusion_direction(ds: Dataset, vendor: str, csa: Optional[Any] = None) -> 
 def directionality(ds: Dataset, vendor: str) -> Optional[str]:
     v = ds.get("DiffusionDirectionality")
     if v:
-        return _as_text(v).upper()
+        return as_text(v).upper()
     if vendor == "siemens":
         v = private_value(ds, 0x0019, 0x0D, SIEMENS_MR)
         if v:
-            return _as_text(v).upper()
+            return as_text(v).upper()
     if vendor == "philips":
-        v = _as_text(private_value(ds, 0x2001, 0x04, PHILIPS_IMAGING) or "").upper()
+        v = as_text(private_value(ds, 0x2001, 0x04, PHILIPS_IMAGING) or "").upper()
         if v == "I":
             return "ISOTROPIC"
         if v in {"O", "R", "P", "S", "A", "L", "H", "F"}:

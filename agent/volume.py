@@ -235,9 +235,9 @@ def _read(path: str, cap: int):
             # read_header's guards: bounded reads, its parse deadline (the whole file is parsed here, also
             # what follows Pixel Data), a deflated data set inflated with a cap and parsed through them
             src = hdr.BoundedFile(fp, size, time.monotonic() + hdr.PARSE_DEADLINE_S)
-            deflated = hdr._meta_is_deflated(fp)
+            deflated = hdr.meta_is_deflated(fp)
             if deflated:
-                _, src = hdr._inflated_source(fp, path, cap + hdr.HEADER_SLACK_BYTES)
+                _, src = hdr.inflated_source(fp, path, cap + hdr.HEADER_SLACK_BYTES)
             ds = pydicom.dcmread(src)
             if deflated:
                 ds.file_meta.TransferSyntaxUID = hdr.DEFLATED_TS

@@ -37,13 +37,17 @@ class FolderWatcher:
         self.observer.schedule(_Handler(ingestor), str(self.folder), recursive=recursive)
         self.polling = polling
 
-    def start(self) -> None:
+    name = "watcher"
+
+    def start(self) -> "FolderWatcher":
         self.observer.start()
         log.info("watching %s (%s)", self.folder, "polling" if self.polling else "inotify")
+        return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         self.observer.stop()
-        self.observer.join(timeout=10)
+        if self.observer.is_alive():
+            self.observer.join(timeout=timeout)
 
     def alive(self) -> bool:
         return self.observer.is_alive()

@@ -5,15 +5,16 @@ answered 2xx, so an event in flight when the agent stops is sent again after the
 same ``Idempotency-Key`` (the event key) for the receiver to de-duplicate on. Events go one at a time
 in log order, so the order within an exam (and overall) is the order the agent decided them.
 
-Failures:
+Failures (one retry policy for every output, agent.retry):
 - connection errors, timeouts, 5xx, 408, 425, 429 and the configuration errors 401/403/404 are
-  transient: the same event is retried, forever, with exponential backoff and jitter (bounded by
-  ``backoff_max_s``; a ``Retry-After`` from the receiver is honoured within that bound). Holding the
-  line keeps the order and loses nothing while the receiver is down or misconfigured (a wrong secret
-  or path would otherwise turn the whole stream into dead letters);
+  transient: the same event is retried with exponential backoff and jitter (bounded by
+  ``backoff_max_s``; a ``Retry-After`` from the receiver is honoured within that bound), at most
+  ``max_attempts`` times (about 4 hours with the defaults). Holding the line keeps the order and loses
+  nothing while the receiver is down or misconfigured for a while; an event still refused after that
+  becomes a dead letter, so no event is retried forever;
 - any other 4xx (400, 409, 413, 415, 422, ...) is permanent for that event: the receiver rejected the
-  payload itself and would reject it again, so retrying would block every later event forever. It is
-  recorded in the state database (``dead_letters``), logged, and skipped.
+  payload itself and would reject it again, so retrying would block every later event. It is
+  recorded in the state database (``dead_letters``), logged, and skipped at once.
 
 Bounds: one delivery takes at most ``total_timeout_s`` from connect to the last byte (httpx's timeouts
 are per operation, so a receiver sending one header byte every few seconds would otherwise hold the
@@ -45,8 +46,11 @@ import httpx
 
 from agent.config import WebhookConfig
 from agent.events import Event
+from agent.retry import Backoff, DeadLetterStore, OutputRetry, RetryPolicy
 from agent.sinks import RetryLater, Sink
 from agent.state import StateStore
+
+__all__ = ["Backoff", "WebhookSink", "retry_after_s", "sign", "verify"]  # Backoff: agent.retry, kept importable here
 
 log = logging.getLogger(__name__)
 
@@ -84,26 +88,6 @@ def verify(secret: str, headers: Mapping[str, str], body: bytes, tolerance_s: fl
     return any(hmac.compare_digest(want, g) for g in given)
 
 
-class Backoff:
-    """Exponential backoff with jitter: attempt n waits initial * 2**n, capped at maximum, scaled by a
-    random factor in [1 - jitter, 1] so that many agents behind one receiver do not retry in step."""
-
-    def __init__(self, initial_s: float, maximum_s: float, jitter: float = 0.5, rng: Optional[random.Random] = None):
-        self.initial_s = initial_s
-        self.maximum_s = maximum_s
-        self.jitter = jitter
-        self.rng = rng or random.Random()
-        self.attempt = 0
-
-    def next(self) -> float:
-        base = min(self.maximum_s, self.initial_s * (2.0 ** min(self.attempt, 62)))
-        self.attempt += 1
-        return base * (1.0 - self.jitter * self.rng.random())
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
 def retry_after_s(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
     """Seconds from a Retry-After header (delta-seconds or HTTP date); None when absent or unreadable."""
     if not value:
@@ -126,7 +110,8 @@ class WebhookSink(Sink):
     """POST one event per request. Deliver it through a SinkRunner: its cursor is the outbox."""
 
     def __init__(self, config: WebhookConfig, store: StateStore, *, name: str = "webhook",
-                 transport: Optional[httpx.BaseTransport] = None, rng: Optional[random.Random] = None):
+                 transport: Optional[httpx.BaseTransport] = None, rng: Optional[random.Random] = None,
+                 dead_letters: Optional[DeadLetterStore] = None):
         if config.url is None:
             raise ValueError("webhook.url is not set")
         self.name = name
@@ -135,16 +120,14 @@ class WebhookSink(Sink):
         self.url = str(config.url)
         self._secret = config.secret.get_secret_value() if config.secret is not None else None
         self._types = frozenset(config.event_types)
-        self.backoff = Backoff(config.backoff_initial_s, config.backoff_max_s, config.backoff_jitter, rng)
+        self.retry = OutputRetry(name, RetryPolicy(config.backoff_initial_s, config.backoff_max_s, config.backoff_jitter,
+                                                   config.max_attempts), dead_letters or store, rng)
         self._transport = transport
         self._client = self._new_client()
         self._lock = threading.Lock()
         self._closing = False
         self.delivered = 0
-        self.failed_attempts = 0
-        self.dead_lettered = 0
         self.skipped = 0
-        self.last_error: Optional[str] = None
 
     def _new_client(self) -> httpx.Client:
         timeout = httpx.Timeout(self.config.read_timeout_s, connect=self.config.connect_timeout_s)
@@ -152,6 +135,18 @@ class WebhookSink(Sink):
                             headers={"User-Agent": USER_AGENT})
 
     # ------------------------------------------------------------------ metrics
+    @property
+    def failed_attempts(self) -> int:
+        return self.retry.failed_attempts
+
+    @property
+    def dead_lettered(self) -> int:
+        return self.retry.dead_lettered
+
+    @property
+    def last_error(self) -> Optional[str]:
+        return self.retry.last_error
+
     def outbox_depth(self) -> int:
         """Events decided but not yet acknowledged by the receiver (or skipped by the type filter)."""
         return max(0, self.store.last_event_seq() - self.store.cursor(self.name))
@@ -194,23 +189,28 @@ class WebhookSink(Sink):
                 if client.is_closed:
                     self._client = self._new_client()
                     reason = "stopping" if self._closing else f"no complete answer within {self.config.total_timeout_s} s"
-                raise self._transient(event, reason, None) from exc
+                if self._closing:  # stopping is not a failed attempt: the event is sent after the restart
+                    raise RetryLater("stopping", 1.0) from exc
+                self.retry.transient(event, reason, None, stage="connection")
+                return
             finally:
                 timer.cancel()
             if 200 <= status < 300:
                 self.delivered += 1
-                self.backoff.reset()
-                self.last_error = None
+                self.retry.succeeded()
                 return
             if 400 <= status < 500 and status not in RETRY_4XX:
-                self._permanent(event, status, detail)
+                log.error("webhook: receiver rejected event seq %s (%s) with HTTP %d", event.seq, event.type, status)
+                self.retry.permanent(event, f"HTTP {status}", detail)
                 return
             if 300 <= status < 400:
                 if not (self.last_error or "").startswith(f"HTTP {status}"):
                     log.error("webhook: the receiver answers HTTP %d (a redirect); redirects are not followed: set "
                               "webhook.url to the final URL. Events are held and retried meanwhile", status)
-                raise self._transient(event, f"HTTP {status} redirect (not followed)", None)
-            raise self._transient(event, f"HTTP {status}", retry_after_s(resp.headers.get("Retry-After")))
+                self.retry.transient(event, f"HTTP {status} redirect (not followed)", None, stage=f"HTTP {status}")
+                return
+            self.retry.transient(event, f"HTTP {status}", retry_after_s(resp.headers.get("Retry-After")),
+                                 stage=f"HTTP {status}")
 
     def _read_some(self, resp: httpx.Response) -> str:
         """At most max_response_bytes of the answer (for the dead-letter record); the rest is never read."""
@@ -221,23 +221,6 @@ class WebhookSink(Sink):
             if len(got) >= cap:
                 break
         return got[:500].decode("utf-8", "replace")
-
-    def _transient(self, event: Event, reason: str, hint_s: Optional[float]) -> RetryLater:
-        self.failed_attempts += 1
-        self.last_error = reason
-        delay = self.backoff.next()
-        if hint_s is not None:
-            delay = min(max(delay, hint_s), self.config.backoff_max_s)
-        log.warning("webhook: event seq %s not delivered (%s); retrying in %.1f s", event.seq, reason, delay)
-        return RetryLater(reason, delay)
-
-    def _permanent(self, event: Event, status: int, detail: str) -> None:
-        self.dead_lettered += 1
-        self.backoff.reset()
-        self.last_error = f"HTTP {status} (permanent)"
-        log.error("webhook: receiver rejected event seq %s (%s) with HTTP %d; recorded as a dead letter and skipped",
-                  event.seq, event.type, status)
-        self.store.record_dead_letter(self.name, event.seq or 0, event.key, f"HTTP {status}", detail)
 
     def interrupt(self) -> None:
         self._closing = True

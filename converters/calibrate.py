@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import os
 import platform
 import tempfile
 from dataclasses import dataclass, field
@@ -510,8 +509,3 @@ def calibrate(manifest: ModelManifest, cset: CalibrationSet, *, method: str = "m
     if save:
         updated.save(root)
     return CalibrationResult(updated, out_paths, tensors_path, ranges_path, selections, seconds, nodes_sel)
-
-
-def env_threads() -> Optional[int]:
-    v = os.environ.get("SCANSIDE_THREADS")
-    return int(v) if v and v.isdigit() else None

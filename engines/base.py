@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -63,6 +64,12 @@ class EngineInfo:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def default_cache_root() -> Path:
+    """Where compiled-model caches live when no one says (the one place the engines read SCANSIDE_CACHE_DIR):
+    a library default for the tools (scanside models / convert, bench); the agent passes [engines] cache_dir."""
+    return Path(os.environ.get("SCANSIDE_CACHE_DIR", Path.home() / ".cache" / "scanside"))
 
 
 def _fmt_shape(shape: Sequence[Any]) -> str:

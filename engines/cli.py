@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, List, Optional
 
-from engines.store import ModelNotFound, ModelStore
+from engines.store import ModelNotFound, ModelStore, StoreDefaults
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -95,10 +95,12 @@ def _import_declared(args: argparse.Namespace, store: ModelStore) -> int:
 
 
 def _store(args: argparse.Namespace) -> ModelStore:
-    kw: dict = {}
-    if getattr(args, "prefer", None):
-        kw["preference"] = [b.strip() for b in args.prefer.split(",") if b.strip()]
-    return ModelStore(args.store or None, user_dir=args.user_dir, parity_data=getattr(args, "parity_data", "real"), **kw)
+    """The store of `scanside models ...` and the evaluations: the one construction (ModelStore.from_settings)."""
+    prefer = [b.strip() for b in (getattr(args, "prefer", None) or "").split(",") if b.strip()]
+    roots = [args.store] if isinstance(args.store, (str, Path)) else list(args.store or [])
+    return ModelStore.from_settings(StoreDefaults(models_dirs=[Path(r) for r in roots],
+                                                  user_models_dir=Path(args.user_dir) if args.user_dir else None,
+                                                  preference=prefer, parity_data=getattr(args, "parity_data", "real")))
 
 
 def _print(obj: Any) -> None:

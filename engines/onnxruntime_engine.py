@@ -5,14 +5,13 @@ providers the session actually uses (`session.get_providers()`), not the ones as
 """
 from __future__ import annotations
 
-import os
 import platform
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from engines.base import ONNX_TO_NUMPY, Engine, EngineInfo, EngineUnavailable, ManifestMismatch
+from engines.base import ONNX_TO_NUMPY, Engine, EngineInfo, EngineUnavailable, ManifestMismatch, default_cache_root
 from engines.manifest import ModelManifest
 
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -28,10 +27,6 @@ def _ort():
     return ort
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("SCANSIDE_CACHE_DIR", Path.home() / ".cache" / "scanside"))
-
-
 class OnnxRuntimeEngine(Engine):
     backend = "onnxruntime"
 
@@ -39,7 +34,8 @@ class OnnxRuntimeEngine(Engine):
                  inter_op_threads: Optional[int] = None, graph_optimization: str = "all",
                  provider_options: Optional[Dict[str, Dict[str, Any]]] = None,
                  optimized_model_path: Optional[str] = None, log_severity: int = 3,
-                 cpu_memory_arena: bool = False, allow_spinning: bool = False) -> None:
+                 cpu_memory_arena: bool = False, allow_spinning: bool = False,
+                 cache_dir: Optional[Path] = None) -> None:
         """providers: preference order, filtered by what this onnxruntime build offers (CPU is always
         appended last).  intra/inter_op_threads: None = onnxruntime's default (all cores).
         graph_optimization: disable | basic | extended | all.
@@ -60,6 +56,7 @@ class OnnxRuntimeEngine(Engine):
         self.log_severity = log_severity
         self.cpu_memory_arena = cpu_memory_arena
         self.allow_spinning = allow_spinning
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None  # None: engines.base.default_cache_root()
         self.session: Any = None
         self.path: Optional[Path] = None
         self.skipped_providers: Dict[str, str] = {}
@@ -87,7 +84,7 @@ class OnnxRuntimeEngine(Engine):
                 continue
             opts = dict(self.provider_options.get(p, {}))
             if p == "TensorrtExecutionProvider":
-                cache = _cache_dir() / "ort-trt-cache"
+                cache = (self.cache_dir or default_cache_root()) / "ort-trt-cache"
                 opts.setdefault("trt_engine_cache_enable", True)
                 opts.setdefault("trt_engine_cache_path", str(cache))
                 opts.setdefault("trt_timing_cache_enable", True)

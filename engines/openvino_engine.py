@@ -13,7 +13,6 @@ OpenVINO model even when the ONNX file fixed them.
 """
 from __future__ import annotations
 
-import os
 import platform
 import threading
 import time
@@ -22,7 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from engines.base import Engine, EngineInfo, EngineUnavailable, ManifestMismatch
+from engines.base import Engine, EngineInfo, EngineUnavailable, ManifestMismatch, default_cache_root
 from engines.manifest import ModelManifest
 
 #: OpenVINO element type names -> numpy dtype names
@@ -40,8 +39,7 @@ def _ov() -> Any:
 
 
 def default_cache_dir() -> Path:
-    base = Path(os.environ.get("SCANSIDE_CACHE_DIR", Path.home() / ".cache" / "scanside"))
-    return base / "openvino"
+    return default_cache_root() / "openvino"
 
 
 def is_x86() -> bool:

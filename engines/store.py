@@ -21,7 +21,7 @@ import os
 import platform
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple, Union
 
 from engines.base import Engine, EngineError, EngineUnavailable
 from engines.manifest import MANIFEST_FILENAME, IntegrityError, ModelFile, ModelManifest, semver_key, sha256_file, \
@@ -84,6 +84,29 @@ def default_user_dir() -> Optional[Path]:
 def _probe_tensorrt_machine() -> Tuple[Optional[str], Any, str]:
     from engines.tensorrt_engine import probe_machine
     return probe_machine(0)
+
+
+class StoreSettings(Protocol):
+    """What ModelStore.from_settings reads (structurally: agent.config.EnginesConfig, or StoreDefaults)."""
+
+    models_dirs: Sequence[Path]  # empty: the package's models (or SCANSIDE_MODELS_DIR for the dev tools)
+    user_models_dir: Optional[Path]
+    preference: Sequence[str]  # empty: automatic (default_preference())
+    int8_tolerance: Optional[float]
+    parity_data: str
+    cache_dir: Optional[Path]
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreDefaults:
+    """Store settings for tools that have no agent configuration (the same defaults as [engines])."""
+
+    models_dirs: Sequence[Path] = ()
+    user_models_dir: Optional[Path] = None
+    preference: Sequence[str] = ()
+    int8_tolerance: Optional[float] = 0.02
+    parity_data: str = "real"
+    cache_dir: Optional[Path] = None
 
 
 class ModelNotFound(LookupError):
@@ -231,6 +254,20 @@ class ModelStore:
         if self.user_dir is not None and self.user_dir not in dirs:
             dirs.append(self.user_dir)
         return dirs
+
+    @classmethod
+    def from_settings(cls, settings: "StoreSettings", **kw: Any) -> "ModelStore":
+        """The one way the agent, its CLI and the evaluations build a store: every store setting (the
+        agent's `[engines]` section, agent.config.EnginesConfig, has these fields) is passed, so none is
+        forgotten (the INT8 parity gate's tolerance, which parity data counts). kw: tests' and tools'
+        extras (tensorrt_probe, engine_options)."""
+        options = {k: dict(v) for k, v in (kw.pop("engine_options", None) or {}).items()}
+        if settings.cache_dir is not None:
+            options.setdefault("openvino", {}).setdefault("cache_dir", Path(settings.cache_dir) / "openvino")
+            options.setdefault("onnxruntime", {}).setdefault("cache_dir", Path(settings.cache_dir))
+        return cls(list(settings.models_dirs) or None, user_dir=settings.user_models_dir,
+                   preference=list(settings.preference) or None, int8_tolerance=settings.int8_tolerance,
+                   parity_data=settings.parity_data, engine_options=options, **kw)
 
     def scan(self) -> Dict[Tuple[str, str], ModelManifest]:
         found: Dict[Tuple[str, str], ModelManifest] = {}

@@ -12,7 +12,6 @@ file), extracts the ONNX, checks it against the sha256 pinned below, and registe
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import zipfile
 from pathlib import Path
 from typing import Optional, Union
 
+from engines.base import default_cache_root
 from engines.manifest import IntegrityError, ModelFile, ModelManifest, TensorSpec
 from engines.spec import PreprocessSpec, WindowSpec
 
@@ -40,7 +40,7 @@ TAPS_SOURCE = ("https://github.com/laviolette-lab/taps (PyPI lavlab-taps==1.1.2,
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("SCANSIDE_CACHE_DIR", Path.home() / ".cache" / "scanside")) / "wheels"
+    return default_cache_root() / "wheels"
 
 
 def fetch_wheel(cache_dir: Union[None, str, Path] = None, *, pip: Optional[list] = None) -> Path:

@@ -16,7 +16,7 @@ def test_off_by_default_and_the_command_adapts_from_the_agents_own_state():
     c = _config()
     assert c.adapt.enabled is False
     s = AdaptScheduler(c, lambda: 100, lambda r: None).start()
-    assert s._thread is None
+    assert not s.running
     cmd = adapt_command(_config(user_dir="/models/user"))
     assert cmd[cmd.index("--from-state") + 1] == "/tmp/st" and cmd[cmd.index("--user-dir") + 1] == "/models/user"
     assert "adapt" in cmd and "sequence-classifier" in cmd
@@ -43,3 +43,10 @@ def test_a_failing_run_is_recorded_not_raised():
                        command=[sys.executable, "-c", "import sys; sys.exit('boom')"])
     r = s.run_if_due()
     assert r["decision"] == "error" and "boom" in r["reason"]
+
+
+def test_the_child_sees_the_configured_model_store(tmp_path):
+    from agent.adapt_schedule import child_environment
+
+    c = AgentConfig.model_validate({"watch": {"folder": "/tmp/x"}, "engines": {"models_dirs": [str(tmp_path / "m")]}})
+    assert child_environment(c)["SCANSIDE_MODELS_DIR"] == str(tmp_path / "m")

@@ -103,7 +103,7 @@ def test_readiness_goes_false_for_real(tmp_path):
         url = agent.api_url
         r = httpx.get(f"{url}/readyz")
         assert r.status_code == 200 and r.json()["ready"] is True, r.text
-        assert set(r.json()["checks"]) == {"engines", "database", "watcher", "disk", "writes", "image_checks"}
+        assert set(r.json()["checks"]) == {"engines", "database", "watcher", "components", "disk", "writes", "image_checks"}
         # the image models have not been validated for this (new) site: shadow mode, said in words, not unready
         learning = r.json()["checks"]["image_checks"]
         assert learning["ok"] and learning["detail"] in ("image checks: learning this site (0 exams)",

@@ -409,6 +409,7 @@ def test_wrong_called_ae_is_a_dead_letter_and_counted(tmp_path, exam):
 
 def exposed_delivery_failures(s, runner) -> float:
     """scanside_delivery_failures_total{sink="dicom"} as the agent's collector computes it."""
+    from agent.health import WriteHealth
     from agent.metrics import _agent_gauges
 
     class AgentView:  # the attributes the collector reads from an Agent
@@ -417,6 +418,8 @@ def exposed_delivery_failures(s, runner) -> float:
         store = s.store
         config = s.config
         ingestor = type("Ingestor", (), {"backlog": 0})()
+        write_health = WriteHealth()
+        receiver = None
 
     (fam,) = [f for f in _agent_gauges(AgentView()) if f.name == "scanside_delivery_failures"]
     return next(x.value for x in fam.samples if x.labels == {"sink": "dicom"})

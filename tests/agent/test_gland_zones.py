@@ -115,15 +115,15 @@ def test_slab_ends_are_left_to_the_gland_check_only_when_it_runs(tmp_path) -> No
     t2 = _summary("t2", "T2WI_nan", -36.0, 36.0, number=3)
     short = _summary("dwi", "DWI_Low", -11.0, 19.0, number=6)  # centre +4 mm (in tolerance), ends 25 / 17 mm off
     profile = load_profile("pirads-2.1-bpmri")
-    assert [d.code for d in [ProtocolChecker(profile, store)._misaligned("1.2.3", short, t2)] if d] == ["DWI_T2_MISALIGNED"]
-    assert ProtocolChecker(profile, store, gland_coverage=True)._misaligned("1.2.3", short, t2) is None
+    assert [d.code for d in [ProtocolChecker(profile, store).misaligned("1.2.3", short, t2)] if d] == ["DWI_T2_MISALIGNED"]
+    assert ProtocolChecker(profile, store, gland_coverage=True).misaligned("1.2.3", short, t2) is None
     # a centre off by more than the tolerance is still misaligned with the gland model
     off = _summary("dwi2", "DWI_Low", -1.0, 29.0, number=8)
-    assert ProtocolChecker(profile, store, gland_coverage=True)._misaligned("1.2.3", off, t2).code == "DWI_T2_MISALIGNED"
+    assert ProtocolChecker(profile, store, gland_coverage=True).misaligned("1.2.3", off, t2).code == "DWI_T2_MISALIGNED"
     always = tmp_path / "always.toml"
     always.write_text('[geometry]\nedge_check = "always"\n')
     strict = ProtocolChecker(load_profile("pirads-2.1-bpmri", always), store, gland_coverage=True)
-    assert strict._misaligned("1.2.3", short, t2).code == "DWI_T2_MISALIGNED"
+    assert strict.misaligned("1.2.3", short, t2).code == "DWI_T2_MISALIGNED"
 
 
 def _analyzer(tmp_path, gland_result):

@@ -126,7 +126,7 @@ def heldout_outputs(clf: Any, seeds: Sequence[int]) -> tuple[np.ndarray, np.ndar
     from training.sequence.data import LABEL_INDEX, exam_samples
     from training.sequence.protocols import VENDORS
 
-    engine = clf._ensure()
+    engine = clf.load()
     m = clf.manifest
     feat_name = _feature_output(m)
     xs: List[np.ndarray] = []
