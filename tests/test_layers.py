@@ -88,6 +88,14 @@ def test_pyproject_maps_the_namespace_and_lists_every_package():
     assert all(p == NAMESPACE or p.startswith(NAMESPACE + ".") for p in listed)
 
 
+def test_the_namespace_folder_links_each_top_folder():
+    # scanside/<folder> -> ../<folder>: the names resolve from a checkout on PYTHONPATH and for mypy too
+    for folder in FOLDERS:
+        link = ROOT / NAMESPACE / folder
+        assert link.is_symlink() and link.resolve() == ROOT / folder, link
+    assert not (ROOT / NAMESPACE / "__init__.py").exists()  # an implicit namespace, as in the wheel
+
+
 def test_the_installed_namespace_resolves_to_the_source_folders():
     spec = importlib.util.find_spec(f"{NAMESPACE}.agent.dicom.header")
     assert spec is not None and spec.origin is not None, "pip install -e . (the editable install maps scanside.*)"
