@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -11,8 +12,9 @@ import socket
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from agent.config import AgentConfig, ConfigError, load_config
 
@@ -20,6 +22,7 @@ from agent.config import AgentConfig, ConfigError, load_config
 # 3 the agent cannot start here (watch folder, state folder, port); `scan`: 4 no image could be read
 # (every file quarantined, or none found), 5 a critical protocol deviation was found
 EXIT_CONFIG, EXIT_START, EXIT_NO_IMAGES, EXIT_CRITICAL = 2, 3, 4, 5
+EXIT_USAGE = 2  # a command that cannot be used, as argparse exits on a usage error
 
 
 class StartError(Exception):
@@ -27,7 +30,12 @@ class StartError(Exception):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        parser = build_parser(argv)
+    except CommandUnavailable as exc:
+        print(f"scanside: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -53,7 +61,47 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_START
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Subcommands that live in other modules: (command, module, one-line help). Only the module of the command
+# being run is imported, so `scanside run` loads neither the simulator, pydicom nor the training code; the
+# others appear in `scanside --help` as placeholders. A module that fails to import is an error naming it.
+LAZY_COMMANDS = (
+    ("simulate", "simulator.cli", "write a simulated prostate MRI exam as vendor DICOM"),
+    ("models", "engines.cli", "list, inspect, verify and import models"),
+    ("demo", "agent.demo", "stream a simulated exam into a watched folder and run the agent on it"),
+    ("profiles", "agent.profiles", "protocol profiles: list, show, check a site profile"),
+    ("convert", "converters.cli", "INT8 calibration, TensorRT plans, parity reports"),
+)
+_MAIN_OPTIONS_WITH_VALUE = ("--log-level",)
+
+
+class CommandUnavailable(RuntimeError):
+    """A subcommand whose module cannot be imported (a missing optional dependency, a broken install)."""
+
+
+def chosen_command(argv: Sequence[str]) -> Optional[str]:
+    """The subcommand named on a command line (the first word that is no main option nor its value)."""
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in _MAIN_OPTIONS_WITH_VALUE:
+            skip = True
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def load_command(module: str) -> Any:
+    """Import a subcommand's module; CommandUnavailable (naming the module and the cause) when it fails."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise CommandUnavailable(f"this command is unavailable: {module} cannot be imported ({exc})") from exc
+
+
+def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The `scanside` parser. ``argv``: the command line it will parse, which picks the one subcommand
+    module to import (None: every subcommand's module is imported)."""
     parser = argparse.ArgumentParser(prog="scanside", description="Scanner-side inference agent for MRI")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--quiet", "-q", action="store_true",
@@ -102,13 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("what", choices=["events", "config", "openapi"])
     schema.set_defaults(func=cmd_schema)
 
-    for module in ("simulator.cli", "engines.cli", "agent.demo", "agent.profiles", "converters.cli"):
-        try:
-            mod = __import__(module, fromlist=["add_parser"])
-        except ImportError as exc:  # optional parts still being built must not break the CLI
-            logging.getLogger(__name__).debug("%s unavailable: %s", module, exc)
-            continue
-        mod.add_parser(sub)
+    chosen = None if argv is None else chosen_command(argv)
+    for name, module, summary in LAZY_COMMANDS:
+        if argv is None or name == chosen:
+            load_command(module).add_parser(sub)
+        else:  # listed in --help; never run (the command line names another command)
+            sub.add_parser(name, help=summary, add_help=False)
     return parser
 
 
