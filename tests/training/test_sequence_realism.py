@@ -81,3 +81,14 @@ def test_interpolate_epi_keeps_field_of_view(pair):
     assert np.allclose(centre(a), centre(b), atol=1e-6)
     assert float(b.pixels.min()) >= 0
     assert abs(float(b.pixels.mean()) - float(a.pixels.mean())) < 0.05 * float(a.pixels.mean())
+
+
+def test_exam_samples_realism_keeps_protocol_and_labels():
+    from training.sequence.data import exam_samples
+
+    plain = list(exam_samples(700_002, "ge", realism=0.0))
+    real = list(exam_samples(700_002, "ge", realism=1.0))
+    assert [(lab, i["kind"], i["b_value"], i["matrix"]) for lab, _, i in plain] == \
+        [(lab, i["kind"], i["b_value"], i["matrix"]) for lab, _, i in real]
+    assert all(a.shape == b.shape and np.isfinite(b).all() for (_, a, _), (_, b, _) in zip(plain, real))
+    assert np.mean([not np.allclose(a, b, atol=1e-2) for (_, a, _), (_, b, _) in zip(plain, real)]) > 0.9
