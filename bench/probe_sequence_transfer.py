@@ -7,7 +7,8 @@ recipe on rendered simulated exams and score the result on the real series, with
 Real series go the daemon's path up to the model input (training.sequence.real.read_series ->
 ImageClassifier.prepare); they are scored, never trained on. The last shard of rendered exams (8 exams)
 is the simulated validation (rendered without --realism, the simulator as the evaluation writes it). A recipe worth releasing then goes through training.sequence.train, a fresh
-`scanside models evaluate` and `--real`. Prints one line per model state.
+`scanside models evaluate` and `--real`. Prints one line per model state and appends the recipe with its
+figures to bench/results/sequence_transfer.json (every recipe tried, kept or not).
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def main() -> int:
     ap.add_argument("--texture", action="store_true")
     ap.add_argument("--realism", type=float, default=0.0,
                     help="fraction of training exams from the realistic phantom (training.sequence.data.REALISM)")
+    ap.add_argument("--constants-sd", type=float, default=0.0,
+                    help="with --realism: log-sd of per-exam tissue constants (training.sequence.data.REALISM_CONSTANTS_SD)")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--save", type=Path, default=None, help="write the fine-tuned state_dict here")
     ap.add_argument("--cache-dir", type=Path, default=ROOT / "var" / "seq-cache")
@@ -57,25 +60,44 @@ def main() -> int:
 
     # validation: the last 8 seeds, clean simulator; training: the others, with the recipe's realism
     xv, yv, _ = build_dataset(range(1000 + a.exams - 8, 1000 + a.exams), "train", a.cache_dir, jobs=a.jobs)
-    D.REALISM = a.realism
+    D.REALISM, D.REALISM_CONSTANTS_SD = a.realism, a.constants_sd
     xt, yt, _ = build_dataset(range(1000, 1000 + a.exams - 8), "train", a.cache_dir, jobs=a.jobs)
     x, y = np.concatenate([xt, xv]), np.concatenate([yt, yv])
     val = np.arange(len(y)) >= len(yt)
     model = load_from_onnx(clf.manifest.file_path("fp32"))
 
-    def score(tag: str) -> None:
+    def score(tag: str) -> dict:
         pv, pr = T.predict(model, x[val]).argmax(1), T.predict(model, xr).argmax(1)
-        print(f"{tag}: simulated validation {float((pv == y[val]).mean()):.4f} (n={int(val.sum())}); real five-class "
-              f"{int((pr == yr)[five].sum())}/{int(five.sum())}, all {int((pr == yr).sum())}/{len(yr)}", flush=True)
+        r = {"simulated_validation": round(float((pv == y[val]).mean()), 4), "simulated_n": int(val.sum()),
+             "real_five_class": f"{int((pr == yr)[five].sum())}/{int(five.sum())}", "real_all": f"{int((pr == yr).sum())}/{len(yr)}"}
+        print(f"{tag}: simulated validation {r['simulated_validation']:.4f} (n={r['simulated_n']}); real five-class "
+              f"{r['real_five_class']}, all {r['real_all']}", flush=True)
+        return r
 
-    score(f"{clf.manifest.ref}")
+    before = score(f"{clf.manifest.ref}")
     T.fit(model, x[~val], y[~val], epochs=a.epochs, lr=a.lr, freeze_bn=True, seed=0)
-    score(f"fine-tuned ({a.epochs} epochs, lr {a.lr}, wide_intensity={a.wide_intensity}, texture={a.texture}, "
-          f"realism={a.realism})")
+    after = score(f"fine-tuned ({a.epochs} epochs, lr {a.lr}, wide_intensity={a.wide_intensity}, texture={a.texture}, "
+                  f"realism={a.realism}, constants_sd={a.constants_sd})")
+    record(a, before, after)
     if a.save:
         a.save.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), a.save)
     return 0
+
+
+def record(a: argparse.Namespace, before: dict, after: dict) -> None:
+    import json
+    import time
+
+    out = ROOT / "bench" / "results" / "sequence_transfer.json"
+    res = json.loads(out.read_text()) if out.is_file() else {"runs": []}
+    res["runs"].append({"command": "python bench/probe_sequence_transfer.py " + " ".join(sys.argv[1:]),
+                        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "base": a.model,
+                        "recipe": {"exams": a.exams, "epochs": a.epochs, "lr": a.lr, "realism": a.realism, "constants_sd": a.constants_sd,
+                                   "wide_intensity": a.wide_intensity, "texture": a.texture},
+                        "before": before, "after": after})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -92,3 +92,14 @@ def test_exam_samples_realism_keeps_protocol_and_labels():
         [(lab, i["kind"], i["b_value"], i["matrix"]) for lab, _, i in real]
     assert all(a.shape == b.shape and np.isfinite(b).all() for (_, a, _), (_, b, _) in zip(plain, real))
     assert np.mean([not np.allclose(a, b, atol=1e-2) for (_, a, _), (_, b, _) in zip(plain, real)]) > 0.9
+
+
+def test_constants_sd_moves_whole_tissues_urine_keeps_free_water_adc(pair):
+    ph, _ = pair
+    mean = lambda p, t, k: np.exp(np.mean([np.log(q[k]) for q in p.texture_props if q["tissue"] == t]))  # noqa: E731
+    same = realistic_phantom(ph, np.random.default_rng(5))
+    wide = [realistic_phantom(ph, np.random.default_rng(s), constants_sd=0.3) for s in (5, 6, 7)]
+    # without constants_sd a tissue's sub-classes centre on its table value; with it whole tissues move per exam
+    assert abs(np.log(mean(same, Tissue.MUSCLE, "t2"))) < 0.15
+    assert max(abs(np.log(mean(w, Tissue.MUSCLE, "t2"))) for w in wide) > 0.1
+    assert all(abs(np.log(mean(w, Tissue.BLADDER, "adc"))) < 0.3 for w in wide)

@@ -53,6 +53,8 @@ LABEL_INDEX = {name: i for i, name in enumerate(LABELS)}
 REALISM = 0.0
 REALISM_EPI_P = {"ge": 0.7}
 REALISM_EPI_P_DEFAULT = 0.25
+#: with REALISM: log-sd of the per-exam tissue-constant factors (training.sequence.realism ``constants_sd``)
+REALISM_CONSTANTS_SD = 0.0
 
 
 def stack_volume(images: Sequence[RenderedImage]) -> Volume:
@@ -100,7 +102,8 @@ def label_of(spec: SeriesSpec, im: RenderedImage) -> str:
 
 
 def exam_samples(seed: int, vendor: str, variant: Variant = "train", severity: Optional[float] = None,
-                 realism: Optional[float] = None) -> Iterator[tuple[str, np.ndarray, dict]]:
+                 realism: Optional[float] = None, constants_sd: Optional[float] = None
+                 ) -> Iterator[tuple[str, np.ndarray, dict]]:
     """(label, prepared array (IN_CHANNELS, *INPUT_SHAPE) float32, info) for every logical series of one
     randomised exam rendered straight from the phantom."""
     from simulator.phantom import make_phantom
@@ -116,7 +119,8 @@ def exam_samples(seed: int, vendor: str, variant: Variant = "train", severity: O
 
         rr = np.random.default_rng(np.random.SeedSequence([int(seed), 0x2EA1]))
         if rr.random() < realism:
-            phantom = realistic_phantom(phantom, rr)
+            phantom = realistic_phantom(phantom, rr, constants_sd=REALISM_CONSTANTS_SD if constants_sd is None
+                                        else constants_sd)
             epi_matrix = 256 if rr.random() < REALISM_EPI_P.get(vendor, REALISM_EPI_P_DEFAULT) else 0
     for spec in exam.series:
         sev = float(rng.uniform(0.3, 1.6)) if severity is None else severity
@@ -145,12 +149,13 @@ def exam_samples(seed: int, vendor: str, variant: Variant = "train", severity: O
             yield label_of(spec, ims[0]), arr, info
 
 
-def _shard(args: tuple[list[int], str, str, float]) -> str:
-    seeds, variant, path, realism = args
+def _shard(args: tuple[list[int], str, str, float, float]) -> str:
+    seeds, variant, path, realism, constants_sd = args
     xs, ys, infos = [], [], []
     for s in seeds:
         vendor = VENDORS[s % len(VENDORS)]
-        for label, arr, info in exam_samples(s, vendor, variant, realism=realism):  # type: ignore[arg-type]
+        for label, arr, info in exam_samples(s, vendor, variant, realism=realism,
+                                             constants_sd=constants_sd):  # type: ignore[arg-type]
             xs.append(arr.astype(np.float16))
             ys.append(LABEL_INDEX[label])
             infos.append(info)
@@ -167,7 +172,7 @@ def spec_key() -> str:
 
     if REALISM:
         return render_cache_key("training.sequence.protocols", "training.sequence.realism", __name__,
-                                salt=PREPROCESS.model_dump_json() + f"realism={REALISM}")
+                                salt=PREPROCESS.model_dump_json() + f"realism={REALISM},{REALISM_CONSTANTS_SD}")
     return render_cache_key("training.sequence.protocols", __name__, salt=PREPROCESS.model_dump_json())
 
 
@@ -185,7 +190,7 @@ def build_dataset(seeds: Sequence[int], variant: Variant = "train", cache_dir: P
         p = str(cache / name)
         paths.append(p)
         if not Path(p).is_file():
-            todo.append((ch, variant, p, REALISM))
+            todo.append((ch, variant, p, REALISM, REALISM_CONSTANTS_SD))
     t0 = time.time()
     if todo:
         run_jobs(_shard, todo, jobs, desc=f"rendering {variant} shards ({shard_size} exams each)", unit="shard")

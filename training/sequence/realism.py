@@ -9,6 +9,8 @@ series is rendered, so that every sequence of the exam sees the same anatomy and
 * ``texture``: each soft tissue split into sub-classes by quantiles of a multi-scale correlated random field;
   a sub-class scales its tissue's T2, PD and ADC by correlated log-normal factors (prostate zones: lower T2
   with lower ADC, as in real glands). Rendered by the simulator's own per-class path (Phantom.texture_map).
+* ``constants_sd``: per exam and tissue, one more log-normal factor on T2, PD and ADC (wider tissue constants than
+  the simulator's one table: patients, field strengths and sequences differ); urine keeps its free-water ADC.
 
 ``interpolate_epi``: some vendors (GE) reconstruct EPI at a 256 matrix (~0.7-1 mm pixels) from a 96-160
 acquisition; real DWI/ADC then look smooth at fine pixel spacing. Applied to the rendered images.
@@ -52,7 +54,8 @@ def deform(labels: np.ndarray, masks: np.ndarray, rng: np.random.Generator, amp_
     return warp(labels), (warp(masks) if masks.any() else masks)
 
 
-def realistic_phantom(ph: Phantom, rng: np.random.Generator, *, texture_sd: float = 0.15) -> Phantom:
+def realistic_phantom(ph: Phantom, rng: np.random.Generator, *, texture_sd: float = 0.15,
+                      constants_sd: float = 0.0) -> Phantom:
     """A copy of ``ph`` with deformed anatomy, septa and sub-tissue texture (see module doc)."""
     labels, masks = ph.labels, ph.lesion_masks
     if rng.random() < 0.8:
@@ -79,12 +82,14 @@ def realistic_phantom(ph: Phantom, rng: np.random.Generator, *, texture_sd: floa
         sd = float(rng.uniform(0.3, 1.0)) * texture_sd
         # ADC follows T2 in glandular tissue (cellularity lowers both); elsewhere independent sign
         rho = float(rng.uniform(0.5, 1.0)) if t in (Tissue.PZ, Tissue.TZ) else float(rng.uniform(-0.5, 0.5))
+        c_t2, c_pd, c_adc = (np.exp(constants_sd * f * float(rng.standard_normal()))
+                             for f in (1.0, 0.6, 0.15 if t == Tissue.BLADDER else 0.8))
         codes = np.zeros(N_BINS, np.uint8)
         for k in range(N_BINS):
             z = (k - (N_BINS - 1) / 2) / ((N_BINS - 1) / 2) * 1.5  # bin position in standard deviations
             za = rho * z + np.sqrt(1 - rho * rho) * float(rng.standard_normal())
-            props.append({"tissue": int(t), "t2": float(np.exp(sd * z)), "pd": float(np.exp(0.4 * sd * z)),
-                          "adc": float(np.exp(sd * za))})
+            props.append({"tissue": int(t), "t2": float(c_t2 * np.exp(sd * z)), "pd": float(c_pd * np.exp(0.4 * sd * z)),
+                          "adc": float(c_adc * np.exp(sd * za))})
             codes[k] = len(props)
         tmap[m] = codes[b]
     from dataclasses import replace
