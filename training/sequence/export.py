@@ -34,7 +34,8 @@ DEFAULT_STORE = Path(__file__).resolve().parents[2] / "engines" / "models"
 REALISM_DATA = (
     " A fraction {realism} of the training exams (validation exams never) from the realistic phantom of "
     "training.sequence.realism: elastically deformed anatomy, fat septa, sub-tissue texture with T2, PD and ADC "
-    "varying together in every sequence of the exam, and (GE habit) EPI series interpolated to a 256 matrix.")
+    "varying together in every sequence of the exam, tissue constants drawn per exam, and (GE habit) EPI series "
+    "interpolated to a 256 matrix.")
 
 TRAINING_DATA = (
     "Simulated phantoms only (scanside simulator): randomised prostate mpMRI exams of four vendor styles "
@@ -113,7 +114,7 @@ def build_manifest(version: str, onnx_path: Path, *, training: Optional[dict] = 
 
 def _training_summary(t: dict) -> str:
     keys = ("exams", "samples", "epochs", "steps", "lr", "params", "seconds_data", "seconds_fit", "seconds_total", "threads",
-            "init_from", "realism")
+            "init_from", "realism", "constants_sd", "wide_intensity")
     return ", ".join(f"{k}={t[k]}" for k in keys if k in t)
 
 

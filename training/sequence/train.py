@@ -195,6 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--realism", type=float, default=0.0,
                     help="fraction of training exams from the realistic phantom (training.sequence.realism); the "
                          "validation exams stay the plain simulator")
+    ap.add_argument("--constants-sd", type=float, default=0.0,
+                    help="with --realism: log-sd of per-exam tissue constants (training.sequence.realism)")
     ap.add_argument("--init-from", default=None,
                     help="fine-tune this shipped VERSION (restored from its FP32 ONNX, batch norm frozen) instead of "
                          "training from scratch")
@@ -208,7 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     val_seeds = range(TRAIN_SEED0 + args.exams, TRAIN_SEED0 + args.exams + args.val_exams)
     xv, yv, _ = build_dataset(val_seeds, "train", args.cache_dir, jobs=args.jobs) if args.val_exams else (None, None, [])
-    D.REALISM = args.realism
+    D.REALISM, D.REALISM_CONSTANTS_SD = args.realism, args.constants_sd
     xt, yt, _ = build_dataset(range(TRAIN_SEED0, TRAIN_SEED0 + args.exams), "train", args.cache_dir, jobs=args.jobs)
     x = xt if xv is None else np.concatenate([xt, xv])
     y = yt if yv is None else np.concatenate([yt, yv])
@@ -220,7 +222,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from engines.store import ModelStore
         from training.sequence.export import DEFAULT_STORE, NAME, load_from_onnx
 
-        base = ModelStore([args.store or DEFAULT_STORE], user_dir=None).resolve(f"{NAME}@{args.init_from}")
+        roots = [DEFAULT_STORE] + ([args.store] if args.store else [])
+        base = ModelStore(roots, user_dir=None).resolve(f"{NAME}@{args.init_from}")
         model = load_from_onnx(base.file_path("fp32"))
     else:
         model = SeqResNet3d(in_channels=IN_CHANNELS)
@@ -240,6 +243,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         training["init_from"] = f"sequence-classifier@{args.init_from}"
     if args.realism:
         training["realism"] = args.realism
+        training["constants_sd"] = args.constants_sd
+    if WIDE_INTENSITY:
+        training["wide_intensity"] = True
     m = export_model(model, args.version, store_root=args.store, training=training)
     print(json.dumps({"model": m.ref, "path": str(m.root), **{k: v for k, v in training.items() if k != "history"},
                       "final": res.history[-1] if res.history else None}, indent=2))
