@@ -44,6 +44,8 @@ def main() -> int:
                     help="fraction of training exams from the realistic phantom (training.sequence.data.REALISM)")
     ap.add_argument("--constants-sd", type=float, default=0.0,
                     help="with --realism: log-sd of per-exam tissue constants (training.sequence.data.REALISM_CONSTANTS_SD)")
+    ap.add_argument("--replay-plain", action="store_true",
+                    help="with --realism: train on the same seeds rendered by the plain simulator too (keeps its accuracy)")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--save", type=Path, default=None, help="write the fine-tuned state_dict here")
     ap.add_argument("--cache-dir", type=Path, default=ROOT / "var" / "seq-cache")
@@ -62,6 +64,10 @@ def main() -> int:
     xv, yv, _ = build_dataset(range(1000 + a.exams - 8, 1000 + a.exams), "train", a.cache_dir, jobs=a.jobs)
     D.REALISM, D.REALISM_CONSTANTS_SD = a.realism, a.constants_sd
     xt, yt, _ = build_dataset(range(1000, 1000 + a.exams - 8), "train", a.cache_dir, jobs=a.jobs)
+    if a.replay_plain and a.realism:
+        D.REALISM = 0.0
+        xp, yp, _ = build_dataset(range(1000, 1000 + a.exams - 8), "train", a.cache_dir, jobs=a.jobs)
+        xt, yt = np.concatenate([xt, xp]), np.concatenate([yt, yp])
     x, y = np.concatenate([xt, xv]), np.concatenate([yt, yv])
     val = np.arange(len(y)) >= len(yt)
     model = load_from_onnx(clf.manifest.file_path("fp32"))
@@ -93,7 +99,7 @@ def record(a: argparse.Namespace, before: dict, after: dict) -> None:
     res = json.loads(out.read_text()) if out.is_file() else {"runs": []}
     res["runs"].append({"command": "python bench/probe_sequence_transfer.py " + " ".join(sys.argv[1:]),
                         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "base": a.model,
-                        "recipe": {"exams": a.exams, "epochs": a.epochs, "lr": a.lr, "realism": a.realism, "constants_sd": a.constants_sd,
+                        "recipe": {"exams": a.exams, "epochs": a.epochs, "lr": a.lr, "realism": a.realism, "constants_sd": a.constants_sd, "replay_plain": a.replay_plain,
                                    "wide_intensity": a.wide_intensity, "texture": a.texture},
                         "before": before, "after": after})
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,9 @@ WIDE_INTENSITY = False
 #: with WIDE_INTENSITY: correlated multiplicative texture too. Fine-tuning 1.4.0 with both on 88 exams: real
 #: five-class 7 of 16 (6 before), simulated validation 0.989 -> 0.966: not released
 TEXTURE = False
+#: Realistic phantoms (training.sequence.realism; --realism, --constants-sd), fine-tuning 1.4.1 on 48 exams
+#: (bench/probe_sequence_transfer.py, bench/results/sequence_transfer.json): realism 0.7 alone 5 of 16 real five-class
+#: (6 before); realism 1.0 with tissue constants (sd 0.25) and wide intensity 9 of 16, simulated validation 1.0 -> 0.966
 
 
 def intensity_augment(xb: torch.Tensor, g: torch.Generator, p: float = 0.8) -> torch.Tensor:
