@@ -70,6 +70,11 @@ class Phantom:
     lesion_props: list[dict] = field(default_factory=list)
     # analytic body outside the grid: centre (x, y) LPS, semi-axes, fat thickness, taper
     body: dict = field(default_factory=dict)
+    # optional sub-tissue texture (training realism, training.sequence.realism): texture_map (z, y, x) uint8,
+    # 0 none, j = texture class j, whose parameters are its tissue's times the multipliers in texture_props[j - 1]
+    # ({"tissue": code, "t2": x, "pd": x, "adc": x}); lesions win over texture
+    texture_map: Optional[np.ndarray] = field(default=None, repr=False)
+    texture_props: list[dict] = field(default_factory=list)
     _classes: Optional[np.ndarray] = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ helpers
@@ -95,10 +100,15 @@ class Phantom:
 
     @property
     def classes(self) -> np.ndarray:
-        """uint8 render classes: the tissue code, or N_TISSUES + k - 1 for voxels of lesion k."""
+        """uint8 render classes: the tissue code, N_TISSUES + k - 1 for voxels of lesion k, then
+        N_TISSUES + len(lesions) + j - 1 for voxels of texture class j."""
         if self._classes is None:
             c = self.labels.copy()
             lm = self.lesion_masks
+            if self.texture_map is not None:
+                tm = self.texture_map
+                sel = tm > 0
+                c[sel] = (N_TISSUES + len(self.lesions) - 1 + tm[sel]).astype(np.uint8)
             sel = lm > 0
             c[sel] = (N_TISSUES - 1 + lm[sel]).astype(np.uint8)
             self._classes = c
@@ -106,7 +116,7 @@ class Phantom:
 
     @property
     def n_classes(self) -> int:
-        return N_TISSUES + len(self.lesions)
+        return N_TISSUES + len(self.lesions) + len(self.texture_props)
 
     def world_to_index(self, lps) -> np.ndarray:
         """LPS mm (..., 3) -> fractional (x_index, y_index, z_index) (..., 3)."""

@@ -38,7 +38,7 @@ gradient echo, scaled x8000); ADC maps in 1e-6 mm^2/s.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -335,9 +335,14 @@ def _class_params(ph: Phantom, field_strength_t: float) -> _ClassParams:
     plist = [tp[Tissue(q)] for q in range(N_TISSUES)]
     for d in ph.lesion_props:
         plist.append(physics.lesion_params(field_strength_t, **d))
-    f = lambda name: np.array([getattr(p, name) for p in plist], dtype=np.float64)  # noqa: E731
-    fat = np.zeros(len(plist), dtype=bool)
+    fat = np.zeros(len(plist) + len(ph.texture_props), dtype=bool)
     fat[[int(t) for t in physics.FAT_SUPPRESSED]] = True
+    for j, d in enumerate(ph.texture_props):
+        base = tp[Tissue(int(d["tissue"]))]
+        plist.append(replace(base, t2_ms=base.t2_ms * d["t2"], pd=base.pd * d["pd"], adc=base.adc * d["adc"],
+                             t2star_ms=base.t2s * d["t2"]))
+        fat[len(plist) - 1] = Tissue(int(d["tissue"])) in physics.FAT_SUPPRESSED
+    f = lambda name: np.array([getattr(p, name) for p in plist], dtype=np.float64)  # noqa: E731
     return _ClassParams(f("pd"), f("t1_ms"), f("t2_ms"), np.array([p.t2s for p in plist]), f("adc"),
                         f("ktrans"), f("ve"), f("vp"), f("flow_void"), fat)
 

@@ -47,6 +47,14 @@ IN_CHANNELS = PREPROCESS.n_input_channels
 MAX_STORED = 4095
 DEFAULT_CACHE = Path(os.environ.get("SCANSIDE_TRAIN_CACHE", Path(__file__).resolve().parents[2] / "var" / "train-cache"))
 LABEL_INDEX = {name: i for i, name in enumerate(LABELS)}
+#: fraction of training exams rendered from a realistic phantom (training.sequence.realism: deformed anatomy,
+#: septa, sub-tissue texture) and, with REALISM_EPI_P, with EPI series interpolated to a 256 matrix (GE habit).
+#: 0 keeps the cartoon phantom only (every release up to 1.4.1).
+REALISM = 0.0
+REALISM_EPI_P = {"ge": 0.7}
+REALISM_EPI_P_DEFAULT = 0.25
+#: with REALISM: log-sd of the per-exam tissue-constant factors (training.sequence.realism ``constants_sd``)
+REALISM_CONSTANTS_SD = 0.0
 
 
 def stack_volume(images: Sequence[RenderedImage]) -> Volume:
@@ -93,7 +101,8 @@ def label_of(spec: SeriesSpec, im: RenderedImage) -> str:
     return "DWI_High" if float(im.b_value or 0.0) >= DWI_HIGH_MIN_B else "DWI_Low"
 
 
-def exam_samples(seed: int, vendor: str, variant: Variant = "train", severity: Optional[float] = None
+def exam_samples(seed: int, vendor: str, variant: Variant = "train", severity: Optional[float] = None,
+                 realism: Optional[float] = None, constants_sd: Optional[float] = None
                  ) -> Iterator[tuple[str, np.ndarray, dict]]:
     """(label, prepared array (IN_CHANNELS, *INPUT_SHAPE) float32, info) for every logical series of one
     randomised exam rendered straight from the phantom."""
@@ -103,12 +112,26 @@ def exam_samples(seed: int, vendor: str, variant: Variant = "train", severity: O
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5E9]))
     exam = random_exam(rng, vendor, variant, dce_phases=int(rng.integers(2, 6)))
     phantom = make_phantom(seed)
+    epi_matrix = 0
+    realism = REALISM if realism is None else realism
+    if realism > 0:  # own stream: the exam's protocol and artifacts stay those of the same seed without realism
+        from training.sequence.realism import realistic_phantom
+
+        rr = np.random.default_rng(np.random.SeedSequence([int(seed), 0x2EA1]))
+        if rr.random() < realism:
+            phantom = realistic_phantom(phantom, rr, constants_sd=REALISM_CONSTANTS_SD if constants_sd is None
+                                        else constants_sd)
+            epi_matrix = 256 if rr.random() < REALISM_EPI_P.get(vendor, REALISM_EPI_P_DEFAULT) else 0
     for spec in exam.series:
         sev = float(rng.uniform(0.3, 1.6)) if severity is None else severity
         art = Artifacts.sample(rng, sev)
         if spec.kind == "localizer":
             spec = spec.model_copy(update=dict(plane=str(rng.choice(["sagittal", "coronal", "axial"]))))
         rendered = render_series(phantom, spec, exam.field_strength_t, rng, art)
+        if epi_matrix and spec.kind in ("dwi", "adc", "calc_bvalue") and max(spec.matrix) < epi_matrix:
+            from training.sequence.realism import interpolate_epi
+
+            rendered = rendered.model_copy(update=dict(images=interpolate_epi(rendered.images, epi_matrix)))
         pix = quantise(rendered.images)
         groups: dict[tuple, list[RenderedImage]] = {}
         for im, p in zip(rendered.images, pix):
@@ -126,12 +149,13 @@ def exam_samples(seed: int, vendor: str, variant: Variant = "train", severity: O
             yield label_of(spec, ims[0]), arr, info
 
 
-def _shard(args: tuple[list[int], str, str]) -> str:
-    seeds, variant, path = args
+def _shard(args: tuple[list[int], str, str, float, float]) -> str:
+    seeds, variant, path, realism, constants_sd = args
     xs, ys, infos = [], [], []
     for s in seeds:
         vendor = VENDORS[s % len(VENDORS)]
-        for label, arr, info in exam_samples(s, vendor, variant):  # type: ignore[arg-type]
+        for label, arr, info in exam_samples(s, vendor, variant, realism=realism,
+                                             constants_sd=constants_sd):  # type: ignore[arg-type]
             xs.append(arr.astype(np.float16))
             ys.append(LABEL_INDEX[label])
             infos.append(info)
@@ -146,6 +170,9 @@ def spec_key() -> str:
     invalidate the cache)."""
     from training.common import render_cache_key
 
+    if REALISM:
+        return render_cache_key("training.sequence.protocols", "training.sequence.realism", __name__,
+                                salt=PREPROCESS.model_dump_json() + f"realism={REALISM},{REALISM_CONSTANTS_SD}")
     return render_cache_key("training.sequence.protocols", __name__, salt=PREPROCESS.model_dump_json())
 
 
@@ -163,7 +190,7 @@ def build_dataset(seeds: Sequence[int], variant: Variant = "train", cache_dir: P
         p = str(cache / name)
         paths.append(p)
         if not Path(p).is_file():
-            todo.append((ch, variant, p))
+            todo.append((ch, variant, p, REALISM, REALISM_CONSTANTS_SD))
     t0 = time.time()
     if todo:
         run_jobs(_shard, todo, jobs, desc=f"rendering {variant} shards ({shard_size} exams each)", unit="shard")

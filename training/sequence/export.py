@@ -31,6 +31,11 @@ OPSET = 17
 MODEL_FILE = "model.onnx"
 CARD_FILE = "MODEL_CARD.md"
 DEFAULT_STORE = Path(__file__).resolve().parents[2] / "engines" / "models"
+REALISM_DATA = (
+    " A fraction {realism} of the training exams (validation exams never) from the realistic phantom of "
+    "training.sequence.realism: elastically deformed anatomy, fat septa, sub-tissue texture with T2, PD and ADC "
+    "varying together in every sequence of the exam, tissue constants drawn per exam, and (GE habit) EPI series "
+    "interpolated to a 256 matrix.")
 
 TRAINING_DATA = (
     "Simulated phantoms only (scanside simulator): randomised prostate mpMRI exams of four vendor styles "
@@ -101,13 +106,15 @@ def build_manifest(version: str, onnx_path: Path, *, training: Optional[dict] = 
                                  size_bytes=onnx_path.stat().st_size, opset=opset)},
         default_variant="fp32",
         postprocessing={"type": "softmax_argmax", "dynamic_series": "middle temporal phase (agent.image_label.select_frames)"},
-        training_data=TRAINING_DATA + (f" Training run: {_training_summary(training)}" if training else ""),
+        training_data=TRAINING_DATA + (REALISM_DATA.format(realism=training["realism"]) if (training or {}).get("realism")
+                                       else "") + (f" Training run: {_training_summary(training)}" if training else ""),
         metrics=metrics or {}, license="Apache-2.0", source="scanside training/sequence (trained in-repo)",
         parity=parity, model_card=CARD_FILE)
 
 
 def _training_summary(t: dict) -> str:
-    keys = ("exams", "samples", "epochs", "steps", "params", "seconds_data", "seconds_fit", "seconds_total", "threads")
+    keys = ("exams", "samples", "epochs", "steps", "lr", "params", "seconds_data", "seconds_fit", "seconds_total", "threads",
+            "init_from", "realism", "constants_sd", "wide_intensity")
     return ", ".join(f"{k}={t[k]}" for k in keys if k in t)
 
 

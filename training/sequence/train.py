@@ -1,6 +1,7 @@
 """Train the sequence classifier on the render-path dataset (CPU, torch.set_num_threads(2)).
 
     python -m training.sequence.train --exams 96 --epochs 12 --version 1.0.0
+    python -m training.sequence.train --init-from 1.4.1 --realism 0.7 --exams 48 --epochs 6 --lr 5e-4 --version 1.5.0
 
 renders (or loads from the cache) the training exams, trains, exports ONNX + manifest + model card
 into engines/models/sequence-classifier/VERSION (see training.sequence.export) and prints the
@@ -62,6 +63,9 @@ WIDE_INTENSITY = False
 #: with WIDE_INTENSITY: correlated multiplicative texture too. Fine-tuning 1.4.0 with both on 88 exams: real
 #: five-class 7 of 16 (6 before), simulated validation 0.989 -> 0.966: not released
 TEXTURE = False
+#: Realistic phantoms (training.sequence.realism; --realism, --constants-sd), fine-tuning 1.4.1 on 48 exams
+#: (bench/probe_sequence_transfer.py, bench/results/sequence_transfer.json): realism 0.7 alone 5 of 16 real five-class
+#: (6 before); realism 1.0 with tissue constants (sd 0.25) and wide intensity 9 of 16, simulated validation 1.0 -> 0.966
 
 
 def intensity_augment(xb: torch.Tensor, g: torch.Generator, p: float = 0.8) -> torch.Tensor:
@@ -191,21 +195,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--checkpoint", type=Path, default=Path("var/train-logs/sequence.pt"))
     ap.add_argument("--wide-intensity", action="store_true", help="intensity_augment on every batch (domain randomisation)")
+    ap.add_argument("--realism", type=float, default=0.0,
+                    help="fraction of training exams from the realistic phantom (training.sequence.realism); the "
+                         "validation exams stay the plain simulator")
+    ap.add_argument("--constants-sd", type=float, default=0.0,
+                    help="with --realism: log-sd of per-exam tissue constants (training.sequence.realism)")
+    ap.add_argument("--init-from", default=None,
+                    help="fine-tune this shipped VERSION (restored from its FP32 ONNX, batch norm frozen) instead of "
+                         "training from scratch")
     args = ap.parse_args(argv)
     global WIDE_INTENSITY
     WIDE_INTENSITY = WIDE_INTENSITY or args.wide_intensity
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    seeds = list(range(TRAIN_SEED0, TRAIN_SEED0 + args.exams + args.val_exams))
-    x, y, info = build_dataset(seeds, "train", args.cache_dir, jobs=args.jobs)
+    from training.sequence import data as D
+
+    val_seeds = range(TRAIN_SEED0 + args.exams, TRAIN_SEED0 + args.exams + args.val_exams)
+    xv, yv, _ = build_dataset(val_seeds, "train", args.cache_dir, jobs=args.jobs) if args.val_exams else (None, None, [])
+    D.REALISM, D.REALISM_CONSTANTS_SD = args.realism, args.constants_sd
+    xt, yt, _ = build_dataset(range(TRAIN_SEED0, TRAIN_SEED0 + args.exams), "train", args.cache_dir, jobs=args.jobs)
+    x = xt if xv is None else np.concatenate([xt, xv])
+    y = yt if yv is None else np.concatenate([yt, yv])
     t_data = time.time() - t0
-    is_val = np.array([i["seed"] >= TRAIN_SEED0 + args.exams for i in info])
+    is_val = np.arange(len(y)) >= len(yt)
     log.info("data: %d train / %d val samples in %.0f s; classes %s", int((~is_val).sum()), int(is_val.sum()), t_data,
              np.bincount(y[~is_val], minlength=len(LABELS)).tolist())
-    model = SeqResNet3d(in_channels=IN_CHANNELS)
+    if args.init_from:
+        from engines.store import ModelStore
+        from training.sequence.export import DEFAULT_STORE, NAME, load_from_onnx
+
+        roots = [DEFAULT_STORE] + ([args.store] if args.store else [])
+        base = ModelStore(roots, user_dir=None).resolve(f"{NAME}@{args.init_from}")
+        model = load_from_onnx(base.file_path("fp32"))
+    else:
+        model = SeqResNet3d(in_channels=IN_CHANNELS)
     res = fit(model, x[~is_val], y[~is_val], epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-              x_val=x[is_val], y_val=y[is_val])
+              x_val=x[is_val], y_val=y[is_val], freeze_bn=bool(args.init_from))
     t_total = time.time() - t0
     args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), args.checkpoint)
@@ -216,6 +242,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "seconds_total": round(t_total, 1), "threads": args.threads, "history": res.history,
         "class_counts": dict(zip(LABELS, np.bincount(y[~is_val], minlength=len(LABELS)).tolist())),
     }
+    if args.init_from:
+        training["init_from"] = f"sequence-classifier@{args.init_from}"
+    if args.realism:
+        training["realism"] = args.realism
+        training["constants_sd"] = args.constants_sd
+    if WIDE_INTENSITY:
+        training["wide_intensity"] = True
     m = export_model(model, args.version, store_root=args.store, training=training)
     print(json.dumps({"model": m.ref, "path": str(m.root), **{k: v for k, v in training.items() if k != "history"},
                       "final": res.history[-1] if res.history else None}, indent=2))
