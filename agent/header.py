@@ -108,6 +108,7 @@ from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.errors import InvalidDicomError  # noqa: E402
 
 from agent import vendor as vd  # noqa: E402
+from agent.rawdicom import Incomplete, Unsupported, read_part10  # noqa: E402
 
 # pydicom checks each value it converts against its VR and, by default, only warns: the agent acts
 # on no such warning, and the checks took a third of the header decoding time (bench/bench_scale.py)
@@ -205,6 +206,7 @@ def read_header(path: str | os.PathLike[str], max_image_bytes: Optional[int] = N
 
 
 PREFIX_BYTES = 64 * 1024  # one read that holds 99 % of MR headers (the rest take the file path below)
+LONG_PREFIX_BYTES = 1024 * 1024  # a second read for a long header (enhanced MR: 120 kB); longer: pydicom's path
 _PIXEL_TAGS = (PIXEL_DATA_TAG, b"\x7f\xe0\x00\x10", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
 
 
@@ -215,6 +217,14 @@ def _parse_prefix(prefix: bytes, size: int, has_preamble: bool, fp: BinaryIO) ->
     the prefix (so nothing before it was cut off), or when the prefix is the whole file; ``fp`` is
     then left at the pixel data tag, as the file path leaves it. None: use the file path, which
     keeps every check (a header longer than the prefix, a lying length, a broken file)."""
+    raw = _raw_prefix(prefix, size, fp)  # the exact, lazy reader first (agent.rawdicom)
+    if raw is False and size > len(prefix):  # a long header (enhanced MR): once more with more of the file
+        fp.seek(len(prefix))
+        raw = _raw_prefix(prefix + fp.read(min(size, LONG_PREFIX_BYTES) - len(prefix)), size, fp)
+        if not raw:
+            fp.seek(0)  # where the file path below starts
+    if raw:
+        return raw  # type: ignore[return-value]
     buf = io.BytesIO(prefix)
     try:
         ds = pydicom.dcmread(buf, stop_before_pixels=True, force=not has_preamble)
@@ -225,6 +235,21 @@ def _parse_prefix(prefix: bytes, size: int, has_preamble: bool, fp: BinaryIO) ->
         return None
     fp.seek(pos)
     return ds
+
+
+def _raw_prefix(prefix: bytes, size: int, fp: BinaryIO) -> Any:
+    """The header by agent.rawdicom, ``fp`` left at the pixel data tag; None where it does not take the
+    file (pydicom reads it), False where more bytes might let it."""
+    try:
+        raw, pos = read_part10(prefix, whole_file=len(prefix) >= size)
+    except Incomplete:
+        return False
+    except Unsupported:
+        return None
+    if len(prefix) >= size or (pos + 12 <= len(prefix) and prefix[pos:pos + 4] in _PIXEL_TAGS):
+        fp.seek(pos)
+        return raw
+    return False  # the pixel element's header is cut off by the end of the prefix
 
 
 class BoundedFile:
