@@ -21,7 +21,7 @@ import struct
 from typing import Any, Iterator, Optional, Union
 
 from pydicom.charset import convert_encodings
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import DicomDictionary, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement, convert_raw_data_element, empty_value_for_VR
 from pydicom.hooks import raw_element_vr
 from pydicom.tag import BaseTag
@@ -36,17 +36,14 @@ BIG_ENDIAN, DEFLATED = "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"
 
 _LONG = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())  # explicit VRs with a 4-byte length
 _SHORT = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split())
-_TEXT_SPLIT = frozenset({"AS", "CS", "DA", "DT", "TM"})  # pydicom's convert_string family
-_TEXT_CHARSET = frozenset({"SH", "LO", "UC"})  # split on backslash, each value stripped of trailing "\0 "
-_TEXT_SINGLE = frozenset({"ST", "LT", "UT"})  # not split
-_NUMBERS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "SV": "q", "UV": "Q"}
-_BYTES = frozenset({"OB", "OW", "OD", "OF", "OL", "OV", "UN"})
 _NUMERIC_CHARS = frozenset("0123456789.+-eE \\\x00")
 # pydicom adjusts these after conversion (a negative first value of a LUT descriptor); its path takes them
 _LUT_DESCRIPTORS = frozenset({0x00281101, 0x00281102, 0x00281103, 0x00283002})
 _u16 = struct.Struct("<H").unpack_from
 _u32 = struct.Struct("<I").unpack_from
 _tag_len = struct.Struct("<HHI").unpack_from
+_explicit = struct.Struct("<HH2sH").unpack_from
+_VR_TEXT = {code: code.decode("ascii") for code in _LONG | _SHORT}
 
 
 class Unsupported(Exception):
@@ -58,97 +55,90 @@ class Incomplete(Unsupported):
 
 
 class RawElement:
-    """One element: tag, VR and its value, converted on first access."""
+    """One element as pydicom shows it: tag, VR and value (converted on first access, then kept)."""
 
-    __slots__ = ("tag", "_ds", "_vr", "_start", "_length", "_items", "_value", "_done")
+    __slots__ = ("tag", "_ds")
 
-    def __init__(self, ds: "RawDataset", tag: int, vr: Optional[str], start: int, length: int,
-                 items: Optional[list["RawDataset"]] = None):
+    def __init__(self, ds: "RawDataset", tag: int):
         self.tag = BaseTag(tag)
         self._ds = ds
-        self._vr = vr
-        self._start = start
-        self._length = length
-        self._items = items  # an undefined-length sequence, already walked
-        self._done = False
-        self._value: Any = None
 
     @property
     def VR(self) -> str:
-        if self._vr is None or self._vr == "UN":
-            data: dict[str, Any] = {}
-            raw_element_vr(self._raw(self._vr), data, encoding=self._encodings(), ds=self._ds)  # type: ignore[arg-type]
-            self._vr = str(data["VR"])
-        return self._vr
+        return self._ds.vr_of(self.tag)
 
     @property
     def value(self) -> Any:
-        if not self._done:
-            self._value = self._convert()
-            self._done = True
-        return self._value
-
-    def _raw(self, vr: Optional[str]) -> RawDataElement:
-        buf = self._ds.buffer
-        return RawDataElement(self.tag, vr, self._length, bytes(buf[self._start:self._start + self._length]), self._start,
-                              self._ds.implicit, True)
-
-    def _encodings(self) -> Optional[list[str]]:
-        return None if self.tag == 0x00080005 else self._ds.encodings  # the charset itself is read as ASCII
-
-    def _convert(self) -> Any:
-        vr = self.VR
-        if vr == "SQ" and self._items is not None:
-            return self._items
-        if self._length == 0:
-            return empty_value_for_VR(vr)
-        # ambiguous VRs (US or SS...) and a sequence not walked (no item tag ahead): pydicom's path
-        if " or " in vr or vr == "SQ" or self.tag in _LUT_DESCRIPTORS:
-            return convert_raw_data_element(self._raw(vr), encoding=self._encodings(), ds=self._ds).value  # type: ignore[arg-type]
-        raw = bytes(self._ds.buffer[self._start:self._start + self._length])
-        try:
-            fast = _fast_value(vr, raw)
-        except (ValueError, UnicodeDecodeError, struct.error):
-            fast = None
-        if fast is not None:
-            return fast
-        # anything the fast path does not take exactly: pydicom's own conversion
-        return convert_raw_data_element(self._raw(vr), encoding=self._encodings(), ds=self._ds).value  # type: ignore[arg-type]
+        return self._ds.value_of(self.tag)
 
 
-def _fast_value(vr: str, raw: bytes) -> Any:
-    """pydicom's value for the common VRs, or None (take pydicom's path)."""
-    if vr in _NUMBERS:
-        fmt = _NUMBERS[vr]
-        size = struct.calcsize(fmt)
-        if len(raw) % size:
-            return None
-        vals = struct.unpack(f"<{len(raw) // size}{fmt}", raw)
-        return vals[0] if len(vals) == 1 else list(vals)
-    if vr in _BYTES:
-        return raw
-    if not raw.isascii() or b"\x1b" in raw:  # a character set in play: pydicom decodes it
+def _numbers(fmt: str) -> Any:
+    size = struct.calcsize("<" + fmt)
+
+    def convert(raw: bytes) -> Any:
+        n, rest = divmod(len(raw), size)
+        if rest:
+            return None  # pydicom's path (it makes the element UN)
+        vals = struct.unpack(f"<{n}{fmt}", raw)
+        return vals[0] if n == 1 else list(vals)
+    return convert
+
+
+def _split(text: str) -> Any:
+    items = text.rstrip(" \x00").split("\\")
+    return items[0] if len(items) == 1 else items
+
+
+def _decimal(raw: bytes) -> Any:
+    text = raw.decode("latin-1")
+    if not _NUMERIC_CHARS.issuperset(text):  # NaN, inf, garbage: pydicom decides what it becomes
         return None
-    text = raw.decode("ascii")
-    if vr == "DS" or vr == "IS":
-        if not _NUMERIC_CHARS.issuperset(text):  # NaN, inf, garbage: pydicom decides what it becomes
-            return None
-        items = text.rstrip(" \x00").split("\\")
-        conv = float if vr == "DS" else int
-        vals = [conv(x) for x in items]  # ValueError: pydicom's path (it tries other VRs)
-        return vals[0] if len(vals) == 1 else vals
-    if vr == "UI":
-        items = text.rstrip("\x00 ").rstrip(" \x00").split("\\")
-        return UID(items[0]) if len(items) == 1 else [UID(x) for x in items]
-    if vr in _TEXT_SPLIT:
-        items = text.rstrip(" \x00").split("\\")
-        return items[0] if len(items) == 1 else items
-    if vr in _TEXT_CHARSET:
-        items = [x.rstrip("\x00 ") for x in text.split("\\")]
-        return items[0] if len(items) == 1 else items
-    if vr in _TEXT_SINGLE:
-        return text.rstrip("\x00 ")
-    return None
+    vals = [float(x) for x in text.rstrip(" \x00").split("\\")]  # ValueError: pydicom's path (it tries other VRs)
+    return vals[0] if len(vals) == 1 else vals
+
+
+def _integer(raw: bytes) -> Any:
+    text = raw.decode("latin-1")
+    if not _NUMERIC_CHARS.issuperset(text):
+        return None
+    vals = [int(x) for x in text.rstrip(" \x00").split("\\")]
+    return vals[0] if len(vals) == 1 else vals
+
+
+def _uid(raw: bytes) -> Any:
+    items = raw.decode("latin-1").rstrip("\x00 ").split("\\")
+    return UID(items[0]) if len(items) == 1 else [UID(x) for x in items]
+
+
+def _charset_free(raw: bytes) -> Optional[str]:
+    """The text where no character set can change it (ASCII, no ISO 2022 escape); None otherwise."""
+    return raw.decode("ascii") if raw.isascii() and b"\x1b" not in raw else None
+
+
+def _text(raw: bytes) -> Any:
+    text = _charset_free(raw)
+    if text is None:
+        return None
+    items = [x.rstrip("\x00 ") for x in text.split("\\")]
+    return items[0] if len(items) == 1 else items
+
+
+def _single_text(raw: bytes) -> Any:
+    text = _charset_free(raw)
+    return None if text is None else text.rstrip("\x00 ")
+
+
+# pydicom's value for the common VRs (None: take pydicom's own path). Text VRs without a character
+# set (CS, DS, IS, UI, dates) are decoded as latin-1, as pydicom decodes them whatever the set.
+_FAST: dict[str, Any] = {
+    **{vr: _numbers(fmt) for vr, fmt in {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d",
+                                          "SV": "q", "UV": "Q"}.items()},
+    **{vr: bytes for vr in ("OB", "OW", "OD", "OF", "OL", "OV", "UN")},
+    **{vr: (lambda raw: _split(raw.decode("latin-1"))) for vr in ("AS", "CS", "DA", "DT", "TM")},
+    "DS": _decimal, "IS": _integer, "UI": _uid,
+    **{vr: _text for vr in ("SH", "LO", "UC")},
+    **{vr: _single_text for vr in ("ST", "LT", "UT")},
+}
 
 
 _KEYWORD_TAGS: dict[str, Optional[int]] = {}
@@ -169,7 +159,12 @@ class RawDataset:
     def __init__(self, buffer: Union[bytes, memoryview], implicit: bool, parent: Optional["RawDataset"] = None):
         self.buffer = buffer
         self.implicit = implicit
-        self.elements: dict[int, RawElement] = {}
+        # tag -> (VR or None in implicit VR, value offset, length, items of a walked sequence): an element
+        # object is made only for what is asked for
+        self.elements: dict[int, tuple[Optional[str], int, int, Optional[list[RawDataset]]]] = {}
+        self._objects: dict[int, RawElement] = {}
+        self._vrs: dict[int, str] = {}
+        self._values: dict[int, Any] = {}
         self.file_meta: Optional[RawDataset] = None
         self._parent = parent
         self._encodings: Any = False  # not looked up yet
@@ -178,48 +173,109 @@ class RawDataset:
     def encodings(self) -> Optional[list[str]]:
         """The character sets text values are decoded with: this data set's (0008,0005), else its parent's."""
         if self._encodings is False:
-            cs = self.elements.get(0x00080005)
-            value = cs.value if cs is not None else None
+            value = self.value_of(0x00080005) if 0x00080005 in self.elements else None
             if value:
                 self._encodings = convert_encodings(value)
             else:
                 self._encodings = self._parent.encodings if self._parent is not None else None
         return self._encodings  # type: ignore[no-any-return]
 
+    def element(self, tag: int) -> Optional[RawElement]:
+        if tag not in self.elements:
+            return None
+        obj = self._objects.get(tag)
+        if obj is None:
+            obj = self._objects[tag] = RawElement(self, tag)
+        return obj
+
+    def vr_of(self, tag: int) -> str:
+        vr = self._vrs.get(tag)
+        if vr is None:
+            vr = self.elements[tag][0]
+            if vr is None and tag in DicomDictionary:  # implicit VR: pydicom's dictionary_VR, without its calls
+                vr = DicomDictionary[tag][0]
+            if vr is None or vr == "UN":  # private, unknown or UN: pydicom's own rules
+                data: dict[str, Any] = {}
+                raw_element_vr(self._raw(tag, vr), data, encoding=self._encodings_for(tag), ds=self)  # type: ignore[arg-type]
+                vr = str(data["VR"])
+            self._vrs[tag] = vr
+        return vr
+
+    def value_of(self, tag: int) -> Any:
+        try:
+            return self._values[tag]
+        except KeyError:
+            value = self._values[tag] = self._convert(tag)
+            return value
+
+    def _raw(self, tag: int, vr: Optional[str]) -> RawDataElement:
+        _, start, length, _ = self.elements[tag]
+        return RawDataElement(BaseTag(tag), vr, length, self.buffer[start:start + length], start, self.implicit, True)
+
+    def _encodings_for(self, tag: int) -> Optional[list[str]]:
+        return None if tag == 0x00080005 else self.encodings  # the charset itself is read as ASCII
+
+    def _convert(self, tag: int) -> Any:
+        vr = self.vr_of(tag)
+        _, start, length, items = self.elements[tag]
+        if vr == "SQ" and items is not None:
+            return items
+        if length == 0:
+            return empty_value_for_VR(vr)
+        fast = _FAST.get(vr) if tag not in _LUT_DESCRIPTORS else None
+        if fast is not None:
+            try:
+                value = fast(self.buffer[start:start + length])
+            except (ValueError, UnicodeDecodeError):
+                value = None
+            if value is not None:
+                return value
+        # anything the fast path does not take exactly (ambiguous VRs such as US or SS, a sequence not
+        # walked, non-ASCII text, odd numbers): pydicom's own conversion
+        return convert_raw_data_element(self._raw(tag, vr), encoding=self._encodings_for(tag), ds=self).value  # type: ignore[arg-type]
+
     # -- the part of pydicom's Dataset interface the header code uses
     def get(self, key: Union[str, int], default: Any = None) -> Any:
         """As pydicom: a keyword gives the value, a tag the element."""
         if isinstance(key, int):
-            return self.elements.get(key, default)
-        tag = _tag_of(key)
-        elem = self.elements.get(tag) if tag is not None else None  # type: ignore[arg-type]
-        return default if elem is None else elem.value
+            found = self.element(key)
+            return default if found is None else found
+        tag = _KEYWORD_TAGS.get(key) or _tag_of(key)
+        if tag is None or tag not in self.elements:
+            return default
+        return self.value_of(tag)
 
     def __contains__(self, key: Union[str, int]) -> bool:
         tag = _tag_of(key)
         return tag is not None and tag in self.elements
 
     def __getitem__(self, tag: int) -> RawElement:
-        return self.elements[tag]
+        found = self.element(tag)
+        if found is None:
+            raise KeyError(tag)
+        return found
 
     def __getattr__(self, name: str) -> Any:
         if name[:1].isupper():
             tag = _tag_of(name)
             if tag is not None and tag in self.elements:
-                return self.elements[tag].value
+                return self.value_of(tag)
         raise AttributeError(name)
 
     def keys(self) -> Any:
         return self.elements.keys()
 
     def __iter__(self) -> Iterator[RawElement]:
-        return iter(self.elements.values())
+        return (self[tag] for tag in self.elements)
 
     def __len__(self) -> int:
         return len(self.elements)
 
     def __bool__(self) -> bool:
         return bool(self.elements)
+
+
+_ITEM_BYTES = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian
 
 
 def _walk(ds: RawDataset, pos: int, end: int, depth: int, top: bool) -> int:
@@ -231,55 +287,58 @@ def _walk(ds: RawDataset, pos: int, end: int, depth: int, top: bool) -> int:
     while pos < end:
         if pos + 8 > end:
             raise Incomplete("element header cut off")
-        group, elem, length = _tag_len(buf, pos)
-        tag = group << 16 | elem
-        if tag == ITEM_END:
-            return pos + 8
-        if top and tag in PIXEL_TAGS:
-            return pos
         if implicit:
+            group, elem, length = _tag_len(buf, pos)
             vr: Optional[str] = None
             start = pos + 8
         else:
-            code = bytes(buf[pos + 4:pos + 6])
+            group, elem, code, length = _explicit(buf, pos)
             if code in _LONG:
                 if pos + 12 > end:
                     raise Incomplete("element header cut off")
                 length = _u32(buf, pos + 8)[0]
                 start = pos + 12
             elif code in _SHORT:
-                length = _u16(buf, pos + 6)[0]
+                start = pos + 8
+            elif group == 0xFFFE:  # an item delimiter has no VR
                 start = pos + 8
             else:  # pydicom guesses here (an implicit switch, a 2-byte length): let it
                 raise Unsupported(f"VR {code!r}")
-            vr = code.decode("ascii")
-        if tag in elements or (tag >> 16) == 0xFFFE:  # a repeated tag or a stray item tag: pydicom's call
-            raise Unsupported("repeated or misplaced tag")
+            vr = _VR_TEXT.get(code)
+        tag = group << 16 | elem
+        if group >= 0x7FE0:
+            if tag == ITEM_END:
+                return pos + 8
+            if top and tag in PIXEL_TAGS:
+                return pos
+            if group == 0xFFFE:  # a stray item or sequence tag: pydicom's call
+                raise Unsupported("misplaced item tag")
+        if tag in elements:
+            raise Unsupported("repeated tag")
         if length == UNDEFINED:
             if depth >= MAX_DEPTH:
                 raise Unsupported("sequences nested too deep")
             if vr is None:
                 try:
                     vr = dictionary_VR(tag)
-                except KeyError:
-                    # pydicom looks ahead: items follow, so a sequence
-                    vr = "SQ" if start + 4 <= end and _u16(buf, start) + _u16(buf, start + 2) == (0xFFFE, 0xE000) else None
+                except KeyError:  # pydicom looks ahead: items follow, so a sequence
+                    vr = "SQ" if buf[start:start + 4] == _ITEM_BYTES else None
             if vr != "SQ":
                 raise Unsupported("undefined length outside a sequence")
             items, pos = _sequence(ds, start, end, depth + 1, defined=False)
-            elements[tag] = RawElement(ds, tag, "SQ", start, 0, items)
+            elements[tag] = ("SQ", start, 0, items)
             continue
-        if start + length > end:
+        pos = start + length
+        if pos > end:
             raise Incomplete("value runs past the bytes read")
-        seq: Optional[list[RawDataset]] = None
         # a sequence is walked now, so that what this reader cannot take shows before anything is used;
         # in implicit VR, a value that starts with an item tag may be one (its VR is looked up later)
-        if vr == "SQ" or (vr is None and length >= 8 and _u16(buf, start) + _u16(buf, start + 2) == (0xFFFE, 0xE000)):
+        if vr == "SQ" or (vr is None and length >= 8 and buf[start:start + 4] == _ITEM_BYTES):
             if depth >= MAX_DEPTH:
                 raise Unsupported("sequences nested too deep")
-            seq = _sequence(ds, start, start + length, depth + 1, defined=True)[0]
-        elements[tag] = RawElement(ds, tag, vr, start, length, seq)
-        pos = start + length
+            elements[tag] = (vr, start, length, _sequence(ds, start, pos, depth + 1, defined=True)[0])
+        else:
+            elements[tag] = (vr, start, length, None)
     return pos
 
 
@@ -318,12 +377,11 @@ def read_part10(buffer: bytes, whole_file: bool) -> tuple[RawDataset, int]:
     or explicit VR little endian (encapsulated included), a header longer than the buffer, anything odd."""
     if len(buffer) < 132 or buffer[128:132] != b"DICM":
         raise Unsupported("no preamble")
-    view = memoryview(buffer)
-    meta = RawDataset(view, implicit=False)
+    meta = RawDataset(buffer, implicit=False)
     pos = 132
     while pos + 8 <= len(buffer) and _u16(buffer, pos)[0] == 0x0002:
         pos = _walk_one(meta, pos, len(buffer))
-    ts_elem = meta.elements.get(0x00020010)
+    ts_elem = meta.element(0x00020010)
     ts = str(ts_elem.value) if ts_elem is not None else ""
     if not ts:
         raise Unsupported("no transfer syntax")
@@ -335,7 +393,7 @@ def read_part10(buffer: bytes, whole_file: bool) -> tuple[RawDataset, int]:
         looks_explicit = bytes(buffer[pos + 4:pos + 6]) in _LONG | _SHORT
         if looks_explicit == implicit:
             raise Unsupported("data set encoding differs from the transfer syntax")
-    ds = RawDataset(view, implicit)
+    ds = RawDataset(buffer, implicit)
     ds.file_meta = meta
     stop = _walk(ds, pos, len(buffer), 0, True)
     if stop >= len(buffer) and not whole_file:
@@ -358,5 +416,5 @@ def _walk_one(meta: RawDataset, pos: int, end: int) -> int:
     tag = group << 16 | elem
     if tag in meta.elements:
         raise Unsupported("repeated file meta tag")
-    meta.elements[tag] = RawElement(meta, tag, code.decode("ascii"), start, length)
+    meta.elements[tag] = (code.decode("ascii"), start, length, None)
     return start + length
