@@ -528,6 +528,7 @@ def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
     mosaic = "MOSAIC" in image_type
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
     seq_name = vd.sequence_name(ds, vendor)
+    epi_marker = vd.is_epi(ds, vendor)  # asked twice below: its private lookups are a tenth of the header time
 
     if enhanced:
         frames = tuple(_enhanced_frames(ds, shared, vendor))
@@ -558,7 +559,7 @@ def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
                                 fov_geom.get("MRAcquisitionPhaseEncodingStepsInPlane"))
         phase_direction = _phase_direction(fov_geom.get("InPlanePhaseEncodingDirection"))
     else:
-        frames = (_classic_frame(ds, vendor, csa, image_type, seq_name, mosaic),)
+        frames = (_classic_frame(ds, vendor, csa, image_type, seq_name, mosaic, epi_marker),)
         pixel_spacing = _vec(ds.get("PixelSpacing"), 2)
         slice_thickness = _opt_float(ds.get("SliceThickness"))
         spacing_between = _opt_float(ds.get("SpacingBetweenSlices"))
@@ -588,7 +589,7 @@ def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
         image_type=image_type,
         scan_options=vd._tokens(ds.get("ScanOptions")),
         scanning_sequence=scanning,
-        epi="EP" in scanning or vd.is_epi(ds, vendor),
+        epi="EP" in scanning or epi_marker,
         sequence_name=seq_name,
         spectral_fat_suppression=_text(ds.get("SpectrallySelectedSuppression")).upper() or None,
         rows=int(_opt_int(ds.get("Rows")) or 0),
@@ -615,9 +616,9 @@ def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
 
 
 def _classic_frame(ds: Dataset, vendor: str, csa: Optional[vd.LazyCSA], image_type: tuple[str, ...], seq_name: str,
-                   mosaic: bool) -> FrameInfo:
+                   mosaic: bool, epi: bool) -> FrameInfo:
     # the CSA fallback only matters for diffusion: don't parse it for every T2 or DCE image
-    diffusion_csa: Any = csa if ("DIFFUSION" in image_type or vd.is_epi(ds, vendor)) else {}
+    diffusion_csa: Any = csa if ("DIFFUSION" in image_type or epi) else {}
     b, b_source = vd.b_value(ds, vendor, diffusion_csa)
     direction = vd.diffusion_direction(ds, vendor, diffusion_csa)
     derived = vd.derived_type(image_type) or vd.derived_from_description(image_type, _text(ds.get("SeriesDescription")))

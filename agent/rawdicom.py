@@ -43,7 +43,7 @@ _u16 = struct.Struct("<H").unpack_from
 _u32 = struct.Struct("<I").unpack_from
 _tag_len = struct.Struct("<HHI").unpack_from
 _explicit = struct.Struct("<HH2sH").unpack_from
-_VR_TEXT = {code: code.decode("ascii") for code in _LONG | _SHORT}
+_VRS = {code: (code.decode("ascii"), code in _LONG) for code in _LONG | _SHORT}  # VR bytes -> (VR, 4-byte length)
 
 
 class Unsupported(Exception):
@@ -142,6 +142,9 @@ _FAST: dict[str, Any] = {
 
 
 _KEYWORD_TAGS: dict[str, Optional[int]] = {}
+_UNSET = object()
+_SHORT_VALUES: dict[tuple[str, bytes], Any] = {}  # (VR, bytes) -> converted value, immutable values only
+_PRIVATE_VRS: dict[tuple[int, Optional[str], Any], str] = {}  # (tag, VR read, creator) -> pydicom's VR
 
 
 def _tag_of(key: Union[str, int]) -> Optional[int]:
@@ -165,6 +168,8 @@ class RawDataset:
         self._objects: dict[int, RawElement] = {}
         self._vrs: dict[int, str] = {}
         self._values: dict[int, Any] = {}
+        self._creators: Optional[dict[int, list[tuple[int, int]]]] = None  # group -> (slot, tag), on first use
+        self._creator_values: dict[int, list[tuple[int, Any]]] = {}
         self.file_meta: Optional[RawDataset] = None
         self._parent = parent
         self._encodings: Any = False  # not looked up yet
@@ -188,6 +193,18 @@ class RawDataset:
             obj = self._objects[tag] = RawElement(self, tag)
         return obj
 
+    def private_creators(self, group: int) -> list[tuple[int, Any]]:
+        """(slot, value) of the private creator elements (gggg,0010-00FF) of an odd group, by slot."""
+        if self._creators is None:
+            index: dict[int, list[tuple[int, int]]] = {}
+            for tag in sorted(t for t in self.elements if (t >> 16) & 1 and 0x10 <= (t & 0xFFFF) <= 0xFF):
+                index.setdefault(tag >> 16, []).append((tag & 0xFF, tag))
+            self._creators = index
+        found = self._creator_values.get(group)
+        if found is None:
+            found = self._creator_values[group] = [(slot, self.value_of(tag)) for slot, tag in self._creators.get(group, ())]
+        return found
+
     def vr_of(self, tag: int) -> str:
         vr = self._vrs.get(tag)
         if vr is None:
@@ -195,9 +212,20 @@ class RawDataset:
             if vr is None and tag in DicomDictionary:  # implicit VR: pydicom's dictionary_VR, without its calls
                 vr = DicomDictionary[tag][0]
             if vr is None or vr == "UN":  # private, unknown or UN: pydicom's own rules
+                key = None
+                if (tag >> 16) & 1 and tag & 0xFF00:  # a private element's VR follows from its creator alone
+                    creator = (tag & 0xFFFF0000) | ((tag >> 8) & 0xFF)
+                    name = self.value_of(creator) if creator in self.elements else None
+                    key = (tag, vr, name) if name is None or isinstance(name, str) else None
+                    found = _PRIVATE_VRS.get(key) if key is not None else None
+                    if found is not None:
+                        self._vrs[tag] = found
+                        return found
                 data: dict[str, Any] = {}
                 raw_element_vr(self._raw(tag, vr), data, encoding=self._encodings_for(tag), ds=self)  # type: ignore[arg-type]
                 vr = str(data["VR"])
+                if key is not None and len(_PRIVATE_VRS) < 100_000:
+                    _PRIVATE_VRS[key] = vr
             self._vrs[tag] = vr
         return vr
 
@@ -216,19 +244,29 @@ class RawDataset:
         return None if tag == 0x00080005 else self.encodings  # the charset itself is read as ASCII
 
     def _convert(self, tag: int) -> Any:
-        vr = self.vr_of(tag)
-        _, start, length, items = self.elements[tag]
+        vr, start, length, items = self.elements[tag]
+        if vr is None or vr == "UN":
+            vr = self.vr_of(tag)
         if vr == "SQ" and items is not None:
             return items
         if length == 0:
             return empty_value_for_VR(vr)
         fast = _FAST.get(vr) if tag not in _LUT_DESCRIPTORS else None
         if fast is not None:
+            raw = self.buffer[start:start + length]
+            if length <= 64:  # most short values repeat in every file of a series: converted once
+                value = _SHORT_VALUES.get((vr, raw))
+                if value is not None:
+                    return value
             try:
-                value = fast(self.buffer[start:start + length])
+                value = fast(raw)
             except (ValueError, UnicodeDecodeError):
                 value = None
             if value is not None:
+                if length <= 64 and isinstance(value, (str, float, int)):  # immutable only (never a list)
+                    if len(_SHORT_VALUES) >= 50_000:
+                        _SHORT_VALUES.clear()
+                    _SHORT_VALUES[(vr, raw)] = value
                 return value
         # anything the fast path does not take exactly (ambiguous VRs such as US or SS, a sequence not
         # walked, non-ASCII text, odd numbers): pydicom's own conversion
@@ -237,13 +275,20 @@ class RawDataset:
     # -- the part of pydicom's Dataset interface the header code uses
     def get(self, key: Union[str, int], default: Any = None) -> Any:
         """As pydicom: a keyword gives the value, a tag the element."""
-        if isinstance(key, int):
-            found = self.element(key)
-            return default if found is None else found
-        tag = _KEYWORD_TAGS.get(key) or _tag_of(key)
-        if tag is None or tag not in self.elements:
-            return default
-        return self.value_of(tag)
+        tag = _KEYWORD_TAGS.get(key)  # type: ignore[arg-type]
+        if tag is None:
+            if isinstance(key, int):
+                found = self.element(key)
+                return default if found is None else found
+            tag = _tag_of(key)
+            if tag is None:
+                return default
+        value = self._values.get(tag, _UNSET)
+        if value is _UNSET:
+            if tag not in self.elements:
+                return default
+            value = self._values[tag] = self._convert(tag)
+        return value
 
     def __contains__(self, key: Union[str, int]) -> bool:
         tag = _tag_of(key)
@@ -293,18 +338,20 @@ def _walk(ds: RawDataset, pos: int, end: int, depth: int, top: bool) -> int:
             start = pos + 8
         else:
             group, elem, code, length = _explicit(buf, pos)
-            if code in _LONG:
-                if pos + 12 > end:
-                    raise Incomplete("element header cut off")
-                length = _u32(buf, pos + 8)[0]
-                start = pos + 12
-            elif code in _SHORT:
-                start = pos + 8
+            known = _VRS.get(code)
+            if known is not None:
+                vr, long = known
+                if long:
+                    if pos + 12 > end:
+                        raise Incomplete("element header cut off")
+                    length = _u32(buf, pos + 8)[0]
+                    start = pos + 12
+                else:
+                    start = pos + 8
             elif group == 0xFFFE:  # an item delimiter has no VR
-                start = pos + 8
+                vr, start = None, pos + 8
             else:  # pydicom guesses here (an implicit switch, a 2-byte length): let it
                 raise Unsupported(f"VR {code!r}")
-            vr = _VR_TEXT.get(code)
         tag = group << 16 | elem
         if group >= 0x7FE0:
             if tag == ITEM_END:
@@ -313,8 +360,6 @@ def _walk(ds: RawDataset, pos: int, end: int, depth: int, top: bool) -> int:
                 return pos
             if group == 0xFFFE:  # a stray item or sequence tag: pydicom's call
                 raise Unsupported("misplaced item tag")
-        if tag in elements:
-            raise Unsupported("repeated tag")
         if length == UNDEFINED:
             if depth >= MAX_DEPTH:
                 raise Unsupported("sequences nested too deep")
@@ -326,19 +371,22 @@ def _walk(ds: RawDataset, pos: int, end: int, depth: int, top: bool) -> int:
             if vr != "SQ":
                 raise Unsupported("undefined length outside a sequence")
             items, pos = _sequence(ds, start, end, depth + 1, defined=False)
-            elements[tag] = ("SQ", start, 0, items)
-            continue
-        pos = start + length
-        if pos > end:
-            raise Incomplete("value runs past the bytes read")
-        # a sequence is walked now, so that what this reader cannot take shows before anything is used;
-        # in implicit VR, a value that starts with an item tag may be one (its VR is looked up later)
-        if vr == "SQ" or (vr is None and length >= 8 and buf[start:start + 4] == _ITEM_BYTES):
-            if depth >= MAX_DEPTH:
-                raise Unsupported("sequences nested too deep")
-            elements[tag] = (vr, start, length, _sequence(ds, start, pos, depth + 1, defined=True)[0])
+            entry: tuple[Optional[str], int, int, Optional[list[RawDataset]]] = ("SQ", start, 0, items)
         else:
-            elements[tag] = (vr, start, length, None)
+            pos = start + length
+            if pos > end:
+                raise Incomplete("value runs past the bytes read")
+            # a sequence is walked now, so that what this reader cannot take shows before anything is used;
+            # in implicit VR, a value that starts with an item tag may be one (its VR is looked up later)
+            if vr == "SQ" or (vr is None and length >= 8 and buf[start:start + 4] == _ITEM_BYTES):
+                if depth >= MAX_DEPTH:
+                    raise Unsupported("sequences nested too deep")
+                entry = (vr, start, length, _sequence(ds, start, pos, depth + 1, defined=True)[0])
+            else:
+                entry = (vr, start, length, None)
+        if tag in elements:
+            raise Unsupported("repeated tag")  # pydicom keeps the last; where a writer did this, let it decide
+        elements[tag] = entry
     return pos
 
 
