@@ -211,6 +211,8 @@ class RawDataset:
             vr = self.elements[tag][0]
             if vr is None and tag in DicomDictionary:  # implicit VR: pydicom's dictionary_VR, without its calls
                 vr = DicomDictionary[tag][0]
+            if (vr is None or vr == "UN") and (tag >> 16) & 1 and 0x10 <= (tag & 0xFFFF) <= 0xFF:
+                vr = "LO"  # a private creator element, as pydicom reads one
             if vr is None or vr == "UN":  # private, unknown or UN: pydicom's own rules
                 key = None
                 if (tag >> 16) & 1 and tag & 0xFF00:  # a private element's VR follows from its creator alone
