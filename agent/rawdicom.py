@@ -22,7 +22,11 @@ from typing import Any, Iterator, Optional, Union
 
 from pydicom.charset import convert_encodings
 from pydicom.datadict import DicomDictionary, dictionary_VR, tag_for_keyword
-from pydicom.dataelem import RawDataElement, convert_raw_data_element, empty_value_for_VR
+from pydicom.dataelem import (
+    RawDataElement,
+    convert_raw_data_element,
+    empty_value_for_VR,
+)
 from pydicom.hooks import raw_element_vr
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
@@ -57,7 +61,7 @@ class Incomplete(Unsupported):
 class RawElement:
     """One element as pydicom shows it: tag, VR and value (converted on first access, then kept)."""
 
-    __slots__ = ("tag", "_ds")
+    __slots__ = ("_ds", "tag")
 
     def __init__(self, ds: "RawDataset", tag: int):
         self.tag = BaseTag(tag)
@@ -159,7 +163,7 @@ def _tag_of(key: Union[str, int]) -> Optional[int]:
 class RawDataset:
     """The elements of one data set (the file's, or one sequence item), values converted lazily."""
 
-    def __init__(self, buffer: Union[bytes, memoryview], implicit: bool, parent: Optional["RawDataset"] = None):
+    def __init__(self, buffer: bytes, implicit: bool, parent: Optional["RawDataset"] = None):
         self.buffer = buffer
         self.implicit = implicit
         # tag -> (VR or None in implicit VR, value offset, length, items of a walked sequence): an element

@@ -52,7 +52,7 @@ def test_a_kill_mid_batch_loses_no_file_and_records_no_event_twice(tmp_path: Pat
     export, state = tmp_path / "export", tmp_path / "state"
     files = series_files(export / "s1", N_FILES, images_in_acquisition=N_FILES)
     script = CRASHING_RUN.format(root=str(ROOT), state=str(state), export=str(export))
-    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 9, run.stderr[-2000:]
 
     db = sqlite3.connect(str(state / "state.sqlite"))
@@ -61,7 +61,7 @@ def test_a_kill_mid_batch_loses_no_file_and_records_no_event_twice(tmp_path: Pat
     db.close()
     assert recorded == instances == BATCH  # the committed batch; the one killed left nothing behind
 
-    store, pipeline, ingestor = _agent(state, export)  # the restart: catch-up finds every file again
+    store, _, ingestor = _agent(state, export)  # the restart: catch-up finds every file again
     ingestor.catch_up(export)
     assert ingestor.drain(timeout=60)
     assert store.file_counts() == {"ingested": N_FILES}
