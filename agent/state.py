@@ -254,11 +254,11 @@ class StateStore:
 
     def touch_exam(self, study_uid: str, now: float) -> bool:
         """Record activity on an exam; True when the exam is new."""
-        cur = self._x("INSERT OR IGNORE INTO exams VALUES (?, 'open', ?, ?)", (study_uid, now, now))
-        if cur.rowcount:
-            return True
-        self._x("UPDATE exams SET last_seen = ?, state = 'open' WHERE study_uid = ?", (now, study_uid))
-        return False
+        # every image of an exam after its first one: one statement (the update) rather than two
+        if self._x("UPDATE exams SET last_seen = ?, state = 'open' WHERE study_uid = ?", (now, study_uid)).rowcount:
+            return False
+        self._x("INSERT INTO exams VALUES (?, 'open', ?, ?)", (study_uid, now, now))
+        return True
 
     def exams(self) -> list[sqlite3.Row]:
         return self._q("SELECT * FROM exams ORDER BY first_seen")
