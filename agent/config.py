@@ -45,6 +45,8 @@ class IngestConfig(_Section):
     max_series_bytes: int = Field(2 * 1024**3, gt=0, description="declared pixel bytes one series may hold; files past it are quarantined as series_oversized (the series keeps what it has)")
     quarantine_max_copy_bytes: int = Field(600 * 1024**2, ge=0, description="a quarantined file larger than this (or sparse, or not a regular file) gets its reason file only, no copy: the quarantine folder shares its disk with the state database")
     resource_retry_max_s: float = Field(3600.0, gt=0, description="a file the agent could not open for lack of its own descriptors or memory is retried (never quarantined) for this long, then set aside until the next start")
+    batch_max_files: int = Field(64, ge=1, description="files the ingest worker records in one state transaction (a crash loses no file: those not committed are read again on restart)")
+    batch_max_ms: float = Field(50.0, gt=0, description="a batch commits after this long even when more files are due (the API and outputs wait for the database meanwhile)")
 
 
 class SeriesConfig(_Section):

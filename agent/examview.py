@@ -10,7 +10,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 
 from pydantic import BaseModel, Field
 
-from agent.alerts import Alert, alert_from_event
+from agent.alerts import Alert
 from agent.events import SeriesSummary
 from agent.exam_repository import ExamRow
 from agent.state import StateStore

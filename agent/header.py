@@ -109,6 +109,7 @@ from pydicom.errors import InvalidDicomError  # noqa: E402
 from pydicom.uid import DeflatedExplicitVRLittleEndian  # noqa: E402
 
 from agent import vendor as vd  # noqa: E402
+from agent.rawdicom import Incomplete, Unsupported, read_part10  # noqa: E402
 
 # pydicom checks each value it converts against its VR and, by default, only warns: the agent acts
 # on no such warning, and the checks took a third of the header decoding time (bench/bench_scale.py)
@@ -177,7 +178,7 @@ def read_header(path: str | os.PathLike[str], max_image_bytes: Optional[int] = N
                 raise HeaderError("unreadable", f"{exc.__class__.__name__}: {exc}", retryable=True) from exc
             if not has_preamble and not _looks_like_dicom(ds):
                 raise HeaderError("not_dicom", "no DICM preamble and no DICOM data elements")
-            sop_class = _text(ds.get("SOPClassUID")) or _text(getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID"))
+            sop_class = _text(ds.get("SOPClassUID")) or _text(getattr(ds, "file_meta", _EMPTY).get("MediaStorageSOPClassUID"))
             if sop_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
                 raise HeaderError("dicomdir", "a DICOMDIR index, not an image")
             missing = [k for k in REQUIRED_UIDS if not _text(ds.get(k))]
@@ -206,6 +207,7 @@ def read_header(path: str | os.PathLike[str], max_image_bytes: Optional[int] = N
 
 
 PREFIX_BYTES = 64 * 1024  # one read that holds 99 % of MR headers (the rest take the file path below)
+LONG_PREFIX_BYTES = 1024 * 1024  # a second read for a long header (enhanced MR: 120 kB); longer: pydicom's path
 _PIXEL_TAGS = (PIXEL_DATA_TAG, b"\x7f\xe0\x00\x10", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
 
 
@@ -216,6 +218,14 @@ def _parse_prefix(prefix: bytes, size: int, has_preamble: bool, fp: BinaryIO) ->
     the prefix (so nothing before it was cut off), or when the prefix is the whole file; ``fp`` is
     then left at the pixel data tag, as the file path leaves it. None: use the file path, which
     keeps every check (a header longer than the prefix, a lying length, a broken file)."""
+    raw = _raw_prefix(prefix, size, fp)  # the exact, lazy reader first (agent.rawdicom)
+    if raw is False and size > len(prefix):  # a long header (enhanced MR): once more with more of the file
+        fp.seek(len(prefix))
+        raw = _raw_prefix(prefix + fp.read(min(size, LONG_PREFIX_BYTES) - len(prefix)), size, fp)
+        if not raw:
+            fp.seek(0)  # where the file path below starts
+    if raw:
+        return raw  # type: ignore[return-value]
     buf = io.BytesIO(prefix)
     try:
         ds = pydicom.dcmread(buf, stop_before_pixels=True, force=not has_preamble)
@@ -226,6 +236,21 @@ def _parse_prefix(prefix: bytes, size: int, has_preamble: bool, fp: BinaryIO) ->
         return None
     fp.seek(pos)
     return ds
+
+
+def _raw_prefix(prefix: bytes, size: int, fp: BinaryIO) -> Any:
+    """The header by agent.rawdicom, ``fp`` left at the pixel data tag; None where it does not take the
+    file (pydicom reads it), False where more bytes might let it."""
+    try:
+        raw, pos = read_part10(prefix, whole_file=len(prefix) >= size)
+    except Incomplete:
+        return False
+    except Unsupported:
+        return None
+    if len(prefix) >= size or (pos + 12 <= len(prefix) and prefix[pos:pos + 4] in _PIXEL_TAGS):
+        fp.seek(pos)
+        return raw
+    return False  # the pixel element's header is cut off by the end of the prefix
 
 
 class BoundedFile:
@@ -263,7 +288,7 @@ def _check_pixel_data(ds: Dataset, fp: BinaryIO, size: int, inflated: Optional[i
                       declared: Optional[int] = None) -> None:
     """pydicom stopped with the file at the Pixel Data tag: check its declared length against the
     bytes on disk (native) or the closing sequence delimiter (encapsulated)."""
-    ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+    ts = getattr(ds, "file_meta", _EMPTY).get("TransferSyntaxUID")
     if ts is not None and not isinstance(ts, pydicom.uid.UID):
         ts = pydicom.uid.UID(_text(ts))
     if ts is not None and not ts.is_transfer_syntax:  # pydicom's is_deflated etc. raise on it; nothing could decode it
@@ -434,9 +459,12 @@ def _native_pixel_bytes(ds: Dataset) -> int:
     return rows * cols * frames * spp * max(bits, 8) // 8
 
 
+_EMPTY = Dataset()  # what an absent item reads as (only ever read; a new Dataset per lookup cost 30 us)
+
+
 def _first_item(ds: Dataset, keyword: str) -> Dataset:
     seq = ds.get(keyword)
-    return seq[0] if seq else Dataset()
+    return seq[0] if seq else _EMPTY
 
 
 def _floats(value: Any) -> list[float]:
@@ -501,6 +529,7 @@ def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
     mosaic = "MOSAIC" in image_type
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
     seq_name = vd.sequence_name(ds, vendor)
+    epi_marker = vd.is_epi(ds, vendor)  # asked twice below: its private lookups are a tenth of the header time
 
     if enhanced:
         frames = tuple(_enhanced_frames(ds, shared, vendor))
@@ -531,7 +560,7 @@ def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
                                 fov_geom.get("MRAcquisitionPhaseEncodingStepsInPlane"))
         phase_direction = _phase_direction(fov_geom.get("InPlanePhaseEncodingDirection"))
     else:
-        frames = (_classic_frame(ds, vendor, csa, image_type, seq_name, mosaic),)
+        frames = (_classic_frame(ds, vendor, csa, image_type, seq_name, mosaic, epi_marker),)
         pixel_spacing = _vec(ds.get("PixelSpacing"), 2)
         slice_thickness = _opt_float(ds.get("SliceThickness"))
         spacing_between = _opt_float(ds.get("SpacingBetweenSlices"))
@@ -549,7 +578,7 @@ def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
         sop_class_uid=sop_class,
         study_uid=_text(ds.StudyInstanceUID),
         series_uid=_text(ds.SeriesInstanceUID),
-        transfer_syntax_uid=_text(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")),
+        transfer_syntax_uid=_text(getattr(ds, "file_meta", _EMPTY).get("TransferSyntaxUID")),
         modality=_text(ds.get("Modality")).upper(),
         manufacturer=manufacturer,
         vendor=vendor,
@@ -561,7 +590,7 @@ def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
         image_type=image_type,
         scan_options=vd.tokens(ds.get("ScanOptions")),
         scanning_sequence=scanning,
-        epi="EP" in scanning or vd.is_epi(ds, vendor),
+        epi="EP" in scanning or epi_marker,
         sequence_name=seq_name,
         spectral_fat_suppression=_text(ds.get("SpectrallySelectedSuppression")).upper() or None,
         rows=int(_opt_int(ds.get("Rows")) or 0),
@@ -588,9 +617,9 @@ def header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
 
 
 def _classic_frame(ds: Dataset, vendor: str, csa: Optional[vd.LazyCSA], image_type: tuple[str, ...], seq_name: str,
-                   mosaic: bool) -> FrameInfo:
+                   mosaic: bool, epi: bool) -> FrameInfo:
     # the CSA fallback only matters for diffusion: don't parse it for every T2 or DCE image
-    diffusion_csa: Any = csa if ("DIFFUSION" in image_type or vd.is_epi(ds, vendor)) else {}
+    diffusion_csa: Any = csa if ("DIFFUSION" in image_type or epi) else {}
     b, b_source = vd.b_value(ds, vendor, diffusion_csa)
     direction = vd.diffusion_direction(ds, vendor, diffusion_csa)
     derived = vd.derived_type(image_type) or vd.derived_from_description(image_type, _text(ds.get("SeriesDescription")))

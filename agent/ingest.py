@@ -153,6 +153,8 @@ class Ingestor(Worker):
         # files found by catch_up() not yet handled: quiet periods wait for them (time the agent was
         # down is not quiet on the scanner's side: an exam must not end before its backlog is read)
         self._catchup: set[str] = set()
+        self._finished: Optional[list[Pending]] = None  # entries done in the batch not yet committed
+        self._recorded = False  # the batch recorded a file (so the state database is writable once it commits)
 
     # ------------------------------------------------------------------ intake (any thread)
     def notify(self, path: str, closed: bool = False) -> None:
@@ -236,41 +238,83 @@ class Ingestor(Worker):
         return max(0.005, min(waits))
 
     def step(self) -> int:
-        """Process every file that is due now; returns how many were handled."""
+        """Process every file that is due now, in batches (one state transaction each); returns how
+        many were handled."""
         handled = 0
         while True:
-            with self._cv:
-                if not self._heap or self._heap[0][0] > self.clock():
-                    return handled
+            n, more = self._step_batch()
+            handled += n
+            if not more:
+                return handled
+
+    def _pop_due(self) -> Optional[Pending]:
+        with self._cv:
+            while self._heap and self._heap[0][0] <= self.clock():
                 due, path = heapq.heappop(self._heap)
                 p = self._pending.get(path)
-                if p is None or p.due > due + 1e-9:
-                    continue  # stale heap entry
+                if p is not None and p.due <= due + 1e-9:
+                    return p
+                # else a stale heap entry
+        return None
+
+    def _step_batch(self) -> tuple[int, bool]:
+        """Handle due entries in one state transaction ([ingest] batch_max_files, batch_max_ms): one commit
+        for many files. Entries finished inside are forgotten only after the commit; if the database
+        refuses it, every one of them keeps its place and is tried again. (handled, maybe more due)"""
+        limit = self.config.ingest.batch_max_files
+        deadline = time.monotonic() + self.config.ingest.batch_max_ms / 1000.0
+        self._finished = []
+        self._recorded = False
+        handled = 0
+        exhausted = False  # nothing more is due now
+        p: Optional[Pending] = None
+        try:
+            with self.pipeline.batch():
+                while handled < limit and time.monotonic() < deadline:
+                    p = self._pop_due()
+                    if p is None:
+                        exhausted = True
+                        break
+                    self._handle_entry(p)
+                    handled += 1
+                    p = None
+                    self.last_loop = time.time()  # a long catch-up is progress, not a stall
+        except sqlite3.Error as exc:
+            # the state database (or its disk) refuses writes, e.g. disk full: the files are not bad, so
+            # they keep their place and are tried again; nothing is marked or quarantined
+            if self.health is not None:  # one ERROR per episode (agent.health), /readyz false meanwhile
+                self.health.failed("state", self.config.state.dir, f"state not writable ({exc.__class__.__name__}: {exc})",
+                                   consequence="file kept for retry")
+            else:
+                log.error("state not writable (%s: %s); file kept for retry", exc.__class__.__name__, exc)
+            for q in self._finished + ([p] if p is not None else []):
+                self._reschedule(q, self.clock() + STATE_RETRY_S)
+            return handled, False
+        finally:
+            finished, self._finished = self._finished, None
+        for q in finished:
+            self._forget(q)
+        if self.health is not None and self._recorded:
+            self.health.ok("state")  # the state database recorded them
+        return handled, not exhausted
+
+    def _handle_entry(self, p: Pending) -> None:
+        """One entry: its own errors retry it or set it aside; state errors go to the batch."""
+        try:
             try:
-                try:
-                    self._handle(p)
-                except sqlite3.Error:
-                    raise
-                except UnicodeEncodeError:  # only a path SQLite cannot store; aliases prevent it
-                    self._give_up(p, "unstorable_name", "a name the state database cannot store")
-                except Exception as exc:  # any other per-entry error: this entry waits, the others go on
-                    self._entry_error(p, exc)
-            except sqlite3.Error as exc:
-                # the state database (or its disk) refuses writes, e.g. disk full: the file is not
-                # bad, so it keeps its place and is tried again; nothing is marked or quarantined
-                if self.health is not None:  # one ERROR per episode (agent.health), /readyz false meanwhile
-                    self.health.failed("state", self.config.state.dir, f"state not writable ({exc.__class__.__name__}: {exc})",
-                                       consequence="file kept for retry")
-                else:
-                    log.error("state not writable (%s: %s); file kept for retry", exc.__class__.__name__, exc)
-                self._reschedule(p, self.clock() + STATE_RETRY_S)
-                return handled
-            except Exception as exc:  # setting it aside failed as well (a bug): it must not stay stuck
-                log.error("entry %s dropped until the next start: %s", file_ref(p.path), redact(f"{type(exc).__name__}: {exc}"),
-                          exc_info=self.config.privacy.include_file_paths)
-                self._forget(p)
-            handled += 1
-            self.last_loop = time.time()  # a long catch-up is progress, not a stall
+                self._handle(p)
+            except sqlite3.Error:
+                raise
+            except UnicodeEncodeError:  # only a path SQLite cannot store; aliases prevent it
+                self._give_up(p, "unstorable_name", "a name the state database cannot store")
+            except Exception as exc:  # any other per-entry error: this entry waits, the others go on
+                self._entry_error(p, exc)
+        except sqlite3.Error:
+            raise
+        except Exception as exc:  # setting it aside failed as well (a bug): it must not stay stuck
+            log.error("entry %s dropped until the next start: %s", file_ref(p.path), redact(f"{type(exc).__name__}: {exc}"),
+                      exc_info=self.config.privacy.include_file_paths)
+            self._forget(p)
 
     def _handle(self, p: Pending) -> None:
         now = self.clock()
@@ -302,8 +346,8 @@ class Ingestor(Worker):
                 raise cause  # our descriptors ran out (not the file's fault) or access is denied: _entry_error
         if p.resource_since is not None:
             self._resources_ok(p)
-        if self.health is not None and outcome.status != "error":
-            self.health.ok("state")  # the state database recorded it
+        if outcome.status != "error":
+            self._recorded = True  # the state database took it: health says so once the batch commits
         if outcome.status != "error":
             self._forget(p)
             return
@@ -405,6 +449,9 @@ class Ingestor(Worker):
             heapq.heappush(self._heap, (due, p.path))
 
     def _forget(self, p: Pending) -> None:
+        if self._finished is not None:  # inside a batch: once it commits (_step_batch)
+            self._finished.append(p)
+            return
         with self._cv:
             if self._pending.get(p.path) is p:
                 del self._pending[p.path]

@@ -7,8 +7,9 @@ import logging
 import os
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from agent.config import AgentConfig
 from agent.events import EventBase, FileQuarantined
@@ -80,6 +81,20 @@ class Pipeline:
         self._series_bytes: dict[str, int] = {}  # series_uid -> declared pixel bytes recorded (per-series cap)
 
     # ------------------------------------------------------------------ files
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Record the files handled inside in one state transaction (the ingest worker's batch): one
+        commit instead of one per file. A crash before the commit loses nothing: the files table has
+        no row for those files, so the next start's catch-up reads them again, and the events they
+        cause are recorded then, once (event keys are unique). Outputs woken meanwhile wait on the
+        store's lock and read what the commit makes visible."""
+        try:
+            with self.store.transaction():
+                yield
+        except BaseException:
+            self._series_bytes.clear()  # counted for files now rolled back: recount from the store
+            raise
+
     def already_done(self, path: str, size: int, mtime: float) -> bool:
         row = self.store.file_status(path)
         return bool(row and row["status"] in DONE_STATUSES and row["size"] == size and abs((row["mtime"] or 0) - mtime) < 1e-6)
@@ -217,7 +232,7 @@ class Pipeline:
                 log.exception("protocol check failed")
                 deviations = []
             stored += sum(1 for e in deviations if self.store.append_event(e) is not None)
-        if stored:
+        if stored:  # an output woken now reads the events once the transaction commits (the store's lock)
             with self.new_events:
                 self.new_events.notify_all()
         return stored

@@ -15,6 +15,8 @@ from typing import Any, Iterable, Optional
 import numpy as np
 from pydicom.dataset import Dataset
 
+from agent.rawdicom import RawDataset
+
 log = logging.getLogger(__name__)
 
 MAX_PLAUSIBLE_B = 5000.0  # larger values are vendor noise (dcm2niix rejects them too)
@@ -59,6 +61,9 @@ def as_floats(value: Any) -> list[float]:
     """Numbers from a DS/IS/FL/FD/UN value, a MultiValue, or backslash-separated bytes."""
     if value is None:
         return []
+    if isinstance(value, (float, int)):  # the common case: one number already decoded
+        f = float(value)
+        return [f] if math.isfinite(f) else []
     if isinstance(value, bytes):
         text = as_text(value)
         if not text:
@@ -101,8 +106,12 @@ def private_value(ds: Dataset, group: int, element: int, creator: str) -> Any:
     # get_private_item slices and sorts the whole group on every call (a fifth of the header time)
     keys = ds.keys()
     base = group << 16
-    for slot in range(0x10, 0x100):
-        if (base | slot) in keys and as_text(ds[base | slot].value) == creator:
+    if isinstance(ds, RawDataset):  # it knows its creator elements: no probing of the 240 slots
+        creators: Any = ds.private_creators(group)
+    else:
+        creators = ((slot, ds[base | slot].value) for slot in range(0x10, 0x100) if (base | slot) in keys)
+    for slot, name in creators:
+        if as_text(name) == creator:
             tag = base | (slot << 8) | element
             if tag in keys:
                 return ds[tag].value

@@ -26,13 +26,13 @@ def _both_paths(path: Path, monkeypatch: pytest.MonkeyPatch):
 
 def test_header_longer_than_the_prefix_reads_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ds = mr_dataset(generate_uid(), generate_uid(), SeriesDescription="dwi")
-    ds.private_block(0x0009, "SCANSIDE TEST", create=True).add_new(0x10, "OB", b"\x01" * (hdr.PREFIX_BYTES + 5000))
+    ds.private_block(0x0009, "SCANSIDE TEST", create=True).add_new(0x10, "OB", b"\x01" * (hdr.LONG_PREFIX_BYTES + 5000))
     path = write(ds, tmp_path / "long.dcm")
     calls = []
     real = hdr._parse_prefix
     monkeypatch.setattr(hdr, "_parse_prefix", lambda *a: calls.append(real(*a)) or calls[-1])
     fast = read_header(path)
-    assert calls == [None]  # the prefix ended inside the header: the file path read it
+    assert calls == [None]  # the longer read ended inside the header as well: the file path read it
     monkeypatch.undo()
     fast2, slow = _both_paths(path, monkeypatch)
     assert fast == slow == fast2
