@@ -6,8 +6,8 @@ Models: prostate-gland-taps (one 128x128x32 window; the INT8 variants from bench
 ~/.cache/scanside/int8-store when present), sequence-classifier, cspca-reference.
 Back ends: ONNX Runtime and OpenVINO, each on FP32 and on the INT8 Q/DQ files the manifest has (U8/S8
 ``int8_u8s8``, symmetric ``int8_sym``); ``store_default`` says what the agent's model store picks by default.  Inputs: simulated series prepared by the agent's preprocessing
-(converters.calibration_data.build_set); the task metric (Dice of masks / top-1 agreement / decision
-agreement) and max |diff| of every back end's output against ONNX Runtime FP32 (converters.parity.task_metrics).
+(scanside.converters.calibration_data.build_set); the task metric (Dice of masks / top-1 agreement / decision
+agreement) and max |diff| of every back end's output against ONNX Runtime FP32 (scanside.converters.parity.task_metrics).
 Non-inference work on the critical path, timed on the same simulated series: read+decode (read_series:
 headers + load_volume), prepare() per model spec, and the sliding-window stitching cost (sliding_window with a
 run_fn that does no inference).
@@ -58,10 +58,10 @@ def med(xs: List[float]) -> float:
 
 def make_engine(backend: str, manifest: Any, variant: str, threads: int, cache_dir: Path) -> Any:
     if backend == "onnxruntime":
-        from engines.onnxruntime_engine import OnnxRuntimeEngine
+        from scanside.engines.backends.onnxruntime_engine import OnnxRuntimeEngine
 
         return OnnxRuntimeEngine(["CPUExecutionProvider"], intra_op_threads=threads).load(manifest, variant)
-    from engines.openvino_engine import OpenVinoEngine
+    from scanside.engines.backends.openvino_engine import OpenVinoEngine
 
     return OpenVinoEngine(threads=threads, cache_dir=cache_dir).load(manifest, variant)
 
@@ -91,7 +91,7 @@ def bench_model(manifest: Any, cset: Any, threads: int, repeats: int, cache_dir:
     is the median over rounds of ORT FP32's time over the config's time in the same round."""
     import contextlib
 
-    from converters.parity import task_metrics
+    from scanside.converters.parity import task_metrics
 
     feeds = list(cset.feeds(1))
     first = feeds[0]
@@ -129,7 +129,7 @@ def bench_model(manifest: Any, cset: Any, threads: int, repeats: int, cache_dir:
             ref = np.concatenate([r[name] for r in ref_outs])
             got = np.concatenate([g[name] for g in outs])
             if manifest.task == "cspca_detection":  # exam decision, AUROC where truth is known, lesions
-                from converters.parity import cspca_metrics
+                from scanside.converters.parity import cspca_metrics
 
                 both = {o.name: (np.concatenate([r[o.name] for r in ref_outs]),
                                  np.concatenate([g[o.name] for g in outs])) for o in manifest.outputs}
@@ -141,7 +141,7 @@ def bench_model(manifest: Any, cset: Any, threads: int, repeats: int, cache_dir:
                 # dense output: the model's own threshold may segment nothing on simulated images (TAPS finds
                 # no gland on them), which makes that Dice vacuous; also compare the masks of the 5 % of voxels
                 # FP32 scores highest (same threshold applied to both): does the variant rank the same voxels?
-                from converters.parity import dice
+                from scanside.converters.parity import dice
 
                 t = float(np.percentile(ref, 95))
                 entry["dice_top5pct_vs_ort_fp32"] = round(dice(ref > t, got > t), 5)
@@ -161,8 +161,8 @@ def bench_model(manifest: Any, cset: Any, threads: int, repeats: int, cache_dir:
             entry["speedup_vs_ort_fp32_median_of_rounds"] = round(float(np.median([r / t for r, t in zip(ref_rounds, ts)])), 3)
         print(f"  {manifest.name:22s} {key:24s} median {entry['median_s']:.4f} s  "
               f"x{entry.get('speedup_vs_ort_fp32_median_of_rounds', float('nan')):.2f}  loadavg {la[0]}", flush=True)
-    try:  # what the agent's store would pick by default here (engines.store.default_preference + parity)
-        from engines.store import ModelStore
+    try:  # what the agent's store would pick by default here (scanside.engines.store.default_preference + parity)
+        from scanside.engines.store import ModelStore
 
         sel = ModelStore(manifest.root.parent.parent, user_dir=None).explain(manifest)
         out["store_default"] = {"backend": sel.backend, "variant": sel.variant, "reason": sel.reason,
@@ -180,8 +180,8 @@ def bench_model(manifest: Any, cset: Any, threads: int, repeats: int, cache_dir:
 
 def series_set(manifest: Any, series: List[Any]) -> Any:
     """A classifier's inputs: every series prepared on its own (channel "series"), labelled by the header rules."""
-    from converters.calibration_data import CalibrationSet
-    from engines.preprocess import prepare
+    from scanside.converters.calibration_data import CalibrationSet
+    from scanside.engines.preprocess import prepare
 
     spec = manifest.preprocessing
     arrs, labels = [], []
@@ -195,8 +195,8 @@ def series_set(manifest: Any, series: List[Any]) -> Any:
 
 def taps_manifest_for_bench() -> Optional[Any]:
     """The TAPS manifest with INT8 variants (bench_int8 store) if there, else the package store's FP32 one."""
-    from engines.manifest import ModelManifest
-    from engines.store import ModelStore
+    from scanside.engines.manifest import ModelManifest
+    from scanside.engines.store import ModelStore
 
     p = INT8_STORE / "prostate-gland-taps" / "1.1.2"
     if (p / "manifest.json").is_file():
@@ -206,8 +206,8 @@ def taps_manifest_for_bench() -> Optional[Any]:
 
 
 def non_inference(res: Dict[str, Any], exam_dirs: List[Path], manifests: Dict[str, Any]) -> None:
-    from converters.calibration_data import channel_labels, exam_channel_volumes, read_series
-    from engines.preprocess import prepare, sliding_window
+    from scanside.converters.calibration_data import channel_labels, exam_channel_volumes, read_series
+    from scanside.engines.preprocess import prepare, sliding_window
 
     out: Dict[str, Any] = {"loadavg": load()}
     ts, series = timed(lambda: read_series(exam_dirs[:1], planes=None), 1)
@@ -280,9 +280,9 @@ def main() -> int:
 
     import onnxruntime as ort
 
-    from converters.calibrate import cpu_has_vnni
-    from converters.calibration_data import build_set, read_series
-    from engines.store import ModelStore
+    from scanside.converters.calibrate import cpu_has_vnni
+    from scanside.converters.calibration_data import build_set, read_series
+    from scanside.engines.store import ModelStore
 
     machine: Dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                "vnni": cpu_has_vnni(), "onnxruntime": ort.__version__,
@@ -305,7 +305,7 @@ def main() -> int:
     cache_dir = tmp / "openvino-cache"
 
     # simulated bp-MRI exams (T2W, DWI, ADC): classifier and csPCa inputs, non-inference timings
-    from simulator.scanner import simulate_exam
+    from scanside.simulator.scanner import simulate_exam
 
     exam_dirs = []
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""csPCa runtime latency: agent.cspca.CspcaModel.predict (prepare + ONNX Runtime + findings) on one
+"""csPCa runtime latency: scanside.engines.tasks.cspca.CspcaModel.predict (prepare + ONNX Runtime + findings) on one
 simulated bpMRI exam, median of N runs; writes bench/results/cspca.json.
 
     python bench/bench_cspca.py [--runs 5]
@@ -23,9 +23,9 @@ def main() -> int:
     a = ap.parse_args()
     import numpy as np
 
-    from agent.cspca import CspcaModel
-    from simulator.scanner import simulate_exam
-    from training.cspca.evaluate import exam_volumes
+    from scanside.engines.tasks.cspca import CspcaModel
+    from scanside.simulator.scanner import simulate_exam
+    from scanside.training.cspca.evaluate import exam_volumes
 
     with tempfile.TemporaryDirectory() as d:
         simulate_exam("siemens", d, 4242, profile="prostate-bpmri", n_lesions=1, cspca=True)

@@ -3,10 +3,10 @@
     .venv/bin/python bench/bench_decode.py [--exams 2] [--repeats 5]
 
 For every series of simulated bp-MRI exams (Siemens mosaic DWI, GE, Philips enhanced multi-frame, Siemens XA):
-agent.volume.load_volume with pydicom's own pixel decoder and the file parsed from disk ("reference": how it
+scanside.agent.dicom.volume.load_volume with pydicom's own pixel decoder and the file parsed from disk ("reference": how it
 was) against the current code (native pixels straight from the bytes, the file read once and parsed from
 memory), alternating run by run so both see the same machine load; the volumes must be identical.  Then
-engines.preprocess.prepare per shipped model spec (cspca-reference, sequence-classifier).
+scanside.engines.preprocess.prepare per shipped model spec (cspca-reference, sequence-classifier).
 Writes bench/results/decode.json with the load average."""
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
-    import agent.volume as av
-    from agent.exam_reader import read_exam
-    from simulator.scanner import simulate_exam
+    import scanside.agent.dicom.volume as av
+    from scanside.agent.dicom.exam_reader import read_exam
+    from scanside.simulator.scanner import simulate_exam
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_decode_"))
     styles = [("siemens", {"mosaic": True}), ("ge", {}), ("philips", {"enhanced": True}), ("siemens-xa", {})]
@@ -44,7 +44,7 @@ def main() -> int:
         vendor, kw = styles[i % len(styles)]
         d = tmp / f"exam{i}"
         simulate_exam(vendor, d, seed=500 + i, profile="prostate-bpmri", **kw)
-        # the daemon's read path (agent.exam_reader); every frame of each part is decoded, as before
+        # the daemon's read path (scanside.agent.dicom.exam_reader); every frame of each part is decoded, as before
         parts += [(vendor, s.summary.label, s.part) for s in read_exam(d).series]
 
     fast_impl, mem = av._native_fast, av._IN_MEMORY_BYTES
@@ -88,8 +88,8 @@ def main() -> int:
                     "speedup": round(tot_ref / tot_fast, 2) if tot_fast else None,
                     "all_identical": all(s.get("identical", True) for s in res["series"])}
 
-    from engines.preprocess import prepare
-    from engines.store import ModelStore
+    from scanside.engines.preprocess import prepare
+    from scanside.engines.store import ModelStore
 
     prep: Dict[str, Any] = {}
     store = ModelStore(preference=["onnxruntime"])

@@ -29,7 +29,7 @@ def _measure(model: str, version: Optional[str], backend: str, variant: Optional
         import numpy as np
 
         t0 = time.perf_counter()
-        from engines.store import ModelStore
+        from scanside.engines.store import ModelStore
         opts: Dict[str, Dict[str, Any]] = {}
         if threads:
             opts["onnxruntime"] = {"intra_op_threads": threads, "inter_op_threads": 1}
@@ -93,7 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "engines.json")
     args = ap.parse_args(argv)
 
-    from engines.store import ModelStore
+    from scanside.engines.store import ModelStore
     models = args.model or [m.ref for m in ModelStore(args.store).list()]
     backends = args.backend or ["tensorrt", "onnxruntime"]
     load_before = os.getloadavg()

@@ -38,14 +38,14 @@ def child(workdir: Path) -> int:
     """The daemon under test. Prints one JSON line when started, then one per command on stdin
     ('exam1', 'exam2': the scanner writes a bpMRI exam, answered once it is analysed), then idles."""
     sys.path.insert(0, str(ROOT))
-    from agent.config import load_config
-    from agent.daemon import Agent
-    from agent.malloc import limit_malloc_arenas
+    from scanside.agent.service.config import load_config
+    from scanside.agent.service.daemon import Agent
+    from scanside.agent.service.malloc import limit_malloc_arenas
 
     limit_malloc_arenas()  # as `scanside run` does
     # the virtual scanner is imported before the agent starts: importing it inside the READY window
     # charged this harness's own import (scipy and the renderer, about 0.3 s of CPU) to the idle agent
-    from simulator.scanner import simulate_exam, stream_exam
+    from scanside.simulator.scanner import simulate_exam, stream_exam
 
     config = load_config(**{"watch.folder": str(workdir / "export"), "state.dir": str(workdir / "state"),
                             "output.stdout": False, "api.enabled": True, "api.port": 0})

@@ -1,6 +1,6 @@
 """Ingestion benchmarks (issue 2).
 
-1. Header ingestion rate on one core: agent.header.read_header (header only, completeness checked)
+1. Header ingestion rate on one core: scanside.agent.dicom.header.read_header (header only, completeness checked)
    and the whole Pipeline (header + SQLite + series bookkeeping), against a plain loop of full
    pydicom.dcmread on the same files. pydicom converts element values lazily, so the plain loop
    parses none; the like-for-like baseline is full dcmread plus the same vendor decoding.
@@ -28,12 +28,12 @@ import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.config import load_config  # noqa: E402
-from agent.daemon import Agent  # noqa: E402
-from agent.header import header_from_dataset, read_header  # noqa: E402
-from agent.pipeline import Pipeline  # noqa: E402
-from agent.state import StateStore  # noqa: E402
-from simulator.scanner import simulate_exam, stream_exam  # noqa: E402
+from scanside.agent.service.config import load_config  # noqa: E402
+from scanside.agent.service.daemon import Agent  # noqa: E402
+from scanside.agent.dicom.header import header_from_dataset, read_header  # noqa: E402
+from scanside.agent.intake.pipeline import Pipeline  # noqa: E402
+from scanside.agent.state.database import StateStore  # noqa: E402
+from scanside.simulator.scanner import simulate_exam, stream_exam  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -6,7 +6,7 @@
 2. TAPS (prostate-gland-taps, imported from the lavlab-taps wheel into a bench store under
    ~/.cache/scanside/int8-store): calibration on windows of simulated axial T2W series prepared by the
    agent's preprocessing, parity on held-out series (Dice of INT8 masks against FP32), latency of one
-   128x128x32 window per variant (median of 3), whole-series gland Dice INT8 vs FP32 (agent.gland),
+   128x128x32 window per variant (median of 3), whole-series gland Dice INT8 vs FP32 (scanside.engines.tasks.gland),
    and an ONNX Runtime profile per variant (which kernels ran, time per op type) to explain the speed.
 
 Writes bench/results/int8.json (stages are saved as they finish)."""
@@ -100,9 +100,9 @@ def qdq_counts(path: Path) -> Dict[str, int]:
 
 
 def bench_tiny(res: Dict[str, Any], data: List[Path], threads: int) -> None:
-    from converters.calibrate import calibrate
-    from converters.calibration_data import build_set
-    from converters.parity import parity_report, record
+    from scanside.converters.calibrate import calibrate
+    from scanside.converters.calibration_data import build_set
+    from scanside.converters.parity import parity_report, record
     from tests.converters._models import install_tiny_t2w
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,13 +124,13 @@ def bench_tiny(res: Dict[str, Any], data: List[Path], threads: int) -> None:
 
 
 def taps_store() -> Any:
-    from engines.manifest import ModelManifest
-    from engines.taps import fetch_wheel, import_taps
+    from scanside.engines.manifest import ModelManifest
+    from scanside.agent.cli.taps import fetch_wheel, import_taps
 
     root = CACHE / "int8-store"
     m = import_taps(root, fetch_wheel())
     # start from a clean FP32 manifest each run (drop earlier INT8 files and parity)
-    from engines.taps import taps_manifest
+    from scanside.agent.cli.taps import taps_manifest
 
     base = taps_manifest()
     base.save(m.root)
@@ -141,11 +141,11 @@ def taps_store() -> Any:
 
 def bench_taps(res: Dict[str, Any], calib_dirs: List[Path], held_dirs: List[Path], threads: int,
                windows_per_series: int, method: str) -> None:
-    from agent.gland import segment_gland
-    from converters.calibrate import calibrate
-    from converters.calibration_data import build_set, read_series
-    from converters.parity import dice, parity_report, record
-    from engines.onnxruntime_engine import OnnxRuntimeEngine
+    from scanside.engines.tasks.gland import segment_gland
+    from scanside.converters.calibrate import calibrate
+    from scanside.converters.calibration_data import build_set, read_series
+    from scanside.converters.parity import dice, parity_report, record
+    from scanside.engines.backends.onnxruntime_engine import OnnxRuntimeEngine
 
     out: Dict[str, Any] = {"method": method, "threads": threads}
     res["taps"] = out
@@ -176,7 +176,7 @@ def bench_taps(res: Dict[str, Any], calib_dirs: List[Path], held_dirs: List[Path
     save(res)
     out["profile"] = {v: profile(m.file_path(v), feed, threads) for v in m.files}
     save(res)
-    # whole-series gland masks (agent.gland, centre window) INT8 vs FP32
+    # whole-series gland masks (scanside.engines.tasks.gland, centre window) INT8 vs FP32
     seg: Dict[str, Any] = {}
     engines = {v: OnnxRuntimeEngine(["CPUExecutionProvider"], intra_op_threads=threads).load(m, v) for v in m.files}
     for s in held_series[:2]:
@@ -201,7 +201,7 @@ def main() -> int:
     import onnxruntime as ort
 
     from bench.make_t2w_data import make
-    from converters.calibrate import cpu_has_vnni
+    from scanside.converters.calibrate import cpu_has_vnni
 
     dirs = make(a.data, n=a.calib_exams + a.heldout_exams, seed0=100)
     res: Dict[str, Any] = {

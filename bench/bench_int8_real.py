@@ -11,9 +11,9 @@ copy of the store, both INT8 variants (int8_sym, int8_u8s8) from one calibration
   the calibration never saw (same patient: the only real prostate exam here is ../shared/realdata's
   ProstateX-0218; a site calibrates on its own exams with `scanside convert calibrate --data DIR`).
 
-Measured on the real axial T2W: the parity report (converters.parity, windows with the most foreground,
+Measured on the real axial T2W: the parity report (scanside.converters.parity, windows with the most foreground,
 ONNX Runtime and OpenVINO entries, data origin recorded) and the whole-series gland mask through the agent's
-own path (agent.gland.segment_gland, sliding window over the series): volume and Dice against FP32, seconds.
+own path (scanside.engines.tasks.gland.segment_gland, sliding window over the series): volume and Dice against FP32, seconds.
 Writes bench/results/int8_real.json (stages saved as they finish)."""
 from __future__ import annotations
 
@@ -46,16 +46,16 @@ def save(res: Dict[str, Any]) -> None:
 
 def fresh_taps(root: Path) -> Any:
     """TAPS FP32 alone in its own store under *root*."""
-    from engines.taps import fetch_wheel, import_taps
+    from scanside.agent.cli.taps import fetch_wheel, import_taps
 
     return import_taps(root, fetch_wheel())
 
 
 def gland_on(manifest: Any, series: List[Any], threads: int, windows: str) -> Dict[str, Any]:
-    """Whole-series gland masks of every file variant through agent.gland (ONNX Runtime), FP32 first."""
-    from agent.gland import segment_gland
-    from converters.parity import dice
-    from engines.onnxruntime_engine import OnnxRuntimeEngine
+    """Whole-series gland masks of every file variant through scanside.engines.tasks.gland (ONNX Runtime), FP32 first."""
+    from scanside.engines.tasks.gland import segment_gland
+    from scanside.converters.parity import dice
+    from scanside.engines.backends.onnxruntime_engine import OnnxRuntimeEngine
 
     out: Dict[str, Any] = {}
     for s in series:
@@ -83,9 +83,9 @@ def main() -> int:
         print(f"no real data at {a.real} (see ../shared/realdata/README.md)", file=sys.stderr)
         return 2
     from bench.make_t2w_data import make
-    from converters.calibrate import calibrate
-    from converters.calibration_data import build_set, read_series
-    from converters.parity import parity_report, record
+    from scanside.converters.calibrate import calibrate
+    from scanside.converters.calibration_data import build_set, read_series
+    from scanside.converters.parity import parity_report, record
 
     res: Dict[str, Any] = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": a.threads,
                                        "cpus_visible": os.cpu_count()},

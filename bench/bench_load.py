@@ -34,8 +34,8 @@ MEMORY_BOUND_MB = 384  # documented bound: agent peak RSS under this load (obser
 
 
 def _simulate(args: tuple[str, int, int, str]) -> tuple[str, int, int]:
-    from simulator.protocols import build_exam
-    from simulator.scanner import load_ground_truth, simulate_exam
+    from scanside.simulator.protocols import build_exam
+    from scanside.simulator.scanner import load_ground_truth, simulate_exam
 
     vendor, seed, phases, out = args
     out_dir = Path(out)
@@ -88,7 +88,7 @@ def main() -> int:
     # quiet periods as a site would set them; only the logging and the free port are bench choices
     cfg.write_text("[output]\nstdout = false\n[readiness]\nmin_free_disk_bytes = 0\n")
     log = open(work / "agent.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg), "--watch", str(export),
+    proc = subprocess.Popen([sys.executable, "-m", "scanside.agent.cli", "run", "--config", str(cfg), "--watch", str(export),
                              "--state-dir", str(state), "--api-port", "0"], stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT)
     samples: list[int] = []
     stop = threading.Event()

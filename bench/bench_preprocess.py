@@ -26,10 +26,10 @@ from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
-from agent.header import FrameRef  # noqa: E402
-from agent.volume import load_volume  # noqa: E402
-from engines.preprocess import prepare  # noqa: E402
-from engines.spec import PreprocessSpec  # noqa: E402
+from scanside.agent.dicom.header import FrameRef  # noqa: E402
+from scanside.agent.dicom.volume import load_volume  # noqa: E402
+from scanside.engines.preprocess import prepare  # noqa: E402
+from scanside.engines.spec import PreprocessSpec  # noqa: E402
 
 
 def _iop(deg: float) -> np.ndarray:

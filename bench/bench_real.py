@@ -35,14 +35,14 @@ IMAGE_ALERTS = ("LABEL_MISMATCH", "TRIAGE_DCE_ADVISED", "TRIAGE_BPMRI_SUFFICIENT
 
 
 def _stores(taps_store: Any) -> List[str]:
-    from engines.store import PACKAGE_MODELS_DIR
+    from scanside.engines.store import PACKAGE_MODELS_DIR
 
     return [str(PACKAGE_MODELS_DIR)] + ([str(taps_store)] if taps_store else [])
 
 
 def _evaluate(stores: List[str], name: str, real: List[Path], **kw: Any) -> Dict[str, Any]:
-    from engines.store import ModelStore
-    from training.registry import EvaluateOptions, evaluator_for, real_evaluator_for
+    from scanside.engines.store import ModelStore
+    from scanside.training.registry import EvaluateOptions, evaluator_for, real_evaluator_for
 
     store = ModelStore(stores)
     m = store.resolve(name)
@@ -55,9 +55,9 @@ def _evaluate(stores: List[str], name: str, real: List[Path], **kw: Any) -> Dict
 
 def daemon_shadow(folder: Path, stores: List[str], timeout: float = 900.0) -> Dict[str, Any]:
     """The whole agent on one real exam folder, defaults (shadow mode on): the alerts the technologist sees."""
-    from agent.alerts import alert_from_event
-    from agent.config import load_config
-    from agent.daemon import Agent
+    from scanside.agent.outputs.alerts import alert_from_event
+    from scanside.agent.service.config import load_config
+    from scanside.agent.service.daemon import Agent
 
     with tempfile.TemporaryDirectory(prefix="bench-real-") as tmp:
         os.environ["SCANSIDE_MODELS_DIR"] = os.pathsep.join(stores)

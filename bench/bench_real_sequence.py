@@ -28,10 +28,10 @@ KEY = "sequence-classifier"
 
 
 def measure(name: str, real: Path, sim_n: int, sim_seed: int) -> Dict[str, Any]:
-    from engines.store import ModelStore
-    from training.registry import EvaluateOptions
-    from training.sequence.evaluate import evaluate_model
-    from training.sequence.real import evaluate_real
+    from scanside.engines.store import ModelStore
+    from scanside.training.registry import EvaluateOptions
+    from scanside.training.sequence.evaluate import evaluate_model
+    from scanside.training.sequence.real import evaluate_real
 
     store = ModelStore()
     m = store.resolve(name)

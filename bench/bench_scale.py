@@ -1,8 +1,8 @@
 """Speed and scale, side by side in one run (issue 22, item 5).
 
 1. Ingest throughput on one core, the same files: pydicom's header parse (dcmread with
-   stop_before_pixels, values left unconverted) against agent.rawdicom's parse alone (bounded read
-   and element walk), agent.header.read_header (that parse plus value decoding, vendor conventions
+   stop_before_pixels, values left unconverted) against scanside.agent.dicom.rawdicom's parse alone (bounded read
+   and element walk), scanside.agent.dicom.header.read_header (that parse plus value decoding, vendor conventions
    and the pixel-completeness check), the Pipeline
    (read_header + SQLite + series bookkeeping + protocol checks, in the ingest worker's batches) and
    `scanside scan` (the whole one-shot path). Interleaved repeats; the ratios compare timings of the same repeat. The
@@ -13,7 +13,7 @@
 3. Retention: a pass over the filled state and a received folder of --received-files files.
 4. The cost of one event (append + exam read-model projection, then the reads its consumers make:
    the exam's latest series, its row, its findings) from an empty state and from one
-   holding --exams exams' events and read-model rows (agent.exam_repository).
+   holding --exams exams' events and read-model rows (scanside.agent.state.exam_repository).
 
 Run: nice -n 10 .venv/bin/python bench/bench_scale.py [--files DIR] [--exams 10000] [--events-only]
 Writes bench/results/scale.json (--events-only: only its "event_cost" entry, the rest kept).
@@ -39,16 +39,16 @@ import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.cli import main as cli_main  # noqa: E402
-from agent.config import load_config  # noqa: E402
-from agent.events import parse_event  # noqa: E402
-from agent.exam_repository import READ_MODEL_TABLES  # noqa: E402
-from agent.header import PREFIX_BYTES, read_header  # noqa: E402
-from agent.pipeline import Pipeline  # noqa: E402
-from agent.rawdicom import Unsupported, read_part10  # noqa: E402
-from agent.retention import DAY_S, Retention  # noqa: E402
-from agent.state import StateStore  # noqa: E402
-from simulator.scanner import VENDORS, simulate_exam  # noqa: E402
+from scanside.agent.cli import main as cli_main  # noqa: E402
+from scanside.agent.service.config import load_config  # noqa: E402
+from scanside.agent.state.events import parse_event  # noqa: E402
+from scanside.agent.state.exam_repository import READ_MODEL_TABLES  # noqa: E402
+from scanside.agent.dicom.header import PREFIX_BYTES, read_header  # noqa: E402
+from scanside.agent.intake.pipeline import Pipeline  # noqa: E402
+from scanside.agent.dicom.rawdicom import Unsupported, read_part10  # noqa: E402
+from scanside.agent.state.retention import DAY_S, Retention  # noqa: E402
+from scanside.agent.state.database import StateStore  # noqa: E402
+from scanside.simulator.scanner import VENDORS, simulate_exam  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -84,7 +84,7 @@ def pipeline_pass(files: list[str], work: Path) -> None:
 
 
 def raw_parse_pass(files: list[str]) -> None:
-    """read_header's parse alone: the file's first bytes read once and walked by agent.rawdicom."""
+    """read_header's parse alone: the file's first bytes read once and walked by scanside.agent.dicom.rawdicom."""
     for f in files:
         size = os.path.getsize(f)
         with open(f, "rb") as fp:

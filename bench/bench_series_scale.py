@@ -3,7 +3,7 @@
 A real GE multiphase EPI series (../shared/realdata/vendors/dcm_qa_nih, 20180918GE/mr_0004: 15 slices
 x 10 temporal positions, (0025,1007) = 15 counting one volume) is replicated, volume by volume with
 fresh UIDs, to about 200 / 1,000 / 5,000 files (whole volumes of 15), and streamed through the agent's
-ingest/series path (agent.pipeline.Pipeline.process_file, its timers ticked after every file, as the
+ingest/series path (scanside.agent.intake.pipeline.Pipeline.process_file, its timers ticked after every file, as the
 daemon's worker does), then given its quiet period. Two ways the files arrive:
 
 - counted: the header's counts are right (NumberOfTemporalPositions = volumes): one completion;
@@ -37,9 +37,9 @@ from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.config import load_config  # noqa: E402
-from agent.pipeline import Pipeline  # noqa: E402
-from agent.state import StateStore  # noqa: E402
+from scanside.agent.service.config import load_config  # noqa: E402
+from scanside.agent.intake.pipeline import Pipeline  # noqa: E402
+from scanside.agent.state.database import StateStore  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SOURCE = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "vendors" / "dcm_qa_nih" / "In" / "20180918GE" / "mr_0004"

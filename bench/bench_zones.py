@@ -1,4 +1,4 @@
-"""Zonal gland model latency: agent.gland.segment (engines.preprocess.prepare + ONNX Runtime + zones and
+"""Zonal gland model latency: scanside.engines.tasks.gland.segment (scanside.engines.preprocess.prepare + ONNX Runtime + zones and
 largest component) on the axial T2W of simulated exams, one per vendor style, N runs each; also the ONNX
 run alone. Writes bench/results/zones.json.
 
@@ -26,10 +26,10 @@ def main() -> int:
     a = ap.parse_args()
     import numpy as np
 
-    from agent.gland import segment
-    from engines.preprocess import prepare
-    from engines.store import ModelStore
-    from training.zones.evaluate import VENDORS, _simulate, t2w_volume
+    from scanside.engines.tasks.gland import segment
+    from scanside.engines.preprocess import prepare
+    from scanside.engines.store import ModelStore
+    from scanside.training.zones.evaluate import VENDORS, _simulate, t2w_volume
 
     vols = {}
     with tempfile.TemporaryDirectory() as d:

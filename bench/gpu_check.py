@@ -6,7 +6,7 @@
 On a machine with an NVIDIA GPU and cuda-bindings (cuda-python) -- TensorRT not needed, no network needed:
 
 1. ``device``: the GPU (cudaGetDeviceProperties), the CUDA driver and runtime versions and any driver/runtime
-   mismatch (engines.tensorrt_engine.gpu_report), torch and onnxruntime versions where they import.
+   mismatch (scanside.engines.backends.tensorrt_engine.gpu_report), torch and onnxruntime versions where they import.
 2. ``cuda_buffers``: the TensorRT engine's own buffer code on the real CUDA runtime -- pinned host buffers
    (cudaMallocHost), device buffers, async copies on the engine's stream, the stream handle TensorRT gets,
    buffer growth, runs from several threads, close (every pointer freed, checked with
@@ -71,7 +71,7 @@ class _Skip(Exception):
 
 # ---- 1. the device ---------------------------------------------------------------------------------------
 def device_info(dry_run: bool) -> Dict[str, Any]:
-    from engines.tensorrt_engine import gpu_report, probe_cuda_device
+    from scanside.engines.backends.tensorrt_engine import gpu_report, probe_cuda_device
     info: Dict[str, Any] = {"host": platform.node(), "machine": platform.machine(), "python": platform.python_version()}
     if dry_run:
         info["gpu"] = "none (dry run: fake CUDA runtime and fake tensorrt)"
@@ -121,10 +121,10 @@ def cuda_buffers(dry_run: bool, work: Path) -> Dict[str, Any]:
         raise _Skip(f"not importable here: {', '.join(missing)}")
     import numpy as np
 
-    from converters.tensorrt_build import BuildOptions, build_plan
-    from engines.manifest import ModelManifest
-    from engines.onnxruntime_engine import OnnxRuntimeEngine
-    from engines.tensorrt_engine import TensorRTEngine, _import_cudart, probe_cuda_device
+    from scanside.converters.tensorrt_build import BuildOptions, build_plan
+    from scanside.engines.manifest import ModelManifest
+    from scanside.engines.backends.onnxruntime_engine import OnnxRuntimeEngine
+    from scanside.engines.backends.tensorrt_engine import TensorRTEngine, _import_cudart, probe_cuda_device
     from tests.engines._tiny import install_tiny, sample_input
     from tests.engines.fake_tensorrt import FakeGPU, FakeGPUEnv
 

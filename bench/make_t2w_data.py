@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from simulator.protocols import build_exam
-from simulator.scanner import simulate_exam
+from scanside.simulator.protocols import build_exam
+from scanside.simulator.scanner import simulate_exam
 
 VENDORS = ("siemens", "ge", "philips", "siemens-xa")
 

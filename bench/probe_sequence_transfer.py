@@ -4,9 +4,9 @@ recipe on rendered simulated exams and score the result on the real series, with
     python bench/probe_sequence_transfer.py --exams 48 --epochs 6 --wide-intensity [--texture] [--realism 0.7]
         [--real ../shared/realdata/prostate] [--cache-dir var/seq-cache] [--save var/probe.pt]
 
-Real series go the daemon's path up to the model input (training.sequence.real.read_series ->
+Real series go the daemon's path up to the model input (scanside.training.sequence.real.read_series ->
 ImageClassifier.prepare); they are scored, never trained on. The last shard of rendered exams (8 exams)
-is the simulated validation (rendered without --realism, the simulator as the evaluation writes it). A recipe worth releasing then goes through training.sequence.train, a fresh
+is the simulated validation (rendered without --realism, the simulator as the evaluation writes it). A recipe worth releasing then goes through scanside.training.sequence.train, a fresh
 `scanside models evaluate` and `--real`. Prints one line per model state and appends the recipe with its
 figures to bench/results/sequence_transfer.json (every recipe tried, kept or not).
 """
@@ -25,12 +25,12 @@ sys.path.insert(0, str(ROOT))
 def main() -> int:
     import torch
 
-    from agent.image_label import ImageClassifier
-    from agent.taxonomy import LABELS
-    from training.sequence import train as T
-    from training.sequence.data import build_dataset
-    from training.sequence.export import load_from_onnx
-    from training.sequence.real import DEFAULT_LABELS, FIVE, read_labels, read_series
+    from scanside.engines.tasks.image_label import ImageClassifier
+    from scanside.agent.dicom.taxonomy import LABELS
+    from scanside.training.sequence import train as T
+    from scanside.training.sequence.data import build_dataset
+    from scanside.training.sequence.export import load_from_onnx
+    from scanside.training.sequence.real import DEFAULT_LABELS, FIVE, read_labels, read_series
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--real", type=Path, default=ROOT.parent / "shared" / "realdata" / "prostate")
@@ -41,9 +41,9 @@ def main() -> int:
     ap.add_argument("--wide-intensity", action="store_true")
     ap.add_argument("--texture", action="store_true")
     ap.add_argument("--realism", type=float, default=0.0,
-                    help="fraction of training exams from the realistic phantom (training.sequence.data.REALISM)")
+                    help="fraction of training exams from the realistic phantom (scanside.training.sequence.data.REALISM)")
     ap.add_argument("--constants-sd", type=float, default=0.0,
-                    help="with --realism: log-sd of per-exam tissue constants (training.sequence.data.REALISM_CONSTANTS_SD)")
+                    help="with --realism: log-sd of per-exam tissue constants (scanside.training.sequence.data.REALISM_CONSTANTS_SD)")
     ap.add_argument("--replay-plain", action="store_true",
                     help="with --realism: train on the same seeds rendered by the plain simulator too (keeps its accuracy)")
     ap.add_argument("--jobs", type=int, default=1)
@@ -58,7 +58,7 @@ def main() -> int:
     xr = np.stack([clf.prepare(clf.volume_of(p)[0]) for _, p in series])
     yr = np.array([LABELS.index(labels.get(s.series_id, labels.get(s.series_uid)) or s.label) for s, _ in series])
     five = np.isin(yr, [LABELS.index(c) for c in FIVE])
-    from training.sequence import data as D
+    from scanside.training.sequence import data as D
 
     # validation: the last 8 seeds, clean simulator; training: the others, with the recipe's realism
     xv, yv, _ = build_dataset(range(1000 + a.exams - 8, 1000 + a.exams), "train", a.cache_dir, jobs=a.jobs)

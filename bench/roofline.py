@@ -292,8 +292,8 @@ def ov_profile(path: Path, feed: Dict[str, np.ndarray], threads: int, top: int =
 
 # ---- main -------------------------------------------------------------------------------------------------
 def model_files() -> Dict[str, Dict[str, Path]]:
-    from engines.manifest import ModelManifest
-    from engines.store import ModelStore
+    from scanside.engines.manifest import ModelManifest
+    from scanside.engines.store import ModelStore
 
     out: Dict[str, Dict[str, Path]] = {}
     store = ModelStore()
@@ -319,7 +319,7 @@ def main() -> int:
     args = ap.parse_args()
     import onnxruntime as ort
 
-    from converters.calibrate import cpu_has_vnni
+    from scanside.converters.calibrate import cpu_has_vnni
 
     res: Dict[str, Any] = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                        "threads": args.threads, "onnxruntime": ort.__version__,

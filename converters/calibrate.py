@@ -31,8 +31,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from converters.calibration_data import CalibrationSet
-from engines.manifest import ModelFile, ModelManifest, sha256_file
+from scanside.converters.calibration_data import CalibrationSet
+from scanside.engines.manifest import ModelFile, ModelManifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def compute_ranges(fp32_path: Path, cset: CalibrationSet, cache_path: Path, meth
     extra: Dict[str, Any] = {"CalibStridedMinMax": 1}
     if method == "percentile":
         extra["CalibPercentile"] = percentile
-    from agent.progress import progress
+    from scanside.agent.service.progress import progress
 
     with tempfile.TemporaryDirectory(prefix="scanside-calib-") as tmp, \
             progress(total=len(cset), desc="calibration ranges", unit="sample") as bar:
@@ -211,7 +211,7 @@ def _session(path: Path, threads: Optional[int] = None) -> Any:
 
 
 def _run_all(sess: Any, cset: CalibrationSet) -> List[np.ndarray]:
-    from agent.progress import progress
+    from scanside.agent.service.progress import progress
 
     outs = []
     for feed in progress(cset.feeds(1), total=len(cset), desc="measuring", unit="sample"):
@@ -352,7 +352,7 @@ def select_nodes(fp32_path: Path, cache_path: Path, probe: CalibrationSet, recip
             return res
 
         base = measure("all_quantized", [])
-        from agent.progress import progress
+        from scanside.agent.service.progress import progress
 
         for node, why in progress(candidates.items(), total=len(candidates), desc="trying nodes in FP32", unit="node"):
             r = measure(f"fp32:{node}", [node])
@@ -445,7 +445,7 @@ def calibrate(manifest: ModelManifest, cset: CalibrationSet, *, method: str = "m
     nodes_sel: Dict[str, NodeSelection] = {}
     files = dict(manifest.files)
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-    from agent.progress import progress
+    from scanside.agent.service.progress import progress
 
     for key in progress(variants, desc="INT8 variants", unit="variant"):
         recipe = RECIPES[key]

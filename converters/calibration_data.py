@@ -1,9 +1,9 @@
 """Calibration and parity data from real DICOM folders, prepared exactly as the agent prepares them.
 
-DICOM folder -> agent.exam_reader.read_exams (the daemon's read path: headers, series, split parts,
-header label, the model frames) -> agent.volume.load_volume -> engines.preprocess.prepare(spec) ->
+DICOM folder -> scanside.agent.dicom.exam_reader.read_exams (the daemon's read path: headers, series, split parts,
+header label, the model frames) -> scanside.agent.dicom.volume.load_volume -> scanside.engines.preprocess.prepare(spec) ->
 model inputs.  For a sliding-window model (``spec.window``, e.g. TAPS) each prepared series gives
-ROI-sized windows at the same positions engines.preprocess.sliding_window visits; the windows
+ROI-sized windows at the same positions scanside.engines.preprocess.sliding_window visits; the windows
 holding the most foreground are kept.
 
 What is stored (``CalibrationSet.save``): an ``.npz`` with the input tensor (N, C, *spatial), the
@@ -14,7 +14,7 @@ Origin: ``simulated`` for this project's simulator (its files say so in the file
 ImplementationVersionName ``SCANSIDE_SIM``, or InstitutionName ``SCANSIDE SIMULATED HOSPITAL``),
 ``real`` for everything else.  Calibration and parity records carry the summary
 (``origin_summary``) and the model store refuses, for real exams, an INT8 variant whose parity was
-measured on simulated data only (engines.store.parity_refusal).
+measured on simulated data only (scanside.engines.store.parity_refusal).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
-from engines.manifest import ModelManifest
-from engines.spec import PreprocessSpec
+from scanside.engines.manifest import ModelManifest
+from scanside.engines.spec import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class SeriesVolume:
     series_key: str  # hash of series id
     label: str
     plane: Optional[str]
-    volume: object  # agent.volume.Volume
+    volume: object  # scanside.agent.dicom.volume.Volume
     origin: str = "real"  # "real" | "simulated" (file_origin)
 
 
@@ -182,10 +182,10 @@ def file_origin(path: Union[str, Path]) -> str:
 
 def _loaded(roots: Union[str, Path, Sequence[Union[str, Path]]], want: Optional[set],
             want_planes: Optional[set]) -> List[SeriesVolume]:
-    """The series of every exam under *roots* as the daemon reads them (agent.exam_reader: grouping, header
+    """The series of every exam under *roots* as the daemon reads them (scanside.agent.dicom.exam_reader: grouping, header
     label, the model frames), those with a wanted label and plane loaded; unloadable ones skipped and logged."""
-    from agent.exam_reader import read_exams
-    from agent.volume import VolumeError
+    from scanside.agent.dicom.exam_reader import read_exams
+    from scanside.agent.dicom.volume import VolumeError
 
     out: List[SeriesVolume] = []
     for exam in read_exams(roots):
@@ -212,7 +212,7 @@ def read_series(roots: Union[str, Path, Sequence[Union[str, Path]]], *, labels: 
 
 def read_series_whole(roots: Union[str, Path, Sequence[Union[str, Path]]]) -> List[SeriesVolume]:
     """Every series of every plane, one volume each as the sequence classifier sees it
-    (agent.exam_reader.model_frames: one orientation, the middle temporal phase, one frame per
+    (scanside.agent.dicom.exam_reader.model_frames: one orientation, the middle temporal phase, one frame per
     position), labelled by the header rules -- the inputs of a model whose channel is "series"."""
     return _loaded(roots, None, None)
 
@@ -260,8 +260,8 @@ def exam_channel_volumes(series: Sequence[SeriesVolume], spec: PreprocessSpec) -
 
 
 def window_starts(shape: Sequence[int], spec: PreprocessSpec) -> List[Tuple[int, int, int]]:
-    """Window origins engines.preprocess.sliding_window visits on a (padded) array of *shape*."""
-    from engines.preprocess import _starts
+    """Window origins scanside.engines.preprocess.sliding_window visits on a (padded) array of *shape*."""
+    from scanside.engines.preprocess import _starts
 
     assert spec.window is not None
     roi = spec.window.roi
@@ -316,7 +316,7 @@ def build_set(manifest: ModelManifest, roots: Union[str, Path, Sequence[Union[st
                                    "calibration data must be prepared as the agent prepares it")
     if len(manifest.inputs) != 1:
         raise CalibrationDataError(f"{manifest.ref}: {len(manifest.inputs)} inputs; calibration supports one")
-    from engines.preprocess import prepare
+    from scanside.engines.preprocess import prepare
 
     spec = manifest.preprocessing
     if list(spec.channels) == ["series"]:  # a series classifier: every series is one sample, labelled by its header
@@ -364,9 +364,9 @@ def build_set(manifest: ModelManifest, roots: Union[str, Path, Sequence[Union[st
 
 def _series_set(manifest: ModelManifest, roots: Union[None, str, Path, Sequence[Union[str, Path]]],
                 series: Optional[Sequence[SeriesVolume]], max_samples: Optional[int]) -> CalibrationSet:
-    """Classifier inputs, one per series, prepared as agent.image_label prepares them; samples are taken
+    """Classifier inputs, one per series, prepared as scanside.engines.tasks.image_label prepares them; samples are taken
     round-robin over the header labels so a capped set still holds every class."""
-    from engines.preprocess import prepare
+    from scanside.engines.preprocess import prepare
 
     spec = manifest.preprocessing
     assert spec is not None
@@ -389,8 +389,8 @@ def _series_set(manifest: ModelManifest, roots: Union[None, str, Path, Sequence[
     for s in order:
         vol = s.volume
         a = np.asarray(vol.array)  # type: ignore[attr-defined]
-        if not np.isfinite(a).all():  # as agent.image_label.ImageClassifier.prepare
-            from agent.volume import Volume
+        if not np.isfinite(a).all():  # as scanside.engines.tasks.image_label.ImageClassifier.prepare
+            from scanside.agent.dicom.volume import Volume
 
             vol = Volume.from_array_affine(np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0),
                                            vol.array_affine)  # type: ignore[attr-defined]

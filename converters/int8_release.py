@@ -1,6 +1,6 @@
 """One command: INT8 variants of a store model with their parity reports, from simulated DICOM.
 
-    python -m converters.int8_release MODEL[@VERSION] [--calib-exams 6] [--heldout-exams 16] [--seed 810000]
+    python -m scanside.converters.int8_release MODEL[@VERSION] [--calib-exams 6] [--heldout-exams 16] [--seed 810000]
                                       [--profile prostate-bpmri|prostate-mpmri] [--store DIR] [--work DIR]
                                       [--method minmax|entropy|percentile]
 
@@ -13,7 +13,7 @@
    metric, output differences), recorded in the manifest -- the store's parity gate reads them;
 4. the model card of a reference model re-rendered from the manifest, so its INT8 section is never stale.
 
-The model's inputs are prepared exactly as the agent prepares them (converters.calibration_data.build_set);
+The model's inputs are prepared exactly as the agent prepares them (scanside.converters.calibration_data.build_set);
 a series classifier (channel "series") gets one sample per series of every exam, labelled by the header
 rules.  Prints a summary and the gate's verdict per variant and back end.
 """
@@ -28,8 +28,8 @@ from typing import Any, Dict, List, Optional
 
 VENDORS = ("siemens", "ge", "philips", "siemens-xa")
 #: where each reference model's card is rendered (its INT8 section is read from the manifest)
-CARD_WRITERS = {"sequence-classifier": "training.sequence.export", "cspca-reference": "training.cspca.export",
-                "prostate-zones-reference": "training.zones.export"}
+CARD_WRITERS = {"sequence-classifier": "scanside.training.sequence.export", "cspca-reference": "scanside.training.cspca.export",
+                "prostate-zones-reference": "scanside.training.zones.export"}
 
 
 def refresh_card(m: Any) -> Optional[Path]:
@@ -44,7 +44,7 @@ def refresh_card(m: Any) -> Optional[Path]:
 
 
 def simulate(dest: Path, n: int, seed0: int, profile: str) -> List[Path]:
-    from simulator.scanner import simulate_exam
+    from scanside.simulator.scanner import simulate_exam
 
     out = []
     for i in range(n):
@@ -76,11 +76,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "not made on, and U8/S8 without VNNI saturates 8-bit weights; auto: decided by this CPU")
     args = ap.parse_args(argv)
 
-    from converters.calibrate import calibrate
-    from converters.calibration_data import build_set
-    from converters.parity import parity_report, record
-    from engines.manifest import ModelManifest
-    from engines.store import ModelStore, parity_refusal
+    from scanside.converters.calibrate import calibrate
+    from scanside.converters.calibration_data import build_set
+    from scanside.converters.parity import parity_report, record
+    from scanside.engines.manifest import ModelManifest
+    from scanside.engines.store import ModelStore, parity_refusal
 
     store = ModelStore(args.store or None, user_dir=None)
     m = store.resolve(args.model)

@@ -3,7 +3,7 @@ held-out data prepared like the agent prepares it.
 
 Per variant: max / mean absolute output difference, relative L2 error, the task metric of the variant and
 of FP32, and a single ``loss`` in [0, 1] that the agent's parity gate compares with
-``[engines] int8_tolerance`` (engines.store.parity_refusal):
+``[engines] int8_tolerance`` (scanside.engines.store.parity_refusal):
 
 * dense outputs (segmentation, lesion maps; >= 3 spatial axes): Dice of the variant's mask against the
   FP32 mask (manifest postprocessing: gaussian sigma on logits, sigmoid, threshold); loss = 1 - Dice.
@@ -27,8 +27,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from converters.calibration_data import CalibrationSet
-from engines.manifest import ModelManifest
+from scanside.converters.calibration_data import CalibrationSet
+from scanside.engines.manifest import ModelManifest
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,14 +140,14 @@ def cspca_metrics(manifest: ModelManifest, ref: Dict[str, np.ndarray], got: Dict
     * exam level: AUROC of the probability against exam truth (simulator ground truth) for both, and the
       agreement of the csPCa decision (``decision_threshold``) with FP32;
     * lesion level: lesion candidates of the FP32 map (connected components of ``likelihood >
-      lesion_threshold`` whose peak reaches ``min_peak``, as agent.cspca finds them) also found by the
+      lesion_threshold`` whose peak reaches ``min_peak``, as scanside.engines.tasks.cspca finds them) also found by the
       variant (overlapping component), and the variant's candidates FP32 does not have; Dice of the maps'
       lesion masks against FP32.
 
     loss = max(AUROC drop, 1 - decision agreement, 1 - lesion agreement): any exam decided differently or
     any lesion found by one and not the other counts."""
     post = dict(manifest.postprocessing or {})
-    # read both as the agent reads them (agent.cspca.run_declared): likelihood map and exam probability
+    # read both as the agent reads them (scanside.engines.tasks.cspca.run_declared): likelihood map and exam probability
     io = manifest.cspca_io()
     ref, got = ({"likelihood": lk, "probability": p[:, None]} for lk, p in (io.decode(ref), io.decode(got)))
     map_name, prob_name = "likelihood", "probability"
@@ -215,7 +215,7 @@ def _candidates_overlapping(lk: np.ndarray, mask: np.ndarray, other: np.ndarray,
 def _run(engine: Any, manifest: ModelManifest, cset: CalibrationSet,
          desc: str = "parity") -> Tuple[Dict[str, np.ndarray], List[float]]:
     """Every output of *engine* over *cset*, one sample per call, and the time of each call."""
-    from agent.progress import progress
+    from scanside.agent.service.progress import progress
 
     names = [o.name for o in manifest.outputs]
     outs: Dict[str, List[np.ndarray]] = {n: [] for n in names}
@@ -230,13 +230,13 @@ def _run(engine: Any, manifest: ModelManifest, cset: CalibrationSet,
 
 
 def _ort_engine(manifest: ModelManifest, variant: str, threads: Optional[int]) -> Any:
-    from engines.onnxruntime_engine import OnnxRuntimeEngine
+    from scanside.engines.backends.onnxruntime_engine import OnnxRuntimeEngine
 
     return OnnxRuntimeEngine(["CPUExecutionProvider"], intra_op_threads=threads).load(manifest, variant)
 
 
 def _openvino_engine(manifest: ModelManifest, variant: str, threads: Optional[int]) -> Any:
-    from engines.openvino_engine import OpenVinoEngine
+    from scanside.engines.backends.openvino_engine import OpenVinoEngine
 
     return OpenVinoEngine(threads=threads, cache=False).load(manifest, variant)
 
@@ -244,9 +244,9 @@ def _openvino_engine(manifest: ModelManifest, variant: str, threads: Optional[in
 def openvino_unavailable() -> Optional[str]:
     """Why OpenVINO entries cannot be measured here (None: they can)."""
     try:
-        from engines.openvino_engine import OpenVinoEngine, is_x86
+        from scanside.engines.backends.openvino_engine import OpenVinoEngine, is_x86
     except ImportError as e:  # pragma: no cover - module always importable
-        return f"engines.openvino_engine: {e}"
+        return f"scanside.engines.backends.openvino_engine: {e}"
     if not is_x86():
         return "not an x86 CPU"
     ok, why = OpenVinoEngine.availability()
@@ -275,7 +275,7 @@ def _compare(manifest: ModelManifest, ref: Dict[str, np.ndarray], got: Dict[str,
 
 def tensorrt_plans_runnable(manifest: ModelManifest) -> Tuple[List[Any], str]:
     """Plans of *manifest* this machine can run, or why none."""
-    from engines.tensorrt_engine import check_plan_compatibility, probe_cuda_device, probe_tensorrt
+    from scanside.engines.backends.tensorrt_engine import check_plan_compatibility, probe_cuda_device, probe_tensorrt
 
     if not manifest.plans:
         return [], "no TensorRT plan in the manifest"
@@ -313,7 +313,7 @@ def parity_report(manifest: ModelManifest, held_out: CalibrationSet, *, variants
         "variants": {},
     }
     # each entry carries the origin of the data it was measured on (records of several runs are merged):
-    # the store's gate for real exams reads it (engines.store.parity_refusal)
+    # the store's gate for real exams reads it (scanside.engines.store.parity_refusal)
     origin = str(report["data"]["origin"])
     if manifest.task == "cspca_detection":  # the reference's own task metric, for context
         report["reference_metrics"] = {k: v for k, v in cspca_metrics(manifest, ref, ref, held_out).items()
@@ -346,7 +346,7 @@ def parity_report(manifest: ModelManifest, held_out: CalibrationSet, *, variants
         if not plans:
             report["tensorrt"] = f"skipped: {why}"
         for plan in plans:
-            from engines.tensorrt_engine import TensorRTEngine
+            from scanside.engines.backends.tensorrt_engine import TensorRTEngine
 
             eng = TensorRTEngine(plan_path=plan.path).load(manifest, plan.source_variant)
             with eng:

@@ -8,14 +8,14 @@ Version branches (``build_mode``):
 * TensorRT 10: the Q/DQ ONNX is built strongly typed too (NetworkDefinitionCreationFlag.STRONGLY_TYPED);
   additionally FP16 (BuilderFlag.FP16) and implicit INT8 with an entropy calibrator
   (IInt8EntropyCalibrator2, deprecated since 10.1) reading/writing a calibration cache -- the path JetPack 6
-  needs.  The cache can also be written from the ONNX Runtime ranges of `converters.calibrate`
+  needs.  The cache can also be written from the ONNX Runtime ranges of `scanside.converters.calibrate`
   (``write_calibration_cache(ranges_to_scales(...))``) so no GPU calibration pass is needed.
 
 Common: optimization profiles from the manifest's input shapes (named dynamic dims: min 1, opt/max
 given), a timing cache kept between builds, optional DLA with GPU fallback (2-D convolutions only:
 3-D layers fall back to the GPU; static shapes only), hardware-compatibility level and
 VERSION_COMPATIBLE, ProfilingVerbosity.DETAILED and IEngineInspector to report the precision each layer
-actually got.  The plan is recorded in the manifest (engines.manifest.TensorRTPlan) with the TensorRT
+actually got.  The plan is recorded in the manifest (scanside.engines.manifest.TensorRTPlan) with the TensorRT
 version and the GPU it was built for.
 
 Importable without tensorrt: the library is imported inside `build_plan`; everything that decides
@@ -33,7 +33,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from engines.manifest import ModelManifest, ShapeRange, TensorRTPlan, sha256_file
+from scanside.engines.manifest import ModelManifest, ShapeRange, TensorRTPlan, sha256_file
 
 PRECISIONS = ("fp32", "fp16", "int8_qdq", "int8_implicit")
 CACHE_HEADER_RE = re.compile(r"^TRT-(\d+)-(\w+)$")
@@ -54,7 +54,7 @@ class BuildMode:
     strongly_typed: bool
     builder_flags: Tuple[str, ...]  # names of trt.BuilderFlag members to set
     use_calibrator: bool
-    manifest_precision: str  # engines.manifest Precision of the plan
+    manifest_precision: str  # scanside.engines.manifest Precision of the plan
     notes: Tuple[str, ...] = ()
 
 
@@ -217,7 +217,7 @@ def cache_matches(data: bytes, trt_version: str) -> bool:
 
 
 def ranges_to_scales(ranges_json: Union[str, Path, Mapping[str, Any]]) -> Dict[str, float]:
-    """ONNX Runtime calibration ranges (converters.calibrate cache JSON) -> symmetric INT8 scales amax/127."""
+    """ONNX Runtime calibration ranges (scanside.converters.calibrate cache JSON) -> symmetric INT8 scales amax/127."""
     d = json.loads(Path(ranges_json).read_text()) if isinstance(ranges_json, (str, Path)) else dict(ranges_json)
     data = d.get("data", d)
     out: Dict[str, float] = {}
@@ -269,7 +269,7 @@ def make_entropy_calibrator(trt: Any, batches: Iterable[Dict[str, np.ndarray]], 
     """An IInt8EntropyCalibrator2 (TensorRT 10 only) feeding *batches* through cuda-python device buffers,
     reading the cache when it matches this TensorRT version and writing it after calibration.  Call
     ``free()`` after the build: the device buffers are the calibrator's."""
-    from engines.tensorrt_engine import _cuda_call, _import_cudart
+    from scanside.engines.backends.tensorrt_engine import _cuda_call, _import_cudart
 
     cudart = _import_cudart()
     batches = list(batches)
@@ -394,7 +394,7 @@ class BuildOptions:
 
 def skip_reason() -> Optional[str]:
     """Why a plan cannot be built here (None: it can)."""
-    from engines.tensorrt_engine import probe_cuda_device, probe_tensorrt
+    from scanside.engines.backends.tensorrt_engine import probe_cuda_device, probe_tensorrt
 
     v, why = probe_tensorrt()
     if v is None:
@@ -452,7 +452,7 @@ def save_timing_cache(config: Any, timing: Path) -> Optional[str]:
 def build_plan(manifest: ModelManifest, options: BuildOptions, out_path: Optional[Path] = None,
                *, save_manifest: bool = True) -> Tuple[ModelManifest, Dict[str, Any]]:
     """Build a plan, write it beside the manifest, record it (TensorRTPlan) and return the per-layer report."""
-    from engines.tensorrt_engine import _import_trt, dla_refusal, plan_platform, probe_machine
+    from scanside.engines.backends.tensorrt_engine import _import_trt, dla_refusal, plan_platform, probe_machine
 
     trt = _import_trt()
     version = str(trt.__version__)
@@ -561,7 +561,7 @@ def plan_record(manifest: ModelManifest, plan_path: Path, mode: BuildMode, trt_v
                 platform: Optional[str] = None) -> TensorRTPlan:
     """The manifest record of a built plan (path relative to the manifest): the full TensorRT version
     (major.minor.patch.build: the standard runtime needs all four to match) and the build platform."""
-    from engines.tensorrt_engine import parse_version
+    from scanside.engines.backends.tensorrt_engine import parse_version
 
     root = manifest.root
     rel = str(Path(plan_path).resolve().relative_to(Path(root).resolve())) if root is not None else Path(plan_path).name

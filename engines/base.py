@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from engines.manifest import ModelFile, ModelManifest, TensorSpec, verify_sha256
+from scanside.engines.manifest import ModelFile, ModelManifest, TensorSpec, verify_sha256
 
 # dtype names across the libraries we speak to; the manifest uses numpy names.
 ONNX_TO_NUMPY = {

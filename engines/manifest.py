@@ -3,7 +3,7 @@
 One ``manifest.json`` per model version, stored as
 ``<store root>/<name>/<version>/manifest.json`` beside its files (paths in the manifest are
 relative to that directory).  The JSON schema is published with
-``ModelManifest.model_json_schema()`` (see ``python -m engines.cli models schema``).
+``ModelManifest.model_json_schema()`` (see ``python -m scanside.agent.cli.models models schema``).
 """
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from engines.spec import PreprocessSpec
+from scanside.engines.spec import PreprocessSpec
 
 MANIFEST_FILENAME = "manifest.json"
 SCHEMA_VERSION = 1
 
-#: numpy dtype names accepted in a TensorSpec (ONNX/TensorRT/KServe names are mapped in engines.base)
+#: numpy dtype names accepted in a TensorSpec (ONNX/TensorRT/KServe names are mapped in scanside.engines.base)
 DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
 
 #: int8_implicit: a TensorRT 10 plan calibrated with IInt8EntropyCalibrator2 (no Q/DQ file behind it)

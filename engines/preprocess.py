@@ -3,7 +3,7 @@ evaluation and the agent: reorient -> resample -> crop/pad -> normalise, channel
 
 Conventions:
 
-* Volumes are ``agent.volume.Volume`` (array (axis0, axis1, axis2), ``affine`` maps the axes in
+* Volumes are ``scanside.agent.dicom.volume.Volume`` (array (axis0, axis1, axis2), ``affine`` maps the axes in
   reverse order (axis2, axis1, axis0) -> LPS mm; ``array_affine`` in array order).
 * A ``Grid`` is a voxel grid in patient space: ``shape`` and ``affine`` mapping *array-order*
   indices (d0, d1, d2, 1) -> LPS mm. This is what prepare() returns with the model input, so a
@@ -22,8 +22,8 @@ from typing import Callable, Literal, Optional, Union
 import numpy as np
 from scipy import ndimage
 
-from agent.volume import LPS_LABELS, Volume, axcodes_of, float3, int3
-from engines.spec import DetailView, PreprocessSpec, WindowSpec
+from scanside.agent.dicom.volume import LPS_LABELS, Volume, axcodes_of, float3, int3
+from scanside.engines.spec import DetailView, PreprocessSpec, WindowSpec
 
 
 SplineOrder = Literal[0, 1, 2, 3, 4, 5]  # the interpolation orders scipy.ndimage takes

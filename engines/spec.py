@@ -1,5 +1,5 @@
 """How a model wants its input prepared: carried in the model's manifest, executed by
-engines.preprocess, so that training, calibration, evaluation and the agent prepare alike."""
+scanside.engines.preprocess, so that training, calibration, evaluation and the agent prepare alike."""
 from __future__ import annotations
 
 from typing import Literal, Optional

@@ -23,8 +23,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple, Union
 
-from engines.base import Engine, EngineError, EngineUnavailable
-from engines.manifest import MANIFEST_FILENAME, IntegrityError, ModelFile, ModelManifest, semver_key, sha256_file, \
+from scanside.engines.base import Engine, EngineError, EngineUnavailable
+from scanside.engines.manifest import MANIFEST_FILENAME, IntegrityError, ModelFile, ModelManifest, semver_key, sha256_file, \
     tensor_specs_from_onnx, verify_sha256
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def default_preference() -> Tuple[Tuple[str, ...], str]:
     if env:
         order = tuple(b.strip() for b in env.split(",") if b.strip())
         return order, f"SCANSIDE_ENGINE_PREFERENCE={env}"
-    from engines.openvino_engine import is_x86
+    from scanside.engines.backends.openvino_engine import is_x86
 
     if not is_x86():
         return DEFAULT_PREFERENCE, f"not an x86 CPU ({platform.machine()}): OpenVINO is not preferred"
@@ -82,12 +82,12 @@ def default_user_dir() -> Optional[Path]:
 
 
 def _probe_tensorrt_machine() -> Tuple[Optional[str], Any, str]:
-    from engines.tensorrt_engine import probe_machine
+    from scanside.engines.backends.tensorrt_engine import probe_machine
     return probe_machine(0)
 
 
 class StoreSettings(Protocol):
-    """What ModelStore.from_settings reads (structurally: agent.config.EnginesConfig, or StoreDefaults)."""
+    """What ModelStore.from_settings reads (structurally: scanside.agent.service.config.EnginesConfig, or StoreDefaults)."""
 
     models_dirs: Sequence[Path]  # empty: the package's models (or SCANSIDE_MODELS_DIR for the dev tools)
     user_models_dir: Optional[Path]
@@ -113,7 +113,7 @@ class ModelNotFound(LookupError):
     pass
 
 
-#: default `[engines] int8_tolerance`: the largest parity loss (converters.parity: 1 - Dice against FP32,
+#: default `[engines] int8_tolerance`: the largest parity loss (scanside.converters.parity: 1 - Dice against FP32,
 #: accuracy or AUROC drop, or 1 - agreement) an INT8 variant may show and still be loaded
 DEFAULT_INT8_TOLERANCE = 0.02
 #: which parity data an INT8 variant needs: "real" (a parity entry measured on real DICOM, alone or mixed with
@@ -125,7 +125,7 @@ REAL_ORIGINS = ("real", "mixed")
 def parity_refusal(manifest: ModelManifest, key: str, precision: str, sha256: str,
                    tolerance: Optional[float], parity_data: str = "any") -> Optional[str]:
     """Why an INT8 file/plan must not be loaded (None: it may).  *key* is the variant name, or
-    ``plan:<path>`` for a TensorRT plan.  The manifest's parity report (converters.parity) must have an
+    ``plan:<path>`` for a TensorRT plan.  The manifest's parity report (scanside.converters.parity) must have an
     entry for *key*, measured on this very file (same sha256), whose loss is within *tolerance*; with
     *parity_data* "real" that entry must also have been measured on real DICOM (``data_origin`` real or
     mixed): a simulated-only report says nothing about real scans (TAPS INT8 calibrated on phantoms passed
@@ -258,7 +258,7 @@ class ModelStore:
     @classmethod
     def from_settings(cls, settings: "StoreSettings", **kw: Any) -> "ModelStore":
         """The one way the agent, its CLI and the evaluations build a store: every store setting (the
-        agent's `[engines]` section, agent.config.EnginesConfig, has these fields) is passed, so none is
+        agent's `[engines]` section, scanside.agent.service.config.EnginesConfig, has these fields) is passed, so none is
         forgotten (the INT8 parity gate's tolerance, which parity data counts). kw: tests' and tools'
         extras (tensorrt_probe, engine_options)."""
         options = {k: dict(v) for k, v in (kw.pop("engine_options", None) or {}).items()}
@@ -384,7 +384,7 @@ class ModelStore:
     def _try_tensorrt(self, m: ModelManifest, variant: Optional[str], load: bool) -> Any:
         if not m.plans:
             return "no TensorRT plan in the manifest"
-        from engines.tensorrt_engine import TensorRTEngine, check_plan_compatibility, select_plan
+        from scanside.engines.backends.tensorrt_engine import TensorRTEngine, check_plan_compatibility, select_plan
         trt_version, device, why = self._tensorrt_probe()
         if trt_version is not None and device is None:  # installed and a plan waiting, yet CUDA cannot run: loud
             log.warning("model store: %s has a TensorRT plan and TensorRT %s is installed, but %s", m.ref, trt_version, why)
@@ -413,7 +413,7 @@ class ModelStore:
         only used for a variant whose OpenVINO entry passes -- FP32 included -- else ONNX Runtime runs it.
         Without an explicit variant the fastest passing variant (OpenVINO latency in the same parity run)
         is taken."""
-        from engines.openvino_engine import OpenVinoEngine, is_x86
+        from scanside.engines.backends.openvino_engine import OpenVinoEngine, is_x86
         if not is_x86():
             return f"not an x86 CPU ({platform.machine()}); OpenVINO is only preferred on x86"
         ok, why = OpenVinoEngine.availability()
@@ -480,7 +480,7 @@ class ModelStore:
         return engine, v, mf.precision, f"{info.device}, {info.threads.get('inference')} threads{note}"
 
     def _try_onnxruntime(self, m: ModelManifest, variant: Optional[str], load: bool) -> Any:
-        from engines.onnxruntime_engine import OnnxRuntimeEngine
+        from scanside.engines.backends.onnxruntime_engine import OnnxRuntimeEngine
         ok, why = OnnxRuntimeEngine.availability()
         if not ok:
             return why
@@ -504,7 +504,7 @@ class ModelStore:
         opts = self._opts("triton")
         if not opts.get("url"):
             return "no Triton/KServe URL configured (engine_options['triton']['url'])"
-        from engines.triton_engine import TritonEngine
+        from scanside.engines.backends.triton_engine import TritonEngine
         ok, why = TritonEngine.availability()
         if not ok:
             return why

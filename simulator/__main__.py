@@ -1,3 +1,3 @@
-from simulator.cli import main
+from scanside.simulator.cli import main
 
 raise SystemExit(main())

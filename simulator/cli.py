@@ -7,8 +7,8 @@ import threading
 import time
 from pathlib import Path
 
-from simulator.protocols import FAULTS, PROFILES
-from simulator.vendors import VENDORS
+from scanside.simulator.protocols import FAULTS, PROFILES
+from scanside.simulator.vendors import VENDORS
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -36,7 +36,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from simulator.scanner import simulate_exam, stream_exam
+    from scanside.simulator.scanner import simulate_exam, stream_exam
 
     kw = dict(faults=args.fault, profile=args.profile, field_strength=args.field_strength,
               enhanced=args.enhanced, mosaic=args.mosaic)
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulator")
+    parser = argparse.ArgumentParser(prog="python -m scanside.simulator")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
     args = parser.parse_args(argv)

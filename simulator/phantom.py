@@ -2,7 +2,7 @@
 
 Grid and coordinates
 --------------------
-* ``labels[k, j, i]`` is a uint8 :class:`~simulator.physics.Tissue` code on an isotropic grid of
+* ``labels[k, j, i]`` is a uint8 :class:`~scanside.simulator.physics.Tissue` code on an isotropic grid of
   ``voxel_mm`` (default 1 mm). Array axis 0 is z (inferior -> superior), axis 1 is y
   (anterior -> posterior), axis 2 is x (patient right -> patient left), i.e. the array is indexed
   ``[z_index, y_index, x_index]``.
@@ -43,8 +43,8 @@ from typing import Optional
 
 import numpy as np
 
-from simulator.model import GroundTruthLesion
-from simulator.physics import N_TISSUES, Tissue
+from scanside.simulator.model import GroundTruthLesion
+from scanside.simulator.physics import N_TISSUES, Tissue
 
 CSPCA_MIN_DIAMETER_MM = 8.0
 CSPCA_MAX_ADC = 1100.0
@@ -70,7 +70,7 @@ class Phantom:
     lesion_props: list[dict] = field(default_factory=list)
     # analytic body outside the grid: centre (x, y) LPS, semi-axes, fat thickness, taper
     body: dict = field(default_factory=dict)
-    # optional sub-tissue texture (training realism, training.sequence.realism): texture_map (z, y, x) uint8,
+    # optional sub-tissue texture (training realism, scanside.training.sequence.realism): texture_map (z, y, x) uint8,
     # 0 none, j = texture class j, whose parameters are its tissue's times the multipliers in texture_props[j - 1]
     # ({"tissue": code, "t2": x, "pd": x, "adc": x}); lesions win over texture
     texture_map: Optional[np.ndarray] = field(default=None, repr=False)

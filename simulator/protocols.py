@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-from simulator.model import ExamSpec, SeriesSpec
+from scanside.simulator.model import ExamSpec, SeriesSpec
 
 PROFILES = ("prostate-mpmri", "prostate-bpmri")
 

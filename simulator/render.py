@@ -16,7 +16,7 @@ Pipeline (vectorised; no loops over voxels):
    are coarser than the phantom voxels), then sampled at the pixel centres with
    ``scipy.ndimage.map_coordinates`` (order 1). With many contrasts (DCE phases) per-class
    partial-volume fractions are sampled once and combined linearly.
-3. Physics: see :mod:`simulator.physics` (spin echo, SPGR, mono-exponential diffusion, Tofts
+3. Physics: see :mod:`scanside.simulator.physics` (spin echo, SPGR, mono-exponential diffusion, Tofts
    with the Parker AIF). Fat saturation keeps ``artifacts.fat_sat_residual`` of fat/marrow.
 4. Artifacts: smooth multiplicative bias field (world-coordinate polynomial, one per series),
    a fine tissue texture fixed to the phantom (plane waves, same in every series),
@@ -45,10 +45,10 @@ import numpy as np
 from pydantic import BaseModel, Field
 from scipy import ndimage
 
-from simulator import physics
-from simulator.model import RenderedImage, RenderedSeries, SeriesSpec
-from simulator.phantom import Phantom
-from simulator.physics import N_TISSUES, Tissue
+from scanside.simulator import physics
+from scanside.simulator.model import RenderedImage, RenderedSeries, SeriesSpec
+from scanside.simulator.phantom import Phantom
+from scanside.simulator.physics import N_TISSUES, Tissue
 
 # Acquired b-values assumed for derived maps when the spec does not list them.
 DEFAULT_ADC_B_VALUES: tuple[float, ...] = (50.0, 800.0)

@@ -22,11 +22,11 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from simulator.model import (ExamSpec, GroundTruth, GroundTruthLesion, GroundTruthPart, GroundTruthSeries, RenderedImage,
+from scanside.simulator.model import (ExamSpec, GroundTruth, GroundTruthLesion, GroundTruthPart, GroundTruthSeries, RenderedImage,
                              RenderedSeries, SeriesSpec)
-from simulator.protocols import build_exam, check_faults
-from simulator.vendors import VENDORS, get_writer, make_study_context
-from simulator.vendors.common import WrittenFile
+from scanside.simulator.protocols import build_exam, check_faults
+from scanside.simulator.vendors import VENDORS, get_writer, make_study_context
+from scanside.simulator.vendors.common import WrittenFile
 
 GROUND_TRUTH_NAME = "ground_truth.json"
 DWI_HIGH_MIN_B = 500.0
@@ -46,7 +46,7 @@ def _rng(seed: int, spec: SeriesSpec, occurrence: int) -> np.random.Generator:
 
 
 def _render(phantom, spec: SeriesSpec, fs: float, rng: np.random.Generator, artifacts=None) -> RenderedSeries:
-    from simulator.render import render_series
+    from scanside.simulator.render import render_series
 
     if spec.kind != "localizer":
         return render_series(phantom, spec, fs, rng, artifacts)
@@ -92,7 +92,7 @@ def simulate_exam(vendor: str, out_dir, seed: int, faults: Iterable[str] = (), p
                   artifacts=None, n_lesions: Optional[int] = None, cspca: Optional[bool] = None,
                   exam: Optional[ExamSpec] = None) -> GroundTruth:
     """Render and write one exam; returns (and writes ``out_dir/ground_truth.json``) its GroundTruth."""
-    from simulator.phantom import make_phantom
+    from scanside.simulator.phantom import make_phantom
 
     if vendor not in VENDORS:
         raise ValueError(f"unknown vendor {vendor!r}; expected one of {VENDORS}")

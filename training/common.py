@@ -15,8 +15,8 @@ import numpy as np
 def run_jobs(fn: Callable[[Any], Any], todo: Sequence[Any], jobs: int = 1, desc: str = "simulating exams",
              unit: str = "exam") -> List[Any]:
     """fn over todo, in `jobs` worker processes when more than one, with progress on stderr
-    (agent.progress: counts and an estimate; the evaluations spend minutes here)."""
-    from agent.progress import progress
+    (scanside.agent.service.progress: counts and an estimate; the evaluations spend minutes here)."""
+    from scanside.agent.service.progress import progress
 
     if jobs > 1 and len(todo) > 1:
         with ProcessPoolExecutor(max_workers=jobs) as ex:
@@ -25,8 +25,8 @@ def run_jobs(fn: Callable[[Any], Any], todo: Sequence[Any], jobs: int = 1, desc:
 
 
 #: the code a rendered training sample depends on, whatever the model: the simulator and the preprocessing
-RENDER_SOURCES = ("simulator.phantom", "simulator.physics", "simulator.render", "simulator.model",
-                  "simulator.protocols", "simulator.vendors.common", "engines.preprocess", "engines.spec")
+RENDER_SOURCES = ("scanside.simulator.phantom", "scanside.simulator.physics", "scanside.simulator.render", "scanside.simulator.model",
+                  "scanside.simulator.protocols", "scanside.simulator.vendors.common", "scanside.engines.preprocess", "scanside.engines.spec")
 
 
 def render_cache_key(*extra_modules: str, salt: str = "") -> str:
@@ -149,13 +149,13 @@ def int8_card_section(m: Any) -> List[str]:
                                                                    ("map_dice_vs_fp32", "map Dice")) if k in e)
             lines.append(f"  - {key}: {e.get('metric')} {e.get('value')} (FP32 {e.get('reference')}), loss {e.get('loss')}"
                          f"{extra}")
-    lines.append(f"- Reproduce: `python -m converters.int8_release {m.name}` with the options in the "
+    lines.append(f"- Reproduce: `python -m scanside.converters.int8_release {m.name}` with the options in the "
                  "calibration record (simulates the exams under var/int8/).")
     return lines
 
 
 # ------------------------------------------------------------------------------------------ real data
-REAL_DATA_KEY = "real_data"  # manifest.metrics key of a real-data evaluation (agent.gland.REAL_DATA reads it)
+REAL_DATA_KEY = "real_data"  # manifest.metrics key of a real-data evaluation (scanside.engines.tasks.gland.REAL_DATA reads it)
 
 
 def opaque(uid: str) -> str:
@@ -182,7 +182,7 @@ def real_data_card_section(m: Any) -> List[str]:
                        f"{m.name} --real DIR --write` records it here. Until then, do not rely on it for patients."]
     lines = head + [f"Measured {rd.get('measured_at', '?')} with `{rd.get('command', '?')}` on {rd.get('exams', '?')} "
                     f"real exam(s) ({rd.get('data', 'real DICOM')}), read through the daemon's own path "
-                    "(agent.exam_reader). Reference: " + str(rd.get("reference", "the header labels")) + "."]
+                    "(scanside.agent.dicom.exam_reader). Reference: " + str(rd.get("reference", "the header labels")) + "."]
     for k, v in (rd.get("figures") or {}).items():
         lines.append(f"- {k}: {v}")
     if "usable" in rd:

@@ -17,7 +17,7 @@ T2W grid at 3.0 x 0.5 x 0.5 mm, centre crop 20 x 256 x 256, each channel z-score
 Outputs: 2-class logits (softmax, class 1 = csPCa); the case-level likelihood is the maximum of the
 detection map.
 
-    python -m training.picai_unet OUT_DIR [--features 32,64,128,256,512,1024] [--shape 20,256,256]
+    python -m scanside.training.picai_unet OUT_DIR [--features 32,64,128,256,512,1024] [--shape 20,256,256]
                                           [--seed 0] [--weights CHECKPOINT.pt] [--name picai-unet-untrained]
 
 writes OUT_DIR/model.onnx and OUT_DIR/declaration.json; then
@@ -144,7 +144,7 @@ def _ints(text: str) -> List[int]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.picai_unet", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m scanside.training.picai_unet", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--features", default=",".join(map(str, PICAI_FEATURES)))
     ap.add_argument("--shape", default=",".join(map(str, PICAI_SHAPE)))

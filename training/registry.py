@@ -6,8 +6,8 @@ EVALUATORS; `scanside models train KIND ...` dispatches on KIND through TRAINERS
 
 Evaluator contract::
 
-    def evaluate(store: engines.store.ModelStore, manifest: engines.manifest.ModelManifest,
-                 options: training.registry.EvaluateOptions) -> dict
+    def evaluate(store: scanside.engines.store.ModelStore, manifest: scanside.engines.manifest.ModelManifest,
+                 options: scanside.training.registry.EvaluateOptions) -> dict
 
 returns a JSON-able report with at least ``{"model": ref, "metrics": {...}, "floor": {...} | None,
 "passed": bool}``; with ``options.write`` it also records the metrics in the manifest and writes
@@ -30,24 +30,24 @@ from pydantic import BaseModel, Field
 
 #: manifest task -> "module:function" of its evaluator
 EVALUATORS: Dict[str, str] = {
-    "sequence_classification": "training.sequence.evaluate:evaluate_model",
-    "cspca_detection": "training.cspca.evaluate:evaluate_model",
-    "gland_segmentation": "training.zones.evaluate:evaluate_model",
+    "sequence_classification": "scanside.training.sequence.evaluate:evaluate_model",
+    "cspca_detection": "scanside.training.cspca.evaluate:evaluate_model",
+    "gland_segmentation": "scanside.training.zones.evaluate:evaluate_model",
 }
 
 #: manifest task -> "module:function" of its real-data evaluator (`models evaluate NAME --real DIR`), same
-#: contract as EVALUATORS; ``options.real`` holds the folders. It reads exams with agent.exam_reader.read_exams
+#: contract as EVALUATORS; ``options.real`` holds the folders. It reads exams with scanside.agent.dicom.exam_reader.read_exams
 #: (the daemon's read path) and reports per series / per exam, the header labels as reference where there is
 #: no other label. A task without one says so.
 REAL_EVALUATORS: Dict[str, str] = {
-    "sequence_classification": "training.sequence.real:evaluate_real",
-    "cspca_detection": "training.cspca.evaluate:evaluate_real",
-    "gland_segmentation": "training.zones.evaluate:evaluate_real",
+    "sequence_classification": "scanside.training.sequence.real:evaluate_real",
+    "cspca_detection": "scanside.training.cspca.evaluate:evaluate_real",
+    "gland_segmentation": "scanside.training.zones.evaluate:evaluate_real",
 }
 
 #: `models train KIND` -> "module" providing add_arguments(parser) and train(args)
 TRAINERS: Dict[str, str] = {
-    "sequence": "training.sequence.retrain",
+    "sequence": "scanside.training.sequence.retrain",
 }
 
 

@@ -25,8 +25,8 @@ from typing import Optional
 from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
-from simulator.model import RenderedImage, RenderedSeries, SeriesSpec
-from simulator.vendors.common import EPI_KINDS, SeriesInfo, StudyContext, VendorWriter, WrittenFile, ds_str, is_directional
+from scanside.simulator.model import RenderedImage, RenderedSeries, SeriesSpec
+from scanside.simulator.vendors.common import EPI_KINDS, SeriesInfo, StudyContext, VendorWriter, WrittenFile, ds_str, is_directional
 
 GE_B_BIAS = 1_000_000_000
 

@@ -26,8 +26,8 @@ from typing import Optional
 
 from pydicom.dataset import Dataset
 
-from simulator.model import RenderedImage, RenderedSeries, SeriesSpec
-from simulator.vendors.common import (EPI_KINDS, SeriesInfo, StudyContext, VendorWriter, WrittenFile, ds_str, image_scale,
+from scanside.simulator.model import RenderedImage, RenderedSeries, SeriesSpec
+from scanside.simulator.vendors.common import (EPI_KINDS, SeriesInfo, StudyContext, VendorWriter, WrittenFile, ds_str, image_scale,
                                       is_directional)
 
 _ORIENT = {"axial": "TRANSVERSAL", "sagittal": "SAGITTAL", "coronal": "CORONAL"}

@@ -28,9 +28,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
-from simulator.model import RenderedImage, RenderedSeries, SeriesSpec
-from simulator.vendors import csa
-from simulator.vendors.common import (EPI_KINDS, MR_IMAGE_STORAGE, SeriesInfo, StudyContext, VendorWriter, WrittenFile,
+from scanside.simulator.model import RenderedImage, RenderedSeries, SeriesSpec
+from scanside.simulator.vendors import csa
+from scanside.simulator.vendors.common import (EPI_KINDS, MR_IMAGE_STORAGE, SeriesInfo, StudyContext, VendorWriter, WrittenFile,
                                       derived_rank, ds_str, image_scale, is_directional, slice_normal, to_stored)
 
 

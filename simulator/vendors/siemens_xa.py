@@ -24,9 +24,9 @@ from typing import Optional
 
 from pydicom.dataset import Dataset
 
-from simulator.model import RenderedImage, RenderedSeries, SeriesSpec
-from simulator.vendors.common import EPI_KINDS, SeriesInfo, StudyContext, VendorWriter, WrittenFile
-from simulator.vendors.siemens import SiemensWriter
+from scanside.simulator.model import RenderedImage, RenderedSeries, SeriesSpec
+from scanside.simulator.vendors.common import EPI_KINDS, SeriesInfo, StudyContext, VendorWriter, WrittenFile
+from scanside.simulator.vendors.siemens import SiemensWriter
 
 
 class SiemensXAWriter(VendorWriter):

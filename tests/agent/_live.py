@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from agent.config import load_config
-from agent.daemon import Agent
-from simulator.model import GroundTruth
-from simulator.scanner import simulate_exam, stream_exam
+from scanside.agent.service.config import load_config
+from scanside.agent.service.daemon import Agent
+from scanside.simulator.model import GroundTruth
+from scanside.simulator.scanner import simulate_exam, stream_exam
 
 _EXAMS: dict[tuple, tuple[Path, GroundTruth]] = {}
 
@@ -47,7 +47,7 @@ def completed_parts(agent: Agent) -> int:
 
 
 def settled(agent: Agent, quiet_s: float = 0.5) -> bool:
-    """The image models (agent.analysis, their own cursor) have caught up with the event log and it has
+    """The image models (scanside.agent.analysis.analysis, their own cursor) have caught up with the event log and it has
     stayed still for quiet_s: nothing more will arrive unless something new happens."""
     def caught_up() -> bool:
         return agent.store.cursor("analysis") >= agent.store.last_event_seq()

@@ -88,8 +88,8 @@ def workload(model: Path, dicom: Path, work: Path) -> str:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    from agent.config import load_config
-    from agent.daemon import Agent
+    from scanside.agent.service.config import load_config
+    from scanside.agent.service.daemon import Agent
 
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((1, 1, 8, 8, 4)).astype(np.float32)

@@ -5,13 +5,13 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
-from agent.config import load_config
-from agent.events import ProtocolDeviation
-from agent.ingest import Ingestor
-from agent.pipeline import Pipeline
-from agent.state import StateStore
-from simulator.model import ExamSpec
-from simulator.protocols import build_exam
+from scanside.agent.service.config import load_config
+from scanside.agent.state.events import ProtocolDeviation
+from scanside.agent.intake.ingest import Ingestor
+from scanside.agent.intake.pipeline import Pipeline
+from scanside.agent.state.database import StateStore
+from scanside.simulator.model import ExamSpec
+from scanside.simulator.protocols import build_exam
 
 VENDORS = ("siemens", "siemens-xa", "ge", "philips")
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config
-from agent.pipeline import Pipeline
-from agent.state import StateStore
+from scanside.agent.service.config import load_config
+from scanside.agent.intake.pipeline import Pipeline
+from scanside.agent.state.database import StateStore
 
 REALDATA = Path(__file__).resolve().parents[2].parent / "shared" / "realdata"
 DCM_QA_NIH = REALDATA / "vendors" / "dcm_qa_nih"

@@ -1,11 +1,11 @@
-"""[adapt] scheduling (agent.adapt_schedule): off by default, runs only when enough new exams are in,
+"""[adapt] scheduling (scanside.agent.analysis.adapt_schedule): off by default, runs only when enough new exams are in,
 reloads the classifier only on a promotion."""
 from __future__ import annotations
 
 import sys
 
-from agent.adapt_schedule import AdaptScheduler, adapt_command
-from agent.config import AgentConfig
+from scanside.agent.analysis.adapt_schedule import AdaptScheduler, adapt_command
+from scanside.agent.service.config import AgentConfig
 
 
 def _config(**adapt) -> AgentConfig:
@@ -46,7 +46,7 @@ def test_a_failing_run_is_recorded_not_raised():
 
 
 def test_the_child_sees_the_configured_model_store(tmp_path):
-    from agent.adapt_schedule import child_environment
+    from scanside.agent.analysis.adapt_schedule import child_environment
 
     c = AgentConfig.model_validate({"watch": {"folder": "/tmp/x"}, "engines": {"models_dirs": [str(tmp_path / "m")]}})
     assert child_environment(c)["SCANSIDE_MODELS_DIR"] == str(tmp_path / "m")

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from agent.alerts import alert_from_event
-from agent.config import load_config
-from agent.daemon import Agent
-from engines.store import ModelStore
-from simulator.scanner import simulate_exam
+from scanside.agent.outputs.alerts import alert_from_event
+from scanside.agent.service.config import load_config
+from scanside.agent.service.daemon import Agent
+from scanside.engines.store import ModelStore
+from scanside.simulator.scanner import simulate_exam
 from tests.agent._live import waiter
 
 pytestmark = pytest.mark.skipif(
@@ -124,7 +124,7 @@ def test_each_series_is_decoded_once_and_models_leave_the_shared_volume_alone(tm
     import hashlib
     from collections import Counter
 
-    import agent.volume as volume_module
+    import scanside.agent.dicom.volume as volume_module
 
     calls: Counter = Counter()
     digests: dict = {}

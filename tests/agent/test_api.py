@@ -15,10 +15,10 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from agent.api import create_app, openapi_schema
-from agent.auth import bearer, check_exposure, is_loopback, token_required
-from agent.config import ConfigError, load_config
-from agent.daemon import Agent
+from scanside.agent.service.api import create_app, openapi_schema
+from scanside.agent.service.auth import bearer, check_exposure, is_loopback, token_required
+from scanside.agent.service.config import ConfigError, load_config
+from scanside.agent.service.daemon import Agent
 from tests.agent import _live
 
 pytestmark = pytest.mark.timeout(240)
@@ -386,7 +386,7 @@ def raw_request(port: int, method: str, path: str) -> tuple[int, str]:
 
 # ------------------------------------------------------------------------------------------ checklist logic
 def _summary(series_id, label, b=(), plane="axial", number=1, complete=True):
-    from agent.events import SeriesSummary
+    from scanside.agent.state.events import SeriesSummary
 
     return SeriesSummary(series_id=series_id, study_uid="1.2", series_uid=series_id.split("#")[0], series_number=number,
                          label=label, label_confidence=1.0, reason="test", b_values=list(b), plane=plane,
@@ -394,8 +394,8 @@ def _summary(series_id, label, b=(), plane="axial", number=1, complete=True):
 
 
 def test_checklist_pending_done_deviating():
-    from agent.alerts import Alert
-    from agent.examview import Requirement, build_checklist
+    from scanside.agent.outputs.alerts import Alert
+    from scanside.agent.state.examview import Requirement, build_checklist
 
     reqs = [Requirement(key="t2", title="axial T2W", labels=["T2WI_nan", "T2WI_fs"], planes=["axial"]),
             Requirement(key="hb", title="high b DWI", labels=["DWI_High"], b_min=1400),
@@ -447,7 +447,7 @@ def test_scanside_run_serves_the_api_by_default(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     (tmp_path / "export").mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--watch", str(tmp_path / "export"),
+    proc = subprocess.Popen([sys.executable, "-m", "scanside.agent.cli", "run", "--watch", str(tmp_path / "export"),
                              "--state-dir", str(tmp_path / "state"), "--api-port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:

@@ -19,7 +19,7 @@ import pytest
 
 from pydicom.data import get_testdata_file
 
-from agent.events import parse_event
+from scanside.agent.state.events import parse_event
 
 from .factory import series_files
 
@@ -28,7 +28,7 @@ def _run_agent(tmp_path: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "SCANSIDE_SERIES__QUIET_PERIOD_S": "1", "SCANSIDE_WATCH__SETTLE_S": "0.2",
            "SCANSIDE_INGEST__QUARANTINE_AFTER_S": "0.5", "PYTHONUNBUFFERED": "1",
            "SCANSIDE_PROTOCOL__ENABLED": "false", "SCANSIDE_ANALYSIS__IMAGE_LABEL": "false", "SCANSIDE_ANALYSIS__TRIAGE": "false"}
-    return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--watch", str(tmp_path / "export"),
+    return subprocess.Popen([sys.executable, "-m", "scanside.agent.cli", "run", "--watch", str(tmp_path / "export"),
                              "--state-dir", str(tmp_path / "state"), "--api-port", "0", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -71,7 +71,7 @@ def test_run_prints_one_json_event_per_line_and_stops_on_sigterm(tmp_path):
 def test_invalid_config_is_refused_naming_the_field(tmp_path):
     cfg = tmp_path / "site.toml"
     cfg.write_text('[series]\nquiet_period_s = "soon"\n')
-    out = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--watch", str(tmp_path), "--config", str(cfg)],
+    out = subprocess.run([sys.executable, "-m", "scanside.agent.cli", "run", "--watch", str(tmp_path), "--config", str(cfg)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "series.quiet_period_s" in out.stderr
@@ -81,12 +81,12 @@ def test_catch_up_reads_a_dicomdir_folder(tmp_path):
     """Files already in the folder at start are ingested; the DICOMDIR is used as an index, not quarantined."""
     src = Path(get_testdata_file("DICOMDIR")).parent
     shutil.copytree(src, tmp_path / "export", ignore=shutil.ignore_patterns("README*", "*.txt", "DICOMDIR-*"))
-    out = subprocess.run([sys.executable, "-m", "agent.cli", "scan", str(tmp_path / "export"), "--json"],
+    out = subprocess.run([sys.executable, "-m", "scanside.agent.cli", "scan", str(tmp_path / "export"), "--json"],
                          capture_output=True, text=True, check=True, timeout=120,
                          env={**os.environ, "SCANSIDE_PROTOCOL__ENABLED": "false"})  # no prostate exam: no PI-RADS check
     report = json.loads(out.stdout)
     n_images = sum(s["n_images"] for s in report["series"])
-    from agent.ingest import dicomdir_files
+    from scanside.agent.intake.ingest import dicomdir_files
 
     indexed = dicomdir_files(str(tmp_path / "export" / "DICOMDIR"))
     assert len(indexed) == 31 and n_images == len(indexed)
@@ -94,8 +94,8 @@ def test_catch_up_reads_a_dicomdir_folder(tmp_path):
 
 
 def test_demo_line_for_a_triage_result_names_zone_and_gland_volume():
-    from agent.demo import describe
-    from agent.events import LesionFinding, TriageResult
+    from scanside.agent.cli.demo import describe
+    from scanside.agent.state.events import LesionFinding, TriageResult
 
     finding = LesionFinding.model_construct(center_lps_mm=(30.2, 11.0, 19.4), long_axis_mm=8.2, short_axis_mm=6.9, zone="PZ")
     event = TriageResult.model_construct(type="triage_result", probability=0.84, recommendation="DCE_ADVISED",
@@ -112,7 +112,7 @@ def test_demo_line_for_a_triage_result_names_zone_and_gland_volume():
 
 # ------------------------------------------------------------------------------ issue 21: start-up, config, scan
 def _cli(*args: str, env: dict | None = None, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", "scanside.agent.cli", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, **kw)
 
 
@@ -156,7 +156,7 @@ def test_unwritable_state_folder_is_one_line(tmp_path):
         (base / "export").mkdir(mode=0o755)
         state = base / "state"
         state.mkdir(mode=0o755)
-        args = [sys.executable, "-m", "agent.cli", "run", "--watch", str(base / "export"), "--state-dir", str(state), "--no-api"]
+        args = [sys.executable, "-m", "scanside.agent.cli", "run", "--watch", str(base / "export"), "--state-dir", str(state), "--no-api"]
         if os.geteuid() == 0:
             if shutil.which("setpriv") is None:
                 pytest.skip("running as root without setpriv: cannot make a folder unwritable")
@@ -172,7 +172,7 @@ def test_unwritable_state_folder_is_one_line(tmp_path):
 
 def test_create_watch_flag_and_the_ready_line_at_the_default_log_level(tmp_path):
     watch = tmp_path / "new" / "export"
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--watch", str(watch), "--create-watch",
+    proc = subprocess.Popen([sys.executable, "-m", "scanside.agent.cli", "run", "--watch", str(watch), "--create-watch",
                              "--state-dir", str(tmp_path / "state"), "--no-api"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "SCANSIDE_ANALYSIS__IMAGE_LABEL": "false", "SCANSIDE_ANALYSIS__TRIAGE": "false"})
@@ -191,7 +191,7 @@ def test_create_watch_flag_and_the_ready_line_at_the_default_log_level(tmp_path)
 
 
 def test_precedence_command_line_over_environment_over_file(tmp_path, monkeypatch):
-    from agent.config import load_config
+    from scanside.agent.service.config import load_config
 
     cfg = tmp_path / "site.toml"
     cfg.write_text('[watch]\nfolder = "/from/file"\nsettle_s = 2.5\n[series]\nquiet_period_s = 7\n')
@@ -246,8 +246,8 @@ def test_scan_exit_codes(tmp_path):
 
 def test_demo_counts_series_as_the_exam_completed_line_does():
     """Issue 21 (7): "10/10 series" next to "exam completed: 9 series" was parts against series."""
-    from agent.demo import describe, series_counts
-    from agent.events import ExamCompleted
+    from scanside.agent.cli.demo import describe, series_counts
+    from scanside.agent.state.events import ExamCompleted
 
     completed = {"1.2.3", "1.2.4#b50", "1.2.4#b1400", "1.2.4#adc", "1.2.5"}
     line = series_counts(completed, 3, 5)

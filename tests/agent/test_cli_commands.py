@@ -6,19 +6,19 @@ import sys
 
 import pytest
 
-from agent import cli
+from scanside.agent import cli
 
 # what building and parsing `scanside run` must not import (each is a whole subsystem or pydicom)
-NOT_FOR_RUN = ("pydicom", "numpy", "simulator.protocols", "training.registry", "converters.calibrate",
-               "engines.store", "agent.demo")
+NOT_FOR_RUN = ("pydicom", "numpy", "scanside.simulator.protocols", "scanside.training.registry", "scanside.converters.calibrate",
+               "scanside.engines.store", "scanside.agent.cli.demo")
 
 
 def test_run_parser_imports_no_other_subcommand_module():
-    code = ("import sys; from agent.cli import build_parser; argv = ['run', '--watch', 'x']; "
+    code = ("import sys; from scanside.agent.cli import build_parser; argv = ['run', '--watch', 'x']; "
             "build_parser(argv).parse_args(argv); print('\\n'.join(sys.modules))")
     loaded = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                                 text=True).stdout.split())
-    assert "agent.config" in loaded  # the probe saw what `run` needs
+    assert "scanside.agent.service.config" in loaded  # the probe saw what `run` needs
     assert not loaded & set(NOT_FOR_RUN), sorted(loaded & set(NOT_FOR_RUN))
 
 

@@ -54,7 +54,7 @@ def test_console_live_checklist_alerts_and_ack(browser, tmp_path_factory):
     page = browser.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    # the console runs under its Content-Security-Policy (agent.apiguard): a violation is a console error
+    # the console runs under its Content-Security-Policy (scanside.agent.service.apiguard): a violation is a console error
     page.on("console", lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None)
     try:
         page.goto(f"{agent.api_url}/console")

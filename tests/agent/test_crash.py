@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config
-from agent.daemon import Agent
-from agent.state import StateStore
-from simulator.scanner import simulate_exam, stream_exam
+from scanside.agent.service.config import load_config
+from scanside.agent.service.daemon import Agent
+from scanside.agent.state.database import StateStore
+from scanside.simulator.scanner import simulate_exam, stream_exam
 from tests.agent.test_webhook import Receiver
 from tests.agent._live import waiter
 
@@ -102,7 +102,7 @@ backoff_max_s = 1.0
     def start(self) -> None:
         self.lives += 1
         self.log = open(self.root / f"agent-{self.lives}.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "--log-level", "info", "run", "--no-api",
+        self.proc = subprocess.Popen([sys.executable, "-m", "scanside.agent.cli", "--log-level", "info", "run", "--no-api",
                                       "--config", str(self.cfg), "--watch", str(self.export), "--state-dir", str(self.state)],
                                      stdout=subprocess.DEVNULL, stderr=self.log, cwd=ROOT)
 

@@ -1,13 +1,13 @@
-"""agent.cspca: finding extraction on synthetic maps, and the shipped model on simulated exams."""
+"""scanside.engines.tasks.cspca: finding extraction on synthetic maps, and the shipped model on simulated exams."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from agent.cspca import CspcaInputError, CspcaModel, extract_findings
-from agent.volume import Volume
-from engines.preprocess import model_grid
-from training.cspca.spec import CSPCA_SPEC
+from scanside.engines.tasks.cspca import CspcaInputError, CspcaModel, extract_findings
+from scanside.agent.dicom.volume import Volume
+from scanside.engines.preprocess import model_grid
+from scanside.training.cspca.spec import CSPCA_SPEC
 
 
 def _grid(origin=(-20.0, 35.0, 12.0)):
@@ -105,7 +105,7 @@ def test_predict_rejects_bad_input(model):
 
 
 def _large_lesion_seed() -> int:
-    from simulator.phantom import make_phantom
+    from scanside.simulator.phantom import make_phantom
 
     for s in range(500, 600):
         ph = make_phantom(s, n_lesions=1, cspca=True)
@@ -116,8 +116,8 @@ def _large_lesion_seed() -> int:
 
 @pytest.mark.slow
 def test_predict_finds_large_lesion(model, tmp_path):
-    from simulator.scanner import simulate_exam
-    from training.cspca.evaluate import exam_volumes
+    from scanside.simulator.scanner import simulate_exam
+    from scanside.training.cspca.evaluate import exam_volumes
 
     seed = _large_lesion_seed()
     gt = simulate_exam("siemens", tmp_path / "pos", seed, profile="prostate-bpmri", n_lesions=1, cspca=True)

@@ -18,9 +18,9 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from agent.config import load_config
-from agent.daemon import Agent
-from simulator.scanner import simulate_exam
+from scanside.agent.service.config import load_config
+from scanside.agent.service.daemon import Agent
+from scanside.simulator.scanner import simulate_exam
 from tests.agent._live import waiter
 
 SCANNER_AE = "MRSCANNER"
@@ -143,14 +143,14 @@ def test_wrong_called_ae_is_rejected(agent, caplog):
     _host, port = agent.receiver.address
     ae = AE(ae_title=SCANNER_AE)
     ae.add_requested_context(Verification)
-    with caplog.at_level(logging.WARNING, logger="agent.cstore"):
+    with caplog.at_level(logging.WARNING, logger="scanside.agent.intake.cstore"):
         assoc = ae.associate("127.0.0.1", port, ae_title="SOMEONEELSE")
         assert assoc.is_rejected
         assert _wait(lambda: agent.receiver.stats["rejected"] == 1, 5)
     rj = assoc.acceptor.primitive
     assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)
     # the log names what the sender asked for (its titles), so the site knows which side to fix
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "agent.cstore" and "rejected" in r.getMessage()]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "scanside.agent.intake.cstore" and "rejected" in r.getMessage()]
     assert "calling AE 'MRSCANNER'" in line and "called AE 'SOMEONEELSE'" in line
 
 
@@ -225,8 +225,8 @@ def test_unwritable_receive_folder_answers_out_of_resources_and_agent_survives(a
     assert statuses == [0xA700, 0xA700]
     assert agent.receiver.stats["failed"] == 2
     assert agent.healthy()
-    # alive, but not ready while the receive folder cannot be written (agent.health)
-    from agent.api import readiness
+    # alive, but not ready while the receive folder cannot be written (scanside.agent.service.health)
+    from scanside.agent.service.api import readiness
 
     r = readiness(agent)
     assert not r.ready and not r.checks["writes"].ok and f"received {folder}" in r.checks["writes"].detail, r
@@ -243,7 +243,7 @@ def test_received_but_not_ingested_objects_are_ingested_after_restart(tmp_path, 
         "series.quiet_period_s": 1.0, "cstore.enabled": True, "cstore.host": "127.0.0.1", "cstore.port": 0,
     })
     # a crash after the rename and before ingest: objects sit in the receive folder, plus a half-written temp
-    from agent.cstore import object_name
+    from scanside.agent.intake.cstore import object_name
 
     series = truth.series[0]
     for f in series.files:

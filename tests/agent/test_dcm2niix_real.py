@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main as cli_main
-from agent.vendor import vendor_of
+from scanside.agent.cli import main as cli_main
+from scanside.agent.dicom.vendor import vendor_of
 
 from .realdata import DCM_QA_NIH, PROSTATEX, QIN_ADC, REALDATA, dicom_files, need, stream
 

@@ -21,8 +21,8 @@ from typing import Iterator
 import httpx
 import pytest
 
-from agent.config import load_config
-from agent.daemon import Agent
+from scanside.agent.service.config import load_config
+from scanside.agent.service.daemon import Agent
 from tests.agent.factory import series_files
 from tests.agent._live import waiter
 
@@ -186,14 +186,14 @@ def test_quarantine_disk_full_then_space_returns(tmp_path, caplog):
 
 # ------------------------------------------------------------------------------------------ output folder
 needs_models = pytest.mark.skipif(
-    not all(any(m.name == n for m in __import__("engines.store", fromlist=["ModelStore"]).ModelStore().list())
+    not all(any(m.name == n for m in __import__("scanside.engines.store", fromlist=["ModelStore"]).ModelStore().list())
             for n in ("cspca-reference",)),
     reason="the shipped csPCa model is not in engines/models")
 
 
 @pytest.fixture(scope="module")
 def bpmri_exam(tmp_path_factory):
-    from simulator.scanner import simulate_exam
+    from scanside.simulator.scanner import simulate_exam
 
     out = tmp_path_factory.mktemp("bpmri")
     return out, simulate_exam("siemens", out, seed=21, profile="prostate-bpmri", cspca=True)

@@ -1,6 +1,6 @@
-"""One read path: agent.exam_reader.read_exam groups and labels an exam's series exactly as the daemon
+"""One read path: scanside.agent.dicom.exam_reader.read_exam groups and labels an exam's series exactly as the daemon
 does, and the pure selection functions pick the same series and frames whether the daemon
-(agent.analysis, on its event log) or an evaluation (on read_exam) asks. Checked on simulated exams of
+(scanside.agent.analysis.analysis, on its event log) or an evaluation (on read_exam) asks. Checked on simulated exams of
 every vendor style and on the real ProstateX exam (skipped where ../shared/realdata is absent)."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.analysis import Analyzer
-from agent.exam_reader import (classifier_inputs, gland_input, model_frames, read_exam, read_exams,
+from scanside.agent.analysis.analysis import Analyzer
+from scanside.agent.dicom.exam_reader import (classifier_inputs, gland_input, model_frames, read_exam, read_exams,
                                triage_inputs)
-from simulator.scanner import simulate_exam
+from scanside.simulator.scanner import simulate_exam
 from tests.agent.protocol_helpers import scan
 
 REAL_EXAM = Path(__file__).resolve().parents[2].parent / "shared" / "realdata" / "prostate" / "ProstateX-0218"
@@ -74,7 +74,7 @@ def test_same_selection_on_the_real_exam(tmp_path: Path) -> None:
 
 
 def test_selection_rules() -> None:
-    from agent.events import SeriesSummary
+    from scanside.agent.state.events import SeriesSummary
 
     def s(sid, label, number, b=(), plane="axial", complete=True):
         return SeriesSummary(series_id=sid, study_uid="1", series_uid=sid, series_number=number, label=label,

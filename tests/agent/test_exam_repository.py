@@ -1,4 +1,4 @@
-"""The exam read model (agent.exam_repository): kept row by row with every event, equal to a replay
+"""The exam read model (scanside.agent.state.exam_repository): kept row by row with every event, equal to a replay
 of the event log, equal to what the log says when read the old way (a full scan), unchanged by a
 restart, rebuilt on the upgrade of a database that predates it, and rolled back with its event."""
 from __future__ import annotations
@@ -7,9 +7,9 @@ import sqlite3
 
 import pytest
 
-from agent.events import AlertAcknowledged, SeriesClassified, TriageResult
-from agent.state import StateStore
-from simulator.scanner import simulate_exam
+from scanside.agent.state.events import AlertAcknowledged, SeriesClassified, TriageResult
+from scanside.agent.state.database import StateStore
+from scanside.simulator.scanner import simulate_exam
 from tests.agent.protocol_helpers import reduced_exam, scan
 from tests.agent.realdata import PROSTATEX, need
 
@@ -169,7 +169,7 @@ def test_real_prostatex_exam_rebuilds_to_the_same_rows(tmp_path):
 
 
 def test_scan_report_reads_the_read_model(scanned):
-    from agent.cli import scan_report
+    from scanside.agent.cli import scan_report
 
     _, store = scanned
     report = scan_report(store)
@@ -180,7 +180,7 @@ def test_scan_report_reads_the_read_model(scanned):
 
 
 def test_state_rebuild_command_repairs_the_read_model(scanned, tmp_path, capsys):
-    from agent.cli import main
+    from scanside.agent.cli import main
 
     root, store = scanned
     kept = store.read_model.dump()
@@ -224,8 +224,8 @@ def test_rebuild_keeps_the_exams_retention_has_pruned_from_the_log(scanned, tmp_
 def test_analysis_reads_label_disagreements_from_the_read_model(scanned, tmp_path):
     import threading
 
-    from agent.analysis import Analyzer
-    from agent.config import load_config
+    from scanside.agent.analysis.analysis import Analyzer
+    from scanside.agent.service.config import load_config
 
     _, store = scanned
     study, series = _first_exam(store)

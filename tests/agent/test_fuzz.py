@@ -32,12 +32,12 @@ from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
-from agent import header as header_mod
-from agent.config import load_config
-from agent.header import FrameRef, HeaderError, InstanceHeader, read_header
-from agent.pipeline import Pipeline, file_ref
-from agent.state import StateStore
-from agent.volume import Volume, VolumeError, load_volume
+from scanside.agent.dicom import header as header_mod
+from scanside.agent.service.config import load_config
+from scanside.agent.dicom.header import FrameRef, HeaderError, InstanceHeader, read_header
+from scanside.agent.intake.pipeline import Pipeline, file_ref
+from scanside.agent.state.database import StateStore
+from scanside.agent.dicom.volume import Volume, VolumeError, load_volume
 from tests.agent.factory import mr_dataset, write
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns on every bad value it meets
@@ -118,11 +118,11 @@ def _simulated_seeds() -> list[bytes]:
     its CSA header, GE classic with private b-value tags, Philips and Siemens XA enhanced multi-frame."""
     import numpy as np
 
-    from simulator.phantom import make_phantom
-    from simulator.protocols import build_exam
-    from simulator.render import render_series
-    from simulator.vendors import get_writer
-    from simulator.vendors.common import make_study_context
+    from scanside.simulator.phantom import make_phantom
+    from scanside.simulator.protocols import build_exam
+    from scanside.simulator.render import render_series
+    from scanside.simulator.vendors import get_writer
+    from scanside.simulator.vendors.common import make_study_context
 
     phantom = make_phantom(1, n_lesions=0)
     seeds = []

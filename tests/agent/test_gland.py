@@ -1,4 +1,4 @@
-"""agent.gland: TAPS-style gland segmentation through the real preprocessing, sliding window and ONNX
+"""scanside.engines.tasks.gland: TAPS-style gland segmentation through the real preprocessing, sliding window and ONNX
 Runtime (a one-layer ONNX with the TAPS interface for the geometry; the real TAPS model in one slow
 test), post-processing and the slab coverage check."""
 from __future__ import annotations
@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.events import SlabGeometry
-from agent.gland import GlandResult, GlandService, coverage, coverage_report, largest_component, postprocess, \
+from scanside.agent.state.events import SlabGeometry
+from scanside.engines.tasks.gland import GlandResult, GlandService, coverage, coverage_report, largest_component, postprocess, \
     segment_gland
-from agent.volume import Volume
-from engines.manifest import ModelFile, ModelManifest, sha256_file
-from engines.onnxruntime_engine import OnnxRuntimeEngine
-from engines.preprocess import Grid
-from engines.store import ModelStore
-from engines.taps import taps_manifest
+from scanside.agent.dicom.volume import Volume
+from scanside.engines.manifest import ModelFile, ModelManifest, sha256_file
+from scanside.engines.backends.onnxruntime_engine import OnnxRuntimeEngine
+from scanside.engines.preprocess import Grid
+from scanside.engines.store import ModelStore
+from scanside.agent.cli.taps import taps_manifest
 
 CENTRE = np.array([5.0, -10.0, -8.0])  # LPS mm
 RADII = np.array([20.0, 15.0, 12.0])  # mm along x (L), y (P), z (S)
@@ -138,8 +138,8 @@ def test_real_taps_on_a_simulated_t2w(tmp_path: Path) -> None:
     wheel = cache / "wheels" / "lavlab_taps-1.1.2-py3-none-any.whl"
     if not wheel.is_file():
         pytest.skip(f"TAPS wheel not cached at {wheel} (scanside models import-taps fetches it)")
-    from converters.calibration_data import read_series
-    from engines.taps import import_taps
+    from scanside.converters.calibration_data import read_series
+    from scanside.agent.cli.taps import import_taps
     from tests.converters._models import make_t2w_exams
 
     import_taps(tmp_path / "models", wheel)

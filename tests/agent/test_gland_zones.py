@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.analysis import missed_end
-from agent.events import SeriesSummary, SlabGeometry
-from agent.gland import GlandResult, coverage, zone_of
-from agent.profiles import ProfileError, load_profile
-from agent.protocol import ProtocolChecker
-from agent.state import StateStore
-from engines.preprocess import Grid
+from scanside.agent.analysis.analysis import missed_end
+from scanside.agent.state.events import SeriesSummary, SlabGeometry
+from scanside.engines.tasks.gland import GlandResult, coverage, zone_of
+from scanside.agent.protocol.profiles import ProfileError, load_profile
+from scanside.agent.protocol.checker import ProtocolChecker
+from scanside.agent.state.database import StateStore
+from scanside.engines.preprocess import Grid
 
 
 def _zoned_gland() -> GlandResult:
@@ -131,10 +131,10 @@ def _analyzer(tmp_path, gland_result):
     starts at 22.5 mm (misses 30% of _zoned_gland); its gland model replaced by a fixed result."""
     import threading
 
-    from agent.analysis import Analyzer
-    from agent.config import load_config
-    from agent.events import SeriesCompleted
-    from engines.store import ModelStore
+    from scanside.agent.analysis.analysis import Analyzer
+    from scanside.agent.service.config import load_config
+    from scanside.agent.state.events import SeriesCompleted
+    from scanside.engines.store import ModelStore
 
     config = load_config(**{"state.dir": str(tmp_path / "state"), "protocol.profile": "pirads-2.1-bpmri"})
     store = StateStore(tmp_path / "state.db")

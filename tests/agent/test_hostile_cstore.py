@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 
-from agent.config import ConfigError, load_config
-from agent.daemon import Agent
+from scanside.agent.service.config import ConfigError, load_config
+from scanside.agent.service.daemon import Agent
 
 from .factory import mr_dataset, write
 from tests.agent._live import waiter
@@ -112,7 +112,7 @@ def test_a_spool_that_cannot_be_created_leaves_no_real_file_to_unlink(tmp_path):
     import os
     import stat
 
-    from agent import cstore
+    from scanside.agent.intake import cstore
 
     blocker = tmp_path / "file"
     blocker.write_bytes(b"")

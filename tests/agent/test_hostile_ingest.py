@@ -11,9 +11,9 @@ import stat
 
 import pytest
 
-from agent.api import readiness
-from agent.ingest import admit, Refused
-from agent.quarantine import Quarantine
+from scanside.agent.service.api import readiness
+from scanside.agent.intake.ingest import admit, Refused
+from scanside.agent.intake.quarantine import Quarantine
 
 from .factory import series_files
 from .test_ingest import running  # noqa: F401  (fixture: a real agent on tmp_path/export)
@@ -187,8 +187,8 @@ def test_exam_end_never_parses_what_ingest_refused_to(tmp_path):
     """The exam-end check attributes quarantined files to series by their headers, inside the database
     transaction: a 1 GiB sparse file there used to be parsed (force=True) for minutes while every other
     thread waited on the database; a FIFO would block it for good."""
-    from agent.protocol import QuarantineIndex
-    from agent.state import StateStore
+    from scanside.agent.protocol.checker import QuarantineIndex
+    from scanside.agent.state.database import StateStore
 
     store = StateStore(tmp_path / "state.sqlite")
     with open(tmp_path / "sparse.dcm", "wb") as fp:
@@ -212,7 +212,7 @@ def test_exam_end_never_parses_what_ingest_refused_to(tmp_path):
 def test_read_header_never_blocks_on_a_fifo(tmp_path):
     """The ingest worker checks an entry before it opens it; a FIFO put in its place in between must
     not hang read_header either."""
-    from agent.header import HeaderError, read_header
+    from scanside.agent.dicom.header import HeaderError, read_header
 
     os.mkfifo(tmp_path / "swapped.dcm")
     with pytest.raises(HeaderError):

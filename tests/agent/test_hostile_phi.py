@@ -93,7 +93,7 @@ def test_no_identifier_on_any_error_path():
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), "HOME": "/nonexistent",
            **{f"SCANSIDE_{k}": v for k, v in settings.items()}}
     proc = subprocess.Popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, "-m",
-                             "agent.cli", "--log-level", "debug", "run", "--watch", str(export),
+                             "scanside.agent.cli", "--log-level", "debug", "run", "--watch", str(export),
                              "--state-dir", str(state), "--api-port", "0"], stdout=out, stderr=err, env=env, cwd=str(REPO))
     outputs: dict[str, str] = {}
     sse_chunks: list[str] = []
@@ -138,7 +138,7 @@ def test_no_identifier_on_any_error_path():
     assert "refused entry" in outputs["stderr"] and "permission" in outputs["events.jsonl"].lower()
     assert "DEBUG" in outputs["stderr"] and "<export path>" in outputs["stderr"]
     assert find_phi(outputs, NEEDLES) == []
-    # the one start-up line names the folder the operator configured (agent.cli.ready_line, issue 21);
+    # the one start-up line names the folder the operator configured (scanside.agent.cli.ready_line, issue 21);
     # nothing below it, and no other line, may
     said = "".join(outputs.values()).replace(f"scanside: watching {export} (", "scanside: watching <configured> (")
     assert str(export) not in said

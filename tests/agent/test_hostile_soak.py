@@ -27,7 +27,7 @@ import httpx
 import pytest
 from pydicom.uid import generate_uid
 
-from simulator.scanner import simulate_exam, stream_exam
+from scanside.simulator.scanner import simulate_exam, stream_exam
 from tests.agent._live import waiter
 from tests.agent.test_hostile_webhook import RawServer, _trickle
 from tests.agent.test_phi import wait_for_console
@@ -176,7 +176,7 @@ def run_hostile(root: Path, load: Load, profile: str) -> None:
     }
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **{f"SCANSIDE_{k}": v for k, v in settings.items()}}
     err = open(root / "stderr.txt", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--watch", str(export), "--state-dir", str(state),
+    proc = subprocess.Popen([sys.executable, "-m", "scanside.agent.cli", "run", "--watch", str(export), "--state-dir", str(state),
                              "--api-port", "0"], stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=str(REPO))
     watch, stop, sampling = Watch(), threading.Event(), threading.Event()
     threads: list[threading.Thread] = []

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.state import StateError, StateStore
+from scanside.agent.state.database import StateError, StateStore
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -118,7 +118,7 @@ def test_cli_names_a_read_only_database(tmp_path):
     os.chmod(tmp_path.parent.parent, 0o755)
     (tmp_path / "export").mkdir(mode=0o755)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": "/nonexistent"}
-    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "agent.cli",
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "scanside.agent.cli",
                            "run", "--watch", str(tmp_path / "export"), "--state-dir", str(state), "--no-api"],
                           capture_output=True, text=True, timeout=120, env=env, cwd=str(REPO))
     assert proc.returncode == 3, proc.stderr
@@ -131,7 +131,7 @@ def test_cli_names_a_corrupt_database(tmp_path):
     (state / "state.sqlite").write_bytes(b"SQLite format 3\x00" + os.urandom(5000))
     (tmp_path / "export").mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--watch", str(tmp_path / "export"),
+    proc = subprocess.run([sys.executable, "-m", "scanside.agent.cli", "run", "--watch", str(tmp_path / "export"),
                            "--state-dir", str(state), "--no-api"], capture_output=True, text=True, timeout=120, env=env,
                           cwd=str(REPO))
     assert proc.returncode == 3, proc.stderr
@@ -139,8 +139,8 @@ def test_cli_names_a_corrupt_database(tmp_path):
 
 
 def test_corruption_found_while_running_stops_the_watchdog(tmp_path):
-    from agent.config import load_config
-    from agent.daemon import Agent
+    from scanside.agent.service.config import load_config
+    from scanside.agent.service.daemon import Agent
 
     agent = Agent(load_config(**{"watch.folder": str(tmp_path / "export"), "state.dir": str(tmp_path / "state"),
                                  "output.stdout": False, "protocol.enabled": False})).start()

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from agent.sinks import RetryLater, SinkRunner
-from agent.state import StateStore
-from agent.webhook import WebhookSink
+from scanside.agent.outputs.sinks import RetryLater, SinkRunner
+from scanside.agent.state.database import StateStore
+from scanside.agent.outputs.webhook import WebhookSink
 
 from .test_hostile_api import recv_head
 from .test_webhook import make_events, webhook_config

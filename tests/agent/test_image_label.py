@@ -1,4 +1,4 @@
-"""agent.image_label: the shipped sequence classifier on real simulated DICOM (the runtime path:
+"""scanside.engines.tasks.image_label: the shipped sequence classifier on real simulated DICOM (the runtime path:
 header -> split_parts -> select_frames -> load_volume -> preprocess -> ONNX Runtime), frame
 selection for dynamic / multi-plane / directional series, and bad input."""
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.header import FrameInfo, FrameRef
-from agent.image_label import ImageClassifier, ImageLabelError, select_frames
-from agent.taxonomy import LABELS
-from engines.store import ModelNotFound, ModelStore
+from scanside.agent.dicom.header import FrameInfo, FrameRef
+from scanside.engines.tasks.image_label import ImageClassifier, ImageLabelError, select_frames
+from scanside.agent.dicom.taxonomy import LABELS
+from scanside.engines.store import ModelNotFound, ModelStore
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def classifier():
 
 def test_each_class_on_simulated_dicom(classifier):
     from tests.training._exams import exam
-    from training.sequence.evaluate import exam_parts
+    from scanside.training.sequence.evaluate import exam_parts
 
     seen: dict[str, list[str]] = {}
     withheld = 0
@@ -49,9 +49,9 @@ def test_each_class_on_simulated_dicom(classifier):
 
 
 def test_volume_input_and_refs_input_agree(classifier):
-    from agent.volume import load_volume
+    from scanside.agent.dicom.volume import load_volume
     from tests.training._exams import exam
-    from training.sequence.evaluate import exam_parts
+    from scanside.training.sequence.evaluate import exam_parts
 
     p = next(q for q in exam_parts(exam("siemens", 700_101)) if q["label"] == "ADC")
     part = p["part"]
@@ -98,7 +98,7 @@ def test_bad_input_raises_typed_error(classifier, tmp_path):
     with pytest.raises(ImageLabelError) as e:
         classifier.classify([FrameRef(path=str(junk))])
     assert e.value.reason == "unreadable_header"
-    from agent.volume import Volume
+    from scanside.agent.dicom.volume import Volume
     v = Volume.from_array_affine(np.full((4, 32, 32), np.nan, np.float32), np.eye(4))
     lab = classifier.classify(v)  # NaN pixels do not crash; a label (or `uncertain`, with the most probable) comes back
     assert (lab.label in LABELS or lab.uncertain) and lab.predicted in LABELS

@@ -10,8 +10,8 @@ import time
 import pytest
 from pydicom.uid import generate_uid
 
-from agent.config import load_config
-from agent.daemon import Agent
+from scanside.agent.service.config import load_config
+from scanside.agent.service.daemon import Agent
 
 from .factory import mr_dataset, series_files, write
 from tests.agent._live import waiter

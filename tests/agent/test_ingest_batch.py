@@ -12,10 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from agent.config import load_config
-from agent.ingest import Ingestor
-from agent.pipeline import Pipeline
-from agent.state import StateStore
+from scanside.agent.service.config import load_config
+from scanside.agent.intake.ingest import Ingestor
+from scanside.agent.intake.pipeline import Pipeline
+from scanside.agent.state.database import StateStore
 from tests.agent.factory import series_files
 
 ROOT = Path(__file__).resolve().parents[2]

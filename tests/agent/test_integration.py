@@ -12,9 +12,9 @@ from collections import Counter
 
 import pytest
 
-from agent.config import load_config
-from agent.daemon import Agent
-from simulator.scanner import simulate_exam, stream_exam
+from scanside.agent.service.config import load_config
+from scanside.agent.service.daemon import Agent
+from scanside.simulator.scanner import simulate_exam, stream_exam
 from tests.agent._live import waiter
 
 VARIANTS = {
@@ -143,7 +143,7 @@ def test_truncated_file_fault_is_quarantined(tmp_path, exams):
 
 def test_scan_json_reports_series_and_quarantine(exams):
     src, truth = exams("siemens", seed=5, faults=("truncated_file",))
-    out = subprocess.run([sys.executable, "-m", "agent.cli", "scan", str(src), "--json"],
+    out = subprocess.run([sys.executable, "-m", "scanside.agent.cli", "scan", str(src), "--json"],
                          capture_output=True, text=True, check=True)
     report = json.loads(out.stdout)
     required = {"study_uid", "series_uid", "series_number", "series_description", "vendor", "label", "reason",

@@ -1,4 +1,4 @@
-"""`scanside run` caps glibc's malloc arenas (agent/malloc.py) unless MALLOC_ARENA_MAX says otherwise."""
+"""`scanside run` caps glibc's malloc arenas (agent/service/malloc.py) unless MALLOC_ARENA_MAX says otherwise."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-CHECK = "from agent.malloc import limit_malloc_arenas; print(limit_malloc_arenas())"
+CHECK = "from scanside.agent.service.malloc import limit_malloc_arenas; print(limit_malloc_arenas())"
 
 
 def _run(env_extra: dict) -> str:
@@ -27,7 +27,7 @@ def test_arena_cap_is_set_on_glibc_and_an_explicit_setting_wins():
 def test_run_command_caps_arenas_before_the_agent_starts():
     import inspect
 
-    from agent import cli
+    from scanside.agent import cli
 
     src = inspect.getsource(cli.cmd_run)
     assert src.index("limit_malloc_arenas()") < src.index("Agent(config)")
@@ -38,7 +38,7 @@ def test_freed_memory_goes_back_to_the_os():
     """Many small blocks freed inside the heap stay resident until malloc_trim hands them back."""
     code = (
         "import ctypes\n"
-        "from agent.malloc import release_free_memory\n"
+        "from scanside.agent.service.malloc import release_free_memory\n"
         "def rss():\n"
         "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])\n"
         "keep = [bytearray(4000) for _ in range(60000)]\n"  # ~240 MB of small heap blocks

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.metrics import AgentMetrics
+from scanside.agent.service.metrics import AgentMetrics
 from tests.agent import _live
 
 pytestmark = pytest.mark.timeout(240)
@@ -112,7 +112,7 @@ def test_no_uid_or_patient_identifier_in_exposition(scraped):
 
 
 def test_inference_latency_and_engine_info_from_a_real_engine(tmp_path):
-    from engines.store import ModelStore
+    from scanside.engines.store import ModelStore
     from tests.engines._tiny import install_tiny, sample_input
 
     install_tiny(tmp_path / "models")

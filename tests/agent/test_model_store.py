@@ -1,14 +1,14 @@
-"""One model store construction (agent.model_store.open_model_store / ModelStore.from_settings): every
+"""One model store construction (scanside.agent.analysis.model_store.open_model_store / ModelStore.from_settings): every
 [engines] setting reaches the store, wherever the agent, its checks or the CLI build one."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from agent.config import load_config
-from agent.model_store import open_model_store
-from engines.cli import _store as cli_store
-from engines.store import PACKAGE_MODELS_DIR
+from scanside.agent.service.config import load_config
+from scanside.agent.analysis.model_store import open_model_store
+from scanside.agent.cli.models import _store as cli_store
+from scanside.engines.store import PACKAGE_MODELS_DIR
 
 
 def test_every_engines_setting_reaches_the_store(tmp_path):
@@ -32,7 +32,7 @@ def test_defaults_are_the_packages_store_with_the_real_data_gate(monkeypatch):
 
 
 def test_the_store_environment_names_are_read_by_the_configuration(tmp_path, monkeypatch):
-    """SCANSIDE_MODELS_DIR and friends still work, as defaults of [engines] (read in agent.config), and the
+    """SCANSIDE_MODELS_DIR and friends still work, as defaults of [engines] (read in scanside.agent.service.config), and the
     nested names override them like every other key."""
     monkeypatch.setenv("SCANSIDE_MODELS_DIR", f"{tmp_path / 'x'}:{tmp_path / 'y'}")
     monkeypatch.setenv("SCANSIDE_ENGINE_PREFERENCE", "onnxruntime")
@@ -45,7 +45,7 @@ def test_the_store_environment_names_are_read_by_the_configuration(tmp_path, mon
 
 
 def test_the_agent_and_the_cli_use_the_one_construction(tmp_path):
-    from agent.daemon import Agent
+    from scanside.agent.service.daemon import Agent
 
     config = load_config(**{"watch.folder": str(tmp_path / "export"), "state.dir": str(tmp_path / "state"),
                             "engines.int8_tolerance": 0.11, "api.enabled": False})

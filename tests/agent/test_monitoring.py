@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig, load_config
+from scanside.agent.service.config import AgentConfig, load_config
 from tests.agent.factory import series_files
 from tests.agent._live import free_port, stop_process, waiter
 
@@ -86,8 +86,8 @@ _wait = waiter(60.0, step=0.2)
 def running_agent(tmp_path):
     """An Agent with metrics; /metrics from its HTTP API where that exists, else the agent's own registry
     served by prometheus_client. Yields (agent, metrics URL)."""
-    pytest.importorskip("agent.metrics")
-    from agent.daemon import Agent
+    pytest.importorskip("scanside.agent.service.metrics")
+    from scanside.agent.service.daemon import Agent
 
     overrides = {"watch.folder": str(tmp_path / "export"), "state.dir": str(tmp_path / "state"),
                  "output.stdout": False, "watch.settle_s": 0.1, "series.quiet_period_s": 1.0,
@@ -104,7 +104,7 @@ def running_agent(tmp_path):
             from prometheus_client import start_http_server
 
             if not hasattr(agent, "metrics"):
-                from agent.metrics import AgentMetrics
+                from scanside.agent.service.metrics import AgentMetrics
 
                 agent.metrics = AgentMetrics(agent)
             port = free_port()
@@ -252,9 +252,9 @@ def test_real_prometheus_sees_a_first_burst_and_the_quarantine_alert_fires(runni
 
 
 def test_embedding_doc_lists_every_metric_the_code_defines():
-    """Issue 21 (12): the metric table in docs/embedding.md against the names agent/metrics.py defines,
+    """Issue 21 (12): the metric table in docs/embedding.md against the names agent/service/metrics.py defines,
     both ways (a counter family `x` is exposed as `x_total`)."""
-    code = (ROOT / "agent" / "metrics.py").read_text()
+    code = (ROOT / "agent" / "service" / "metrics.py").read_text()
     defined = set(re.findall(r'"(scanside_[a-z0-9_]+)"', code))
     assert {"scanside_disk_free_bytes", "scanside_write_failing", "scanside_write_failures"} <= defined
     doc = (ROOT / "docs" / "embedding.md").read_text()

@@ -22,10 +22,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from agent.config import load_config
-from agent.daemon import Agent
-from agent.dicom_out import DicomSink
-from agent.sinks import SinkRunner
+from scanside.agent.service.config import load_config
+from scanside.agent.service.daemon import Agent
+from scanside.agent.outputs.dicom_out import DicomSink
+from scanside.agent.outputs.sinks import SinkRunner
 from tests.agent._live import free_port, stop_process, waiter
 from tests.agent.test_cstore import exam_files, expected_parts, observed_parts
 from tests.agent.test_dicom_out import Setup, exam, send_cfg  # noqa: F401 (exam: the shared fixture)

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from simulator.scanner import simulate_exam, stream_exam
+from scanside.simulator.scanner import simulate_exam, stream_exam
 from tests.agent.test_webhook import Receiver
 from tests.agent._live import waiter
 
@@ -122,7 +122,7 @@ backoff_initial_s = 0.2
 """)
     stdout_f, stderr_f = open(tmp_path / "stdout.txt", "w+"), open(tmp_path / "stderr.txt", "w+")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "--log-level", "debug", "run", "--config", str(cfg),
+    proc = subprocess.Popen([sys.executable, "-m", "scanside.agent.cli", "--log-level", "debug", "run", "--config", str(cfg),
                              "--watch", str(export), "--state-dir", str(state), "--api-port", "0"],
                             stdout=stdout_f, stderr=stderr_f, env=env, cwd=Path(__file__).resolve().parents[2])
     outputs: dict[str, str] = {}
@@ -196,8 +196,8 @@ def test_include_file_paths_opt_in_puts_paths_in_events(tmp_path):
     """privacy.include_file_paths is the only switch: off (default) no path, on the quarantine event
     and the quarantine reason file carry the original path (an export folder name can be a patient's
     name). (There is no switch that puts patient names into events.)"""
-    from agent.config import load_config
-    from agent.daemon import Agent
+    from scanside.agent.service.config import load_config
+    from scanside.agent.service.daemon import Agent
 
     results = {}
     for on in (False, True):

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from agent import progress as prog
-from training.common import run_jobs
+from scanside.agent.service import progress as prog
+from scanside.training.common import run_jobs
 
 
 class Tty(io.StringIO):
@@ -71,7 +71,7 @@ def test_run_jobs_reports_on_stderr_and_keeps_order(capsys, jobs):
 
 
 def test_scanside_quiet_flag_reaches_the_commands(tmp_path):
-    code = ("import sys; from agent.cli import main; from agent import progress as p; "
+    code = ("import sys; from scanside.agent.cli import main; from scanside.agent.service import progress as p; "
             "main(['--quiet', 'schema', 'events']); print('QUIET', p.quiet(), file=sys.stderr)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "QUIET True" in out.stderr, out.stderr

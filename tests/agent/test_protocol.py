@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import ConfigError, load_config
-from agent.daemon import Agent
-from agent.pipeline import Pipeline
-from agent.profiles import ProfileError, Range, load_profile
-from agent.protocol import ProtocolChecker, description_family
-from agent.state import StateStore
-from simulator.scanner import simulate_exam, stream_exam
+from scanside.agent.service.config import ConfigError, load_config
+from scanside.agent.service.daemon import Agent
+from scanside.agent.intake.pipeline import Pipeline
+from scanside.agent.protocol.profiles import ProfileError, Range, load_profile
+from scanside.agent.protocol.checker import ProtocolChecker, description_family
+from scanside.agent.state.database import StateStore
+from scanside.simulator.scanner import simulate_exam, stream_exam
 from tests.agent.protocol_helpers import codes, deviations, reduced_exam, scan
 
 # ---------------------------------------------------------------------------- profiles
@@ -69,7 +69,7 @@ def test_invalid_profiles_are_refused_naming_the_field(tmp_path):
 
 
 def test_profiles_cli(tmp_path, capsys):
-    from agent.cli import main
+    from scanside.agent.cli import main
 
     def run(*args):
         code = main(["profiles", *args])

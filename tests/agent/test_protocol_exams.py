@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from agent.profiles import Range, load_profile
-from agent.protocol import ProtocolChecker
-from simulator.scanner import simulate_exam
+from scanside.agent.protocol.profiles import Range, load_profile
+from scanside.agent.protocol.checker import ProtocolChecker
+from scanside.simulator.scanner import simulate_exam
 from tests.agent.protocol_helpers import VENDORS, codes, deviations, reduced_exam, scan
 
 # fault -> (exam profile, checked against, the codes it must yield, events)

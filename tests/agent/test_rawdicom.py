@@ -1,4 +1,4 @@
-"""agent.rawdicom reads what pydicom reads: every element (value and VR, sequences item by item) and
+"""scanside.agent.dicom.rawdicom reads what pydicom reads: every element (value and VR, sequences item by item) and
 the InstanceHeader built from it, on every file of ../shared/realdata and pydicom's test files; what
 it cannot read exactly it refuses (Unsupported), and read_header then takes pydicom's path."""
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.uid import generate_uid
 
-from agent import header as hdr
-from agent.header import header_from_dataset, read_header
-from agent.rawdicom import Incomplete, RawDataset, Unsupported, read_part10
+from scanside.agent.dicom import header as hdr
+from scanside.agent.dicom.header import header_from_dataset, read_header
+from scanside.agent.dicom.rawdicom import Incomplete, RawDataset, Unsupported, read_part10
 from tests.agent.factory import mr_dataset, write
 from tests.agent.realdata import REALDATA, dicom_files, need
 

@@ -10,16 +10,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from agent.alerts import alert_from_event
-from agent.analysis import Analyzer, triage_event
-from agent.config import load_config
-from agent.cspca import CspcaPrediction, extract_findings, restrict_findings
-from agent.events import SeriesSummary
-from agent.gland import MODEL_NAME, ZONES_MODEL, GlandResult, inside_gland, resolve_model
-from agent.input_range import fit_input_range, input_features
-from agent.shadow import ShadowPolicy
-from agent.state import StateStore
-from engines.preprocess import Grid
+from scanside.agent.outputs.alerts import alert_from_event
+from scanside.agent.analysis.analysis import Analyzer, triage_event
+from scanside.agent.service.config import load_config
+from scanside.engines.tasks.cspca import CspcaPrediction, extract_findings, restrict_findings
+from scanside.agent.state.events import SeriesSummary
+from scanside.engines.tasks.gland import MODEL_NAME, ZONES_MODEL, GlandResult, inside_gland, resolve_model
+from scanside.engines.tasks.input_range import fit_input_range, input_features
+from scanside.agent.analysis.shadow import ShadowPolicy
+from scanside.agent.state.database import StateStore
+from scanside.engines.preprocess import Grid
 
 HEAD = (0.6879544, -2.6143243)  # cspca-reference 1.3.0's exam head
 
@@ -129,12 +129,12 @@ def test_inputs_outside_the_validated_range_are_not_assessed(tmp_path: Path) -> 
     assert alert_from_event(ev) is None
     # the range survives a save and load beside a model
     rng.save(tmp_path)
-    from agent.input_range import InputRange
+    from scanside.engines.tasks.input_range import InputRange
     assert InputRange.load(tmp_path).check(odd).score == check.score
 
 
 def test_shadow_mode_until_accepted_and_the_learning_line(tmp_path: Path) -> None:
-    from engines.cli import main as models_main
+    from scanside.agent.cli.models import main as models_main
 
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f'[state]\ndir = "{tmp_path / "state"}"\n')
@@ -178,8 +178,8 @@ def test_gland_auto_prefers_taps_and_needs_real_data_figures() -> None:
 def test_image_agreement_ratio_per_model(tmp_path: Path) -> None:
     from prometheus_client import generate_latest
 
-    from agent.events import SeriesClassified
-    from agent.metrics import AgentMetrics
+    from scanside.agent.state.events import SeriesClassified
+    from scanside.agent.service.metrics import AgentMetrics
 
     m = AgentMetrics(process=False)
 

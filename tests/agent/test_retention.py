@@ -1,4 +1,4 @@
-"""Retention (agent.retention): a simulated year of exams on a fake clock stays within every limit,
+"""Retention (scanside.agent.state.retention): a simulated year of exams on a fake clock stays within every limit,
 and nothing an output has not delivered, nor any image of an open exam, is deleted."""
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import os
 import sqlite3
 from pathlib import Path
 
-from agent.config import load_config
-from agent.metrics import retention_metrics
-from agent.retention import DAY_S, HORIZON_MARGIN_S, Retention
-from agent.state import StateStore
+from scanside.agent.service.config import load_config
+from scanside.agent.service.metrics import retention_metrics
+from scanside.agent.state.retention import DAY_S, HORIZON_MARGIN_S, Retention
+from scanside.agent.state.database import StateStore
 
 T0 = 1_700_000_000.0
 EXAMS_PER_DAY = 2
@@ -152,7 +152,7 @@ def test_files_row_of_a_file_still_in_the_export_folder_is_kept(tmp_path: Path) 
 
 
 def test_agent_holds_back_for_its_durable_outputs_and_exports_the_metrics(tmp_path: Path) -> None:
-    from agent.daemon import Agent
+    from scanside.agent.service.daemon import Agent
 
     config = load_config(**{"state.dir": str(tmp_path / "state"), "watch.folder": str(tmp_path / "export"),
                             "api.enabled": False, "output.stdout": False, "webhook.url": "http://127.0.0.1:9/hook"})
@@ -176,7 +176,7 @@ def test_agent_holds_back_for_its_durable_outputs_and_exports_the_metrics(tmp_pa
 def test_a_partial_retention_table_keeps_the_other_defaults(tmp_path):
     """A site that sets one limit of a folder keeps the other's default (a bare `[retention.received]`
     table once reset both to "no limit")."""
-    from agent.config import load_config
+    from scanside.agent.service.config import load_config
 
     cfg = tmp_path / "site.toml"
     cfg.write_text("[retention.received]\nmax_age_days = 10\n\n[retention.files]\n")

@@ -1,4 +1,4 @@
-"""One retry policy for every output (agent.retry): transient failures retried with backoff a bounded
+"""One retry policy for every output (scanside.agent.outputs.retry): transient failures retried with backoff a bounded
 number of times, permanent ones and exhausted ones recorded as dead letters in the state database,
 counted in scanside_output_dead_letters_total; failed model runs counted, not dropped."""
 from __future__ import annotations
@@ -10,13 +10,13 @@ import threading
 import httpx
 import pytest
 
-from agent.config import load_config
-from agent.events import ExamCompleted
-from agent.metrics import AgentMetrics
-from agent.retry import OutputRetry, RetryLater, RetryPolicy
-from agent.sinks import SinkRunner
-from agent.state import StateStore
-from agent.webhook import WebhookSink
+from scanside.agent.service.config import load_config
+from scanside.agent.state.events import ExamCompleted
+from scanside.agent.service.metrics import AgentMetrics
+from scanside.agent.outputs.retry import OutputRetry, RetryLater, RetryPolicy
+from scanside.agent.outputs.sinks import SinkRunner
+from scanside.agent.state.database import StateStore
+from scanside.agent.outputs.webhook import WebhookSink
 from tests.agent import _live
 from tests.agent.test_webhook import Receiver, drain, make_events, store, webhook_config  # noqa: F401 (store: fixture)
 
@@ -148,7 +148,7 @@ def test_dead_letters_are_counted_in_the_metric(tmp_path):
 
 
 def test_a_failed_model_run_is_counted_and_logged_at_error(tmp_path, caplog, monkeypatch):
-    from agent.analysis import Analyzer
+    from scanside.agent.analysis.analysis import Analyzer
 
     config = load_config(**{"watch.folder": str(tmp_path / "export"), "state.dir": str(tmp_path / "state")})
     store = StateStore(tmp_path / "state.sqlite")
@@ -160,7 +160,7 @@ def test_a_failed_model_run_is_counted_and_logged_at_error(tmp_path, caplog, mon
             raise RuntimeError("engine returned NaN")
 
         monkeypatch.setattr(analyzer, "_triage", broken)
-        with caplog.at_level(logging.ERROR, logger="agent.analysis"):
+        with caplog.at_level(logging.ERROR, logger="scanside.agent.analysis.analysis"):
             analyzer.deliver(ExamCompleted(key="exam_completed:1.2.3:1", study_uid="1.2.3", reason="operator",
                                            n_series=3, n_deviations=0))
         assert metrics.registry.get_sample_value("scanside_model_failures_total", {"stage": "triage"}) == 1

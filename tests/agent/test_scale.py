@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from agent import header as hdr
-from agent.config import load_config
-from agent.header import HeaderError, read_header
-from agent.pipeline import Pipeline
-from agent.state import StateStore
+from scanside.agent.dicom import header as hdr
+from scanside.agent.service.config import load_config
+from scanside.agent.dicom.header import HeaderError, read_header
+from scanside.agent.intake.pipeline import Pipeline
+from scanside.agent.state.database import StateStore
 from tests.agent.factory import mr_dataset, series_files, write
 
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pydicom.uid import generate_uid
 
-from agent.config import load_config
-from agent.pipeline import Pipeline
-from agent.state import StateStore
+from scanside.agent.service.config import load_config
+from scanside.agent.intake.pipeline import Pipeline
+from scanside.agent.state.database import StateStore
 
 from .factory import mr_dataset, series_files, write
 

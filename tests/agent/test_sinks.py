@@ -12,10 +12,10 @@ import threading
 
 import pytest
 
-from agent.events import FileQuarantined
-from agent.health import WriteHealth
-from agent.sinks import JsonlSink, RetryLater, SinkRunner
-from agent.state import StateStore
+from scanside.agent.state.events import FileQuarantined
+from scanside.agent.service.health import WriteHealth
+from scanside.agent.outputs.sinks import JsonlSink, RetryLater, SinkRunner
+from scanside.agent.state.database import StateStore
 from tests.agent.test_diskfull import fill, small_fs
 
 

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent.config import AgentConfig, load_config
-from agent.siteconfig import example_site_toml
+from scanside.agent.service.config import AgentConfig, load_config
+from scanside.agent.service.siteconfig import example_site_toml
 
 try:
     import tomllib
@@ -21,7 +21,7 @@ EXAMPLE = ROOT / "examples" / "site.toml"
 
 
 def every_key(model=AgentConfig, prefix=""):
-    from agent.siteconfig import _submodel
+    from scanside.agent.service.siteconfig import _submodel
 
     for name, field in model.model_fields.items():
         sub = _submodel(field.annotation)
@@ -43,7 +43,7 @@ def uncomment(text: str) -> str:
 def test_shipped_example_is_what_config_init_writes(tmp_path):
     assert EXAMPLE.read_text(encoding="utf-8") == example_site_toml(), \
         "examples/site.toml is stale: regenerate with `scanside config init --force examples/site.toml`"
-    out = subprocess.run([sys.executable, "-m", "agent.cli", "config", "init", str(tmp_path / "site.toml")],
+    out = subprocess.run([sys.executable, "-m", "scanside.agent.cli", "config", "init", str(tmp_path / "site.toml")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "site.toml").read_text(encoding="utf-8") == EXAMPLE.read_text(encoding="utf-8")
@@ -52,7 +52,7 @@ def test_shipped_example_is_what_config_init_writes(tmp_path):
 def test_example_covers_every_section_and_key_with_its_environment_name():
     text = EXAMPLE.read_text(encoding="utf-8")
     no_value = [ln for ln in text.splitlines() if re.match(r"# [a-z_0-9]+ =\s+#", ln)]
-    assert not no_value, f"keys without an example value: add them to agent.siteconfig.EXAMPLES: {no_value}"
+    assert not no_value, f"keys without an example value: add them to scanside.agent.service.siteconfig.EXAMPLES: {no_value}"
     data = tomllib.loads(uncomment(text))
     keys = list(every_key())
     assert len(keys) > 70
@@ -81,6 +81,6 @@ def test_example_as_shipped_loads_and_every_line_uncommented_is_valid(tmp_path):
 def test_a_wrong_key_in_the_example_is_refused_with_its_name(tmp_path):
     text = uncomment(EXAMPLE.read_text(encoding="utf-8")).replace("quiet_period_s = 10.0", "quiet_perod_s = 10.0", 1)
     (tmp_path / "typo.toml").write_text(text, encoding="utf-8")
-    out = subprocess.run([sys.executable, "-m", "agent.cli", "config", "check", "--config", str(tmp_path / "typo.toml")],
+    out = subprocess.run([sys.executable, "-m", "scanside.agent.cli", "config", "check", "--config", str(tmp_path / "typo.toml")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "series.quiet_perod_s" in out.stderr, out.stderr

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.systemd import Notifier, Watchdog
+from scanside.agent.service.systemd import Notifier, Watchdog
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "scanside.service"

@@ -1,5 +1,5 @@
 """An `uncertain` image label (the sequence classifier's calibrated gate) is recorded but raises no
-LABEL_MISMATCH; a confident disagreement still does (agent.analysis)."""
+LABEL_MISMATCH; a confident disagreement still does (scanside.agent.analysis.analysis)."""
 from __future__ import annotations
 
 import threading
@@ -7,11 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from agent.analysis import Analyzer
-from agent.config import load_config
-from agent.events import SeriesSummary
-from agent.image_label import ImageLabel
-from agent.state import StateStore
+from scanside.agent.analysis.analysis import Analyzer
+from scanside.agent.service.config import load_config
+from scanside.agent.state.events import SeriesSummary
+from scanside.engines.tasks.image_label import ImageLabel
+from scanside.agent.state.database import StateStore
 
 
 def _label(label: str, predicted: str, why=None) -> ImageLabel:
@@ -45,8 +45,8 @@ def test_uncertain_labels_raise_no_mismatch(tmp_path, monkeypatch, image, alerts
 def test_uncertain_labels_are_counted_per_model():
     from prometheus_client import generate_latest
 
-    from agent.events import SeriesClassified
-    from agent.metrics import AgentMetrics
+    from scanside.agent.state.events import SeriesClassified
+    from scanside.agent.service.metrics import AgentMetrics
 
     m = AgentMetrics(process=False)
     for i, label in enumerate(("ADC", "uncertain", "uncertain", "DWI_Low")):

@@ -15,10 +15,10 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from agent.classify import classify_header, diffusion_evidence
-from agent.cli import main as cli_main
-from agent.header import HeaderError, header_from_dataset, read_header
-from agent.series import expected_count, split_parts, summarise
+from scanside.agent.dicom.classify import classify_header, diffusion_evidence
+from scanside.agent.cli import main as cli_main
+from scanside.agent.dicom.header import HeaderError, header_from_dataset, read_header
+from scanside.agent.dicom.series import expected_count, split_parts, summarise
 
 from .factory import mr_dataset, write
 from .realdata import DCM_QA_NIH, QIN_ADC, dicom_files, need, stream

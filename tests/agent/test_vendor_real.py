@@ -7,9 +7,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from agent.classify import classify_header
-from agent.header import HeaderError, read_header
-from agent.series import split_parts
+from scanside.agent.dicom.classify import classify_header
+from scanside.agent.dicom.header import HeaderError, read_header
+from scanside.agent.dicom.series import split_parts
 
 
 def test_siemens_dwi_b1000_from_private_tag_and_csa(nibabel_dicom, tmp_path):
@@ -113,7 +113,7 @@ def test_acquired_resolution_from_a_real_siemens_header():
     """pydicom's Siemens file: AcquisitionMatrix [256, 0, 0, 134], phase along COL, 484 x 484 pixels of
     0.723 mm. The acquired resolution is the field of view over the encoding steps on each axis, far
     coarser than the interpolated pixels (which a pixel-spacing check would have passed)."""
-    from agent.acquisition import acquired_resolution, field_of_view
+    from scanside.agent.dicom.acquisition import acquired_resolution, field_of_view
 
     h = read_header(get_testdata_file("MR-SIEMENS-DICOM-WithOverlays.dcm"))
     assert h.encoding_steps == (256, 134) and h.phase_direction == "COL"
@@ -128,8 +128,8 @@ def test_acquired_resolution_from_a_real_siemens_header():
 @pytest.mark.parametrize("vendor", ["siemens", "siemens-xa", "ge", "philips"])
 def test_acquired_resolution_of_simulated_t2w_per_vendor(vendor, tmp_path):
     """Classic (0018,1310)/(0018,1312) and enhanced MRFOVGeometrySequence give the same answer."""
-    from agent.acquisition import acquired_resolution
-    from simulator.scanner import simulate_exam
+    from scanside.agent.dicom.acquisition import acquired_resolution
+    from scanside.simulator.scanner import simulate_exam
 
     truth = simulate_exam(vendor, tmp_path, 3, profile="prostate-bpmri")
     t2 = next(s for s in truth.series if s.kind == "t2w" and s.plane == "axial")

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 from pydicom.uid import generate_uid
 
-from agent.classify import classify_header
-from agent.header import header_from_dataset
-from agent.vendor import clean_b, plane_of
+from scanside.agent.dicom.classify import classify_header
+from scanside.agent.dicom.header import header_from_dataset
+from scanside.agent.dicom.vendor import clean_b, plane_of
 
 from .factory import mr_dataset
 

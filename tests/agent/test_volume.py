@@ -1,4 +1,4 @@
-"""agent.volume: DICOM frames -> Volume. Real files (pydicom, pydicom-data, nibabel test data)
+"""scanside.agent.dicom.volume: DICOM frames -> Volume. Real files (pydicom, pydicom-data, nibabel test data)
 and synthetic series with exactly known geometry."""
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from agent.header import FrameRef
-from agent.volume import Volume, VolumeError, load_volume
+from scanside.agent.dicom.header import FrameRef
+from scanside.agent.dicom.volume import Volume, VolumeError, load_volume
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 ENH_MR = "1.2.840.10008.5.1.4.1.1.4.1"

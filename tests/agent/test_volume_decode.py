@@ -10,9 +10,9 @@ import numpy as np
 import pydicom
 import pytest
 
-import agent.volume as av
-from agent.header import read_header
-from agent.series import split_parts
+import scanside.agent.dicom.volume as av
+from scanside.agent.dicom.header import read_header
+from scanside.agent.dicom.series import split_parts
 
 
 def _bundled() -> list:
@@ -60,7 +60,7 @@ def test_native_fast_declines_what_it_cannot_do_exactly() -> None:
 
 @pytest.fixture(scope="module")
 def exams(tmp_path_factory):
-    from simulator.scanner import simulate_exam
+    from scanside.simulator.scanner import simulate_exam
 
     out = []
     for i, (vendor, kw) in enumerate([("siemens", {"mosaic": True}), ("ge", {}), ("philips", {"enhanced": True}),

@@ -11,12 +11,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from agent.config import load_config
-from agent.daemon import Agent
-from agent.events import ExamCompleted, ProtocolDeviation, SeriesReopened, parse_event
-from agent.sinks import SinkRunner
-from agent.state import StateStore
-from agent.webhook import Backoff, WebhookSink, retry_after_s, sign, verify
+from scanside.agent.service.config import load_config
+from scanside.agent.service.daemon import Agent
+from scanside.agent.state.events import ExamCompleted, ProtocolDeviation, SeriesReopened, parse_event
+from scanside.agent.outputs.sinks import SinkRunner
+from scanside.agent.state.database import StateStore
+from scanside.agent.outputs.webhook import Backoff, WebhookSink, retry_after_s, sign, verify
 
 SECRET = "whsec_c2NhbnNpZGUtdGVzdC1zZWNyZXQ="
 

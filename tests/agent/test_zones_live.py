@@ -14,10 +14,10 @@ import time
 import numpy as np
 import pytest
 
-from agent.config import load_config
-from agent.daemon import Agent
-from engines.store import ModelStore
-from simulator.scanner import simulate_exam
+from scanside.agent.service.config import load_config
+from scanside.agent.service.daemon import Agent
+from scanside.engines.store import ModelStore
+from scanside.simulator.scanner import simulate_exam
 from tests.agent._live import waiter
 
 MODELS = ("cspca-reference", "prostate-zones-reference")
@@ -70,7 +70,7 @@ def test_finding_zone_is_the_lesion_zone(tmp_path, vendor, seed, zone) -> None:
 
 
 def _phantom_fraction_inside(truth, slab) -> float:
-    from simulator.phantom import make_phantom
+    from scanside.simulator.phantom import make_phantom
 
     ph = make_phantom(truth.seed, n_lesions=0)
     pts = ph.index_to_world(np.argwhere(ph.prostate_mask())[:, ::-1])

@@ -10,8 +10,8 @@ T2W_DATA_SEEDS = (300, 301, 302, 303)
 
 
 def install_tiny_t2w(root: Path, *, name: str = "tiny3d", version: str = "1.0.0", seed: int = 0):
-    from engines.manifest import ModelManifest, sha256_file
-    from engines.store import ModelStore
+    from scanside.engines.manifest import ModelManifest, sha256_file
+    from scanside.engines.store import ModelStore
 
     src = build_tiny_onnx(Path(root).parent / f"_src_{name}_{version}.onnx", seed=seed)
     d = tiny_manifest_dict(sha256_file(src), name=name, version=version)

@@ -23,8 +23,8 @@ def tiny_model(tmp_path: Path):
 @pytest.fixture(scope="session")
 def calibrated_tiny(tmp_path_factory: pytest.TempPathFactory, t2w_exams: list):
     """The tiny model calibrated on two exams (both INT8 variants), held-out set from the other two."""
-    from converters.calibrate import calibrate
-    from converters.calibration_data import build_set
+    from scanside.converters.calibrate import calibrate
+    from scanside.converters.calibration_data import build_set
     from tests.converters._models import install_tiny_t2w
 
     m = install_tiny_t2w(tmp_path_factory.mktemp("cal") / "models")

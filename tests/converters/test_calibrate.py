@@ -8,8 +8,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from converters.calibrate import DEFAULT_MAX_REL_ERROR, RECIPES, calibrate, rel_error
-from engines.manifest import ModelManifest, sha256_file
+from scanside.converters.calibrate import DEFAULT_MAX_REL_ERROR, RECIPES, calibrate, rel_error
+from scanside.engines.manifest import ModelManifest, sha256_file
 
 
 def _zero_point_types(path) -> set:
@@ -77,7 +77,7 @@ def test_bad_arguments(calibrated_tiny) -> None:
 
 
 def test_kept_tensors_are_what_was_calibrated_on(calibrated_tiny) -> None:
-    from converters.calibration_data import CalibrationSet
+    from scanside.converters.calibration_data import CalibrationSet
 
     r, cal, _ = calibrated_tiny
     kept = CalibrationSet.load(r.tensors_path)
@@ -90,7 +90,7 @@ def test_kept_tensors_are_what_was_calibrated_on(calibrated_tiny) -> None:
 
 
 def test_save_is_lossless_either_way(tmp_path) -> None:
-    from converters.calibration_data import CalibrationSet
+    from scanside.converters.calibration_data import CalibrationSet
 
     x = np.random.default_rng(0).normal(size=(2, 1, 4, 4, 4)).astype(np.float32)
     for arr, stored in ((x, np.float32), (x.astype(np.float16).astype(np.float32), np.float16),

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.calibration_data import CalibrationDataError, CalibrationSet, build_set, extract_windows, read_series, \
+from scanside.converters.calibration_data import CalibrationDataError, CalibrationSet, build_set, extract_windows, read_series, \
     window_starts
-from engines.preprocess import prepare, sliding_window
-from engines.spec import PreprocessSpec, WindowSpec
+from scanside.engines.preprocess import prepare, sliding_window
+from scanside.engines.spec import PreprocessSpec, WindowSpec
 
 
 def test_series_are_read_and_labelled_by_the_agent(t2w_exams: list) -> None:
@@ -34,7 +34,7 @@ def test_samples_equal_what_the_agent_prepares(tiny_model, t2w_exams: list) -> N
     assert cset.input_name == "x" and cset.labels == ["T2WI_nan", "T2WI_nan"]
     assert len(set(cset.sources)) == 2
     assert all(t in (0.0, 1.0) for t in cset.targets)  # exam truth read from ground_truth.json
-    # the same numbers engines.preprocess.prepare gives the agent
+    # the same numbers scanside.engines.preprocess.prepare gives the agent
     s = [x for x in read_series(t2w_exams[:2]) if x.series_key == cset.sources[0]][0]
     arr, _grid = prepare({"T2W": s.volume}, tiny_model.preprocessing)
     np.testing.assert_array_equal(cset.inputs[0], arr)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 
-from converters.cli import main
-from engines.manifest import ModelManifest
-from engines.store import ModelStore
+from scanside.agent.cli.convert import main
+from scanside.engines.manifest import ModelManifest
+from scanside.engines.store import ModelStore
 
 
 def test_calibrate_then_parity_then_the_store_loads_int8(tiny_model, t2w_exams: list, capsys) -> None:

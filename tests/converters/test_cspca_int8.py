@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.calibration_data import CalibrationSet
-from converters.parity import cspca_metrics, openvino_unavailable
-from engines.manifest import ModelManifest
-from engines.store import PACKAGE_MODELS_DIR, ModelStore, parity_refusal
+from scanside.converters.calibration_data import CalibrationSet
+from scanside.converters.parity import cspca_metrics, openvino_unavailable
+from scanside.engines.manifest import ModelManifest
+from scanside.engines.store import PACKAGE_MODELS_DIR, ModelStore, parity_refusal
 
 CSPCA = Path(ModelStore(PACKAGE_MODELS_DIR).resolve("cspca-reference").root)  # the shipped (newest) version
 
@@ -47,7 +47,7 @@ def test_cspca_metrics_by_hand() -> None:
 def test_node_selection_is_measured_and_recorded(calibrated_tiny, tmp_path: Path) -> None:
     import shutil
 
-    from converters.calibrate import boundary_nodes, calibrate
+    from scanside.converters.calibrate import boundary_nodes, calibrate
 
     r, cal, _held = calibrated_tiny
     root = tmp_path / "models"
@@ -88,7 +88,7 @@ def test_shipped_cspca_int8_variants_have_passing_parity_per_backend() -> None:
 
 @pytest.mark.skipif(openvino_unavailable() is not None, reason=f"OpenVINO: {openvino_unavailable()}")
 def test_store_default_runs_cspca_int8_on_openvino_close_to_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
-    from engines.onnxruntime_engine import OnnxRuntimeEngine
+    from scanside.engines.backends.onnxruntime_engine import OnnxRuntimeEngine
 
     monkeypatch.delenv("SCANSIDE_ENGINE_PREFERENCE", raising=False)
     store = ModelStore(engine_options={"openvino": {"threads": 1, "cache": False}})

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from converters.int8_release import refresh_card
-from engines.manifest import ModelManifest
-from engines.store import ModelNotFound, ModelStore
+from scanside.converters.int8_release import refresh_card
+from scanside.engines.manifest import ModelManifest
+from scanside.engines.store import ModelNotFound, ModelStore
 
 
 def _copy(tmp_path, name: str) -> ModelManifest:

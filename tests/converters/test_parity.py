@@ -1,4 +1,4 @@
-"""Parity reports and the agent's INT8 parity gate (engines.store)."""
+"""Parity reports and the agent's INT8 parity gate (scanside.engines.store)."""
 from __future__ import annotations
 
 import shutil
@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.calibrate import calibrate
-from converters.parity import auroc, dice, parity_report, record, task_metrics
-from converters.calibration_data import CalibrationSet
-from engines.base import EngineUnavailable
-from engines.manifest import ModelManifest
-from engines.store import ModelStore, parity_refusal
-from engines.taps import taps_manifest
+from scanside.converters.calibrate import calibrate
+from scanside.converters.parity import auroc, dice, parity_report, record, task_metrics
+from scanside.converters.calibration_data import CalibrationSet
+from scanside.engines.base import EngineUnavailable
+from scanside.engines.manifest import ModelManifest
+from scanside.engines.store import ModelStore, parity_refusal
+from scanside.agent.cli.taps import taps_manifest
 
 
 def test_metrics_by_hand() -> None:
@@ -48,7 +48,7 @@ def test_report_per_variant_and_recorded(calibrated_tiny, tmp_path: Path) -> Non
     shutil.copytree(r.manifest.root.parent.parent, root)
     m = ModelManifest.load(root / "tiny3d" / "1.0.0")
     rep = parity_report(m, held, threads=1)
-    from converters.parity import openvino_unavailable
+    from scanside.converters.parity import openvino_unavailable
 
     ov_keys = set() if openvino_unavailable() else {"openvino:fp32", "openvino:int8_sym", "openvino:int8_u8s8"}
     assert set(rep["variants"]) == {"int8_sym", "int8_u8s8"} | ov_keys and rep["tensorrt"].startswith("skipped")

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.calibration_data import CalibrationSet, build_set, file_origin
-from converters.parity import parity_report, record, task_metrics
-from engines.base import EngineUnavailable
-from engines.manifest import ModelManifest
-from engines.store import ModelStore, parity_refusal
-from engines.taps import taps_manifest
+from scanside.converters.calibration_data import CalibrationSet, build_set, file_origin
+from scanside.converters.parity import parity_report, record, task_metrics
+from scanside.engines.base import EngineUnavailable
+from scanside.engines.manifest import ModelManifest
+from scanside.engines.store import ModelStore, parity_refusal
+from scanside.agent.cli.taps import taps_manifest
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "realdata" / "prostate" / "ProstateX-0218"
 needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"real DICOM not here ({REAL}; see ../shared/realdata/README.md)")
@@ -65,7 +65,7 @@ def test_real_files_are_real_and_the_set_says_so(tiny_model, t2w_exams: list, tm
 
 @needs_real
 def test_store_runs_int8_on_real_exams_only_with_real_parity(tiny_model, t2w_exams: list, tmp_path: Path) -> None:
-    from converters.calibrate import calibrate
+    from scanside.converters.calibrate import calibrate
 
     m = tiny_model
     r = calibrate(m, build_set(m, t2w_exams[:2]), variants=["int8_u8s8"], select_ops=False)
@@ -111,7 +111,7 @@ def test_unrecorded_origin_is_not_real() -> None:
 
 
 def test_config_default_is_real() -> None:
-    from agent.config import AgentConfig, load_config
+    from scanside.agent.service.config import AgentConfig, load_config
 
     assert AgentConfig().engines.parity_data == "real"
     assert load_config(**{"engines.parity_data": "any"}).engines.parity_data == "any"
@@ -123,7 +123,7 @@ def test_convert_calibrate_on_a_sites_exams_is_what_the_agent_runs(tiny_model, t
     --data DIR` on the site's own exams; the daemon's store (parity_data real) then loads the INT8 file."""
     import json
 
-    from converters.cli import main
+    from scanside.agent.cli.convert import main
 
     root = str(tiny_model.root.parent.parent)
     assert main(["convert", "--store", root, "calibrate", "tiny3d", "--data", str(REAL), "--variants", "int8_u8s8",

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from converters.calibrate import calibrate
-from converters.calibration_data import build_set, read_series
-from converters.parity import parity_report, record
-from engines.base import EngineUnavailable
-from engines.store import ModelStore
+from scanside.converters.calibrate import calibrate
+from scanside.converters.calibration_data import build_set, read_series
+from scanside.converters.parity import parity_report, record
+from scanside.engines.base import EngineUnavailable
+from scanside.engines.store import ModelStore
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "realdata" / "prostate" / "ProstateX-0218"
 T2W = ("T2WI_nan", "T2WI_fs")
@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400),
 
 @pytest.fixture(scope="module")
 def taps(tmp_path_factory: pytest.TempPathFactory):
-    from engines.taps import fetch_wheel, import_taps
+    from scanside.agent.cli.taps import fetch_wheel, import_taps
 
     try:
         wheel = fetch_wheel()

@@ -8,13 +8,13 @@ import struct
 
 import pytest
 
-from converters.tensorrt_build import BuildOptions, BuildRefused, add_plan, build_mode, cache_matches, float_to_hex, \
+from scanside.converters.tensorrt_build import BuildOptions, BuildRefused, add_plan, build_mode, cache_matches, float_to_hex, \
     hex_to_float, layer_precisions, parse_trt_version, plan_record, profile_shapes, ranges_to_scales, \
     read_calibration_cache, skip_reason, trt_version_number, write_calibration_cache
-from engines.manifest import ModelFile, ModelManifest
-from engines.store import ModelStore
-from engines.taps import taps_manifest
-from engines.tensorrt_engine import CudaDevice
+from scanside.engines.manifest import ModelFile, ModelManifest
+from scanside.engines.store import ModelStore
+from scanside.agent.cli.taps import taps_manifest
+from scanside.engines.backends.tensorrt_engine import CudaDevice
 
 
 def _with_sym(m: ModelManifest) -> ModelManifest:
@@ -153,7 +153,7 @@ def test_build_on_a_gpu(calibrated_tiny) -> None:
     why = skip_reason()
     if why:
         pytest.skip(f"TensorRT plan build needs tensorrt and a CUDA GPU: {why}")
-    from converters.tensorrt_build import build_plan
+    from scanside.converters.tensorrt_build import build_plan
 
     r, _cal, _held = calibrated_tiny
     updated, report = build_plan(r.manifest, BuildOptions(precision="int8_qdq", opt={"N": 1}, max={"N": 4}),
@@ -164,7 +164,7 @@ def test_build_on_a_gpu(calibrated_tiny) -> None:
 def test_tensorrt_bound_qdq_has_no_int32_dequantize(calibrated_tiny) -> None:
     """TensorRT's dequantize layer refuses INT32 input (onnx/onnx-tensorrt#850): the symmetric variant keeps
     its biases FP32; the CPU variant keeps onnxruntime's INT32 biases (so the check can see them)."""
-    from converters.tensorrt_build import int32_dequantize_nodes
+    from scanside.converters.tensorrt_build import int32_dequantize_nodes
 
     r, _cal, _held = calibrated_tiny
     m = r.manifest
@@ -175,7 +175,7 @@ def test_tensorrt_bound_qdq_has_no_int32_dequantize(calibrated_tiny) -> None:
 
 def test_shipped_tensorrt_bound_files_have_no_int32_dequantize() -> None:
     """Every TensorRT-bound Q/DQ file the store ships, in every version (a later version may ship FP32 only)."""
-    from converters.tensorrt_build import int32_dequantize_nodes
+    from scanside.converters.tensorrt_build import int32_dequantize_nodes
 
     store = ModelStore(user_dir=None)
     checked = []
@@ -207,7 +207,7 @@ def _plan_header(path) -> dict:
 
 @pytest.mark.parametrize("version", ["10.3.0.26", "11.4.0.106"])
 def test_fake_build_int8_qdq(calibrated_tiny, tmp_path, version: str) -> None:
-    from converters.tensorrt_build import build_plan
+    from scanside.converters.tensorrt_build import build_plan
     from tests.engines.fake_tensorrt import FakeGPUEnv
     m = _model_copy(calibrated_tiny, tmp_path)
     with FakeGPUEnv(version) as env:
@@ -223,7 +223,7 @@ def test_fake_build_int8_qdq(calibrated_tiny, tmp_path, version: str) -> None:
 
 def test_fake_build_refuses_int32_dequantize(calibrated_tiny, tmp_path, monkeypatch) -> None:
     """A Q/DQ file with onnxruntime's INT32 biases (QuantizeBias on) is what TensorRT's parser refuses."""
-    import converters.tensorrt_build as tb
+    import scanside.converters.tensorrt_build as tb
     from tests.engines.fake_tensorrt import FakeGPUEnv
     m = _model_copy(calibrated_tiny, tmp_path)
     files = dict(m.files)
@@ -238,7 +238,7 @@ def test_fake_build_refuses_int32_dequantize(calibrated_tiny, tmp_path, monkeypa
 
 
 def test_fake_build_hardware_compatibility(calibrated_tiny, tmp_path) -> None:
-    from converters.tensorrt_build import build_plan
+    from scanside.converters.tensorrt_build import build_plan
     from tests.engines.fake_tensorrt import FakeGPU, FakeGPUEnv
     m = _model_copy(calibrated_tiny, tmp_path)
     same_cc = BuildOptions(precision="fp32", hardware_compatibility="same_compute_capability")
@@ -262,7 +262,7 @@ def test_fake_build_hardware_compatibility(calibrated_tiny, tmp_path) -> None:
 
 
 def test_fake_build_timing_cache_from_another_device_keeps_the_plan(calibrated_tiny, tmp_path) -> None:
-    from converters.tensorrt_build import build_plan
+    from scanside.converters.tensorrt_build import build_plan
     from tests.engines.fake_tensorrt import FakeGPU, FakeGPUEnv
     m = _model_copy(calibrated_tiny, tmp_path)
     timing = tmp_path / "timing.cache"
@@ -283,13 +283,13 @@ def test_fake_build_timing_cache_from_another_device_keeps_the_plan(calibrated_t
 
 def test_fake_build_implicit_int8_on_tensorrt_10(calibrated_tiny, tmp_path) -> None:
     import numpy as np
-    from converters.tensorrt_build import build_plan
+    from scanside.converters.tensorrt_build import build_plan
     from tests.engines.fake_tensorrt import FakeGPUEnv
     m = _model_copy(calibrated_tiny, tmp_path)
     _r, cal, _held = calibrated_tiny
     x = np.asarray(cal.inputs, dtype=np.float32)
     cache = tmp_path / "calib" / "trt.cache"
-    from converters.tensorrt_build import calibration_batches, profile_shapes
+    from scanside.converters.tensorrt_build import calibration_batches, profile_shapes
     wrong = [{"x": x[:1]}]  # batch 1, the calibration profile's opt is 2
     right = calibration_batches(x, "x", profile_shapes(m, opt={"N": 2}, max_={"N": 4}))
     assert len(right) == len(x) // 2 and all(b["x"].shape == (2, 1, 8, 8, 4) for b in right)
@@ -311,7 +311,7 @@ def test_fake_build_implicit_int8_on_tensorrt_10(calibrated_tiny, tmp_path) -> N
 
 
 def test_fake_build_fp32_is_fp32_and_checks_the_engine(calibrated_tiny, tmp_path, monkeypatch) -> None:
-    from converters.tensorrt_build import build_plan
+    from scanside.converters.tensorrt_build import build_plan
     from tests.engines.fake_tensorrt import FakeGPUEnv
     m = _model_copy(calibrated_tiny, tmp_path)
     with FakeGPUEnv("10.3.0.26") as env:
@@ -337,7 +337,7 @@ def test_dla_refused_on_tensorrt_11_0_to_11_3() -> None:
 
 def test_fake_convert_trt_implicit_int8_from_dicom(tiny_model, t2w_exams, tmp_path, capsys) -> None:
     """`scanside convert trt --precision int8_implicit --data ...`: calibration batches at the profile's opt shape."""
-    from converters.cli import main
+    from scanside.agent.cli.convert import main
     from tests.engines.fake_tensorrt import FakeGPUEnv
     root = tiny_model.root.parent.parent
     args = ["convert", "--store", str(root), "trt", "tiny3d", "--precision", "int8_implicit", "--opt", "N=2",

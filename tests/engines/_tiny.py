@@ -62,8 +62,8 @@ def tiny_manifest_dict(sha256: str, *, name: str = "tiny3d", version: str = "1.0
 
 def install_tiny(root: Path, version: str = "1.0.0", *, name: str = "tiny3d", seed: int = 0):
     """Build the tiny model and install it as <root>/<name>/<version>; returns the loaded manifest."""
-    from engines.manifest import ModelManifest, sha256_file
-    from engines.store import ModelStore
+    from scanside.engines.manifest import ModelManifest, sha256_file
+    from scanside.engines.store import ModelStore
 
     src = build_tiny_onnx(Path(root).parent / f"_src_{name}_{version}.onnx", seed=seed)
     m = ModelManifest.model_validate(tiny_manifest_dict(sha256_file(src), name=name, version=version))

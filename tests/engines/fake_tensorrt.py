@@ -33,7 +33,7 @@ Checked against:
   only happen at a synchronize (as on a GPU: reading a result before synchronizing reads stale memory).
 
 The fake engine computes with ONNX Runtime on the ONNX file the fake parser read, moving its inputs and
-outputs through whichever cuda runtime ``engines.tensorrt_engine`` imports -- this one, or the real
+outputs through whichever cuda runtime ``scanside.engines.backends.tensorrt_engine`` imports -- this one, or the real
 cuda-bindings on a GPU machine (bench/gpu_check.py), so the engine's buffer code runs on real CUDA there.
 """
 from __future__ import annotations
@@ -447,7 +447,7 @@ class _Context:
     def execute_async_v3(self, stream_handle: int) -> bool:
         if not isinstance(stream_handle, int):
             raise TypeError("execute_async_v3(): incompatible function arguments (stream_handle must be int)")
-        from engines.tensorrt_engine import _import_cudart
+        from scanside.engines.backends.tensorrt_engine import _import_cudart
 
         cudart = _import_cudart()
         io = self.engine.io
@@ -703,7 +703,7 @@ class FakeTensorRT(types.ModuleType):
         return f"{self.gpu.name}/{self.__version__}"
 
     def _calibrate(self, calibrator: Any, network: _Network, profile: _Profile) -> bool:
-        from engines.tensorrt_engine import _import_cudart
+        from scanside.engines.backends.tensorrt_engine import _import_cudart
 
         cudart = _import_cudart()
         cached = calibrator.read_calibration_cache()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.manifest import ModelManifest
+from scanside.engines.manifest import ModelManifest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
@@ -23,7 +23,7 @@ NAME = "picai-unet-untrained"
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory):
-    from training.picai_unet import export
+    from scanside.training.picai_unet import export
 
     out = tmp_path_factory.mktemp("picai")
     return export(out / "export", features=NARROW, seed=3)
@@ -31,7 +31,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def store_dir(exported, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from agent.cli import main
+    from scanside.agent.cli import main
 
     onnx_path, decl = exported
     root = tmp_path_factory.mktemp("user-models")
@@ -41,8 +41,8 @@ def store_dir(exported, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def exam(tmp_path_factory: pytest.TempPathFactory):
-    from simulator.protocols import build_exam
-    from simulator.scanner import simulate_exam
+    from scanside.simulator.protocols import build_exam
+    from scanside.simulator.scanner import simulate_exam
 
     out = tmp_path_factory.mktemp("exam")
     spec = build_exam("prostate-bpmri", "siemens")  # the axial series triage reads: T2W, DWI, ADC, calculated b1400
@@ -53,7 +53,7 @@ def exam(tmp_path_factory: pytest.TempPathFactory):
 def test_architecture_is_picai_baseline_and_the_onnx_matches_torch(exported) -> None:
     import onnxruntime as ort
 
-    from training.picai_unet import PICAI_FEATURES, build_unet
+    from scanside.training.picai_unet import PICAI_FEATURES, build_unet
 
     full = build_unet()  # picai_baseline's defaults
     keys = set(full.state_dict())
@@ -79,7 +79,7 @@ def test_architecture_is_picai_baseline_and_the_onnx_matches_torch(exported) -> 
 
 
 def test_declaration_is_checked_against_the_model(exported, tmp_path: Path, capsys) -> None:
-    from agent.cli import main
+    from scanside.agent.cli import main
 
     onnx_path, decl = exported
     good = json.loads(decl.read_text())
@@ -99,16 +99,16 @@ def test_declaration_is_checked_against_the_model(exported, tmp_path: Path, caps
 
 
 def _volumes(exam_dir: Path) -> dict:
-    from converters.calibration_data import exam_channel_volumes, read_series
+    from scanside.converters.calibration_data import exam_channel_volumes, read_series
 
     return exam_channel_volumes(read_series([exam_dir], labels=["T2WI_nan", "T2WI_fs", "ADC", "DWI_High"]),
                                 _spec())[0][2]
 
 
 def _spec():
-    from training.picai_unet import declaration
+    from scanside.training.picai_unet import declaration
 
-    from engines.spec import PreprocessSpec
+    from scanside.engines.spec import PreprocessSpec
 
     return PreprocessSpec.model_validate(declaration(NAME, "0.1.0", (20, 256, 256), NARROW, False)["preprocessing"])
 
@@ -116,9 +116,9 @@ def _spec():
 def test_outputs_are_read_as_declared(store_dir: Path, exam) -> None:
     """Softmax class 1 is the map, the exam probability is its maximum, the crop is the T2W field-of-view centre
     (PI-CAI) whatever gland centre the agent passes."""
-    from agent.cspca import CspcaModel
-    from engines.preprocess import model_grid
-    from engines.store import ModelStore
+    from scanside.engines.tasks.cspca import CspcaModel
+    from scanside.engines.preprocess import model_grid
+    from scanside.engines.store import ModelStore
 
     model = CspcaModel(ModelStore([store_dir / "none"], user_dir=store_dir), NAME)
     vols = _volumes(exam[0])
@@ -138,8 +138,8 @@ def test_outputs_are_read_as_declared(store_dir: Path, exam) -> None:
 
 
 def test_the_agent_triages_with_the_dropped_in_model(store_dir: Path, exam, tmp_path: Path, monkeypatch) -> None:
-    from agent.config import load_config
-    from agent.daemon import Agent
+    from scanside.agent.service.config import load_config
+    from scanside.agent.service.daemon import Agent
 
     monkeypatch.setenv("SCANSIDE_USER_MODELS_DIR", str(store_dir))
     folder, _truth = exam
@@ -166,10 +166,10 @@ def test_the_agent_triages_with_the_dropped_in_model(store_dir: Path, exam, tmp_
 def test_int8_path_and_parity_gate(store_dir: Path, exam, tmp_path: Path) -> None:
     import shutil
 
-    from converters.calibrate import calibrate
-    from converters.calibration_data import build_set
-    from converters.parity import parity_report, record
-    from engines.store import ModelStore
+    from scanside.converters.calibrate import calibrate
+    from scanside.converters.calibration_data import build_set
+    from scanside.converters.parity import parity_report, record
+    from scanside.engines.store import ModelStore
 
     root = tmp_path / "models"
     shutil.copytree(store_dir, root)

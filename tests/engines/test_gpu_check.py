@@ -35,7 +35,7 @@ def test_dry_run_records_what_ran_and_what_was_skipped(gpu_check, tmp_path: Path
 
 
 def test_a_failed_check_is_recorded_and_fails_the_command(gpu_check, tmp_path: Path, monkeypatch, capsys) -> None:
-    from engines import tensorrt_engine
+    from scanside.engines.backends import tensorrt_engine
     monkeypatch.setattr(tensorrt_engine.TensorRTEngine, "_free", lambda self, t: None)  # close() leaks
     assert gpu_check.main(["--dry-run"]) == 1  # no --out: printed, nothing written
     rec = json.loads(capsys.readouterr().out.split("\n", 2)[-1])

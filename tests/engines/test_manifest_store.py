@@ -10,11 +10,11 @@ import pytest
 from pydantic import ValidationError
 
 from tests.engines._tiny import build_tiny_onnx, install_tiny, sample_input, tiny_manifest_dict
-from engines import cli
-from engines.base import EngineUnavailable, InputValidationError, validate_inputs
-from engines.manifest import IntegrityError, ModelManifest, TensorSpec, manifest_json_schema, semver_key, sha256_file
-from engines.store import ModelNotFound, ModelStore, parse_ref
-from engines.tensorrt_engine import CudaDevice
+from scanside.agent.cli import models as cli
+from scanside.engines.base import EngineUnavailable, InputValidationError, validate_inputs
+from scanside.engines.manifest import IntegrityError, ModelManifest, TensorSpec, manifest_json_schema, semver_key, sha256_file
+from scanside.engines.store import ModelNotFound, ModelStore, parse_ref
+from scanside.engines.backends.tensorrt_engine import CudaDevice
 
 SHA = "0" * 64
 
@@ -148,7 +148,7 @@ def test_tampered_model_file_is_refused(tmp_path: Path) -> None:
     checks = store.verify(store.resolve("tiny3d"))
     assert [c.status for c in checks] == ["MISMATCH"]
     # the engine on its own refuses too (verify=True by default)
-    from engines.onnxruntime_engine import OnnxRuntimeEngine
+    from scanside.engines.backends.onnxruntime_engine import OnnxRuntimeEngine
     with pytest.raises(IntegrityError):
         OnnxRuntimeEngine().load(store.resolve("tiny3d"))
     onnx_path.unlink()

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from tests.engines._tiny import install_tiny, sample_input
-from engines.base import EngineError, InputValidationError, ManifestMismatch
-from engines.manifest import ModelFile, ModelManifest, sha256_file
-from engines.onnxruntime_engine import OnnxRuntimeEngine
+from scanside.engines.base import EngineError, InputValidationError, ManifestMismatch
+from scanside.engines.manifest import ModelFile, ModelManifest, sha256_file
+from scanside.engines.backends.onnxruntime_engine import OnnxRuntimeEngine
 
 
 @pytest.fixture()

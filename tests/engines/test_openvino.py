@@ -8,11 +8,11 @@ import pytest
 
 ov = pytest.importorskip("openvino", reason="openvino not installed (pip install 'scanside[openvino]')")
 
-from engines.base import EngineUnavailable, InputValidationError, ManifestMismatch  # noqa: E402
-from engines.manifest import ModelManifest, sha256_file  # noqa: E402
-from engines.onnxruntime_engine import OnnxRuntimeEngine  # noqa: E402
-from engines.openvino_engine import OpenVinoEngine, is_x86  # noqa: E402
-from engines.store import CPU_PREFERENCE, PACKAGE_MODELS_DIR, ModelStore  # noqa: E402
+from scanside.engines.base import EngineUnavailable, InputValidationError, ManifestMismatch  # noqa: E402
+from scanside.engines.manifest import ModelManifest, sha256_file  # noqa: E402
+from scanside.engines.backends.onnxruntime_engine import OnnxRuntimeEngine  # noqa: E402
+from scanside.engines.backends.openvino_engine import OpenVinoEngine, is_x86  # noqa: E402
+from scanside.engines.store import CPU_PREFERENCE, PACKAGE_MODELS_DIR, ModelStore  # noqa: E402
 from tests.engines._tiny import build_tiny_onnx, install_tiny, sample_input, tiny_manifest_dict  # noqa: E402
 
 needs_x86 = pytest.mark.skipif(not is_x86(), reason="the store prefers OpenVINO on x86 CPUs only")
@@ -98,7 +98,7 @@ def test_compiled_model_cache_reused(tmp_path: Path) -> None:
 
 
 def test_tampered_file_is_not_loaded(tmp_path: Path) -> None:
-    from engines.manifest import IntegrityError
+    from scanside.engines.manifest import IntegrityError
 
     m = install_tiny(tmp_path / "models")
     with open(m.resolve("model.onnx"), "ab") as f:
@@ -216,7 +216,7 @@ def test_store_int8_needs_passing_openvino_parity(tmp_path: Path) -> None:
 @needs_x86
 def test_default_preference_openvino_only_where_its_parity_passes(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import engines.store as st
+    import scanside.engines.store as st
 
     monkeypatch.delenv("SCANSIDE_ENGINE_PREFERENCE", raising=False)
     order, why = st.default_preference()
@@ -257,8 +257,8 @@ def test_default_preference_openvino_only_where_its_parity_passes(tmp_path: Path
 
 
 def test_default_preference_not_x86(monkeypatch: pytest.MonkeyPatch) -> None:
-    import engines.openvino_engine as ove
-    import engines.store as st
+    import scanside.engines.backends.openvino_engine as ove
+    import scanside.engines.store as st
 
     monkeypatch.delenv("SCANSIDE_ENGINE_PREFERENCE", raising=False)
     monkeypatch.setattr(ove.platform, "machine", lambda: "aarch64")
@@ -268,7 +268,7 @@ def test_default_preference_not_x86(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_store_reports_why_openvino_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     install_tiny(tmp_path / "models")
-    import engines.openvino_engine as ove
+    import scanside.engines.backends.openvino_engine as ove
 
     monkeypatch.setattr(ove.platform, "machine", lambda: "aarch64")
     sel = ModelStore(tmp_path / "models", preference=CPU_PREFERENCE).explain("tiny3d")

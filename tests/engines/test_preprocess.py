@@ -1,11 +1,11 @@
-"""engines.preprocess: reorient, resample, crop/pad, normalise, prepare, sliding window."""
+"""scanside.engines.preprocess: reorient, resample, crop/pad, normalise, prepare, sliding window."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from agent.volume import Volume
-from engines.preprocess import (
+from scanside.agent.dicom.volume import Volume
+from scanside.engines.preprocess import (
     Grid,
     crop_or_pad,
     importance_map,
@@ -17,7 +17,7 @@ from engines.preprocess import (
     resample_to_reference,
     sliding_window,
 )
-from engines.spec import PreprocessSpec, WindowSpec
+from scanside.engines.spec import PreprocessSpec, WindowSpec
 
 
 def rotation(ax: float, ay: float, az: float) -> np.ndarray:

@@ -1,12 +1,12 @@
-"""engines.preprocess additions: orientation="acquisition", fit="resize" and antialias (used by
+"""scanside.engines.preprocess additions: orientation="acquisition", fit="resize" and antialias (used by
 the sequence classifier: any plane, FOV and resolution into one array shape)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from engines.preprocess import Grid, antialias_for, model_grid, prepare, resized_grid
-from engines.spec import PreprocessSpec
+from scanside.engines.preprocess import Grid, antialias_for, model_grid, prepare, resized_grid
+from scanside.engines.spec import PreprocessSpec
 from tests.engines.test_preprocess import AXIAL, SAGITTAL, make_volume
 
 
@@ -80,7 +80,7 @@ def test_resize_needs_a_shape():
 def test_detail_view_keeps_the_acquired_resolution_the_resize_erases():
     """Channel 1 samples the centre at a fixed fine spacing: a fine and a coarse acquisition of
     the same object look alike after the whole-FOV resize but not in the detail view."""
-    from engines.spec import DetailView
+    from scanside.engines.spec import DetailView
 
     rng = np.random.default_rng(3)
     spec = _spec(shape=(8, 32, 32), antialias=True, normalize="zscore_percentile",
@@ -103,7 +103,7 @@ def test_detail_view_keeps_the_acquired_resolution_the_resize_erases():
     assert hf_main[0] == pytest.approx(hf_main[1], rel=0.25), "the resize already told them apart"
     assert hf_detail[0] > 1.5 * hf_detail[1], hf_detail
     # the detail grid is centred on the series at the requested spacing; the returned grid is the main one
-    from engines.preprocess import detail_grid
+    from scanside.engines.preprocess import detail_grid
     dg = detail_grid(fine, spec, spec.detail_views[0])
     np.testing.assert_allclose(dg.spacing, (3.0, 0.8, 0.8), atol=1e-9)
     np.testing.assert_allclose(dg.center_lps(), fine.center_lps(), atol=0.8)

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.manifest import IntegrityError, ModelManifest, sha256_file
-from engines.store import ModelStore
-from engines.taps import MODEL_NAME, TAPS_MEMBER, TAPS_ONNX_SHA256, TAPS_VERSION, extract_onnx, fetch_wheel, import_taps
+from scanside.engines.manifest import IntegrityError, ModelManifest, sha256_file
+from scanside.engines.store import ModelStore
+from scanside.agent.cli.taps import MODEL_NAME, TAPS_MEMBER, TAPS_ONNX_SHA256, TAPS_VERSION, extract_onnx, fetch_wheel, import_taps
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def test_import_registers_manifest_and_verified_file(store_root: Path) -> None:
     assert m.postprocessing["activation"] == "sigmoid" and m.postprocessing["gaussian_sigma"] == 2.5
     assert m.postprocessing["threshold"] == 0.55
     # the ONNX says the same as the manifest (names, shapes, opset)
-    from engines.manifest import tensor_specs_from_onnx
+    from scanside.engines.manifest import tensor_specs_from_onnx
     ins, outs, opset = tensor_specs_from_onnx(d / "model_v1.onnx")
     assert [(s.name, s.shape) for s in ins] == [("input", ["batch_size", 1, 128, 128, 32])]
     assert [(s.name, s.shape) for s in outs] == [("output", ["batch_size", 1, 128, 128, 32])]

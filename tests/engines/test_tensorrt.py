@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.base import EngineError
-from engines.manifest import ModelManifest, ShapeRange, TensorRTPlan, sha256_file
-from engines.tensorrt_engine import CudaDevice, TensorRTEngine, check_plan_compatibility, check_shape_in_profile, \
+from scanside.engines.base import EngineError
+from scanside.engines.manifest import ModelManifest, ShapeRange, TensorRTPlan, sha256_file
+from scanside.engines.backends.tensorrt_engine import CudaDevice, TensorRTEngine, check_plan_compatibility, check_shape_in_profile, \
     parse_version, probe_cuda_device, probe_tensorrt, select_plan, trt_dtype_to_numpy
 from tests.engines._tiny import install_tiny, sample_input, tiny_manifest_dict
 
@@ -165,7 +165,7 @@ HAVE_GPU, GPU_WHY = _have_trt_gpu()
 
 
 def test_module_imports_without_tensorrt_and_reports_why() -> None:
-    mod = importlib.reload(sys.modules["engines.tensorrt_engine"])
+    mod = importlib.reload(sys.modules["scanside.engines.backends.tensorrt_engine"])
     ok, why = mod.TensorRTEngine.availability()
     assert ok is HAVE_GPU
     if not ok:
@@ -174,7 +174,7 @@ def test_module_imports_without_tensorrt_and_reports_why() -> None:
 
 @pytest.mark.skipif(HAVE_GPU, reason="tensorrt and a GPU are present")
 def test_engine_load_without_tensorrt_raises_unavailable(tmp_path: Path) -> None:
-    from engines.base import EngineUnavailable
+    from scanside.engines.base import EngineUnavailable
     m = install_tiny(tmp_path / "models")
     with pytest.raises(EngineUnavailable, match="tensorrt"):
         TensorRTEngine().load(m)
@@ -208,8 +208,8 @@ def _build_plan(onnx_path: Path, plan_path: Path) -> TensorRTPlan:
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_GPU, reason=f"tensorrt not importable / no CUDA device: {GPU_WHY}")
 def test_tensorrt_engine_matches_onnxruntime(tmp_path: Path) -> None:
-    from engines.onnxruntime_engine import OnnxRuntimeEngine
-    from engines.store import ModelStore
+    from scanside.engines.backends.onnxruntime_engine import OnnxRuntimeEngine
+    from scanside.engines.store import ModelStore
     m = install_tiny(tmp_path / "models")
     p = _build_plan(m.file_path(), m.root / "tiny.plan")
     m = m.model_copy(update={"plans": [p]})
@@ -237,8 +237,8 @@ NO_LEAKS = {"device": 0, "pinned": 0, "streams": 0}
 
 
 def _tiny_with_plan(tmp_path: Path, **options) -> ModelManifest:
-    """The tiny model with an FP32 plan built by converters.tensorrt_build through the fakes (inside a FakeGPUEnv)."""
-    from converters.tensorrt_build import BuildOptions, build_plan
+    """The tiny model with an FP32 plan built by scanside.converters.tensorrt_build through the fakes (inside a FakeGPUEnv)."""
+    from scanside.converters.tensorrt_build import BuildOptions, build_plan
     m = install_tiny(tmp_path / "models")
     opts = dict(precision="fp32", opt={"N": 2}, max={"N": 8})
     opts.update(options)
@@ -247,13 +247,13 @@ def _tiny_with_plan(tmp_path: Path, **options) -> ModelManifest:
 
 
 def _ort(m: ModelManifest, x: np.ndarray) -> np.ndarray:
-    from engines.onnxruntime_engine import OnnxRuntimeEngine
+    from scanside.engines.backends.onnxruntime_engine import OnnxRuntimeEngine
     with OnnxRuntimeEngine(providers=["CPUExecutionProvider"]).load(m) as e:
         return e.run({"x": x})["logits"]
 
 
 def test_fake_gpu_load_warmup_run_grow_close(tmp_path: Path) -> None:
-    from engines.tensorrt_engine import plan_platform
+    from scanside.engines.backends.tensorrt_engine import plan_platform
     with FakeGPUEnv("10.3.0.26") as env:
         m = _tiny_with_plan(tmp_path)
         rec = m.plans[0]
@@ -305,7 +305,7 @@ def test_fake_gpu_concurrent_runs_share_one_context(tmp_path: Path) -> None:
 
 
 def test_fake_gpu_dla_core_set_before_deserializing(tmp_path: Path) -> None:
-    from converters.tensorrt_build import BuildRefused
+    from scanside.converters.tensorrt_build import BuildRefused
     orin = FakeGPU(name="Orin", cc=(8, 7), integrated=True, dla_cores=2)
     with FakeGPUEnv("10.3.0.26", orin) as env:
         m = _tiny_with_plan(tmp_path, dla_core=1)
@@ -319,7 +319,7 @@ def test_fake_gpu_dla_core_set_before_deserializing(tmp_path: Path) -> None:
     with FakeGPUEnv("10.3.0.26", nano):
         with pytest.raises(BuildRefused, match="has 0 DLA core"):
             _tiny_with_plan(tmp_path / "nano", dla_core=0)
-        from engines.base import EngineUnavailable
+        from scanside.engines.base import EngineUnavailable
         with pytest.raises(EngineUnavailable, match="has 0 DLA core"):  # the Orin AGX plan on an Orin Nano
             TensorRTEngine().load(m)
 
@@ -335,13 +335,13 @@ def test_fake_gpu_version_compatible_plan_on_the_next_major(tmp_path: Path) -> N
     with FakeGPUEnv("10.3.0.30"):  # a standard plan: the build number must match too
         m2 = _tiny_with_plan(tmp_path / "std")
     with FakeGPUEnv("10.3.0.26"):
-        from engines.base import EngineUnavailable
+        from scanside.engines.base import EngineUnavailable
         with pytest.raises(EngineUnavailable, match="major.minor.patch.build"):
             TensorRTEngine().load(m2)
 
 
 def test_fake_gpu_store_chooses_tensorrt_and_runs_it(tmp_path: Path) -> None:
-    from engines.store import ModelStore
+    from scanside.engines.store import ModelStore
     with FakeGPUEnv("10.3.0.26") as env:
         m = _tiny_with_plan(tmp_path)
         store = ModelStore(tmp_path / "models", user_dir=None, preference=["tensorrt", "onnxruntime"])
@@ -358,8 +358,8 @@ def test_fake_gpu_store_chooses_tensorrt_and_runs_it(tmp_path: Path) -> None:
 def test_fake_gpu_driver_runtime_mismatch_is_said_clearly(tmp_path: Path, capsys, caplog) -> None:
     """cuda-bindings 13 (CUDA 13 runtime) on a CUDA 12 driver (JetPack 6): every call fails with
     cudaErrorInsufficientDriver; the store says why and `scanside models show` prints it as a problem."""
-    from engines.cli import main
-    from engines.store import ModelStore
+    from scanside.agent.cli.models import main
+    from scanside.engines.store import ModelStore
     with FakeGPUEnv("10.3.0.26"):
         _tiny_with_plan(tmp_path)
     jetpack6 = FakeGPU(name="Orin", cc=(8, 7), integrated=True, driver=12060, runtime=13000)
@@ -380,8 +380,8 @@ def test_fake_gpu_driver_runtime_mismatch_is_said_clearly(tmp_path: Path, capsys
 
 
 def test_fake_gpu_failures_are_errors_not_crashes(tmp_path: Path, monkeypatch) -> None:
-    from engines.base import EngineError
-    from engines.tensorrt_engine import _cuda_call
+    from scanside.engines.base import EngineError
+    from scanside.engines.backends.tensorrt_engine import _cuda_call
     with FakeGPUEnv("10.3.0.26") as env:
         m = _tiny_with_plan(tmp_path)
         with pytest.raises(EngineError, match="cudaErrorInvalidValue"):
@@ -430,8 +430,8 @@ def test_gpu_extras_pin_one_cuda_major() -> None:
 
 
 def test_fake_gpu_what_the_engine_refuses(tmp_path: Path, monkeypatch) -> None:
-    from engines.base import EngineUnavailable, InputValidationError, ManifestMismatch
-    from engines.tensorrt_engine import gpu_report, probe_cuda_device
+    from scanside.engines.base import EngineUnavailable, InputValidationError, ManifestMismatch
+    from scanside.engines.backends.tensorrt_engine import gpu_report, probe_cuda_device
     with FakeGPUEnv("10.3.0.26") as env:
         m = _tiny_with_plan(tmp_path)
         # a plan whose I/O is not the manifest's

@@ -21,9 +21,9 @@ from typing import Iterator, Optional
 import numpy as np
 import pytest
 
-from engines.base import EngineError, ManifestMismatch
-from engines.manifest import ModelManifest
-from engines.triton_engine import TritonEngine, compare_metadata
+from scanside.engines.base import EngineError, ManifestMismatch
+from scanside.engines.manifest import ModelManifest
+from scanside.engines.backends.triton_engine import TritonEngine, compare_metadata
 from tests.engines._tiny import install_tiny, sample_input
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,7 +80,7 @@ def _free_port() -> int:
 
 
 def _v2_metadata(specs) -> list:
-    from engines.base import NUMPY_TO_KSERVE
+    from scanside.engines.base import NUMPY_TO_KSERVE
     return [{"name": s.name, "datatype": NUMPY_TO_KSERVE[s.dtype],
              "shape": [d if isinstance(d, int) else -1 for d in s.shape]} for s in specs]
 
@@ -139,7 +139,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
 
 @pytest.mark.slow
 def test_remote_matches_local_onnxruntime(served: tuple) -> None:
-    from engines.onnxruntime_engine import OnnxRuntimeEngine
+    from scanside.engines.backends.onnxruntime_engine import OnnxRuntimeEngine
     m, url = served
     x = sample_input(3)
     with TritonEngine(url).load(m) as remote, OnnxRuntimeEngine(intra_op_threads=1).load(m) as local:
@@ -163,7 +163,7 @@ def test_store_picks_remote_when_configured(served: tuple) -> None:
 
 
 def ModelStoreFor(m: ModelManifest, url: str):
-    from engines.store import ModelStore
+    from scanside.engines.store import ModelStore
     return ModelStore(m.root.parent.parent, preference=["tensorrt", "triton", "onnxruntime"],
                       engine_options={"triton": {"url": url}})
 
@@ -180,7 +180,7 @@ def test_metadata_mismatch_is_refused(served: tuple) -> None:
 
 @pytest.mark.slow
 def test_unknown_model_is_unavailable(served: tuple) -> None:
-    from engines.base import EngineUnavailable
+    from scanside.engines.base import EngineUnavailable
     m, url = served
     other = m.model_copy(update={"name": "not-served"})
     with pytest.raises(EngineUnavailable, match="'not-served' not ready"):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from simulator.model import RenderedImage, RenderedSeries, SeriesSpec
+from scanside.simulator.model import RenderedImage, RenderedSeries, SeriesSpec
 
 _ORIENT = {
     "axial": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),

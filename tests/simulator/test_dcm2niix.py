@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from simulator.model import SeriesSpec
-from simulator.vendors import get_writer, make_study_context
+from scanside.simulator.model import SeriesSpec
+from scanside.simulator.vendors import get_writer, make_study_context
 from tests.simulator.fakes import fake_series
 
 

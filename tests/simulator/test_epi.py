@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simulator.model import SeriesSpec
-from simulator.phantom import make_phantom
-from simulator.render import (FAT_WATER_SHIFT_PPM, GAMMA_MHZ_PER_T, Artifacts, _epi, _shift_along, render_series,
+from scanside.simulator.model import SeriesSpec
+from scanside.simulator.phantom import make_phantom
+from scanside.simulator.render import (FAT_WATER_SHIFT_PPM, GAMMA_MHZ_PER_T, Artifacts, _epi, _shift_along, render_series,
                               slab_geometry)
 
 QUIET = dict(noise_scale=0.0, bias_field=0.0, motion_blur=0.0, texture=0.0)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simulator.model import SeriesSpec
-from simulator.phantom import CSPCA_MAX_ADC, CSPCA_MIN_DIAMETER_MM, is_cspca, make_phantom
-from simulator.physics import PROSTATE_TISSUES, Tissue, tissue_params
-from simulator.render import Artifacts, fit_adc, render_series
+from scanside.simulator.model import SeriesSpec
+from scanside.simulator.phantom import CSPCA_MAX_ADC, CSPCA_MIN_DIAMETER_MM, is_cspca, make_phantom
+from scanside.simulator.physics import PROSTATE_TISSUES, Tissue, tissue_params
+from scanside.simulator.render import Artifacts, fit_adc, render_series
 
 CLEAN = Artifacts(noise_scale=0.0, bias_field=0.0, motion_blur=0.0)
 NO_BIAS = Artifacts(bias_field=0.0, motion_blur=0.0)

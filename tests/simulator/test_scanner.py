@@ -6,9 +6,9 @@ import threading
 import pydicom
 import pytest
 
-from simulator.model import ExamSpec, SeriesSpec
-from simulator.protocols import FAULTS, build_exam
-from simulator.scanner import exam_files, load_ground_truth, simulate_exam, stream_exam
+from scanside.simulator.model import ExamSpec, SeriesSpec
+from scanside.simulator.protocols import FAULTS, build_exam
+from scanside.simulator.scanner import exam_files, load_ground_truth, simulate_exam, stream_exam
 
 
 @pytest.fixture(scope="module", params=["siemens", "siemens-xa", "ge", "philips"])
@@ -135,7 +135,7 @@ def test_stream_exam_stops_mid_exam(tmp_path):
 def test_cli_simulate(tmp_path):
     import argparse
 
-    from simulator.cli import add_parser
+    from scanside.simulator.cli import add_parser
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
@@ -144,7 +144,7 @@ def test_cli_simulate(tmp_path):
                               "prostate-bpmri", "--fault", "missing_adc", "--realtime", "--rate", "0",
                               "--write-mode", "rename", "--ground-truth", str(tmp_path / "gt.json")])
     assert args.func(args) == 0
-    from simulator.model import GroundTruth
+    from scanside.simulator.model import GroundTruth
 
     gt = GroundTruth.model_validate_json((tmp_path / "gt.json").read_text())
     assert gt.faults == ["missing_adc"] and all((tmp_path / "rt" / f).is_file() for f in exam_files(gt))

@@ -8,9 +8,9 @@ import pydicom
 import pytest
 from nibabel.nicom import csareader
 
-from simulator.model import SeriesSpec
-from simulator.vendors import get_writer, make_study_context
-from simulator.vendors.common import series_scale, to_stored
+from scanside.simulator.model import SeriesSpec
+from scanside.simulator.vendors import get_writer, make_study_context
+from scanside.simulator.vendors.common import series_scale, to_stored
 from tests.simulator.fakes import fake_series
 
 DWI = dict(kind="dwi", n_slices=9, matrix=(64, 64), fov_mm=(200.0, 200.0), fat_sat=True, te_ms=70.0)

@@ -13,8 +13,8 @@ ROOT = Path(tempfile.mkdtemp(prefix="scanside-seqtest-"))
 
 @functools.lru_cache(maxsize=None)
 def exam(vendor: str, seed: int, variant: str = "train") -> Path:
-    from simulator.scanner import simulate_exam
-    from training.sequence.protocols import random_exam
+    from scanside.simulator.scanner import simulate_exam
+    from scanside.training.sequence.protocols import random_exam
 
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xE7A1]))
     out = ROOT / f"{vendor}-{seed}-{variant}"

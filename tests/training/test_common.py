@@ -1,9 +1,9 @@
-"""training.common.merge_stages: the record of a training continued with --init."""
+"""scanside.training.common.merge_stages: the record of a training continued with --init."""
 from __future__ import annotations
 
 import json
 
-from training.common import merge_stages
+from scanside.training.common import merge_stages
 
 
 def test_a_continued_training_records_both_stages_and_sums_them(tmp_path):

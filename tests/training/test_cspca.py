@@ -1,4 +1,4 @@
-"""training.cspca: smoke training -> ONNX export with torch parity and a valid manifest; metrics;
+"""scanside.training.cspca: smoke training -> ONNX export with torch parity and a valid manifest; metrics;
 the shipped model's held-out evaluation through `scanside models evaluate` against a stated floor."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from engines.manifest import ModelManifest  # noqa: E402
-from training.cspca.metrics import ece, lesion_detection, operating_point, picai_metrics  # noqa: E402
+from scanside.engines.manifest import ModelManifest  # noqa: E402
+from scanside.training.cspca.metrics import ece, lesion_detection, operating_point, picai_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,10 +21,10 @@ REPO = Path(__file__).resolve().parents[2]
 def test_smoke_training_exports_onnx_with_parity(tmp_path):
     import onnxruntime as ort
 
-    from engines.store import ModelStore
-    from training.cspca.export import export
-    from training.cspca.spec import CSPCA_SPEC
-    from training.cspca.train import train
+    from scanside.engines.store import ModelStore
+    from scanside.training.cspca.export import export
+    from scanside.training.cspca.spec import CSPCA_SPEC
+    from scanside.training.cspca.train import train
 
     s = train(cases=3, minutes=5.0, out=str(tmp_path / "run"), batch=2, cache_dir=str(tmp_path / "cache"),
               max_steps=2, widths=(4, 8, 16), log=lambda *_: None)
@@ -61,7 +61,7 @@ def test_exam_head_fit_reaches_the_penalised_minimum_where_a_full_newton_step_ov
     one minimum of the ridge-penalised log-loss, as a general-purpose optimiser finds it."""
     from scipy.optimize import minimize
 
-    from training.cspca.train import fit_exam_head
+    from scanside.training.cspca.train import fit_exam_head
 
     peaks = np.array([31.0, -7.0, -2.7, -6.8, 4.8, 26.2, 27.8, 22.3])
     labels = np.array([1, 0, 0, 0, 0, 1, 1, 1])
@@ -111,8 +111,8 @@ def test_lesion_detection_and_operating_point():
 
 def test_touching_simulated_lesions_count_as_one_tumour_region_as_in_picai():
     """Evaluation exam 930016 holds two csPCa lesions that overlap and a separate non-significant one."""
-    from simulator.phantom import make_phantom
-    from training.cspca.evaluate import exam_plan, truth_lesions
+    from scanside.simulator.phantom import make_phantom
+    from scanside.training.cspca.evaluate import exam_plan, truth_lesions
 
     p = exam_plan(930016)
     ph = make_phantom(930016, n_lesions=p["n_lesions"], cspca=p["cspca"])
@@ -132,7 +132,7 @@ def test_touching_simulated_lesions_count_as_one_tumour_region_as_in_picai():
 
 def _axial_grid(centre, spacing_zyx, shape=(20, 64, 64), phase=0.0):
     """An axial model grid (d0 = S, d1 = P, d2 = L) centred on ``centre``, shifted by ``phase`` voxels."""
-    from engines.preprocess import Grid
+    from scanside.engines.preprocess import Grid
 
     a = np.eye(4)
     a[:3, :3] = [[0, 0, spacing_zyx[2]], [0, spacing_zyx[1], 0], [spacing_zyx[0], 0, 0]]
@@ -144,9 +144,9 @@ def test_lesions_the_model_grid_joins_count_as_one_region_as_picai_eval_sees_the
     """Evaluation exam 1020016: two overlapping PZ csPCa lesions, and a TZ one 3.2 mm from them. On 1 mm
     voxels they are two regions; on a 3 x 1.5 x 1.5 mm grid whose slices fall between them the target
     picai_eval is given joins all three, and the lesion count follows it."""
-    from simulator.phantom import make_phantom
-    from training.cspca.data import lesion_target
-    from training.cspca.evaluate import exam_plan, truth_lesions
+    from scanside.simulator.phantom import make_phantom
+    from scanside.training.cspca.data import lesion_target
+    from scanside.training.cspca.evaluate import exam_plan, truth_lesions
     from scipy import ndimage
 
     p = exam_plan(1020016)
@@ -168,9 +168,9 @@ def test_shipped_model_heldout_floor(tmp_path):
     """`scanside models evaluate cspca-reference --json` on 8 fresh exams (2 per vendor style, seeds never
     used in training) through the runtime DICOM path. Floor (training/cspca/evaluate.py FLOOR): AUROC >= 0.85,
     >= 75 % of detected csPCa lesion centres within 5 mm."""
-    from training.cspca.evaluate import FLOOR
+    from scanside.training.cspca.evaluate import FLOOR
 
-    out = subprocess.run([sys.executable, "-m", "agent.cli", "models", "evaluate", "cspca-reference", "--json",
+    out = subprocess.run([sys.executable, "-m", "scanside.agent.cli", "models", "evaluate", "cspca-reference", "--json",
                           "--exams-per-vendor", "2", "--seed", "910000", "--workdir", str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.stdout, out.stderr[-2000:]
@@ -184,7 +184,7 @@ def test_shipped_model_heldout_floor(tmp_path):
     # a kept workdir is reused: the same exams scored again, none simulated again
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/ground_truth.json")}
     assert len(stamps) == 8
-    again = subprocess.run([sys.executable, "-m", "agent.cli", "models", "evaluate", "cspca-reference", "--json",
+    again = subprocess.run([sys.executable, "-m", "scanside.agent.cli", "models", "evaluate", "cspca-reference", "--json",
                             "--exams-per-vendor", "2", "--seed", "910000", "--workdir", str(tmp_path)],
                            cwd=REPO, capture_output=True, text=True, timeout=600)
     rep2 = json.loads(again.stdout)
@@ -195,7 +195,7 @@ def test_shipped_model_heldout_floor(tmp_path):
 def test_lesion_patches_see_every_lesion_equally_often():
     """A case with a 20-voxel-wide and a 3-voxel-wide lesion: lesion-centred patches hold the small one about
     as often as the large one (drawing a voxel over the whole mask would pick the large one ~99 % of the time)."""
-    from training.cspca.train import PATCH, _patches, lesion_voxels
+    from scanside.training.cspca.train import PATCH, _patches, lesion_voxels
 
     D, H, W = PATCH[0], 96, 96
     y = np.zeros((1, D, H, W), np.uint8)

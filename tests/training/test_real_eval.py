@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engines.store import PACKAGE_MODELS_DIR, ModelStore
+from scanside.engines.store import PACKAGE_MODELS_DIR, ModelStore
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "realdata" / "prostate"
 pytestmark = pytest.mark.skipif(not (REAL / "ProstateX-0218").is_dir(), reason=f"real prostate exams not present at {REAL}")
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not (REAL / "ProstateX-0218").is_dir(), reason=f
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory) -> list[str]:
     """The shipped models, plus TAPS where its wheel is cached (it is the gland model real exams need)."""
-    from engines.taps import TAPS_WHEEL, default_cache_dir, import_taps
+    from scanside.agent.cli.taps import TAPS_WHEEL, default_cache_dir, import_taps
 
     roots = [str(PACKAGE_MODELS_DIR)]
     wheel = default_cache_dir() / TAPS_WHEEL
@@ -30,7 +30,7 @@ def stores(tmp_path_factory) -> list[str]:
 
 
 def _evaluate(stores: list[str], name: str) -> tuple[int, dict]:
-    from engines.cli import main
+    from scanside.agent.cli.models import main
 
     argv = ["models"] + [a for r in stores for a in ("--store", r)] + ["evaluate", name, "--real", str(REAL), "--json"]
     out = io.StringIO()

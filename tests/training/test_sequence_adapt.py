@@ -1,4 +1,4 @@
-"""Site adaptation (training.sequence.adapt): whole-exam hold-out, the promotion rule, and an end-to-end
+"""Site adaptation (scanside.training.sequence.adapt): whole-exam hold-out, the promotion rule, and an end-to-end
 run on simulated site exams written as DICOM."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.sequence import adapt as A
+from scanside.training.sequence import adapt as A
 
 # the end-to-end runs render and fine-tune on CPU: minutes on a shared 2-core machine
 pytestmark = pytest.mark.timeout(900)
@@ -64,10 +64,10 @@ def site(tmp_path_factory) -> Path:
 
 def _ingest(folder: Path, state: Path) -> None:
     """The agent's own state for ``folder``, as `scanside scan` builds it."""
-    from agent.config import load_config
-    from agent.ingest import Ingestor
-    from agent.pipeline import Pipeline
-    from agent.state import StateStore
+    from scanside.agent.service.config import load_config
+    from scanside.agent.intake.ingest import Ingestor
+    from scanside.agent.intake.pipeline import Pipeline
+    from scanside.agent.state.database import StateStore
 
     config = load_config(**{"state.dir": str(state)})
     config.watch.settle_s = 0
@@ -82,8 +82,8 @@ def _ingest(folder: Path, state: Path) -> None:
 
 
 def test_adapt_from_the_agents_state_records_what_it_did(site, tmp_path, monkeypatch):
-    from agent.shadow import FILE_NAME, SiteValidation
-    from engines.store import ModelStore
+    from scanside.agent.analysis.shadow import FILE_NAME, SiteValidation
+    from scanside.engines.store import ModelStore
 
     state = tmp_path / "state"
     _ingest(site, state)
@@ -110,7 +110,7 @@ def test_adapt_from_the_agents_state_records_what_it_did(site, tmp_path, monkeyp
 
 
 def test_adapt_keeps_the_current_model_when_the_candidate_does_not_beat_it(site, tmp_path, monkeypatch):
-    from engines.store import ModelStore
+    from scanside.engines.store import ModelStore
 
     monkeypatch.setattr(A, "beats", lambda c: False)
     store = ModelStore(user_dir=tmp_path / "user")

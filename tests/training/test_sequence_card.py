@@ -6,8 +6,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from engines.manifest import ModelManifest  # noqa: E402
-from engines.store import ModelNotFound, ModelStore  # noqa: E402
+from scanside.engines.manifest import ModelManifest  # noqa: E402
+from scanside.engines.store import ModelNotFound, ModelStore  # noqa: E402
 
 
 def _set(seed: int, n: int, errors: int) -> dict:
@@ -17,7 +17,7 @@ def _set(seed: int, n: int, errors: int) -> dict:
 
 
 def test_card_pools_every_set_and_flags_the_ones_below_target():
-    from training.sequence.export import render_card
+    from scanside.training.sequence.export import render_card
 
     try:
         shipped = ModelStore().resolve("sequence-classifier")

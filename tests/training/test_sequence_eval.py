@@ -5,7 +5,7 @@ target of 0.995 / 0.99, which this model reaches on four 24-exam sets; on these 
 already below it: see EVALUATION.md): accuracy >= 0.95 and Cohen's kappa >= 0.94 (this exact set measured
 0.987 / 0.984 with 1.4.0 and 0.975 / 0.969 with 1.3.0 on the simulator with EPI effects in DWI; on the earlier
 simulator 0.975 / 0.969 with 1.2.0, 0.937 / 0.921 with 1.1.0, 0.899 / 0.874 with 1.0.0)
-(training.sequence.evaluate.FLOOR)."""
+(scanside.training.sequence.evaluate.FLOOR)."""
 from __future__ import annotations
 
 import json
@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from engines.store import ModelNotFound, ModelStore
-from training.sequence.evaluate import FLOOR
+from scanside.engines.store import ModelNotFound, ModelStore
+from scanside.training.sequence.evaluate import FLOOR
 
 
 def test_shipped_model_meets_floor_on_fresh_heldout(tmp_path):
@@ -24,7 +24,7 @@ def test_shipped_model_meets_floor_on_fresh_heldout(tmp_path):
     except ModelNotFound:
         pytest.skip("sequence-classifier not in the model store")
     assert FLOOR == {"accuracy": 0.95, "kappa": 0.94}
-    proc = subprocess.run([sys.executable, "-m", "agent.cli", "models", "evaluate", "sequence-classifier", "--json",
+    proc = subprocess.run([sys.executable, "-m", "scanside.agent.cli", "models", "evaluate", "sequence-classifier", "--json",
                            "--exams-per-vendor", "1", "--seed", "960000", "--jobs", "2"],
                           capture_output=True, text=True, timeout=600)
     assert proc.stdout.strip(), proc.stderr[-2000:]

@@ -1,5 +1,5 @@
-"""The sequence classifier on real DICOM through the daemon's path (training.sequence.real), and its
-uncertainty gate (agent.image_label, training.sequence.uncertainty)."""
+"""The sequence classifier on real DICOM through the daemon's path (scanside.training.sequence.real), and its
+uncertainty gate (scanside.engines.tasks.image_label, scanside.training.sequence.uncertainty)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from agent.image_label import ImageClassifier, UncertaintyGate, calibrated, ood_distance
-from training.sequence.real import FIVE, read_labels, summarise_rows, would_alert
-from training.sequence.uncertainty import confidence_threshold, ece, fit_gate, fit_ood, fit_temperature
+from scanside.engines.tasks.image_label import ImageClassifier, UncertaintyGate, calibrated, ood_distance
+from scanside.training.sequence.real import FIVE, read_labels, summarise_rows, would_alert
+from scanside.training.sequence.uncertainty import confidence_threshold, ece, fit_gate, fit_ood, fit_temperature
 
 REALDATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "realdata" / "prostate"
 PROSTATEX = REALDATA / "ProstateX-0218"
@@ -112,9 +112,9 @@ def test_reference_labels_file(tmp_path):
 
 @pytest.mark.skipif(not PROSTATEX.is_dir(), reason=f"real DICOM not here ({REALDATA}): see /work/shared/realdata/README.md")
 def test_real_evaluation_runs_the_daemon_path_on_the_real_exams():
-    from engines.store import ModelStore
-    from training.registry import EvaluateOptions
-    from training.sequence.real import evaluate_real
+    from scanside.engines.store import ModelStore
+    from scanside.training.registry import EvaluateOptions
+    from scanside.training.sequence.real import evaluate_real
 
     store = ModelStore()
     m = store.resolve("sequence-classifier")
@@ -138,7 +138,7 @@ def test_real_evaluation_runs_the_daemon_path_on_the_real_exams():
 def test_intensity_augment_changes_contrast_but_keeps_order_and_zscore(monkeypatch, texture):
     import torch
 
-    from training.sequence import train as T
+    from scanside.training.sequence import train as T
 
     monkeypatch.setattr(T, "TEXTURE", texture)
     intensity_augment = T.intensity_augment

@@ -1,15 +1,15 @@
-"""training.sequence.realism: textured, deformed phantoms render through the simulator's own per-class path with
+"""scanside.training.sequence.realism: textured, deformed phantoms render through the simulator's own per-class path with
 physics kept across the sequences of one exam; EPI interpolation keeps the field of view."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from simulator.model import SeriesSpec
-from simulator.phantom import make_phantom
-from simulator.physics import Tissue
-from simulator.render import Artifacts, render_series
-from training.sequence.realism import interpolate_epi, realistic_phantom
+from scanside.simulator.model import SeriesSpec
+from scanside.simulator.phantom import make_phantom
+from scanside.simulator.physics import Tissue
+from scanside.simulator.render import Artifacts, render_series
+from scanside.training.sequence.realism import interpolate_epi, realistic_phantom
 
 CLEAN = Artifacts(noise_scale=0.0, bias_field=0.0, motion_blur=0.0, texture=0.0, epi_distortion_mm=0.0,
                   epi_ghost=0.0, epi_blur_px=0.0)
@@ -84,7 +84,7 @@ def test_interpolate_epi_keeps_field_of_view(pair):
 
 
 def test_exam_samples_realism_keeps_protocol_and_labels():
-    from training.sequence.data import exam_samples
+    from scanside.training.sequence.data import exam_samples
 
     plain = list(exam_samples(700_002, "ge", realism=0.0))
     real = list(exam_samples(700_002, "ge", realism=1.0))

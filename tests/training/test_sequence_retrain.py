@@ -14,15 +14,15 @@ import pytest
 
 pytest.importorskip("torch")
 
-from agent.taxonomy import LABELS  # noqa: E402
-from engines.store import ModelNotFound, ModelStore  # noqa: E402
+from scanside.agent.dicom.taxonomy import LABELS  # noqa: E402
+from scanside.engines.store import ModelNotFound, ModelStore  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """A store holding a copy of the shipped model, a DICOM folder of two exams and their truth."""
     from tests.training._exams import exam
-    from training.sequence.evaluate import exam_parts
+    from scanside.training.sequence.evaluate import exam_parts
 
     try:
         shipped = ModelStore().resolve("sequence-classifier")
@@ -52,7 +52,7 @@ def _csv(path, rows):
 
 
 def _train(store, data, labels, *extra):
-    cmd = [sys.executable, "-m", "agent.cli", "models", "--store", str(store), "train", "sequence", "--data", str(data),
+    cmd = [sys.executable, "-m", "scanside.agent.cli", "models", "--store", str(store), "train", "sequence", "--data", str(data),
            "--labels", str(labels), "--json", "--threads", "2", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     out = proc.stdout[proc.stdout.find("{"):]
@@ -94,6 +94,6 @@ def test_bad_labels_file_is_refused(site, tmp_path):
     store, data, truth, _ = site
     bad = tmp_path / "bad.csv"
     bad.write_text("series_uid,label\n1.2.3,T2W\n")
-    proc = subprocess.run([sys.executable, "-m", "agent.cli", "models", "--store", str(store), "train", "sequence",
+    proc = subprocess.run([sys.executable, "-m", "scanside.agent.cli", "models", "--store", str(store), "train", "sequence",
                            "--data", str(data), "--labels", str(bad)], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "unknown label" in (proc.stderr + proc.stdout)

@@ -8,14 +8,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from agent.taxonomy import LABELS  # noqa: E402
-from engines.manifest import ModelManifest  # noqa: E402
-from engines.store import ModelStore  # noqa: E402
+from scanside.agent.dicom.taxonomy import LABELS  # noqa: E402
+from scanside.engines.manifest import ModelManifest  # noqa: E402
+from scanside.engines.store import ModelStore  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from training.sequence.data import IN_CHANNELS, INPUT_SHAPE, exam_samples
+    from scanside.training.sequence.data import IN_CHANNELS, INPUT_SHAPE, exam_samples
 
     xs, ys = [], []
     for lab, arr, _ in exam_samples(700_001, "ge"):
@@ -36,9 +36,9 @@ def test_render_path_matches_preprocess_contract(tiny):
 
 
 def test_smoke_train_export_parity_manifest(tiny, tmp_path):
-    from training.sequence.export import INPUT_NAME, OUTPUT_NAME, export_model
-    from training.sequence.model import SeqResNet3d
-    from training.sequence.train import fit, predict
+    from scanside.training.sequence.export import INPUT_NAME, OUTPUT_NAME, export_model
+    from scanside.training.sequence.model import SeqResNet3d
+    from scanside.training.sequence.train import fit, predict
 
     torch.set_num_threads(2)
     x, y = tiny
@@ -68,9 +68,9 @@ def test_smoke_train_export_parity_manifest(tiny, tmp_path):
 
 
 def test_restore_from_onnx_matches(tiny, tmp_path):
-    from training.sequence.export import export_onnx, load_from_onnx, onnx_parity
-    from training.sequence.model import SeqResNet3d
-    from training.sequence.train import fit
+    from scanside.training.sequence.export import export_onnx, load_from_onnx, onnx_parity
+    from scanside.training.sequence.model import SeqResNet3d
+    from scanside.training.sequence.train import fit
 
     x, y = tiny
     model = SeqResNet3d(in_channels=x.shape[1])

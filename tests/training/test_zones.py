@@ -1,4 +1,4 @@
-"""training.zones: the phantom's zones as ground truth; smoke training -> ONNX export (dynamic batch,
+"""scanside.training.zones: the phantom's zones as ground truth; smoke training -> ONNX export (dynamic batch,
 parity, manifest with labels background/TZ/PZ, model card); the runtime interface over it; the shipped
 model's held-out evaluation through `scanside models evaluate` against a stated Dice floor."""
 from __future__ import annotations
@@ -13,18 +13,18 @@ import pytest
 
 pytest.importorskip("torch")
 
-from engines.manifest import ModelManifest  # noqa: E402
-from engines.store import ModelStore  # noqa: E402
+from scanside.engines.manifest import ModelManifest  # noqa: E402
+from scanside.engines.store import ModelStore  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_zone_target_follows_the_phantom():
     """Zones on a grid: TZ anterior of PZ, lesions in their own zone, nothing outside the slab."""
-    from engines.preprocess import model_grid
-    from simulator.phantom import make_phantom
-    from training.zones.data import TZ, PZ, zone_labels, zone_target
-    from training.zones.spec import ZONES_SPEC
+    from scanside.engines.preprocess import model_grid
+    from scanside.simulator.phantom import make_phantom
+    from scanside.training.zones.data import TZ, PZ, zone_labels, zone_target
+    from scanside.training.zones.spec import ZONES_SPEC
 
     ph = make_phantom(21, n_lesions=1, cspca=True)
     z = zone_labels(ph)
@@ -34,7 +34,7 @@ def test_zone_target_follows_the_phantom():
     assert np.all(z[ph.lesion_masks == 1] == (TZ if les.zone == "TZ" else PZ))
     # TZ lies anterior (smaller y, LPS) of the PZ's centroid
     assert np.argwhere(z == TZ)[:, 1].mean() < np.argwhere(z == PZ)[:, 1].mean()
-    from agent.volume import Volume
+    from scanside.agent.dicom.volume import Volume
 
     ref = Volume.from_array_affine(np.zeros((24, 64, 64), np.float32), np.diag([3.0, 2.0, 2.0, 1.0]))
     # the model grid centred on the gland
@@ -50,11 +50,11 @@ def test_zone_target_follows_the_phantom():
 def test_smoke_training_exports_onnx_with_parity(tmp_path):
     import onnxruntime as ort
 
-    from agent.gland import GlandService, ZONES_MODEL
-    from training.zones.data import make_case
-    from training.zones.export import export
-    from training.zones.spec import LABELS, ZONES_SPEC
-    from training.zones.train import train
+    from scanside.engines.tasks.gland import GlandService, ZONES_MODEL
+    from scanside.training.zones.data import make_case
+    from scanside.training.zones.export import export
+    from scanside.training.zones.spec import LABELS, ZONES_SPEC
+    from scanside.training.zones.train import train
 
     s = train(cases=2, minutes=5.0, out=str(tmp_path / "run"), batch=2, cache_dir=str(tmp_path / "cache"),
               max_steps=2, widths=(4, 8, 16), log=lambda *_: None)
@@ -90,9 +90,9 @@ def test_shipped_model_heldout_floor(tmp_path):
     whole gland >= 0.85, TZ >= 0.75, PZ >= 0.65; gland volume error (median) <= 20 %."""
     if not any(m.name == "prostate-zones-reference" for m in ModelStore().list()):
         pytest.skip("prostate-zones-reference not in engines/models")
-    from training.zones.evaluate import FLOOR
+    from scanside.training.zones.evaluate import FLOOR
 
-    out = subprocess.run([sys.executable, "-m", "agent.cli", "models", "evaluate", "prostate-zones-reference", "--json",
+    out = subprocess.run([sys.executable, "-m", "scanside.agent.cli", "models", "evaluate", "prostate-zones-reference", "--json",
                           "--exams-per-vendor", "1", "--seed", "970000", "--workdir", str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.stdout, out.stderr[-2000:]

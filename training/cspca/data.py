@@ -1,16 +1,16 @@
 """Training cases for the csPCa model, rendered straight from the simulator (no DICOM round trip).
 
-One case = one phantom (``simulator.phantom.make_phantom``) rendered as the three inputs a
+One case = one phantom (``scanside.simulator.phantom.make_phantom``) rendered as the three inputs a
 scanner's bpMRI export would give the agent, with the same geometry and the same uint16
-quantisation as the vendor writers (``simulator.vendors.common.series_scale``/``to_stored``):
+quantisation as the vendor writers (``scanside.simulator.vendors.common.series_scale``/``to_stored``):
 
-* T2W: the axial T2W series of ``simulator.protocols.build_exam("prostate-bpmri", vendor)``;
+* T2W: the axial T2W series of ``scanside.simulator.protocols.build_exam("prostate-bpmri", vendor)``;
 * ADC: the ADC series of that protocol;
 * HBV: the b1400 image -- Siemens' calculated CALC_BVALUE series, or the b1400 trace of the GE /
   Philips multi-b DWI series (quantised with the scale of the whole DWI series, as written).
 
 Vendor, field strength (3 T / 1.5 T) and artifacts (``Artifacts.sample``) vary per case. The
-volumes go through the one preprocessing (``engines.preprocess.prepare`` with CSPCA_SPEC), and the
+volumes go through the one preprocessing (``scanside.engines.preprocess.prepare`` with CSPCA_SPEC), and the
 ground truth -- the voxel mask of the csPCa lesions (indolent lesions are background) -- is put
 on the same model grid by nearest-neighbour resampling of ``phantom.lesion_masks``.
 
@@ -27,12 +27,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from training.common import run_jobs
+from scanside.training.common import run_jobs
 
-from agent.volume import Volume
-from engines.preprocess import Grid, prepare, resample_to_reference
-from engines.spec import PreprocessSpec
-from training.cspca.spec import CSPCA_SPEC
+from scanside.agent.dicom.volume import Volume
+from scanside.engines.preprocess import Grid, prepare, resample_to_reference
+from scanside.engines.spec import PreprocessSpec
+from scanside.training.cspca.spec import CSPCA_SPEC
 
 VENDORS = ("siemens", "siemens-xa", "ge", "philips")
 DEFAULT_CACHE = Path(__file__).resolve().parents[2] / "var" / "cspca-cache"
@@ -49,7 +49,7 @@ class Case:
 
 def rendered_to_volume(images, scale: Optional[float] = None) -> Volume:
     """A stack of RenderedImage (one per slice, one b-value) -> Volume, quantised like the writers."""
-    from simulator.vendors.common import image_scale, to_stored
+    from scanside.simulator.vendors.common import image_scale, to_stored
 
     ims = sorted(images, key=lambda im: im.slice_index)
     first = ims[0]
@@ -73,9 +73,9 @@ def rendered_to_volume(images, scale: Optional[float] = None) -> Volume:
 
 def render_inputs(phantom, vendor: str, field_strength: float, rng: np.random.Generator, artifacts=None) -> dict:
     """{"T2W", "ADC", "HBV"} Volumes of one phantom as ``vendor``'s bpMRI protocol writes them."""
-    from simulator.protocols import build_exam
-    from simulator.render import render_series
-    from simulator.vendors.common import series_scale
+    from scanside.simulator.protocols import build_exam
+    from scanside.simulator.render import render_series
+    from scanside.simulator.vendors.common import series_scale
 
     exam = build_exam("prostate-bpmri", vendor, field_strength)
     specs = {s.kind: s for s in exam.series if not (s.kind == "t2w" and s.plane != "axial")}
@@ -126,8 +126,8 @@ def case_plan(seed: int) -> dict:
 
 
 def make_case(seed: int, spec: PreprocessSpec = CSPCA_SPEC, jitter: bool = True) -> Case:
-    from simulator.phantom import make_phantom
-    from simulator.render import Artifacts
+    from scanside.simulator.phantom import make_phantom
+    from scanside.simulator.render import Artifacts
 
     plan = case_plan(seed)
     ph = make_phantom(seed, n_lesions=plan["n_lesions"], cspca=plan["cspca"])
@@ -157,9 +157,9 @@ def _write_case(args) -> str:
 
 def cache_key() -> str:
     """The simulator, the preprocessing, the csPCa spec and this module: the sub-folder of the cache."""
-    from training.common import render_cache_key
+    from scanside.training.common import render_cache_key
 
-    return render_cache_key("training.cspca.spec", __name__, salt=CSPCA_SPEC.model_dump_json())
+    return render_cache_key("scanside.training.cspca.spec", __name__, salt=CSPCA_SPEC.model_dump_json())
 
 
 def build_cache(seeds: Sequence[int], out_dir=DEFAULT_CACHE, workers: int = 2) -> list[str]:
@@ -180,7 +180,7 @@ def load_cache(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return np.stack(xs), np.stack(ys), np.asarray(ls, dtype=np.int64)
 
 
-if __name__ == "__main__":  # python -m training.cspca.data N [FIRST_SEED]
+if __name__ == "__main__":  # python -m scanside.training.cspca.data N [FIRST_SEED]
     import sys
     import time
 

@@ -4,9 +4,9 @@
 
 For each fresh exam (simulator seeds from ``options.seed``, never used in training; balanced
 csPCa / not, 0-3 lesions, 4 vendor styles, bpMRI profile): simulate_exam writes DICOM ->
-agent.exam_reader (the daemon's read path: read_exam, then triage_inputs picks the axial T2W, the
-ADC and the highest-b DWI, and their model frames) -> agent.volume.load_volume -> agent.cspca.CspcaModel
-(engines.preprocess.prepare -> ONNX Runtime -> findings). Ground truth: the simulator's lesions
+scanside.agent.dicom.exam_reader (the daemon's read path: read_exam, then triage_inputs picks the axial T2W, the
+ADC and the highest-b DWI, and their model frames) -> scanside.agent.dicom.volume.load_volume -> scanside.engines.tasks.cspca.CspcaModel
+(scanside.engines.preprocess.prepare -> ONNX Runtime -> findings). Ground truth: the simulator's lesions
 (rebuilt with make_phantom from the same seed) put on the model grid; for lesion-level detection the
 csPCa lesions are counted as picai_eval counts them, one per connected tumour region of the target on
 the model grid (truth_lesions).
@@ -22,8 +22,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from agent.progress import progress
-from training.common import run_jobs
+from scanside.agent.service.progress import progress
+from scanside.training.common import run_jobs
 
 VENDORS = ("siemens", "siemens-xa", "ge", "philips")
 DEFAULT_EXAMS_PER_VENDOR = 2
@@ -43,7 +43,7 @@ def exam_plan(seed: int) -> Dict[str, Any]:
 
 def _simulate(job: tuple) -> str:
     vendor, seed, out = job
-    from simulator.scanner import simulate_exam
+    from scanside.simulator.scanner import simulate_exam
 
     p = exam_plan(seed)
     simulate_exam(vendor, out, seed, profile="prostate-bpmri", n_lesions=p["n_lesions"], cspca=p["cspca"])
@@ -52,8 +52,8 @@ def _simulate(job: tuple) -> str:
 
 def exam_volumes(exam_dir: Path) -> Dict[str, Any]:
     """{"T2W", "ADC", "HBV"} Volumes of a written exam: the series and frames the daemon would give the
-    model (agent.exam_reader: read_exam -> triage_inputs at exam end -> model frames); {} without them."""
-    from agent.exam_reader import read_exam, triage_inputs
+    model (scanside.agent.dicom.exam_reader: read_exam -> triage_inputs at exam end -> model frames); {} without them."""
+    from scanside.agent.dicom.exam_reader import read_exam, triage_inputs
 
     exam = read_exam(exam_dir)
     chosen = triage_inputs(exam.summaries(), exam_over=True)
@@ -66,7 +66,7 @@ def _lesion_groups(ph, cs_ids: List[int], grid=None) -> List[List[int]]:
     (the model grid: what picai_eval is given and scores), are one region."""
     from scipy import ndimage
 
-    from engines.preprocess import Volume, resample_to_reference
+    from scanside.engines.preprocess import Volume, resample_to_reference
 
     groups: List[set] = []
     cs_mask = np.isin(ph.lesion_masks, cs_ids)
@@ -124,7 +124,7 @@ def truth_lesions(ph, grid=None) -> List[Dict[str, Any]]:
 
 def lesion_truth(seed: int, grid=None) -> tuple:
     """(phantom, truth_lesions(phantom, grid)) for evaluation exam ``seed``."""
-    from simulator.phantom import make_phantom
+    from scanside.simulator.phantom import make_phantom
 
     p = exam_plan(seed)
     ph = make_phantom(seed, n_lesions=p["n_lesions"], cspca=p["cspca"])
@@ -132,8 +132,8 @@ def lesion_truth(seed: int, grid=None) -> tuple:
 
 
 def run_eval(model, exams_per_vendor: int, seed0: int, workdir: Optional[Path] = None, jobs: int = 1) -> Dict[str, Any]:
-    from training.cspca.data import lesion_target
-    from training.cspca.metrics import ece, lesion_detection, operating_point, picai_metrics
+    from scanside.training.cspca.data import lesion_target
+    from scanside.training.cspca.metrics import ece, lesion_detection, operating_point, picai_metrics
 
     tmp = None
     root = Path(workdir) if workdir else Path(tmp := tempfile.mkdtemp(prefix="scanside-cspca-eval-"))
@@ -160,7 +160,7 @@ def run_eval(model, exams_per_vendor: int, seed0: int, workdir: Optional[Path] =
             rows.append({"vendor": vendor, "seed": seed, "label": int(ph.cspca), "probability": pred.probability,
                          "lesions": lesions, "findings": [list(f.center_lps_mm) for f in pred.findings],
                          "n_findings": len(pred.findings),
-                         # inside the model's validated input range (agent.input_range); None: the model has none
+                         # inside the model's validated input range (scanside.engines.tasks.input_range); None: the model has none
                          "in_range": None if pred.range_check is None else pred.range_check.in_range})
     finally:
         if tmp:
@@ -192,8 +192,8 @@ def _passed(metrics: Dict[str, Any], floor: Dict[str, float]) -> bool:
 
 
 def evaluate_model(store, manifest, options) -> dict:
-    """training.registry evaluator for task cspca_detection."""
-    from agent.cspca import CspcaModel
+    """scanside.training.registry evaluator for task cspca_detection."""
+    from scanside.engines.tasks.cspca import CspcaModel
 
     n = options.exams_per_vendor or DEFAULT_EXAMS_PER_VENDOR
     model = CspcaModel(store, manifest.ref, variant=options.variant)
@@ -210,7 +210,7 @@ def evaluate_model(store, manifest, options) -> dict:
 
 def write_results(manifest, report: dict) -> None:
     """Metrics -> manifest.metrics['evaluation'], EVALUATION.md and the refreshed model card."""
-    from training.cspca.export import write_card
+    from scanside.training.cspca.export import write_card
 
     m = report["metrics"]
     ev = {"measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -229,8 +229,8 @@ def write_results(manifest, report: dict) -> None:
     lines = [f"# Evaluation: {manifest.ref}", "",
              f"Measured {ev['measured_at']} with `{ev['command']}` on {m['n']} freshly simulated bpMRI exams "
              f"({m['positives']} csPCa; 4 vendor styles), back end {report['backend']}, runtime path "
-             "(simulated DICOM -> agent.exam_reader: the daemon's series and frames -> agent.volume -> engines.preprocess -> ONNX "
-             "-> agent.cspca).", "",
+             "(simulated DICOM -> scanside.agent.dicom.exam_reader: the daemon's series and frames -> scanside.agent.dicom.volume -> scanside.engines.preprocess -> ONNX "
+             "-> scanside.engines.tasks.cspca).", "",
              "| metric | value |", "|---|---:|"]
     for k in ("auroc", "ap", "ranking_score", "map_auroc", "ece", "sensitivity", "specificity", "lesions", "detected",
               "lesion_sensitivity", "centre_error_median_mm", "centre_error_p90_mm", "centre_within_5mm",
@@ -245,21 +245,21 @@ def write_results(manifest, report: dict) -> None:
 
 
 def evaluate_real(store, manifest, options) -> dict:
-    """training.registry real-data evaluator for task cspca_detection: every exam under ``options.real`` read
-    as the daemon reads it (agent.exam_reader), the gland the daemon would take ([gland] model = auto: TAPS,
-    or a gland model with good real-data figures), and agent.analysis.triage_event, the daemon's own
+    """scanside.training.registry real-data evaluator for task cspca_detection: every exam under ``options.real`` read
+    as the daemon reads it (scanside.agent.dicom.exam_reader), the gland the daemon would take ([gland] model = auto: TAPS,
+    or a gland model with good real-data figures), and scanside.agent.analysis.analysis.triage_event, the daemon's own
     TriageResult: findings only inside the gland, NOT_ASSESSED outside the validated range. There are no
     lesion labels in a folder of DICOM: the reference is the header labels of the inputs (were the right
     series used) and what a lesion-free exam must not get (a confident DCE_ADVISED)."""
     import tempfile as _tf
 
-    from agent.alerts import alert_from_event
-    from agent.analysis import triage_event
-    from agent.config import load_config
-    from agent.cspca import CspcaModel
-    from agent.exam_reader import read_exams, triage_inputs
-    from agent.gland import GlandService
-    from training.common import opaque, record_real_data
+    from scanside.agent.outputs.alerts import alert_from_event
+    from scanside.agent.analysis.analysis import triage_event
+    from scanside.agent.service.config import load_config
+    from scanside.engines.tasks.cspca import CspcaModel
+    from scanside.agent.dicom.exam_reader import read_exams, triage_inputs
+    from scanside.engines.tasks.gland import GlandService
+    from scanside.training.common import opaque, record_real_data
 
     model = CspcaModel(store, manifest.ref, variant=options.variant)
     with _tf.TemporaryDirectory(prefix="scanside-real-eval-") as tmp:
@@ -316,7 +316,7 @@ def evaluate_real(store, manifest, options) -> dict:
               "passed": bool(ok) and metrics["technologist_alerts_in_shadow"] == 0 and metrics["dce_advised"] == 0
               and all(r["status"] != "error" for r in rows)}
     if options.write:
-        from training.cspca.export import write_card
+        from scanside.training.cspca.export import write_card
 
         record_real_data(manifest, {
             "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

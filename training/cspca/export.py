@@ -1,6 +1,6 @@
 """Export a trained csPCa model to the store: ONNX (dynamic batch), parity check, manifest, model card.
 
-    python -m training.cspca.export var/cspca-run/model.pt [--store engines/models] [--version 1.0.0]
+    python -m scanside.training.cspca.export var/cspca-run/model.pt [--store engines/models] [--version 1.0.0]
 
 Writes engines/models/cspca-reference/<version>/{model.onnx, manifest.json, MODEL_CARD.md}.
 """
@@ -13,9 +13,9 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from engines.manifest import ModelFile, ModelManifest, TensorSpec, sha256_file
-from training.common import int8_card_section, real_data_card_section
-from training.cspca.spec import CSPCA_SPEC
+from scanside.engines.manifest import ModelFile, ModelManifest, TensorSpec, sha256_file
+from scanside.training.common import int8_card_section, real_data_card_section
+from scanside.training.cspca.spec import CSPCA_SPEC
 
 NAME = "cspca-reference"
 VERSION = "1.0.0"
@@ -23,7 +23,7 @@ OPSET = 17
 CARD_FILE = "MODEL_CARD.md"
 REPORT_FILE = "EVALUATION.md"
 
-#: runtime post-processing (agent.cspca reads it from the manifest)
+#: runtime post-processing (scanside.engines.tasks.cspca reads it from the manifest)
 POSTPROCESSING: Dict[str, Any] = {
     "lesion_threshold": 0.5,  # voxel likelihood that delimits a finding's component
     "min_peak": 0.5,  # a component is reported when its peak likelihood reaches this
@@ -78,7 +78,7 @@ def build_manifest(onnx_path: Path, train_summary: Optional[dict] = None, parity
         files={"fp32": ModelFile(path="model.onnx", sha256=sha256_file(onnx_path), precision="fp32",
                                  size_bytes=onnx_path.stat().st_size, opset=OPSET)},
         postprocessing=dict(POSTPROCESSING),
-        training_data=("simulator phantoms (simulator.phantom.make_phantom), bpMRI protocol of 4 vendor styles, "
+        training_data=("simulator phantoms (scanside.simulator.phantom.make_phantom), bpMRI protocol of 4 vendor styles, "
                        "3 T / 1.5 T, random artifacts; seeds 0..N-1 (see metrics.training)"),
         metrics={"training": train_summary or {}},
         license="Apache-2.0", source="training/cspca (this repository)",
@@ -134,7 +134,7 @@ def render_card(m: ModelManifest) -> str:
         f" ({tr.get('csPCa_cases', '?')} csPCa), seeds 0..{int(tr.get('cases', 1)) - 1}.", "",
         "## Model",
         f"Input grid {CSPCA_SPEC.shape} voxels at {CSPCA_SPEC.spacing_mm} mm (SPL), centred on the axial T2W slab",
-        "(or the gland centroid), z-score after 0.5-99.5 percentile clipping per channel (`engines.preprocess.prepare`).",
+        "(or the gland centroid), z-score after 0.5-99.5 percentile clipping per channel (`scanside.engines.preprocess.prepare`).",
         "2.5D U-Net (each slice with its two neighbours, 3 levels, "
         f"{tr.get('parameters', '?')} parameters); exam probability = sigmoid(a * max voxel logit + b),",
         "a and b refitted on whole training exams. Findings: threshold the likelihood map, 3D connected components,",
@@ -144,7 +144,7 @@ def render_card(m: ModelManifest) -> str:
         f" exam-head fit {sec.get('exam_head', '?')} s, total {sec.get('total', '?')} s over {len(tr.get('stages', [])) or 1}"
         f" stage(s), {tr.get('steps', '?')} steps, of which rendering the training cases (cached as npz under"
         f" var/cspca-cache) {sec.get('data', '?')} s.",
-        f"Recipe: `{tr.get('recipe', 'python -m training.cspca.train')}`, then `python -m training.cspca.export {_run_dir(tr)}/model.pt`.",
+        f"Recipe: `{tr.get('recipe', 'python -m scanside.training.cspca.train')}`, then `python -m scanside.training.cspca.export {_run_dir(tr)}/model.pt`.",
         "",
         "## Measured figures (fresh held-out simulated exams, runtime DICOM path)",
         f"- exams: {ev.get('exams', 'n/a')} ({ev.get('positives', 'n/a')} csPCa), command: `{ev.get('command', 'n/a')}`",
@@ -169,8 +169,8 @@ def render_card(m: ModelManifest) -> str:
 
 
 def export(pt_path, store_root=None, version: str = VERSION) -> ModelManifest:
-    from engines.store import PACKAGE_MODELS_DIR
-    from training.cspca.train import load_model
+    from scanside.engines.store import PACKAGE_MODELS_DIR
+    from scanside.training.cspca.train import load_model
 
     pt_path = Path(pt_path)
     model = load_model(pt_path)

@@ -1,10 +1,10 @@
-"""Fit the csPCa model's validated input range (agent.input_range) on held-out inputs.
+"""Fit the csPCa model's validated input range (scanside.engines.tasks.input_range) on held-out inputs.
 
-    python -m training.cspca.input_range [--name cspca-reference] [--fit-exams-per-vendor 4]
+    python -m scanside.training.cspca.input_range [--name cspca-reference] [--fit-exams-per-vendor 4]
         [--val-exams-per-vendor 2] [--seed 930000] [--real ../shared/realdata/prostate] [--write]
 
 Fresh simulated exams (seeds never used in training, none of the evaluation's 900000+ ones), read as
-the daemon reads them (agent.exam_reader: read_exam -> triage_inputs -> model frames) and prepared
+the daemon reads them (scanside.agent.dicom.exam_reader: read_exam -> triage_inputs -> model frames) and prepared
 with the model's PreprocessSpec, give the input statistics of the validated kind of image: the
 ``fit`` exams set their mean and SD, the separate ``validation`` exams set the threshold
 (margin x their largest distance). Real exams (``--real``), where given, are scored against the
@@ -26,9 +26,9 @@ VENDORS = ("siemens", "siemens-xa", "ge", "philips")
 
 def exam_features(exams: Sequence[Any], spec: Any) -> List[Dict[str, Any]]:
     """Input statistics of each exam that has the model's inputs (read_exam's Exam objects)."""
-    from agent.exam_reader import triage_inputs
-    from agent.input_range import input_features
-    from engines.preprocess import prepare
+    from scanside.agent.dicom.exam_reader import triage_inputs
+    from scanside.engines.tasks.input_range import input_features
+    from scanside.engines.preprocess import prepare
 
     out = []
     for exam in exams:
@@ -42,8 +42,8 @@ def exam_features(exams: Sequence[Any], spec: Any) -> List[Dict[str, Any]]:
 
 
 def simulated(root: Path, seeds: Sequence[int]) -> List[Any]:
-    from agent.exam_reader import read_exam
-    from training.cspca.evaluate import _simulate
+    from scanside.agent.dicom.exam_reader import read_exam
+    from scanside.training.cspca.evaluate import _simulate
 
     exams = []
     for i, seed in enumerate(seeds):
@@ -58,9 +58,9 @@ def simulated(root: Path, seeds: Sequence[int]) -> List[Any]:
 def fit(name: str = "cspca-reference", fit_per_vendor: int = 4, val_per_vendor: int = 2, seed: int = 930_000,
         real: Optional[Sequence[Path]] = None, workdir: Optional[Path] = None, margin: float = 1.25,
         write: bool = False, store: Any = None) -> Dict[str, Any]:
-    from agent.exam_reader import read_exams
-    from agent.input_range import fit_input_range
-    from engines.store import ModelStore
+    from scanside.agent.dicom.exam_reader import read_exams
+    from scanside.engines.tasks.input_range import fit_input_range
+    from scanside.engines.store import ModelStore
 
     store = store or ModelStore()
     manifest = store.resolve(name)
@@ -74,9 +74,9 @@ def fit(name: str = "cspca-reference", fit_per_vendor: int = 4, val_per_vendor: 
                           margin=margin, fitted_on={
                               "model": manifest.ref, "fit_exams": len(fit_rows), "validation_exams": len(val_rows),
                               "source": f"simulated bpMRI exams, seeds {seed}..{seed + n_fit + n_val - 1}, "
-                                        f"{len(VENDORS)} vendor styles, read by agent.exam_reader",
+                                        f"{len(VENDORS)} vendor styles, read by scanside.agent.dicom.exam_reader",
                               "margin": margin,
-                              "command": "python -m training.cspca.input_range " + " ".join(sys.argv[1:])})
+                              "command": "python -m scanside.training.cspca.input_range " + " ".join(sys.argv[1:])})
     real_rows = []
     for folder in real or []:
         for row in exam_features(read_exams(folder), spec):

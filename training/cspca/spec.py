@@ -10,9 +10,9 @@ minutes. 96 mm in-plane and 60 mm cranio-caudal cover the largest simulated glan
 """
 from __future__ import annotations
 
-from engines.spec import PreprocessSpec
+from scanside.engines.spec import PreprocessSpec
 
-#: the channel keys the runtime passes to engines.preprocess.prepare (volumes dict keys)
+#: the channel keys the runtime passes to scanside.engines.preprocess.prepare (volumes dict keys)
 CHANNELS = ("T2W", "ADC", "HBV")
 
 CSPCA_SPEC = PreprocessSpec(

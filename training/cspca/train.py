@@ -1,8 +1,8 @@
 """Train the reference csPCa model from scratch on simulated cases (CPU, 2 threads).
 
-    python -m training.cspca.train --cases 320 --minutes 15 --out var/cspca-run
+    python -m scanside.training.cspca.train --cases 320 --minutes 15 --out var/cspca-run
 
-1. Cases: ``training.cspca.data.build_cache`` renders seeds 0..N-1 once (npz, var/cspca-cache/KEY/, KEY = data.cache_key(): rebuilt when the simulator or preprocessing changes).
+1. Cases: ``scanside.training.cspca.data.build_cache`` renders seeds 0..N-1 once (npz, var/cspca-cache/KEY/, KEY = data.cache_key(): rebuilt when the simulator or preprocessing changes).
 2. Voxel head: patches of 20 x 32 x 32 voxels (the full depth, a quarter of the plane; half of
    them centred near a csPCa lesion when the case has one, each of its lesions equally often), random left-right flips and channel
    intensity jitter; loss = BCE + soft Dice on the csPCa lesion mask (indolent lesions are
@@ -26,9 +26,9 @@ from typing import Optional
 
 import numpy as np
 
-from agent.progress import progress
+from scanside.agent.service.progress import progress
 
-from training.common import merge_stages
+from scanside.training.common import merge_stages
 
 PATCH = (20, 32, 32)
 
@@ -109,8 +109,8 @@ def train(cases: int = 320, minutes: float = 15.0, out: str = "var/cspca-run", b
 
     import torch
 
-    from training.cspca.data import DEFAULT_CACHE, build_cache, load_cache
-    from training.cspca.model import CspcaNet, n_parameters
+    from scanside.training.cspca.data import DEFAULT_CACHE, build_cache, load_cache
+    from scanside.training.cspca.model import CspcaNet, n_parameters
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -208,8 +208,8 @@ def train(cases: int = 320, minutes: float = 15.0, out: str = "var/cspca-run", b
 
 
 def load_model(path):
-    from training.common import load_checkpoint
-    from training.cspca.model import CspcaNet
+    from scanside.training.common import load_checkpoint
+    from scanside.training.cspca.model import CspcaNet
 
     return load_checkpoint(path, CspcaNet)
 
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="var/cspca-run")
     ap.add_argument("--init", default=None, help="continue training from this model.pt")
     a = ap.parse_args(argv)
-    recipe = "python -m training.cspca.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    recipe = "python -m scanside.training.cspca.train " + " ".join(sys.argv[1:] if argv is None else argv)
     train(a.cases, a.minutes, a.out, a.batch, a.lr, threads=a.threads, cache_dir=a.cache_dir, max_steps=a.max_steps,
           init=a.init, recipe=recipe, log=lambda s: print(s, flush=True))
     return 0

@@ -5,7 +5,7 @@ site's completed series teach the image model what this scanner's images look li
 
 1. Series: the agent's state (``--from-state``: the completed series in STATE_DIR/state.sqlite, their
    headers as ingested) or a DICOM folder (``--from``), each summarised as the daemon does
-   (agent.series.split_parts / summarise). A series is used when its header rule is confident
+   (scanside.agent.dicom.series.split_parts / summarise). A series is used when its header rule is confident
    (``--min-header-confidence``, default 0.9: Philips T2W without a fat-suppression tag, for one, is
    not) and it reaches the model (the runtime path: select_frames -> load_volume -> prepare).
 2. Whole exams are held out (``--holdout-fraction`` of the studies by a hash of their UID, at least one):
@@ -18,7 +18,7 @@ site's completed series teach the image model what this scanner's images look li
    (more series right, or as many with a higher mean probability of the right class) and stays within
    ``--max-sim-drop`` (0.5 points) of it on a simulated check set rendered fresh (``--sim-exams``).
    Otherwise nothing is written and the exit code is 3.
-5. With ``--from-state`` the promotion is recorded as the site validation (agent.shadow, method
+5. With ``--from-state`` the promotion is recorded as the site validation (scanside.agent.analysis.shadow, method
    adaptation_holdout) in the state folder, so the new version leaves shadow mode there.
 6. Everything is recorded in the new version's manifest (metrics.adaptation) and model card: parent
    version, exams used and held out (hashed study UIDs), both models' held-out and simulated figures,
@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from agent.taxonomy import LABELS
+from scanside.agent.dicom.taxonomy import LABELS
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------- site series
 def series_from_state(state_dir: Path) -> List[Tuple[Any, Any]]:
     """(SeriesSummary, SeriesPart) of every completed series in the agent's state."""
-    from agent.series import split_parts, summarise
-    from agent.state import StateStore
+    from scanside.agent.dicom.series import split_parts, summarise
+    from scanside.agent.state.database import StateStore
 
     db = Path(state_dir) / "state.sqlite"
     if not db.is_file():
@@ -111,7 +111,7 @@ def split_exams(study_uids: Sequence[str], fraction: float) -> set:
 
 def site_samples(clf: Any, series: List[Tuple[Any, Any]], min_conf: float) -> Dict[str, Any]:
     """Prepared inputs and header labels of the confidently labelled series that reach the model."""
-    from agent.image_label import ImageLabelError
+    from scanside.engines.tasks.image_label import ImageLabelError
 
     xs, ys, studies = [], [], []
     counts: Dict[str, int] = defaultdict(int)
@@ -134,8 +134,8 @@ def site_samples(clf: Any, series: List[Tuple[Any, Any]], min_conf: float) -> Di
 
 def sim_samples(seeds: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
     """Freshly rendered simulated exams through the training render path (every vendor style)."""
-    from training.sequence.data import LABEL_INDEX, exam_samples
-    from training.sequence.protocols import VENDORS
+    from scanside.training.sequence.data import LABEL_INDEX, exam_samples
+    from scanside.training.sequence.protocols import VENDORS
 
     xs, ys = [], []
     for i, s in enumerate(seeds):
@@ -162,7 +162,7 @@ def beats(c: Dict[str, Any]) -> bool:
 
 
 def _next_patch(store: Any, base_version: str) -> str:
-    from engines.manifest import semver_key
+    from scanside.engines.manifest import semver_key
 
     have = set(store.versions(NAME))
     major, minor, patch = semver_key(base_version)[:3]
@@ -175,13 +175,13 @@ def _next_patch(store: Any, base_version: str) -> str:
 def adapt(args: argparse.Namespace, store: Any) -> Dict[str, Any]:
     import torch
 
-    from agent.image_label import ImageClassifier
-    from engines.store import ModelStore
-    from training.sequence.export import export_model, load_from_onnx, write_card
-    from training.sequence.model import n_params
-    from training.sequence.real import read_series
-    from training.sequence.train import fit, predict
-    from training.sequence.uncertainty import fit_gate, install_gate
+    from scanside.engines.tasks.image_label import ImageClassifier
+    from scanside.engines.store import ModelStore
+    from scanside.training.sequence.export import export_model, load_from_onnx, write_card
+    from scanside.training.sequence.model import n_params
+    from scanside.training.sequence.real import read_series
+    from scanside.training.sequence.train import fit, predict
+    from scanside.training.sequence.uncertainty import fit_gate, install_gate
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -262,7 +262,7 @@ def adapt(args: argparse.Namespace, store: Any) -> Dict[str, Any]:
         shutil.copytree(cand.root, dest)
         summary.update(decision="promoted", written=str(dest), seconds=round(time.time() - t0, 1))
         if args.from_state is not None:  # the hold-out validated it on this site's own exams: it leaves shadow mode
-            from agent.shadow import FILE_NAME, SiteValidation, record_validation
+            from scanside.agent.analysis.shadow import FILE_NAME, SiteValidation, record_validation
 
             v = record_validation(Path(args.from_state) / FILE_NAME, SiteValidation(
                 model=cand.name, version=cand.version, method="adaptation_holdout", by="scanside models adapt",
@@ -275,7 +275,7 @@ def adapt(args: argparse.Namespace, store: Any) -> Dict[str, Any]:
 
 
 def _now() -> str:
-    from training.sequence.export import now_iso
+    from scanside.training.sequence.export import now_iso
 
     return now_iso()
 
@@ -301,7 +301,7 @@ def run(args: argparse.Namespace, store: Any = None) -> int:
     """`scanside models adapt` entry point."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if store is None:
-        from engines.cli import _store
+        from scanside.agent.cli.models import _store
 
         store = _store(args)
     summary = adapt(args, store)

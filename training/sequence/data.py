@@ -1,12 +1,12 @@
-"""Training data by the render path: simulator.render -> a Volume with the geometry and the
-12-bit quantisation the DICOM writers give -> engines.preprocess.prepare (the runtime's one
+"""Training data by the render path: scanside.simulator.render -> a Volume with the geometry and the
+12-bit quantisation the DICOM writers give -> scanside.engines.preprocess.prepare (the runtime's one
 preprocessing) -> cached float16 arrays (npz shards).
 
 What one exam contributes (labels from the simulator's own ground-truth rule):
 localizer (one of its three planes) -> other; every T2W -> T2WI_nan / T2WI_fs; DWI -> one
 sample per b-value (b < 500 DWI_Low, else DWI_High); calculated high b -> DWI_High; ADC -> ADC;
 T1 -> other; DCE -> two random temporal phases (of 2-5) -> other (the agent passes one phase of a dynamic
-series: the middle one, see agent.image_label.select_frames).
+series: the middle one, see scanside.engines.tasks.image_label.select_frames).
 """
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from training.common import run_jobs
+from scanside.training.common import run_jobs
 
-from agent.taxonomy import DWI_HIGH_MIN_B, LABELS
-from agent.volume import Volume
-from engines.preprocess import prepare
-from engines.spec import DetailView, PreprocessSpec
-from simulator.model import RenderedImage, SeriesSpec
-from training.sequence.protocols import VENDORS, Variant, random_exam
+from scanside.agent.dicom.taxonomy import DWI_HIGH_MIN_B, LABELS
+from scanside.agent.dicom.volume import Volume
+from scanside.engines.preprocess import prepare
+from scanside.engines.spec import DetailView, PreprocessSpec
+from scanside.simulator.model import RenderedImage, SeriesSpec
+from scanside.training.sequence.protocols import VENDORS, Variant, random_exam
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +47,19 @@ IN_CHANNELS = PREPROCESS.n_input_channels
 MAX_STORED = 4095
 DEFAULT_CACHE = Path(os.environ.get("SCANSIDE_TRAIN_CACHE", Path(__file__).resolve().parents[2] / "var" / "train-cache"))
 LABEL_INDEX = {name: i for i, name in enumerate(LABELS)}
-#: fraction of training exams rendered from a realistic phantom (training.sequence.realism: deformed anatomy,
+#: fraction of training exams rendered from a realistic phantom (scanside.training.sequence.realism: deformed anatomy,
 #: septa, sub-tissue texture) and, with REALISM_EPI_P, with EPI series interpolated to a 256 matrix (GE habit).
 #: 0 keeps the cartoon phantom only (every release up to 1.4.1).
 REALISM = 0.0
 REALISM_EPI_P = {"ge": 0.7}
 REALISM_EPI_P_DEFAULT = 0.25
-#: with REALISM: log-sd of the per-exam tissue-constant factors (training.sequence.realism ``constants_sd``)
+#: with REALISM: log-sd of the per-exam tissue-constant factors (scanside.training.sequence.realism ``constants_sd``)
 REALISM_CONSTANTS_SD = 0.0
 
 
 def stack_volume(images: Sequence[RenderedImage]) -> Volume:
     """Rendered 2D images of one position set -> Volume sorted along the slice normal, as
-    agent.volume.load_volume builds it from the written files."""
+    scanside.agent.dicom.volume.load_volume builds it from the written files."""
     o = np.asarray(images[0].orientation, dtype=float)
     row_dir, col_dir = o[:3], o[3:]
     normal = np.cross(row_dir, col_dir)
@@ -106,8 +106,8 @@ def exam_samples(seed: int, vendor: str, variant: Variant = "train", severity: O
                  ) -> Iterator[tuple[str, np.ndarray, dict]]:
     """(label, prepared array (IN_CHANNELS, *INPUT_SHAPE) float32, info) for every logical series of one
     randomised exam rendered straight from the phantom."""
-    from simulator.phantom import make_phantom
-    from simulator.render import Artifacts, render_series
+    from scanside.simulator.phantom import make_phantom
+    from scanside.simulator.render import Artifacts, render_series
 
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5E9]))
     exam = random_exam(rng, vendor, variant, dce_phases=int(rng.integers(2, 6)))
@@ -115,7 +115,7 @@ def exam_samples(seed: int, vendor: str, variant: Variant = "train", severity: O
     epi_matrix = 0
     realism = REALISM if realism is None else realism
     if realism > 0:  # own stream: the exam's protocol and artifacts stay those of the same seed without realism
-        from training.sequence.realism import realistic_phantom
+        from scanside.training.sequence.realism import realistic_phantom
 
         rr = np.random.default_rng(np.random.SeedSequence([int(seed), 0x2EA1]))
         if rr.random() < realism:
@@ -129,7 +129,7 @@ def exam_samples(seed: int, vendor: str, variant: Variant = "train", severity: O
             spec = spec.model_copy(update=dict(plane=str(rng.choice(["sagittal", "coronal", "axial"]))))
         rendered = render_series(phantom, spec, exam.field_strength_t, rng, art)
         if epi_matrix and spec.kind in ("dwi", "adc", "calc_bvalue") and max(spec.matrix) < epi_matrix:
-            from training.sequence.realism import interpolate_epi
+            from scanside.training.sequence.realism import interpolate_epi
 
             rendered = rendered.model_copy(update=dict(images=interpolate_epi(rendered.images, epi_matrix)))
         pix = quantise(rendered.images)
@@ -168,12 +168,12 @@ def _shard(args: tuple[list[int], str, str, float, float]) -> str:
 def spec_key() -> str:
     """Cache key: the simulator, the preprocessing, this module and its protocol generator (changes
     invalidate the cache)."""
-    from training.common import render_cache_key
+    from scanside.training.common import render_cache_key
 
     if REALISM:
-        return render_cache_key("training.sequence.protocols", "training.sequence.realism", __name__,
+        return render_cache_key("scanside.training.sequence.protocols", "scanside.training.sequence.realism", __name__,
                                 salt=PREPROCESS.model_dump_json() + f"realism={REALISM},{REALISM_CONSTANTS_SD}")
-    return render_cache_key("training.sequence.protocols", __name__, salt=PREPROCESS.model_dump_json())
+    return render_cache_key("scanside.training.sequence.protocols", __name__, salt=PREPROCESS.model_dump_json())
 
 
 def build_dataset(seeds: Sequence[int], variant: Variant = "train", cache_dir: Path | None = None,

@@ -1,9 +1,9 @@
 """Evaluate a sequence classifier the way it runs: freshly simulated DICOM exams (seeds training
-never used) -> agent.exam_reader (the daemon's read path: headers, series, split parts) -> agent.image_label
-(select_frames -> agent.volume.load_volume -> engines.preprocess.prepare -> the store's engine).
+never used) -> scanside.agent.dicom.exam_reader (the daemon's read path: headers, series, split parts) -> scanside.engines.tasks.image_label
+(select_frames -> scanside.agent.dicom.volume.load_volume -> scanside.engines.preprocess.prepare -> the store's engine).
 
 Subsets: ``train_protocols`` (the training protocol distribution, fresh seeds and phantoms) and
-``heldout_variant`` (training.sequence.protocols' held-out variant: b 100/1200/2000, DWI matrix
+``heldout_variant`` (scanside.training.sequence.protocols' held-out variant: b 100/1200/2000, DWI matrix
 112, T2W matrix 320 / FOV 140 / TE 125, 1.5 T), each over all four vendor styles (Siemens
 mosaic and Philips enhanced on alternate exams); ``all`` pools them.
 
@@ -21,10 +21,10 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from agent.taxonomy import LABELS
-from agent.progress import progress
-from training.common import classification_metrics, metrics_markdown, run_jobs
-from training.sequence.protocols import VENDORS, random_exam
+from scanside.agent.dicom.taxonomy import LABELS
+from scanside.agent.service.progress import progress
+from scanside.training.common import classification_metrics, metrics_markdown, run_jobs
+from scanside.training.sequence.protocols import VENDORS, random_exam
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ DEFAULT_EXAMS_PER_VENDOR = 2
 
 def _simulate(job: tuple) -> str:
     vendor, seed, variant, out = job
-    from simulator.scanner import simulate_exam
+    from scanside.simulator.scanner import simulate_exam
 
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xE7A1]))
     exam = random_exam(rng, vendor, variant)
@@ -64,9 +64,9 @@ def simulate_set(root: Path, exams_per_vendor: int, seed0: int, variants=("train
 
 
 def exam_parts(exam_dir: Path) -> List[dict]:
-    """Every logical series of a simulated exam as the daemon reads it (agent.exam_reader), with its true label."""
-    from agent.exam_reader import read_exams
-    from simulator.scanner import load_ground_truth
+    """Every logical series of a simulated exam as the daemon reads it (scanside.agent.dicom.exam_reader), with its true label."""
+    from scanside.agent.dicom.exam_reader import read_exams
+    from scanside.simulator.scanner import load_ground_truth
 
     truth_of = {s.series_uid: s for s in load_ground_truth(exam_dir).series}
     out = []
@@ -94,7 +94,7 @@ def _truth(s, key: str) -> Optional[str]:
 
 def run_parts(clf, parts: List[dict], batch: int = 16) -> List[dict]:
     """Classify each part through the runtime path; failures are recorded, not raised."""
-    from agent.image_label import ImageLabelError
+    from scanside.engines.tasks.image_label import ImageLabelError
 
     rows, xs, pending = [], [], []
     cache: dict = {}
@@ -114,11 +114,11 @@ def run_parts(clf, parts: List[dict], batch: int = 16) -> List[dict]:
 
 
 def evaluate_model(store, manifest, options) -> dict:
-    """training.registry evaluator for task sequence_classification."""
-    from agent.image_label import ImageClassifier
+    """scanside.training.registry evaluator for task sequence_classification."""
+    from scanside.engines.tasks.image_label import ImageClassifier
 
     if getattr(options, "real", None):
-        from training.sequence.real import evaluate_real
+        from scanside.training.sequence.real import evaluate_real
 
         return evaluate_real(store, manifest, options)
     n = options.exams_per_vendor or DEFAULT_EXAMS_PER_VENDOR
@@ -175,8 +175,8 @@ def evaluate_model(store, manifest, options) -> dict:
 
 def write_results(manifest, report: dict) -> None:
     """Measured metrics -> manifest.metrics['evaluation'], EVALUATION.md and the refreshed model card."""
-    from engines.manifest import ModelManifest
-    from training.sequence.export import now_iso, write_card
+    from scanside.engines.manifest import ModelManifest
+    from scanside.training.sequence.export import now_iso, write_card
 
     ev = {"measured_at": now_iso(), "command": f"scanside models evaluate {manifest.name} --exams-per-vendor "
           f"{report['exams_per_vendor']} --seed {report['seed']} --write",
@@ -199,8 +199,8 @@ def write_results(manifest, report: dict) -> None:
     lines = [f"# Evaluation: {manifest.ref}", "",
              f"Measured {ev['measured_at']} with `{ev['command']}`: {report['exams']} freshly simulated exams "
              f"({report['exams_per_vendor']} per vendor style per subset), {report['series_parts']} series parts, "
-             f"back end {report['backend']}, runtime path (simulated DICOM -> agent.header/series -> agent.volume -> "
-             "engines.preprocess -> engine).", "",
+             f"back end {report['backend']}, runtime path (simulated DICOM -> scanside.agent.dicom.header/series -> scanside.agent.dicom.volume -> "
+             "scanside.engines.preprocess -> engine).", "",
              f"Targets (issue): accuracy >= {TARGET['accuracy']}, kappa >= {TARGET['kappa']}. CI floor: "
              f"accuracy >= {FLOOR['accuracy']}, kappa >= {FLOOR['kappa']}.", ""]
     for k, v in report["metrics"].items():

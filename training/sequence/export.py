@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from agent.taxonomy import LABELS
-from engines.manifest import ModelFile, ModelManifest, TensorSpec, sha256_file
-from training.common import int8_card_section
-from training.sequence.data import IN_CHANNELS, INPUT_SHAPE, PREPROCESS
-from training.sequence.model import SeqResNet3d
+from scanside.agent.dicom.taxonomy import LABELS
+from scanside.engines.manifest import ModelFile, ModelManifest, TensorSpec, sha256_file
+from scanside.training.common import int8_card_section
+from scanside.training.sequence.data import IN_CHANNELS, INPUT_SHAPE, PREPROCESS
+from scanside.training.sequence.model import SeqResNet3d
 
 NAME = "sequence-classifier"
 INPUT_NAME = "input"
@@ -33,7 +33,7 @@ CARD_FILE = "MODEL_CARD.md"
 DEFAULT_STORE = Path(__file__).resolve().parents[2] / "engines" / "models"
 REALISM_DATA = (
     " A fraction {realism} of the training exams (validation exams never) from the realistic phantom of "
-    "training.sequence.realism: elastically deformed anatomy, fat septa, sub-tissue texture with T2, PD and ADC "
+    "scanside.training.sequence.realism: elastically deformed anatomy, fat septa, sub-tissue texture with T2, PD and ADC "
     "varying together in every sequence of the exam, tissue constants drawn per exam, and (GE habit) EPI series "
     "interpolated to a 256 matrix.")
 
@@ -42,13 +42,13 @@ TRAINING_DATA = (
     "(Siemens VE, Siemens XA, GE, Philips), 1.5 and 3 T, varied planes, TE/TR/FOV/matrix/slice counts, "
     "b-values, noise, bias field, motion blur, ghosting, EPI distortion, fat shift and N/2 ghost in DWI, partial "
     "coverage and intensity scaling "
-    "(simulator.render.Artifacts.sample per series), rendered directly with the DICOM writers' 12-bit quantisation. "
+    "(scanside.simulator.render.Artifacts.sample per series), rendered directly with the DICOM writers' 12-bit quantisation. "
     "Not validated on patient data.")
 
 
 class _WithSoftmax(nn.Module):
     """Probabilities and, second, the pooled features the agent's out-of-distribution score reads
-    (agent.image_label; fitted by training.sequence.uncertainty)."""
+    (scanside.engines.tasks.image_label; fitted by scanside.training.sequence.uncertainty)."""
 
     def __init__(self, net: SeqResNet3d):
         super().__init__()
@@ -96,7 +96,7 @@ def build_manifest(version: str, onnx_path: Path, *, training: Optional[dict] = 
                     "T2WI_nan, T2WI_fs, DWI_Low (b<500), DWI_High (b>=500), ADC, other (DCE phase, T1, localizer). "
                     "Protocol QA and decision support: flags series whose header label disagrees with the images.",
         inputs=[TensorSpec(name=INPUT_NAME, dtype="float32", shape=["batch", IN_CHANNELS, *INPUT_SHAPE],
-                           description="one series volume, engines.preprocess.prepare with `preprocessing`")],
+                           description="one series volume, scanside.engines.preprocess.prepare with `preprocessing`")],
         outputs=[TensorSpec(name=OUTPUT_NAME, dtype="float32", shape=["batch", len(LABELS)],
                             description="softmax class probabilities in `labels` order"),
                  TensorSpec(name=FEATURES_NAME, dtype="float32", shape=["batch", int(model_width)],
@@ -105,7 +105,7 @@ def build_manifest(version: str, onnx_path: Path, *, training: Optional[dict] = 
         files={"fp32": ModelFile(path=MODEL_FILE, sha256=sha256_file(onnx_path), precision="fp32",
                                  size_bytes=onnx_path.stat().st_size, opset=opset)},
         default_variant="fp32",
-        postprocessing={"type": "softmax_argmax", "dynamic_series": "middle temporal phase (agent.image_label.select_frames)"},
+        postprocessing={"type": "softmax_argmax", "dynamic_series": "middle temporal phase (scanside.engines.tasks.image_label.select_frames)"},
         training_data=TRAINING_DATA + (REALISM_DATA.format(realism=training["realism"]) if (training or {}).get("realism")
                                        else "") + (f" Training run: {_training_summary(training)}" if training else ""),
         metrics=metrics or {}, license="Apache-2.0", source="scanside training/sequence (trained in-repo)",
@@ -121,7 +121,7 @@ def _training_summary(t: dict) -> str:
 def export_model(model: nn.Module, version: str, *, store_root: Optional[Path] = None, training: Optional[dict] = None,
                  metrics: Optional[dict] = None, overwrite: bool = True) -> ModelManifest:
     """ONNX + parity + manifest + model card -> <store_root>/sequence-classifier/<version>/."""
-    from engines.store import ModelStore
+    from scanside.engines.store import ModelStore
 
     root = Path(store_root) if store_root is not None else DEFAULT_STORE
     with tempfile.TemporaryDirectory() as td:
@@ -201,7 +201,7 @@ def render_card(m: ModelManifest, training: Optional[dict] = None) -> str:
         f"input `{m.inputs[0].name}` {m.inputs[0].shape}, output `{m.outputs[0].name}` {m.outputs[0].shape}.",
         f"- Labels: {', '.join(m.labels or [])}. `other` = DCE (one temporal phase: the agent passes the middle one), "
         "T1, localizer (the largest single-orientation group of a multi-plane localizer).",
-        "- Preprocessing (engines.preprocess.prepare, shared by training, evaluation and the agent): " + _describe_preprocessing(m),
+        "- Preprocessing (scanside.engines.preprocess.prepare, shared by training, evaluation and the agent): " + _describe_preprocessing(m),
         f"- File: {m.files['fp32'].path} ({m.files['fp32'].size_bytes} bytes, sha256 {m.files['fp32'].sha256}).",
         *_same_weights_line(m), "",
         "## Training data",
@@ -212,8 +212,8 @@ def render_card(m: ModelManifest, training: Optional[dict] = None) -> str:
               if ev and e.get("command") != ev.get("command")}
     if ev:
         lines += [f"Measured by `scanside models evaluate {m.name}` ({ev.get('measured_at', '')}) on freshly simulated "
-                  "DICOM exams through the runtime path (DICOM -> agent.header/series -> agent.volume -> "
-                  f"engines.preprocess -> {ev.get('backend') or 'engine'}):", ""]
+                  "DICOM exams through the runtime path (DICOM -> scanside.agent.dicom.header/series -> scanside.agent.dicom.volume -> "
+                  f"scanside.engines.preprocess -> {ev.get('backend') or 'engine'}):", ""]
         for subset, r in ev.get("subsets", {}).items():
             lines.append(f"- {subset}: n={r['n']}, accuracy {r['accuracy']:.4f}, Cohen's kappa {r['kappa']:.4f}")
         lines += ["", "See EVALUATION.md for per-class figures and the confusion matrix."]
@@ -236,9 +236,9 @@ def render_card(m: ModelManifest, training: Optional[dict] = None) -> str:
                       f"Errors in the set above: {_error_summary(ev.get('errors') or [])}."]
     else:
         lines.append("Not yet evaluated (run `scanside models evaluate sequence-classifier --write`).")
-    from training.sequence.real import real_card_section
+    from scanside.training.sequence.real import real_card_section
 
-    from training.sequence.adapt import adaptation_card_section
+    from scanside.training.sequence.adapt import adaptation_card_section
 
     lines += real_card_section(m)
     lines += adaptation_card_section(m)
@@ -275,7 +275,7 @@ def uncertainty_card_section(m: ModelManifest) -> list:
     if not u:
         return ["", "## Uncertainty", "No uncertainty gate fitted: every series gets a label, however unsure."]
     r = u.get("report") or {}
-    return ["", "## Uncertainty (agent.image_label)",
+    return ["", "## Uncertainty (scanside.engines.tasks.image_label)",
             f"- Temperature scaling T = {u['temperature']:g} (fitted {r.get('temperature_fitted', 'n/a')}, kept >= "
             f"{r.get('min_temperature', 'n/a')}: never sharper than the model, since the fit sees simulated series only); "
             f"a calibrated confidence below {u['min_confidence']:g} makes the image label `uncertain` (no LABEL_MISMATCH alert).",
@@ -364,11 +364,11 @@ def reexport_with_features(base: ModelManifest, version: str, store_root: Option
     return m
 
 
-if __name__ == "__main__":  # python -m training.sequence.export --from 1.4.0 --version 1.4.1
+if __name__ == "__main__":  # python -m scanside.training.sequence.export --from 1.4.0 --version 1.4.1
     import argparse
     import json
 
-    from engines.store import ModelStore
+    from scanside.engines.store import ModelStore
 
     ap = argparse.ArgumentParser(description=reexport_with_features.__doc__)
     ap.add_argument("--from", dest="base", required=True, help="version to re-export")

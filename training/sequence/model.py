@@ -1,11 +1,11 @@
 """A small 3D ResNet (basic blocks, batch norm) for one series, (C, 16, 64, 64) -> 6 logits: channel 0 the
-whole field of view, channels 1 and 2 fine-spacing centre details of it (training.sequence.data.PREPROCESS)."""
+whole field of view, channels 1 and 2 fine-spacing centre details of it (scanside.training.sequence.data.PREPROCESS)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from agent.taxonomy import LABELS
+from scanside.agent.dicom.taxonomy import LABELS
 
 
 class BasicBlock3d(nn.Module):

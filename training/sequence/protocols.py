@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from simulator.model import ExamSpec, SeriesSpec
+from scanside.simulator.model import ExamSpec, SeriesSpec
 
 Variant = Literal["train", "heldout"]
 VENDORS = ("siemens", "siemens-xa", "ge", "philips")

@@ -2,11 +2,11 @@
 
     scanside models evaluate sequence-classifier --real DIR [--labels CSV] [--json] [--write]
 
-Every file under DIR goes the agent's runtime path: agent.header.read_header -> one acquisition per
-SeriesInstanceUID -> agent.series.split_parts / summarise (the header label and its confidence), all
-by agent.exam_reader.read_exams, and its classifier_inputs ->
-agent.image_label.ImageClassifier.classify (select_frames -> agent.volume.load_volume ->
-engines.preprocess.prepare -> the store's engine -> the model's uncertainty gate). Nothing here
+Every file under DIR goes the agent's runtime path: scanside.agent.dicom.header.read_header -> one acquisition per
+SeriesInstanceUID -> scanside.agent.dicom.series.split_parts / summarise (the header label and its confidence), all
+by scanside.agent.dicom.exam_reader.read_exams, and its classifier_inputs ->
+scanside.engines.tasks.image_label.ImageClassifier.classify (select_frames -> scanside.agent.dicom.volume.load_volume ->
+scanside.engines.preprocess.prepare -> the store's engine -> the model's uncertainty gate). Nothing here
 reads pixels another way.
 
 Reference: the header label (at a site the header is right almost always), unless a labels CSV
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 
-from agent.taxonomy import LABELS
+from scanside.agent.dicom.taxonomy import LABELS
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,9 @@ def read_labels(path: Optional[Path]) -> Dict[str, str]:
 
 def read_series(folders: Union[Path, Sequence[Path]]) -> Tuple[List[Tuple[Any, Any]], Dict[str, int]]:
     """(SeriesSummary, SeriesPart) of every series the daemon would classify under ``folders``
-    (agent.exam_reader.read_exams, the daemon's read path; classifier_inputs, its selection) and the
+    (scanside.agent.dicom.exam_reader.read_exams, the daemon's read path; classifier_inputs, its selection) and the
     count of files not used, by reason."""
-    from agent.exam_reader import classifier_inputs, read_exams
+    from scanside.agent.dicom.exam_reader import classifier_inputs, read_exams
 
     out: List[Tuple[Any, Any]] = []
     skipped: Dict[str, int] = {}
@@ -72,7 +72,7 @@ def read_series(folders: Union[Path, Sequence[Path]]) -> Tuple[List[Tuple[Any, A
 
 
 def would_alert(summary: Any, image: Any, image_min: float = 0.8, header_min: float = 0.9) -> bool:
-    """agent.analysis' LABEL_MISMATCH rule ([analysis] mismatch_*_confidence defaults)."""
+    """scanside.agent.analysis.analysis' LABEL_MISMATCH rule ([analysis] mismatch_*_confidence defaults)."""
     return (image.label != summary.label and not image.uncertain and image.confidence >= image_min
             and summary.label_confidence >= header_min)
 
@@ -82,7 +82,7 @@ def _exam_key(study_uid: str) -> str:
 
 
 def classify_series(clf: Any, series: List[Tuple[Any, Any]], labels: Dict[str, str]) -> List[dict]:
-    from agent.image_label import ImageLabelError
+    from scanside.engines.tasks.image_label import ImageLabelError
 
     rows = []
     for s, part in series:
@@ -102,7 +102,7 @@ def classify_series(clf: Any, series: List[Tuple[Any, Any]], labels: Dict[str, s
 
 
 def summarise_rows(rows: List[dict]) -> Dict[str, Any]:
-    from training.common import classification_metrics
+    from scanside.training.common import classification_metrics
 
     idx = {lab: i for i, lab in enumerate(LABELS)}
     out: Dict[str, Any] = {}
@@ -125,8 +125,8 @@ def summarise_rows(rows: List[dict]) -> Dict[str, Any]:
 
 
 def evaluate_real(store: Any, manifest: Any, options: Any) -> dict:
-    """training.registry evaluator on real DICOM (``options.real``)."""
-    from agent.image_label import ImageClassifier
+    """scanside.training.registry evaluator on real DICOM (``options.real``)."""
+    from scanside.engines.tasks.image_label import ImageClassifier
 
     folders = [Path(p) for p in (options.real if isinstance(options.real, (list, tuple)) else [options.real])]
     for folder in folders:
@@ -165,8 +165,8 @@ def evaluate_real(store: Any, manifest: Any, options: Any) -> dict:
 
 def write_real(manifest: Any, report: dict) -> None:
     """Real-data figures -> manifest.metrics['real'] (keyed by folder name) and the model card."""
-    from engines.manifest import ModelManifest
-    from training.sequence.export import now_iso, write_card
+    from scanside.engines.manifest import ModelManifest
+    from scanside.training.sequence.export import now_iso, write_card
 
     metrics = dict(manifest.metrics)
     real = dict(metrics.get("real_data") or {})

@@ -20,9 +20,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from simulator.model import RenderedImage
-from simulator.phantom import Phantom
-from simulator.physics import Tissue
+from scanside.simulator.model import RenderedImage
+from scanside.simulator.phantom import Phantom
+from scanside.simulator.physics import Tissue
 
 #: tissues given sub-tissue texture
 TEXTURED = (Tissue.FAT, Tissue.MUSCLE, Tissue.BLADDER, Tissue.RECTUM, Tissue.BONE_MARROW, Tissue.PZ, Tissue.TZ,

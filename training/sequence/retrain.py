@@ -5,8 +5,8 @@
   ``series_uid`` is a SeriesInstanceUID, or ``UID#part`` for one part of a split series (the agent's
   series id, e.g. ``1.2.3#b1400`` or ``1.2.3#adc``); a plain UID labels all its parts. Labels: the
   taxonomy (T2WI_nan, T2WI_fs, DWI_Low, DWI_High, ADC, other). Parts with no label are ignored.
-* Every labelled part goes the runtime path (agent.image_label: select_frames -> load_volume ->
-  engines.preprocess.prepare with the current model's spec). Series without a ``split`` are put in
+* Every labelled part goes the runtime path (scanside.engines.tasks.image_label: select_frames -> load_volume ->
+  scanside.engines.preprocess.prepare with the current model's spec). Series without a ``split`` are put in
   the held-out part by a hash of their UID (``--holdout-fraction``), so all parts of one series
   stay together.
 * The candidate is fine-tuned from the current version's ONNX weights (or trained from scratch with
@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from agent.taxonomy import LABELS
+from scanside.agent.dicom.taxonomy import LABELS
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,9 @@ def read_labels(path: Path) -> Dict[str, Tuple[str, Optional[str]]]:
 
 
 def scan_parts(data: Path) -> Tuple[list, int]:
-    """All series parts under ``data`` as the daemon reads them (agent.exam_reader) and the count of files not
+    """All series parts under ``data`` as the daemon reads them (scanside.agent.dicom.exam_reader) and the count of files not
     used (unreadable, not DICOM, duplicates)."""
-    from agent.exam_reader import read_exams
+    from scanside.agent.dicom.exam_reader import read_exams
 
     exams = read_exams(data)
     if not exams:  # nothing readable: every file was skipped
@@ -89,7 +89,7 @@ def _in_holdout(uid: str, fraction: float) -> bool:
 
 
 def _next_version(store, name: str, base_version: Optional[str]) -> str:
-    from engines.manifest import semver_key
+    from scanside.engines.manifest import semver_key
 
     have = set(store.versions(name))
     major, minor = (1, 0) if base_version is None else semver_key(base_version)[:2]
@@ -101,7 +101,7 @@ def _next_version(store, name: str, base_version: Optional[str]) -> str:
 
 
 def _score(clf, x: np.ndarray, y: np.ndarray) -> dict:
-    from training.common import classification_metrics
+    from scanside.training.common import classification_metrics
 
     probs = clf.probabilities(x) if len(x) else np.zeros((0, len(LABELS)))
     labels = list(clf.manifest.labels)
@@ -109,21 +109,21 @@ def _score(clf, x: np.ndarray, y: np.ndarray) -> dict:
 
 
 def train(args: argparse.Namespace, store: Any = None) -> int:
-    """training.registry trainer entry point (the store comes from the `models` options)."""
+    """scanside.training.registry trainer entry point (the store comes from the `models` options)."""
     import torch
 
-    from agent.image_label import ImageClassifier, ImageLabelError
-    from engines.store import ModelNotFound, ModelStore
-    from training.sequence.export import NAME as MODEL_NAME, export_model, load_from_onnx
-    from training.sequence.model import SeqResNet3d, n_params
-    from training.sequence.data import CHANNEL, PREPROCESS
-    from training.sequence.train import fit
-    from engines.preprocess import prepare as _prep
+    from scanside.engines.tasks.image_label import ImageClassifier, ImageLabelError
+    from scanside.engines.store import ModelNotFound, ModelStore
+    from scanside.training.sequence.export import NAME as MODEL_NAME, export_model, load_from_onnx
+    from scanside.training.sequence.model import SeqResNet3d, n_params
+    from scanside.training.sequence.data import CHANNEL, PREPROCESS
+    from scanside.training.sequence.train import fit
+    from scanside.engines.preprocess import prepare as _prep
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     if store is None:
-        from engines.cli import _store
+        from scanside.agent.cli.models import _store
 
         store = _store(args)
     t0 = time.time()

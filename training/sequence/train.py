@@ -1,10 +1,10 @@
 """Train the sequence classifier on the render-path dataset (CPU, torch.set_num_threads(2)).
 
-    python -m training.sequence.train --exams 96 --epochs 12 --version 1.0.0
-    python -m training.sequence.train --init-from 1.4.1 --realism 0.7 --exams 48 --epochs 6 --lr 5e-4 --version 1.5.0
+    python -m scanside.training.sequence.train --exams 96 --epochs 12 --version 1.0.0
+    python -m scanside.training.sequence.train --init-from 1.4.1 --realism 0.7 --exams 48 --epochs 6 --lr 5e-4 --version 1.5.0
 
 renders (or loads from the cache) the training exams, trains, exports ONNX + manifest + model card
-into engines/models/sequence-classifier/VERSION (see training.sequence.export) and prints the
+into engines/models/sequence-classifier/VERSION (see scanside.training.sequence.export) and prints the
 wall-clock times of data generation and training.
 """
 from __future__ import annotations
@@ -19,12 +19,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from agent.progress import progress
+from scanside.agent.service.progress import progress
 import torch
 from torch import nn
 
-from agent.taxonomy import LABELS
-from training.sequence.model import SeqResNet3d, n_params
+from scanside.agent.dicom.taxonomy import LABELS
+from scanside.training.sequence.model import SeqResNet3d, n_params
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ WIDE_INTENSITY = False
 #: with WIDE_INTENSITY: correlated multiplicative texture too. Fine-tuning 1.4.0 with both on 88 exams: real
 #: five-class 7 of 16 (6 before), simulated validation 0.989 -> 0.966: not released
 TEXTURE = False
-#: Realistic phantoms (training.sequence.realism; --realism, --constants-sd), fine-tuning 1.4.1 on 48 exams
+#: Realistic phantoms (scanside.training.sequence.realism; --realism, --constants-sd), fine-tuning 1.4.1 on 48 exams
 #: (bench/probe_sequence_transfer.py, bench/results/sequence_transfer.json): realism 0.7 alone 5 of 16 real five-class
 #: (6 before); realism 1.0 with tissue constants (sd 0.25) and wide intensity 9 of 16, simulated validation 1.0 -> 0.966
 
@@ -74,7 +74,7 @@ def intensity_augment(xb: torch.Tensor, g: torch.Generator, p: float = 0.8) -> t
     grey-level relations that no real scan keeps. Per sample (probability ``p``) and channel: map to
     [0, 1], apply a random gamma (log-normal, sigma 0.5: the contrast between tissues changes, their
     order does not), a smooth multiplicative field (coil shading, up to ~+-35 %) and additive noise,
-    then z-score again as engines.preprocess does. The spatial layout and the detail channels' acquired
+    then z-score again as scanside.engines.preprocess does. The spatial layout and the detail channels' acquired
     resolution, which tell sequences apart on every scanner, are kept."""
     n, c = xb.shape[:2]
     sel = (torch.rand((n, 1, 1, 1, 1), generator=g) < p).float()
@@ -179,8 +179,8 @@ def predict(model: nn.Module, x: np.ndarray, batch_size: int = 64) -> np.ndarray
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from training.sequence.data import IN_CHANNELS, build_dataset
-    from training.sequence.export import export_model
+    from scanside.training.sequence.data import IN_CHANNELS, build_dataset
+    from scanside.training.sequence.export import export_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--exams", type=int, default=96, help="training exams (seeds %d..)" % TRAIN_SEED0)
@@ -196,10 +196,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--checkpoint", type=Path, default=Path("var/train-logs/sequence.pt"))
     ap.add_argument("--wide-intensity", action="store_true", help="intensity_augment on every batch (domain randomisation)")
     ap.add_argument("--realism", type=float, default=0.0,
-                    help="fraction of training exams from the realistic phantom (training.sequence.realism); the "
+                    help="fraction of training exams from the realistic phantom (scanside.training.sequence.realism); the "
                          "validation exams stay the plain simulator")
     ap.add_argument("--constants-sd", type=float, default=0.0,
-                    help="with --realism: log-sd of per-exam tissue constants (training.sequence.realism)")
+                    help="with --realism: log-sd of per-exam tissue constants (scanside.training.sequence.realism)")
     ap.add_argument("--init-from", default=None,
                     help="fine-tune this shipped VERSION (restored from its FP32 ONNX, batch norm frozen) instead of "
                          "training from scratch")
@@ -209,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    from training.sequence import data as D
+    from scanside.training.sequence import data as D
 
     val_seeds = range(TRAIN_SEED0 + args.exams, TRAIN_SEED0 + args.exams + args.val_exams)
     xv, yv, _ = build_dataset(val_seeds, "train", args.cache_dir, jobs=args.jobs) if args.val_exams else (None, None, [])
@@ -222,8 +222,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log.info("data: %d train / %d val samples in %.0f s; classes %s", int((~is_val).sum()), int(is_val.sum()), t_data,
              np.bincount(y[~is_val], minlength=len(LABELS)).tolist())
     if args.init_from:
-        from engines.store import ModelStore
-        from training.sequence.export import DEFAULT_STORE, NAME, load_from_onnx
+        from scanside.engines.store import ModelStore
+        from scanside.training.sequence.export import DEFAULT_STORE, NAME, load_from_onnx
 
         roots = [DEFAULT_STORE] + ([args.store] if args.store else [])
         base = ModelStore(roots, user_dir=None).resolve(f"{NAME}@{args.init_from}")

@@ -1,6 +1,6 @@
 """Fit the sequence classifier's uncertainty gate on held-out data and store it with the model.
 
-    python -m training.sequence.uncertainty sequence-classifier@1.5.0 [--exams 64] [--seed 500000]
+    python -m scanside.training.sequence.uncertainty sequence-classifier@1.5.0 [--exams 64] [--seed 500000]
 
 Held-out exams (simulator seeds no training run uses: training 1000.., this 500000.., evaluation
 >= 900000, tests >= 700000) are rendered through the training render path (the runtime's
@@ -14,7 +14,7 @@ preprocessing) and run through the model store's engine. They are split by exam 
   scores (so about 0.5 % of in-distribution series read `uncertain`), and the confidence threshold as
   the lowest calibrated confidence above which half B's accuracy reaches ``--target-accuracy``.
 
-The result goes into manifest.postprocessing["uncertainty"] (agent.image_label.UncertaintyGate) and
+The result goes into manifest.postprocessing["uncertainty"] (scanside.engines.tasks.image_label.UncertaintyGate) and
 ``uncertainty.npz`` beside it (sha256 in the manifest); the model card says what it was fitted on.
 Needs a model with a features output (sequence-classifier >= 1.5.0).
 """
@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from agent.image_label import UncertaintyGate, calibrated, ood_distance
+from scanside.engines.tasks.image_label import UncertaintyGate, calibrated, ood_distance
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,8 @@ def ece(probs: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
 def heldout_outputs(clf: Any, seeds: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Render the held-out exams (both protocol variants, every vendor style) and run the model:
     raw probabilities, features, labels and exam seed per series."""
-    from training.sequence.data import LABEL_INDEX, exam_samples
-    from training.sequence.protocols import VENDORS
+    from scanside.training.sequence.data import LABEL_INDEX, exam_samples
+    from scanside.training.sequence.protocols import VENDORS
 
     engine = clf.load()
     m = clf.manifest
@@ -148,13 +148,13 @@ def heldout_outputs(clf: Any, seeds: Sequence[int]) -> tuple[np.ndarray, np.ndar
 def _feature_output(m: Any) -> str:
     names = [o.name for o in m.outputs]
     if "features" not in names:
-        raise SystemExit(f"{m.ref} has no `features` output (outputs {names}): export it with training.sequence.export >= 1.5.0")
+        raise SystemExit(f"{m.ref} has no `features` output (outputs {names}): export it with scanside.training.sequence.export >= 1.5.0")
     return "features"
 
 
 def install_gate(manifest: Any, fields: Dict[str, Any], means: np.ndarray, whiten: np.ndarray, fitted_on: str) -> Any:
     """Write uncertainty.npz beside the manifest and the gate into its postprocessing; returns the saved manifest."""
-    from engines.manifest import ModelManifest, sha256_file
+    from scanside.engines.manifest import ModelManifest, sha256_file
 
     root = Path(manifest.root)
     np.savez(root / STATS_FILE, means=means.astype(np.float32), whiten=whiten.astype(np.float32))
@@ -171,8 +171,8 @@ def install_gate(manifest: Any, fields: Dict[str, Any], means: np.ndarray, white
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from agent.image_label import ImageClassifier
-    from engines.store import ModelStore
+    from scanside.engines.tasks.image_label import ImageClassifier
+    from scanside.engines.store import ModelStore
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="NAME@VERSION in the store")
@@ -207,7 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  f"every third the held-out protocol variant), split by exam: half fits T and the feature statistics, "
                  f"half sets the thresholds")
     m = install_gate(manifest, fields, means, whiten, fitted_on)
-    from training.sequence.export import write_card
+    from scanside.training.sequence.export import write_card
 
     write_card(m, Path(m.root))
     print(json.dumps({"model": m.ref, **fields}, indent=2))

@@ -1,12 +1,12 @@
 """Training cases for the zonal model, rendered straight from the simulator (no DICOM round trip).
 
-One case = one phantom (``simulator.phantom.make_phantom``) rendered as the axial T2W of
-``simulator.protocols.build_exam("prostate-bpmri", vendor)`` by ``simulator.render.render_series``
-(quantised like the vendor writers, ``training.cspca.data.rendered_to_volume``), with the slab
+One case = one phantom (``scanside.simulator.phantom.make_phantom``) rendered as the axial T2W of
+``scanside.simulator.protocols.build_exam("prostate-bpmri", vendor)`` by ``scanside.simulator.render.render_series``
+(quantised like the vendor writers, ``scanside.training.cspca.data.rendered_to_volume``), with the slab
 plan varied per case (field of view 140-200 mm, slab centre off the gland by up to ~10 mm in-plane
 and ~15 mm along the slices, so the gland is sometimes cut by the slab ends), vendor style,
 3 T / 1.5 T and artifacts (``Artifacts.sample``). The volume goes through the one preprocessing
-(``engines.preprocess.prepare`` with ZONES_SPEC).
+(``scanside.engines.preprocess.prepare`` with ZONES_SPEC).
 
 Ground truth: the phantom's tissue labels as zones (Tissue.TZ -> 1, Tissue.PZ -> 2, lesion voxels
 -> the zone of their lesion) resampled nearest-neighbour onto the model grid
@@ -22,12 +22,12 @@ from typing import Sequence
 
 import numpy as np
 
-from training.common import run_jobs
+from scanside.training.common import run_jobs
 
-from agent.volume import Volume
-from engines.preprocess import Grid, prepare, resample_to_reference
-from engines.spec import PreprocessSpec
-from training.zones.spec import LABELS, ZONES_SPEC
+from scanside.agent.dicom.volume import Volume
+from scanside.engines.preprocess import Grid, prepare, resample_to_reference
+from scanside.engines.spec import PreprocessSpec
+from scanside.training.zones.spec import LABELS, ZONES_SPEC
 
 VENDORS = ("siemens", "siemens-xa", "ge", "philips")
 DEFAULT_CACHE = Path(__file__).resolve().parents[2] / "var" / "zones-cache"
@@ -44,7 +44,7 @@ class Case:
 
 def zone_labels(phantom) -> np.ndarray:
     """uint8 (z, y, x) on the phantom grid: 0 outside the gland, 1 TZ, 2 PZ (lesions in their zone)."""
-    from simulator.physics import Tissue
+    from scanside.simulator.physics import Tissue
 
     lut = np.zeros(256, dtype=np.uint8)
     lut[int(Tissue.TZ)] = TZ
@@ -69,7 +69,7 @@ def zone_target(phantom, grid: Grid, inside=None) -> np.ndarray:
 
 def slab_mask(t2w: Volume, grid: Grid) -> np.ndarray:
     """Voxels of ``grid`` inside the T2W's slab (along its slice normal, half a slice margin): the runtime's rule."""
-    from agent.gland import inside_slab
+    from scanside.engines.tasks.gland import inside_slab
 
     return inside_slab(grid, t2w)
 
@@ -89,7 +89,7 @@ def case_plan(seed: int) -> dict:
 
 
 def t2w_spec(plan: dict):
-    from simulator.protocols import build_exam
+    from scanside.simulator.protocols import build_exam
 
     exam = build_exam("prostate-bpmri", plan["vendor"], plan["field_strength"])
     t2 = next(s for s in exam.series if s.kind == "t2w" and s.plane == "axial")
@@ -97,17 +97,17 @@ def t2w_spec(plan: dict):
 
 
 def render_t2w(phantom, plan: dict, rng: np.random.Generator, artifacts=None) -> Volume:
-    from simulator.render import render_series
-    from simulator.vendors.common import series_scale
-    from training.cspca.data import rendered_to_volume
+    from scanside.simulator.render import render_series
+    from scanside.simulator.vendors.common import series_scale
+    from scanside.training.cspca.data import rendered_to_volume
 
     t2 = render_series(phantom, t2w_spec(plan), plan["field_strength"], rng, artifacts)
     return rendered_to_volume(t2.images, series_scale(t2.images))
 
 
 def make_case(seed: int, spec: PreprocessSpec = ZONES_SPEC) -> Case:
-    from simulator.phantom import make_phantom
-    from simulator.render import Artifacts
+    from scanside.simulator.phantom import make_phantom
+    from scanside.simulator.render import Artifacts
 
     plan = case_plan(seed)
     ph = make_phantom(seed, n_lesions=plan["n_lesions"])
@@ -135,9 +135,9 @@ def _write_case(args) -> str:
 
 def cache_key() -> str:
     """The simulator, the preprocessing, the zones spec and this module: the sub-folder of the cache."""
-    from training.common import render_cache_key
+    from scanside.training.common import render_cache_key
 
-    return render_cache_key("training.zones.spec", __name__, salt=ZONES_SPEC.model_dump_json())
+    return render_cache_key("scanside.training.zones.spec", __name__, salt=ZONES_SPEC.model_dump_json())
 
 
 def build_cache(seeds: Sequence[int], out_dir=DEFAULT_CACHE, workers: int = 2) -> list[str]:
@@ -157,7 +157,7 @@ def load_cache(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(xs), np.stack(ys)
 
 
-if __name__ == "__main__":  # python -m training.zones.data N [FIRST_SEED]
+if __name__ == "__main__":  # python -m scanside.training.zones.data N [FIRST_SEED]
     import sys
     import time
 

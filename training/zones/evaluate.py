@@ -4,10 +4,10 @@
 
 For each fresh exam (simulator seeds from ``options.seed``, never used in training; 0-3 lesions;
 the four vendor styles): simulate_exam writes the axial T2W of the bpMRI protocol as DICOM ->
-agent.exam_reader (the daemon's read path: read_exam -> gland_input picks the axial T2W, its model
-frames) -> agent.volume.load_volume -> agent.gland.segment (engines.preprocess.prepare -> ONNX
+scanside.agent.dicom.exam_reader (the daemon's read path: read_exam -> gland_input picks the axial T2W, its model
+frames) -> scanside.agent.dicom.volume.load_volume -> scanside.engines.tasks.gland.segment (scanside.engines.preprocess.prepare -> ONNX
 -> zones, largest component). Ground truth: the phantom's zones (rebuilt with make_phantom from the
-same seed) on the model grid, inside the T2W slab (training.zones.data.zone_target).
+same seed) on the model grid, inside the T2W slab (scanside.training.zones.data.zone_target).
 
 Metrics: Dice per zone (TZ, PZ) and for the whole gland; gland volume error (predicted vs the
 phantom's gland inside the slab, %); inference seconds per series.
@@ -23,8 +23,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from agent.progress import progress
-from training.common import run_jobs
+from scanside.agent.service.progress import progress
+from scanside.training.common import run_jobs
 
 VENDORS = ("siemens", "siemens-xa", "ge", "philips")
 DEFAULT_EXAMS_PER_VENDOR = 2
@@ -40,7 +40,7 @@ def exam_plan(seed: int) -> Dict[str, Any]:
 
 def t2w_exam(vendor: str):
     """The bpMRI protocol's axial T2W alone (what the zonal model reads)."""
-    from simulator.protocols import build_exam
+    from scanside.simulator.protocols import build_exam
 
     exam = build_exam("prostate-bpmri", vendor, 3.0)
     return exam.model_copy(update={"series": [s for s in exam.series if s.kind == "t2w" and s.plane == "axial"]})
@@ -48,7 +48,7 @@ def t2w_exam(vendor: str):
 
 def _simulate(job: tuple) -> str:
     vendor, seed, out = job
-    from simulator.scanner import simulate_exam
+    from scanside.simulator.scanner import simulate_exam
 
     simulate_exam(vendor, out, seed, profile="prostate-bpmri", n_lesions=exam_plan(seed)["n_lesions"],
                   exam=t2w_exam(vendor))
@@ -56,9 +56,9 @@ def _simulate(job: tuple) -> str:
 
 
 def t2w_volume(exam_dir: Path):
-    """The axial T2W Volume of a written exam the daemon would segment (agent.exam_reader.gland_input),
+    """The axial T2W Volume of a written exam the daemon would segment (scanside.agent.dicom.exam_reader.gland_input),
     None if there is none."""
-    from agent.exam_reader import gland_input, read_exam
+    from scanside.agent.dicom.exam_reader import gland_input, read_exam
 
     exam = read_exam(exam_dir)
     t2 = gland_input(exam.summaries())
@@ -72,7 +72,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> Optional[float]:
 
 def score(result, truth: np.ndarray) -> Dict[str, Any]:
     """Dice per zone and whole gland, volumes, for a GlandResult against zone labels on its grid."""
-    from training.zones.spec import LABELS
+    from scanside.training.zones.spec import LABELS
 
     pred = result.zones if result.zones is not None else result.mask.astype(np.uint8)
     tz, pz = LABELS.index("TZ"), LABELS.index("PZ")
@@ -84,9 +84,9 @@ def score(result, truth: np.ndarray) -> Dict[str, Any]:
 
 
 def run_eval(engine, exams_per_vendor: int, seed0: int, workdir: Optional[Path] = None, jobs: int = 1) -> Dict[str, Any]:
-    from agent.gland import segment
-    from simulator.phantom import make_phantom
-    from training.zones.data import slab_mask, zone_target
+    from scanside.engines.tasks.gland import segment
+    from scanside.simulator.phantom import make_phantom
+    from scanside.training.zones.data import slab_mask, zone_target
 
     tmp = None
     root = Path(workdir) if workdir else Path(tmp := tempfile.mkdtemp(prefix="scanside-zones-eval-"))
@@ -146,7 +146,7 @@ def _passed(metrics: Dict[str, Any], floor: Dict[str, float]) -> bool:
 
 
 def evaluate_model(store, manifest, options) -> dict:
-    """training.registry evaluator for the zonal model (task gland_segmentation)."""
+    """scanside.training.registry evaluator for the zonal model (task gland_segmentation)."""
     engine, selection = store.open(manifest, variant=options.variant)
     try:
         n = options.exams_per_vendor or DEFAULT_EXAMS_PER_VENDOR
@@ -164,7 +164,7 @@ def evaluate_model(store, manifest, options) -> dict:
 
 def write_results(manifest, report: dict) -> None:
     """Metrics -> manifest.metrics['evaluation'], EVALUATION.md and the refreshed model card."""
-    from training.zones.export import write_card
+    from scanside.training.zones.export import write_card
 
     m = report["metrics"]
     ev = {"measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -181,8 +181,8 @@ def write_results(manifest, report: dict) -> None:
     lines = [f"# Evaluation: {manifest.ref}", "",
              f"Measured {ev['measured_at']} with `{ev['command']}` on {m['n']} freshly simulated exams (seeds "
              f"{report['seed']}.., never used in training; 4 vendor styles, 0-3 lesions), back end {report['backend']}, "
-             "runtime path (simulated DICOM -> agent.header/series/classify -> agent.volume -> engines.preprocess -> "
-             "ONNX -> agent.gland). Ground truth: the phantom's zones on the model grid, inside the T2W slab.", "",
+             "runtime path (simulated DICOM -> scanside.agent.dicom.header/series/classify -> scanside.agent.dicom.volume -> scanside.engines.preprocess -> "
+             "ONNX -> scanside.engines.tasks.gland). Ground truth: the phantom's zones on the model grid, inside the T2W slab.", "",
              "| metric | value |", "|---|---:|"]
     for k in ("dice_gland_mean", "dice_gland_min", "dice_tz_mean", "dice_tz_min", "dice_pz_mean", "dice_pz_min",
               "volume_abs_error_pct_median", "volume_abs_error_pct_p90", "volume_error_pct_mean",
@@ -215,16 +215,16 @@ def mask_dice(a, b) -> Optional[float]:
 
 
 def evaluate_real(store, manifest, options) -> dict:
-    """training.registry real-data evaluator for task gland_segmentation (the zonal model and TAPS alike): the
-    axial T2W the daemon would segment (agent.exam_reader.gland_input) of every exam under ``options.real``,
+    """scanside.training.registry real-data evaluator for task gland_segmentation (the zonal model and TAPS alike): the
+    axial T2W the daemon would segment (scanside.agent.dicom.exam_reader.gland_input) of every exam under ``options.real``,
     segmented by this model and by the other gland model when it is in the store (TAPS, trained on real
     patients, is the reference for the zonal model): volume, plausibility, Dice and centroid distance
-    between the two. Verdict ``usable`` (recorded with --write; agent.gland's [gland] model = auto reads it):
+    between the two. Verdict ``usable`` (recorded with --write; scanside.engines.tasks.gland's [gland] model = auto reads it):
     every gland found with a believable volume and, for a model other than TAPS, Dice >= REAL_MIN_DICE
     against TAPS on every exam; unknown (not recorded) when TAPS is absent for a model that needs it."""
-    from agent.exam_reader import gland_input, read_exams
-    from agent.gland import MODEL_NAME, ZONES_MODEL, GlandService, resolve_model
-    from training.common import opaque, record_real_data
+    from scanside.agent.dicom.exam_reader import gland_input, read_exams
+    from scanside.engines.tasks.gland import MODEL_NAME, ZONES_MODEL, GlandService, resolve_model
+    from scanside.training.common import opaque, record_real_data
 
     svc = GlandService(store, model=manifest.ref, variant=options.variant)
     other = ZONES_MODEL if manifest.name == MODEL_NAME else MODEL_NAME
@@ -271,7 +271,7 @@ def evaluate_real(store, manifest, options) -> dict:
               "usable_on_real": usable, "floor": {"dice_vs_taps": REAL_MIN_DICE, "volume_ml": REAL_GLAND_ML},
               "passed": bool(usable)}
     if options.write and usable is not None:
-        from training.zones.export import write_card
+        from scanside.training.zones.export import write_card
 
         vols = ", ".join(f"{v:g}" for v in metrics["volume_ml"])
         figures = {"gland volume per exam (mL)": vols, "found": f"{metrics['found']} of {len(ok)}",

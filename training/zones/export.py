@@ -1,6 +1,6 @@
 """Export a trained zonal model to the store: ONNX (dynamic batch), parity check, manifest, model card.
 
-    python -m training.zones.export var/zones-run/model.pt [--store engines/models] [--version 1.0.0]
+    python -m scanside.training.zones.export var/zones-run/model.pt [--store engines/models] [--version 1.0.0]
 
 Writes engines/models/prostate-zones-reference/<version>/{model.onnx, manifest.json, MODEL_CARD.md}.
 """
@@ -13,9 +13,9 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from engines.manifest import ModelFile, ModelManifest, TensorSpec, sha256_file
-from training.common import real_data_card_section
-from training.zones.spec import LABELS, ZONES_SPEC
+from scanside.engines.manifest import ModelFile, ModelManifest, TensorSpec, sha256_file
+from scanside.training.common import real_data_card_section
+from scanside.training.zones.spec import LABELS, ZONES_SPEC
 
 NAME = "prostate-zones-reference"
 VERSION = "1.0.0"
@@ -23,7 +23,7 @@ OPSET = 17
 CARD_FILE = "MODEL_CARD.md"
 REPORT_FILE = "EVALUATION.md"
 
-#: runtime post-processing (agent.gland.segment_zones reads it from the manifest)
+#: runtime post-processing (scanside.engines.tasks.gland.segment_zones reads it from the manifest)
 POSTPROCESSING: Dict[str, Any] = {
     "zones": "argmax over (background, TZ, PZ)",
     "largest_component": True,  # the gland (TZ u PZ) is its largest connected component
@@ -73,8 +73,8 @@ def build_manifest(onnx_path: Path, train_summary: Optional[dict] = None, parity
         files={"fp32": ModelFile(path="model.onnx", sha256=sha256_file(onnx_path), precision="fp32",
                                  size_bytes=onnx_path.stat().st_size, opset=OPSET)},
         postprocessing=dict(POSTPROCESSING),
-        training_data=("simulator phantoms (simulator.phantom.make_phantom), axial T2W of the bpMRI protocol of 4 vendor "
-                       "styles rendered by simulator.render.render_series, 3 T / 1.5 T, random artifacts and slab "
+        training_data=("simulator phantoms (scanside.simulator.phantom.make_phantom), axial T2W of the bpMRI protocol of 4 vendor "
+                       "styles rendered by scanside.simulator.render.render_series, 3 T / 1.5 T, random artifacts and slab "
                        "placement; seeds 0..N-1 (see metrics.training)"),
         metrics={"training": train_summary or {}},
         license="Apache-2.0", source="training/zones (this repository)",
@@ -115,13 +115,13 @@ def render_card(m: ModelManifest) -> str:
         "labels resampled (nearest) onto the model grid; outside the T2W slab is background.", "",
         "## Model",
         f"Input grid {ZONES_SPEC.shape} voxels at {ZONES_SPEC.spacing_mm} mm (SPL), centred on the axial T2W slab,",
-        "z-score after 0.5-99.5 percentile clipping (`engines.preprocess.prepare`). 2.5D U-Net (each slice with its two",
+        "z-score after 0.5-99.5 percentile clipping (`scanside.engines.preprocess.prepare`). 2.5D U-Net (each slice with its two",
         f"neighbours, 3 levels, {tr.get('parameters', '?')} parameters), softmax over background / TZ / PZ; at run time",
         "argmax, then the gland's largest connected component.",
         f"Training time (2 CPU threads on a 2-core machine shared with other jobs): loop {sec.get('train', '?')} s, total"
         f" {sec.get('total', '?')} s including rendering the cases ({sec.get('data', '?')} s), {tr.get('steps', '?')} steps"
-        f" of {tr.get('batch', '?')} slice stacks. Recipe: `{tr.get('recipe', 'python -m training.zones.train')}`, then"
-        f" `python -m training.zones.export {tr.get('checkpoint', 'var/zones-run/model.pt')}`.", "",
+        f" of {tr.get('batch', '?')} slice stacks. Recipe: `{tr.get('recipe', 'python -m scanside.training.zones.train')}`, then"
+        f" `python -m scanside.training.zones.export {tr.get('checkpoint', 'var/zones-run/model.pt')}`.", "",
         "## Measured figures (fresh held-out simulated exams, runtime DICOM path)",
         f"- exams: {ev.get('exams', 'n/a')} (seeds from {ev.get('seed', 'n/a')}, all four vendor styles), command: `{ev.get('command', 'n/a')}`",
         f"- Dice: whole gland {f('dice_gland_mean')} (min {f('dice_gland_min')}), TZ {f('dice_tz_mean')}, PZ {f('dice_pz_mean')}",
@@ -140,8 +140,8 @@ def render_card(m: ModelManifest) -> str:
 
 
 def export(pt_path, store_root=None, version: str = VERSION) -> ModelManifest:
-    from engines.store import PACKAGE_MODELS_DIR
-    from training.zones.train import load_model
+    from scanside.engines.store import PACKAGE_MODELS_DIR
+    from scanside.training.zones.train import load_model
 
     pt_path = Path(pt_path)
     model = load_model(pt_path)

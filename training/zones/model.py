@@ -3,7 +3,7 @@
 Input  ``input``          float32 (B, 1, 24, 128, 128): z-scored T2W on ZONES_SPEC's grid.
 Output ``probabilities``  float32 (B, 3, 24, 128, 128): softmax over (background, TZ, PZ).
 
-Each slice is segmented by a 2D U-Net (3 levels, training.cspca.model's conv blocks) that sees
+Each slice is segmented by a 2D U-Net (3 levels, scanside.training.cspca.model's conv blocks) that sees
 the slice and its two neighbours (zero beyond the volume): 2.5D for the same reason as the csPCa
 model (Conv3d backward is slow on the shared 2-core CPU), and zone boundaries change slowly across
 3 mm slices. Training works on single slice stacks (``slice_logits``); export wraps the whole
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from training.cspca.model import _block, n_parameters  # noqa: F401  (re-exported)
+from scanside.training.cspca.model import _block, n_parameters  # noqa: F401  (re-exported)
 
 N_CLASSES = 3
 

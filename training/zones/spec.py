@@ -9,7 +9,7 @@ smooth, and a 2.5D U-Net on 128 x 128 slices trains from scratch on a 2-core CPU
 """
 from __future__ import annotations
 
-from engines.spec import PreprocessSpec
+from scanside.engines.spec import PreprocessSpec
 
 CHANNELS = ("T2W",)
 #: class index -> label (background, transition zone, peripheral zone)

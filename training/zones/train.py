@@ -1,8 +1,8 @@
 """Train the reference zonal model from scratch on simulated cases (CPU, 2 threads).
 
-    python -m training.zones.train --cases 240 --minutes 10 --out var/zones-run
+    python -m scanside.training.zones.train --cases 240 --minutes 10 --out var/zones-run
 
-1. Cases: ``training.zones.data.build_cache`` renders seeds 0..N-1 once (npz, var/zones-cache/).
+1. Cases: ``scanside.training.zones.data.build_cache`` renders seeds 0..N-1 once (npz, var/zones-cache/).
 2. Slice stacks (a slice and its two neighbours, zero beyond the volume), two thirds of them
    through the gland; random left-right flips, intensity scale/offset jitter; loss = cross-entropy
    + soft Dice over TZ and PZ. Runs for a wall-clock budget with a cosine learning-rate schedule.
@@ -19,9 +19,9 @@ from typing import Optional
 
 import numpy as np
 
-from agent.progress import progress
+from scanside.agent.service.progress import progress
 
-from training.common import merge_stages
+from scanside.training.common import merge_stages
 
 
 def _stacks(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator, k: int = 1):
@@ -50,8 +50,8 @@ def train(cases: int = 240, minutes: float = 10.0, out: str = "var/zones-run", b
           widths=(12, 24, 48), init: Optional[str] = None, log=print) -> dict:
     import torch
 
-    from training.zones.data import DEFAULT_CACHE, build_cache, load_cache
-    from training.zones.model import ZoneNet, n_parameters
+    from scanside.training.zones.data import DEFAULT_CACHE, build_cache, load_cache
+    from scanside.training.zones.model import ZoneNet, n_parameters
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -109,7 +109,7 @@ def train(cases: int = 240, minutes: float = 10.0, out: str = "var/zones-run", b
         "widths": list(widths), "parameters": n_parameters(model),
         "seconds": {"data": round(t_data, 1), "train": round(t_train, 1), "total": round(time.perf_counter() - t0, 1)},
         "final_loss": float(np.mean(hist[-50:])) if hist else None,
-        "recipe": f"python -m training.zones.train --cases {cases} --minutes {minutes:g} --batch {batch} --lr {lr:g} "
+        "recipe": f"python -m scanside.training.zones.train --cases {cases} --minutes {minutes:g} --batch {batch} --lr {lr:g} "
                   f"--out {out}" + (f" --init {init}" if init else ""),
     }
     if init:
@@ -120,8 +120,8 @@ def train(cases: int = 240, minutes: float = 10.0, out: str = "var/zones-run", b
 
 
 def load_model(path):
-    from training.common import load_checkpoint
-    from training.zones.model import ZoneNet
+    from scanside.training.common import load_checkpoint
+    from scanside.training.zones.model import ZoneNet
 
     return load_checkpoint(path, ZoneNet)
 

@@ -1,0 +1,1 @@
+"""Layer 1, decoding: DICOM headers, vendor conventions, volumes, series assembly, header rules. No state, no configuration."""

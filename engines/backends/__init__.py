@@ -1,0 +1,1 @@
+"""Inference back ends: ONNX Runtime, OpenVINO, TensorRT, Triton (KServe v2)."""

@@ -1,0 +1,1 @@
+"""Layer 2, inference: the model wrappers (sequence label, csPCa, gland and zones, input range)."""

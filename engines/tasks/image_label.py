@@ -1,0 +1,286 @@
+"""Image-based sequence label: one series' pixels -> the sequence classifier (ONNX, via the model
+store) -> ImageLabel. No header field enters the model, so it can catch a mislabelled series; the
+agent compares this label with scanside.agent.dicom.classify's header label.
+
+One volume per logical series (scanside.agent.dicom.series.SeriesPart): ``select_frames`` keeps
+* one orientation (the largest group; a 3-plane localizer -> one plane),
+* one temporal phase of a dynamic series (the middle one of those present),
+* one frame per slice position (the isotropic/trace image where directional ones share it).
+Then scanside.agent.dicom.volume.load_volume -> scanside.engines.preprocess.prepare (the manifest's PreprocessSpec) ->
+engine. Runtime dependencies only (numpy, onnxruntime through engines); no torch.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Dict, Optional, Sequence, Union
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from scanside.agent.dicom.header import FrameInfo, FrameRef, HeaderError, read_header
+from scanside.agent.dicom.volume import Volume, VolumeError, load_volume
+from scanside.engines.manifest import ModelManifest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "sequence-classifier"
+
+
+UNCERTAIN = "uncertain"
+
+
+class ImageLabel(BaseModel):
+    label: str = Field(description="the predicted class, or `uncertain` where the model's uncertainty gate says it "
+                                   "does not know (calibrated confidence below its threshold, or input out of distribution)")
+    confidence: float = Field(description="calibrated probability of `predicted` (temperature-scaled where the "
+                                          "model carries a temperature)")
+    probabilities: Dict[str, float]
+    model: str = Field(description="name/version of the model")
+    backend: str
+    frames_used: Optional[int] = None
+    predicted: Optional[str] = Field(None, description="the most probable class, also when `label` is uncertain")
+    ood_score: Optional[float] = Field(None, description="feature distance to the training distribution divided by "
+                                                         "its threshold (> 1: outside the validated range)")
+    uncertain_reason: Optional[str] = None
+
+    @property
+    def uncertain(self) -> bool:
+        return self.label == UNCERTAIN
+
+
+class UncertaintyGate(BaseModel):
+    """manifest.postprocessing["uncertainty"] (fitted on held-out data by scanside.training.sequence.uncertainty):
+    temperature scaling of the probabilities and a class-conditional Mahalanobis distance on the
+    model's pooled features (shared covariance, whitened by ``whiten``)."""
+
+    temperature: float = Field(1.0, gt=0)
+    min_confidence: float = Field(0.0, ge=0, le=1, description="calibrated confidence below which the label is uncertain")
+    feature_output: Optional[str] = None
+    stats_file: Optional[str] = Field(None, description="npz beside the manifest: means (K, F), whiten (F, F)")
+    stats_sha256: Optional[str] = None
+    ood_threshold: Optional[float] = Field(None, gt=0, description="squared distance above which the input is out of distribution")
+    fitted_on: str = ""
+
+    def load_stats(self, root: Any) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        if not self.stats_file or self.ood_threshold is None:
+            return None
+        from pathlib import Path
+
+        from scanside.engines.manifest import IntegrityError, sha256_file
+
+        path = Path(root) / self.stats_file
+        actual = sha256_file(path) if path.is_file() else None
+        if self.stats_sha256 and actual != self.stats_sha256:
+            raise IntegrityError(path, self.stats_sha256, actual)
+        with np.load(path) as z:
+            return np.asarray(z["means"], np.float64), np.asarray(z["whiten"], np.float64)
+
+
+def calibrated(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T) = softmax(logits / T): the constant that log p differs from the logits by cancels."""
+    z = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0)) / float(temperature)
+    z -= z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def ood_distance(features: np.ndarray, means: np.ndarray, whiten: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distance of each feature row to the nearest class mean, (N,)."""
+    f = np.atleast_2d(np.asarray(features, np.float64))
+    d = (f[:, None, :] - means[None, :, :]) @ whiten.T  # (N, K, F) whitened differences
+    return (d ** 2).sum(-1).min(1)
+
+
+class ImageLabelError(ValueError):
+    """The series could not be classified from its images; ``reason`` is a short code."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _frame_infos(refs: Sequence[FrameRef]) -> list[FrameInfo]:
+    """Header-only read of each file once; the FrameInfo of every ref."""
+    by_path: dict[str, dict[int, FrameInfo]] = {}
+    out = []
+    for r in refs:
+        if r.path not in by_path:
+            try:
+                h = read_header(r.path)
+            except HeaderError as e:
+                raise ImageLabelError("unreadable_header", f"{e}") from e
+            by_path[r.path] = {f.frame_index: f for f in h.frames}
+        f = by_path[r.path].get(r.frame_index)
+        if f is None:
+            raise ImageLabelError("bad_frame_index", f"frame {r.frame_index} not in its file")
+        out.append(f)
+    return out
+
+
+def select_frames(refs: Sequence[FrameRef], frames: Optional[Sequence[FrameInfo]] = None) -> list[FrameRef]:
+    """The frames that make one volume (see module doc). ``frames`` (aligned with ``refs``) saves
+    re-reading headers when the caller has them (a SeriesPart does)."""
+    refs = list(refs)
+    if not refs:
+        raise ImageLabelError("no_frames", "no frames given")
+    infos = list(frames) if frames is not None else _frame_infos(refs)
+    if len(infos) != len(refs):
+        raise ImageLabelError("bad_frames", f"{len(refs)} refs but {len(infos)} frame infos")
+    idx = list(range(len(refs)))
+    # one orientation: the largest group (first seen wins a tie)
+    groups: dict[tuple, list[int]] = {}
+    for i in idx:
+        o = infos[i].orientation
+        key = tuple(np.round(o, 3)) if o else ()
+        groups.setdefault(key, []).append(i)
+    idx = max(groups.values(), key=len)
+    # one temporal phase: the middle one present
+    phases = sorted({t for t in (infos[i].temporal_index for i in idx) if t is not None})
+    if len(phases) > 1:
+        mid = phases[len(phases) // 2]
+        idx = [i for i in idx if infos[i].temporal_index == mid]
+    # one frame per slice position, preferring isotropic/undirected images
+    o = next((infos[i].orientation for i in idx if infos[i].orientation), None)
+    if o is not None:
+        normal = np.cross(np.asarray(o[:3], float), np.asarray(o[3:], float))
+        best: dict[float, int] = {}
+        for i in idx:
+            p = infos[i].position
+            if p is None or infos[i].n_slices > 1:  # mosaics carry their own slice positions
+                best[float(len(best)) + 1e9 + i] = i
+                continue
+            d = round(float(np.dot(normal, p)), 2)
+            j = best.get(d)
+            if j is None or (_directional(infos[j]) and not _directional(infos[i])):
+                best[d] = i
+        idx = sorted(best.values())
+    return [refs[i] for i in idx]
+
+
+def _directional(f: FrameInfo) -> bool:
+    return f.direction is not None and any(abs(c) > 1e-6 for c in f.direction) and not f.isotropic
+
+
+class ImageClassifier:
+    """Loads the sequence model lazily from a ModelStore (sha256-checked) and classifies series."""
+
+    def __init__(self, store: Any = None, model: str = DEFAULT_MODEL, *, variant: Optional[str] = None,
+                 engine: Any = None) -> None:
+        self._store = store
+        self.model_ref = model
+        self.variant = variant
+        self._engine = engine
+        self._lock = threading.Lock()
+        self.manifest: Optional[ModelManifest] = engine.manifest if engine is not None else None
+        self.backend = engine.backend if engine is not None else None
+        self._gate: Optional[UncertaintyGate] = None
+        self._ood: Optional[tuple[np.ndarray, np.ndarray]] = None
+
+    def load(self) -> Any:
+        with self._lock:
+            if self._engine is None:
+                if self._store is None:
+                    from scanside.agent.analysis.model_store import open_model_store
+                    self._store = open_model_store()
+                engine, sel = self._store.open(self.model_ref, variant=self.variant)
+                self._engine, self.manifest, self.backend = engine, engine.manifest, sel.backend
+                if not self.manifest.labels or not self.manifest.preprocessing:
+                    raise ImageLabelError("bad_model", f"{self.manifest.ref} has no labels or preprocessing")
+            if self._gate is None:
+                assert self.manifest is not None  # set with the engine (here or by the caller)
+                self._load_gate(self.manifest)
+        return self._engine
+
+    def _load_gate(self, m: ModelManifest) -> None:
+        raw = (m.postprocessing or {}).get("uncertainty")
+        self._gate = UncertaintyGate.model_validate(raw) if raw else UncertaintyGate()
+        self._ood = self._gate.load_stats(m.root) if raw and m.root else None
+        if self._ood is not None and self._gate.feature_output not in {o.name for o in m.outputs}:
+            raise ImageLabelError("bad_model", f"{m.ref}: no output {self._gate.feature_output!r} for its OOD score")
+
+    def _loaded(self) -> tuple[Any, ModelManifest, UncertaintyGate]:
+        """The engine, its manifest and its uncertainty gate, loaded on first use."""
+        engine = self.load()
+        assert self.manifest is not None and self._gate is not None  # load set both or raised
+        return engine, self.manifest, self._gate
+
+    @property
+    def gate(self) -> UncertaintyGate:
+        return self._loaded()[2]
+
+    # -- inputs ------------------------------------------------------------------------------
+    def volume_of(self, source: Union[Volume, Any, Sequence[FrameRef]], frames: Optional[Sequence[FrameInfo]] = None,
+                  cache: Optional[dict] = None) -> tuple[Volume, int]:
+        if isinstance(source, Volume):
+            return source, source.shape[0]
+        if hasattr(source, "refs") and hasattr(source, "frames"):  # scanside.agent.dicom.series.SeriesPart
+            refs, frames = list(source.refs), list(source.frames)
+        else:
+            refs = list(source)
+        chosen = select_frames(refs, frames)
+        try:
+            return load_volume(chosen, cache=cache), len(chosen)
+        except VolumeError as e:
+            raise ImageLabelError(f"volume_{e.reason}", str(e)) from e
+        except (OSError, ValueError) as e:
+            raise ImageLabelError("unreadable_pixels", f"{type(e).__name__}: {e}") from e
+
+    def prepare(self, volume: Volume) -> np.ndarray:
+        """(C, d0, d1, d2) float32 model input for one volume."""
+        from scanside.engines.preprocess import prepare
+
+        spec = self._loaded()[1].preprocessing
+        assert spec is not None  # load checked it
+        if not np.isfinite(volume.array).all():
+            volume = Volume.from_array_affine(np.nan_to_num(volume.array, nan=0.0, posinf=0.0, neginf=0.0),
+                                              volume.array_affine)
+        arr, _ = prepare({spec.channels[0]: volume}, spec)
+        return arr
+
+    # -- inference -----------------------------------------------------------------------------
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """(N, C, ...) prepared inputs -> (N, n_labels) probabilities (as the model gives them, uncalibrated)."""
+        return self.outputs(batch)[0]
+
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """(N, C, ...) prepared inputs -> raw probabilities (N, n_labels) and the OOD distance / threshold
+        (N,), None where the model has no OOD statistics."""
+        engine, m, gate = self._loaded()
+        out = engine.run({m.inputs[0].name: np.ascontiguousarray(batch, dtype=np.float32)})
+        probs = np.asarray(out[m.outputs[0].name], dtype=np.float64)
+        # load_stats gives statistics only with a feature output and a threshold
+        if self._ood is None or gate.feature_output is None or gate.ood_threshold is None:
+            return probs, None
+        dist = ood_distance(out[gate.feature_output], *self._ood)
+        return probs, dist / float(gate.ood_threshold)
+
+    def label_of(self, probs: np.ndarray, frames_used: Optional[int] = None, ood: Optional[float] = None) -> ImageLabel:
+        """One ImageLabel from raw probabilities and the OOD ratio: temperature-scaled, and `uncertain` below
+        the gate's calibrated confidence or above its OOD threshold (neither raises an alert)."""
+        _, m, gate = self._loaded()
+        labels = list(m.labels or ())  # not empty: load checked it
+        p = calibrated(probs, gate.temperature) if gate.temperature != 1.0 else np.asarray(probs, np.float64)
+        k = int(np.argmax(p))
+        why = None
+        if ood is not None and ood > 1.0:
+            why = f"input outside the model's validated range (feature distance {ood:.1f}x its threshold)"
+        elif p[k] < gate.min_confidence:
+            why = f"calibrated confidence {p[k]:.2f} below {gate.min_confidence:.2f}"
+        return ImageLabel(label=UNCERTAIN if why else labels[k], predicted=labels[k], confidence=float(p[k]),
+                          probabilities={lab: round(float(v), 6) for lab, v in zip(labels, p)},
+                          model=m.ref, backend=str(self.backend), frames_used=frames_used,
+                          ood_score=None if ood is None else round(float(ood), 4), uncertain_reason=why)
+
+    def classify(self, source: Union[Volume, Any, Sequence[FrameRef]], frames: Optional[Sequence[FrameInfo]] = None,
+                 cache: Optional[dict] = None) -> ImageLabel:
+        """A Volume, a SeriesPart or FrameRefs (with their FrameInfos, else headers are read) -> ImageLabel.
+        Raises ImageLabelError for series that cannot be turned into one volume."""
+        self.load()
+        vol, n = self.volume_of(source, frames, cache)
+        if min(vol.shape) < 1 or vol.array.size < 4:
+            raise ImageLabelError("too_small", f"volume shape {vol.shape}")
+        x = self.prepare(vol)[None]
+        probs, ood = self.outputs(x)
+        return self.label_of(probs[0], n, None if ood is None else float(ood[0]))
