@@ -38,9 +38,9 @@ def child(workdir: Path) -> int:
     """The daemon under test. Prints one JSON line when started, then one per command on stdin
     ('exam1', 'exam2': the scanner writes a bpMRI exam, answered once it is analysed), then idles."""
     sys.path.insert(0, str(ROOT))
-    from scanside.agent.service.config import load_config
+    from scanside.agent.runtime.config import load_config
     from scanside.agent.service.daemon import Agent
-    from scanside.agent.service.malloc import limit_malloc_arenas
+    from scanside.agent.runtime.malloc import limit_malloc_arenas
 
     limit_malloc_arenas()  # as `scanside run` does
     # the virtual scanner is imported before the agent starts: importing it inside the READY window

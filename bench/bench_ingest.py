@@ -28,7 +28,7 @@ import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scanside.agent.service.config import load_config  # noqa: E402
+from scanside.agent.runtime.config import load_config  # noqa: E402
 from scanside.agent.service.daemon import Agent  # noqa: E402
 from scanside.agent.dicom.header import header_from_dataset, read_header  # noqa: E402
 from scanside.agent.intake.pipeline import Pipeline  # noqa: E402

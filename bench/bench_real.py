@@ -55,8 +55,8 @@ def _evaluate(stores: List[str], name: str, real: List[Path], **kw: Any) -> Dict
 
 def daemon_shadow(folder: Path, stores: List[str], timeout: float = 900.0) -> Dict[str, Any]:
     """The whole agent on one real exam folder, defaults (shadow mode on): the alerts the technologist sees."""
-    from scanside.agent.outputs.alerts import alert_from_event
-    from scanside.agent.service.config import load_config
+    from scanside.agent.state.alerts import alert_from_event
+    from scanside.agent.runtime.config import load_config
     from scanside.agent.service.daemon import Agent
 
     with tempfile.TemporaryDirectory(prefix="bench-real-") as tmp:

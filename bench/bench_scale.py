@@ -40,8 +40,8 @@ import pydicom
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scanside.agent.cli import main as cli_main  # noqa: E402
-from scanside.agent.service.config import load_config  # noqa: E402
-from scanside.agent.state.events import parse_event  # noqa: E402
+from scanside.agent.runtime.config import load_config  # noqa: E402
+from scanside.agent.schema.events import parse_event  # noqa: E402
 from scanside.agent.state.exam_repository import READ_MODEL_TABLES  # noqa: E402
 from scanside.agent.dicom.header import PREFIX_BYTES, read_header  # noqa: E402
 from scanside.agent.intake.pipeline import Pipeline  # noqa: E402

@@ -37,7 +37,7 @@ from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scanside.agent.service.config import load_config  # noqa: E402
+from scanside.agent.runtime.config import load_config  # noqa: E402
 from scanside.agent.intake.pipeline import Pipeline  # noqa: E402
 from scanside.agent.state.database import StateStore  # noqa: E402
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scanside.agent.service.config import load_config  # noqa: E402
+from scanside.agent.runtime.config import load_config  # noqa: E402
 from scanside.agent.service.daemon import Agent  # noqa: E402
 from scanside.simulator.scanner import simulate_exam, stream_exam  # noqa: E402
 

@@ -26,7 +26,7 @@ def main() -> int:
     import torch
 
     from scanside.engines.tasks.image_label import ImageClassifier
-    from scanside.agent.dicom.taxonomy import LABELS
+    from scanside.agent.schema.taxonomy import LABELS
     from scanside.training.sequence import train as T
     from scanside.training.sequence.data import build_dataset
     from scanside.training.sequence.export import load_from_onnx

@@ -87,14 +87,21 @@ def _probe_tensorrt_machine() -> Tuple[Optional[str], Any, str]:
 
 
 class StoreSettings(Protocol):
-    """What ModelStore.from_settings reads (structurally: scanside.agent.service.config.EnginesConfig, or StoreDefaults)."""
+    """What ModelStore.from_settings reads (structurally: scanside.agent.runtime.config.EnginesConfig, or StoreDefaults).
+    Read-only members, so a frozen dataclass satisfies it."""
 
-    models_dirs: Sequence[Path]  # empty: the package's models (or SCANSIDE_MODELS_DIR for the dev tools)
-    user_models_dir: Optional[Path]
-    preference: Sequence[str]  # empty: automatic (default_preference())
-    int8_tolerance: Optional[float]
-    parity_data: str
-    cache_dir: Optional[Path]
+    @property
+    def models_dirs(self) -> Sequence[Path]: ...  # empty: the package's models (or SCANSIDE_MODELS_DIR for the dev tools)
+    @property
+    def user_models_dir(self) -> Optional[Path]: ...
+    @property
+    def preference(self) -> Sequence[str]: ...  # empty: automatic (default_preference())
+    @property
+    def int8_tolerance(self) -> Optional[float]: ...
+    @property
+    def parity_data(self) -> str: ...
+    @property
+    def cache_dir(self) -> Optional[Path]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,7 +265,7 @@ class ModelStore:
     @classmethod
     def from_settings(cls, settings: "StoreSettings", **kw: Any) -> "ModelStore":
         """The one way the agent, its CLI and the evaluations build a store: every store setting (the
-        agent's `[engines]` section, scanside.agent.service.config.EnginesConfig, has these fields) is passed, so none is
+        agent's `[engines]` section, scanside.agent.runtime.config.EnginesConfig, has these fields) is passed, so none is
         forgotten (the INT8 parity gate's tolerance, which parity data counts). kw: tests' and tools'
         extras (tensorrt_probe, engine_options)."""
         options = {k: dict(v) for k, v in (kw.pop("engine_options", None) or {}).items()}
@@ -558,3 +565,13 @@ class ModelStore:
         data.update(fields)
         manifest = ModelManifest.model_validate(data)
         return self.install(manifest, {"model.onnx": onnx_path}, root=target_root, overwrite=overwrite)
+
+
+def store_from_args(args: Any) -> ModelStore:
+    """The store of the command-line tools (`scanside models ...`, the evaluations, adaptation) from their
+    --store / --user-dir / --prefer / --parity-data options: the one construction (ModelStore.from_settings)."""
+    prefer = [b.strip() for b in (getattr(args, "prefer", None) or "").split(",") if b.strip()]
+    roots = [args.store] if isinstance(args.store, (str, Path)) else list(args.store or [])
+    return ModelStore.from_settings(StoreDefaults(models_dirs=[Path(r) for r in roots],
+                                                  user_models_dir=Path(args.user_dir) if args.user_dir else None,
+                                                  preference=prefer, parity_data=getattr(args, "parity_data", "real")))

@@ -103,7 +103,7 @@ def follow(client: AgentClient, stop: threading.Event, on_alert: Callable[[dict]
 # ------------------------------------------------------------------------------------------ in process
 def run_embedded(fault: list[str], vendor: str) -> int:
     """Start the agent inside this program, stream a simulated exam, and drive it over its own API."""
-    from scanside.agent.service.config import load_config
+    from scanside.agent.runtime.config import load_config
     from scanside.agent.service.daemon import Agent
     from scanside.simulator.scanner import simulate_exam, stream_exam
 

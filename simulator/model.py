@@ -11,7 +11,7 @@ from typing import Literal, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from scanside.agent.dicom.taxonomy import OtherKind, Plane, SequenceLabel
+from scanside.agent.schema.taxonomy import OtherKind, Plane, SequenceLabel
 
 Vendor = Literal["siemens", "siemens-xa", "ge", "philips"]
 SeriesKind = Literal["localizer", "t2w", "t2w_fs", "dwi", "adc", "calc_bvalue", "dce", "t1"]

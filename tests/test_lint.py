@@ -57,16 +57,16 @@ def _uses(path: Path, owner: str, names: set[str]) -> list[int]:
 
 
 def test_threads_are_started_only_by_the_lifecycle_helper():
-    """One worker-thread helper (scanside.agent.service.lifecycle.WorkerThread) instead of thread boilerplate per module."""
+    """One worker-thread helper (scanside.agent.runtime.lifecycle.WorkerThread) instead of thread boilerplate per module."""
     found = {str(p.relative_to(ROOT)): lines for p in _python_files() if (lines := _uses(p, "threading", {"Thread"}))}
-    assert set(found) <= {"agent/service/lifecycle.py"}, f"threading.Thread outside agent/service/lifecycle.py: {found}"
+    assert set(found) <= {"agent/runtime/lifecycle.py"}, f"threading.Thread outside agent/runtime/lifecycle.py: {found}"
 
 
-# the environment names read outside agent/service/config.py, and why each is not an agent setting
+# the environment names read outside agent/runtime/config.py, and why each is not an agent setting
 ENV_READERS = {
     "agent/service/systemd.py": "NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID: the service manager's protocol",
-    "agent/service/malloc.py": "MALLOC_ARENA_MAX: glibc's own variable (set by the operator or not)",
-    "agent/service/siteconfig.py": "unknown SCANSIDE_* names: the configuration's own check",
+    "agent/runtime/malloc.py": "MALLOC_ARENA_MAX: glibc's own variable (set by the operator or not)",
+    "agent/runtime/siteconfig.py": "unknown SCANSIDE_* names: the configuration's own check",
     "agent/analysis/adapt_schedule.py": "the child's environment (a copy, plus the configured model store folders)",
     "engines/base.py": "SCANSIDE_CACHE_DIR: the tools' default cache (the agent passes [engines] cache_dir)",
     "engines/store.py": "the tools' store defaults (the agent passes every [engines] key: ModelStore.from_settings)",
@@ -75,5 +75,5 @@ ENV_READERS = {
 
 def test_settings_are_read_by_the_configuration():
     found = {str(p.relative_to(ROOT)) for p in _python_files() if _uses(p, "os", {"environ", "getenv"})}
-    assert found - {"agent/service/config.py"} <= set(ENV_READERS), \
-        f"environment read outside agent/service/config.py (route it through the configuration): {sorted(found - set(ENV_READERS))}"
+    assert found - {"agent/runtime/config.py"} <= set(ENV_READERS), \
+        f"environment read outside agent/runtime/config.py (route it through the configuration): {sorted(found - set(ENV_READERS))}"

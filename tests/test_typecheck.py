@@ -56,8 +56,11 @@ def _import_tree(tree: Path) -> dict[str, str]:
 
 
 def _in_tree(path: str, where: dict[str, str]) -> str:
-    folder, rest = path.split("/", 1)
-    return f"{where[folder]}/{rest}"
+    """A listed path (agent/x.py, or scanside/agent/x.py through the checkout's scanside/ links) in the tree."""
+    parts = path.split("/")
+    if parts[0] not in where and len(parts) > 2:  # scanside/agent/...: the namespace folder of links
+        parts = parts[1:]
+    return f"{where[parts[0]]}/{'/'.join(parts[1:])}"
 
 
 def test_the_listed_files_exist():

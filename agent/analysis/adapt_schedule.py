@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any, Callable, List, Optional
 
-from scanside.agent.service.lifecycle import Worker, WorkerThread
+from scanside.agent.runtime.lifecycle import Worker, WorkerThread
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ from typing import Any, Optional, Protocol
 
 import numpy as np
 
-from scanside.agent.service.config import AgentConfig
-from scanside.agent.state.events import Event, LabelMismatch, SeriesClassified, SeriesSummary, TriageResult
+from scanside.agent.runtime.config import AgentConfig
+from scanside.agent.schema.events import Event, LabelMismatch, SeriesClassified, SeriesSummary, TriageResult
 from scanside.agent.dicom.exam_reader import classifier_inputs, gland_input, model_frames, triage_inputs
-from scanside.agent.service.malloc import release_free_memory
+from scanside.agent.runtime.malloc import release_free_memory
 from scanside.agent.outputs.redact import redact_text
 from scanside.agent.analysis.shadow import ShadowPolicy, learning_line
 from scanside.agent.dicom.series import split_parts
@@ -175,7 +175,7 @@ class Analyzer(Sink):
         if event.type == "exam_completed":
             self._volumes.clear()  # the exam is over: its volumes are not needed again
         if event.type in ("series_completed", "exam_completed"):
-            release_free_memory()  # the volumes and activations just freed: back to the OS (agent/service/malloc.py)
+            release_free_memory()  # the volumes and activations just freed: back to the OS (agent/runtime/malloc.py)
 
     def _failed(self, stage: str, what: str, exc: BaseException) -> None:
         """A model run that failed: counted (scanside_model_failures_total{stage}) and logged at ERROR with the

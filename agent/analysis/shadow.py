@@ -3,7 +3,7 @@
 A model validated on simulated images (or on another site's scans) has not shown that it holds on
 this site's scanner, protocol and patients. Until it has, its outputs (image labels, csPCa triage)
 are recorded in events and metrics, where agreement with the header labels can be watched, but they
-raise no technologist alert (scanside.agent.outputs.alerts reads each event's ``shadow`` flag).
+raise no technologist alert (scanside.agent.state.alerts reads each event's ``shadow`` flag).
 
 A model version leaves shadow mode for a site when a validation is recorded for it:
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from scanside.agent.service.config import AgentConfig, ConfigError, load_config
+from scanside.agent.runtime.config import AgentConfig, ConfigError, load_config
 
 # exit codes (README "Exit codes"): 0 done; 1 an unexpected error; 2 invalid configuration or usage;
 # 3 the agent cannot start here (watch folder, state folder, port); `scan`: 4 no image could be read
@@ -170,9 +170,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config.api.enabled is None:
         config.api.enabled = True  # `scanside run` serves the API unless told not to
     preflight(config, create_watch=args.create_watch)
-    from scanside.agent.service.malloc import limit_malloc_arenas
+    from scanside.agent.runtime.malloc import limit_malloc_arenas
 
-    limit_malloc_arenas()  # before the agent's threads exist: see agent/service/malloc.py
+    limit_malloc_arenas()  # before the agent's threads exist: see agent/runtime/malloc.py
     try:
         agent = Agent(config)
     except (OSError, RuntimeError) as exc:  # RuntimeError: the API refuses its settings (no token off loopback)
@@ -277,7 +277,7 @@ def ready_line(agent) -> str:  # type: ignore[no-untyped-def]
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from scanside.agent.service.siteconfig import example_site_toml
+    from scanside.agent.runtime.siteconfig import example_site_toml
 
     if args.config_cmd == "init":
         text = example_site_toml()
@@ -394,7 +394,7 @@ def cmd_state(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from scanside.agent.state.events import event_json_schema
+    from scanside.agent.schema.events import event_json_schema
 
     if args.what == "openapi":
         from scanside.agent.service.api import openapi_schema

@@ -12,9 +12,9 @@ import threading
 import time
 from pathlib import Path
 
-from scanside.agent.service.config import load_config
-from scanside.agent.state.events import Event
-from scanside.agent.service.lifecycle import WorkerThread
+from scanside.agent.runtime.config import load_config
+from scanside.agent.schema.events import Event
+from scanside.agent.runtime.lifecycle import WorkerThread
 from scanside.agent.protocol.wording import display_name, plain
 
 ZONES = {"PZ": "peripheral zone", "TZ": "transition zone"}

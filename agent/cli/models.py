@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, List, Optional
 
-from scanside.engines.store import ModelNotFound, ModelStore, StoreDefaults
+from scanside.engines.store import ModelNotFound, ModelStore, store_from_args
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -94,15 +94,6 @@ def _import_declared(args: argparse.Namespace, store: ModelStore) -> int:
     return 0
 
 
-def _store(args: argparse.Namespace) -> ModelStore:
-    """The store of `scanside models ...` and the evaluations: the one construction (ModelStore.from_settings)."""
-    prefer = [b.strip() for b in (getattr(args, "prefer", None) or "").split(",") if b.strip()]
-    roots = [args.store] if isinstance(args.store, (str, Path)) else list(args.store or [])
-    return ModelStore.from_settings(StoreDefaults(models_dirs=[Path(r) for r in roots],
-                                                  user_models_dir=Path(args.user_dir) if args.user_dir else None,
-                                                  preference=prefer, parity_data=getattr(args, "parity_data", "real")))
-
-
 def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
@@ -116,11 +107,11 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if cmd == "import-taps":
             from scanside.agent.cli.taps import import_taps
-            root = Path(args.store[0]) if args.store else _store(args).roots[0]
+            root = Path(args.store[0]) if args.store else store_from_args(args).roots[0]
             m = import_taps(root, args.wheel, cache_dir=args.cache_dir, overwrite=args.overwrite)
             print(f"imported {m.ref} into {m.root} (sha256 {m.files['fp32'].sha256} verified)")
             return 0
-        store = _store(args)
+        store = store_from_args(args)
         if cmd == "import":
             return _import_declared(args, store)
         if cmd == "accept":
@@ -201,7 +192,7 @@ def show_text(m: Any, sel: Any, verbose: bool = False, gpu: dict[str, Any] | Non
         return "\n".join(lines) + "\n"
     return "\n".join(lines) + "\n\n" + m.to_json().rstrip("\n") + "\n"
 def _accept(args: argparse.Namespace, store: ModelStore) -> int:
-    from scanside.agent.service.config import load_config
+    from scanside.agent.runtime.config import load_config
     from scanside.agent.analysis.shadow import SiteValidation, record_validation, validations_path
 
     m = store.resolve(args.name)

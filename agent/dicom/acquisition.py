@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from scanside.agent.state.events import SlabGeometry
+from scanside.agent.schema.events import SlabGeometry
 from scanside.agent.dicom.header import FrameInfo, InstanceHeader
 
 

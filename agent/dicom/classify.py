@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from scanside.agent.dicom import vendor as vd
 from scanside.agent.dicom.header import FrameInfo, InstanceHeader
-from scanside.agent.dicom.taxonomy import DWI_HIGH_MIN_B, OtherKind, SequenceLabel
+from scanside.agent.schema.taxonomy import DWI_HIGH_MIN_B, OtherKind, SequenceLabel
 
 LOCALIZER_WORDS = re.compile(r"(locali[sz]er|scout|survey|\bloc\b|3[- ]?plane|tri[- ]?pilot|aahead)", re.I)
 DCE_WORDS = re.compile(r"(dce|dyn|dynamic|perf|twist|disco|vibe.*dyn|t1.*\+c)", re.I)

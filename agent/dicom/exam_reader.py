@@ -16,7 +16,7 @@ pick the same series:
 * ``classifier_inputs``: the series the sequence classifier labels;
 
 and ``model_frames`` the frames of a series that make the one volume a model gets
-(scanside.engines.tasks.image_label.select_frames: one orientation, the middle temporal phase, one frame per slice).
+(scanside.agent.dicom.frames.select_frames: one orientation, the middle temporal phase, one frame per slice).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
-from scanside.agent.state.events import SeriesSummary
+from scanside.agent.schema.events import SeriesSummary
 from scanside.agent.dicom.header import FrameRef, HeaderError, InstanceHeader, read_header
 from scanside.agent.dicom.series import SeriesPart, expected_images, split_parts, summarise
 
@@ -81,7 +81,7 @@ def classifier_inputs(summaries: Iterable[SeriesSummary]) -> List[SeriesSummary]
 
 def model_frames(part: SeriesPart) -> List[FrameRef]:
     """The frames of a series that make the one volume every image model gets."""
-    from scanside.engines.tasks.image_label import select_frames
+    from scanside.agent.dicom.frames import select_frames
 
     return select_frames(part.refs, part.frames)
 
@@ -165,7 +165,7 @@ def read_exams(folders: Union[str, Path, Sequence[Union[str, Path]]], *,
             by_series.setdefault(h.series_uid, []).append(h)
     studies: Dict[str, List[ExamSeries]] = {}
     for headers in by_series.values():
-        # as scanside.agent.dicom.series.SeriesAssembler: the largest count any header declares, complete when reached
+        # as scanside.agent.intake.assembler.SeriesAssembler: the largest count any header declares, complete when reached
         declared = [n for n in (expected_images(h) for h in headers) if n is not None]
         expected = max(declared) if declared else None
         n_images = sum(h.n_images for h in headers)

@@ -225,7 +225,7 @@ def _parse_prefix(prefix: bytes, size: int, has_preamble: bool, fp: BinaryIO) ->
         if not raw:
             fp.seek(0)  # where the file path below starts
     if raw:
-        return raw  # type: ignore[return-value]
+        return raw
     buf = io.BytesIO(prefix)
     try:
         ds = pydicom.dcmread(buf, stop_before_pixels=True, force=not has_preamble)

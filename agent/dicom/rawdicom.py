@@ -157,7 +157,7 @@ def _tag_of(key: Union[str, int]) -> Optional[int]:
     tag = _KEYWORD_TAGS.get(key, -1)
     if tag == -1:
         tag = _KEYWORD_TAGS[key] = tag_for_keyword(key)
-    return tag  # type: ignore[return-value]
+    return tag
 
 
 class RawDataset:
@@ -187,7 +187,7 @@ class RawDataset:
                 self._encodings = convert_encodings(value)
             else:
                 self._encodings = self._parent.encodings if self._parent is not None else None
-        return self._encodings  # type: ignore[no-any-return]
+        return self._encodings
 
     def element(self, tag: int) -> Optional[RawElement]:
         if tag not in self.elements:

@@ -39,8 +39,8 @@ from pynetdicom import AE, _config as pynetdicom_config, dimse_messages, evt
 from pynetdicom import sop_class as sc
 
 from scanside.agent.outputs.atomic import atomic_path
-from scanside.agent.service.health import WriteReporter
-from scanside.agent.service.config import AgentConfig, CStoreConfig
+from scanside.agent.runtime.health import WriteReporter
+from scanside.agent.runtime.config import AgentConfig, CStoreConfig
 from scanside.agent.intake.ingest import Ingestor
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class StoreSCP:
         self._lock = threading.Lock()
         # read by scanside.agent.service.metrics at scrape time (scanside_cstore_*)
         self.stats = {"received": 0, "failed": 0, "rejected": 0, "accepted": 0, "echo": 0, "bytes": 0}
-        self.health = health  # failed writes: /readyz "writes" and one ERROR per episode (scanside.agent.service.health)
+        self.health = health  # failed writes: /readyz "writes" and one ERROR per episode (scanside.agent.runtime.health)
         self._handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -296,7 +296,7 @@ class StoreSCP:
 
     def _not_stored(self, ref: str, exc: OSError) -> int:
         """Disk full, folder gone: the sender keeps the object and retries later."""
-        if self.health is not None:  # one ERROR per failure episode (scanside.agent.service.health), /readyz false meanwhile
+        if self.health is not None:  # one ERROR per failure episode (scanside.agent.runtime.health), /readyz false meanwhile
             self.health.failed("received", self.folder, exc, consequence="refused (out of resources): the sender keeps it")
             log.warning("C-STORE object %s could not be stored: %s", ref, exc.strerror or exc.__class__.__name__)
         else:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from scanside.agent.service.config import AgentConfig
+from scanside.agent.runtime.config import AgentConfig
 from scanside.agent.dicom.header import HEADER_SLACK_BYTES, HeaderError
-from scanside.agent.service.health import WriteReporter
-from scanside.agent.service.lifecycle import Worker, WorkerThread
+from scanside.agent.runtime.health import WriteReporter
+from scanside.agent.runtime.lifecycle import Worker, WorkerThread
 from scanside.agent.intake.pipeline import Pipeline, file_ref
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ class Ingestor(Worker):
         except sqlite3.Error as exc:
             # the state database (or its disk) refuses writes, e.g. disk full: the files are not bad, so
             # they keep their place and are tried again; nothing is marked or quarantined
-            if self.health is not None:  # one ERROR per episode (scanside.agent.service.health), /readyz false meanwhile
+            if self.health is not None:  # one ERROR per episode (scanside.agent.runtime.health), /readyz false meanwhile
                 self.health.failed("state", self.config.state.dir, f"state not writable ({exc.__class__.__name__}: {exc})",
                                    consequence="file kept for retry")
             else:

@@ -11,14 +11,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
-from scanside.agent.service.config import AgentConfig
-from scanside.agent.state.events import EventBase, FileQuarantined
+from scanside.agent.runtime.config import AgentConfig
+from scanside.agent.schema.events import EventBase, FileQuarantined
 from scanside.agent.dicom.header import HeaderError, read_bounded_dataset, read_header
-from scanside.agent.service.health import WriteReporter
+from scanside.agent.runtime.health import WriteReporter
 from scanside.agent.intake.quarantine import Quarantine
 from scanside.agent.state.exam import ExamTracker
 from scanside.agent.protocol.checker import checker_from_config
-from scanside.agent.dicom.series import SeriesAssembler
+from scanside.agent.intake.assembler import SeriesAssembler
 from scanside.agent.state.database import StateStore
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class Pipeline:
     def __init__(self, config: AgentConfig, store: StateStore, clock: Callable[[], float] = time.time,
                  health: Optional[WriteReporter] = None, gland_coverage: bool = False):
         """health: where quarantine copies report failed writes; gland_coverage: the gland model runs beside
-        the checker (scanside.agent.protocol.checker.gland_model_active): the analyzer then raises the slab-end deviations."""
+        the checker (scanside.agent.analysis.model_store.gland_model_active): the analyzer then raises the slab-end deviations."""
         self.config = config
         self.store = store
         self.assembler = SeriesAssembler(store, config.series, clock)

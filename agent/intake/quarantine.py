@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from scanside.agent.service.health import WriteHealth
+from scanside.agent.runtime.health import WriteHealth
 
 DEFAULT_MAX_COPY_BYTES = 600 * 1024**2  # the default largest image file (512 MiB of pixels + header slack), rounded up
 COPY_CHUNK = 1024 * 1024

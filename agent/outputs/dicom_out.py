@@ -40,10 +40,10 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 import highdicom as hd
-from scanside.agent.service.config import AgentConfig, DicomOutputConfig
+from scanside.agent.runtime.config import AgentConfig, DicomOutputConfig
 from scanside.agent.outputs.atomic import atomic_path
-from scanside.agent.service.health import WriteReporter
-from scanside.agent.state.events import Event, ExamCompleted, LabelMismatch, ProtocolDeviation, TriageResult
+from scanside.agent.runtime.health import WriteReporter
+from scanside.agent.schema.events import Event, ExamCompleted, LabelMismatch, ProtocolDeviation, TriageResult
 from scanside.agent.outputs.maps import MapStore
 from scanside.agent.outputs.retry import OutputRetry, RetryPolicy
 from scanside.agent.outputs.sinks import Sink
@@ -465,7 +465,7 @@ class DicomSink(Sink):
         self.folder = Path(config.folder)
         self.written: list[Path] = []
         self.sent = 0
-        self.health = health  # failed writes -> /readyz false until one succeeds (scanside.agent.service.health)
+        self.health = health  # failed writes -> /readyz false until one succeeds (scanside.agent.runtime.health)
         # one policy (scanside.agent.outputs.retry), two budgets: writes to the output folder, and C-STOREs to the receiver;
         # both count in failed_attempts / dead_lettered (metrics: delivery failures, dead letters)
         self._write_retry = OutputRetry(name, RetryPolicy(1.0, 10.0, 0.0, config.write_max_attempts), store)

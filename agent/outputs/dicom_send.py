@@ -18,7 +18,7 @@ from typing import Sequence
 import pydicom
 from pynetdicom import AE, build_context
 
-from scanside.agent.service.config import DicomSendConfig
+from scanside.agent.runtime.config import DicomSendConfig
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Optional, Protocol
 
 from pydantic import BaseModel
 
-from scanside.agent.state.events import Event
+from scanside.agent.schema.events import Event
 
 log = logging.getLogger(__name__)
 

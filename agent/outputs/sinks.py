@@ -11,9 +11,9 @@ import threading
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
-from scanside.agent.state.events import Event
-from scanside.agent.service.health import WriteReporter
-from scanside.agent.service.lifecycle import Worker, WorkerThread
+from scanside.agent.schema.events import Event
+from scanside.agent.runtime.health import WriteReporter
+from scanside.agent.runtime.lifecycle import Worker, WorkerThread
 from scanside.agent.outputs.retry import Backoff, RetryLater
 
 __all__ = ["CallbackSink", "JsonlSink", "RetryLater", "Sink", "SinkRunner", "StdoutSink"]
@@ -170,7 +170,7 @@ class SinkRunner(Worker):
 
     def __init__(self, store: StateStore, sinks: list[Sink], wakeup: threading.Condition, persistent: bool = True,
                  name: str = "sinks"):
-        self.name = name  # the supervisor's name for this runner (scanside.agent.service.lifecycle)
+        self.name = name  # the supervisor's name for this runner (scanside.agent.runtime.lifecycle)
         self.store = store
         self.sinks = sinks
         self.wakeup = wakeup

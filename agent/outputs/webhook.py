@@ -28,7 +28,7 @@ Signing (optional, ``webhook.secret``): the Standard Webhooks scheme (https://ww
 ``webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``; a secret written
 ``whsec_<base64>`` is base64-decoded, any other secret is used as its UTF-8 bytes.
 
-Events carry no patient identifiers (scanside.agent.state.events), so neither does the webhook.
+Events carry no patient identifiers (scanside.agent.schema.events), so neither does the webhook.
 """
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ from typing import Mapping, Optional
 
 import httpx
 
-from scanside.agent.service.config import WebhookConfig
-from scanside.agent.state.events import Event
+from scanside.agent.runtime.config import WebhookConfig
+from scanside.agent.schema.events import Event
 from scanside.agent.outputs.retry import Backoff, DeadLetterStore, OutputRetry, RetryPolicy
 from scanside.agent.outputs.sinks import RetryLater, Sink
 from scanside.agent.state.database import StateStore

@@ -25,12 +25,14 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 
-from scanside.agent.service.config import AgentConfig
-from scanside.agent.state.events import EventBase, ProtocolDeviation, SeriesCompleted, SeriesSummary, Severity
+from scanside.agent.schema.events import EventBase, ProtocolDeviation, SeriesCompleted, SeriesSummary, Severity
 from scanside.agent.protocol.profiles import ParameterGroup, Profile, Range, Requirement
-from scanside.agent.state.database import StateStore
+
+if TYPE_CHECKING:  # the daemon passes its settings; the protocol layer does not import them
+    from scanside.agent.runtime.config import AgentConfig
+    from scanside.agent.state.database import StateStore  # the checker is handed the daemon's store
 
 log = logging.getLogger(__name__)
 
@@ -568,20 +570,6 @@ def checker_from_config(config: AgentConfig, store: StateStore, gland_coverage: 
         return None
     return ProtocolChecker(load_profile(section.profile, section.site_profile), store, config.quarantine_path,
                            gland_coverage=gland)
-
-
-def gland_model_active(config: AgentConfig) -> bool:
-    """The agent will segment the gland (scanside.agent.analysis.analysis): [gland] enabled and a gland model in the store."""
-    section = config.gland
-    if not section.enabled:
-        return False
-    try:
-        from scanside.engines.tasks.gland import resolve_model
-        from scanside.agent.analysis.model_store import open_model_store
-
-        return resolve_model(open_model_store(config), section.model) is not None
-    except Exception:  # no store, unreadable manifests: no gland model
-        return False
 
 
 Clock = Callable[[], float]

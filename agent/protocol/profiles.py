@@ -16,8 +16,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from scanside.agent.state.events import Severity
-from scanside.agent.dicom.taxonomy import OtherKind, Plane, SequenceLabel
+from scanside.agent.schema.events import Severity
+from scanside.agent.schema.taxonomy import OtherKind, Plane, SequenceLabel
 
 if sys.version_info >= (3, 11):
     import tomllib

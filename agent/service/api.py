@@ -15,7 +15,7 @@
     GET  /console                   the technologist's page
 
 Bound to a loopback address the API is open to local processes (unless a token is set); bound to any
-other address a bearer token is required (scanside.agent.service.auth). Browsers cannot send a header on an
+other address a bearer token is required (scanside.agent.runtime.auth). Browsers cannot send a header on an
 EventSource, so /console?token=... sets an HttpOnly, SameSite=Strict cookie that carries it.
 """
 from __future__ import annotations
@@ -34,12 +34,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from scanside.agent.outputs.alerts import Alert
-from scanside.agent.service.auth import bearer, token_matches, token_required
-from scanside.agent.state.events import AlertAcknowledged
+from scanside.agent.state.alerts import Alert
+from scanside.agent.runtime.auth import bearer, token_matches, token_required
+from scanside.agent.schema.events import AlertAcknowledged
 from scanside.agent.state.examview import ExamBrief, ExamIndex, ExamView, Requirement, exam_view
-from scanside.agent.service.health import disk_check
-from scanside.agent.service.lifecycle import Worker, WorkerThread
+from scanside.agent.runtime.health import disk_check
+from scanside.agent.runtime.lifecycle import Worker, WorkerThread
 from scanside.agent.outputs.retry import DeadLetter
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -141,7 +141,7 @@ def readiness(agent: "Agent") -> Readiness:
     checks["engines"] = Check(ok=ok, detail="models loaded" if ok else "models not loaded")
     db_ok = agent.store.writable()
     checks["database"] = Check(ok=db_ok, detail="writable" if db_ok else (agent.store.problem() or f"not writable ({agent.store.path})"))
-    # the supervisor's view (scanside.agent.service.lifecycle): every started component alive, the ingest loop not stalled
+    # the supervisor's view (scanside.agent.runtime.lifecycle): every started component alive, the ingest loop not stalled
     down = agent.supervisor.problems()
     intake_down = [s for s in down if s.name in INTAKE]
     # ingesting but held back (its own descriptors or memory ran out): files wait, none is quarantined

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from scanside.agent.service.auth import is_loopback
+from scanside.agent.runtime.auth import is_loopback
 
 log = logging.getLogger(__name__)
 

@@ -12,17 +12,17 @@ from typing import Callable, Optional
 from scanside.agent.analysis.adapt_schedule import AdaptScheduler
 from scanside.agent.analysis.analysis import Analyzer
 from scanside.agent.service.api import ApiServer
-from scanside.agent.service.config import AgentConfig
+from scanside.agent.runtime.config import AgentConfig
 from scanside.agent.intake.cstore import StoreSCP, build_receiver
 from scanside.agent.outputs.dicom_out import DicomSink
-from scanside.agent.state.events import Event
-from scanside.agent.service.health import WriteHealth
+from scanside.agent.schema.events import Event
+from scanside.agent.runtime.health import WriteHealth
 from scanside.agent.intake.ingest import Ingestor
-from scanside.agent.service.lifecycle import Step, Supervisor
+from scanside.agent.runtime.lifecycle import Step, Supervisor
 from scanside.agent.service.metrics import AgentMetrics
 from scanside.agent.analysis.model_store import open_model_store
 from scanside.agent.intake.pipeline import Pipeline
-from scanside.agent.protocol.checker import gland_model_active
+from scanside.agent.analysis.model_store import gland_model_active
 from scanside.agent.outputs.redact import install as redact_install
 from scanside.agent.state.retention import Retention
 from scanside.agent.outputs.sinks import CallbackSink, JsonlSink, Sink, SinkRunner, StdoutSink
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 class Agent:
     """The composition root: every part is built here, with its dependencies passed to its constructor,
-    and registered with one Supervisor in start order (scanside.agent.service.lifecycle)."""
+    and registered with one Supervisor in start order (scanside.agent.runtime.lifecycle)."""
 
     def __init__(self, config: AgentConfig):
         if config.watch.folder is None:

@@ -27,8 +27,8 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.gc_collector import GCCollector
 
-from scanside.agent.outputs.alerts import alert_from_event, bounded_reason
-from scanside.agent.state.events import SCHEMA_VERSION, Event
+from scanside.agent.state.alerts import alert_from_event, bounded_reason
+from scanside.agent.schema.events import SCHEMA_VERSION, Event
 
 if TYPE_CHECKING:  # pragma: no cover
     from scanside.agent.service.daemon import Agent
@@ -122,8 +122,8 @@ class AgentMetrics:
         quarantined files would never fire the quarantine alert (tests/agent/test_monitoring.py)."""
         from typing import get_args
 
-        from scanside.agent.state.events import Event as _Event
-        from scanside.agent.dicom.taxonomy import LABELS
+        from scanside.agent.schema.events import Event as _Event
+        from scanside.agent.schema.taxonomy import LABELS
 
         for outcome in (*sorted(OUTCOMES), "quarantined"):
             self.files.labels(outcome)
@@ -375,8 +375,8 @@ def _cstore_counters(receiver: Any) -> Iterator[Any]:
 
 
 def _write_gauges(agent: "Agent") -> Iterator[Any]:
-    """Free space per written folder, and write failures per output target (scanside.agent.service.health)."""
-    from scanside.agent.service.health import TARGETS, folder_space
+    """Free space per written folder, and write failures per output target (scanside.agent.runtime.health)."""
+    from scanside.agent.runtime.health import TARGETS, folder_space
 
     free = GaugeMetricFamily("scanside_disk_free_bytes",
                              "Free space on the file system of each folder the agent writes (state, quarantine, "

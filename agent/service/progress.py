@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Optional, TextIO
 
 from tqdm import tqdm
 
-from scanside.agent.service.lifecycle import WorkerThread
+from scanside.agent.runtime.lifecycle import WorkerThread
 
 _QUIET: Optional[bool] = None
 
@@ -30,7 +30,7 @@ def set_quiet(quiet: bool) -> None:
 def quiet() -> bool:
     if _QUIET is not None:
         return _QUIET
-    from scanside.agent.service.config import ToolSettings
+    from scanside.agent.runtime.config import ToolSettings
 
     try:
         return ToolSettings().quiet

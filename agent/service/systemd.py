@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Optional
 
-from scanside.agent.service.lifecycle import Worker, WorkerThread
+from scanside.agent.runtime.lifecycle import Worker, WorkerThread
 
 log = logging.getLogger(__name__)
 

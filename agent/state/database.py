@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from scanside.agent.state.events import Event, parse_event
+from scanside.agent.schema.events import Event, parse_event
 from scanside.agent.state.exam_repository import ExamRepository
 from scanside.agent.dicom.header import InstanceHeader
 

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Callable, Literal, Optional
 
-from scanside.agent.state.events import EventBase, ExamCompleted, ProtocolDeviation
+from scanside.agent.schema.events import EventBase, ExamCompleted, ProtocolDeviation
 from scanside.agent.state.exam_repository import epoch
 from scanside.agent.protocol.checker import ProtocolChecker
 from scanside.agent.state.database import StateStore

@@ -22,8 +22,8 @@ from typing import Any, Iterator, Literal, Optional
 
 from pydantic import BaseModel
 
-from scanside.agent.outputs.alerts import Alert, alert_from_event
-from scanside.agent.state.events import EVENT_ADAPTER, Event, SeriesSummary, parse_event
+from scanside.agent.state.alerts import Alert, alert_from_event
+from scanside.agent.schema.events import EVENT_ADAPTER, Event, SeriesSummary, parse_event
 
 READ_MODEL_SCHEMA = """
 CREATE TABLE IF NOT EXISTS rm_series (

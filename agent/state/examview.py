@@ -10,8 +10,8 @@ from typing import Any, Callable, Literal, Optional, Sequence
 
 from pydantic import BaseModel, Field
 
-from scanside.agent.outputs.alerts import Alert
-from scanside.agent.state.events import SeriesSummary
+from scanside.agent.state.alerts import Alert
+from scanside.agent.schema.events import SeriesSummary
 from scanside.agent.state.exam_repository import ExamRow
 from scanside.agent.state.database import StateStore
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from scanside.agent.service.config import AgentConfig, FolderRetention, TableRetention
-from scanside.agent.service.lifecycle import Worker, WorkerThread
+from scanside.agent.runtime.config import AgentConfig, FolderRetention, TableRetention
+from scanside.agent.runtime.lifecycle import Worker, WorkerThread
 from scanside.agent.state.database import StateStore
 
 log = logging.getLogger(__name__)

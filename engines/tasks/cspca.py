@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-from scanside.agent.state.events import LesionFinding
+from scanside.agent.schema.events import LesionFinding
 from scanside.engines.tasks.input_range import InputRange, RangeCheck
 from scanside.agent.dicom.volume import Volume
 from scanside.engines.preprocess import Grid, prepare
@@ -185,8 +185,8 @@ class CspcaModel:
     def __init__(self, store: Any = None, name: str = DEFAULT_MODEL, *, variant: Optional[str] = None,
                  preference: Optional[Sequence[str]] = None):
         if store is None:
-            from scanside.agent.analysis.model_store import open_model_store
-            store = open_model_store()
+            from scanside.engines.store import ModelStore, StoreDefaults
+            store = ModelStore.from_settings(StoreDefaults())  # the daemon passes its configured store
         self.manifest = store.resolve(name)
         if self.manifest.preprocessing is None:
             raise ValueError(f"{self.manifest.ref}: manifest has no preprocessing spec")

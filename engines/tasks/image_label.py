@@ -18,7 +18,8 @@ from typing import Any, Dict, Optional, Sequence, Union
 import numpy as np
 from pydantic import BaseModel, Field
 
-from scanside.agent.dicom.header import FrameInfo, FrameRef, HeaderError, read_header
+from scanside.agent.dicom.frames import FrameSelectionError, select_frames
+from scanside.agent.dicom.header import FrameInfo, FrameRef
 from scanside.agent.dicom.volume import Volume, VolumeError, load_volume
 from scanside.engines.manifest import ModelManifest
 
@@ -101,68 +102,6 @@ class ImageLabelError(ValueError):
         self.detail = detail
 
 
-def _frame_infos(refs: Sequence[FrameRef]) -> list[FrameInfo]:
-    """Header-only read of each file once; the FrameInfo of every ref."""
-    by_path: dict[str, dict[int, FrameInfo]] = {}
-    out = []
-    for r in refs:
-        if r.path not in by_path:
-            try:
-                h = read_header(r.path)
-            except HeaderError as e:
-                raise ImageLabelError("unreadable_header", f"{e}") from e
-            by_path[r.path] = {f.frame_index: f for f in h.frames}
-        f = by_path[r.path].get(r.frame_index)
-        if f is None:
-            raise ImageLabelError("bad_frame_index", f"frame {r.frame_index} not in its file")
-        out.append(f)
-    return out
-
-
-def select_frames(refs: Sequence[FrameRef], frames: Optional[Sequence[FrameInfo]] = None) -> list[FrameRef]:
-    """The frames that make one volume (see module doc). ``frames`` (aligned with ``refs``) saves
-    re-reading headers when the caller has them (a SeriesPart does)."""
-    refs = list(refs)
-    if not refs:
-        raise ImageLabelError("no_frames", "no frames given")
-    infos = list(frames) if frames is not None else _frame_infos(refs)
-    if len(infos) != len(refs):
-        raise ImageLabelError("bad_frames", f"{len(refs)} refs but {len(infos)} frame infos")
-    idx = list(range(len(refs)))
-    # one orientation: the largest group (first seen wins a tie)
-    groups: dict[tuple, list[int]] = {}
-    for i in idx:
-        o = infos[i].orientation
-        key = tuple(np.round(o, 3)) if o else ()
-        groups.setdefault(key, []).append(i)
-    idx = max(groups.values(), key=len)
-    # one temporal phase: the middle one present
-    phases = sorted({t for t in (infos[i].temporal_index for i in idx) if t is not None})
-    if len(phases) > 1:
-        mid = phases[len(phases) // 2]
-        idx = [i for i in idx if infos[i].temporal_index == mid]
-    # one frame per slice position, preferring isotropic/undirected images
-    o = next((infos[i].orientation for i in idx if infos[i].orientation), None)
-    if o is not None:
-        normal = np.cross(np.asarray(o[:3], float), np.asarray(o[3:], float))
-        best: dict[float, int] = {}
-        for i in idx:
-            p = infos[i].position
-            if p is None or infos[i].n_slices > 1:  # mosaics carry their own slice positions
-                best[float(len(best)) + 1e9 + i] = i
-                continue
-            d = round(float(np.dot(normal, p)), 2)
-            j = best.get(d)
-            if j is None or (_directional(infos[j]) and not _directional(infos[i])):
-                best[d] = i
-        idx = sorted(best.values())
-    return [refs[i] for i in idx]
-
-
-def _directional(f: FrameInfo) -> bool:
-    return f.direction is not None and any(abs(c) > 1e-6 for c in f.direction) and not f.isotropic
-
-
 class ImageClassifier:
     """Loads the sequence model lazily from a ModelStore (sha256-checked) and classifies series."""
 
@@ -182,8 +121,8 @@ class ImageClassifier:
         with self._lock:
             if self._engine is None:
                 if self._store is None:
-                    from scanside.agent.analysis.model_store import open_model_store
-                    self._store = open_model_store()
+                    from scanside.engines.store import ModelStore, StoreDefaults
+                    self._store = ModelStore.from_settings(StoreDefaults())  # the daemon passes its configured store
                 engine, sel = self._store.open(self.model_ref, variant=self.variant)
                 self._engine, self.manifest, self.backend = engine, engine.manifest, sel.backend
                 if not self.manifest.labels or not self.manifest.preprocessing:
@@ -219,7 +158,10 @@ class ImageClassifier:
             refs, frames = list(source.refs), list(source.frames)
         else:
             refs = list(source)
-        chosen = select_frames(refs, frames)
+        try:
+            chosen = select_frames(refs, frames)
+        except FrameSelectionError as e:
+            raise ImageLabelError(e.reason, e.detail) from e
         try:
             return load_volume(chosen, cache=cache), len(chosen)
         except VolumeError as e:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from scanside.agent.service.config import load_config
+from scanside.agent.runtime.config import load_config
 from scanside.agent.service.daemon import Agent
 from scanside.simulator.model import GroundTruth
 from scanside.simulator.scanner import simulate_exam, stream_exam

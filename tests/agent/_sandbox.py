@@ -88,7 +88,7 @@ def workload(model: Path, dicom: Path, work: Path) -> str:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    from scanside.agent.service.config import load_config
+    from scanside.agent.runtime.config import load_config
     from scanside.agent.service.daemon import Agent
 
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])

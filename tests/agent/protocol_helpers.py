@@ -5,8 +5,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
-from scanside.agent.service.config import load_config
-from scanside.agent.state.events import ProtocolDeviation
+from scanside.agent.runtime.config import load_config
+from scanside.agent.schema.events import ProtocolDeviation
 from scanside.agent.intake.ingest import Ingestor
 from scanside.agent.intake.pipeline import Pipeline
 from scanside.agent.state.database import StateStore

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from scanside.agent.service.config import load_config
+from scanside.agent.runtime.config import load_config
 from scanside.agent.intake.pipeline import Pipeline
 from scanside.agent.state.database import StateStore
 

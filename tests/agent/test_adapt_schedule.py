@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from scanside.agent.analysis.adapt_schedule import AdaptScheduler, adapt_command
-from scanside.agent.service.config import AgentConfig
+from scanside.agent.runtime.config import AgentConfig
 
 
 def _config(**adapt) -> AgentConfig:

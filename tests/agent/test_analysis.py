@@ -7,8 +7,8 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from scanside.agent.outputs.alerts import alert_from_event
-from scanside.agent.service.config import load_config
+from scanside.agent.state.alerts import alert_from_event
+from scanside.agent.runtime.config import load_config
 from scanside.agent.service.daemon import Agent
 from scanside.engines.store import ModelStore
 from scanside.simulator.scanner import simulate_exam

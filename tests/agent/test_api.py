@@ -16,8 +16,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from scanside.agent.service.api import create_app, openapi_schema
-from scanside.agent.service.auth import bearer, check_exposure, is_loopback, token_required
-from scanside.agent.service.config import ConfigError, load_config
+from scanside.agent.runtime.auth import bearer, check_exposure, is_loopback, token_required
+from scanside.agent.runtime.config import ConfigError, load_config
 from scanside.agent.service.daemon import Agent
 from tests.agent import _live
 
@@ -386,7 +386,7 @@ def raw_request(port: int, method: str, path: str) -> tuple[int, str]:
 
 # ------------------------------------------------------------------------------------------ checklist logic
 def _summary(series_id, label, b=(), plane="axial", number=1, complete=True):
-    from scanside.agent.state.events import SeriesSummary
+    from scanside.agent.schema.events import SeriesSummary
 
     return SeriesSummary(series_id=series_id, study_uid="1.2", series_uid=series_id.split("#")[0], series_number=number,
                          label=label, label_confidence=1.0, reason="test", b_values=list(b), plane=plane,
@@ -394,7 +394,7 @@ def _summary(series_id, label, b=(), plane="axial", number=1, complete=True):
 
 
 def test_checklist_pending_done_deviating():
-    from scanside.agent.outputs.alerts import Alert
+    from scanside.agent.state.alerts import Alert
     from scanside.agent.state.examview import Requirement, build_checklist
 
     reqs = [Requirement(key="t2", title="axial T2W", labels=["T2WI_nan", "T2WI_fs"], planes=["axial"]),

@@ -19,7 +19,7 @@ import pytest
 
 from pydicom.data import get_testdata_file
 
-from scanside.agent.state.events import parse_event
+from scanside.agent.schema.events import parse_event
 
 from .factory import series_files
 
@@ -95,7 +95,7 @@ def test_catch_up_reads_a_dicomdir_folder(tmp_path):
 
 def test_demo_line_for_a_triage_result_names_zone_and_gland_volume():
     from scanside.agent.cli.demo import describe
-    from scanside.agent.state.events import LesionFinding, TriageResult
+    from scanside.agent.schema.events import LesionFinding, TriageResult
 
     finding = LesionFinding.model_construct(center_lps_mm=(30.2, 11.0, 19.4), long_axis_mm=8.2, short_axis_mm=6.9, zone="PZ")
     event = TriageResult.model_construct(type="triage_result", probability=0.84, recommendation="DCE_ADVISED",
@@ -191,7 +191,7 @@ def test_create_watch_flag_and_the_ready_line_at_the_default_log_level(tmp_path)
 
 
 def test_precedence_command_line_over_environment_over_file(tmp_path, monkeypatch):
-    from scanside.agent.service.config import load_config
+    from scanside.agent.runtime.config import load_config
 
     cfg = tmp_path / "site.toml"
     cfg.write_text('[watch]\nfolder = "/from/file"\nsettle_s = 2.5\n[series]\nquiet_period_s = 7\n')
@@ -247,7 +247,7 @@ def test_scan_exit_codes(tmp_path):
 def test_demo_counts_series_as_the_exam_completed_line_does():
     """Issue 21 (7): "10/10 series" next to "exam completed: 9 series" was parts against series."""
     from scanside.agent.cli.demo import describe, series_counts
-    from scanside.agent.state.events import ExamCompleted
+    from scanside.agent.schema.events import ExamCompleted
 
     completed = {"1.2.3", "1.2.4#b50", "1.2.4#b1400", "1.2.4#adc", "1.2.5"}
     line = series_counts(completed, 3, 5)

@@ -18,7 +18,7 @@ def test_run_parser_imports_no_other_subcommand_module():
             "build_parser(argv).parse_args(argv); print('\\n'.join(sys.modules))")
     loaded = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                                 text=True).stdout.split())
-    assert "scanside.agent.service.config" in loaded  # the probe saw what `run` needs
+    assert "scanside.agent.runtime.config" in loaded  # the probe saw what `run` needs
     assert not loaded & set(NOT_FOR_RUN), sorted(loaded & set(NOT_FOR_RUN))
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from scanside.agent.service.config import load_config
+from scanside.agent.runtime.config import load_config
 from scanside.agent.service.daemon import Agent
 from scanside.agent.state.database import StateStore
 from scanside.simulator.scanner import simulate_exam, stream_exam

@@ -18,7 +18,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from scanside.agent.service.config import load_config
+from scanside.agent.runtime.config import load_config
 from scanside.agent.service.daemon import Agent
 from scanside.simulator.scanner import simulate_exam
 from tests.agent._live import waiter
@@ -225,7 +225,7 @@ def test_unwritable_receive_folder_answers_out_of_resources_and_agent_survives(a
     assert statuses == [0xA700, 0xA700]
     assert agent.receiver.stats["failed"] == 2
     assert agent.healthy()
-    # alive, but not ready while the receive folder cannot be written (scanside.agent.service.health)
+    # alive, but not ready while the receive folder cannot be written (scanside.agent.runtime.health)
     from scanside.agent.service.api import readiness
 
     r = readiness(agent)

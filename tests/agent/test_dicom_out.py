@@ -19,10 +19,10 @@ import pytest
 from pydicom.sr.codedict import codes
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 
-from scanside.agent.service.config import load_config
+from scanside.agent.runtime.config import load_config
 from scanside.agent.outputs.dicom_out import DicomSink, frame_planes
 from scanside.agent.outputs.dicom_send import DicomSender, classify_status
-from scanside.agent.state.events import ExamCompleted, LesionFinding, ProtocolDeviation, TriageResult
+from scanside.agent.schema.events import ExamCompleted, LesionFinding, ProtocolDeviation, TriageResult
 from scanside.agent.outputs.maps import MapStore
 from scanside.agent.intake.pipeline import Pipeline
 from scanside.agent.outputs.sinks import RetryLater, SinkRunner
@@ -341,7 +341,7 @@ def test_output_inside_watch_folder_is_refused(tmp_path):
 
 
 def test_sender_without_receiver_is_transient():
-    from scanside.agent.service.config import DicomSendConfig
+    from scanside.agent.runtime.config import DicomSendConfig
     from scanside.agent.outputs.dicom_send import TransientSendError
 
     cfg = DicomSendConfig(host="127.0.0.1", port=1, connect_timeout_s=1, acse_timeout_s=1)
@@ -388,7 +388,7 @@ def test_wrong_called_ae_is_a_dead_letter_and_counted(tmp_path, exam):
     """Issue 21 (10): a receiver that rejects the association permanently (called AE title not its own)
     is not retried forever: the event goes to the dead letters, and the failure is counted."""
     from scanside.agent.intake.cstore import StoreSCP as Receiver
-    from scanside.agent.service.config import CStoreConfig
+    from scanside.agent.runtime.config import CStoreConfig
 
     rx = Receiver(CStoreConfig(enabled=True, ae_title="PACS", host="127.0.0.1", port=0), tmp_path / "rx").start()
     try:
@@ -409,7 +409,7 @@ def test_wrong_called_ae_is_a_dead_letter_and_counted(tmp_path, exam):
 
 def exposed_delivery_failures(s, runner) -> float:
     """scanside_delivery_failures_total{sink="dicom"} as the agent's collector computes it."""
-    from scanside.agent.service.health import WriteHealth
+    from scanside.agent.runtime.health import WriteHealth
     from scanside.agent.service.metrics import _agent_gauges
 
     class AgentView:  # the attributes the collector reads from an Agent

@@ -21,7 +21,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from scanside.agent.service.config import load_config
+from scanside.agent.runtime.config import load_config
 from scanside.agent.service.daemon import Agent
 from tests.agent.factory import series_files
 from tests.agent._live import waiter

@@ -74,7 +74,7 @@ def test_same_selection_on_the_real_exam(tmp_path: Path) -> None:
 
 
 def test_selection_rules() -> None:
-    from scanside.agent.state.events import SeriesSummary
+    from scanside.agent.schema.events import SeriesSummary
 
     def s(sid, label, number, b=(), plane="axial", complete=True):
         return SeriesSummary(series_id=sid, study_uid="1", series_uid=sid, series_number=number, label=label,

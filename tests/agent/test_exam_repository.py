@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from scanside.agent.state.events import AlertAcknowledged, SeriesClassified, TriageResult
+from scanside.agent.schema.events import AlertAcknowledged, SeriesClassified, TriageResult
 from scanside.agent.state.database import StateStore
 from scanside.simulator.scanner import simulate_exam
 from tests.agent.protocol_helpers import reduced_exam, scan
@@ -225,7 +225,7 @@ def test_analysis_reads_label_disagreements_from_the_read_model(scanned, tmp_pat
     import threading
 
     from scanside.agent.analysis.analysis import Analyzer
-    from scanside.agent.service.config import load_config
+    from scanside.agent.runtime.config import load_config
 
     _, store = scanned
     study, series = _first_exam(store)

@@ -33,7 +33,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 from scanside.agent.dicom import header as header_mod
-from scanside.agent.service.config import load_config
+from scanside.agent.runtime.config import load_config
 from scanside.agent.dicom.header import FrameRef, HeaderError, InstanceHeader, read_header
 from scanside.agent.intake.pipeline import Pipeline, file_ref
 from scanside.agent.state.database import StateStore

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scanside.agent.state.events import SlabGeometry
+from scanside.agent.schema.events import SlabGeometry
 from scanside.engines.tasks.gland import GlandResult, GlandService, coverage, coverage_report, largest_component, postprocess, \
     segment_gland
 from scanside.agent.dicom.volume import Volume

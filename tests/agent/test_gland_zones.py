@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from scanside.agent.analysis.analysis import missed_end
-from scanside.agent.state.events import SeriesSummary, SlabGeometry
+from scanside.agent.schema.events import SeriesSummary, SlabGeometry
 from scanside.engines.tasks.gland import GlandResult, coverage, zone_of
 from scanside.agent.protocol.profiles import ProfileError, load_profile
 from scanside.agent.protocol.checker import ProtocolChecker
@@ -132,8 +132,8 @@ def _analyzer(tmp_path, gland_result):
     import threading
 
     from scanside.agent.analysis.analysis import Analyzer
-    from scanside.agent.service.config import load_config
-    from scanside.agent.state.events import SeriesCompleted
+    from scanside.agent.runtime.config import load_config
+    from scanside.agent.schema.events import SeriesCompleted
     from scanside.engines.store import ModelStore
 
     config = load_config(**{"state.dir": str(tmp_path / "state"), "protocol.profile": "pirads-2.1-bpmri"})

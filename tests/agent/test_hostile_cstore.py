@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 
-from scanside.agent.service.config import ConfigError, load_config
+from scanside.agent.runtime.config import ConfigError, load_config
 from scanside.agent.service.daemon import Agent
 
 from .factory import mr_dataset, write

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from scanside.agent.service.config import AgentConfig
+from scanside.agent.runtime.config import AgentConfig
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "scanside.service"
 OWN_FDS = 512  # SQLite (db, WAL, shm), models, inotify, logs, sockets of the sinks, threads' pipes: generous

@@ -139,7 +139,7 @@ def test_cli_names_a_corrupt_database(tmp_path):
 
 
 def test_corruption_found_while_running_stops_the_watchdog(tmp_path):
-    from scanside.agent.service.config import load_config
+    from scanside.agent.runtime.config import load_config
     from scanside.agent.service.daemon import Agent
 
     agent = Agent(load_config(**{"watch.folder": str(tmp_path / "export"), "state.dir": str(tmp_path / "state"),

@@ -8,7 +8,7 @@ import pytest
 
 from scanside.agent.dicom.header import FrameInfo, FrameRef
 from scanside.engines.tasks.image_label import ImageClassifier, ImageLabelError, select_frames
-from scanside.agent.dicom.taxonomy import LABELS
+from scanside.agent.schema.taxonomy import LABELS
 from scanside.engines.store import ModelNotFound, ModelStore
 
 

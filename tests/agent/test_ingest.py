@@ -10,7 +10,7 @@ import time
 import pytest
 from pydicom.uid import generate_uid
 
-from scanside.agent.service.config import load_config
+from scanside.agent.runtime.config import load_config
 from scanside.agent.service.daemon import Agent
 
 from .factory import mr_dataset, series_files, write

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from scanside.agent.service.config import load_config
+from scanside.agent.runtime.config import load_config
 from scanside.agent.intake.ingest import Ingestor
 from scanside.agent.intake.pipeline import Pipeline
 from scanside.agent.state.database import StateStore

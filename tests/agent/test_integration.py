@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from scanside.agent.service.config import load_config
+from scanside.agent.runtime.config import load_config
 from scanside.agent.service.daemon import Agent
 from scanside.simulator.scanner import simulate_exam, stream_exam
 from tests.agent._live import waiter

@@ -1,4 +1,4 @@
-"""One lifecycle (scanside.agent.service.lifecycle): start in order, stop in reverse, a dead or stalled component is
+"""One lifecycle (scanside.agent.runtime.lifecycle): start in order, stop in reverse, a dead or stalled component is
 seen by the supervisor, and through it by /readyz and the systemd watchdog's health test."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from scanside.agent.service.lifecycle import Component, Step, Supervisor, WorkerThread
+from scanside.agent.runtime.lifecycle import Component, Step, Supervisor, WorkerThread
 from tests.agent import _live
 
 

@@ -1,4 +1,4 @@
-"""`scanside run` caps glibc's malloc arenas (agent/service/malloc.py) unless MALLOC_ARENA_MAX says otherwise."""
+"""`scanside run` caps glibc's malloc arenas (agent/runtime/malloc.py) unless MALLOC_ARENA_MAX says otherwise."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-CHECK = "from scanside.agent.service.malloc import limit_malloc_arenas; print(limit_malloc_arenas())"
+CHECK = "from scanside.agent.runtime.malloc import limit_malloc_arenas; print(limit_malloc_arenas())"
 
 
 def _run(env_extra: dict) -> str:
@@ -38,7 +38,7 @@ def test_freed_memory_goes_back_to_the_os():
     """Many small blocks freed inside the heap stay resident until malloc_trim hands them back."""
     code = (
         "import ctypes\n"
-        "from scanside.agent.service.malloc import release_free_memory\n"
+        "from scanside.agent.runtime.malloc import release_free_memory\n"
         "def rss():\n"
         "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])\n"
         "keep = [bytearray(4000) for _ in range(60000)]\n"  # ~240 MB of small heap blocks

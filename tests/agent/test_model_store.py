@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from scanside.agent.service.config import load_config
+from scanside.agent.runtime.config import load_config
 from scanside.agent.analysis.model_store import open_model_store
-from scanside.agent.cli.models import _store as cli_store
+from scanside.engines.store import store_from_args as cli_store
 from scanside.engines.store import PACKAGE_MODELS_DIR
 
 
@@ -32,7 +32,7 @@ def test_defaults_are_the_packages_store_with_the_real_data_gate(monkeypatch):
 
 
 def test_the_store_environment_names_are_read_by_the_configuration(tmp_path, monkeypatch):
-    """SCANSIDE_MODELS_DIR and friends still work, as defaults of [engines] (read in scanside.agent.service.config), and the
+    """SCANSIDE_MODELS_DIR and friends still work, as defaults of [engines] (read in scanside.agent.runtime.config), and the
     nested names override them like every other key."""
     monkeypatch.setenv("SCANSIDE_MODELS_DIR", f"{tmp_path / 'x'}:{tmp_path / 'y'}")
     monkeypatch.setenv("SCANSIDE_ENGINE_PREFERENCE", "onnxruntime")

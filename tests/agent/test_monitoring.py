@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from scanside.agent.service.config import AgentConfig, load_config
+from scanside.agent.runtime.config import AgentConfig, load_config
 from tests.agent.factory import series_files
 from tests.agent._live import free_port, stop_process, waiter
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from scanside.agent.service.config import load_config
+from scanside.agent.runtime.config import load_config
 from scanside.agent.service.daemon import Agent
 from scanside.agent.outputs.dicom_out import DicomSink
 from scanside.agent.outputs.sinks import SinkRunner

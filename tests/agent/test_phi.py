@@ -196,7 +196,7 @@ def test_include_file_paths_opt_in_puts_paths_in_events(tmp_path):
     """privacy.include_file_paths is the only switch: off (default) no path, on the quarantine event
     and the quarantine reason file carry the original path (an export folder name can be a patient's
     name). (There is no switch that puts patient names into events.)"""
-    from scanside.agent.service.config import load_config
+    from scanside.agent.runtime.config import load_config
     from scanside.agent.service.daemon import Agent
 
     results = {}

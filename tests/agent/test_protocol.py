@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from scanside.agent.service.config import ConfigError, load_config
+from scanside.agent.runtime.config import ConfigError, load_config
 from scanside.agent.service.daemon import Agent
 from scanside.agent.intake.pipeline import Pipeline
 from scanside.agent.protocol.profiles import ProfileError, Range, load_profile

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from scanside.agent.outputs.alerts import alert_from_event
+from scanside.agent.state.alerts import alert_from_event
 from scanside.agent.analysis.analysis import Analyzer, triage_event
-from scanside.agent.service.config import load_config
+from scanside.agent.runtime.config import load_config
 from scanside.engines.tasks.cspca import CspcaPrediction, extract_findings, restrict_findings
-from scanside.agent.state.events import SeriesSummary
+from scanside.agent.schema.events import SeriesSummary
 from scanside.engines.tasks.gland import MODEL_NAME, ZONES_MODEL, GlandResult, inside_gland, resolve_model
 from scanside.engines.tasks.input_range import fit_input_range, input_features
 from scanside.agent.analysis.shadow import ShadowPolicy
@@ -178,7 +178,7 @@ def test_gland_auto_prefers_taps_and_needs_real_data_figures() -> None:
 def test_image_agreement_ratio_per_model(tmp_path: Path) -> None:
     from prometheus_client import generate_latest
 
-    from scanside.agent.state.events import SeriesClassified
+    from scanside.agent.schema.events import SeriesClassified
     from scanside.agent.service.metrics import AgentMetrics
 
     m = AgentMetrics(process=False)

@@ -6,7 +6,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from scanside.agent.service.config import load_config
+from scanside.agent.runtime.config import load_config
 from scanside.agent.service.metrics import retention_metrics
 from scanside.agent.state.retention import DAY_S, HORIZON_MARGIN_S, Retention
 from scanside.agent.state.database import StateStore
@@ -176,7 +176,7 @@ def test_agent_holds_back_for_its_durable_outputs_and_exports_the_metrics(tmp_pa
 def test_a_partial_retention_table_keeps_the_other_defaults(tmp_path):
     """A site that sets one limit of a folder keeps the other's default (a bare `[retention.received]`
     table once reset both to "no limit")."""
-    from scanside.agent.service.config import load_config
+    from scanside.agent.runtime.config import load_config
 
     cfg = tmp_path / "site.toml"
     cfg.write_text("[retention.received]\nmax_age_days = 10\n\n[retention.files]\n")

@@ -10,8 +10,8 @@ import threading
 import httpx
 import pytest
 
-from scanside.agent.service.config import load_config
-from scanside.agent.state.events import ExamCompleted
+from scanside.agent.runtime.config import load_config
+from scanside.agent.schema.events import ExamCompleted
 from scanside.agent.service.metrics import AgentMetrics
 from scanside.agent.outputs.retry import OutputRetry, RetryLater, RetryPolicy
 from scanside.agent.outputs.sinks import SinkRunner

@@ -8,7 +8,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from scanside.agent.dicom import header as hdr
-from scanside.agent.service.config import load_config
+from scanside.agent.runtime.config import load_config
 from scanside.agent.dicom.header import HeaderError, read_header
 from scanside.agent.intake.pipeline import Pipeline
 from scanside.agent.state.database import StateStore

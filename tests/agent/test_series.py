@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydicom.uid import generate_uid
 
-from scanside.agent.service.config import load_config
+from scanside.agent.runtime.config import load_config
 from scanside.agent.intake.pipeline import Pipeline
 from scanside.agent.state.database import StateStore
 

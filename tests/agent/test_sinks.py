@@ -12,8 +12,8 @@ import threading
 
 import pytest
 
-from scanside.agent.state.events import FileQuarantined
-from scanside.agent.service.health import WriteHealth
+from scanside.agent.schema.events import FileQuarantined
+from scanside.agent.runtime.health import WriteHealth
 from scanside.agent.outputs.sinks import JsonlSink, RetryLater, SinkRunner
 from scanside.agent.state.database import StateStore
 from tests.agent.test_diskfull import fill, small_fs

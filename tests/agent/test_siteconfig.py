@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scanside.agent.service.config import AgentConfig, load_config
-from scanside.agent.service.siteconfig import example_site_toml
+from scanside.agent.runtime.config import AgentConfig, load_config
+from scanside.agent.runtime.siteconfig import example_site_toml
 
 try:
     import tomllib
@@ -21,7 +21,7 @@ EXAMPLE = ROOT / "examples" / "site.toml"
 
 
 def every_key(model=AgentConfig, prefix=""):
-    from scanside.agent.service.siteconfig import _submodel
+    from scanside.agent.runtime.siteconfig import _submodel
 
     for name, field in model.model_fields.items():
         sub = _submodel(field.annotation)
@@ -52,7 +52,7 @@ def test_shipped_example_is_what_config_init_writes(tmp_path):
 def test_example_covers_every_section_and_key_with_its_environment_name():
     text = EXAMPLE.read_text(encoding="utf-8")
     no_value = [ln for ln in text.splitlines() if re.match(r"# [a-z_0-9]+ =\s+#", ln)]
-    assert not no_value, f"keys without an example value: add them to scanside.agent.service.siteconfig.EXAMPLES: {no_value}"
+    assert not no_value, f"keys without an example value: add them to scanside.agent.runtime.siteconfig.EXAMPLES: {no_value}"
     data = tomllib.loads(uncomment(text))
     keys = list(every_key())
     assert len(keys) > 70

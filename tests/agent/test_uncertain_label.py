@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from scanside.agent.analysis.analysis import Analyzer
-from scanside.agent.service.config import load_config
-from scanside.agent.state.events import SeriesSummary
+from scanside.agent.runtime.config import load_config
+from scanside.agent.schema.events import SeriesSummary
 from scanside.engines.tasks.image_label import ImageLabel
 from scanside.agent.state.database import StateStore
 
@@ -45,7 +45,7 @@ def test_uncertain_labels_raise_no_mismatch(tmp_path, monkeypatch, image, alerts
 def test_uncertain_labels_are_counted_per_model():
     from prometheus_client import generate_latest
 
-    from scanside.agent.state.events import SeriesClassified
+    from scanside.agent.schema.events import SeriesClassified
     from scanside.agent.service.metrics import AgentMetrics
 
     m = AgentMetrics(process=False)

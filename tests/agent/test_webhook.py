@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from scanside.agent.service.config import load_config
+from scanside.agent.runtime.config import load_config
 from scanside.agent.service.daemon import Agent
-from scanside.agent.state.events import ExamCompleted, ProtocolDeviation, SeriesReopened, parse_event
+from scanside.agent.schema.events import ExamCompleted, ProtocolDeviation, SeriesReopened, parse_event
 from scanside.agent.outputs.sinks import SinkRunner
 from scanside.agent.state.database import StateStore
 from scanside.agent.outputs.webhook import Backoff, WebhookSink, retry_after_s, sign, verify

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from scanside.agent.service.config import load_config
+from scanside.agent.runtime.config import load_config
 from scanside.agent.service.daemon import Agent
 from scanside.engines.store import ModelStore
 from scanside.simulator.scanner import simulate_exam

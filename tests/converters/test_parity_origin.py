@@ -111,7 +111,7 @@ def test_unrecorded_origin_is_not_real() -> None:
 
 
 def test_config_default_is_real() -> None:
-    from scanside.agent.service.config import AgentConfig, load_config
+    from scanside.agent.runtime.config import AgentConfig, load_config
 
     assert AgentConfig().engines.parity_data == "real"
     assert load_config(**{"engines.parity_data": "any"}).engines.parity_data == "any"

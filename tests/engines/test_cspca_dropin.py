@@ -138,7 +138,7 @@ def test_outputs_are_read_as_declared(store_dir: Path, exam) -> None:
 
 
 def test_the_agent_triages_with_the_dropped_in_model(store_dir: Path, exam, tmp_path: Path, monkeypatch) -> None:
-    from scanside.agent.service.config import load_config
+    from scanside.agent.runtime.config import load_config
     from scanside.agent.service.daemon import Agent
 
     monkeypatch.setenv("SCANSIDE_USER_MODELS_DIR", str(store_dir))

@@ -64,7 +64,7 @@ def site(tmp_path_factory) -> Path:
 
 def _ingest(folder: Path, state: Path) -> None:
     """The agent's own state for ``folder``, as `scanside scan` builds it."""
-    from scanside.agent.service.config import load_config
+    from scanside.agent.runtime.config import load_config
     from scanside.agent.intake.ingest import Ingestor
     from scanside.agent.intake.pipeline import Pipeline
     from scanside.agent.state.database import StateStore

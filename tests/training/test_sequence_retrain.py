@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from scanside.agent.dicom.taxonomy import LABELS  # noqa: E402
+from scanside.agent.schema.taxonomy import LABELS  # noqa: E402
 from scanside.engines.store import ModelNotFound, ModelStore  # noqa: E402
 
 

@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from scanside.agent.dicom.taxonomy import LABELS  # noqa: E402
+from scanside.agent.schema.taxonomy import LABELS  # noqa: E402
 from scanside.engines.manifest import ModelManifest  # noqa: E402
 from scanside.engines.store import ModelStore  # noqa: E402
 

@@ -253,9 +253,9 @@ def evaluate_real(store, manifest, options) -> dict:
     series used) and what a lesion-free exam must not get (a confident DCE_ADVISED)."""
     import tempfile as _tf
 
-    from scanside.agent.outputs.alerts import alert_from_event
+    from scanside.agent.state.alerts import alert_from_event
     from scanside.agent.analysis.analysis import triage_event
-    from scanside.agent.service.config import load_config
+    from scanside.agent.runtime.config import load_config
     from scanside.engines.tasks.cspca import CspcaModel
     from scanside.agent.dicom.exam_reader import read_exams, triage_inputs
     from scanside.engines.tasks.gland import GlandService

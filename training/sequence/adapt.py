@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from scanside.agent.dicom.taxonomy import LABELS
+from scanside.agent.schema.taxonomy import LABELS
 
 log = logging.getLogger(__name__)
 
@@ -301,9 +301,9 @@ def run(args: argparse.Namespace, store: Any = None) -> int:
     """`scanside models adapt` entry point."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if store is None:
-        from scanside.agent.cli.models import _store
+        from scanside.engines.store import store_from_args
 
-        store = _store(args)
+        store = store_from_args(args)
     summary = adapt(args, store)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))

@@ -6,7 +6,7 @@ What one exam contributes (labels from the simulator's own ground-truth rule):
 localizer (one of its three planes) -> other; every T2W -> T2WI_nan / T2WI_fs; DWI -> one
 sample per b-value (b < 500 DWI_Low, else DWI_High); calculated high b -> DWI_High; ADC -> ADC;
 T1 -> other; DCE -> two random temporal phases (of 2-5) -> other (the agent passes one phase of a dynamic
-series: the middle one, see scanside.engines.tasks.image_label.select_frames).
+series: the middle one, see scanside.agent.dicom.frames.select_frames).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from scanside.training.common import run_jobs
 
-from scanside.agent.dicom.taxonomy import DWI_HIGH_MIN_B, LABELS
+from scanside.agent.schema.taxonomy import DWI_HIGH_MIN_B, LABELS
 from scanside.agent.dicom.volume import Volume
 from scanside.engines.preprocess import prepare
 from scanside.engines.spec import DetailView, PreprocessSpec

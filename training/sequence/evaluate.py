@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from scanside.agent.dicom.taxonomy import LABELS
+from scanside.agent.schema.taxonomy import LABELS
 from scanside.agent.service.progress import progress
 from scanside.training.common import classification_metrics, metrics_markdown, run_jobs
 from scanside.training.sequence.protocols import VENDORS, random_exam

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from scanside.agent.dicom.taxonomy import LABELS
+from scanside.agent.schema.taxonomy import LABELS
 from scanside.engines.manifest import ModelFile, ModelManifest, TensorSpec, sha256_file
 from scanside.training.common import int8_card_section
 from scanside.training.sequence.data import IN_CHANNELS, INPUT_SHAPE, PREPROCESS
@@ -105,7 +105,7 @@ def build_manifest(version: str, onnx_path: Path, *, training: Optional[dict] = 
         files={"fp32": ModelFile(path=MODEL_FILE, sha256=sha256_file(onnx_path), precision="fp32",
                                  size_bytes=onnx_path.stat().st_size, opset=opset)},
         default_variant="fp32",
-        postprocessing={"type": "softmax_argmax", "dynamic_series": "middle temporal phase (scanside.engines.tasks.image_label.select_frames)"},
+        postprocessing={"type": "softmax_argmax", "dynamic_series": "middle temporal phase (scanside.agent.dicom.frames.select_frames)"},
         training_data=TRAINING_DATA + (REALISM_DATA.format(realism=training["realism"]) if (training or {}).get("realism")
                                        else "") + (f" Training run: {_training_summary(training)}" if training else ""),
         metrics=metrics or {}, license="Apache-2.0", source="scanside training/sequence (trained in-repo)",

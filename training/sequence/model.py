@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scanside.agent.dicom.taxonomy import LABELS
+from scanside.agent.schema.taxonomy import LABELS
 
 
 class BasicBlock3d(nn.Module):

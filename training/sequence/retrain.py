@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from scanside.agent.dicom.taxonomy import LABELS
+from scanside.agent.schema.taxonomy import LABELS
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,9 @@ def train(args: argparse.Namespace, store: Any = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     if store is None:
-        from scanside.agent.cli.models import _store
+        from scanside.engines.store import store_from_args
 
-        store = _store(args)
+        store = store_from_args(args)
     t0 = time.time()
     try:
         base = store.resolve(args.base)

@@ -23,7 +23,7 @@ from scanside.agent.service.progress import progress
 import torch
 from torch import nn
 
-from scanside.agent.dicom.taxonomy import LABELS
+from scanside.agent.schema.taxonomy import LABELS
 from scanside.training.sequence.model import SeqResNet3d, n_params
 
 log = logging.getLogger(__name__)

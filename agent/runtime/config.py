@@ -1,7 +1,7 @@
 """Agent configuration: one TOML file validated by pydantic, overridden by SCANSIDE_* environment
 variables (nested with a double underscore: SCANSIDE_SERIES__QUIET_PERIOD_S=5), overridden in turn by
 the command line (load_config's overrides). Unknown keys are refused, in the file and in SCANSIDE_*
-names alike (scanside.agent.service.siteconfig). `scanside config init` writes a commented example of every key.
+names alike (scanside.agent.runtime.siteconfig). `scanside config init` writes a commented example of every key.
 
 An invalid configuration stops the agent with a message naming the field.
 """
@@ -83,7 +83,7 @@ class CStoreConfig(_Section):
 
     @model_validator(mode="after")
     def _callers_when_exposed(self) -> "CStoreConfig":
-        from scanside.agent.service.auth import is_loopback
+        from scanside.agent.runtime.auth import is_loopback
 
         if self.enabled and not is_loopback(self.host) and not self.allowed_calling_aes and not self.accept_any_calling_ae:
             raise ValueError(f"cstore.allowed_calling_aes is required when cstore.host is not a loopback address "
@@ -115,7 +115,7 @@ class ApiConfig(_Section):
 
     @model_validator(mode="after")
     def _token_when_exposed(self) -> "ApiConfig":
-        from scanside.agent.service.auth import check_exposure
+        from scanside.agent.runtime.auth import check_exposure
 
         if self.enabled is not False and self.token_file is None:
             check_exposure(self.host, self.token.get_secret_value() if self.token else None)
@@ -380,7 +380,7 @@ def load_config(path: Optional[os.PathLike[str] | str] = None, **overrides: Any)
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     if not isinstance(data, dict):  # pragma: no cover - tomllib always gives a table
         raise ConfigError(f"config file {path} is not a TOML table")
-    from scanside.agent.service.siteconfig import suggestion, unknown_env_names
+    from scanside.agent.runtime.siteconfig import suggestion, unknown_env_names
 
     unknown = unknown_env_names()
     if unknown:

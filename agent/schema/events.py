@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, TypeAdapter
 
-from scanside.agent.dicom.taxonomy import OtherKind, Plane, SequenceLabel
+from scanside.agent.schema.taxonomy import OtherKind, Plane, SequenceLabel
 
 SCHEMA_VERSION = "1.0"
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Optional, Protocol
 from pydantic import BaseModel
 
 if TYPE_CHECKING:  # pragma: no cover
-    from scanside.agent.service.config import AgentConfig
+    from scanside.agent.runtime.config import AgentConfig
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, Field
 
-from scanside.agent.state.events import Event
+from scanside.agent.schema.events import Event
 
 Severity = Literal["info", "warning", "critical"]
 

@@ -1,5 +1,5 @@
 """The example site configuration (`scanside config init`, `examples/site.toml`), generated from the
-pydantic models in scanside.agent.service.config so that it cannot drift from them, and the check of SCANSIDE_*
+pydantic models in scanside.agent.runtime.config so that it cannot drift from them, and the check of SCANSIDE_*
 environment names against the same models.
 
 Every key of every section is written, commented out, with its meaning, its default (or an example
@@ -141,8 +141,8 @@ def _section_lines(model: type[BaseModel], dotted: str, defaults: Optional[BaseM
 
 
 def example_site_toml() -> str:
-    """The commented example configuration: every section and key of scanside.agent.service.config.AgentConfig."""
-    from scanside.agent.service.config import AgentConfig
+    """The commented example configuration: every section and key of scanside.agent.runtime.config.AgentConfig."""
+    from scanside.agent.runtime.config import AgentConfig
 
     out = [HEADER]
     pending: list[Table] = [(name, _submodel(f.annotation), None) for name, f in AgentConfig.model_fields.items()]  # type: ignore[misc]
@@ -162,7 +162,7 @@ def example_site_toml() -> str:
 def unknown_env_names(environ: Mapping[str, str] = os.environ) -> list[str]:
     """SCANSIDE_* names that look like configuration (a nested name, or a section and a key joined by
     one underscore) but name no key. Other SCANSIDE_* names (the model store's, the tools') pass."""
-    from scanside.agent.service.config import AgentConfig
+    from scanside.agent.runtime.config import AgentConfig
 
     bad = []
     sections = {name.upper() for name in AgentConfig.model_fields}
@@ -191,7 +191,7 @@ def suggestion(name: str) -> str:
     """`did you mean` for an unknown name: the closest configuration variable."""
     import difflib
 
-    from scanside.agent.service.config import AgentConfig
+    from scanside.agent.runtime.config import AgentConfig
 
     known = []
     pending: list[tuple[str, type[BaseModel]]] = [(n, _submodel(f.annotation)) for n, f in AgentConfig.model_fields.items()]  # type: ignore[misc]
