@@ -258,6 +258,9 @@ class RetentionConfig(_Section):
                                    description="the event log table (events every output has delivered)")
     files: TableRetention = Field(default_factory=lambda: TableRetention(max_age_days=365, max_rows=5_000_000),
                                   description="the files and instances tables (a file's row goes once the file is gone)")
+    exams: TableRetention = Field(default_factory=lambda: TableRetention(max_age_days=None, max_rows=200_000),
+                                  description="the exam read model (the exam list, its series, alerts and findings): only exams "
+                                              "whose events the log no longer holds, oldest first")
 
     @model_validator(mode="before")
     @classmethod

@@ -20,6 +20,7 @@ NESTED = "__"
 # example values for keys whose default is unset (TOML has no null); a key missing here is written
 # without a value, which tests/agent/test_siteconfig.py refuses
 EXAMPLES: dict[str, Any] = {
+    "retention.exams.max_age_days": 730,
     "watch.folder": "/srv/scanner-export",
     "ingest.quarantine_dir": "/var/lib/scanside/quarantine",
     "output.jsonl": "/var/lib/scanside/events.jsonl",

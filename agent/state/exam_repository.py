@@ -261,6 +261,29 @@ class ExamRepository:
     def _put_alert(self, row: Alert) -> None:
         self._x("INSERT OR REPLACE INTO rm_alerts VALUES (?,?,?,?)", (row.alert_id, row.study_uid, row.seq, row.model_dump_json()))
 
+    def prune_exams(self, before: Optional[float] = None, max_rows: Optional[int] = None, batch: int = 5000) -> int:
+        """Retention of the read model: delete every row of exams whose events the log no longer holds (so
+        none still being reported or delivered), those last seen before ``before`` (epoch s) and, while the
+        exam table holds more than ``max_rows``, the oldest; how many exams were deleted."""
+        gone = self._q("SELECT study_uid, data FROM rm_exams WHERE study_uid NOT IN "
+                       "(SELECT DISTINCT study_uid FROM events WHERE study_uid IS NOT NULL) ORDER BY last_seq")
+        doomed: list[str] = []
+        if before is not None:
+            doomed = [r["study_uid"] for r in gone if epoch(ExamRow.model_validate_json(r["data"]).last_time) < before]
+        if max_rows is not None:
+            excess = int(self._q("SELECT COUNT(*) AS n FROM rm_exams")[0]["n"]) - len(doomed) - max_rows
+            chosen = set(doomed)
+            doomed += [r["study_uid"] for r in gone if r["study_uid"] not in chosen][:max(excess, 0)]
+        for i in range(0, len(doomed), batch):
+            uids = [(u,) for u in doomed[i:i + batch]]
+            with self._lock:
+                for table in READ_MODEL_TABLES:
+                    self._conn.executemany(f"DELETE FROM {table} WHERE study_uid = ?", uids)
+        return len(doomed)
+
+    def count_exams(self) -> int:
+        return int(self._q("SELECT COUNT(*) AS n FROM rm_exams")[0]["n"])
+
     def clear(self) -> None:
         """Delete the rows a replay of the log rewrites: those of exams still in the log, and the alerts
         with no exam. Exams whose every event retention has deleted keep their rows."""

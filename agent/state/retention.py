@@ -70,7 +70,7 @@ class Retention(Worker):
     def __post_init__(self) -> None:
         for name in self.targets():
             self.folders[name] = FolderUsage()
-        for name in ("events", "files"):
+        for name in ("events", "files", "exams"):
             self.tables[name] = TableUsage()
         self.worker = WorkerThread("scanside-retention", self._run)
 
@@ -119,6 +119,9 @@ class Retention(Worker):
         t0 = time.perf_counter()
         self._prune_files(self.config.retention.files, now, horizon)
         phases["files"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self._prune_exams(self.config.retention.exams, now)
+        phases["exams"] = time.perf_counter() - t0
         self.pass_seconds = phases
         self.last_run = now
 
@@ -154,6 +157,15 @@ class Retention(Worker):
             if excess > 0:
                 usage.deleted_rows += self.store.delete_events(min(upto, self.store.nth_event_seq(excess)), batch=DELETE_BATCH)
         usage.rows = self.store.count_events()
+
+    def _prune_exams(self, limits: TableRetention, now: float) -> None:
+        """The exam read model: only exams whose events are gone from the log (delivered and pruned)."""
+        usage = self.tables["exams"]
+        before = now - limits.max_age_days * DAY_S if limits.max_age_days is not None else None
+        if before is not None or limits.max_rows is not None:
+            with self.store.transaction():
+                usage.deleted_rows += self.store.read_model.prune_exams(before, limits.max_rows, batch=DELETE_BATCH)
+        usage.rows = self.store.read_model.count_exams()
 
     def _prune_files(self, limits: TableRetention, now: float, horizon: float) -> None:
         """Rows of the files and instances tables of series complete before the horizon. A files row

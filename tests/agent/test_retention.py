@@ -183,3 +183,37 @@ def test_a_partial_retention_table_keeps_the_other_defaults(tmp_path):
     c = load_config(cfg)
     assert c.retention.received.max_age_days == 10 and c.retention.received.max_bytes == 20 * 1024**3
     assert c.retention.files.max_rows == 5_000_000 and c.retention.outputs.max_age_days == 90
+
+
+def test_the_exam_read_model_is_pruned_only_for_exams_the_log_no_longer_holds(tmp_path: Path) -> None:
+    """[retention] exams: rows of exams whose events retention has deleted go, oldest first past max_rows and
+    past max_age_days; an exam still in the log keeps its rows whatever the limits."""
+    import datetime as dt
+
+    from scanside.agent.schema.events import AlertAcknowledged, ExamCompleted
+
+    config = load_config(**{"state.dir": str(tmp_path / "state"), "retention.exams": {"max_age_days": 30, "max_rows": 3}})
+    store = StateStore(config.db_path)
+    day = lambda d: dt.datetime.fromtimestamp(T0 + d * DAY_S, dt.timezone.utc).isoformat()  # noqa: E731
+    for k in range(8):  # exam k last seen on day 10 * k
+        study = f"1.2.9.{k}"
+        store.append_event(ExamCompleted(key=f"exam_completed:{study}", study_uid=study, time=day(10 * k),
+                                         reason="quiet_period", n_series=1, n_deviations=0))
+        store.append_event(AlertAcknowledged(key=f"ack:{study}", study_uid=study, alert_id=f"a{k}", time=day(10 * k)))
+    assert store.read_model.count_exams() == 8
+    retention = Retention(config, store, [], clock=lambda: T0 + 75 * DAY_S)
+
+    retention.run_once()  # every exam is still in the log: nothing goes
+    assert store.read_model.count_exams() == 8 and retention.tables["exams"].deleted_rows == 0
+
+    store.delete_events(store.last_event_seq() - 4)  # the log keeps only the newest two exams (6 and 7)
+    retention.run_once()
+    left = {r["study_uid"] for r in store._q("SELECT study_uid FROM rm_exams")}
+    # exams 0-4 are older than 30 days (day 75 - 30 = 45); exam 5 (day 50) is within age and within 3 rows
+    assert left == {"1.2.9.5", "1.2.9.6", "1.2.9.7"}
+    assert retention.tables["exams"].deleted_rows == 5 and retention.tables["exams"].rows == 3
+    for table in ("rm_series", "rm_alerts", "rm_findings"):
+        assert store._q(f"SELECT COUNT(*) AS n FROM {table} WHERE study_uid NOT IN ('1.2.9.5', '1.2.9.6', '1.2.9.7')")[0]["n"] == 0
+    samples = {(m.name, s.labels.get("table")): s.value for m in retention_metrics(retention) for s in m.samples}
+    assert samples[("scanside_retention_rows", "exams")] == 3
+    store.close()
