@@ -22,7 +22,7 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from typing import Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 import numpy as np
 
@@ -36,6 +36,10 @@ from scanside.agent.dicom.series import split_parts
 from scanside.agent.outputs.sinks import Sink
 from scanside.agent.state.database import StateStore
 from scanside.agent.protocol.wording import display_name
+
+if TYPE_CHECKING:  # loaded lazily: the models' runtimes are imported only when a model is used
+    from scanside.engines.tasks.cspca import CspcaModel
+    from scanside.engines.tasks.image_label import ImageClassifier
 
 log = logging.getLogger(__name__)
 VOLUMES_KEPT = 6  # decoded series kept for reuse (an axial T2W is ~6 MB as float32; DWI/ADC far less)
@@ -66,8 +70,8 @@ class Analyzer(Sink):
         self.wakeup = wakeup
         self.metrics = metrics
         self._model_store = model_store
-        self._classifier: Any = None
-        self._cspca: Any = None
+        self._classifier: Optional[ImageClassifier] = None
+        self._cspca: Optional[CspcaModel] = None
         self._gland: Any = None
         self._glands: "OrderedDict[str, Any]" = OrderedDict()  # T2W series_id:revision -> GlandResult | None
         # series_id:revision -> decoded Volume: labelling, the gland and triage share one decode per series
@@ -97,7 +101,7 @@ class Analyzer(Sink):
             self._unavailable[name] = why
             log.warning("model %s unavailable: %s", name, why)
 
-    def classifier(self) -> Any:
+    def classifier(self) -> Optional[ImageClassifier]:
         if self._classifier is None and self.settings.image_label and self._has(self.settings.sequence_model):
             from scanside.engines.tasks.image_label import ImageClassifier
 
@@ -112,7 +116,7 @@ class Analyzer(Sink):
         """Load the sequence model again on the next series (a new version was promoted into the store)."""
         self._classifier = None  # the store scans its folders on each resolve: the newest version wins
 
-    def cspca(self) -> Any:
+    def cspca(self) -> Optional[CspcaModel]:
         if self._cspca is None and self.settings.triage and self._has(self.settings.cspca_model):
             from scanside.engines.tasks.cspca import CspcaModel
 
@@ -407,7 +411,9 @@ class Analyzer(Sink):
         return self.learning() or "image checks: validated for this site"
 
     def _image_model_refs(self) -> list[str]:
-        return [m.ref for m in (getattr(self._classifier, "manifest", None), getattr(self._cspca, "manifest", None)) if m]
+        manifests = [self._classifier.manifest if self._classifier is not None else None,
+                     self._cspca.manifest if self._cspca is not None else None]
+        return [m.ref for m in manifests if m is not None]
 
 
 def input_words(s: SeriesSummary) -> str:
@@ -458,7 +464,7 @@ def triage_event(key: str, study_uid: str, inputs: dict[str, SeriesSummary], mod
         gland_volume_ml=gland_ml, not_assessed_reason=reason, confidence=confidence,
         input_range=check.model_dump() if check is not None else None,
         input_series={ch: input_words(s) for ch, s in inputs.items()}, gland_check=gland_check,  # type: ignore[arg-type]
-        gland_model=getattr(gland, "model", None), findings_outside_gland=dropped,
+        gland_model=gland.model if gland is not None else None, findings_outside_gland=dropped,
         label_disagreements=disagreements, shadow=shadow,
     )
 

@@ -32,6 +32,7 @@ from scanside.agent.protocol.profiles import ParameterGroup, Profile, Range, Req
 
 if TYPE_CHECKING:  # the daemon passes its settings; the protocol layer does not import them
     from scanside.agent.runtime.config import AgentConfig
+    from scanside.agent.dicom.header import InstanceHeader
     from scanside.agent.state.database import StateStore  # the checker is handed the daemon's store
 
 log = logging.getLogger(__name__)
@@ -152,9 +153,9 @@ class QuarantineIndex:
     def __init__(self, store: StateStore, quarantine_dir: Optional[Path]):
         self.store = store
         self.quarantine_dir = quarantine_dir
-        self._cache: dict[tuple[str, float, int], Optional[object]] = {}
+        self._cache: dict[tuple[str, float, int], Optional[InstanceHeader]] = {}
 
-    def headers(self, study_uid: str) -> list:  # list[InstanceHeader]
+    def headers(self, study_uid: str) -> list[InstanceHeader]:
         from scanside.agent.dicom.header import header_from_dataset, read_bounded_dataset
 
         out = []
@@ -178,7 +179,7 @@ class QuarantineIndex:
                         except Exception:
                             pass
                 h = self._cache[key]
-                if h is not None and getattr(h, "study_uid", None) == study_uid:
+                if h is not None and h.study_uid == study_uid:
                     out.append(h)
                 break
         return out
