@@ -42,7 +42,11 @@ if TYPE_CHECKING:  # loaded lazily: the models' runtimes are imported only when 
     from scanside.engines.tasks.image_label import ImageClassifier
 
 log = logging.getLogger(__name__)
-VOLUMES_KEPT = 6  # decoded series kept for reuse (an axial T2W is ~6 MB as float32; DWI/ADC far less)
+#: decoded series of the exam being analysed, kept for reuse: the triage needs three of them, often after the
+#: classifier has seen every series of the exam (batched ingest completes several at once); another exam's volumes
+#: are dropped when one of a new exam is decoded. A prostate exam is 8-14 series parts: an axial T2W is ~6 MB as
+#: float32, DWI/ADC/one DCE phase far less, so about 30-40 MB at most.
+VOLUMES_KEPT = 16
 
 TRIAGE_CHANNELS = ("T2W", "ADC", "HBV")
 
@@ -236,7 +240,7 @@ class Analyzer(Sink):
     def _volume(self, summary: SeriesSummary, part: Any = None) -> Any:
         """The series' volume as the models take it (one temporal phase of a dynamic series), decoded once
         and kept for the last few series; None when the series has no part to load."""
-        key = f"{summary.series_id}:r{summary.revision}"
+        key = f"{summary.study_uid}/{summary.series_id}:r{summary.revision}"
         if key in self._volumes:
             self._volumes.move_to_end(key)
             return self._volumes[key]
@@ -246,6 +250,8 @@ class Analyzer(Sink):
         if part is None:
             return None
         volume = load_volume(model_frames(part))
+        for other in [k for k in self._volumes if not k.startswith(f"{summary.study_uid}/")]:
+            del self._volumes[other]
         self._volumes[key] = volume
         while len(self._volumes) > VOLUMES_KEPT:
             self._volumes.popitem(last=False)
