@@ -56,6 +56,8 @@ class SeriesConfig(_Section):
 
 class StateConfig(_Section):
     dir: Path = Field(Path("var/scanside"), description="SQLite database, quarantine and outputs (systemd: StateDirectory)")
+    open_check_s: float = Field(2.0, ge=0, description="seconds opening the database may spend checking its pages; "
+                                                        "past them the check finishes beside the running agent")
 
 
 class OutputConfig(_Section):

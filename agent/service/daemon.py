@@ -44,7 +44,7 @@ class Agent:
         self.folder = Path(config.watch.folder)
         config.state.dir.mkdir(parents=True, exist_ok=True)
         self.write_health = WriteHealth()  # last write outcome per output folder: /readyz "writes", metrics
-        self.store = StateStore(config.db_path)
+        self.store = StateStore(config.db_path, open_check_s=config.state.open_check_s)
         self.pipeline = Pipeline(config, self.store, health=self.write_health,
                                  gland_coverage=gland_model_active(config))
         self.ingestor = Ingestor(config, self.pipeline, health=self.write_health)

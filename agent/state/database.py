@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from scanside.agent.runtime.lifecycle import WorkerThread
 from scanside.agent.schema.events import Event, parse_event
 from scanside.agent.state.exam_repository import ExamRepository
 from scanside.agent.dicom.header import InstanceHeader
@@ -79,6 +80,11 @@ def _diagnose(path: Path, exc: BaseException) -> str:
     return f"state database {path} {what} ({type(exc).__name__}: {exc})"
 
 
+#: how long opening the database may spend checking its pages (PRAGMA quick_check); past it, the check
+#: finishes in a thread beside the running agent
+OPEN_CHECK_S = 2.0
+
+
 class StateStore:
     """One connection guarded by a lock: the ingest worker writes, the API and sinks read.
 
@@ -86,7 +92,7 @@ class StateStore:
     StateError naming it, rather than starting ready and failing on the first write to a bad page.
     A write that finds the file corrupt later keeps `writable()` false (readiness tells the truth)."""
 
-    def __init__(self, path: Path | str, busy_timeout_s: float = 30.0):
+    def __init__(self, path: Path | str, busy_timeout_s: float = 30.0, open_check_s: float = OPEN_CHECK_S):
         self.path = Path(path)
         self._lock = threading.RLock()
         self._in_tx = 0
@@ -113,13 +119,50 @@ class StateStore:
                 ExamRepository.create_tables(self._conn)
                 self.read_model = ExamRepository(self._conn, self._lock)
                 self._migrate()
-                problems = [r[0] for r in self._conn.execute("PRAGMA quick_check(5)").fetchall()]
-            if problems != ["ok"]:
+                problems = self._quick_check(self._conn, open_check_s)
+            if problems is not None and problems != ["ok"]:
                 raise sqlite3.DatabaseError("database disk image is malformed: " + "; ".join(map(str, problems)))
             self.writable(raise_errors=True)  # a read-only file opens and reads fine: write once now
+            # a large database: the rest of the check runs beside the agent
+            self.check_worker: Optional[WorkerThread] = None
+            if problems is None:
+                self.check_worker = WorkerThread("scanside-state-check", lambda stop: self._finish_check()).start()
         except sqlite3.Error as exc:
             self._conn.close()
             raise StateError(_diagnose(self.path, exc)) from exc
+
+    @staticmethod
+    def _quick_check(conn: sqlite3.Connection, budget_s: Optional[float]) -> Optional[list[str]]:
+        """PRAGMA quick_check's findings (["ok"] when sound), or None when it ran past ``budget_s`` (it reads
+        every page: seconds on a database of gigabytes, and the agent must not wait that long to start)."""
+        deadline = time.monotonic() + budget_s if budget_s is not None else None
+        if deadline is not None:
+            conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
+        try:
+            return [r[0] for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
+        except sqlite3.OperationalError as exc:
+            if "interrupt" in str(exc).lower():
+                return None
+            raise
+        finally:
+            conn.set_progress_handler(None, 0)
+
+    def _finish_check(self) -> None:
+        """The whole quick_check on a connection of its own (WAL: it reads beside the writer); a corrupt file
+        found here is reported as one found by a statement (readiness false, the watchdog stops)."""
+        try:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+            try:
+                problems = self._quick_check(conn, None)
+            finally:
+                conn.close()
+            if problems != ["ok"]:
+                self.corrupt = _diagnose(self.path, sqlite3.DatabaseError("database disk image is malformed: "
+                                                                          + "; ".join(map(str, problems or []))))
+        except sqlite3.DatabaseError as exc:
+            self._note(exc)
+        except sqlite3.Error as exc:  # locked, unreadable: not a finding about the file's pages
+            log.warning("state database check did not finish: %s", exc)
 
     def _migrate(self) -> None:
         """Bring an older database up to SCHEMA_VERSION (a new one is stamped with it)."""

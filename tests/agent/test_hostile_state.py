@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,30 @@ def test_corruption_found_while_running_stops_the_watchdog(tmp_path):
         assert not agent.healthy()  # watchdog pings stop: systemd restarts it, and the start names the file
     finally:
         agent.stop()
+
+
+def test_a_large_database_opens_at_once_and_its_check_finishes_beside_the_agent(tmp_path):
+    """Opening may spend only open_check_s on PRAGMA quick_check (it reads every page: seconds on a year-sized
+    database); past it the agent starts, and the rest of the check, on a connection of its own, still finds a
+    malformed page and makes the store report it (readiness false)."""
+    db = _filled(tmp_path / "state.sqlite")
+    page = 4096
+    with open(db, "r+b") as fp:
+        fp.seek(db.stat().st_size - page)
+        fp.write(b"\xff" * page)
+    store = StateStore(db, open_check_s=0.0)  # the budget is spent at once: the check goes to the background
+    assert store.check_worker is not None
+    deadline = time.monotonic() + 30
+    while store.check_worker.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert store.problem() is not None and "corrupt" in store.problem()
+    assert not store.writable()
+    store.close()
+
+    sound = _filled(tmp_path / "sound.sqlite")
+    store = StateStore(sound, open_check_s=0.0)
+    assert store.check_worker is not None
+    store.check_worker.stop(timeout=30)
+    assert store.problem() is None and store.writable()
+    store.close()
+    assert StateStore(sound).check_worker is None  # a small database is checked within the budget
