@@ -24,5 +24,5 @@ def test_every_module_runs_on_python_310():
 
 
 def test_tomllib_has_a_310_fallback():
-    text = (REPO / "agent" / "service" / "config.py").read_text()
+    text = (REPO / "agent" / "runtime" / "config.py").read_text()
     assert "import tomli as tomllib" in text

@@ -8,13 +8,14 @@ import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
-from scanside.agent.schema.events import Event
+from scanside.agent.outputs.retry import Backoff, RetryLater
 from scanside.agent.runtime.health import WriteReporter
 from scanside.agent.runtime.lifecycle import Worker, WorkerThread
-from scanside.agent.outputs.retry import Backoff, RetryLater
+from scanside.agent.schema.events import Event
 
 __all__ = ["CallbackSink", "JsonlSink", "RetryLater", "Sink", "SinkRunner", "StdoutSink"]
 from scanside.agent.state.database import StateStore
@@ -177,6 +178,7 @@ class SinkRunner(Worker):
         self.persistent = persistent
         self._mem_cursors: dict[str, int] = {}
         self.worker = WorkerThread(f"scanside-{name}", self._run, wake=self._wake)
+        self._pumping = threading.Lock()
         self._backoff: dict[str, float] = {}  # sink -> monotonic time before which it is not pumped
         self._unexpected: dict[str, Backoff] = {}  # sink -> backoff after failures it did not classify
         self.idle_wait_s = 0.5  # also the granularity of a sink's retry delay
@@ -198,9 +200,13 @@ class SinkRunner(Worker):
             self._mem_cursors[sink.name] = seq
 
     def pump(self) -> int:
-        delivered = 0
-        import time
+        """Deliver what each sink has not had yet; one pump at a time (the worker's and stop's last one), so an
+        event is never delivered twice from one cursor."""
+        with self._pumping:
+            return self._pump()
 
+    def _pump(self) -> int:
+        delivered = 0
         for sink in list(self.sinks):
             if self._backoff.get(sink.name, 0) > time.monotonic():
                 continue
@@ -234,6 +240,13 @@ class SinkRunner(Worker):
 
     def stop(self, timeout: float = 10.0) -> None:
         super().stop(timeout)
-        self.pump()
+        # the last pump waits for one the worker may still be in (a loaded machine, a slow sink): never two at once
+        if self._pumping.acquire(timeout=timeout):
+            try:
+                self._pump()
+            finally:
+                self._pumping.release()
+        else:
+            log.warning("outputs %s still delivering after %.0f s: their last events go out after the restart", self.name, timeout)
         for sink in self.sinks:
             sink.close()
