@@ -199,11 +199,15 @@ class SinkRunner(Worker):
         else:
             self._mem_cursors[sink.name] = seq
 
-    def pump(self) -> int:
+    def pump(self, timeout: float = -1) -> Optional[int]:
         """Deliver what each sink has not had yet; one pump at a time (the worker's and stop's last one), so an
-        event is never delivered twice from one cursor."""
-        with self._pumping:
+        event is never delivered twice from one cursor. None: another pump held on past ``timeout`` seconds."""
+        if not self._pumping.acquire(timeout=timeout):
+            return None
+        try:
             return self._pump()
+        finally:
+            self._pumping.release()
 
     def _pump(self) -> int:
         delivered = 0
@@ -241,12 +245,7 @@ class SinkRunner(Worker):
     def stop(self, timeout: float = 10.0) -> None:
         super().stop(timeout)
         # the last pump waits for one the worker may still be in (a loaded machine, a slow sink): never two at once
-        if self._pumping.acquire(timeout=timeout):
-            try:
-                self._pump()
-            finally:
-                self._pumping.release()
-        else:
+        if self.pump(timeout) is None:
             log.warning("outputs %s still delivering after %.0f s: their last events go out after the restart", self.name, timeout)
         for sink in self.sinks:
             sink.close()
