@@ -39,3 +39,24 @@ def bench_modules():
         yield importlib.import_module("bench_cpu"), importlib.import_module("roofline")
     finally:
         sys.path.remove(str(bench))
+
+
+NOBODY_UID = 65534
+
+
+@pytest.fixture(scope="session")
+def nobody_can_run_the_agent() -> None:
+    """Tests that run the agent as an unprivileged user (root may write anywhere) need that user to read this
+    checkout: a clone inside a private folder (mktemp -d makes it 0700) cannot be imported by it. Probed once;
+    skips with the reason where the user cannot."""
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("runs the agent as another user (needs root and setpriv)")
+    repo = Path(__file__).resolve().parents[1]
+    probe = subprocess.run(["setpriv", f"--reuid={NOBODY_UID}", f"--regid={NOBODY_UID}", "--clear-groups", sys.executable,
+                            "-c", "import scanside.agent.cli"], capture_output=True, text=True, timeout=60, cwd="/",
+                           env={**os.environ, "PYTHONPATH": str(repo), "HOME": "/nonexistent"})
+    if probe.returncode != 0:
+        pytest.skip(f"the unprivileged user (uid {NOBODY_UID}) cannot import the agent from {repo} (a folder above it is "
+                    f"private?): {probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else probe.returncode}")

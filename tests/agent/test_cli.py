@@ -148,8 +148,10 @@ def test_start_up_failures_are_one_line_without_traceback(tmp_path):
                                     "SCANSIDE_CSTORE__PORT": str(port)}), "C-STORE", str(port))
 
 
-def test_unwritable_state_folder_is_one_line(tmp_path):
+def test_unwritable_state_folder_is_one_line(tmp_path, request):
     """As an unprivileged user (root writes anywhere: the test drops to nobody with setpriv)."""
+    if os.geteuid() == 0:
+        request.getfixturevalue("nobody_can_run_the_agent")
     base = Path(tempfile.mkdtemp(prefix="scanside-perm-"))
     try:
         base.chmod(0o755)

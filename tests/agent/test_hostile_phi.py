@@ -73,7 +73,7 @@ def hostile_export(export: Path) -> str:
 
 
 @pytest.mark.timeout(300)
-def test_no_identifier_on_any_error_path():
+def test_no_identifier_on_any_error_path(nobody_can_run_the_agent):
     root = Path(tempfile.mkdtemp(prefix="scanside-phi-", dir="/tmp"))
     os.chmod(root, 0o755)
     export, state = root / "export", root / "state"

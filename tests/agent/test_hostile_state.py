@@ -3,7 +3,6 @@ names the file, never a raw traceback, and readiness that tells the truth."""
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -105,8 +104,7 @@ def test_corruption_found_while_running_keeps_readiness_false(tmp_path):
     assert store.writable() is False and str(db) in (store.problem() or "")
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs root and setpriv to run the agent as another user")
-def test_cli_names_a_read_only_database(tmp_path):
+def test_cli_names_a_read_only_database(tmp_path, nobody_can_run_the_agent):
     """`scanside run` as an unprivileged user on a database it may read but not write (in a folder it
     may write, so the folder check at start-up passes): one line naming the file, exit 3 (cannot start
     here), no traceback."""
