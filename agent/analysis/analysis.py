@@ -55,6 +55,23 @@ def _short(key: str) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
+
+_DWI = {"DWI_Low", "DWI_High"}
+
+
+def raises_mismatch(summary: SeriesSummary, image: Any, settings: Any) -> bool:
+    """The LABEL_MISMATCH rule: image and header disagree, both are sure, the image label is not uncertain
+    (the model's calibrated gate: it does not know), and the disagreement is one pixels can tell: not low- vs
+    high-b DWI when the header's b-values lie in ``settings.mismatch_dwi_b_band`` around the 500 boundary."""
+    if image.label == summary.label or image.uncertain:
+        return False
+    if image.confidence < settings.mismatch_image_confidence or summary.label_confidence < settings.mismatch_header_confidence:
+        return False
+    lo, hi = settings.mismatch_dwi_b_band
+    if {image.label, summary.label} <= _DWI and summary.b_values and all(lo <= b <= hi for b in summary.b_values):
+        return False
+    return True
+
 class AnalysisMetrics(Protocol):
     """What the analyzer reports to (scanside.agent.service.metrics.AgentMetrics)."""
 
@@ -222,9 +239,7 @@ class Analyzer(Sink):
             backend=image.backend, agree=agree, image_predicted=image.predicted,  # type: ignore[arg-type]
             ood_score=image.ood_score, uncertain_reason=image.uncertain_reason,
         )]
-        # an uncertain image label (the model's calibrated gate: it does not know) never raises an alert
-        if (not agree and not image.uncertain and image.confidence >= self.settings.mismatch_image_confidence
-                and s.label_confidence >= self.settings.mismatch_header_confidence):
+        if raises_mismatch(s, image, self.settings):
             mkey = f"label_mismatch:{s.series_id}:r{s.revision}"
             events.append(LabelMismatch(
                 key=mkey, alert_id=_short(mkey), study_uid=s.study_uid, series_id=s.series_id,

@@ -208,10 +208,18 @@ class AnalysisConfig(_Section):
     sequence_model: str = Field("sequence-classifier", description="model store name[@version]")
     mismatch_image_confidence: float = Field(0.8, ge=0, le=1, description="LABEL_MISMATCH needs the image model at least this sure")
     mismatch_header_confidence: float = Field(0.9, ge=0, le=1, description="... and the header rule at least this sure (Philips fat suppression, for one, is not)")
+    mismatch_dwi_b_band: tuple[float, float] = Field((300.0, 900.0), description="no LABEL_MISMATCH between low- and high-b DWI when the header's b-values lie in this band (s/mm^2): pixels cannot place a b-value this near the 500 boundary, the header records it; outside the band (b50 that looks like b1400: a mis-decoded b-value) it still alerts")
     triage: bool = Field(True, description="run the csPCa model once axial T2W, ADC and high-b DWI are complete")
     cspca_model: str = Field("cspca-reference", description="model store name[@version]")
     triage_min_b: float = Field(1400.0, ge=0, description="high-b DWI needed to start triage during the exam; at exam end the highest b available is used")
     dce_advised_threshold: Optional[float] = Field(None, ge=0, le=1, description="csPCa probability at or above which DCE is advised; default: the model's decision threshold")
+
+    @model_validator(mode="after")
+    def _band_ordered(self) -> "AnalysisConfig":
+        lo, hi = self.mismatch_dwi_b_band
+        if not 0 <= lo <= hi:
+            raise ValueError(f"mismatch_dwi_b_band must be [low, high] with 0 <= low <= high, not {list(self.mismatch_dwi_b_band)}")
+        return self
 
 
 class AdaptConfig(_Section):

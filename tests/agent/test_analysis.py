@@ -148,3 +148,25 @@ def test_each_series_is_decoded_once_and_models_leave_the_shared_volume_alone(tm
     assert calls and max(calls.values()) == 1, [n for n in calls.values() if n > 1]
     for vol, digest in digests.values():  # after labelling, gland and csPCa have all run on them
         assert hashlib.sha1(vol.array.tobytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("header, b_values, image, alerts", [
+    ("DWI_Low", [400.0], "DWI_High", False),   # pixels cannot place b400 against the 500 boundary
+    ("DWI_High", [500.0], "DWI_Low", False),
+    ("DWI_Low", [50.0], "DWI_High", True),     # a b50 that looks like high b: a mis-decoded b-value, say
+    ("DWI_High", [1400.0], "DWI_Low", True),
+    ("DWI_Low", [0.0, 400.0], "DWI_High", True),  # not every b-value near the boundary
+    ("ADC", [], "DWI_Low", True),              # across families the band does not apply
+    ("T2WI_nan", [], "T2WI_nan", False),
+])
+def test_the_mismatch_rule_leaves_out_what_pixels_cannot_tell(header, b_values, image, alerts):
+    from types import SimpleNamespace
+
+    from scanside.agent.analysis.analysis import raises_mismatch
+    from scanside.agent.runtime.config import AnalysisConfig
+
+    summary = SimpleNamespace(label=header, label_confidence=0.97, b_values=b_values)
+    img = SimpleNamespace(label=image, uncertain=False, confidence=0.95)
+    assert raises_mismatch(summary, img, AnalysisConfig()) is alerts
+    assert not raises_mismatch(summary, SimpleNamespace(label=image, uncertain=True, confidence=0.95), AnalysisConfig())
+    assert not raises_mismatch(summary, SimpleNamespace(label=image, uncertain=False, confidence=0.5), AnalysisConfig())

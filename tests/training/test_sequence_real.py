@@ -84,7 +84,7 @@ def test_gate_makes_labels_uncertain_and_silences_the_mismatch_rule():
     assert unsure.uncertain and unsure.predicted == "T2WI_nan" and "below" in unsure.uncertain_reason
     ood = clf.label_of(p, ood=1.5)
     assert ood.uncertain and "outside" in ood.uncertain_reason
-    header = SimpleNamespace(label="ADC", label_confidence=0.99)
+    header = SimpleNamespace(label="ADC", label_confidence=0.99, b_values=[])
     clf._gate = UncertaintyGate(min_confidence=0.5)
     assert would_alert(header, clf.label_of(np.array([0.95, 0.01, 0.01, 0.01, 0.01, 0.01])))
     assert not would_alert(header, ood) and not would_alert(header, unsure)

@@ -71,10 +71,12 @@ def read_series(folders: Union[Path, Sequence[Path]]) -> Tuple[List[Tuple[Any, A
     return out, dict(skipped)
 
 
-def would_alert(summary: Any, image: Any, image_min: float = 0.8, header_min: float = 0.9) -> bool:
-    """scanside.agent.analysis.analysis' LABEL_MISMATCH rule ([analysis] mismatch_*_confidence defaults)."""
-    return (image.label != summary.label and not image.uncertain and image.confidence >= image_min
-            and summary.label_confidence >= header_min)
+def would_alert(summary: Any, image: Any) -> bool:
+    """Would the daemon raise LABEL_MISMATCH ([analysis] defaults)? Its own rule, not a copy."""
+    from scanside.agent.analysis.analysis import raises_mismatch
+    from scanside.agent.runtime.config import AnalysisConfig
+
+    return raises_mismatch(summary, image, AnalysisConfig())
 
 
 def _exam_key(study_uid: str) -> str:
