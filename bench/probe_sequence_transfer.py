@@ -44,6 +44,8 @@ def main() -> int:
                     help="fraction of training exams from the realistic phantom (scanside.training.sequence.data.REALISM)")
     ap.add_argument("--constants-sd", type=float, default=0.0,
                     help="with --realism: log-sd of per-exam tissue constants (scanside.training.sequence.data.REALISM_CONSTANTS_SD)")
+    ap.add_argument("--pelvis", type=float, default=0.0,
+                    help="with --realism: probability of a real pelvis (scanside.training.sequence.realism, ``pelvis``)")
     ap.add_argument("--replay-plain", action="store_true",
                     help="with --realism: train on the same seeds rendered by the plain simulator too (keeps its accuracy)")
     ap.add_argument("--jobs", type=int, default=1)
@@ -62,7 +64,7 @@ def main() -> int:
 
     # validation: the last 8 seeds, clean simulator; training: the others, with the recipe's realism
     xv, yv, _ = build_dataset(range(1000 + a.exams - 8, 1000 + a.exams), "train", a.cache_dir, jobs=a.jobs)
-    D.REALISM, D.REALISM_CONSTANTS_SD = a.realism, a.constants_sd
+    D.REALISM, D.REALISM_CONSTANTS_SD, D.REALISM_PELVIS_P = a.realism, a.constants_sd, a.pelvis
     xt, yt, _ = build_dataset(range(1000, 1000 + a.exams - 8), "train", a.cache_dir, jobs=a.jobs)
     if a.replay_plain and a.realism:
         D.REALISM = 0.0
@@ -99,7 +101,7 @@ def record(a: argparse.Namespace, before: dict, after: dict) -> None:
     res = json.loads(out.read_text()) if out.is_file() else {"runs": []}
     res["runs"].append({"command": "python bench/probe_sequence_transfer.py " + " ".join(sys.argv[1:]),
                         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "base": a.model,
-                        "recipe": {"exams": a.exams, "epochs": a.epochs, "lr": a.lr, "realism": a.realism, "constants_sd": a.constants_sd, "replay_plain": a.replay_plain,
+                        "recipe": {"exams": a.exams, "epochs": a.epochs, "lr": a.lr, "realism": a.realism, "constants_sd": a.constants_sd, "pelvis": a.pelvis, "replay_plain": a.replay_plain,
                                    "wide_intensity": a.wide_intensity, "texture": a.texture},
                         "before": before, "after": after})
     out.parent.mkdir(parents=True, exist_ok=True)

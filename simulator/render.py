@@ -90,6 +90,10 @@ class Artifacts(BaseModel):
     epi_distortion_mm: float = Field(1.0, ge=0.0)  # typical B0 displacement along phase at the gland
     epi_bandwidth_hz: float = Field(20.0, ge=0.0)  # bandwidth per pixel along phase (0: no fat shift)
     epi_blur_px: float = Field(0.8, ge=0.0)  # FWHM in pixels of the T2* point spread along phase
+    # ADC map blanked where the lowest-b signal is below this fraction of its 99th percentile or this many
+    # noise sigmas: 0.06 and 3 blank suppressed fat too; scanners that fit it (speckled fat) blank less
+    adc_mask_fraction: float = Field(0.06, ge=0.0, le=1.0)
+    adc_mask_noise: float = Field(3.0, ge=0.0)
 
     @classmethod
     def sample(cls, rng: np.random.Generator, severity: float = 1.0) -> "Artifacts":
@@ -607,8 +611,8 @@ def render_series(
                         images += make(directional[q][di] * g, b_value=b, direction=dvec)
         else:
             S = np.stack(traces)  # (n_b, n, r, c)
-            floor = 3 * noise_sigma(spec, field_strength_t, art, n_avg=_dwi_nex(min(bvals)))
-            adc, ln_s0, fg = fit_adc(S, bvals, noise_floor=floor)
+            floor = art.adc_mask_noise * noise_sigma(spec, field_strength_t, art, n_avg=_dwi_nex(min(bvals)))
+            adc, ln_s0, fg = fit_adc(S, bvals, noise_floor=floor, mask_fraction=art.adc_mask_fraction)
             if kind == "adc":
                 images = make(adc, derived="ADC")
             else:
@@ -654,11 +658,12 @@ def render_series(
     return RenderedSeries(spec=spec, images=images)
 
 
-def fit_adc(S: np.ndarray, bvals, noise_floor: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def fit_adc(S: np.ndarray, bvals, noise_floor: float = 0.0, mask_fraction: float = 0.06
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mono-exponential log-linear least-squares fit over b.
 
     S: (n_b, ...) signal; returns (ADC in 1e-6 mm^2/s clipped to [0, 4000] and 0 in background,
-    ln S0, foreground mask). Background = lowest-b signal below max(6% of its 99th percentile, noise_floor).
+    ln S0, foreground mask). Background = lowest-b signal below max(mask_fraction of its 99th percentile, noise_floor).
     """
     b = np.asarray(bvals, dtype=np.float64)
     lnS = np.log(np.maximum(S, 1e-6)).astype(np.float32)
@@ -668,7 +673,7 @@ def fit_adc(S: np.ndarray, bvals, noise_floor: float = 0.0) -> tuple[np.ndarray,
     ln_s0 = mean_ln - slope * np.float32(b.mean())
     adc = np.clip(-slope * 1e6, 0.0, 4000.0).astype(np.float32)
     low = S[int(np.argmin(b))]
-    thr = max(0.06 * float(np.percentile(low, 99)), noise_floor)
+    thr = max(mask_fraction * float(np.percentile(low, 99)), noise_floor)
     fg = low >= thr
     adc[~fg] = 0.0
     return adc, ln_s0.astype(np.float32), fg

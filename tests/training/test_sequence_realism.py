@@ -103,3 +103,63 @@ def test_constants_sd_moves_whole_tissues_urine_keeps_free_water_adc(pair):
     assert abs(np.log(mean(same, Tissue.MUSCLE, "t2"))) < 0.15
     assert max(abs(np.log(mean(w, Tissue.MUSCLE, "t2"))) for w in wide) > 0.1
     assert all(abs(np.log(mean(w, Tissue.BLADDER, "adc"))) < 0.3 for w in wide)
+
+
+def test_pelvis_has_a_real_pelvis_fat_and_bright_tse_fat(pair):
+    from scanside.training.sequence.realism import fatten
+
+    ph, _ = pair
+    body = ph.labels != Tissue.BACKGROUND
+    fat = lambda labels: float((labels == Tissue.FAT).sum() / body.sum())  # noqa: E731
+    before = fat(ph.labels)
+    fattened = fatten(ph.labels, np.random.default_rng(9), ph.voxel_mm, before + 0.15)
+    assert abs(fat(fattened) - (before + 0.15)) < 0.01  # muscle turned to fat, nothing else touched
+    changed = fattened != ph.labels
+    assert np.all(ph.labels[changed] == Tissue.MUSCLE) and np.all(fattened[changed] == Tissue.FAT)
+    assert np.array_equal(fatten(ph.labels, np.random.default_rng(9), ph.voxel_mm, before - 0.05), ph.labels)
+    # the real pelvis: fat 35-60 % of the body, fat's T2 lengthened (bright fat on turbo spin echo)
+    t2 = lambda p: np.exp(np.mean([np.log(q["t2"]) for q in p.texture_props if q["tissue"] == Tissue.FAT]))  # noqa: E731
+    plain = realistic_phantom(ph, np.random.default_rng(9))
+    pelvis = realistic_phantom(ph, np.random.default_rng(9), pelvis=True)
+    assert fat(pelvis.labels) >= min(0.33, fat(plain.labels))
+    assert t2(pelvis) > 1.2 * t2(plain)
+
+
+def test_pelvis_artifacts_leave_suppressed_fat_speckled_in_the_adc_map(pair):
+    from scanside.training.sequence.realism import pelvis_artifacts
+
+    ph, _ = pair
+    noisy = CLEAN.model_copy(update=dict(noise_scale=1.0))
+    def blank_fraction(art):
+        adc = np.stack([im.pixels for im in render_series(ph, ADC, 3.0, np.random.default_rng(0), art).images])
+        t2 = np.stack([im.pixels for im in render_series(ph, T2.model_copy(update=dict(matrix=(128, 128))), 3.0,
+                                                         np.random.default_rng(0), CLEAN).images])
+        body = t2 > 0.05 * float(t2.max())  # the body, fat included (bright on T2W)
+        return float((adc[body] == 0).mean())
+
+    plain = blank_fraction(noisy)
+    pelvis = blank_fraction(noisy.model_copy(update=pelvis_artifacts(np.random.default_rng(1))["adc"]))
+    assert pelvis < plain - 0.05  # the simulator blanks the suppressed fat; many scanners fit it
+
+
+def test_fit_adc_blanks_below_its_thresholds_only():
+    from scanside.simulator.render import fit_adc
+
+    s0 = np.array([1000.0, 40.0, 8.0, 2.0])  # tissue, suppressed fat, two noise-level pixels (sigma 2)
+    S = np.stack([s0, s0 * np.exp(-800e-6 * np.array([1500.0, 30.0, 0.0, 0.0]))])
+    _, _, fg = fit_adc(S, [0.0, 800.0], noise_floor=3 * 2.0)  # the simulator's default: 6 % and 3 sigmas
+    assert fg.tolist() == [True, False, False, False]
+    _, _, fg = fit_adc(S, [0.0, 800.0], noise_floor=1.5 * 2.0, mask_fraction=0.01)
+    assert fg.tolist() == [True, True, False, False]  # fat fitted (speckled on a noisy map), air still blank
+
+
+def test_pelvis_artifacts_make_t2w_noisier_and_epi_fat_speckled():
+    from scanside.training.sequence.realism import pelvis_artifacts
+
+    for seed in range(20):
+        a = pelvis_artifacts(np.random.default_rng(seed))
+        assert a["t2w"] is a["t2w_fs"] and 1.5 <= a["t2w"]["noise_scale"] <= 3.5  # one factor per exam
+        assert a["dwi"] is a["adc"] is a["calc_bvalue"]  # the DWI and its ADC map agree
+        assert a["adc"]["adc_mask_noise"] < Artifacts().adc_mask_noise
+        assert a["adc"]["adc_mask_fraction"] < Artifacts().adc_mask_fraction
+        assert a["dwi"]["epi_fat_residual"] > Artifacts().epi_fat_residual

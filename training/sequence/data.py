@@ -55,6 +55,8 @@ REALISM_EPI_P = {"ge": 0.7}
 REALISM_EPI_P_DEFAULT = 0.25
 #: with REALISM: log-sd of the per-exam tissue-constant factors (scanside.training.sequence.realism ``constants_sd``)
 REALISM_CONSTANTS_SD = 0.0
+#: with REALISM: probability of a real pelvis (scanside.training.sequence.realism ``pelvis``: fat, texture, ADC masking)
+REALISM_PELVIS_P = 0.0
 
 
 def stack_volume(images: Sequence[RenderedImage]) -> Volume:
@@ -113,18 +115,28 @@ def exam_samples(seed: int, vendor: str, variant: Variant = "train", severity: O
     exam = random_exam(rng, vendor, variant, dce_phases=int(rng.integers(2, 6)))
     phantom = make_phantom(seed)
     epi_matrix = 0
+    pelvis_art: Optional[dict] = None
     realism = REALISM if realism is None else realism
     if realism > 0:  # own stream: the exam's protocol and artifacts stay those of the same seed without realism
-        from scanside.training.sequence.realism import realistic_phantom
+        from scanside.training.sequence.realism import pelvis_artifacts, realistic_phantom
 
         rr = np.random.default_rng(np.random.SeedSequence([int(seed), 0x2EA1]))
         if rr.random() < realism:
-            phantom = realistic_phantom(phantom, rr, constants_sd=REALISM_CONSTANTS_SD if constants_sd is None
-                                        else constants_sd)
+            # own stream: without the real pelvis, the draws stay those of earlier recipes
+            pr = np.random.default_rng(np.random.SeedSequence([int(seed), 0xFA7]))
+            pelvis = bool(pr.random() < REALISM_PELVIS_P)
+            phantom = realistic_phantom(phantom, pr if pelvis else rr, constants_sd=REALISM_CONSTANTS_SD
+                                        if constants_sd is None else constants_sd, pelvis=pelvis)
+            pelvis_art = pelvis_artifacts(pr) if pelvis else None
             epi_matrix = 256 if rr.random() < REALISM_EPI_P.get(vendor, REALISM_EPI_P_DEFAULT) else 0
     for spec in exam.series:
         sev = float(rng.uniform(0.3, 1.6)) if severity is None else severity
         art = Artifacts.sample(rng, sev)
+        if pelvis_art is not None and spec.kind in pelvis_art:
+            update = dict(pelvis_art[spec.kind])
+            if "noise_scale" in update:  # a factor on the series' own draw
+                update["noise_scale"] *= art.noise_scale
+            art = art.model_copy(update=update)
         if spec.kind == "localizer":
             spec = spec.model_copy(update=dict(plane=str(rng.choice(["sagittal", "coronal", "axial"]))))
         rendered = render_series(phantom, spec, exam.field_strength_t, rng, art)
@@ -149,8 +161,9 @@ def exam_samples(seed: int, vendor: str, variant: Variant = "train", severity: O
             yield label_of(spec, ims[0]), arr, info
 
 
-def _shard(args: tuple[list[int], str, str, float, float]) -> str:
-    seeds, variant, path, realism, constants_sd = args
+def _shard(args: tuple[list[int], str, str, float, float, float]) -> str:
+    global REALISM_PELVIS_P
+    seeds, variant, path, realism, constants_sd, REALISM_PELVIS_P = args  # workers do not share globals
     xs, ys, infos = [], [], []
     for s in seeds:
         vendor = VENDORS[s % len(VENDORS)]
@@ -172,7 +185,8 @@ def spec_key() -> str:
 
     if REALISM:
         return render_cache_key("scanside.training.sequence.protocols", "scanside.training.sequence.realism", __name__,
-                                salt=PREPROCESS.model_dump_json() + f"realism={REALISM},{REALISM_CONSTANTS_SD}")
+                                salt=PREPROCESS.model_dump_json() + f"realism={REALISM},{REALISM_CONSTANTS_SD}"
+                                + (f",pelvis={REALISM_PELVIS_P}" if REALISM_PELVIS_P else ""))
     return render_cache_key("scanside.training.sequence.protocols", __name__, salt=PREPROCESS.model_dump_json())
 
 
@@ -190,7 +204,7 @@ def build_dataset(seeds: Sequence[int], variant: Variant = "train", cache_dir: P
         p = str(cache / name)
         paths.append(p)
         if not Path(p).is_file():
-            todo.append((ch, variant, p, REALISM, REALISM_CONSTANTS_SD))
+            todo.append((ch, variant, p, REALISM, REALISM_CONSTANTS_SD, REALISM_PELVIS_P))
     t0 = time.time()
     if todo:
         run_jobs(_shard, todo, jobs, desc=f"rendering {variant} shards ({shard_size} exams each)", unit="shard")

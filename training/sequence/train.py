@@ -200,6 +200,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "validation exams stay the plain simulator")
     ap.add_argument("--constants-sd", type=float, default=0.0,
                     help="with --realism: log-sd of per-exam tissue constants (scanside.training.sequence.realism)")
+    ap.add_argument("--pelvis", type=float, default=0.0,
+                    help="with --realism: probability of a real pelvis (scanside.training.sequence.realism, ``pelvis``)")
+    ap.add_argument("--replay-plain", action="store_true",
+                    help="with --realism: train on the same seeds rendered by the plain simulator too")
     ap.add_argument("--init-from", default=None,
                     help="fine-tune this shipped VERSION (restored from its FP32 ONNX, batch norm frozen) instead of "
                          "training from scratch")
@@ -213,8 +217,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     val_seeds = range(TRAIN_SEED0 + args.exams, TRAIN_SEED0 + args.exams + args.val_exams)
     xv, yv, _ = build_dataset(val_seeds, "train", args.cache_dir, jobs=args.jobs) if args.val_exams else (None, None, [])
-    D.REALISM, D.REALISM_CONSTANTS_SD = args.realism, args.constants_sd
+    D.REALISM, D.REALISM_CONSTANTS_SD, D.REALISM_PELVIS_P = args.realism, args.constants_sd, args.pelvis
     xt, yt, _ = build_dataset(range(TRAIN_SEED0, TRAIN_SEED0 + args.exams), "train", args.cache_dir, jobs=args.jobs)
+    if args.replay_plain and args.realism:
+        D.REALISM = 0.0
+        xp, yp, _ = build_dataset(range(TRAIN_SEED0, TRAIN_SEED0 + args.exams), "train", args.cache_dir, jobs=args.jobs)
+        xt, yt = np.concatenate([xt, xp]), np.concatenate([yt, yp])
     x = xt if xv is None else np.concatenate([xt, xv])
     y = yt if yv is None else np.concatenate([yt, yv])
     t_data = time.time() - t0
@@ -247,6 +255,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.realism:
         training["realism"] = args.realism
         training["constants_sd"] = args.constants_sd
+        training["pelvis"] = args.pelvis
+        training["replay_plain"] = bool(args.replay_plain)
     if WIDE_INTENSITY:
         training["wide_intensity"] = True
     m = export_model(model, args.version, store_root=args.store, training=training)
