@@ -1,7 +1,7 @@
 """The sequence classifier on real scans next to the simulator, from one command (issue 18): writes the
 ``sequence-classifier`` section of bench/results/real.json (bench/bench_real.py keeps it).
 
-    python bench/bench_real_sequence.py [--real ../shared/realdata/prostate] [--models sequence-classifier@1.4.0,sequence-classifier]
+    python bench/bench_real_sequence.py [--real ../shared/realdata/prostate] [--models sequence-classifier@1.4.0,sequence-classifier@1.4.1,sequence-classifier]
                                         [--sim-exams-per-vendor 1] [--sim-seed 960000]
 
 For each model: `scanside models evaluate NAME --real DIR` (the daemon's read path; five-class and
@@ -47,6 +47,7 @@ def measure(name: str, real: Path, sim_n: int, sim_seed: int) -> Dict[str, Any]:
         work = ROOT / "var" / "bench-real-sequence" / f"sim-{sim_seed}-{sim_n}"
         s = evaluate_model(store, m, EvaluateOptions(exams_per_vendor=sim_n, seed=sim_seed, workdir=work))
         out["simulated"] = {k: {"n": v["n"], "accuracy": round(v["accuracy"], 4)} for k, v in s["metrics"].items()}
+        out["simulated"]["gate"] = s.get("gate")  # uncertain rate of the uncertainty gate on the fresh simulated set
         out["simulated"]["command"] = f"scanside models evaluate {name} --exams-per-vendor {sim_n} --seed {sim_seed}"
     return out
 
@@ -54,7 +55,7 @@ def measure(name: str, real: Path, sim_n: int, sim_seed: int) -> Dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--real", type=Path, default=ROOT.parent / "shared" / "realdata" / "prostate")
-    ap.add_argument("--models", default=f"{KEY}@1.4.0,{KEY}")
+    ap.add_argument("--models", default=f"{KEY}@1.4.0,{KEY}@1.4.1,{KEY}")
     ap.add_argument("--sim-exams-per-vendor", type=int, default=1)
     ap.add_argument("--sim-seed", type=int, default=960_000)
     a = ap.parse_args()

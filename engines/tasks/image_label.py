@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -22,6 +22,7 @@ from scanside.agent.dicom.frames import FrameSelectionError, select_frames
 from scanside.agent.dicom.header import FrameInfo, FrameRef
 from scanside.agent.dicom.volume import Volume, VolumeError, load_volume
 from scanside.engines.manifest import ModelManifest
+from scanside.engines.tasks.input_range import InputRange, RangeCheck
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class ImageLabel(BaseModel):
     predicted: Optional[str] = Field(None, description="the most probable class, also when `label` is uncertain")
     ood_score: Optional[float] = Field(None, description="feature distance to the training distribution divided by "
                                                          "its threshold (> 1: outside the validated range)")
+    input_range_score: Optional[float] = Field(None, description="distance of the input's statistics from the held-out "
+                                                                 "series of the predicted class, divided by its threshold (> 1: unlike them)")
     uncertain_reason: Optional[str] = None
 
     @property
@@ -61,6 +64,8 @@ class UncertaintyGate(BaseModel):
     stats_file: Optional[str] = Field(None, description="npz beside the manifest: means (K, F), whiten (F, F)")
     stats_sha256: Optional[str] = None
     ood_threshold: Optional[float] = Field(None, gt=0, description="squared distance above which the input is out of distribution")
+    class_ranges_file: Optional[str] = Field(None, description="json beside the manifest: ClassInputRanges")
+    class_ranges_sha256: Optional[str] = None
     fitted_on: str = ""
 
     def load_stats(self, root: Any) -> Optional[tuple[np.ndarray, np.ndarray]]:
@@ -76,6 +81,35 @@ class UncertaintyGate(BaseModel):
             raise IntegrityError(path, self.stats_sha256, actual)
         with np.load(path) as z:
             return np.asarray(z["means"], np.float64), np.asarray(z["whiten"], np.float64)
+
+
+class ClassInputRanges(BaseModel):
+    """Per class, the range of the prepared input's statistics (scanside.engines.tasks.input_range) over held-out
+    series of that class. The feature distance looks at what the network made of an input; this looks at the
+    input itself: a real ADC map whose detail window has a dark tail no simulated ADC map has is unlike the
+    ADC maps the model was validated on, however sure the network is (issue 18: such inputs were read
+    as low-b DWI with 84-86 % confidence)."""
+
+    channels: List[str]
+    ranges: Dict[str, InputRange]
+
+    def check(self, x: np.ndarray, label: str) -> Optional[RangeCheck]:
+        """The input against the range of ``label``; None where that class has none."""
+        r = self.ranges.get(label)
+        return None if r is None else r.check(x)
+
+    @classmethod
+    def load_file(cls, path: Any, sha256: Optional[str]) -> "ClassInputRanges":
+        import json
+        from pathlib import Path
+
+        from scanside.engines.manifest import IntegrityError, sha256_file
+
+        path = Path(path)
+        actual = sha256_file(path) if path.is_file() else None
+        if sha256 and actual != sha256:
+            raise IntegrityError(path, sha256, actual)
+        return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
 
 
 def calibrated(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -116,6 +150,7 @@ class ImageClassifier:
         self.backend = engine.backend if engine is not None else None
         self._gate: Optional[UncertaintyGate] = None
         self._ood: Optional[tuple[np.ndarray, np.ndarray]] = None
+        self._ranges: Optional[ClassInputRanges] = None
 
     def load(self) -> Any:
         with self._lock:
@@ -136,6 +171,11 @@ class ImageClassifier:
         raw = (m.postprocessing or {}).get("uncertainty")
         self._gate = UncertaintyGate.model_validate(raw) if raw else UncertaintyGate()
         self._ood = self._gate.load_stats(m.root) if raw and m.root else None
+        if self._gate.class_ranges_file and m.root:
+            from pathlib import Path
+
+            self._ranges = ClassInputRanges.load_file(Path(m.root) / self._gate.class_ranges_file,
+                                                      self._gate.class_ranges_sha256)
         if self._ood is not None and self._gate.feature_output not in {o.name for o in m.outputs}:
             raise ImageLabelError("bad_model", f"{m.ref}: no output {self._gate.feature_output!r} for its OOD score")
 
@@ -198,9 +238,19 @@ class ImageClassifier:
         dist = ood_distance(out[gate.feature_output], *self._ood)
         return probs, dist / float(gate.ood_threshold)
 
-    def label_of(self, probs: np.ndarray, frames_used: Optional[int] = None, ood: Optional[float] = None) -> ImageLabel:
-        """One ImageLabel from raw probabilities and the OOD ratio: temperature-scaled, and `uncertain` below
-        the gate's calibrated confidence or above its OOD threshold (neither raises an alert)."""
+    def input_check(self, x: np.ndarray, probs: np.ndarray) -> Optional[RangeCheck]:
+        """The prepared input (C, ...) against the held-out range of the class the model names; None where the
+        model has no class ranges."""
+        _, m, _ = self._loaded()
+        if self._ranges is None:
+            return None
+        return self._ranges.check(x, list(m.labels or ())[int(np.argmax(probs))])
+
+    def label_of(self, probs: np.ndarray, frames_used: Optional[int] = None, ood: Optional[float] = None,
+                 input_check: Optional[RangeCheck] = None) -> ImageLabel:
+        """One ImageLabel from raw probabilities, the OOD ratio and the input-range check of the predicted
+        class: temperature-scaled, and `uncertain` above the OOD threshold, outside the class' input range or
+        below the gate's calibrated confidence (none of them raises an alert)."""
         _, m, gate = self._loaded()
         labels = list(m.labels or ())  # not empty: load checked it
         p = calibrated(probs, gate.temperature) if gate.temperature != 1.0 else np.asarray(probs, np.float64)
@@ -208,12 +258,18 @@ class ImageClassifier:
         why = None
         if ood is not None and ood > 1.0:
             why = f"input outside the model's validated range (feature distance {ood:.1f}x its threshold)"
+        elif input_check is not None and not input_check.in_range:
+            parts = ", ".join(f"{n} {z:+.1f} SD" for n, z in input_check.outside[:3])
+            why = (f"input unlike the held-out {labels[k]} series the model was validated on: {parts} "
+                   f"(distance {input_check.score:.1f}, validated up to {input_check.threshold:.1f})")
         elif p[k] < gate.min_confidence:
             why = f"calibrated confidence {p[k]:.2f} below {gate.min_confidence:.2f}"
         return ImageLabel(label=UNCERTAIN if why else labels[k], predicted=labels[k], confidence=float(p[k]),
                           probabilities={lab: round(float(v), 6) for lab, v in zip(labels, p)},
                           model=m.ref, backend=str(self.backend), frames_used=frames_used,
-                          ood_score=None if ood is None else round(float(ood), 4), uncertain_reason=why)
+                          ood_score=None if ood is None else round(float(ood), 4), uncertain_reason=why,
+                          input_range_score=None if input_check is None
+                          else round(input_check.score / max(input_check.threshold, 1e-9), 4))
 
     def classify(self, source: Union[Volume, Any, Sequence[FrameRef]], frames: Optional[Sequence[FrameInfo]] = None,
                  cache: Optional[dict] = None) -> ImageLabel:
@@ -225,4 +281,4 @@ class ImageClassifier:
             raise ImageLabelError("too_small", f"volume shape {vol.shape}")
         x = self.prepare(vol)[None]
         probs, ood = self.outputs(x)
-        return self.label_of(probs[0], n, None if ood is None else float(ood[0]))
+        return self.label_of(probs[0], n, None if ood is None else float(ood[0]), self.input_check(x[0], probs[0]))

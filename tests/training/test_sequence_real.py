@@ -72,6 +72,41 @@ def test_fit_gate_flags_about_the_asked_quantile_of_held_out_series():
     assert sharp["temperature"] == sharp["report"]["temperature_fitted"] < 1
 
 
+def test_class_input_ranges_check_the_input_against_the_class_the_model_names():
+    from scanside.training.sequence.uncertainty import fit_class_ranges, input_statistics, statistic_names
+
+    rng = np.random.default_rng(4)
+    channels = ["whole", "detail"]
+    # class 0 smooth inputs, class 1 noisy ones; 20 exams of 3 series each
+    xs, y, exam = [], [], []
+    for e in range(20):
+        for k in (0, 1, 1):
+            base = np.cumsum(rng.normal(0, 1, (2, 4, 16, 16)), axis=-1) / 4
+            xs.append((base + (rng.normal(0, 1.0, base.shape) if k else 0)).astype(np.float32))
+            y.append(k)
+            exam.append(e)
+    stats = input_statistics(xs, channels)
+    ranges = fit_class_ranges(stats, statistic_names(channels), np.array(y), np.array(exam), ["smooth", "noisy", "absent"],
+                              channels, "test")
+    assert set(ranges.ranges) == {"smooth", "noisy"}  # a class without held-out series gets no range
+    assert ranges.check(xs[0], "absent") is None
+    assert ranges.check(xs[0], "smooth").in_range and ranges.check(xs[1], "noisy").in_range
+    assert not ranges.check(xs[1], "smooth").in_range  # a noisy input is unlike the smooth class' inputs
+    clf = ImageClassifier(engine=SimpleNamespace(manifest=SimpleNamespace(
+        labels=["smooth", "noisy"], ref="m/1", preprocessing=object(), postprocessing={}, root=None, outputs=[]),
+        backend="test"))
+    clf._gate, clf._ranges = UncertaintyGate(), ranges
+    p = np.array([0.95, 0.05])
+    check = clf.input_check(xs[1], p)
+    lab = clf.label_of(p, input_check=check)
+    assert lab.uncertain and lab.predicted == "smooth" and "unlike the held-out smooth series" in lab.uncertain_reason
+    assert lab.input_range_score > 1
+    header = SimpleNamespace(label="noisy", label_confidence=0.99, b_values=[])
+    assert not would_alert(header, lab)
+    sure = clf.label_of(p, input_check=clf.input_check(xs[0], p))
+    assert sure.label == "smooth" and sure.input_range_score <= 1
+
+
 def test_gate_makes_labels_uncertain_and_silences_the_mismatch_rule():
     clf = ImageClassifier(engine=SimpleNamespace(manifest=SimpleNamespace(
         labels=["T2WI_nan", "T2WI_fs", "DWI_Low", "DWI_High", "ADC", "other"], ref="m/1", preprocessing=object(),

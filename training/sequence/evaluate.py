@@ -107,9 +107,12 @@ def run_parts(clf, parts: List[dict], batch: int = 16) -> List[dict]:
             rows.append(dict(p, pred=None, error=e.reason))
         cache.clear()
     for i in range(0, len(xs), batch):
-        probs = clf.probabilities(np.stack(xs[i:i + batch]))
-        for r, pr in zip(pending[i:i + batch], probs):
-            rows.append(dict(r, pred=clf.manifest.labels[int(np.argmax(pr))], confidence=float(pr.max())))
+        probs, ood = clf.outputs(np.stack(xs[i:i + batch]))
+        for j, (r, pr) in enumerate(zip(pending[i:i + batch], probs)):
+            # the gate's verdict too (ImageClassifier.classify's): what it costs on simulated series
+            gated = clf.label_of(pr, ood=None if ood is None else float(ood[j]), input_check=clf.input_check(xs[i + j], pr))
+            rows.append(dict(r, pred=clf.manifest.labels[int(np.argmax(pr))], confidence=float(pr.max()),
+                             uncertain=gated.uncertain))
     return rows
 
 
@@ -157,6 +160,10 @@ def evaluate_model(store, manifest, options) -> dict:
         result[name] = classification_metrics(y, yp, labels)
     errors = [{k: r.get(k) for k in ("vendor", "variant", "seed", "kind", "plane", "key", "label", "pred", "confidence", "error")}
               for r in scored if r["pred"] != r["label"]]
+    gated = [r for r in scored if "uncertain" in r]
+    gate = {"n": len(gated), "uncertain_rate": round(float(np.mean([r["uncertain"] for r in gated])), 4) if gated else None,
+            "accuracy_answered": round(float(np.mean([r["pred"] == r["label"] for r in gated if not r["uncertain"]])), 4)
+            if any(not r["uncertain"] for r in gated) else None}
     m_all = result.get("all", {})
     passed = bool(m_all) and m_all["accuracy"] >= FLOOR["accuracy"] and m_all["kappa"] >= FLOOR["kappa"]
     report = {
@@ -165,6 +172,7 @@ def evaluate_model(store, manifest, options) -> dict:
         "seconds_simulation": round(t_sim, 1), "seconds_inference": round(t_inf, 1),
         "floor": FLOOR, "target": TARGET, "passed": passed,
         "metrics": {k: result[k] for k in ("all", "train_protocols", "heldout_variant") if k in result},
+        "gate": gate,
         "errors": errors,
     }
     if options.write:
@@ -183,7 +191,7 @@ def write_results(manifest, report: dict) -> None:
           "exams": report["exams"], "series_parts": report["series_parts"], "backend": report["backend"],
           "subsets": {k: {"n": v["n"], "accuracy": round(v["accuracy"], 6), "kappa": round(v["kappa"], 6),
                           "per_class": v["per_class"], "confusion": v["confusion"]} for k, v in report["metrics"].items()},
-          "errors": report["errors"][:50]}
+          "gate": report.get("gate"), "errors": report["errors"][:50]}
     metrics = dict(manifest.metrics)
     metrics["evaluation"] = ev
     # every fresh set measured stays on record (by first seed), so one lucky set cannot stand alone
@@ -205,6 +213,10 @@ def write_results(manifest, report: dict) -> None:
              f"accuracy >= {FLOOR['accuracy']}, kappa >= {FLOOR['kappa']}.", ""]
     for k, v in report["metrics"].items():
         lines.append(metrics_markdown(v, k))
+    gate = report.get("gate") or {}
+    if gate.get("n"):
+        lines += [f"Uncertainty gate on these series (the figures above are the most probable class): "
+                  f"{gate['uncertain_rate']:.1%} answered `uncertain`, accuracy of the rest {gate['accuracy_answered']}.", ""]
     if report["errors"]:
         lines += ["### Misclassified series", "", "| vendor | subset | seed | kind | plane | part | truth | predicted | p |",
                   "|---|---|---|---|---|---|---|---|---:|"]

@@ -251,9 +251,10 @@ def render_card(m: ModelManifest, training: Optional[dict] = None) -> str:
               "- Real scans (see above): the simulator's phantom is a few flat-valued compartments filling about half the "
               "field of view, where a real pelvis fills it with textured anatomy; the model keys on the phantom's look "
               "(real axial T2W reads as ADC, real ADC maps as DWI_Low) and neither wider intensity randomisation nor the "
-              "feature-distance score fitted on simulated series catches that. Site adaptation (`scanside models adapt`) "
+              "feature-distance score fitted on simulated series catches that; a class input range, where the model has "
+              "one, makes most of those answers `uncertain`. Site adaptation (`scanside models adapt`) "
               "on the site's own header-labelled exams, and shadow mode until it is validated there, are the remedies "
-              "here; realistic anatomy in the simulator is the open one.",
+              "here; a phantom that looks like a real pelvis is the open one (bench/results/sequence_transfer.json).",
               "- DWI_Low/DWI_High is decided at b = 500 s/mm^2 from the images; b-values near 500 are ambiguous by nature.",
               "- One volume per series: a dynamic series is judged on one phase, a multi-plane localizer on one plane.",
               "- Classes outside the taxonomy (e.g. spectroscopy, perfusion maps) are forced into one of the six labels.",
@@ -284,7 +285,21 @@ def uncertainty_card_section(m: ModelManifest) -> list:
             f"(the {r.get('ood_quantile', 'n/a')} quantile of held-out simulated series) the label is `uncertain`.",
             f"- Fitted on {u.get('fitted_on', 'n/a')}. On the threshold half: {r.get('threshold_uncertain_rate', 'n/a')} "
             f"uncertain, accuracy of the confident {r.get('threshold_accuracy_confident', 'n/a')}, ECE "
-            f"{r.get('ece_before', 'n/a')} before and {r.get('ece_after', 'n/a')} after temperature scaling."]
+            f"{r.get('ece_before', 'n/a')} before and {r.get('ece_after', 'n/a')} after temperature scaling."
+            ] + _class_ranges_lines(m, u, r)
+
+
+def _class_ranges_lines(m: ModelManifest, u: dict, r: dict) -> list:
+    if not u.get("class_ranges_file"):
+        return []
+    thr = ", ".join(f"{k} {v:g}" for k, v in (r.get("class_input_ranges") or {}).items())
+    gate = ((m.metrics or {}).get("evaluation") or {}).get("gate") or {}
+    cost = (f" On the evaluation's fresh simulated series the whole gate answers `uncertain` on "
+            f"{gate['uncertain_rate']:.1%} of {gate['n']}." if gate.get("n") else "")
+    return [f"- Class input range ({u['class_ranges_file']}): the prepared input's statistics (intensity percentiles, "
+            "gradient, high-frequency share, channel correlations; scanside.engines.tasks.input_range) against held-out "
+            "simulated series of the class the model names; beyond the class' threshold (1.25x the largest distance of "
+            f"the threshold half: {thr}) the label is `uncertain` with the statistics that are out.{cost}"]
 
 
 def load_from_onnx(path: Path) -> SeqResNet3d:

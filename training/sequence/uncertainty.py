@@ -12,7 +12,11 @@ preprocessing) and run through the model store's engine. They are split by exam 
   the score is the squared Mahalanobis distance to the nearest class mean;
 * half B sets the thresholds the fit has not seen: the OOD threshold at the ``--ood-quantile`` of its
   scores (so about 0.5 % of in-distribution series read `uncertain`), and the confidence threshold as
-  the lowest calibrated confidence above which half B's accuracy reaches ``--target-accuracy``.
+  the lowest calibrated confidence above which half B's accuracy reaches ``--target-accuracy``;
+* per class, the range of the prepared input's statistics (scanside.engines.tasks.input_range: intensity
+  percentiles, gradient, high-frequency share, channel correlations): mean and SD from half A's series of
+  that class, threshold 1.25x the largest distance of half B's (``class_input_range.json``). At run time an
+  input is checked against the class the model names.
 
 The result goes into manifest.postprocessing["uncertainty"] (scanside.engines.tasks.image_label.UncertaintyGate) and
 ``uncertainty.npz`` beside it (sha256 in the manifest); the model card says what it was fitted on.
@@ -28,11 +32,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from scanside.engines.tasks.image_label import UncertaintyGate, calibrated, ood_distance
+from scanside.engines.tasks.image_label import ClassInputRanges, UncertaintyGate, calibrated, ood_distance
+from scanside.engines.tasks.input_range import fit_input_range, input_features
 
 log = logging.getLogger(__name__)
 
 STATS_FILE = "uncertainty.npz"
+RANGES_FILE = "class_input_range.json"
 SEED0 = 500_000
 
 
@@ -120,9 +126,48 @@ def ece(probs: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
     return float(total)
 
 
+def input_channels(m: Any) -> List[str]:
+    """Names of the prepared input's channels: the whole field of view and its detail views."""
+    spec = m.preprocessing
+    return [spec.channels[0]] + [f"detail {v.spacing_mm[-1]:g} mm" for v in spec.detail_views]
+
+
+def statistic_names(channels: Sequence[str]) -> List[str]:
+    """The input statistics' names, in the column order of ``input_statistics``."""
+    return sorted(input_features(np.zeros((len(channels), 4, 8, 8), np.float32), channels))
+
+
+def input_statistics(xs: Sequence[np.ndarray], channels: Sequence[str]) -> np.ndarray:
+    """(N, F) input statistics of prepared inputs, columns in ``statistic_names`` order."""
+    names = statistic_names(channels)
+    return np.array([[f[n] for n in names] for f in (input_features(np.asarray(x, np.float32), channels) for x in xs)],
+                    np.float64)
+
+
+def fit_class_ranges(stats: np.ndarray, names: Sequence[str], y: np.ndarray, exam: np.ndarray, labels: Sequence[str],
+                     channels: Sequence[str], fitted_on: str) -> ClassInputRanges:
+    """Per class with enough held-out series: the input range from half A of the exams, its threshold from half B."""
+    ex = np.unique(exam)
+    half_b = np.isin(exam, ex[1::2])
+    ranges = {}
+    for k, lab in enumerate(labels):
+        fit = [dict(zip(names, r)) for r in stats[(y == k) & ~half_b]]
+        val = [dict(zip(names, r)) for r in stats[(y == k) & half_b]]
+        if len(fit) >= 10 and len(val) >= 5:
+            ranges[lab] = fit_input_range(fit, val, channels, fitted_on={"class": lab, "fit_series": len(fit),
+                                                                         "threshold_series": len(val), "data": fitted_on})
+    return ClassInputRanges(channels=list(channels), ranges=ranges)
+
+
 def heldout_outputs(clf: Any, seeds: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Render the held-out exams (both protocol variants, every vendor style) and run the model:
-    raw probabilities, features, labels and exam seed per series."""
+    raw probabilities, features, labels and exam seed per series (``heldout_inputs`` keeps the inputs)."""
+    probs, feats, y, exams, _ = heldout_inputs(clf, seeds)
+    return probs, feats, y, exams
+
+
+def heldout_inputs(clf: Any, seeds: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """heldout_outputs and the prepared inputs' statistics (N, F) (columns: ``statistic_names``)."""
     from scanside.training.sequence.data import LABEL_INDEX, exam_samples
     from scanside.training.sequence.protocols import VENDORS
 
@@ -142,7 +187,8 @@ def heldout_outputs(clf: Any, seeds: Sequence[int]) -> tuple[np.ndarray, np.ndar
         out = engine.run({m.inputs[0].name: np.stack(xs[i:i + 32]).astype(np.float32)})
         probs.append(np.asarray(out[m.outputs[0].name], np.float64))
         feats.append(np.asarray(out[feat_name], np.float64))
-    return np.concatenate(probs), np.concatenate(feats), np.asarray(ys), np.asarray(exams)
+    stats = input_statistics(xs, input_channels(m))
+    return np.concatenate(probs), np.concatenate(feats), np.asarray(ys), np.asarray(exams), stats
 
 
 def _feature_output(m: Any) -> str:
@@ -152,16 +198,22 @@ def _feature_output(m: Any) -> str:
     return "features"
 
 
-def install_gate(manifest: Any, fields: Dict[str, Any], means: np.ndarray, whiten: np.ndarray, fitted_on: str) -> Any:
-    """Write uncertainty.npz beside the manifest and the gate into its postprocessing; returns the saved manifest."""
+def install_gate(manifest: Any, fields: Dict[str, Any], means: np.ndarray, whiten: np.ndarray, fitted_on: str,
+                 ranges: Optional[ClassInputRanges] = None) -> Any:
+    """Write uncertainty.npz (and the class input ranges) beside the manifest and the gate into its
+    postprocessing; returns the saved manifest."""
     from scanside.engines.manifest import ModelManifest, sha256_file
 
     root = Path(manifest.root)
     np.savez(root / STATS_FILE, means=means.astype(np.float32), whiten=whiten.astype(np.float32))
+    ranges_fields: Dict[str, Any] = {}
+    if ranges is not None:
+        (root / RANGES_FILE).write_text(ranges.model_dump_json(indent=1) + "\n", encoding="utf-8")
+        ranges_fields = {"class_ranges_file": RANGES_FILE, "class_ranges_sha256": sha256_file(root / RANGES_FILE)}
     gate = UncertaintyGate(temperature=fields["temperature"], min_confidence=fields["min_confidence"],
                            feature_output=_feature_output(manifest), stats_file=STATS_FILE,
                            stats_sha256=sha256_file(root / STATS_FILE), ood_threshold=fields["ood_threshold"],
-                           fitted_on=fitted_on)
+                           fitted_on=fitted_on, **ranges_fields)
     post = dict(manifest.postprocessing)
     post["uncertainty"] = {**gate.model_dump(), "report": fields.get("report", {})}
     m = manifest.model_copy(update={"postprocessing": post})
@@ -192,21 +244,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     seeds = list(range(args.seed, args.seed + args.exams))
     if args.outputs is not None and args.outputs.is_file():
         with np.load(args.outputs) as z:
-            if str(z["model"]) != manifest.files["fp32"].sha256:
-                raise SystemExit(f"{args.outputs} holds another model's outputs")
-            probs, feats, y, exams = z["probs"], z["feats"], z["y"], z["exams"]
+            if str(z["model"]) != manifest.files["fp32"].sha256 or "stats" not in z:
+                raise SystemExit(f"{args.outputs} holds another model's outputs, or none of its input statistics")
+            probs, feats, y, exams, stats = z["probs"], z["feats"], z["y"], z["exams"], z["stats"]
     else:
-        probs, feats, y, exams = heldout_outputs(clf, seeds)
+        probs, feats, y, exams, stats = heldout_inputs(clf, seeds)
         if args.outputs is not None:
             args.outputs.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(args.outputs, probs=probs, feats=feats, y=y, exams=exams, model=manifest.files["fp32"].sha256)
+            np.savez(args.outputs, probs=probs, feats=feats, y=y, exams=exams, stats=stats,
+                     model=manifest.files["fp32"].sha256)
     fields, means, whiten = fit_gate(probs, feats, y, exams, n_classes=len(manifest.labels or []),
                                      ood_quantile=args.ood_quantile, target_accuracy=args.target_accuracy,
                                      min_temperature=args.min_temperature)
     fitted_on = (f"{len(y)} series of {args.exams} held-out simulated exams (seeds {args.seed}..{args.seed + args.exams - 1}, "
                  f"every third the held-out protocol variant), split by exam: half fits T and the feature statistics, "
                  f"half sets the thresholds")
-    m = install_gate(manifest, fields, means, whiten, fitted_on)
+    channels = input_channels(manifest)
+    ranges = fit_class_ranges(stats, statistic_names(channels), y, exams, list(manifest.labels or []), channels, fitted_on)
+    fields["report"]["class_input_ranges"] = {lab: r.threshold for lab, r in ranges.ranges.items()}
+    m = install_gate(manifest, fields, means, whiten, fitted_on, ranges)
     from scanside.training.sequence.export import write_card
 
     write_card(m, Path(m.root))
