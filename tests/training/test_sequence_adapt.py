@@ -3,14 +3,16 @@ run on simulated site exams written as DICOM."""
 from __future__ import annotations
 
 import argparse
-import shutil
+import functools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from scanside.training.sequence import adapt as A
+from scanside.training.sequence import uncertainty as U
 
 # the end-to-end runs render and fine-tune on CPU: minutes on a shared 2-core machine
 pytestmark = pytest.mark.timeout(900)
@@ -90,6 +92,7 @@ def test_adapt_from_the_agents_state_records_what_it_did(site, tmp_path, monkeyp
     store = ModelStore(user_dir=tmp_path / "user")
     base = store.resolve("sequence-classifier")
     monkeypatch.setattr(A, "beats", lambda c: c["n"] > 0)  # exercise the promotion path whatever the score
+    monkeypatch.setattr(U, "fit_class_ranges", functools.partial(U.fit_class_ranges, min_fit=3, min_threshold=2))
     summary = A.adapt(_args(state=state, max_sim_drop=1.0), store)
     assert summary["decision"] == "promoted", summary
     assert len(summary["exams_holdout"]) == 1 and len(summary["exams_train"]) == 2
@@ -100,6 +103,15 @@ def test_adapt_from_the_agents_state_records_what_it_did(site, tmp_path, monkeyp
     rec = new.metrics["adaptation"]
     assert rec["parent"] == base.ref and rec["exams_holdout"] == summary["exams_holdout"]
     assert "uncertainty" in new.postprocessing and (Path(new.root) / "uncertainty.npz").is_file()
+    # its own class input ranges, never the parent's (fitted on simulated series only); a three-exam site is
+    # below the default minimum series per class, so the minimum is lowered here to see them fitted
+    gate = new.postprocessing["uncertainty"]
+    fitted = gate["report"]["class_input_ranges"]
+    assert fitted and set(fitted) <= set(new.labels)
+    ranges = json.loads((Path(new.root) / gate["class_ranges_file"]).read_text())["ranges"]
+    assert set(ranges) == set(fitted) and all("site adaptation" in str(r["fitted_on"]) for r in ranges.values())
+    parent = json.loads((Path(base.root) / base.postprocessing["uncertainty"]["class_ranges_file"]).read_text())["ranges"]
+    assert all(ranges[k]["mean"] != parent[k]["mean"] for k in ranges if k in parent)
     card = (Path(new.root) / "MODEL_CARD.md").read_text()
     assert "## Site adaptation" in card and base.ref in card and summary["exams_holdout"][0] in card
     assert "fine-tuned at this site" in new.training_data and "parameters" in card and "~n/a" not in card

@@ -73,7 +73,7 @@ def test_fit_gate_flags_about_the_asked_quantile_of_held_out_series():
 
 
 def test_class_input_ranges_check_the_input_against_the_class_the_model_names():
-    from scanside.training.sequence.uncertainty import fit_class_ranges, input_statistics, statistic_names
+    from scanside.training.sequence.uncertainty import exam_halves, fit_class_ranges, input_statistics, statistic_names
 
     rng = np.random.default_rng(4)
     channels = ["whole", "detail"]
@@ -86,8 +86,8 @@ def test_class_input_ranges_check_the_input_against_the_class_the_model_names():
             y.append(k)
             exam.append(e)
     stats = input_statistics(xs, channels)
-    ranges = fit_class_ranges(stats, statistic_names(channels), np.array(y), np.array(exam), ["smooth", "noisy", "absent"],
-                              channels, "test")
+    ranges = fit_class_ranges(stats, statistic_names(channels), np.array(y), exam_halves(np.array(exam)),
+                              ["smooth", "noisy", "absent"], channels, "test")
     assert set(ranges.ranges) == {"smooth", "noisy"}  # a class without held-out series gets no range
     assert ranges.check(xs[0], "absent") is None
     assert ranges.check(xs[0], "smooth").in_range and ranges.check(xs[1], "noisy").in_range

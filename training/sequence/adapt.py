@@ -181,7 +181,8 @@ def adapt(args: argparse.Namespace, store: Any) -> Dict[str, Any]:
     from scanside.training.sequence.model import n_params
     from scanside.training.sequence.real import read_series
     from scanside.training.sequence.train import fit, predict
-    from scanside.training.sequence.uncertainty import fit_gate, install_gate
+    from scanside.training.sequence.uncertainty import (fit_class_ranges, fit_gate, input_channels, input_statistics,
+                                                        install_gate, statistic_names)
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -244,8 +245,18 @@ def adapt(args: argparse.Namespace, store: Any) -> Dict[str, Any]:
         probs = np.concatenate([predict(model, x_tr), p_new_s])
         groups = np.concatenate([np.zeros(len(y_tr), int), 1 + np.arange(len(y_sim))])  # half B: the check set
         fields, means, whiten = fit_gate(probs, feats, np.concatenate([y_tr, y_sim]), groups, n_classes=len(LABELS))
+        # the class input ranges of the site: fitted on the training series, thresholds from the held-out
+        # site exams and the simulated check set (the parent's ranges, fitted on simulated series only, would
+        # call the site's own series unlike anything validated)
+        chans = input_channels(cand)
+        x_rng = np.concatenate([x_tr, x_site[h], x_sim])
+        ranges = fit_class_ranges(input_statistics(x_rng, chans), statistic_names(chans),
+                                  np.concatenate([y_tr, y_site[h], y_sim]), np.arange(len(x_rng)) >= len(x_tr),
+                                  list(LABELS), chans, f"site adaptation of {base.ref}")
+        fields["report"]["class_input_ranges"] = {lab: r.threshold for lab, r in ranges.ranges.items()}
         cand = install_gate(cand, fields, means, whiten,
-                            f"site adaptation: {len(y_tr)} training series (site and replay) fit, {len(y_sim)} simulated check series set the thresholds")
+                            f"site adaptation: {len(y_tr)} training series (site and replay) fit, {len(y_sim)} simulated check series set the thresholds",
+                            ranges if ranges.ranges else None)
         metrics = dict(cand.metrics)
         metrics["adaptation"] = {**summary, "decision": "promoted", "measured_at": _now()}
         data = (f"{base.ref} ({base.training_data or 'see its card'}), then fine-tuned at this site on "

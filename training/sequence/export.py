@@ -297,9 +297,11 @@ def _class_ranges_lines(m: ModelManifest, u: dict, r: dict) -> list:
     cost = (f" On the evaluation's fresh simulated series the whole gate answers `uncertain` on "
             f"{gate['uncertain_rate']:.1%} of {gate['n']}." if gate.get("n") else "")
     return [f"- Class input range ({u['class_ranges_file']}): the prepared input's statistics (intensity percentiles, "
-            "gradient, high-frequency share, channel correlations; scanside.engines.tasks.input_range) against held-out "
-            "simulated series of the class the model names; beyond the class' threshold (1.25x the largest distance of "
-            f"the threshold half: {thr}) the label is `uncertain` with the statistics that are out.{cost}"]
+            "gradient, high-frequency share, channel correlations; scanside.engines.tasks.input_range) against the fit "
+            "series of the class the model names (held-out simulated series; for a site-adapted version the site's own "
+            "and the replay); beyond the class' threshold (1.25x the largest distance of the threshold series: "
+            f"{thr}) the label is `uncertain` with the statistics that are out. A class without a threshold here had "
+            f"too few series to measure a spread and is not range-checked.{cost}"]
 
 
 def load_from_onnx(path: Path) -> SeqResNet3d:

@@ -92,8 +92,7 @@ def fit_gate(probs: np.ndarray, feats: np.ndarray, y: np.ndarray, exam: np.ndarr
     simulated series are where the model is right, so a temperature fitted there sharpens it (1.4.0,
     trained with label smoothing: T = 0.47), and on real series, where it is wrong far more often, the
     sharpened wrong answers crossed the LABEL_MISMATCH threshold (false alerts on ProstateX-0218: 3 -> 4)."""
-    ex = np.unique(exam)
-    half_b = np.isin(exam, ex[1::2])
+    half_b = exam_halves(exam)
     a, b = ~half_b, half_b
     t_fit = fit_temperature(probs[a], y[a])
     t = max(t_fit, min_temperature)
@@ -144,16 +143,22 @@ def input_statistics(xs: Sequence[np.ndarray], channels: Sequence[str]) -> np.nd
                     np.float64)
 
 
-def fit_class_ranges(stats: np.ndarray, names: Sequence[str], y: np.ndarray, exam: np.ndarray, labels: Sequence[str],
-                     channels: Sequence[str], fitted_on: str) -> ClassInputRanges:
-    """Per class with enough held-out series: the input range from half A of the exams, its threshold from half B."""
-    ex = np.unique(exam)
-    half_b = np.isin(exam, ex[1::2])
+def exam_halves(exam: np.ndarray) -> np.ndarray:
+    """True for the series of every other exam: the half that sets thresholds (fit_gate's split)."""
+    return np.isin(exam, np.unique(exam)[1::2])
+
+
+def fit_class_ranges(stats: np.ndarray, names: Sequence[str], y: np.ndarray, threshold_half: np.ndarray,
+                     labels: Sequence[str], channels: Sequence[str], fitted_on: str, min_fit: int = 10,
+                     min_threshold: int = 5) -> ClassInputRanges:
+    """Per class with enough series (``min_fit`` to fit, ``min_threshold`` in ``threshold_half``): the input range
+    from the series outside ``threshold_half``, its threshold from those in it. A class with fewer gets no
+    range (it is not range-checked): a few series give no spread to measure against."""
     ranges = {}
     for k, lab in enumerate(labels):
-        fit = [dict(zip(names, r)) for r in stats[(y == k) & ~half_b]]
-        val = [dict(zip(names, r)) for r in stats[(y == k) & half_b]]
-        if len(fit) >= 10 and len(val) >= 5:
+        fit = [dict(zip(names, r)) for r in stats[(y == k) & ~threshold_half]]
+        val = [dict(zip(names, r)) for r in stats[(y == k) & threshold_half]]
+        if len(fit) >= min_fit and len(val) >= min_threshold:
             ranges[lab] = fit_input_range(fit, val, channels, fitted_on={"class": lab, "fit_series": len(fit),
                                                                          "threshold_series": len(val), "data": fitted_on})
     return ClassInputRanges(channels=list(channels), ranges=ranges)
@@ -260,7 +265,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  f"every third the held-out protocol variant), split by exam: half fits T and the feature statistics, "
                  f"half sets the thresholds")
     channels = input_channels(manifest)
-    ranges = fit_class_ranges(stats, statistic_names(channels), y, exams, list(manifest.labels or []), channels, fitted_on)
+    ranges = fit_class_ranges(stats, statistic_names(channels), y, exam_halves(exams), list(manifest.labels or []),
+                              channels, fitted_on)
     fields["report"]["class_input_ranges"] = {lab: r.threshold for lab, r in ranges.ranges.items()}
     m = install_gate(manifest, fields, means, whiten, fitted_on, ranges)
     from scanside.training.sequence.export import write_card
