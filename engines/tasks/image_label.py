@@ -73,14 +73,25 @@ class UncertaintyGate(BaseModel):
             return None
         from pathlib import Path
 
-        from scanside.engines.manifest import IntegrityError, sha256_file
+        from scanside.engines.manifest import verify_sha256
 
         path = Path(root) / self.stats_file
-        actual = sha256_file(path) if path.is_file() else None
-        if self.stats_sha256 and actual != self.stats_sha256:
-            raise IntegrityError(path, self.stats_sha256, actual)
+        if self.stats_sha256:
+            verify_sha256(path, self.stats_sha256)
         with np.load(path) as z:
             return np.asarray(z["means"], np.float64), np.asarray(z["whiten"], np.float64)
+
+    def load_ranges(self, root: Any) -> Optional["ClassInputRanges"]:
+        if not self.class_ranges_file or root is None:
+            return None
+        from pathlib import Path
+
+        from scanside.engines.manifest import verify_sha256
+
+        path = Path(root) / self.class_ranges_file
+        if self.class_ranges_sha256:
+            verify_sha256(path, self.class_ranges_sha256)
+        return ClassInputRanges.model_validate_json(path.read_text(encoding="utf-8"))
 
 
 class ClassInputRanges(BaseModel):
@@ -98,18 +109,6 @@ class ClassInputRanges(BaseModel):
         r = self.ranges.get(label)
         return None if r is None else r.check(x)
 
-    @classmethod
-    def load_file(cls, path: Any, sha256: Optional[str]) -> "ClassInputRanges":
-        import json
-        from pathlib import Path
-
-        from scanside.engines.manifest import IntegrityError, sha256_file
-
-        path = Path(path)
-        actual = sha256_file(path) if path.is_file() else None
-        if sha256 and actual != sha256:
-            raise IntegrityError(path, sha256, actual)
-        return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
 
 
 def calibrated(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -171,11 +170,7 @@ class ImageClassifier:
         raw = (m.postprocessing or {}).get("uncertainty")
         self._gate = UncertaintyGate.model_validate(raw) if raw else UncertaintyGate()
         self._ood = self._gate.load_stats(m.root) if raw and m.root else None
-        if self._gate.class_ranges_file and m.root:
-            from pathlib import Path
-
-            self._ranges = ClassInputRanges.load_file(Path(m.root) / self._gate.class_ranges_file,
-                                                      self._gate.class_ranges_sha256)
+        self._ranges = self._gate.load_ranges(m.root)
         if self._ood is not None and self._gate.feature_output not in {o.name for o in m.outputs}:
             raise ImageLabelError("bad_model", f"{m.ref}: no output {self._gate.feature_output!r} for its OOD score")
 

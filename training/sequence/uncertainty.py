@@ -164,15 +164,10 @@ def fit_class_ranges(stats: np.ndarray, names: Sequence[str], y: np.ndarray, thr
     return ClassInputRanges(channels=list(channels), ranges=ranges)
 
 
-def heldout_outputs(clf: Any, seeds: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Render the held-out exams (both protocol variants, every vendor style) and run the model:
-    raw probabilities, features, labels and exam seed per series (``heldout_inputs`` keeps the inputs)."""
-    probs, feats, y, exams, _ = heldout_inputs(clf, seeds)
-    return probs, feats, y, exams
-
-
 def heldout_inputs(clf: Any, seeds: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """heldout_outputs and the prepared inputs' statistics (N, F) (columns: ``statistic_names``)."""
+    """Render the held-out exams (both protocol variants, every vendor style) and run the model: raw
+    probabilities, features, labels, exam seed and the prepared input's statistics (N, F; columns:
+    ``statistic_names``) per series."""
     from scanside.training.sequence.data import LABEL_INDEX, exam_samples
     from scanside.training.sequence.protocols import VENDORS
 
