@@ -59,6 +59,10 @@ def _short(key: str) -> str:
 _DWI = {"DWI_Low", "DWI_High"}
 
 
+def _name(s: SeriesSummary) -> str:
+    return f"series {s.series_number if s.series_number is not None else '?'}{(' ' + s.part) if s.part else ''}"
+
+
 def raises_mismatch(summary: SeriesSummary, image: Any, settings: Any) -> bool:
     """The LABEL_MISMATCH rule: image and header disagree, both are sure, the image label is not uncertain
     (the model's calibrated gate: it does not know), and the disagreement is one pixels can tell: not low- vs
@@ -97,6 +101,8 @@ class Analyzer(Sink):
         self._glands: "OrderedDict[str, Any]" = OrderedDict()  # T2W series_id:revision -> GlandResult | None
         # series_id:revision -> decoded Volume: labelling, the gland and triage share one decode per series
         self._volumes: "OrderedDict[str, Any]" = OrderedDict()
+        # series_id:revision -> the network's own label (before the diffusion physics), for the series of one grid
+        self._network_labels: "OrderedDict[str, Any]" = OrderedDict()
         self._checker: Any = None
         self._unavailable: dict[str, str] = {}  # model -> why it is not used (logged once)
         self.shadow = ShadowPolicy(config)
@@ -229,18 +235,56 @@ class Analyzer(Sink):
         part = self._part(s)
         if part is None:
             return
-        image = clf.classify(self._volume(s, part))
-        agree = image.label == s.label
-        key = f"series_classified:{s.series_id}:r{s.revision}"
+        volume = self._volume(s, part)
+        network = clf.classify(volume)
+        self._network_labels[f"{s.series_id}:r{s.revision}"] = network
+        while len(self._network_labels) > 4 * VOLUMES_KEPT:
+            self._network_labels.popitem(last=False)
+        placed = self._with_physics(clf, s, volume, network)
+        events = self._classified(s, placed[s.series_id], f"series_classified:{s.series_id}:r{s.revision}")
+        # series of its grid the physics now places otherwise (the DWI images in before their ADC map): a new label
+        for other, image in placed.items():
+            if other == s.series_id or image.diffusion is None:
+                continue
+            row = self.store.read_model.series_row(other)  # not labelled yet: it will be, physics included, when delivered
+            if row is None or row.summary is None or row.classification is None or row.classification.image_label == image.label:
+                continue
+            o = row.summary
+            events += self._classified(o, image, f"series_classified:{o.series_id}:r{o.revision}:with:{s.series_id}:r{s.revision}")
+        self._record(*events)
+
+    def _with_physics(self, clf: ImageClassifier, s: SeriesSummary, volume: Any, network: Any) -> dict[str, Any]:
+        """The labels of ``s`` and of the exam's other series on its voxel grid once the diffusion physics has
+        looked at them together (ImageClassifier.with_physics, as every evaluation): only series of the
+        same matrix, pixel spacing and plane are decoded to find the grid."""
+        labels, volumes, names = {s.series_id: network}, {s.series_id: volume}, {s.series_id: _name(s)}
+        for o in self._latest_series(s.study_uid).values():
+            if (o.series_id == s.series_id or not classifier_inputs([o]) or (o.rows, o.columns, o.plane, o.pixel_spacing_mm)
+                    != (s.rows, s.columns, s.plane, s.pixel_spacing_mm)):
+                continue
+            v = self._volume(o)
+            if v is None or v.shape != volume.shape:
+                continue
+            key = f"{o.series_id}:r{o.revision}"
+            if key not in self._network_labels:  # after a restart: the network again, on the same pixels
+                self._network_labels[key] = clf.classify(v)
+            labels[o.series_id], volumes[o.series_id], names[o.series_id] = self._network_labels[key], v, _name(o)
+        if len(labels) < 3:
+            return labels
+        return clf.with_physics(labels, volumes, names)
+
+    def _classified(self, s: SeriesSummary, image: Any, key: str) -> list[Any]:
+        """SeriesClassified for ``s`` and, where the LABEL_MISMATCH rule says so, its alert."""
         events: list[Any] = [SeriesClassified(
             key=key, study_uid=s.study_uid, series_id=s.series_id, series_number=s.series_number,
             header_label=s.label, image_label=image.label,  # type: ignore[arg-type]
             image_confidence=image.confidence, probabilities=image.probabilities, model=image.model,
-            backend=image.backend, agree=agree, image_predicted=image.predicted,  # type: ignore[arg-type]
-            ood_score=image.ood_score, uncertain_reason=image.uncertain_reason,
+            backend=image.backend, agree=image.label == s.label, image_predicted=image.predicted,  # type: ignore[arg-type]
+            ood_score=image.ood_score, uncertain_reason=image.uncertain_reason, diffusion=image.diffusion,
+            revises=":with:" in key,
         )]
         if raises_mismatch(s, image, self.settings):
-            mkey = f"label_mismatch:{s.series_id}:r{s.revision}"
+            mkey = key.replace("series_classified:", "label_mismatch:", 1)
             events.append(LabelMismatch(
                 key=mkey, alert_id=_short(mkey), study_uid=s.study_uid, series_id=s.series_id,
                 series_number=s.series_number, header_label=s.label, header_confidence=s.label_confidence,
@@ -249,7 +293,7 @@ class Analyzer(Sink):
                 message=(f"Series {s.series_number or ''} '{s.series_description}' is {display_name(s.label)} by its header "
                          f"but looks like {display_name(image.label)} ({image.confidence:.0%}): check the series before relying on it."),
             ))
-        self._record(*events)
+        return events
 
     # ------------------------------------------------------------------ gland
     def _volume(self, summary: SeriesSummary, part: Any = None) -> Any:

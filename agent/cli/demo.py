@@ -51,8 +51,9 @@ def describe(event: Event) -> str:
         return f"PROTOCOL {event.severity.upper()} {event.code}{where}: {event.message}"
     if event.type == "series_classified":
         verdict = "agrees" if event.agree else f"DISAGREES (header says {display_name(event.header_label)})"
+        why = " by its diffusion physics" if event.diffusion and event.image_label != "uncertain" else ""
         return (f"series {event.series_number or '-':>4} image model says {display_name(event.image_label)} "
-                f"({event.image_confidence:.0%}): {verdict}")
+                f"({event.image_confidence:.0%}){why}: {verdict}")
     if event.type == "label_mismatch":
         return f"LABEL MISMATCH series {event.series_number}: {event.message}"
     if event.type == "triage_result":

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from scanside.agent.schema.taxonomy import OtherKind, Plane, SequenceLabel
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: series_classified.diffusion and .revises
 
 
 def utc_now() -> str:
@@ -150,6 +150,10 @@ class SeriesClassified(EventBase):
     image_predicted: Optional[SequenceLabel] = Field(None, description="the most probable class, also when uncertain")
     ood_score: Optional[float] = Field(None, description="feature distance / its threshold (> 1: out of distribution)")
     uncertain_reason: Optional[str] = None
+    diffusion: Optional[str] = Field(None, description="what the diffusion physics across the series of its voxel grid "
+                                                       "said of it (an ADC map, or a diffusion-weighted image of one), where it placed the series")
+    revises: bool = Field(False, description="a later label for the same series revision: the diffusion physics placed it "
+                                             "once another series of its grid (its ADC map) came in; it replaces the earlier one")
 
 
 class LesionFinding(BaseModel):

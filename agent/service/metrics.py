@@ -177,7 +177,7 @@ class AgentMetrics:
         elif ev.type == "triage_result":
             self.triage.labels(_label(ev.recommendation, {"DCE_ADVISED", "BPMRI_SUFFICIENT", "NOT_ASSESSED"})).inc()
             self._image_result(ev.model, ev.recommendation != "NOT_ASSESSED", ev.shadow)
-        elif ev.type == "series_classified":
+        elif ev.type == "series_classified" and not ev.revises:  # a series counts once, by its first label
             self._image_result(ev.model, ev.agree, False)
             if ev.image_label == "uncertain":
                 self.image_uncertain.labels(_label(ev.model.split("/")[0].split("@")[0])).inc()

@@ -7,13 +7,15 @@ One volume per logical series (scanside.agent.dicom.series.SeriesPart): ``select
 * one temporal phase of a dynamic series (the middle one of those present),
 * one frame per slice position (the isotropic/trace image where directional ones share it).
 Then scanside.agent.dicom.volume.load_volume -> scanside.engines.preprocess.prepare (the manifest's PreprocessSpec) ->
-engine. Runtime dependencies only (numpy, onnxruntime through engines); no torch.
+engine. Across the series of one exam, ``ImageClassifier.with_physics`` then lets the diffusion physics
+(scanside.engines.tasks.diffusion) settle what pixels can prove: which series is an ADC map, which images decay
+along it and by how much. Runtime dependencies only (numpy, onnxruntime through engines); no torch.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -22,6 +24,7 @@ from scanside.agent.dicom.frames import FrameSelectionError, select_frames
 from scanside.agent.dicom.header import FrameInfo, FrameRef
 from scanside.agent.dicom.volume import Volume, VolumeError, load_volume
 from scanside.engines.manifest import ModelManifest
+from scanside.engines.tasks.diffusion import DiffusionRole, diffusion_roles
 from scanside.engines.tasks.input_range import InputRange, RangeCheck
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,8 @@ class ImageLabel(BaseModel):
     input_range_score: Optional[float] = Field(None, description="distance of the input's statistics from the held-out "
                                                                  "series of the predicted class, divided by its threshold (> 1: unlike them)")
     uncertain_reason: Optional[str] = None
+    diffusion: Optional[str] = Field(None, description="what the diffusion physics across the series of its grid said "
+                                                       "(scanside.engines.tasks.diffusion), where it placed the series")
 
     @property
     def uncertain(self) -> bool:
@@ -277,3 +282,48 @@ class ImageClassifier:
         x = self.prepare(vol)[None]
         probs, ood = self.outputs(x)
         return self.label_of(probs[0], n, None if ood is None else float(ood[0]), self.input_check(x[0], probs[0]))
+
+    def with_diffusion(self, label: ImageLabel, role: Optional[DiffusionRole], names: Optional[Mapping[str, str]] = None) -> ImageLabel:
+        """The label once the diffusion physics has placed the series (scanside.engines.tasks.diffusion): an ADC
+        map, or a high-b image by its measured b-step, is what the physics says, whatever the network made of it
+        (the fit's correlation stands for the confidence); for the other images of a ladder the physics settles
+        "diffusion-weighted" and the network tells low from high b, its calibrated probabilities of the two
+        renormalised against the gate's threshold. No role: the label as it was."""
+        if role is None:
+            return label
+        evidence = role.evidence(names)
+        if role.kind == "ADC" or role.high_b:
+            lab = "ADC" if role.kind == "ADC" else "DWI_High"
+            return label.model_copy(update={"label": lab, "predicted": lab, "confidence": round(float(role.fit), 4),
+                                            "uncertain_reason": None, "diffusion": evidence})
+        low, high = label.probabilities.get("DWI_Low", 0.0), label.probabilities.get("DWI_High", 0.0)
+        if low + high <= 1e-6:
+            return label.model_copy(update={"diffusion": evidence})
+        lab = "DWI_Low" if low >= high else "DWI_High"
+        conf = max(low, high) / (low + high)
+        floor = self.gate.min_confidence
+        why = None if conf >= floor else f"a diffusion-weighted image by its physics; low vs high b: confidence {conf:.2f} below {floor:.2f}"
+        return label.model_copy(update={"label": UNCERTAIN if why else lab, "predicted": lab, "confidence": round(float(conf), 4),
+                                        "uncertain_reason": why, "diffusion": evidence})
+
+    def with_physics(self, labels: Mapping[str, ImageLabel], volumes: Mapping[str, Volume],
+                     names: Optional[Mapping[str, str]] = None) -> Dict[str, ImageLabel]:
+        """The labels of one exam's series (keyed by the caller) once the diffusion physics has looked at every
+        grid two or more of them share: the daemon and every evaluation call this, so both label an exam
+        the same way."""
+        out = dict(labels)
+        for keys in same_grid(volumes).values():
+            roles = diffusion_roles({k: volumes[k].array for k in keys})
+            for k, role in roles.items():
+                if k in out:
+                    out[k] = self.with_diffusion(out[k], role, names)
+        return out
+
+
+def same_grid(volumes: Mapping[str, Volume]) -> Dict[tuple, List[str]]:
+    """Keys of volumes on one voxel grid (shape and affine to 0.01 mm), for the grids two or more share: a
+    diffusion acquisition's images and the maps fitted from them."""
+    groups: Dict[tuple, List[str]] = {}
+    for k, v in volumes.items():
+        groups.setdefault((v.shape, tuple(np.round(v.affine, 2).ravel().tolist())), []).append(k)
+    return {g: ks for g, ks in groups.items() if len(ks) > 1}

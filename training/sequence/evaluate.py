@@ -93,26 +93,35 @@ def _truth(s, key: str) -> Optional[str]:
 
 
 def run_parts(clf, parts: List[dict], batch: int = 16) -> List[dict]:
-    """Classify each part through the runtime path; failures are recorded, not raised."""
+    """Classify the parts of one exam through the runtime path, the diffusion physics across them included
+    (ImageClassifier.with_physics, as the daemon labels an exam): ``pred`` is the label's most probable class
+    after the physics, ``pred_network`` the network's alone; failures are recorded, not raised."""
     from scanside.engines.tasks.image_label import ImageLabelError
 
-    rows, xs, pending = [], [], []
+    rows, xs, pending, volumes = [], [], [], {}
     cache: dict = {}
-    for p in parts:
+    for i, p in enumerate(parts):
         try:
             vol, n = clf.volume_of(p["part"], cache=cache)
             xs.append(clf.prepare(vol))
-            pending.append(dict(p, frames=n))
+            pending.append(dict(p, frames=n, _key=i))
+            volumes[i] = vol
         except ImageLabelError as e:
             rows.append(dict(p, pred=None, error=e.reason))
         cache.clear()
+    gated: Dict[int, Any] = {}
     for i in range(0, len(xs), batch):
         probs, ood = clf.outputs(np.stack(xs[i:i + batch]))
         for j, (r, pr) in enumerate(zip(pending[i:i + batch], probs)):
             # the gate's verdict too (ImageClassifier.classify's): what it costs on simulated series
-            gated = clf.label_of(pr, ood=None if ood is None else float(ood[j]), input_check=clf.input_check(xs[i + j], pr))
-            rows.append(dict(r, pred=clf.manifest.labels[int(np.argmax(pr))], confidence=float(pr.max()),
-                             uncertain=gated.uncertain))
+            gated[r["_key"]] = clf.label_of(pr, ood=None if ood is None else float(ood[j]),
+                                            input_check=clf.input_check(xs[i + j], pr))
+    final = clf.with_physics(gated, volumes)
+    for r in pending:
+        k = r.pop("_key")
+        net, img = gated[k], final[k]
+        rows.append(dict(r, pred=img.predicted, confidence=float(img.confidence), uncertain=img.uncertain,
+                         pred_network=net.predicted, uncertain_network=net.uncertain, diffusion=img.diffusion is not None))
     return rows
 
 
@@ -164,6 +173,10 @@ def evaluate_model(store, manifest, options) -> dict:
     gate = {"n": len(gated), "uncertain_rate": round(float(np.mean([r["uncertain"] for r in gated])), 4) if gated else None,
             "accuracy_answered": round(float(np.mean([r["pred"] == r["label"] for r in gated if not r["uncertain"]])), 4)
             if any(not r["uncertain"] for r in gated) else None}
+    # the network alone (before the diffusion physics): what the model's weights do by themselves
+    network = {"accuracy": round(float(np.mean([r["pred_network"] == r["label"] for r in gated])), 4) if gated else None,
+               "uncertain_rate": round(float(np.mean([r["uncertain_network"] for r in gated])), 4) if gated else None,
+               "placed_by_physics": sum(r["diffusion"] for r in gated)}
     m_all = result.get("all", {})
     passed = bool(m_all) and m_all["accuracy"] >= FLOOR["accuracy"] and m_all["kappa"] >= FLOOR["kappa"]
     report = {
@@ -172,7 +185,7 @@ def evaluate_model(store, manifest, options) -> dict:
         "seconds_simulation": round(t_sim, 1), "seconds_inference": round(t_inf, 1),
         "floor": FLOOR, "target": TARGET, "passed": passed,
         "metrics": {k: result[k] for k in ("all", "train_protocols", "heldout_variant") if k in result},
-        "gate": gate,
+        "gate": gate, "network": network,
         "errors": errors,
     }
     if options.write:

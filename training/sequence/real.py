@@ -84,22 +84,40 @@ def _exam_key(study_uid: str) -> str:
 
 
 def classify_series(clf: Any, series: List[Tuple[Any, Any]], labels: Dict[str, str]) -> List[dict]:
+    """One row per series: the classifier on each series' volume, then the diffusion physics across the
+    series of each exam (ImageClassifier.with_physics, as the daemon does once the exam's series are in)."""
     from scanside.engines.tasks.image_label import ImageLabelError
 
-    rows = []
+    rows: List[dict] = []
+    by_exam: Dict[str, List[Tuple[Any, Any]]] = {}
     for s, part in series:
-        ref = labels.get(s.series_id, labels.get(s.series_uid))
-        row = dict(exam=_exam_key(s.study_uid), series_number=s.series_number, description=s.series_description,
-                   part=s.part, plane=s.plane, header=s.label, header_confidence=s.label_confidence,
-                   reference=ref or s.label, reference_source="labels file" if ref else "header")
-        try:
-            img = clf.classify(part)
-            row.update(image=img.label, predicted=img.predicted, confidence=round(img.confidence, 4),
-                       ood_score=img.ood_score, uncertain_reason=img.uncertain_reason,
-                       alert=would_alert(s, img))
-        except ImageLabelError as e:
-            row.update(image=None, predicted=None, confidence=None, error=e.reason, alert=False)
-        rows.append(row)
+        by_exam.setdefault(s.study_uid, []).append((s, part))
+    for exam in by_exam.values():
+        volumes: Dict[str, Any] = {}
+        images: Dict[str, Any] = {}
+        failed: Dict[str, str] = {}
+        for s, part in exam:
+            try:
+                vol, _ = clf.volume_of(part)
+                images[s.series_id] = clf.classify(vol)
+                volumes[s.series_id] = vol
+            except ImageLabelError as e:
+                failed[s.series_id] = e.reason
+        names = {s.series_id: f"series {s.series_number} {s.part}".strip() for s, _ in exam}
+        images = clf.with_physics(images, volumes, names)
+        for s, _ in exam:
+            ref = labels.get(s.series_id, labels.get(s.series_uid))
+            row = dict(exam=_exam_key(s.study_uid), series_number=s.series_number, description=s.series_description,
+                       part=s.part, plane=s.plane, header=s.label, header_confidence=s.label_confidence,
+                       reference=ref or s.label, reference_source="labels file" if ref else "header")
+            img = images.get(s.series_id)
+            if img is None:
+                row.update(image=None, predicted=None, confidence=None, error=failed.get(s.series_id), alert=False)
+            else:
+                row.update(image=img.label, predicted=img.predicted, confidence=round(img.confidence, 4),
+                           ood_score=img.ood_score, uncertain_reason=img.uncertain_reason, diffusion=img.diffusion,
+                           alert=would_alert(s, img))
+            rows.append(row)
     return rows
 
 

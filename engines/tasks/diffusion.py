@@ -1,0 +1,155 @@
+"""Diffusion physics across the series that share one image grid: which is the ADC map, and which
+diffusion-weighted images hang on it, from pixels alone (no header field).
+
+A diffusion-weighted signal decays as S(b) = S0 exp(-b D), and an ADC map holds D voxel by voxel. So
+for two images of one acquisition, ln(S_i / S_j) = (b_j - b_i) D: against the ADC map, a straight line
+through the origin, whatever the anatomy, field strength, coil or vendor. No simulator enters this; it
+is why it holds on real scans where the sequence classifier (trained on phantoms) does not (issue 18:
+three real Siemens ADC maps read as low-b DWI, a calculated b1600 as fat-suppressed T2W).
+
+* **ADC map**: a series for which some pair of other series on its grid gives ln(S_i / S_j) with a
+  correlation of at least ``ADC_MIN_FIT`` and an intercept within ``ADC_MAX_INTERCEPT`` of the line's
+  height (measured on the real ProstateX exam: 0.998-0.999 for its two ADC maps, at most 0.78 for any
+  other series; a map of another quantity, an FA map or a DCE phase, does not follow the decay).
+* **its ladder**: the brighter image of that pair (the least diffusion-weighted, the reference) and every
+  image X whose ln(S_ref / S_X) follows the map (correlation >= ``MEMBER_MIN_FIT``, intercept within
+  ``MEMBER_MAX_INTERCEPT`` in log units: an image of another acquisition, scaled differently, has an
+  offset and is left out). Its b-value above the reference's is the median of ln(S_ref / S_X) / D.
+* **units**: ADC maps are stored in 10^-3, 10^-5 or 10^-6 mm^2/s and so on; the power of ten that puts
+  the map's median inside tissue near 1e-3 mm^2/s (pelvic tissue 0.8-2e-3, urine 3e-3) is the unit.
+
+What the b-value step measures is not exact: decay is not mono-exponential (perfusion at low b, kurtosis
+at high b), so an ADC map fitted on other b-values over-estimates the step, by +4 % at b0->b800 and +24 %
+at b0->b400 on ProstateX's 4-b map, +74 % at b100->b500 on its map fitted at high b. An image is therefore
+called high-b from the physics alone only when its step is at least ``HIGH_B_STEP`` (2x the 500 s/mm^2
+boundary: the reference's own b-value is at least 0); below that the physics says only "a
+diffusion-weighted image of this ladder" and leaves low vs high b to the classifier.
+Numpy only (runtime path).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Dict, Literal, Mapping, Optional
+
+import numpy as np
+
+ADC_MIN_FIT = 0.9
+ADC_MAX_INTERCEPT = 0.1
+MEMBER_MIN_FIT = 0.9
+MEMBER_MAX_INTERCEPT = 0.2
+HIGH_B_STEP = 1000.0
+TISSUE_ADC = 1e-3  # mm^2/s, the unit's anchor
+MIN_STEP, MAX_STEP = 50.0, 5000.0  # s/mm^2: an ADC pair's implied b-step outside this is not diffusion
+MAX_VOXELS = 60_000  # evenly spaced voxels per fit: enough for a correlation, fast on a CPU
+MIN_VOXELS = 500
+
+
+@dataclass(frozen=True)
+class DiffusionRole:
+    """What the physics says of one series of a grid."""
+
+    kind: Literal["ADC", "DWI"]
+    fit: float  # correlation of the fit that placed it
+    adc: str  # key of the ADC map (itself for kind ADC)
+    reference: str  # key of the ladder's least diffusion-weighted image
+    b_step: float = 0.0  # DWI: its b-value above the reference's, s/mm^2 (0 for the reference)
+    unit: float = 1e6  # ADC map value per mm^2/s
+
+    @property
+    def high_b(self) -> bool:
+        return self.kind == "DWI" and self.b_step >= HIGH_B_STEP
+
+    def evidence(self, names: Optional[Mapping[str, str]] = None) -> str:
+        n = (names or {}).get
+        ref, adc = n(self.reference) or self.reference, n(self.adc) or self.adc
+        if self.kind == "ADC":
+            return (f"diffusion physics: ln(S/S') of the series' diffusion images follows this map voxel by voxel "
+                    f"(r={self.fit:.3f}, against {ref}): an ADC map")
+        if self.b_step == 0.0:
+            return f"diffusion physics: the least diffusion-weighted image of the ladder the ADC map {adc} was fitted on"
+        return (f"diffusion physics: decays from {ref} as ADC map {adc} says (r={self.fit:.3f}), "
+                f"b about {self.b_step:.0f} s/mm^2 above it")
+
+
+def _sample(a: np.ndarray) -> np.ndarray:
+    flat = np.asarray(a, np.float64).ravel()
+    step = max(1, flat.size // MAX_VOXELS)
+    return np.nan_to_num(flat[::step], nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Correlation, slope and intercept of y against x."""
+    sx, sy = float(x.std()), float(y.std())
+    if sx <= 0 or sy <= 0:
+        return 0.0, 0.0, 0.0
+    r = float(np.mean((x - x.mean()) * (y - y.mean())) / (sx * sy))
+    slope = r * sy / sx
+    return r, slope, float(y.mean() - slope * x.mean())
+
+
+def _decay(adc: np.ndarray, bright: np.ndarray, dark: np.ndarray) -> Optional[tuple[float, float, float, np.ndarray]]:
+    """ln(bright / dark) against the map over the voxels where both carry signal: (correlation, slope,
+    intercept, the map's values there), None with too few voxels."""
+    m = (bright > np.percentile(bright, 50)) & (dark > 0.5 * np.percentile(dark, 50)) & (dark > 0) & (adc > 0)
+    if int(m.sum()) < MIN_VOXELS:
+        return None
+    a, r = adc[m], np.log(bright[m] / dark[m])
+    c, slope, icpt = _line(a, r)
+    return c, slope, icpt, a
+
+
+def unit_of(adc_values: np.ndarray) -> float:
+    """Map value per mm^2/s: the power of ten that puts the median near TISSUE_ADC."""
+    med = float(np.median(adc_values))
+    return float(10.0 ** round(np.log10(max(med, 1e-12) / TISSUE_ADC)))
+
+
+def diffusion_roles(images: Mapping[str, np.ndarray]) -> Dict[str, DiffusionRole]:
+    """Roles of the series of one grid (arrays of one shape, keyed by the caller). Series the physics
+    says nothing of are left out."""
+    keys = [k for k, a in images.items() if np.asarray(a).size >= MIN_VOXELS]
+    if len(keys) < 3 or len({np.asarray(images[k]).shape for k in keys}) != 1:
+        return {}
+    s = {k: _sample(images[k]) for k in keys}
+    mean = {k: float(v.mean()) for k, v in s.items()}
+    maps: Dict[str, tuple[float, str, float]] = {}  # ADC map -> (fit, reference, unit)
+    for cand in keys:
+        best: Optional[tuple[float, str]] = None
+        for i, j in itertools.permutations([k for k in keys if k != cand], 2):
+            if mean[i] <= mean[j]:
+                continue
+            fit = _decay(s[cand], s[i], s[j])
+            if fit is None:
+                continue
+            c, slope, icpt, a = fit
+            med = float(np.median(a))
+            if c < ADC_MIN_FIT or slope <= 0 or abs(icpt) > ADC_MAX_INTERCEPT * slope * med:
+                continue
+            step = slope * unit_of(a)
+            if MIN_STEP <= step <= MAX_STEP and (best is None or c > best[0]):
+                best = (c, i)
+        if best is not None:
+            ref = best[1]
+            valid = (s[cand] > 0) & (s[ref] > np.percentile(s[ref], 50))
+            maps[cand] = (best[0], ref, unit_of(s[cand][valid]) if valid.any() else 1e6)
+    roles: Dict[str, DiffusionRole] = {k: DiffusionRole("ADC", fit, k, ref, unit=u) for k, (fit, ref, u) in maps.items()}
+    for adc, (_, ref, unit) in maps.items():
+        ladder = {ref: DiffusionRole("DWI", 1.0, adc, ref, 0.0, unit)}
+        for x in keys:
+            if x in maps or x == ref:
+                continue
+            fit = _decay(s[adc], s[ref], s[x])
+            if fit is None:
+                continue
+            c, slope, icpt, a = fit
+            if c < MEMBER_MIN_FIT or slope <= 0 or abs(icpt) > MEMBER_MAX_INTERCEPT:
+                continue
+            m = (s[ref] > np.percentile(s[ref], 50)) & (s[x] > 0.5 * np.percentile(s[x], 50)) & (s[x] > 0) & (s[adc] > 0)
+            step = float(np.median(np.log(s[ref][m] / s[x][m]) / (s[adc][m] / unit)))
+            ladder[x] = DiffusionRole("DWI", c, adc, ref, max(step, 0.0), unit)
+        for x, role in ladder.items():
+            held = roles.get(x)  # an image on two ladders keeps the one that measured its step, then the better fit
+            if x not in maps and (held is None or (role.b_step > 0, role.fit) > (held.b_step > 0, held.fit)):
+                roles[x] = role
+    return roles
