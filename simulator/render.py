@@ -583,7 +583,10 @@ def render_series(
         tables = np.stack([physics.diffusion(s0, cp.adc, b) for b in bvals])
         nb = len(bvals)
         parts = sampler.sample(np.concatenate([np.where(cp.fat, 0.0, tables), np.where(cp.fat, tables, 0.0)]))
-        parts *= bias[None]
+        # the scanner computes the ADC and calculated-b maps from the very images of the DWI series: the same
+        # coil sensitivity and, b-value by b-value, the same noise (a random state of the acquisition)
+        parts *= (_bias(sampler.lps, centre, art.bias_field, _acquisition_rng(phantom, spec, 0xB1A5))
+                  * _texture(geom, phantom.seed, art.texture))[None]
         gland = np.asarray(phantom.prostate_center_lps_mm, dtype=np.float64)
         clean = _epi(parts[:nb], parts[nb:], geom, spec.plane, art, field_strength_t, gland, sampler.lps,
                      _acquisition_rng(phantom, spec, 0xE91))
@@ -593,11 +596,12 @@ def render_series(
         traces, directional = [], []
         for q, b in enumerate(bvals):
             sig = noise_sigma(spec, field_strength_t, art, n_avg=_dwi_nex(b))
+            brng = _acquisition_rng(phantom, spec, 0xD0000 + int(round(b)))
             if b <= 0:
-                traces.append(_rician(clean[q], sig, rng))
+                traces.append(_rician(clean[q], sig, brng))
                 directional.append(None)
                 continue
-            d_imgs = np.stack([_rician(clean[q], sig, rng) for _ in range(ndir)])
+            d_imgs = np.stack([_rician(clean[q], sig, brng) for _ in range(ndir)])
             traces.append(np.exp(np.mean(np.log(np.maximum(d_imgs, 1e-6)), axis=0)).astype(np.float32))
             directional.append(d_imgs)
         g = np.float32(se_scale * art.intensity_scale)

@@ -143,3 +143,22 @@ def test_on_the_real_prostatex_exam_the_physics_finds_its_maps_and_high_b_images
     assert all(named[k].summary.label in ("DWI_Low", "DWI_High", "ADC") for k in roles)
     assert HIGH_B_STEP > roles["8b800"].b_step > 500
 
+
+@pytest.mark.parametrize("vendor", ["siemens", "ge"])
+def test_the_simulators_maps_are_fitted_from_its_own_diffusion_images(tmp_path, vendor):
+    """As on a scanner, the simulated ADC map (and Siemens' calculated b-value) comes from the DWI series' very
+    images: same coil sensitivity, same noise. Before, each was rendered with noise of its own, and the physics
+    found none of them (r 0.38-0.95 on 12 simulated exams against 0.998-0.999 on real maps)."""
+    from scanside.agent.dicom.exam_reader import read_exams
+    from scanside.engines.tasks.image_label import same_grid
+    from scanside.simulator.scanner import simulate_exam
+
+    simulate_exam(vendor, tmp_path, seed=11, profile="prostate-bpmri")
+    (exam,) = read_exams([tmp_path])
+    vols = {es.series_id: es.volume() for es in exam.series if es.summary.label in ("DWI_Low", "DWI_High", "ADC")}
+    label = {es.series_id: es.summary.label for es in exam.series}
+    (grid,) = same_grid(vols).values()
+    roles = diffusion_roles({k: vols[k].array for k in grid})
+    assert {k for k, r in roles.items() if r.kind == "ADC"} == {k for k in grid if label[k] == "ADC"}
+    assert roles and all(r.fit > 0.99 for r in roles.values() if r.kind == "ADC")
+    assert all(label[k] == "DWI_High" for k, r in roles.items() if r.high_b)
