@@ -4,7 +4,8 @@
     python bench/bench_real_sequence.py [--real ../shared/realdata/prostate] [--models sequence-classifier@1.4.0,sequence-classifier@1.4.1,sequence-classifier]
                                         [--sim-exams-per-vendor 1] [--sim-seed 960000]
 
-For each model: `scanside models evaluate NAME --real DIR` (the daemon's read path; five-class and
+For each model: `scanside models evaluate NAME --real DIR` (the daemon's read path and labels, the diffusion
+physics across each exam's series included; five-class and
 all-class accuracy with `uncertain` counted wrong, accuracy of the most probable class, uncertain
 rate, confident and wrong, would-be false LABEL_MISMATCH alerts per exam) and the same model on a
 fresh simulated set (`scanside models evaluate NAME --exams-per-vendor N --seed S`, most probable
@@ -48,6 +49,7 @@ def measure(name: str, real: Path, sim_n: int, sim_seed: int) -> Dict[str, Any]:
         s = evaluate_model(store, m, EvaluateOptions(exams_per_vendor=sim_n, seed=sim_seed, workdir=work))
         out["simulated"] = {k: {"n": v["n"], "accuracy": round(v["accuracy"], 4)} for k, v in s["metrics"].items()}
         out["simulated"]["gate"] = s.get("gate")  # uncertain rate of the uncertainty gate on the fresh simulated set
+        out["simulated"]["network"] = s.get("network")  # the network alone, before the diffusion physics
         out["simulated"]["command"] = f"scanside models evaluate {name} --exams-per-vendor {sim_n} --seed {sim_seed}"
     return out
 

@@ -271,7 +271,11 @@ class Analyzer(Sink):
             labels[o.series_id], volumes[o.series_id], names[o.series_id] = self._network_labels[key], v, _name(o)
         if len(labels) < 3:
             return labels
-        return clf.with_physics(labels, volumes, names)
+        try:
+            return clf.with_physics(labels, volumes, names)
+        except Exception as exc:  # the network's labels stand; the failure is counted and logged
+            self._failed("label", f"diffusion physics for series {s.series_number}", exc)
+            return labels
 
     def _classified(self, s: SeriesSummary, image: Any, key: str) -> list[Any]:
         """SeriesClassified for ``s`` and, where the LABEL_MISMATCH rule says so, its alert."""

@@ -43,6 +43,7 @@ TISSUE_ADC = 1e-3  # mm^2/s, the unit's anchor
 MIN_STEP, MAX_STEP = 50.0, 5000.0  # s/mm^2: an ADC pair's implied b-step outside this is not diffusion
 MAX_VOXELS = 60_000  # evenly spaced voxels per fit: enough for a correlation, fast on a CPU
 MIN_VOXELS = 500
+MAX_SERIES = 16  # per grid: the pair search is cubic in it (a DWI acquisition and its maps are 3-12 series)
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def unit_of(adc_values: np.ndarray) -> float:
 def diffusion_roles(images: Mapping[str, np.ndarray]) -> Dict[str, DiffusionRole]:
     """Roles of the series of one grid (arrays of one shape, keyed by the caller). Series the physics
     says nothing of are left out."""
-    keys = [k for k, a in images.items() if np.asarray(a).size >= MIN_VOXELS]
+    keys = [k for k, a in images.items() if np.asarray(a).size >= MIN_VOXELS][:MAX_SERIES]
     if len(keys) < 3 or len({np.asarray(images[k]).shape for k in keys}) != 1:
         return {}
     s = {k: _sample(images[k]) for k in keys}

@@ -69,3 +69,41 @@ def test_the_daemon_labels_a_real_diffusion_acquisition_by_its_physics(tmp_path)
     assert len(rows) == 10
     for s, r in zip([s for s, _ in series if s.series_id in final], rows):
         assert r["image"] == final[s.series_id].image_label, (s.series_number, s.part)
+
+
+def test_a_real_adc_map_whose_header_says_dwi_is_caught_by_its_physics(tmp_path):
+    """The real 'ADC_high bvalue' map, its header rewritten as a b100 trace image (ImageType without ADC, a DWI
+    description: what a mis-mapped export or a PACS relabel leaves): the header path calls it low-b DWI, the
+    physics finds the decay of its acquisition's images along it, and LABEL_MISMATCH says so."""
+    import pydicom
+
+    folder = need(PROSTATEX)
+    files = [f for f in dicom_files(folder) if f.parent.name.startswith(("17.000000-", "18.000000-", "19.000000-"))]
+    lied = tmp_path / "relabelled"
+    lied.mkdir()
+    for f in dicom_files(folder):
+        if f.parent.name.startswith("21.000000-"):
+            ds = pydicom.dcmread(f)
+            ds.ImageType = ["DERIVED", "PRIMARY", "DIFFUSION", "TRACEW", "ND"]
+            ds.SeriesDescription = "ep2d-advdiff-3Scan-high bvalue 100"
+            ds.save_as(lied / f.name)
+            files.append(lied / f.name)
+    events = stream(files, tmp_path / "state")
+    completed = [e.series for e in events if e.type == "series_completed"]
+    relabelled = next(s for s in completed if s.series_number == 21)
+    assert relabelled.label == "DWI_Low"  # the header path believes the lie
+
+    config = load_config(**{"state.dir": str(tmp_path / "state"), "protocol.enabled": False, "analysis.triage": False,
+                            "gland.enabled": False})
+    store = StateStore(config.db_path)
+    analyzer = Analyzer(config, store, threading.Condition())
+    for e in events:
+        if e.type == "series_completed":
+            analyzer.deliver(e)
+    stored = store.events_after(0, limit=100_000)
+    store.close()
+    mismatches = [e for e in stored if e.type == "label_mismatch"]
+    assert [(m.series_number, m.header_label, m.image_label) for m in mismatches] == [(21, "DWI_Low", "ADC")]
+    assert mismatches[0].shadow  # like every image-side alert until the site has validated the classifier
+    label = [e for e in stored if e.type == "series_classified" and e.series_id == relabelled.series_id][-1]
+    assert label.image_label == "ADC" and label.diffusion and label.image_confidence > 0.99

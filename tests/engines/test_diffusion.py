@@ -162,3 +162,16 @@ def test_the_simulators_maps_are_fitted_from_its_own_diffusion_images(tmp_path, 
     assert {k for k, r in roles.items() if r.kind == "ADC"} == {k for k in grid if label[k] == "ADC"}
     assert roles and all(r.fit > 0.99 for r in roles.values() if r.kind == "ADC")
     assert all(label[k] == "DWI_High" for k, r in roles.items() if r.high_b)
+
+
+def test_odd_input_gives_no_role_and_no_error(phantom):
+    blank = np.zeros(SHAPE)
+    nan = np.full(SHAPE, np.nan)
+    assert diffusion_roles({"a": blank, "b": blank, "c": blank}) == {}
+    assert diffusion_roles({"a": nan, "b": phantom["b0"], "c": phantom["b800"]}) == {}
+    assert diffusion_roles({"a": np.ones(SHAPE), "b": -phantom["b0"], "c": phantom["b800"]}) == {}
+    assert diffusion_roles({"a": phantom["adc"], "b": phantom["b0"], "c": np.zeros((2, 3, 4))}) == {}  # shapes differ
+    tiny = {k: v[:1, :4, :4] for k, v in phantom.items()}  # too few voxels to fit
+    assert diffusion_roles(tiny) == {}
+    with_nan = dict(phantom, b0=np.where(np.arange(phantom["b0"].size).reshape(SHAPE) % 97 == 0, np.nan, phantom["b0"]))
+    assert diffusion_roles(with_nan)["adc"].kind == "ADC"  # a few bad voxels do not hide the map

@@ -6,7 +6,8 @@ Every file under DIR goes the agent's runtime path: scanside.agent.dicom.header.
 SeriesInstanceUID -> scanside.agent.dicom.series.split_parts / summarise (the header label and its confidence), all
 by scanside.agent.dicom.exam_reader.read_exams, and its classifier_inputs ->
 scanside.engines.tasks.image_label.ImageClassifier.classify (select_frames -> scanside.agent.dicom.volume.load_volume ->
-scanside.engines.preprocess.prepare -> the store's engine -> the model's uncertainty gate). Nothing here
+scanside.engines.preprocess.prepare -> the store's engine -> the model's uncertainty gate), then
+ImageClassifier.with_physics across each exam's series (the diffusion physics, as the daemon). Nothing here
 reads pixels another way.
 
 Reference: the header label (at a site the header is right almost always), unless a labels CSV
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 
 FIVE = ("T2WI_nan", "T2WI_fs", "DWI_Low", "DWI_High", "ADC")
 DEFAULT_LABELS = Path(__file__).with_name("realdata_labels.csv")
+#: what the real-data figures label a series with (recorded beside them in the manifest)
+LABELS_MEASURED = "the daemon's: the network with its uncertainty gate, then the diffusion physics across each exam's series"
+LABELS_BEFORE_PHYSICS = "the network with its uncertainty gate (measured before the diffusion physics)"
 #: the issue's target on real series (five classes)
 REAL_TARGET = {"accuracy": 0.95}
 
@@ -193,6 +197,7 @@ def write_real(manifest: Any, report: dict) -> None:
     real[" + ".join(Path(f).name for f in report["real"].split(" "))] = {
         "measured_at": now_iso(), "command": f"scanside models evaluate {manifest.name} --real {report['real']} --write",
         "series_parts": report["series_parts"], "exams": len(report["exams"]), "false_alerts": report["false_alerts"],
+        "labels": LABELS_MEASURED,
         "subsets": report["metrics"],
         "errors": [{k: r.get(k) for k in ("description", "part", "reference", "image", "predicted", "confidence")}
                    for r in report["series"] if r.get("image") != r["reference"]],
@@ -211,8 +216,8 @@ def real_card_section(m: Any) -> List[str]:
         return ["", "## Real scans", "Not yet measured on real DICOM (`scanside models evaluate "
                 f"{m.name} --real DIR --write`)."]
     lines = ["", "## Real scans",
-             "Measured through the daemon's own path on real DICOM no training run used (reference: the header "
-             "label, corrected where training/sequence/realdata_labels.csv says). `uncertain` counts as wrong in "
+             "Measured through the daemon's own path on real DICOM no training run used. Reference: the header "
+             "label, corrected where training/sequence/realdata_labels.csv says. `uncertain` counts as wrong in "
              "`accuracy`:", ""]
     for name, r in real.items():
         for subset, v in r["subsets"].items():
@@ -221,5 +226,5 @@ def real_card_section(m: Any) -> List[str]:
                          f"{v['accuracy_argmax']:.3f}), uncertain {v['uncertain_rate']:.0%}, accuracy when confident "
                          f"{'n/a' if conf is None else f'{conf:.3f}'}, confident and wrong {v['confident_wrong']}")
         lines.append(f"- {name}: false LABEL_MISMATCH alerts {r['false_alerts']} on {r['exams']} exam(s); "
-                     f"`{r['command']}` ({r['measured_at']})")
+                     f"`{r['command']}` ({r['measured_at']}); labels: {r.get('labels', LABELS_BEFORE_PHYSICS)}")
     return lines
