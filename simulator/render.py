@@ -442,7 +442,8 @@ def _shift_along(vol: np.ndarray, disp_px: np.ndarray, ax: int, wrap: bool) -> n
     return _warp(vol, _warp_field(vol.shape, disp_px, ax), wrap)
 
 
-_ACQUISITION_FIELDS = {"plane", "slice_thickness_mm", "slice_gap_mm", "n_slices", "fov_mm", "matrix", "tr_ms", "te_ms",
+#: what makes one acquisition: the DWI series and the maps the scanner derives from it share these
+ACQUISITION_FIELDS = {"plane", "slice_thickness_mm", "slice_gap_mm", "n_slices", "fov_mm", "matrix", "tr_ms", "te_ms",
                        "center_offset_mm"}
 
 
@@ -450,7 +451,7 @@ def _acquisition_rng(phantom: Phantom, spec: SeriesSpec, stream: int) -> np.rand
     """A random state of the acquisition rather than of the series: the DWI series and the ADC /
     calculated-b maps that the scanner derives from it share its geometry, hence the same slab
     position, distortion field and fat shift. ``stream`` tells the uses apart."""
-    key = zlib.crc32(spec.model_dump_json(include=_ACQUISITION_FIELDS).encode())
+    key = zlib.crc32(spec.model_dump_json(include=ACQUISITION_FIELDS).encode())
     return np.random.default_rng(np.random.SeedSequence([int(phantom.seed), key, int(stream)]))
 
 

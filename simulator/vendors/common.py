@@ -30,6 +30,7 @@ from pydicom.sequence import Sequence as DSequence
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
 from scanside.simulator.model import RenderedImage, RenderedSeries, SeriesSpec
+from scanside.simulator.render import ACQUISITION_FIELDS
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -65,6 +66,9 @@ class StudyContext:
     device_serial_number: str = ""
     referring_physician: str = "SIMULATED^REFERRER"
     operator: str = "SIMULATED^TECH"
+    #: stored-value scale of each DWI acquisition written so far: a calculated b-value image is stored on
+    #: its source's scale, as a scanner does (ProstateX's CALC_BVAL b1600 and its b0: one scale)
+    acquisition_scales: dict = field(default_factory=dict, compare=False, hash=False)
 
     def uid(self, *parts: object) -> str:
         """A deterministic UID below this study (same seed and parts -> same UID)."""
@@ -229,12 +233,24 @@ class VendorWriter:
         images = sorted(rendered.images, key=image_sort_key)
         if not images:
             return []
-        info = series_info(rendered, images, series_scale(images))
+        info = series_info(rendered, images, self._scale(rendered, images, ctx))
         if enhanced:
             return [self._write_enhanced(images, info, ctx, out_dir, series_number, series_uid)]
         if mosaic and self.supports_mosaic and rendered.spec.kind in EPI_KINDS:
             return self._write_mosaics(images, info, ctx, out_dir, series_number, series_uid)
         return self._write_classic(images, info, ctx, out_dir, series_number, series_uid)
+
+    @staticmethod
+    def _scale(rendered: RenderedSeries, images: Sequence[RenderedImage], ctx: StudyContext) -> float:
+        """The series' stored-value scale: its own (peak at 95 % of the stored range), except that a calculated
+        b-value image takes the scale of the DWI acquisition it was computed from."""
+        key = rendered.spec.model_dump_json(include=ACQUISITION_FIELDS)
+        if rendered.spec.kind == "calc_bvalue" and key in ctx.acquisition_scales:
+            return ctx.acquisition_scales[key]
+        scale = series_scale(images)
+        if rendered.spec.kind == "dwi":
+            ctx.acquisition_scales[key] = scale
+        return scale
 
     # ---------------------------------------------------------------- common modules
     def new_dataset(self, sop_class: str, sop_uid: str) -> Dataset:

@@ -162,6 +162,10 @@ def test_the_simulators_maps_are_fitted_from_its_own_diffusion_images(tmp_path, 
     assert {k for k, r in roles.items() if r.kind == "ADC"} == {k for k in grid if label[k] == "ADC"}
     assert roles and all(r.fit > 0.99 for r in roles.values() if r.kind == "ADC")
     assert all(label[k] == "DWI_High" for k, r in roles.items() if r.high_b)
+    calculated = [es.series_id for es in exam.series if es.summary.calculated]
+    # a calculated b-value is stored on its source's scale (as ProstateX's b1600): it joins the ladder
+    assert all(roles[k].high_b for k in calculated)
+    assert calculated or vendor != "siemens"
 
 
 def test_odd_input_gives_no_role_and_no_error(phantom):
