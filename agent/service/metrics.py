@@ -18,6 +18,7 @@ import platform
 import shutil
 import threading
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
@@ -47,6 +48,7 @@ FILE_REASONS = ("truncated", "not_dicom", "missing_uid", "unreadable", "oversize
 EXAM_END_REASONS = ("quiet_period", "operator", "other")
 TRIAGE_RECOMMENDATIONS = ("DCE_ADVISED", "BPMRI_SUFFICIENT", "other")
 COMPLETION_BASES = ("expected_count", "quiet_period", "incomplete_grace")
+SERIES_AGREE_KEPT = 10_000  # series whose label agreement is kept, for a revision of their label to replace it
 MODEL_STAGES = ("load", "label", "gland", "triage")  # scanside.agent.analysis.analysis: where an image model failed
 OUTPUTS = ("webhook", "dicom")  # outputs under the retry policy with dead letters (scanside.agent.outputs.retry)
 
@@ -109,6 +111,7 @@ class AgentMetrics:
         for stage in MODEL_STAGES:
             self.model_failures.labels(stage)
         self._agreement: dict[str, list[int]] = {}  # model name -> [agreeing, total]
+        self._series_agree: "OrderedDict[str, bool]" = OrderedDict()  # series_id -> does its latest label agree
         self._zero_known_label_sets()
         r.register(_StateCollector(self))
         if process:
@@ -177,8 +180,10 @@ class AgentMetrics:
         elif ev.type == "triage_result":
             self.triage.labels(_label(ev.recommendation, {"DCE_ADVISED", "BPMRI_SUFFICIENT", "NOT_ASSESSED"})).inc()
             self._image_result(ev.model, ev.recommendation != "NOT_ASSESSED", ev.shadow)
-        elif ev.type == "series_classified" and not ev.revises:  # a series counts once, by its first label
-            self._image_result(ev.model, ev.agree, False)
+        elif ev.type == "series_classified" and ev.revises:  # a series counts once, by its latest label
+            self._image_revised(ev.model, ev.series_id, ev.agree)
+        elif ev.type == "series_classified":
+            self._image_result(ev.model, ev.agree, False, series_id=ev.series_id)
             if ev.image_label == "uncertain":
                 self.image_uncertain.labels(_label(ev.model.split("/")[0].split("@")[0])).inc()
         elif ev.type == "label_mismatch" and ev.shadow:
@@ -193,15 +198,32 @@ class AgentMetrics:
     def model_failed(self, stage: str) -> None:
         self.model_failures.labels(_label(stage, set(MODEL_STAGES))).inc()
 
-    def _image_result(self, model_ref: str, agree: bool, shadow: bool) -> None:
+    def _image_result(self, model_ref: str, agree: bool, shadow: bool, series_id: Optional[str] = None) -> None:
         name = _label(model_ref.split("/")[0].split("@")[0])
         with self._lock:
             counts = self._agreement.setdefault(name, [0, 0])
             counts[0] += int(bool(agree))
             counts[1] += 1
             self.image_agreement.labels(name).set(counts[0] / counts[1])
+            if series_id is not None:
+                self._series_agree[series_id] = bool(agree)
+                while len(self._series_agree) > SERIES_AGREE_KEPT:
+                    self._series_agree.popitem(last=False)
         if shadow:
             self.image_shadow.labels(name).inc()
+
+    def _image_revised(self, model_ref: str, series_id: str, agree: bool) -> None:
+        """A series' label revised (the diffusion physics placed it once its ADC map was in): the agreement
+        counts it by its new label, once."""
+        name = _label(model_ref.split("/")[0].split("@")[0])
+        with self._lock:
+            before = self._series_agree.get(series_id)
+            counts = self._agreement.get(name)
+            if before is None or counts is None:
+                return  # its first label is not counted here (older than the series kept)
+            counts[0] += int(bool(agree)) - int(before)
+            self._series_agree[series_id] = bool(agree)
+            self.image_agreement.labels(name).set(counts[0] / counts[1])
 
     def _observe_completion(self, ev: Any) -> None:
         agent = self.agent

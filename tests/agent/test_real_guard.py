@@ -196,6 +196,11 @@ def test_image_agreement_ratio_per_model(tmp_path: Path) -> None:
     text = generate_latest(m.registry).decode()
     assert 'scanside_image_agreement_ratio{model="sequence-classifier"} 0.75' in text
     assert 'scanside_image_agreement_ratio{model="cspca-reference"} 1.0' in text
+    # the diffusion physics revises series 2's label (it now agrees): counted once, by the new label
+    m.on_event(classified(2, True).model_copy(update={"key": "c2:with:s9", "revises": True}))
+    m.on_event(classified(9, True).model_copy(update={"key": "c9:with:s9", "revises": True}))  # no first label here: ignored
+    again = generate_latest(m.registry).decode()
+    assert 'scanside_image_agreement_ratio{model="sequence-classifier"} 1.0' in again
     assert 'scanside_image_shadow_results_total{model="cspca-reference"} 1.0' in text
     # shadow mode: no alert counted (every known alert code is exported at 0 from the start)
     triage_alerts = [ln for ln in text.splitlines() if ln.startswith("scanside_alerts_total{") and "TRIAGE_" in ln]
