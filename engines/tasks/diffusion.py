@@ -15,6 +15,10 @@ three real Siemens ADC maps read as low-b DWI, a calculated b1600 as fat-suppres
   image X whose ln(S_ref / S_X) follows the map (correlation >= ``MEMBER_MIN_FIT``, intercept within
   ``MEMBER_MAX_INTERCEPT`` in log units: an image of another acquisition, scaled differently, has an
   offset and is left out). Its b-value above the reference's is the median of ln(S_ref / S_X) / D.
+  An image a small b-step above the reference (b0 -> b100: r 0.30 on ProstateX, the step drowned in
+  noise) cannot reach that correlation: with a positive slope, the same scale (the intercept test) and
+  r >= ``WEAK_MIN_FIT`` it is a *weak* member, which says "a diffusion-weighted image" only where the
+  classifier says so too (scanside.engines.tasks.image_label.ImageClassifier.with_diffusion).
 * **units**: ADC maps are stored in 10^-3, 10^-5 or 10^-6 mm^2/s and so on; the power of ten that puts
   the map's median inside tissue near 1e-3 mm^2/s (pelvic tissue 0.8-2e-3, urine 3e-3) is the unit.
 
@@ -37,6 +41,7 @@ import numpy as np
 ADC_MIN_FIT = 0.9
 ADC_MAX_INTERCEPT = 0.1
 MEMBER_MIN_FIT = 0.9
+WEAK_MIN_FIT = 0.2
 MEMBER_MAX_INTERCEPT = 0.2
 HIGH_B_STEP = 1000.0
 TISSUE_ADC = 1e-3  # mm^2/s, the unit's anchor
@@ -56,10 +61,11 @@ class DiffusionRole:
     reference: str  # key of the ladder's least diffusion-weighted image
     b_step: float = 0.0  # DWI: its b-value above the reference's, s/mm^2 (0 for the reference)
     unit: float = 1e6  # ADC map value per mm^2/s
+    weak: bool = False  # DWI: on the ladder by its scale and slope only (fit below MEMBER_MIN_FIT)
 
     @property
     def high_b(self) -> bool:
-        return self.kind == "DWI" and self.b_step >= HIGH_B_STEP
+        return self.kind == "DWI" and not self.weak and self.b_step >= HIGH_B_STEP
 
     def evidence(self, names: Optional[Mapping[str, str]] = None) -> str:
         n = (names or {}).get
@@ -67,8 +73,11 @@ class DiffusionRole:
         if self.kind == "ADC":
             return (f"diffusion physics: ln(S/S') of the series' diffusion images follows this map voxel by voxel "
                     f"(r={self.fit:.3f}, against {ref}): an ADC map")
-        if self.b_step == 0.0:
+        if self.b_step == 0.0 and not self.weak:
             return f"diffusion physics: the least diffusion-weighted image of the ladder the ADC map {adc} was fitted on"
+        if self.weak:
+            return (f"diffusion physics: on the scale of {ref} and darker, decaying along ADC map {adc} as far as the "
+                    f"noise shows (r={self.fit:.2f}): a diffusion-weighted image")
         return (f"diffusion physics: decays from {ref} as ADC map {adc} says (r={self.fit:.3f}), "
                 f"b about {self.b_step:.0f} s/mm^2 above it")
 
@@ -98,6 +107,10 @@ def _decay(adc: np.ndarray, bright: np.ndarray, dark: np.ndarray) -> Optional[tu
     a, r = adc[m], np.log(bright[m] / dark[m])
     c, slope, icpt = _line(a, r)
     return c, slope, icpt, a
+
+
+def _firmness(role: DiffusionRole) -> tuple[int, float]:
+    return (2 if role.b_step > 0 and not role.weak else 1 if role.weak else 0), role.fit
 
 
 def unit_of(adc_values: np.ndarray) -> float:
@@ -144,13 +157,14 @@ def diffusion_roles(images: Mapping[str, np.ndarray]) -> Dict[str, DiffusionRole
             if fit is None:
                 continue
             c, slope, icpt, a = fit
-            if c < MEMBER_MIN_FIT or slope <= 0 or abs(icpt) > MEMBER_MAX_INTERCEPT:
+            if c < WEAK_MIN_FIT or slope <= 0 or abs(icpt) > MEMBER_MAX_INTERCEPT or mean[x] >= mean[ref]:
                 continue
             m = (s[ref] > np.percentile(s[ref], 50)) & (s[x] > 0.5 * np.percentile(s[x], 50)) & (s[x] > 0) & (s[adc] > 0)
             step = float(np.median(np.log(s[ref][m] / s[x][m]) / (s[adc][m] / unit)))
-            ladder[x] = DiffusionRole("DWI", c, adc, ref, max(step, 0.0), unit)
+            ladder[x] = DiffusionRole("DWI", c, adc, ref, max(step, 0.0), unit, weak=c < MEMBER_MIN_FIT)
         for x, role in ladder.items():
-            held = roles.get(x)  # an image on two ladders keeps the one that measured its step, then the better fit
-            if x not in maps and (held is None or (role.b_step > 0, role.fit) > (held.b_step > 0, held.fit)):
+            # an image on two ladders keeps the firmest place: a fitted step, then a weak one, then the reference
+            held = roles.get(x)
+            if x not in maps and (held is None or _firmness(role) > _firmness(held)):
                 roles[x] = role
     return roles

@@ -297,8 +297,8 @@ class ImageClassifier:
             return label.model_copy(update={"label": lab, "predicted": lab, "confidence": round(float(role.fit), 4),
                                             "uncertain_reason": None, "diffusion": evidence})
         low, high = label.probabilities.get("DWI_Low", 0.0), label.probabilities.get("DWI_High", 0.0)
-        if low + high <= 1e-6:
-            return label.model_copy(update={"diffusion": evidence})
+        if low + high <= 1e-6 or (role.weak and low + high < WEAK_NEEDS_DWI):
+            return label  # a weak place on a ladder is no evidence against a network that says otherwise
         lab = "DWI_Low" if low >= high else "DWI_High"
         conf = max(low, high) / (low + high)
         floor = self.gate.min_confidence
@@ -318,6 +318,11 @@ class ImageClassifier:
                 if k in out:
                     out[k] = self.with_diffusion(out[k], role, names)
         return out
+
+
+#: a weak ladder member (scanside.engines.tasks.diffusion.DiffusionRole.weak) is taken as diffusion-weighted only
+#: where the network's calibrated probabilities of low- and high-b DWI add up to at least this
+WEAK_NEEDS_DWI = 0.5
 
 
 def same_grid(volumes: Mapping[str, Volume]) -> Dict[tuple, List[str]]:

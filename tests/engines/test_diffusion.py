@@ -140,6 +140,8 @@ def test_on_the_real_prostatex_exam_the_physics_finds_its_maps_and_high_b_images
     assert {k for k, r in roles.items() if r.high_b} == {"10b1600", "19b1400"}
     assert roles["10b1600"].b_step == pytest.approx(1600, rel=0.05) and roles["19b1400"].b_step == pytest.approx(1300, rel=0.15)
     assert roles["8b0"].b_step == 0.0 and roles["17b100"].b_step == 0.0
+    assert roles["8b100"].weak and roles["8b400"].weak and roles["18b500"].weak  # small steps, noisy: weak members
+    assert not any(r.weak for k, r in roles.items() if k in ("8b800", "10b1600", "19b1400"))
     assert all(named[k].summary.label in ("DWI_Low", "DWI_High", "ADC") for k in roles)
     assert HIGH_B_STEP > roles["8b800"].b_step > 500
 
@@ -166,6 +168,22 @@ def test_the_simulators_maps_are_fitted_from_its_own_diffusion_images(tmp_path, 
     # a calculated b-value is stored on its source's scale (as ProstateX's b1600): it joins the ladder
     assert all(roles[k].high_b for k in calculated)
     assert calculated or vendor != "siemens"
+
+
+def test_a_small_step_in_noise_is_a_weak_member_that_needs_the_network(phantom):
+    rng = np.random.default_rng(3)
+    body = np.zeros(SHAPE, bool)
+    body[:, 6:42, 4:44] = True
+    images, adc = _acquire(_smooth(rng, 150, 400), _smooth(rng, 0.5e-3, 3e-3), body, (0, 100, 800), rng, sigma=10.0)
+    roles = diffusion_roles({"b0": images[0], "b100": images[100], "b800": images[800], "adc": adc})
+    weak = roles["b100"]
+    assert weak.weak and weak.fit < 0.9 and not weak.high_b and weak.b_step == pytest.approx(100, rel=0.3)
+    assert not roles["b800"].weak and roles["adc"].kind == "ADC"
+    clf = _classifier()
+    says_dwi = clf.with_diffusion(_label({"DWI_Low": 0.5, "DWI_High": 0.1, "T2WI_fs": 0.4}), weak)
+    assert says_dwi.label == "DWI_Low" and says_dwi.diffusion and "as far as the noise shows" in says_dwi.diffusion
+    says_other = _label({"DWI_Low": 0.2, "DWI_High": 0.1, "T2WI_fs": 0.7}, "T2WI_fs")
+    assert clf.with_diffusion(says_other, weak) == says_other  # weak evidence does not overrule the network
 
 
 def test_odd_input_gives_no_role_and_no_error(phantom):
