@@ -83,9 +83,10 @@ class DiffusionRole:
 
 
 def _sample(a: np.ndarray) -> np.ndarray:
-    flat = np.asarray(a, np.float64).ravel()
+    """Evenly spaced voxels, as float64: taken before the cast, so a large 3D series costs no full copy."""
+    flat = np.asarray(a).reshape(-1)
     step = max(1, flat.size // MAX_VOXELS)
-    return np.nan_to_num(flat[::step], nan=0.0, posinf=0.0, neginf=0.0)
+    return np.nan_to_num(flat[::step].astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
