@@ -99,15 +99,28 @@ def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     return r, slope, float(y.mean() - slope * x.mean())
 
 
-def _decay(adc: np.ndarray, bright: np.ndarray, dark: np.ndarray) -> Optional[tuple[float, float, float, np.ndarray]]:
-    """ln(bright / dark) against the map over the voxels where both carry signal: (correlation, slope,
-    intercept, the map's values there), None with too few voxels."""
-    m = (bright > np.percentile(bright, 50)) & (dark > 0.5 * np.percentile(dark, 50)) & (dark > 0) & (adc > 0)
-    if int(m.sum()) < MIN_VOXELS:
-        return None
-    a, r = adc[m], np.log(bright[m] / dark[m])
-    c, slope, icpt = _line(a, r)
-    return c, slope, icpt, a
+class _Samples:
+    """The sampled voxels of each series, with what every fit needs computed once: logs, and the masks of
+    voxels above each series' median (a bright image's tissue) and above half of it (signal in a dark one)."""
+
+    def __init__(self, images: Mapping[str, np.ndarray], keys: list[str]):
+        self.v = {k: _sample(images[k]) for k in keys}
+        self.mean = {k: float(v.mean()) for k, v in self.v.items()}
+        self.positive = {k: v > 0 for k, v in self.v.items()}
+        self.log = {k: np.log(np.where(self.positive[k], v, 1.0)) for k, v in self.v.items()}
+        p50 = {k: float(np.percentile(v, 50)) for k, v in self.v.items()}
+        self.bright = {k: (v > p50[k]) & self.positive[k] for k, v in self.v.items()}
+        self.signal = {k: (v > 0.5 * p50[k]) & self.positive[k] for k, v in self.v.items()}
+
+    def decay(self, adc: str, bright: str, dark: str) -> Optional[tuple[float, float, float, np.ndarray, np.ndarray]]:
+        """ln(bright / dark) against the map over the voxels where both carry signal: (correlation, slope,
+        intercept, the map's values there, the log-ratios), None with too few voxels."""
+        m = self.bright[bright] & self.signal[dark] & self.positive[adc]
+        if int(m.sum()) < MIN_VOXELS:
+            return None
+        a, r = self.v[adc][m], self.log[bright][m] - self.log[dark][m]
+        c, slope, icpt = _line(a, r)
+        return c, slope, icpt, a, r
 
 
 def _firmness(role: DiffusionRole) -> tuple[int, float]:
@@ -126,42 +139,39 @@ def diffusion_roles(images: Mapping[str, np.ndarray]) -> Dict[str, DiffusionRole
     keys = [k for k, a in images.items() if np.asarray(a).size >= MIN_VOXELS][:MAX_SERIES]
     if len(keys) < 3 or len({np.asarray(images[k]).shape for k in keys}) != 1:
         return {}
-    s = {k: _sample(images[k]) for k in keys}
-    mean = {k: float(v.mean()) for k, v in s.items()}
-    maps: Dict[str, tuple[float, str, float]] = {}  # ADC map -> (fit, reference, unit)
-    for cand in keys:
-        best: Optional[tuple[float, str]] = None
-        for i, j in itertools.permutations([k for k in keys if k != cand], 2):
-            if mean[i] <= mean[j]:
+    s = _Samples(images, keys)
+    best: Dict[str, tuple[float, str]] = {}  # candidate map -> (fit, the brighter image of its best pair)
+    for i, j in itertools.permutations(keys, 2):
+        if s.mean[i] <= s.mean[j]:
+            continue
+        for cand in keys:
+            if cand in (i, j):
                 continue
-            fit = _decay(s[cand], s[i], s[j])
+            fit = s.decay(cand, i, j)
             if fit is None:
                 continue
-            c, slope, icpt, a = fit
-            med = float(np.median(a))
-            if c < ADC_MIN_FIT or slope <= 0 or abs(icpt) > ADC_MAX_INTERCEPT * slope * med:
+            c, slope, icpt, a, _ = fit
+            if c < ADC_MIN_FIT or slope <= 0 or abs(icpt) > ADC_MAX_INTERCEPT * slope * float(a.mean()):
                 continue
-            step = slope * unit_of(a)
-            if MIN_STEP <= step <= MAX_STEP and (best is None or c > best[0]):
-                best = (c, i)
-        if best is not None:
-            ref = best[1]
-            valid = (s[cand] > 0) & (s[ref] > np.percentile(s[ref], 50))
-            maps[cand] = (best[0], ref, unit_of(s[cand][valid]) if valid.any() else 1e6)
+            if MIN_STEP <= slope * unit_of(a) <= MAX_STEP and (cand not in best or c > best[cand][0]):
+                best[cand] = (c, i)
+    maps: Dict[str, tuple[float, str, float]] = {}  # ADC map -> (fit, reference, unit)
+    for cand, (c, ref) in best.items():
+        valid = s.positive[cand] & s.bright[ref]
+        maps[cand] = (c, ref, unit_of(s.v[cand][valid]) if valid.any() else 1e6)
     roles: Dict[str, DiffusionRole] = {k: DiffusionRole("ADC", fit, k, ref, unit=u) for k, (fit, ref, u) in maps.items()}
     for adc, (_, ref, unit) in maps.items():
         ladder = {ref: DiffusionRole("DWI", 1.0, adc, ref, 0.0, unit)}
         for x in keys:
             if x in maps or x == ref:
                 continue
-            fit = _decay(s[adc], s[ref], s[x])
+            fit = s.decay(adc, ref, x)
             if fit is None:
                 continue
-            c, slope, icpt, a = fit
-            if c < WEAK_MIN_FIT or slope <= 0 or abs(icpt) > MEMBER_MAX_INTERCEPT or mean[x] >= mean[ref]:
+            c, slope, icpt, a, r = fit
+            if c < WEAK_MIN_FIT or slope <= 0 or abs(icpt) > MEMBER_MAX_INTERCEPT or s.mean[x] >= s.mean[ref]:
                 continue
-            m = (s[ref] > np.percentile(s[ref], 50)) & (s[x] > 0.5 * np.percentile(s[x], 50)) & (s[x] > 0) & (s[adc] > 0)
-            step = float(np.median(np.log(s[ref][m] / s[x][m]) / (s[adc][m] / unit)))
+            step = float(np.median(r / (a / unit)))
             ladder[x] = DiffusionRole("DWI", c, adc, ref, max(step, 0.0), unit, weak=c < MEMBER_MIN_FIT)
         for x, role in ladder.items():
             # an image on two ladders keeps the firmest place: a fitted step, then a weak one, then the reference
