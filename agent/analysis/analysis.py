@@ -142,6 +142,7 @@ class Analyzer(Sink):
     def reload_classifier(self) -> None:
         """Load the sequence model again on the next series (a new version was promoted into the store)."""
         self._classifier = None  # the store scans its folders on each resolve: the newest version wins
+        self._network_labels.clear()  # labels of the version being replaced
 
     def cspca(self) -> Optional[CspcaModel]:
         if self._cspca is None and self.settings.triage and self._has(self.settings.cspca_model):
@@ -236,8 +237,10 @@ class Analyzer(Sink):
         if part is None:
             return
         volume = self._volume(s, part)
-        network = clf.classify(volume)
-        self._network_labels[f"{s.series_id}:r{s.revision}"] = network
+        key = f"{s.series_id}:r{s.revision}"
+        # labelled already when a series of its grid completed first in the same ingest batch
+        network = self._network_labels.get(key) or clf.classify(volume)
+        self._network_labels[key] = network
         while len(self._network_labels) > 4 * VOLUMES_KEPT:
             self._network_labels.popitem(last=False)
         placed = self._with_physics(clf, s, volume, network)
