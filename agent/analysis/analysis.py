@@ -59,10 +59,6 @@ def _short(key: str) -> str:
 _DWI = {"DWI_Low", "DWI_High"}
 
 
-def _name(s: SeriesSummary) -> str:
-    return f"series {s.series_number if s.series_number is not None else '?'}{(' ' + s.part) if s.part else ''}"
-
-
 def raises_mismatch(summary: SeriesSummary, image: Any, settings: Any) -> bool:
     """The LABEL_MISMATCH rule: image and header disagree, both are sure, the image label is not uncertain
     (the model's calibrated gate: it does not know), and the disagreement is one pixels can tell: not low- vs
@@ -237,13 +233,7 @@ class Analyzer(Sink):
         if part is None:
             return
         volume = self._volume(s, part)
-        key = f"{s.series_id}:r{s.revision}"
-        # labelled already when a series of its grid completed first in the same ingest batch
-        network = self._network_labels.get(key) or clf.classify(volume)
-        self._network_labels[key] = network
-        while len(self._network_labels) > 4 * VOLUMES_KEPT:
-            self._network_labels.popitem(last=False)
-        placed = self._with_physics(clf, s, volume, network)
+        placed = self._with_physics(clf, s, volume, self._network_label(clf, s, volume))
         events = self._classified(s, placed[s.series_id], f"series_classified:{s.series_id}:r{s.revision}")
         # series of its grid the physics now places otherwise (the DWI images in before their ADC map): a new label
         for other, image in placed.items():
@@ -256,11 +246,23 @@ class Analyzer(Sink):
             events += self._classified(o, image, f"series_classified:{o.series_id}:r{o.revision}:with:{s.series_id}:r{s.revision}")
         self._record(*events)
 
+    def _network_label(self, clf: ImageClassifier, s: SeriesSummary, volume: Any) -> Any:
+        """The network's own label of a series revision (before the diffusion physics), run once: a series of
+        its grid that completed first in the same ingest batch, or a restart, may have asked for it already."""
+        key = f"{s.series_id}:r{s.revision}"
+        if key not in self._network_labels:
+            self._network_labels[key] = clf.classify(volume)
+            while len(self._network_labels) > 4 * VOLUMES_KEPT:
+                self._network_labels.popitem(last=False)
+        return self._network_labels[key]
+
     def _with_physics(self, clf: ImageClassifier, s: SeriesSummary, volume: Any, network: Any) -> dict[str, Any]:
         """The labels of ``s`` and of the exam's other series on its voxel grid once the diffusion physics has
         looked at them together (ImageClassifier.with_physics, as every evaluation): only series of the
         same matrix, pixel spacing and plane are decoded to find the grid."""
-        labels, volumes, names = {s.series_id: network}, {s.series_id: volume}, {s.series_id: _name(s)}
+        from scanside.engines.tasks.image_label import series_name
+
+        labels, volumes, names = {s.series_id: network}, {s.series_id: volume}, {s.series_id: series_name(s)}
         for o in self._latest_series(s.study_uid).values():
             if (o.series_id == s.series_id or not classifier_inputs([o]) or (o.rows, o.columns, o.plane, o.pixel_spacing_mm)
                     != (s.rows, s.columns, s.plane, s.pixel_spacing_mm)):
@@ -268,10 +270,8 @@ class Analyzer(Sink):
             v = self._volume(o)
             if v is None or v.shape != volume.shape:
                 continue
-            key = f"{o.series_id}:r{o.revision}"
-            if key not in self._network_labels:  # after a restart: the network again, on the same pixels
-                self._network_labels[key] = clf.classify(v)
-            labels[o.series_id], volumes[o.series_id], names[o.series_id] = self._network_labels[key], v, _name(o)
+            labels[o.series_id], volumes[o.series_id] = self._network_label(clf, o, v), v
+            names[o.series_id] = series_name(o)
         if len(labels) < 3:
             return labels
         try:

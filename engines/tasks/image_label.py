@@ -320,6 +320,12 @@ class ImageClassifier:
         return out
 
 
+def series_name(summary: Any) -> str:
+    """How the physics' evidence names a series (a SeriesSummary): "series 8 b0"."""
+    number = summary.series_number if summary.series_number is not None else "?"
+    return f"series {number}{(' ' + summary.part) if summary.part else ''}"
+
+
 #: a weak ladder member (scanside.engines.tasks.diffusion.DiffusionRole.weak) is taken as diffusion-weighted only
 #: where the network's calibrated probabilities of low- and high-b DWI add up to at least this
 WEAK_NEEDS_DWI = 0.5

@@ -90,7 +90,7 @@ def _exam_key(study_uid: str) -> str:
 def classify_series(clf: Any, series: List[Tuple[Any, Any]], labels: Dict[str, str]) -> List[dict]:
     """One row per series: the classifier on each series' volume, then the diffusion physics across the
     series of each exam (ImageClassifier.with_physics, as the daemon does once the exam's series are in)."""
-    from scanside.engines.tasks.image_label import ImageLabelError
+    from scanside.engines.tasks.image_label import ImageLabelError, series_name
 
     rows: List[dict] = []
     by_exam: Dict[str, List[Tuple[Any, Any]]] = {}
@@ -107,7 +107,7 @@ def classify_series(clf: Any, series: List[Tuple[Any, Any]], labels: Dict[str, s
                 volumes[s.series_id] = vol
             except ImageLabelError as e:
                 failed[s.series_id] = e.reason
-        names = {s.series_id: f"series {s.series_number} {s.part}".strip() for s, _ in exam}
+        names = {s.series_id: series_name(s) for s, _ in exam}
         images = clf.with_physics(images, volumes, names)
         for s, _ in exam:
             ref = labels.get(s.series_id, labels.get(s.series_uid))
