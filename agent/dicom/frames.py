@@ -1,6 +1,6 @@
 """Which frames of a series part make one volume (decoding layer): one orientation (the largest group), the
-middle temporal phase of a dynamic series, one frame per slice position, preferring isotropic (trace) images to
-directional ones. The runtime's image models, every evaluation and the calibration read a series this way
+middle temporal phase of a dynamic series, one frame per slice position (one mosaic per mosaic position),
+preferring isotropic (trace) images to directional ones. The runtime's image models, every evaluation and the calibration read a series this way
 (scanside.agent.dicom.exam_reader)."""
 from __future__ import annotations
 
@@ -64,16 +64,18 @@ def select_frames(refs: Sequence[FrameRef], frames: Optional[Sequence[FrameInfo]
     o = next((infos[i].orientation for i in idx if infos[i].orientation), None)
     if o is not None:
         normal = np.cross(np.asarray(o[:3], float), np.asarray(o[3:], float))
-        best: dict[float, int] = {}
+        best: dict[tuple, int] = {}
         for i in idx:
             p = infos[i].position
-            if p is None or infos[i].n_slices > 1:  # mosaics carry their own slice positions
-                best[float(len(best)) + 1e9 + i] = i
+            if p is None:
+                best[("unplaced", i)] = i
                 continue
-            d = round(float(np.dot(normal, p)), 2)
-            j = best.get(d)
+            # a mosaic holds a whole volume: mosaics at one position are repeats of it (fMRI volumes, diffusion
+            # directions), as 2D frames at one slice position are
+            key = (infos[i].n_slices > 1, round(float(np.dot(normal, p)), 2))
+            j = best.get(key)
             if j is None or (_directional(infos[j]) and not _directional(infos[i])):
-                best[d] = i
+                best[key] = i
         idx = sorted(best.values())
     return [refs[i] for i in idx]
 

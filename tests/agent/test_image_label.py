@@ -10,6 +10,7 @@ from scanside.agent.dicom.header import FrameInfo, FrameRef
 from scanside.engines.tasks.image_label import ImageClassifier, ImageLabelError, select_frames
 from scanside.agent.schema.taxonomy import LABELS
 from scanside.engines.store import ModelNotFound, ModelStore
+from tests.agent.realdata import DCM_QA_NIH, need
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,29 @@ def test_select_frames_localizer_one_plane_and_trace_over_directions():
     infos = [_f(0, (0, 0, 0.0), direction=(1.0, 0, 0)), _f(0, (0, 0, 0.0), iso=True),
              _f(0, (0, 0, 1.0), direction=(0, 1.0, 0)), _f(0, (0, 0, 1.0), iso=True)]
     assert [r.path for r in select_frames(refs, infos)] == ["d1", "d3"]
+
+
+def test_select_frames_one_mosaic_per_position():
+    """A mosaic holds a whole volume: several at one position (fMRI volumes, diffusion directions) are repeats,
+    one of them is the volume (the trace where there is one); mosaics at other positions are other slabs."""
+    refs = [FrameRef(path=f"m{i}") for i in range(4)]
+    infos = [FrameInfo(frame_index=0, position=(0, 0, 0.0), orientation=(1, 0, 0, 0, 1, 0), n_slices=5,
+                       direction=(1.0, 0, 0) if i < 2 else None, isotropic=i == 2) for i in range(3)]
+    infos.append(FrameInfo(frame_index=0, position=(0, 0, 40.0), orientation=(1, 0, 0, 0, 1, 0), n_slices=5))
+    assert [r.path for r in select_frames(refs, infos)] == ["m2", "m3"]
+
+
+def test_real_siemens_fmri_mosaics_make_one_volume():
+    """dcm_qa_nih's Siemens EPI series: two mosaic volumes of 5 slices each (10 slices at 5 positions, which
+    load_volume refused as duplicate positions before select_frames kept one mosaic per position)."""
+    from scanside.agent.dicom.volume import load_volume
+
+    folder = need(DCM_QA_NIH) / "In" / "20180918Si" / "mr_0003"
+    refs = [FrameRef(path=str(p)) for p in sorted(folder.glob("*.dcm"))]
+    assert len(refs) == 2
+    chosen = select_frames(refs)
+    assert len(chosen) == 1
+    assert load_volume(chosen).shape == (5, 72, 72)
 
 
 def test_bad_input_raises_typed_error(classifier, tmp_path):
