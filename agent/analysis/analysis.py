@@ -29,6 +29,8 @@ import numpy as np
 from scanside.agent.runtime.config import AgentConfig
 from scanside.agent.schema.events import Event, LabelMismatch, SeriesClassified, SeriesSummary, TriageResult
 from scanside.agent.dicom.exam_reader import classifier_inputs, gland_input, model_frames, triage_inputs
+from scanside.agent.dicom.frames import FrameSelectionError
+from scanside.agent.dicom.volume import VolumeError
 from scanside.agent.runtime.malloc import release_free_memory
 from scanside.agent.outputs.redact import redact_text
 from scanside.agent.analysis.shadow import ShadowPolicy, learning_line
@@ -78,6 +80,12 @@ class AnalysisMetrics(Protocol):
     def instrument(self, engine: Any) -> Any: ...
 
     def model_failed(self, stage: str) -> None: ...
+
+    def input_unusable(self, stage: str, reason: str) -> None: ...
+
+
+#: a series no volume can be made of (no geometry, a colour screenshot, clashing frames): nothing for a model to read
+UNUSABLE_INPUT = (VolumeError, FrameSelectionError)
 
 
 class Analyzer(Sink):
@@ -188,6 +196,8 @@ class Analyzer(Sink):
         if event.type == "series_completed":
             try:
                 self._classify(event.series)
+            except UNUSABLE_INPUT as exc:
+                self._unusable("label", event.series, exc)
             except Exception as exc:  # a series that cannot be classified must not block the ones after it
                 self._failed("label", f"image label for series {event.series.series_number}", exc)
         if event.type == "series_completed":
@@ -211,6 +221,15 @@ class Analyzer(Sink):
         if self.metrics is not None:
             self.metrics.model_failed(stage)
         log.error("%s failed: %s", what, redact_text(f"{type(exc).__name__}: {exc}"))
+
+    def _unusable(self, stage: str, s: SeriesSummary, exc: VolumeError | FrameSelectionError) -> None:
+        """A series the image models cannot read as a volume: skipped, counted by reason
+        (scanside_image_inputs_unusable_total{stage,reason}) and logged at INFO. No model failed: a screenshot or
+        a series without geometry in a real exam is the scanner's, not an error to page IT about."""
+        if self.metrics is not None:
+            self.metrics.input_unusable(stage, exc.reason)
+        log.info("series %s: no %s from the image models, no volume can be made of it: %s", s.series_number, stage,
+                 redact_text(str(exc)))
 
     def _record(self, *events: Any) -> None:
         with self.store.transaction():
@@ -267,7 +286,10 @@ class Analyzer(Sink):
             if (o.series_id == s.series_id or not classifier_inputs([o]) or (o.rows, o.columns, o.plane, o.pixel_spacing_mm)
                     != (s.rows, s.columns, s.plane, s.pixel_spacing_mm)):
                 continue
-            v = self._volume(o)
+            try:
+                v = self._volume(o)
+            except UNUSABLE_INPUT:  # counted when that series itself was delivered; it must not stop this one
+                continue
             if v is None or v.shape != volume.shape:
                 continue
             labels[o.series_id], volumes[o.series_id] = self._network_label(clf, o, v), v

@@ -50,6 +50,11 @@ TRIAGE_RECOMMENDATIONS = ("DCE_ADVISED", "BPMRI_SUFFICIENT", "other")
 COMPLETION_BASES = ("expected_count", "quiet_period", "incomplete_grace")
 SERIES_AGREE_KEPT = 10_000  # series whose label agreement is kept, for a revision of their label to replace it
 MODEL_STAGES = ("load", "label", "gland", "triage")  # scanside.agent.analysis.analysis: where an image model failed
+#: why a series could not be read as a volume (scanside.agent.dicom.volume.VolumeError,
+#: scanside.agent.dicom.frames.FrameSelectionError reasons); anything else counts as `other`
+UNUSABLE_REASONS = ("no_frames", "unreadable_file", "unreadable_header", "no_pixel_data", "unreadable_pixel_data",
+                    "unsupported_pixels", "missing_geometry", "mixed_orientation", "mixed_size", "mixed_spacing",
+                    "duplicate_position", "bad_frame_index", "bad_frames", "bad_mosaic", "oversized")
 OUTPUTS = ("webhook", "dicom")  # outputs under the retry policy with dead letters (scanside.agent.outputs.retry)
 
 
@@ -110,6 +115,9 @@ class AgentMetrics:
                                       "on without that result; the reason is logged at ERROR), by stage", ["stage"], registry=r)
         for stage in MODEL_STAGES:
             self.model_failures.labels(stage)
+        self.inputs_unusable = Counter("scanside_image_inputs_unusable", "Series the image models skipped because no "
+                                       "volume can be made of them (no geometry, colour, clashing frames; logged at "
+                                       "INFO), by stage and reason", ["stage", "reason"], registry=r)
         self._agreement: dict[str, list[int]] = {}  # model name -> [agreeing, total]
         self._series_agree: "OrderedDict[str, bool]" = OrderedDict()  # series_id -> does its latest label agree
         self._zero_known_label_sets()
@@ -197,6 +205,9 @@ class AgentMetrics:
 
     def model_failed(self, stage: str) -> None:
         self.model_failures.labels(_label(stage, set(MODEL_STAGES))).inc()
+
+    def input_unusable(self, stage: str, reason: str) -> None:
+        self.inputs_unusable.labels(_label(stage, set(MODEL_STAGES)), _label(reason, set(UNUSABLE_REASONS))).inc()
 
     def _image_result(self, model_ref: str, agree: bool, shadow: bool, series_id: Optional[str] = None) -> None:
         name = _label(model_ref.split("/")[0].split("@")[0])

@@ -168,3 +168,38 @@ def test_a_failed_model_run_is_counted_and_logged_at_error(tmp_path, caplog, mon
         assert any(r.levelno == logging.ERROR and "engine returned NaN" in r.getMessage() for r in caplog.records)
     finally:
         store.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_series_no_volume_can_be_made_of_is_skipped_not_a_model_failure(tmp_path, caplog):
+    """A series without geometry (a screenshot, a vendor's odd export) next to a readable one of its grid: the
+    image models skip it, counted by reason, logged at INFO; the readable series is still labelled and no model
+    failure is counted (IT pages on scanside_model_failures_total)."""
+    from pydicom.uid import generate_uid
+
+    from tests.agent.factory import mr_dataset, series_files, write
+
+    study = generate_uid()
+    agent = _live.start(tmp_path)
+    try:
+        export = tmp_path / "export"
+        bad_uid = generate_uid()
+        for i in range(3):
+            ds = mr_dataset(bad_uid, study, instance=i + 1, rows=16, cols=16, SeriesNumber=4, position=(0.0, 0.0, 3.0 * i))
+            if i == 1:
+                del ds.ImagePositionPatient
+            write(ds, export / "bad" / f"IM{i + 1:04d}.dcm")
+        with caplog.at_level(logging.INFO, logger="scanside.agent.analysis.analysis"):
+            assert _live.wait(lambda: _live.completed_parts(agent) == 1 and _live.settled(agent), 60)
+            # then a readable series of the same grid: looking for its diffusion siblings meets the bad one
+            assert len(series_files(export / "good", 3, study_uid=study, rows=16, cols=16)) == 3
+            assert _live.wait(lambda: _live.completed_parts(agent) == 2 and _live.settled(agent), 60)
+        labelled = {e.series_number for e in agent.store.events_after(0, limit=1000) if e.type == "series_classified"}
+        assert labelled == {3}
+        metrics = httpx.get(f"{agent.api_url}/metrics").text
+        assert _sample(metrics, "scanside_image_inputs_unusable_total", reason="missing_geometry", stage="label") == 1
+        assert _sample(metrics, "scanside_model_failures_total", stage="label") == 0
+        assert any(r.levelno == logging.INFO and "series 4: no label" in r.getMessage() for r in caplog.records)
+        assert not any(r.levelno >= logging.ERROR for r in caplog.records)
+    finally:
+        agent.stop()
