@@ -294,8 +294,6 @@ class Analyzer(Sink):
                 continue
             labels[o.series_id], volumes[o.series_id] = self._network_label(clf, o, v), v
             names[o.series_id] = series_name(o)
-        if len(labels) < 3:
-            return labels
         try:
             return clf.with_physics(labels, volumes, names)
         except Exception as exc:  # the network's labels stand; the failure is counted and logged

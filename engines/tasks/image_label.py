@@ -310,13 +310,18 @@ class ImageClassifier:
                      names: Optional[Mapping[str, str]] = None) -> Dict[str, ImageLabel]:
         """The labels of one exam's series (keyed by the caller) once the diffusion physics has looked at every
         grid two or more of them share: the daemon and every evaluation call this, so both label an exam
-        the same way."""
+        the same way. An ADC map the physics does not confirm is `uncertain`: an ADC map is computed from
+        diffusion images on its own grid, and a quantitative map named by the network alone is the call
+        it gets wrong on real scans (real ProstateX: an axial T2 TSE read as ADC at 0.65)."""
         out = dict(labels)
         for keys in same_grid(volumes).values():
             roles = diffusion_roles({k: volumes[k].array for k in keys})
             for k, role in roles.items():
                 if k in out:
                     out[k] = self.with_diffusion(out[k], role, names)
+        for k, label in out.items():
+            if label.label == "ADC" and label.diffusion is None:
+                out[k] = label.model_copy(update={"label": UNCERTAIN, "uncertain_reason": UNCONFIRMED_ADC})
         return out
 
 
@@ -325,6 +330,10 @@ def series_name(summary: Any) -> str:
     number = summary.series_number if summary.series_number is not None else "?"
     return f"series {number}{(' ' + summary.part) if summary.part else ''}"
 
+
+#: why an ADC map named by the network alone is withheld (ImageClassifier.with_physics)
+UNCONFIRMED_ADC = ("ADC by the network alone: no diffusion images on its voxel grid decay along it (the physics that "
+                   "proves a map could not test this one)")
 
 #: a weak ladder member (scanside.engines.tasks.diffusion.DiffusionRole.weak) is taken as diffusion-weighted only
 #: where the network's calibrated probabilities of low- and high-b DWI add up to at least this

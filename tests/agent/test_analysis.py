@@ -92,10 +92,19 @@ def _concepts(ds) -> str:
 
 
 def test_a_header_that_lies_is_caught(tmp_path, lesion_exam):
-    """The ADC series re-labelled in its header as a b1400 trace: the header now says DWI_High, the pixels say ADC."""
+    """The ADC series re-labelled in its header as a b1400 trace, sent with the DWI series it was computed from: the
+    header now says DWI_High, the pixels (the map the DWI images decay along) say ADC."""
+    from scanside.engines.tasks.image_label import UNCONFIRMED_ADC
+
     folder, truth = lesion_exam
     adc = next(s for s in truth.series if any(p.label == "ADC" for p in s.parts))
+    dwi = [s for s in truth.series if any(p.label in ("DWI_Low", "DWI_High") for p in s.parts)
+           and not any(p.label == "ADC" for p in s.parts)]
     forged = tmp_path / "forged"
+    for series in dwi:
+        for rel in series.files:
+            (forged / rel).parent.mkdir(parents=True, exist_ok=True)
+            (forged / rel).write_bytes((folder / rel).read_bytes())
     for rel in adc.files:
         ds = pydicom.dcmread(folder / rel)
         ds.ImageType = ["DERIVED", "PRIMARY", "DIFFUSION", "TRACEW", "ND"]
@@ -104,18 +113,41 @@ def test_a_header_that_lies_is_caught(tmp_path, lesion_exam):
         target = forged / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         ds.save_as(target)
+    n_parts = 1 + sum(len(s.parts) for s in dwi)
     agent = _run(forged, tmp_path)
+    try:
+        assert _wait(lambda: len({e.series_id for e in agent.store.events_after(0, limit=1000)
+                                  if e.type == "series_classified"}) >= n_parts, timeout=180)
+        events = agent.store.events_after(0, limit=1000)
+    finally:
+        agent.stop()
+    numbers = {e.series_number for e in events if e.type == "series_classified"}
+    assert len(numbers) == 1 + len(dwi)
+    latest = {}
+    for e in events:
+        if e.type == "series_classified" and e.series_number == adc.series_number:
+            latest[e.series_id] = e
+    (classified,) = latest.values()
+    assert classified.header_label == "DWI_High" and classified.image_label == "ADC" and classified.diffusion
+    (mismatch,) = [e for e in events if e.type == "label_mismatch"]
+    assert mismatch.header_label == "DWI_High" and mismatch.image_label == "ADC" and mismatch.alert_id
+    assert mismatch.series_number == adc.series_number
+    # shadow mode (the default until the site validates the classifier): recorded, no technologist alert
+    assert mismatch.shadow and alert_from_event(mismatch) is None
+    # the same map sent alone: nothing on its grid to test it against, and the network alone does not name a map
+    alone = tmp_path / "alone"
+    for rel in adc.files:
+        (alone / rel).parent.mkdir(parents=True, exist_ok=True)
+        (alone / rel).write_bytes((forged / rel).read_bytes())
+    agent = _run(alone, tmp_path / "second")
     try:
         assert _wait(lambda: agent.store.event_counts().get("series_classified", 0) >= 1, timeout=120)
         events = agent.store.events_after(0, limit=1000)
     finally:
         agent.stop()
     (classified,) = [e for e in events if e.type == "series_classified"]
-    assert classified.header_label == "DWI_High" and classified.image_label == "ADC"
-    (mismatch,) = [e for e in events if e.type == "label_mismatch"]
-    assert mismatch.header_label == "DWI_High" and mismatch.image_label == "ADC" and mismatch.alert_id
-    # shadow mode (the default until the site validates the classifier): recorded, no technologist alert
-    assert mismatch.shadow and alert_from_event(mismatch) is None
+    assert classified.image_label == "uncertain" and classified.uncertain_reason == UNCONFIRMED_ADC
+    assert classified.image_predicted == "ADC" and not any(e.type == "label_mismatch" for e in events)
 
 
 def test_each_series_is_decoded_once_and_models_leave_the_shared_volume_alone(tmp_path, lesion_exam, monkeypatch):

@@ -121,6 +121,30 @@ def test_with_physics_groups_by_grid(phantom):
     assert out["adc_elsewhere"] == labels["adc_elsewhere"] and out["t2"] == labels["t2"]
 
 
+def test_an_adc_map_the_physics_cannot_confirm_is_uncertain(phantom):
+    """A quantitative map is what the network gets wrong on real scans (a real T2 TSE read as ADC): named ADC
+    by the network alone, with no diffusion images on its grid that decay along it, it is `uncertain`."""
+    from scanside.agent.dicom.volume import Volume
+    from scanside.engines.tasks.image_label import UNCERTAIN, UNCONFIRMED_ADC
+
+    clf = _classifier()
+    affine = np.diag([1.0, 1.0, 3.0, 1.0])
+    vols = {k: Volume(array=phantom[k].astype(np.float32), affine=affine) for k in ("b0", "b100", "b800", "adc", "t2")}
+    moved = affine.copy()
+    moved[0, 3] = 5.0
+    vols["alone"] = Volume(array=phantom["t2"].astype(np.float32), affine=moved)  # a grid of its own
+    says_adc = _label({"ADC": 0.9, "T2WI_nan": 0.1}, "ADC")
+    labels = {k: says_adc for k in ("adc", "t2", "alone")}
+    labels.update({k: _label({"DWI_Low": 0.9}, "DWI_Low") for k in ("b0", "b100", "b800")})
+    out = clf.with_physics(labels, vols)
+    assert out["adc"].label == "ADC" and out["adc"].diffusion  # confirmed by its ladder
+    for k in ("t2", "alone"):  # on the ladder's grid but off the decay; on a grid of its own
+        assert out[k].label == UNCERTAIN and out[k].uncertain_reason == UNCONFIRMED_ADC
+        assert out[k].predicted == "ADC" and out[k].probabilities == says_adc.probabilities
+    assert out["b800"].label == "DWI_Low" and out["b800"].diffusion  # a ladder member: as the physics and network say
+    assert clf.with_physics({"alone": says_adc}, {"alone": vols["alone"]})["alone"].label == UNCERTAIN
+
+
 def test_on_the_real_prostatex_exam_the_physics_finds_its_maps_and_high_b_images():
     """Measured: both ADC maps fit at r >= 0.99; no other series of the exam passes as a map (the FA map and
     the MDDW ADC, whose grid has only one diffusion image, are left to the network)."""

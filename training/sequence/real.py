@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 FIVE = ("T2WI_nan", "T2WI_fs", "DWI_Low", "DWI_High", "ADC")
 DEFAULT_LABELS = Path(__file__).with_name("realdata_labels.csv")
 #: what the real-data figures label a series with (recorded beside them in the manifest)
-LABELS_MEASURED = "the daemon's: the network with its uncertainty gate, then the diffusion physics across each exam's series"
+LABELS_MEASURED = ("the daemon's: the network with its uncertainty gate, then the diffusion physics across each exam's series "
+                   "(an ADC map it does not confirm is uncertain)")
 LABELS_BEFORE_PHYSICS = "the network with its uncertainty gate (measured before the diffusion physics)"
 #: the issue's target on real series (five classes)
 REAL_TARGET = {"accuracy": 0.95}
