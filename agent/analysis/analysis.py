@@ -279,13 +279,16 @@ class Analyzer(Sink):
         """The labels of ``s`` and of the exam's other series on its voxel grid once the diffusion physics has
         looked at them together (ImageClassifier.with_physics, as every evaluation): only series of the
         same matrix, pixel spacing and plane are decoded to find the grid."""
+        from scanside.engines.tasks.diffusion import MAX_SERIES
         from scanside.engines.tasks.image_label import series_name
 
         labels, volumes, names = {s.series_id: network}, {s.series_id: volume}, {s.series_id: series_name(s)}
-        for o in self._latest_series(s.study_uid).values():
-            if (o.series_id == s.series_id or not classifier_inputs([o]) or (o.rows, o.columns, o.plane, o.pixel_spacing_mm)
-                    != (s.rows, s.columns, s.plane, s.pixel_spacing_mm)):
-                continue
+        grid = (s.rows, s.columns, s.plane, s.pixel_spacing_mm)
+        siblings = [o for o in self._latest_series(s.study_uid).values() if o.series_id != s.series_id
+                    and classifier_inputs([o]) and (o.rows, o.columns, o.plane, o.pixel_spacing_mm) == grid]
+        # the physics looks at MAX_SERIES series of a grid: the latest (a DWI acquisition and its maps complete
+        # together), so forty dynamic phases stored as series of one grid are not all decoded for each one
+        for o in siblings[-(MAX_SERIES - 1):]:
             try:
                 v = self._volume(o)
             except UNUSABLE_INPUT:  # counted when that series itself was delivered; it must not stop this one
