@@ -74,9 +74,10 @@ def triage_inputs(summaries: Iterable[SeriesSummary], *, min_b: float = TRIAGE_M
 
 
 def classifier_inputs(summaries: Iterable[SeriesSummary]) -> List[SeriesSummary]:
-    """The series the sequence classifier labels: every series that holds images (complete or not:
-    a series closed short of its count is still what the scanner sent)."""
-    return [s for s in summaries if s.n_images > 0]
+    """The series the sequence classifier labels: every MR series that holds images (complete or not:
+    a series closed short of its count is still what the scanner sent). A CT or ultrasound series sent to
+    the same folder is not an input of an MR sequence classifier: what it made of one would be noise."""
+    return [s for s in summaries if s.n_images > 0 and s.modality == "MR"]
 
 
 def model_frames(part: SeriesPart) -> List[FrameRef]:

@@ -150,6 +150,7 @@ def summarise(part: SeriesPart, revision: int, complete: bool, expected: Optiona
         series_number=h.series_number,
         series_description=h.series_description,
         vendor=h.vendor,
+        modality=h.modality or "MR",
         label=label.label,
         other_kind=label.other_kind,
         label_confidence=label.confidence,

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from scanside.agent.schema.taxonomy import OtherKind, Plane, SequenceLabel
 
-SCHEMA_VERSION = "1.1"  # 1.1: series_classified.diffusion and .revises
+SCHEMA_VERSION = "1.2"  # 1.1: series_classified.diffusion and .revises; 1.2: series.modality
 
 
 def utc_now() -> str:
@@ -47,6 +47,8 @@ class SeriesSummary(BaseModel):
     series_number: Optional[int] = None
     series_description: str = ""
     vendor: str = "other"
+    modality: str = Field("MR", description="DICOM Modality of its images (MR where the file does not say); the "
+                                            "image models read MR series only")
     label: SequenceLabel
     other_kind: Optional[OtherKind] = None
     label_confidence: float

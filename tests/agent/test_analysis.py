@@ -235,3 +235,26 @@ def test_many_series_of_one_grid_are_not_all_decoded_for_each(tmp_path, monkeypa
     assert len(calls) == n
     # measured: 52 decodes in all, where looking at every sibling decoded each series about 40 times (1565)
     assert sum(calls.values()) <= 2 * n, sum(calls.values())
+
+
+def test_only_mr_series_go_to_the_sequence_classifier(tmp_path):
+    """A CT series in the watched folder is grouped and labelled `other` by its header, but the MR sequence
+    classifier does not read it (what it made of a CT would be noise, and a LABEL_MISMATCH against `other`)."""
+    from pydicom.uid import generate_uid
+
+    from tests.agent.factory import series_files
+
+    study = generate_uid()
+    series_files(tmp_path / "export" / "mr", 3, study_uid=study, rows=16, cols=16, SeriesNumber=1)
+    series_files(tmp_path / "export" / "ct", 3, study_uid=study, rows=16, cols=16, SeriesNumber=2, Modality="CT")
+    agent = _run(tmp_path / "export", tmp_path)
+    try:
+        assert _wait(lambda: agent.store.event_counts().get("series_completed", 0) == 2
+                     and agent.store.event_counts().get("series_classified", 0) >= 1, timeout=120)
+        assert _wait(lambda: agent.store.cursor("analysis") >= agent.store.last_event_seq(), timeout=60)
+        events = agent.store.events_after(0, limit=1000)
+    finally:
+        agent.stop()
+    completed = {e.series.series_number: e.series for e in events if e.type == "series_completed"}
+    assert completed[2].modality == "CT" and completed[2].label == "other" and completed[1].modality == "MR"
+    assert [e.series_number for e in events if e.type == "series_classified"] == [1]
