@@ -74,6 +74,17 @@ def raises_mismatch(summary: SeriesSummary, image: Any, settings: Any) -> bool:
         return False
     return True
 
+def headers_share_grid(a: SeriesSummary, b: SeriesSummary) -> bool:
+    """Do two series' headers say one voxel grid: matrix, plane, and pixel spacing within 0.01 mm (a derived map
+    may write its spacing with fewer digits than the images it was computed from)? The physics then compares
+    the decoded grids themselves (scanside.engines.tasks.image_label.same_grid)."""
+    if (a.rows, a.columns, a.plane) != (b.rows, b.columns, b.plane):
+        return False
+    if a.pixel_spacing_mm is None or b.pixel_spacing_mm is None:
+        return a.pixel_spacing_mm == b.pixel_spacing_mm
+    return bool(np.allclose(a.pixel_spacing_mm, b.pixel_spacing_mm, rtol=0.0, atol=0.01))
+
+
 class AnalysisMetrics(Protocol):
     """What the analyzer reports to (scanside.agent.service.metrics.AgentMetrics)."""
 
@@ -283,9 +294,8 @@ class Analyzer(Sink):
         from scanside.engines.tasks.image_label import series_name
 
         labels, volumes, names = {s.series_id: network}, {s.series_id: volume}, {s.series_id: series_name(s)}
-        grid = (s.rows, s.columns, s.plane, s.pixel_spacing_mm)
         siblings = [o for o in self._latest_series(s.study_uid).values() if o.series_id != s.series_id
-                    and classifier_inputs([o]) and (o.rows, o.columns, o.plane, o.pixel_spacing_mm) == grid]
+                    and classifier_inputs([o]) and headers_share_grid(o, s)]
         # the physics looks at MAX_SERIES series of a grid: the latest (a DWI acquisition and its maps complete
         # together), so forty dynamic phases stored as series of one grid are not all decoded for each one
         for o in siblings[-(MAX_SERIES - 1):]:

@@ -340,10 +340,20 @@ UNCONFIRMED_ADC = ("ADC by the network alone: no diffusion images on its voxel g
 WEAK_NEEDS_DWI = 0.5
 
 
-def same_grid(volumes: Mapping[str, Volume]) -> Dict[tuple, List[str]]:
-    """Keys of volumes on one voxel grid (shape and affine to 0.01 mm), for the grids two or more share: a
-    diffusion acquisition's images and the maps fitted from them."""
-    groups: Dict[tuple, List[str]] = {}
+#: volumes whose affines differ by at most this (mm) are one voxel grid: a derived map may write its position and
+#: spacing with fewer digits than the images it was computed from
+GRID_TOLERANCE_MM = 0.05
+
+
+def same_grid(volumes: Mapping[str, Volume]) -> Dict[int, List[str]]:
+    """Keys of volumes on one voxel grid (the same shape, affines within GRID_TOLERANCE_MM), for the grids two
+    or more share: a diffusion acquisition's images and the maps fitted from them."""
+    groups: List[tuple[Volume, List[str]]] = []
     for k, v in volumes.items():
-        groups.setdefault((v.shape, tuple(np.round(v.affine, 2).ravel().tolist())), []).append(k)
-    return {g: ks for g, ks in groups.items() if len(ks) > 1}
+        for first, keys in groups:
+            if first.shape == v.shape and np.allclose(first.affine, v.affine, rtol=0.0, atol=GRID_TOLERANCE_MM):
+                keys.append(k)
+                break
+        else:
+            groups.append((v, [k]))
+    return {i: keys for i, (_, keys) in enumerate(groups) if len(keys) > 1}

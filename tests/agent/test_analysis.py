@@ -258,3 +258,21 @@ def test_only_mr_series_go_to_the_sequence_classifier(tmp_path):
     completed = {e.series.series_number: e.series for e in events if e.type == "series_completed"}
     assert completed[2].modality == "CT" and completed[2].label == "other" and completed[1].modality == "MR"
     assert [e.series_number for e in events if e.type == "series_classified"] == [1]
+
+
+def test_a_map_whose_header_rounds_its_pixel_spacing_is_on_its_images_grid():
+    """The analyzer decodes only series whose headers say the same grid: a derived map may write its pixel
+    spacing with fewer digits than the DWI images it was computed from (0.898438 against 0.8984375)."""
+    from types import SimpleNamespace
+
+    from scanside.agent.analysis.analysis import headers_share_grid
+
+    def summary(spacing, rows=256):
+        return SimpleNamespace(rows=rows, columns=256, plane="axial", pixel_spacing_mm=spacing)
+
+    images = summary((0.8984375, 0.8984375))
+    assert headers_share_grid(images, summary((0.898438, 0.898438)))
+    assert headers_share_grid(summary((0.894999, 0.894999)), summary((0.895001, 0.895001)))  # across a rounding edge
+    assert not headers_share_grid(images, summary((1.796875, 1.796875)))
+    assert not headers_share_grid(images, summary((0.8984375, 0.8984375), rows=128))
+    assert not headers_share_grid(images, summary(None)) and headers_share_grid(summary(None), summary(None))

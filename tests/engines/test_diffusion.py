@@ -115,9 +115,12 @@ def test_with_physics_groups_by_grid(phantom):
     moved = affine.copy()
     moved[0, 3] = 5.0
     vols["adc_elsewhere"] = Volume(array=phantom["adc"].astype(np.float32), affine=moved)  # not on the grid
+    rounded = affine.copy()
+    rounded[0, 3], rounded[2, 2] = 0.006, 3.0004  # a map whose header kept fewer digits: still the grid
+    vols["adc_rounded"] = Volume(array=phantom["adc"].astype(np.float32), affine=rounded)
     labels = {k: _label({"DWI_Low": 0.6, "ADC": 0.2}) for k in vols}
     out = clf.with_physics(labels, vols)
-    assert out["adc"].label == "ADC" and out["calc1500"].label == "DWI_High"
+    assert out["adc"].label == "ADC" and out["calc1500"].label == "DWI_High" and out["adc_rounded"].label == "ADC"
     assert out["adc_elsewhere"] == labels["adc_elsewhere"] and out["t2"] == labels["t2"]
 
 
