@@ -74,6 +74,7 @@ def raises_mismatch(summary: SeriesSummary, image: Any, settings: Any) -> bool:
         return False
     return True
 
+
 def headers_share_grid(a: SeriesSummary, b: SeriesSummary) -> bool:
     """Do two series' headers say one voxel grid: matrix, plane, and pixel spacing within 0.01 mm (a derived map
     may write its spacing with fewer digits than the images it was computed from)? The physics then compares

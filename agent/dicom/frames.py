@@ -1,7 +1,7 @@
 """Which frames of a series part make one volume (decoding layer): one orientation (the largest group), the
 middle temporal phase of a dynamic series, one frame per slice position (one mosaic per mosaic position),
-preferring isotropic (trace) images to directional ones. The runtime's image models, every evaluation and the calibration read a series this way
-(scanside.agent.dicom.exam_reader)."""
+preferring isotropic (trace) images to directional ones. The runtime's image models, every evaluation and the
+calibration read a series this way (scanside.agent.dicom.exam_reader)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
