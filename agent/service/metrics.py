@@ -70,6 +70,11 @@ def _label(value: Any, allowed: Optional[set[str]] = None, default: str = "other
     return v[:48] if v else "none"
 
 
+def _model_label(model_ref: str) -> str:
+    """A model reference ("name/version" or "name@version") as a metric label: its name."""
+    return _label(model_ref.split("/")[0].split("@")[0])
+
+
 class AgentMetrics:
     def __init__(self, agent: Optional["Agent"] = None, registry: Optional[CollectorRegistry] = None,
                  process: bool = True):
@@ -193,7 +198,7 @@ class AgentMetrics:
         elif ev.type == "series_classified":
             self._image_result(ev.model, ev.agree, False, series_id=ev.series_id)
             if ev.image_label == "uncertain":
-                self.image_uncertain.labels(_label(ev.model.split("/")[0].split("@")[0])).inc()
+                self.image_uncertain.labels(_model_label(ev.model)).inc()
         elif ev.type == "label_mismatch" and ev.shadow:
             model = self.agent.config.analysis.sequence_model if self.agent is not None else "sequence-classifier"
             self.image_shadow.labels(_label(model.split("@")[0])).inc()
@@ -210,7 +215,7 @@ class AgentMetrics:
         self.inputs_unusable.labels(_label(stage, set(MODEL_STAGES)), _label(reason, set(UNUSABLE_REASONS))).inc()
 
     def _image_result(self, model_ref: str, agree: bool, shadow: bool, series_id: Optional[str] = None) -> None:
-        name = _label(model_ref.split("/")[0].split("@")[0])
+        name = _model_label(model_ref)
         with self._lock:
             counts = self._agreement.setdefault(name, [0, 0])
             counts[0] += int(bool(agree))
@@ -226,7 +231,7 @@ class AgentMetrics:
     def _image_revised(self, model_ref: str, series_id: str, agree: bool) -> None:
         """A series' label revised (the diffusion physics placed it once its ADC map was in): the agreement
         counts it by its new label, once."""
-        name = _label(model_ref.split("/")[0].split("@")[0])
+        name = _model_label(model_ref)
         with self._lock:
             before = self._series_agree.get(series_id)
             counts = self._agreement.get(name)
